@@ -1,0 +1,372 @@
+//! Decoding any supported file to an 8-bit luma image, with limits.
+//!
+//! JPEG (the common case) goes through zune-jpeg, asking it for the luma plane directly so that the
+//! chroma planes are never colour-converted. Every other format, and JPEGs zune-jpeg cannot read,
+//! goes through the `image` crate. Both paths apply the EXIF orientation and produce BT.601 luma
+//! (`0.299 R + 0.587 G + 0.114 B`, what JPEG's Y channel and PIL's `convert("L")` use).
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::error::{DecodingError, ImageFormatHint, LimitError, LimitErrorKind};
+use image::metadata::Orientation;
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
+use serde::{Deserialize, Serialize};
+use zune_jpeg::JpegDecoder;
+use zune_jpeg::zune_core::bytestream::ZCursor;
+use zune_jpeg::zune_core::colorspace::ColorSpace;
+use zune_jpeg::zune_core::options::DecoderOptions;
+
+use crate::{Error, Result};
+
+/// Bounds that turn a decompression bomb into an error instead of an out-of-memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecodeLimits {
+    /// Largest accepted width, in pixels.
+    pub max_width: u32,
+    /// Largest accepted height, in pixels.
+    pub max_height: u32,
+    /// Largest total allocation a decoder may make, in bytes.
+    pub max_alloc_bytes: u64,
+    /// Largest file read, in bytes.
+    pub max_file_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    /// 16384 × 16384 pixels, 1 GiB of decoder memory, 256 MiB files.
+    fn default() -> Self {
+        DecodeLimits {
+            max_width: 16_384,
+            max_height: 16_384,
+            max_alloc_bytes: 1 << 30,
+            max_file_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Reads a whole file, refusing empty files and files over `limits.max_file_bytes`.
+pub fn read_file_limited(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.len() == 0 {
+        return Err(Error::EmptyFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if meta.len() > limits.max_file_bytes {
+        return Err(Error::FileTooLarge {
+            path: path.to_path_buf(),
+            bytes: meta.len(),
+            limit: limits.max_file_bytes,
+        });
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// Decodes image bytes to full-resolution 8-bit luma.
+///
+/// `origin` names the file (or upload) in errors. 16-bit samples are scaled to 8 bits
+/// (`v * 255 / 65535`, rounded); an alpha channel is dropped. Formats: JPEG (baseline, progressive,
+/// grayscale, YCbCr, RGB, CMYK, YCCK), PNG, BMP, TIFF, WebP.
+pub fn decode_gray(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<GrayImage> {
+    if bytes.is_empty() {
+        return Err(Error::EmptyFile {
+            path: origin.to_path_buf(),
+        });
+    }
+    if bytes.len() as u64 > limits.max_file_bytes {
+        return Err(Error::FileTooLarge {
+            path: origin.to_path_buf(),
+            bytes: bytes.len() as u64,
+            limit: limits.max_file_bytes,
+        });
+    }
+    let decode_err = |source: ImageError| Error::Decode {
+        path: origin.to_path_buf(),
+        source,
+    };
+    let format = image::guess_format(bytes).map_err(decode_err)?;
+    if format == ImageFormat::Jpeg {
+        return decode_jpeg(bytes, limits).map_err(decode_err);
+    }
+    decode_other(bytes, format, limits).map_err(decode_err)
+}
+
+fn limit_error(kind: LimitErrorKind) -> ImageError {
+    ImageError::Limits(LimitError::from_kind(kind))
+}
+
+fn check_dimensions(
+    width: u64,
+    height: u64,
+    bytes_per_pixel: u64,
+    limits: &DecodeLimits,
+) -> Result<(), ImageError> {
+    if width > u64::from(limits.max_width) || height > u64::from(limits.max_height) {
+        return Err(limit_error(LimitErrorKind::DimensionError));
+    }
+    if width.saturating_mul(height).saturating_mul(bytes_per_pixel) > limits.max_alloc_bytes {
+        return Err(limit_error(LimitErrorKind::InsufficientMemory));
+    }
+    Ok(())
+}
+
+fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Result<GrayImage, ImageError> {
+    let jpeg_err = |e: zune_jpeg::errors::DecodeErrors| {
+        ImageError::Decoding(DecodingError::new(ImageFormatHint::Exact(ImageFormat::Jpeg), e))
+    };
+    let options = DecoderOptions::default()
+        .set_max_width(limits.max_width as usize)
+        .set_max_height(limits.max_height as usize);
+    let mut probe = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    probe.decode_headers().map_err(jpeg_err)?;
+    let (width, height, input) = match (probe.info(), probe.input_colorspace()) {
+        (Some(info), Some(cs)) => (u32::from(info.width), u32::from(info.height), cs),
+        _ => {
+            return Err(jpeg_err(zune_jpeg::errors::DecodeErrors::FormatStatic(
+                "missing JPEG header",
+            )));
+        }
+    };
+    // Decoding allocates one plane per component plus the output.
+    check_dimensions(u64::from(width), u64::from(height), 8, limits)?;
+    let orientation = probe.exif().and_then(|exif| Orientation::from_exif_chunk(exif));
+    let direct_luma = matches!(input, ColorSpace::YCbCr | ColorSpace::Luma);
+    let out = if direct_luma {
+        ColorSpace::Luma
+    } else {
+        ColorSpace::RGB
+    };
+    let mut decoder =
+        JpegDecoder::new_with_options(ZCursor::new(bytes), options.jpeg_set_out_colorspace(out));
+    let pixels = match decoder.decode() {
+        Ok(p) => p,
+        // zune-jpeg refuses a few rare layouts; the `image` crate may still read them.
+        Err(_) if !direct_luma => return decode_other(bytes, ImageFormat::Jpeg, limits),
+        Err(e) => return Err(jpeg_err(e)),
+    };
+    let (w, h) = match decoder.info() {
+        Some(info) => (u32::from(info.width), u32::from(info.height)),
+        None => (width, height),
+    };
+    let gray = if direct_luma {
+        GrayImage::from_raw(w, h, pixels)
+    } else {
+        GrayImage::from_raw(w, h, rgb8_to_luma(&pixels))
+    };
+    let Some(gray) = gray else {
+        return Err(jpeg_err(zune_jpeg::errors::DecodeErrors::FormatStatic(
+            "decoded buffer has the wrong size",
+        )));
+    };
+    Ok(apply_orientation(gray, orientation))
+}
+
+fn decode_other(bytes: &[u8], format: ImageFormat, limits: &DecodeLimits) -> Result<GrayImage, ImageError> {
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut image_limits = image::Limits::default();
+    image_limits.max_image_width = Some(limits.max_width);
+    image_limits.max_image_height = Some(limits.max_height);
+    image_limits.max_alloc = Some(limits.max_alloc_bytes);
+    reader.limits(image_limits);
+    let mut decoder = reader.into_decoder()?;
+    let (w, h) = decoder.dimensions();
+    check_dimensions(
+        u64::from(w),
+        u64::from(h),
+        decoder.color_type().bytes_per_pixel().into(),
+        limits,
+    )?;
+    let orientation = decoder.orientation().ok();
+    let image = DynamicImage::from_decoder(decoder)?;
+    Ok(apply_orientation(dynamic_to_luma(image), orientation))
+}
+
+fn apply_orientation(gray: GrayImage, orientation: Option<Orientation>) -> GrayImage {
+    match orientation {
+        None | Some(Orientation::NoTransforms) => gray,
+        Some(o) => {
+            let mut dynamic = DynamicImage::ImageLuma8(gray);
+            dynamic.apply_orientation(o);
+            dynamic.into_luma8()
+        }
+    }
+}
+
+/// BT.601 luma of one 8-bit RGB pixel, rounded.
+#[inline]
+pub(crate) fn luma8(r: u8, g: u8, b: u8) -> u8 {
+    ((299 * u32::from(r) + 587 * u32::from(g) + 114 * u32::from(b) + 500) / 1000) as u8
+}
+
+/// BT.601 luma of one 16-bit RGB pixel, rounded, still 16-bit.
+#[inline]
+fn luma16(r: u16, g: u16, b: u16) -> u16 {
+    ((299 * u64::from(r) + 587 * u64::from(g) + 114 * u64::from(b) + 500) / 1000) as u16
+}
+
+/// A 16-bit sample scaled to 8 bits, rounded.
+#[inline]
+fn to8(v: u16) -> u8 {
+    ((u32::from(v) * 255 + 32_767) / 65_535) as u8
+}
+
+fn rgb8_to_luma(rgb: &[u8]) -> Vec<u8> {
+    rgb.chunks_exact(3).map(|p| luma8(p[0], p[1], p[2])).collect()
+}
+
+fn dynamic_to_luma(image: DynamicImage) -> GrayImage {
+    let (w, h) = (image.width(), image.height());
+    let raw: Vec<u8> = match image {
+        DynamicImage::ImageLuma8(g) => return g,
+        DynamicImage::ImageLumaA8(g) => g.pixels().map(|p| p.0[0]).collect(),
+        DynamicImage::ImageRgb8(i) => rgb8_to_luma(i.as_raw()),
+        DynamicImage::ImageRgba8(i) => i.pixels().map(|p| luma8(p.0[0], p.0[1], p.0[2])).collect(),
+        DynamicImage::ImageLuma16(i) => i.pixels().map(|p| to8(p.0[0])).collect(),
+        DynamicImage::ImageLumaA16(i) => i.pixels().map(|p| to8(p.0[0])).collect(),
+        DynamicImage::ImageRgb16(i) => i.pixels().map(|p| to8(luma16(p.0[0], p.0[1], p.0[2]))).collect(),
+        DynamicImage::ImageRgba16(i) => i.pixels().map(|p| to8(luma16(p.0[0], p.0[1], p.0[2]))).collect(),
+        other => {
+            // Float images: clamp to [0, 1] per channel, then the same BT.601 weights.
+            let rgb = other.into_rgb32f();
+            rgb.pixels()
+                .map(|p| {
+                    let [r, g, b] = p.0.map(|c| c.clamp(0.0, 1.0));
+                    ((0.299 * r + 0.587 * g + 0.114 * b) * 255.0).round() as u8
+                })
+                .collect()
+        }
+    };
+    // The buffer has exactly w * h samples by construction.
+    GrayImage::from_raw(w, h, raw).unwrap_or_else(|| GrayImage::new(w, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, Luma, Rgb, Rgba};
+
+    fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        image.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    fn origin() -> &'static Path {
+        Path::new("test.img")
+    }
+
+    #[test]
+    fn luma_weights_are_bt601() {
+        assert_eq!(luma8(255, 255, 255), 255);
+        assert_eq!(luma8(0, 0, 0), 0);
+        assert_eq!(luma8(255, 0, 0), 76);
+        assert_eq!(luma8(0, 255, 0), 150);
+        assert_eq!(luma8(0, 0, 255), 29);
+        assert_eq!(to8(65_535), 255);
+        assert_eq!(to8(0), 0);
+        assert_eq!(to8(257 * 100), 100);
+    }
+
+    #[test]
+    fn png_variants_decode_to_the_same_gray() {
+        let gray = GrayImage::from_fn(9, 7, |x, y| Luma([(x * 20 + y * 3) as u8]));
+        let expect = gray.clone();
+        let rgb = ImageBuffer::from_fn(9, 7, |x, y| {
+            let v = expect.get_pixel(x, y).0[0];
+            Rgb([v, v, v])
+        });
+        let rgba = ImageBuffer::from_fn(9, 7, |x, y| {
+            let v = expect.get_pixel(x, y).0[0];
+            Rgba([v, v, v, 128])
+        });
+        let g16: ImageBuffer<Luma<u16>, Vec<u16>> =
+            ImageBuffer::from_fn(9, 7, |x, y| Luma([u16::from(expect.get_pixel(x, y).0[0]) * 257]));
+        for (name, img) in [
+            ("gray8", DynamicImage::ImageLuma8(gray)),
+            ("rgb8", DynamicImage::ImageRgb8(rgb)),
+            ("rgba8", DynamicImage::ImageRgba8(rgba)),
+            ("gray16", DynamicImage::ImageLuma16(g16)),
+        ] {
+            for format in [ImageFormat::Png, ImageFormat::Tiff] {
+                let bytes = encode(&img, format);
+                let decoded = decode_gray(&bytes, origin(), &DecodeLimits::default()).unwrap();
+                assert_eq!(decoded, expect, "{name} {format:?}");
+            }
+        }
+        let bmp = encode(
+            &DynamicImage::ImageLuma8(expect.clone()).into_rgb8().into(),
+            ImageFormat::Bmp,
+        );
+        assert_eq!(
+            decode_gray(&bmp, origin(), &DecodeLimits::default()).unwrap(),
+            expect
+        );
+    }
+
+    #[test]
+    fn jpeg_gray_and_color_decode_close_to_the_source() {
+        let gray = GrayImage::from_fn(64, 48, |x, y| Luma([(x * 2 + y * 2) as u8]));
+        for img in [
+            DynamicImage::ImageLuma8(gray.clone()),
+            DynamicImage::ImageLuma8(gray.clone()).into_rgb8().into(),
+        ] {
+            let bytes = encode(&img, ImageFormat::Jpeg);
+            let decoded = decode_gray(&bytes, origin(), &DecodeLimits::default()).unwrap();
+            assert_eq!(decoded.dimensions(), (64, 48));
+            let max_err = decoded
+                .as_raw()
+                .iter()
+                .zip(gray.as_raw())
+                .map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs())
+                .max()
+                .unwrap();
+            assert!(max_err <= 6, "jpeg error {max_err}");
+        }
+    }
+
+    #[test]
+    fn garbage_empty_and_truncated_bytes_are_errors_naming_the_origin() {
+        let limits = DecodeLimits::default();
+        let err = decode_gray(b"this is not an image", origin(), &limits).unwrap_err();
+        assert!(matches!(err, Error::Decode { .. }), "{err}");
+        assert!(err.to_string().contains("test.img"));
+        assert!(matches!(
+            decode_gray(b"", origin(), &limits),
+            Err(Error::EmptyFile { .. })
+        ));
+        let gray = GrayImage::from_fn(64, 64, |x, y| Luma([(x ^ y) as u8]));
+        for format in [ImageFormat::Jpeg, ImageFormat::Png] {
+            let bytes = encode(&DynamicImage::ImageLuma8(gray.clone()), format);
+            let cut = &bytes[..bytes.len() / 3];
+            assert!(decode_gray(cut, origin(), &limits).is_err(), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn dimension_limits_stop_oversized_images() {
+        let gray = GrayImage::from_fn(300, 200, |x, _| Luma([x as u8]));
+        let limits = DecodeLimits {
+            max_width: 256,
+            ..DecodeLimits::default()
+        };
+        for format in [ImageFormat::Jpeg, ImageFormat::Png] {
+            let bytes = encode(&DynamicImage::ImageLuma8(gray.clone()), format);
+            let err = decode_gray(&bytes, origin(), &limits).unwrap_err();
+            assert!(matches!(err, Error::Decode { .. }), "{format:?}: {err}");
+        }
+        let tight = DecodeLimits {
+            max_alloc_bytes: 1000,
+            ..DecodeLimits::default()
+        };
+        let bytes = encode(&DynamicImage::ImageLuma8(gray), ImageFormat::Png);
+        assert!(decode_gray(&bytes, origin(), &tight).is_err());
+        let small = DecodeLimits {
+            max_file_bytes: 10,
+            ..DecodeLimits::default()
+        };
+        assert!(matches!(
+            decode_gray(&bytes, origin(), &small),
+            Err(Error::FileTooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,94 @@
+//! The one error type of this crate. Every variant about a file carries its path.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while finding, reading or decoding images.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or folder could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder involved.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes are not a readable image (corrupt, truncated, unsupported, or over a decoding limit).
+    #[error("{}: cannot decode image: {source}", path.display())]
+    Decode {
+        /// The file (or upload name) that failed to decode.
+        path: PathBuf,
+        /// The decoder's own error.
+        #[source]
+        source: image::ImageError,
+    },
+    /// The file is empty.
+    #[error("{}: file is empty (0 bytes)", path.display())]
+    EmptyFile {
+        /// The empty file.
+        path: PathBuf,
+    },
+    /// The file is larger than [`DecodeLimits::max_file_bytes`](crate::DecodeLimits::max_file_bytes).
+    #[error("{}: file is {bytes} bytes, over the limit of {limit} bytes", path.display())]
+    FileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        bytes: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// A file inside a class folder whose extension is not one of [`IMAGE_EXTENSIONS`](crate::IMAGE_EXTENSIONS).
+    #[error("{}: not an image file (supported extensions: jpg, jpeg, png, bmp, tif, tiff, webp)", path.display())]
+    NotAnImage {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The dataset root does not exist or is not a folder.
+    #[error("{}: dataset folder not found", path.display())]
+    MissingRoot {
+        /// The path that was given.
+        path: PathBuf,
+    },
+    /// A split folder (or a flat class-folder root) holds no recognised class folder.
+    #[error(
+        "{}: no class folders found (expected `fractured` and `not fractured`, or an alias such as `positive`/`negative`)",
+        path.display()
+    )]
+    NoClassFolders {
+        /// The folder that should hold the class folders.
+        path: PathBuf,
+    },
+    /// A class has no usable image in a split.
+    #[error("{}: class `{class}` has no images", path.display())]
+    EmptyClass {
+        /// The class name, `fractured` or `not fractured`.
+        class: &'static str,
+        /// The split folder (or class folder) that was searched.
+        path: PathBuf,
+    },
+    /// The folder tree does not have the expected shape.
+    #[error("{0}")]
+    Layout(String),
+    /// A configuration value is out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig {
+        /// The field name, e.g. `preprocess.size`.
+        field: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+}
+
+/// `Result` with this crate's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

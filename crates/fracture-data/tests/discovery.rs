@@ -1,0 +1,344 @@
+//! Discovery and loading on folder trees made by the tests.
+
+use std::path::{Path, PathBuf};
+
+use fracture_data::image::{DynamicImage, GrayImage, ImageBuffer, ImageFormat, Luma, Rgb};
+use fracture_data::{
+    Dataset, DatasetLayout, Error, FolderDataset, Label, LoadOptions, PreprocessConfig, Split,
+    discover_class_folders,
+};
+use fracture_testkit::{fresh_dir, synthetic_xray};
+
+fn base() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fracture-data-discovery")
+}
+
+fn save(img: &DynamicImage, path: &Path, format: ImageFormat) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    img.save_with_format(path, format).unwrap();
+}
+
+fn xray(seed: u64) -> DynamicImage {
+    DynamicImage::ImageLuma8(synthetic_xray(40, 32, seed % 2 == 0, seed))
+}
+
+#[test]
+fn aliases_nesting_and_mixed_extensions() {
+    let root = fresh_dir(&base(), "aliases");
+    let nested = root.join("Bone_Fracture_Binary_Classification/Bone_Fracture_Binary_Classification");
+    save(&xray(1), &nested.join("train/Fractured/a.JPG"), ImageFormat::Jpeg);
+    save(&xray(2), &nested.join("train/POSITIVE/b.png"), ImageFormat::Png);
+    save(
+        &xray(3),
+        &nested.join("train/not_fractured/c.Bmp"),
+        ImageFormat::Bmp,
+    );
+    save(
+        &xray(4),
+        &nested.join("train/normal/sub/d.tiff"),
+        ImageFormat::Tiff,
+    );
+    save(&xray(5), &nested.join("Valid/abnormal/e.webp"), ImageFormat::WebP);
+    save(
+        &xray(6),
+        &nested.join("Valid/Non-Fractured/f.jpeg"),
+        ImageFormat::Jpeg,
+    );
+    save(&xray(7), &nested.join("test/fracture/g.tif"), ImageFormat::Tiff);
+    save(&xray(8), &nested.join("test/negative/h.PNG"), ImageFormat::Png);
+    std::fs::write(nested.join("train/Fractured/notes.txt"), b"radiologist notes").unwrap();
+    std::fs::write(nested.join("train/Fractured/empty.jpg"), b"").unwrap();
+    std::fs::write(nested.join("train/Fractured/.DS_Store"), b"mac").unwrap();
+    std::fs::create_dir_all(nested.join("train/unsure")).unwrap();
+
+    let layout = DatasetLayout::discover(&root).unwrap();
+    assert_eq!(layout.root, nested);
+    let train = layout.split(Split::Train).unwrap();
+    let names: Vec<_> = train
+        .iter()
+        .map(|i| i.path.file_name().unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["a.JPG", "b.png", "d.tiff", "c.Bmp"],
+        "sorted by label, then path (normal/ < not_fractured/)"
+    );
+    assert_eq!(train[0].label, Label::Fractured);
+    assert_eq!(train[3].label, Label::NotFractured);
+    assert_eq!(
+        layout.split(Split::Val).unwrap().len(),
+        2,
+        "`Valid` is the val split"
+    );
+    assert_eq!(layout.split(Split::Test).unwrap().len(), 2);
+
+    let reasons: Vec<String> = layout.skipped.iter().map(|s| s.to_string()).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("notes.txt") && r.contains("not an image")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("empty.jpg") && r.contains("empty")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unsure") && r.contains("not a class folder")),
+        "{reasons:?}"
+    );
+    assert!(
+        !reasons.iter().any(|r| r.contains(".DS_Store")),
+        "hidden files are ignored"
+    );
+
+    // Every supported format decodes.
+    let ds = FolderDataset::load(train, &PreprocessConfig::with_size(24), &LoadOptions::default()).unwrap();
+    assert_eq!(ds.len(), 4);
+    assert!(ds.skipped().is_empty(), "{:?}", ds.skipped());
+    let summary = layout.summary();
+    let text = summary.to_string();
+    assert!(text.contains("train") && text.contains("skipped: 3"), "{text}");
+    assert_eq!(summary.split(Split::Train).unwrap().fractured, 2);
+
+    // Deterministic: a second discovery gives the same order.
+    assert_eq!(DatasetLayout::discover(&root).unwrap().splits, layout.splits);
+}
+
+#[test]
+fn corrupt_truncated_and_fake_images_are_skipped_and_named() {
+    let root = fresh_dir(&base(), "corrupt");
+    let good = root.join("train/fractured/good.png");
+    save(&xray(10), &good, ImageFormat::Png);
+    save(
+        &xray(11),
+        &root.join("train/not fractured/good.jpg"),
+        ImageFormat::Jpeg,
+    );
+    let mut jpeg = Vec::new();
+    xray(12)
+        .write_to(&mut std::io::Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+        .unwrap();
+    let truncated = root.join("train/fractured/truncated.jpg");
+    std::fs::write(&truncated, &jpeg[..jpeg.len() / 4]).unwrap();
+    let fake = root.join("train/not fractured/fake.png");
+    std::fs::write(&fake, b"<html>not a png</html>").unwrap();
+    let noise = root.join("train/not fractured/noise.jpg");
+    std::fs::write(
+        &noise,
+        (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>(),
+    )
+    .unwrap();
+
+    let layout = DatasetLayout::discover(&root).unwrap();
+    let ds = FolderDataset::load(
+        layout.split(Split::Train).unwrap(),
+        &PreprocessConfig::with_size(16),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(ds.len(), 2, "the two good images remain");
+    let skipped: Vec<&Path> = ds.skipped().iter().map(|s| s.path.as_path()).collect();
+    assert!(skipped.contains(&truncated.as_path()), "{skipped:?}");
+    assert!(skipped.contains(&fake.as_path()), "{skipped:?}");
+    assert!(skipped.contains(&noise.as_path()), "{skipped:?}");
+    assert_eq!(ds.stats().skipped, 3);
+    assert!(
+        ds.skipped().iter().all(|s| s.reason.contains("decode")),
+        "{:?}",
+        ds.skipped()
+    );
+    assert_eq!(ds.counts(), [1, 1]);
+    // Out-of-range access is an error, not a panic.
+    assert!(ds.get(2).is_err());
+}
+
+#[test]
+fn layout_errors_name_the_path() {
+    let missing = base().join("no-such-folder");
+    let err = DatasetLayout::discover(&missing).unwrap_err();
+    assert!(
+        matches!(err, Error::MissingRoot { .. }) && err.to_string().contains("no-such-folder"),
+        "{err}"
+    );
+
+    let root = fresh_dir(&base(), "no-splits");
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    let err = DatasetLayout::discover(&root).unwrap_err().to_string();
+    assert!(
+        err.contains("no split folder") && err.contains("no-splits"),
+        "{err}"
+    );
+
+    let root = fresh_dir(&base(), "split-without-classes");
+    save(&xray(1), &root.join("train/fractured/a.png"), ImageFormat::Png);
+    save(
+        &xray(2),
+        &root.join("train/not fractured/b.png"),
+        ImageFormat::Png,
+    );
+    std::fs::create_dir_all(root.join("val/misc")).unwrap();
+    let err = DatasetLayout::discover(&root).unwrap_err();
+    assert!(
+        matches!(&err, Error::NoClassFolders { path } if path.ends_with("val")),
+        "{err}"
+    );
+
+    let root = fresh_dir(&base(), "empty-class");
+    save(&xray(1), &root.join("train/fractured/a.png"), ImageFormat::Png);
+    std::fs::create_dir_all(root.join("train/not fractured")).unwrap();
+    std::fs::write(root.join("train/not fractured/readme.txt"), b"x").unwrap();
+    let err = DatasetLayout::discover(&root).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::EmptyClass {
+                class: "not fractured",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("empty-class"), "{err}");
+
+    let root = fresh_dir(&base(), "classes-only");
+    save(&xray(1), &root.join("fractured/a.png"), ImageFormat::Png);
+    save(&xray(2), &root.join("normal/b.png"), ImageFormat::Png);
+    let err = DatasetLayout::discover(&root).unwrap_err().to_string();
+    assert!(err.contains("class folders but no split folders"), "{err}");
+    // ... which is exactly what the flat reader takes.
+    let (items, skipped) = discover_class_folders(&root).unwrap();
+    assert_eq!(items.len(), 2);
+    assert!(skipped.is_empty());
+}
+
+#[test]
+fn color_depth_and_cmyk_variants_preprocess_alike() {
+    let root = fresh_dir(&base(), "variants");
+    let gray: GrayImage = synthetic_xray(64, 64, true, 3);
+    let rgb = ImageBuffer::from_fn(64, 64, |x, y| {
+        let v = gray.get_pixel(x, y).0[0];
+        Rgb([v, v, v])
+    });
+    let g16: ImageBuffer<Luma<u16>, Vec<u16>> =
+        ImageBuffer::from_fn(64, 64, |x, y| Luma([u16::from(gray.get_pixel(x, y).0[0]) * 257]));
+    save(
+        &DynamicImage::ImageLuma8(gray.clone()),
+        &root.join("gray8.png"),
+        ImageFormat::Png,
+    );
+    save(
+        &DynamicImage::ImageRgb8(rgb),
+        &root.join("rgb.png"),
+        ImageFormat::Png,
+    );
+    save(
+        &DynamicImage::ImageLuma16(g16),
+        &root.join("gray16.png"),
+        ImageFormat::Png,
+    );
+    save(
+        &DynamicImage::ImageLuma8(gray.clone()),
+        &root.join("gray.jpg"),
+        ImageFormat::Jpeg,
+    );
+    // CMYK JPEG (Adobe APP14), as some scanners write: ink = 255 - gray on K only.
+    let cmyk: Vec<u8> = gray.as_raw().iter().flat_map(|&v| [0u8, 0, 0, 255 - v]).collect();
+    let mut cmyk_jpeg = Vec::new();
+    jpeg_encoder::Encoder::new(&mut cmyk_jpeg, 95)
+        .encode(&cmyk, 64, 64, jpeg_encoder::ColorType::Cmyk)
+        .unwrap();
+    std::fs::write(root.join("cmyk.jpg"), &cmyk_jpeg).unwrap();
+
+    let cfg = PreprocessConfig::with_size(32);
+    let limits = fracture_data::DecodeLimits::default();
+    let reference = cfg.load_file(&root.join("gray8.png"), &limits).unwrap();
+    for (name, tolerance) in [
+        ("rgb.png", 0),
+        ("gray16.png", 0),
+        ("gray.jpg", 6),
+        ("cmyk.jpg", 8),
+    ] {
+        let out = cfg
+            .load_file(&root.join(name), &limits)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let max_diff = out
+            .iter()
+            .zip(reference.iter())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(
+            max_diff <= tolerance,
+            "{name}: max difference {max_diff} > {tolerance}"
+        );
+    }
+}
+
+#[test]
+fn the_disk_cache_serves_a_second_load_and_notices_changes() {
+    let root = fresh_dir(&base(), "cache");
+    let cache_dir = root.join("cache");
+    let mut items = Vec::new();
+    for i in 0..6u64 {
+        let path = root.join(format!("train/fractured/{i}.png"));
+        save(&xray(i), &path, ImageFormat::Png);
+        items.push(fracture_data::Item::new(path, Label::Fractured));
+    }
+    let options = LoadOptions {
+        disk_cache: Some(cache_dir.clone()),
+        ..LoadOptions::default()
+    };
+    let cfg = PreprocessConfig::with_size(20);
+    let first = FolderDataset::load(&items, &cfg, &options).unwrap();
+    assert_eq!((first.stats().decoded, first.stats().from_disk_cache), (6, 0));
+    let second = FolderDataset::load(&items, &cfg, &options).unwrap();
+    assert_eq!((second.stats().decoded, second.stats().from_disk_cache), (0, 6));
+    for i in 0..6 {
+        assert_eq!(first.image_u8(i), second.image_u8(i));
+    }
+    // Another size is another key; a rewritten file is a miss.
+    let other = FolderDataset::load(&items, &PreprocessConfig::with_size(24), &options).unwrap();
+    assert_eq!(other.stats().decoded, 6);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    save(&xray(99), &items[0].path, ImageFormat::Png);
+    let third = FolderDataset::load(&items, &cfg, &options).unwrap();
+    assert_eq!((third.stats().decoded, third.stats().from_disk_cache), (1, 5));
+    assert_ne!(third.image_u8(0), first.image_u8(0));
+}
+
+#[test]
+fn decompression_bombs_are_errors() {
+    let root = fresh_dir(&base(), "bomb");
+    // A 20000 × 20000 black PNG compresses to a few hundred kilobytes but would need 400 MB decoded.
+    let path = root.join("bomb.png");
+    {
+        let file = std::fs::File::create(&path).unwrap();
+        let mut encoder = png_writer(file, 20_000, 20_000);
+        let row = vec![0u8; 20_000];
+        for _ in 0..20_000 {
+            encoder.write_all(&row).unwrap();
+        }
+        encoder.finish().unwrap();
+    }
+    let cfg = PreprocessConfig::with_size(32);
+    let err = cfg
+        .load_file(&path, &fracture_data::DecodeLimits::default())
+        .unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err}");
+    assert!(err.to_string().contains("bomb.png"), "{err}");
+}
+
+/// A streaming PNG writer for a gray image too large to hold comfortably in memory.
+fn png_writer(file: std::fs::File, w: u32, h: u32) -> png::StreamWriter<'static, std::fs::File> {
+    let mut encoder = png::Encoder::new(file, w, h);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.write_header().unwrap().into_stream_writer().unwrap()
+}
+
+use std::io::Write;

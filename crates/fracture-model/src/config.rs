@@ -1,0 +1,165 @@
+//! Model configurations: which architecture, at which input size, with which widths.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The configuration of a fracture classifier. Saved in every weight file, so a model reloads with
+/// no other information.
+///
+/// JSON form: `{"image_size": 128, "arch": {"kind": "seed", "conv1_channels": 32, ...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Side of the square input in pixels: the network takes `(B, 1, image_size, image_size)`.
+    pub image_size: usize,
+    /// The architecture and its hyper-parameters.
+    pub arch: ArchConfig,
+}
+
+/// The architectures, each with its own hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ArchConfig {
+    /// The original project's CNN (see [`SeedConfig`]).
+    Seed(SeedConfig),
+}
+
+/// The original CNN: Conv 3×3 → ReLU → MaxPool 2×2 → Conv 3×3 → ReLU → MaxPool 2×2 → Flatten →
+/// Dropout → Dense → ReLU → Dropout → Dense 1 (the fracture logit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedConfig {
+    /// Output channels of the first convolution (default 32).
+    pub conv1_channels: usize,
+    /// Output channels of the second convolution (default 64).
+    pub conv2_channels: usize,
+    /// Units of the hidden dense layer (default 128).
+    pub dense_units: usize,
+    /// Dropout probability on the flattened features (default 0.5).
+    pub dropout_flatten: f32,
+    /// Dropout probability after the hidden dense layer (default 0.5).
+    pub dropout_dense: f32,
+}
+
+impl Default for SeedConfig {
+    fn default() -> Self {
+        SeedConfig {
+            conv1_channels: 32,
+            conv2_channels: 64,
+            dense_units: 128,
+            dropout_flatten: 0.5,
+            dropout_dense: 0.5,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    /// The original CNN at 128 × 128.
+    fn default() -> Self {
+        ModelConfig::seed(128)
+    }
+}
+
+impl ModelConfig {
+    /// The original CNN with its default widths at the given input size.
+    pub fn seed(image_size: usize) -> Self {
+        ModelConfig {
+            image_size,
+            arch: ArchConfig::Seed(SeedConfig::default()),
+        }
+    }
+
+    /// The architecture's short name, as `--arch` spells it (`seed`).
+    pub fn arch_name(&self) -> &'static str {
+        match self.arch {
+            ArchConfig::Seed(_) => "seed",
+        }
+    }
+
+    /// The smallest input size the architecture accepts.
+    pub fn min_image_size(&self) -> usize {
+        match self.arch {
+            // conv 3×3 (−2), pool /2, conv 3×3 (−2), pool /2 must leave at least 1 × 1.
+            ArchConfig::Seed(_) => 10,
+        }
+    }
+
+    /// Checks sizes, widths and probabilities, naming the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let min = self.min_image_size();
+        if self.image_size < min || self.image_size > 4096 {
+            return Err(Error::InvalidConfig(format!(
+                "image_size {} is outside {min}..=4096 for the {} architecture",
+                self.image_size,
+                self.arch_name()
+            )));
+        }
+        match &self.arch {
+            ArchConfig::Seed(s) => {
+                for (name, v) in [
+                    ("conv1_channels", s.conv1_channels),
+                    ("conv2_channels", s.conv2_channels),
+                    ("dense_units", s.dense_units),
+                ] {
+                    if v == 0 || v > 4096 {
+                        return Err(Error::InvalidConfig(format!(
+                            "arch.{name} = {v} is outside 1..=4096"
+                        )));
+                    }
+                }
+                for (name, p) in [
+                    ("dropout_flatten", s.dropout_flatten),
+                    ("dropout_dense", s.dropout_dense),
+                ] {
+                    if !(0.0..1.0).contains(&p) {
+                        return Err(Error::InvalidConfig(format!(
+                            "arch.{name} = {p} is outside [0, 1)"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Spatial side of the feature map after the second pooling of the seed network.
+    pub(crate) fn seed_feature_side(image_size: usize) -> usize {
+        let a = (image_size.saturating_sub(2)) / 2;
+        a.saturating_sub(2) / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips_and_names_the_arch() {
+        let cfg = ModelConfig::seed(224);
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains(r#""kind":"seed""#), "{json}");
+        assert_eq!(serde_json::from_str::<ModelConfig>(&json).unwrap(), cfg);
+        let unknown = r#"{"image_size":64,"arch":{"kind":"resnet9000"}}"#;
+        assert!(serde_json::from_str::<ModelConfig>(unknown).is_err());
+    }
+
+    #[test]
+    fn validation_catches_small_images_and_bad_dropout() {
+        assert!(ModelConfig::seed(10).validate().is_ok());
+        let err = ModelConfig::seed(9).validate().unwrap_err().to_string();
+        assert!(err.contains("image_size 9"), "{err}");
+        let mut cfg = ModelConfig::seed(32);
+        let ArchConfig::Seed(s) = &mut cfg.arch;
+        s.dropout_dense = 1.0;
+        assert!(cfg.validate().unwrap_err().to_string().contains("dropout_dense"));
+    }
+
+    #[test]
+    fn feature_side_matches_the_layer_arithmetic() {
+        // 128 → conv 126 → pool 63 → conv 61 → pool 30 (PyTorch's floor division).
+        assert_eq!(ModelConfig::seed_feature_side(128), 30);
+        assert_eq!(ModelConfig::seed_feature_side(224), 54);
+        assert_eq!(ModelConfig::seed_feature_side(10), 1);
+    }
+}

@@ -1,0 +1,28 @@
+//! The fracture classifiers on candle: architectures, configuration, devices and weight files.
+//!
+//! [`FractureNet`] takes `(B, 1, S, S)` f32 images and returns `(B,)` fracture logits
+//! (`sigmoid` = P(fractured)); it implements candle's `ModuleT`, so dropout sees the training flag.
+//! [`Model`] pairs a network with its variables and reads and writes self-describing weight files.
+//!
+//! This crate does no I/O except weight files and knows nothing of image formats, datasets or
+//! training: it depends on no other fracture crate.
+#![warn(missing_docs)]
+
+mod config;
+mod device;
+mod error;
+mod init;
+mod net;
+mod ops;
+mod weights;
+
+pub use config::{ArchConfig, ModelConfig, SeedConfig};
+pub use device::{compiled_backends, describe_device, device};
+pub use error::{Error, Result};
+pub use init::seeded_var_builder;
+pub use net::FractureNet;
+pub use ops::{dropout, max_pool2x2};
+pub use weights::{CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, Model, write_atomic};
+
+pub use candle_core;
+pub use candle_nn;

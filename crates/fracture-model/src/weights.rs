@@ -1,0 +1,209 @@
+//! A model with its parameters, and the self-describing weight file.
+//!
+//! A weight file is one safetensors file: the parameters as F32 tensors named by their `vb.pp` paths,
+//! and string metadata holding `fracture.format` (`"1"`), `fracture.model_config` (the
+//! [`ModelConfig`] as JSON) and whatever the caller adds (fracture-train adds the preprocessing
+//! settings and the operating threshold). Renaming a layer field breaks old files: the names are a
+//! file format.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+
+use crate::{Error, FractureNet, ModelConfig, Result, seeded_var_builder};
+
+/// Metadata key of the file-format version.
+pub const FORMAT_KEY: &str = "fracture.format";
+/// Metadata key of the model configuration (JSON).
+pub const CONFIG_KEY: &str = "fracture.model_config";
+/// The file-format version this build writes and reads.
+pub const FORMAT_VERSION: &str = "1";
+
+/// A network together with the variables it trains.
+pub struct Model {
+    /// The network.
+    pub net: FractureNet,
+    /// Its parameters (F32), keyed by name.
+    pub varmap: VarMap,
+    /// Metadata read from the weight file (empty for a fresh model), including [`CONFIG_KEY`].
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", self.config())
+            .field("params", &self.param_count())
+            .field("metadata", &self.metadata.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Model {
+    /// A freshly initialised model: every parameter drawn from a stream seeded by `seed` and its name.
+    pub fn new(config: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
+        let net = FractureNet::new(config, vb)?;
+        Ok(Model {
+            net,
+            varmap,
+            metadata: BTreeMap::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        self.net.config()
+    }
+
+    /// The parameters sorted by name: a stable order for optimizers and checkpoints.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data();
+        let mut vars: Vec<(String, Var)> = match data.lock() {
+            Ok(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Total number of trainable scalars.
+    pub fn param_count(&self) -> usize {
+        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The weight file's bytes: every parameter plus [`FORMAT_KEY`], [`CONFIG_KEY`] and `extra`.
+    pub fn to_safetensors(&self, extra: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+        let mut metadata: HashMap<String, String> = extra.clone().into_iter().collect();
+        metadata.insert(FORMAT_KEY.into(), FORMAT_VERSION.into());
+        let config = serde_json::to_string(self.config())
+            .map_err(|e| Error::InvalidConfig(format!("cannot serialise the model config: {e}")))?;
+        metadata.insert(CONFIG_KEY.into(), config);
+        let tensors: Vec<(String, Tensor)> = self
+            .named_vars()
+            .into_iter()
+            .map(|(name, var)| {
+                Ok((
+                    name,
+                    var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+            .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("safetensors: {e}"))))
+    }
+
+    /// Writes the weight file atomically (temporary file, fsync, rename): an interrupted save leaves
+    /// the previous file intact.
+    pub fn save(&self, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
+        let bytes = self.to_safetensors(extra)?;
+        write_atomic(path, &bytes).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Reads a weight file written by [`Model::save`] and rebuilds the network on `device`.
+    ///
+    /// Errors name the file and what is wrong: not a safetensors file, no fracture metadata, an
+    /// unknown architecture, a missing or unexpected tensor, or a tensor whose shape differs from
+    /// what the stored configuration implies.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_safetensors(&bytes, path, device)
+    }
+
+    /// Like [`Model::load`], from bytes already in memory; `origin` names them in errors.
+    pub fn from_safetensors(bytes: &[u8], origin: &Path, device: &Device) -> Result<Self> {
+        let bad = |reason: String| Error::BadWeights {
+            path: origin.to_path_buf(),
+            reason,
+        };
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("not a safetensors weight file: {e}")))?;
+        let metadata: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        match metadata.get(FORMAT_KEY).map(String::as_str) {
+            Some(FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(bad(format!(
+                    "weight format version {v} is not supported (this build reads 1)"
+                )));
+            }
+            None => {
+                return Err(bad(format!(
+                    "not a fracture model file (no `{FORMAT_KEY}` metadata)"
+                )));
+            }
+        }
+        let config_json = metadata
+            .get(CONFIG_KEY)
+            .ok_or_else(|| bad(format!("no `{CONFIG_KEY}` metadata")))?;
+        let config: ModelConfig =
+            serde_json::from_str(config_json).map_err(|e| bad(format!("unreadable model config: {e}")))?;
+        let mut tensors = candle_core::safetensors::load_buffer(bytes, device)
+            .map_err(|e| bad(format!("unreadable tensors: {e}")))?;
+        let mut model = Model::new(&config, 0, device).map_err(|e| bad(e.to_string()))?;
+        for (name, var) in model.named_vars() {
+            let tensor = tensors.remove(&name).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` is missing for the {} architecture",
+                    config.arch_name()
+                ))
+            })?;
+            if tensor.dims() != var.dims() {
+                return Err(bad(format!(
+                    "tensor `{name}` has shape {:?}, but the stored config implies {:?}",
+                    tensor.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&tensor.to_dtype(DType::F32)?)?;
+        }
+        if let Some(extra) = tensors.keys().min() {
+            return Err(bad(format!(
+                "tensor `{extra}` is not part of the {} architecture (a file from another architecture?)",
+                config.arch_name()
+            )));
+        }
+        model.metadata = metadata;
+        Ok(model)
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename, then a
+/// best-effort fsync of the folder. Readers see the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
