@@ -211,6 +211,16 @@ impl FolderDataset {
         })
     }
 
+    /// Number of readable images (the same as [`Dataset::len`]).
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether no image could be read.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
     /// The readable items, in load order.
     pub fn items(&self) -> &[Item] {
         &self.items
@@ -276,7 +286,7 @@ impl FolderDataset {
 
 impl Dataset for FolderDataset {
     fn len(&self) -> usize {
-        self.items.len()
+        FolderDataset::len(self)
     }
 
     fn get(&self, index: usize) -> Result<Sample> {

@@ -254,8 +254,11 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Class folders found in a folder, with their labels.
+type ClassDirs = Vec<(Label, PathBuf)>;
+
 /// The recognised class folders directly in `dir`, and its other sub-folders as skipped entries.
-fn class_dirs(dir: &Path) -> Result<(Vec<(Label, PathBuf)>, Vec<Skipped>)> {
+fn class_dirs(dir: &Path) -> Result<(ClassDirs, Vec<Skipped>)> {
     let mut classes = Vec::new();
     let mut skipped = Vec::new();
     for entry in sorted_entries(dir)? {

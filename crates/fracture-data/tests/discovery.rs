@@ -1,5 +1,7 @@
 //! Discovery and loading on folder trees made by the tests.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use fracture_data::image::{DynamicImage, GrayImage, ImageBuffer, ImageFormat, Luma, Rgb};
@@ -19,7 +21,7 @@ fn save(img: &DynamicImage, path: &Path, format: ImageFormat) {
 }
 
 fn xray(seed: u64) -> DynamicImage {
-    DynamicImage::ImageLuma8(synthetic_xray(40, 32, seed % 2 == 0, seed))
+    DynamicImage::ImageLuma8(synthetic_xray(40, 32, seed.is_multiple_of(2), seed))
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! from `../shared/data/fracatlas`. Skipped with a message where absent, unless
 //! `FRACTURE_REQUIRE_SHARED=1`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use fracture_data::{Dataset, DatasetLayout, FolderDataset, Label, LoadOptions, PreprocessConfig, Split};

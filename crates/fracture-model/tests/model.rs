@@ -1,5 +1,7 @@
 //! Model behaviour: shapes, weight files, gradients and a short fit.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -301,9 +303,9 @@ fn a_seeded_short_fit_lowers_the_loss() {
     let mut targets = Vec::new();
     for i in 0..8 {
         let fractured = i % 2 == 0;
-        for y in 0..32 {
-            for x in 0..32 {
-                let line = fractured && (x as i32 - y as i32).abs() <= 1;
+        for y in 0..32i32 {
+            for x in 0..32i32 {
+                let line = fractured && (x - y).abs() <= 1;
                 data.push(if line {
                     0.9f32
                 } else {

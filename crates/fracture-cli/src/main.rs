@@ -1,0 +1,36 @@
+//! `fracture`: the command line of the fracture toolkit. Glue only: arguments, device choice and
+//! printing; the work happens in the library crates (through `fracture_train`).
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// Train, evaluate and serve convolutional networks that classify bone X-rays as fractured or not.
+#[derive(Debug, Parser)]
+#[command(name = "fracture", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Find and decode every image of a dataset; print images per split and class, skipped files and
+    /// the decoding rate.
+    Inspect(commands::inspect::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => commands::inspect::run(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
