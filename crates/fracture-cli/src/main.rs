@@ -19,12 +19,16 @@ enum Command {
     /// Find and decode every image of a dataset; print images per split and class, skipped files and
     /// the decoding rate.
     Inspect(commands::inspect::Args),
+    /// Train a classifier on a dataset folder; writes the best model, checkpoints, metrics.csv and
+    /// report.json to a run folder.
+    Train(commands::train::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(&args),
+        Command::Train(args) => commands::train::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

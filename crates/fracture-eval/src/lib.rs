@@ -10,11 +10,13 @@
 mod confusion;
 mod error;
 mod metrics;
+mod roc;
 mod threshold;
 
 pub use confusion::ConfusionMatrix;
 pub use error::{Error, Result};
 pub use metrics::BinaryMetrics;
+pub use roc::{RocPoint, roc_auc, roc_curve};
 pub use threshold::{DEFAULT_THRESHOLD, decide};
 
 #[cfg(test)]

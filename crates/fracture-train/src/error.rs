@@ -1,5 +1,7 @@
 //! The error type of training and evaluation.
 
+use std::path::PathBuf;
+
 /// What can go wrong while training or evaluating.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -15,7 +17,43 @@ pub enum Error {
     /// Computing metrics failed.
     #[error(transparent)]
     Eval(#[from] fracture_eval::Error),
+    /// A setting is out of range or settings contradict each other.
+    #[error("invalid setting: {0}")]
+    InvalidConfig(String),
+    /// A file or folder of the run could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint cannot be used.
+    #[error("{}: {reason}", path.display())]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The loss became NaN or infinite; the last checkpoint written before it is kept.
+    #[error("the training loss became {value} at epoch {epoch}, step {step}; the last good checkpoint is kept")]
+    NonFiniteLoss {
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based step within the epoch.
+        step: usize,
+        /// The loss value.
+        value: f64,
+    },
 }
 
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

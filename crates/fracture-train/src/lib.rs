@@ -1,16 +1,35 @@
 //! Training and evaluation: the one crate that joins data, model and metrics.
 //!
-//! Today it holds the bridge from `ndarray` batches to tensors ([`batch_to_tensors`]) and the
-//! numerically stable loss ([`bce_with_logits`]). It re-exports the crates it joins, so the command
-//! line depends on this crate alone.
+//! [`train`] runs the loop: batches from `fracture-data` (shuffled and augmented from the seed),
+//! the network from `fracture-model`, the numerically stable [`bce_with_logits`], our own [`Adam`]
+//! (whose state is saved), validation with `fracture-eval` every epoch, atomic checkpoints and exact
+//! resumption. [`TrainedModel`] loads a trained model file for prediction. Progress goes to a
+//! caller-supplied callback; this crate never prints.
+//!
+//! It re-exports the crates it joins, so the command line depends on this crate alone.
 #![warn(missing_docs)]
 
 mod batcher;
+mod bundle;
+mod checkpoint;
+mod config;
 mod error;
+mod evaluate;
 mod loss;
+mod optim;
+mod trainer;
 
 pub use batcher::batch_to_tensors;
+pub use bundle::{MODEL_FILE, PREPROCESS_KEY, THRESHOLD_KEY, TRAIN_KEY, TrainedModel, VALIDATION_KEY};
+pub use checkpoint::{Best, CheckpointMeta, DataCounts, read_checkpoint};
+pub use config::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
 pub use error::{Error, Result};
+pub use evaluate::{EvalReport, evaluate, mean_loss, predict_logits, sigmoid};
 pub use loss::bce_with_logits;
+pub use optim::Adam;
+pub use trainer::{
+    CHECKPOINT_FILE, EpochReport, Event, METRICS_FILE, REPORT_FILE, RunReport, TrainOutcome, TrainSetup, metrics_csv,
+    train,
+};
 
 pub use {candle_core, fracture_data as data, fracture_eval as eval, fracture_model as model};

@@ -19,17 +19,11 @@ pub(crate) struct Args {
     image_size: u32,
     /// Resize by stretching both axes (as the original project did) or by letterboxing (keeps the
     /// aspect ratio, pads with black).
-    #[arg(long, value_enum, default_value_t = Resize::Stretch)]
-    resize: Resize,
+    #[arg(long, value_enum, default_value_t = ResizeArg::Stretch)]
+    resize: ResizeArg,
     /// Folder for the on-disk cache of preprocessed images; a second run reads it instead of decoding.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Resize {
-    Stretch,
-    Letterbox,
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
@@ -37,8 +31,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let preprocess = PreprocessConfig {
         size: args.image_size,
         resize: match args.resize {
-            Resize::Stretch => ResizeMode::Stretch,
-            Resize::Letterbox => ResizeMode::Letterbox,
+            ResizeArg::Stretch => ResizeMode::Stretch,
+            ResizeArg::Letterbox => ResizeMode::Letterbox,
         },
         standardize: None,
     };

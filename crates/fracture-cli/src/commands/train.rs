@@ -1,0 +1,329 @@
+//! `fracture train`: train a classifier on a dataset folder.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use fracture_train::data::{AugmentConfig, DecodeLimits, PreprocessConfig, ResizeMode};
+use fracture_train::model::{ModelConfig, describe_device};
+use fracture_train::{BestMetric, Event, LrSchedule, PosWeight, TrainConfig, TrainOutcome, TrainSetup};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::commands::{ResizeArg, pick_device};
+
+/// Arguments of `fracture train`. The defaults reproduce the original project: the seed CNN at
+/// 128 × 128, 10 epochs, Adam at 1e-3, binary cross-entropy, batch 32, dropout and augmentation.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Dataset folder: `<DATA>/<split>/<class>/<image>` with a `train` split (and ideally `val`; without
+    /// one, a seeded stratified share of train is held out). The folder of the Kaggle zip works too.
+    #[arg(long)]
+    data: PathBuf,
+    /// Run folder for the model, checkpoints, metrics.csv and report.json [default: runs/<UTC time>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Passes over the training images.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Images per optimizer step.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Peak learning rate of Adam.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Decoupled weight decay (0 = plain Adam).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Learning-rate schedule after the warm-up.
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Constant)]
+    schedule: ScheduleArg,
+    /// For `--schedule step`: epochs between decays.
+    #[arg(long, default_value_t = 3)]
+    step_every: usize,
+    /// For `--schedule step`: factor applied at each decay.
+    #[arg(long, default_value_t = 0.1)]
+    step_gamma: f64,
+    /// For `--schedule cosine`: the learning rate reached at the last step.
+    #[arg(long, default_value_t = 0.0)]
+    min_lr: f64,
+    /// Optimizer steps of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    /// Side in pixels of the square network input.
+    #[arg(long, default_value_t = 128)]
+    image_size: u32,
+    /// How images are brought to a square: stretch (the original) or letterbox (keeps the aspect ratio).
+    #[arg(long, value_enum, default_value_t = ResizeArg::Stretch)]
+    resize: ResizeArg,
+    /// Architecture: `seed` is the original CNN.
+    #[arg(long, value_enum, default_value_t = ArchArg::Seed)]
+    arch: ArchArg,
+    /// Seed of every random choice (initialisation, shuffling, augmentation, dropout).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Weight of the fractured class in the loss: `none`, `auto` (negatives / positives of the
+    /// training split) or a number.
+    #[arg(long, default_value = "none")]
+    pos_weight: PosWeight,
+    /// Keep the model of the epoch with the best value of this validation metric.
+    #[arg(long, value_enum, default_value_t = MetricArg::RocAuc)]
+    best_metric: MetricArg,
+    /// Stop after this many epochs without improvement of the best metric.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Share of train held out for validation when the dataset has no val split.
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Switch augmentation off (it is on by default: rotation, flips, zoom, shift, brightness, contrast).
+    #[arg(long)]
+    no_augment: bool,
+    /// Continue the run in `--out` from its last checkpoint (same settings; `--epochs` may grow).
+    #[arg(long)]
+    resume: bool,
+    /// Train on the CPU even in a GPU build.
+    #[arg(long)]
+    cpu: bool,
+    /// Folder for an on-disk cache of preprocessed images, reused by later runs.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ScheduleArg {
+    Constant,
+    Step,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ArchArg {
+    Seed,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MetricArg {
+    RocAuc,
+    ValLoss,
+    BalancedAccuracy,
+    F1,
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let device = pick_device(args.cpu)?;
+    let model = match args.arch {
+        ArchArg::Seed => ModelConfig::seed(args.image_size as usize),
+    };
+    let preprocess = PreprocessConfig {
+        size: args.image_size,
+        resize: match args.resize {
+            ResizeArg::Stretch => ResizeMode::Stretch,
+            ResizeArg::Letterbox => ResizeMode::Letterbox,
+        },
+        standardize: None,
+    };
+    let mut train = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        schedule: match args.schedule {
+            ScheduleArg::Constant => LrSchedule::Constant,
+            ScheduleArg::Step => LrSchedule::Step { every_epochs: args.step_every, gamma: args.step_gamma },
+            ScheduleArg::Cosine => LrSchedule::Cosine { min_lr: args.min_lr },
+        },
+        warmup_steps: args.warmup_steps,
+        seed: args.seed,
+        pos_weight: args.pos_weight,
+        augment: (!args.no_augment).then(AugmentConfig::default),
+        early_stopping_patience: args.patience,
+        best_metric: match args.best_metric {
+            MetricArg::RocAuc => BestMetric::RocAuc,
+            MetricArg::ValLoss => BestMetric::ValLoss,
+            MetricArg::BalancedAccuracy => BestMetric::BalancedAccuracy,
+            MetricArg::F1 => BestMetric::F1,
+        },
+        val_fraction: args.val_fraction,
+        ..TrainConfig::default()
+    };
+    train.adam.lr = args.lr;
+    train.adam.weight_decay = args.weight_decay;
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp()));
+    let setup = TrainSetup {
+        data: args.data.clone(),
+        out: out.clone(),
+        model,
+        preprocess,
+        train,
+        resume: args.resume,
+        cache_dir: args.cache_dir.clone(),
+        limits: DecodeLimits::default(),
+        device: device.clone(),
+    };
+    println!(
+        "training {} at {}×{} on {} → {}",
+        setup.model.arch_name(),
+        args.image_size,
+        args.image_size,
+        describe_device(&device),
+        out.display()
+    );
+    let mut progress = Progress::new(std::io::stderr().is_terminal());
+    let outcome = fracture_train::train(&setup, &mut |e| progress.on(e)).context("training failed")?;
+    progress.finish();
+    print_outcome(&outcome);
+    Ok(())
+}
+
+/// Renders training events: a bar per epoch on a terminal, plain lines otherwise.
+struct Progress {
+    tty: bool,
+    bar: Option<ProgressBar>,
+    epoch_start: Instant,
+    next_line: usize,
+}
+
+impl Progress {
+    fn new(tty: bool) -> Self {
+        Progress { tty, bar: None, epoch_start: Instant::now(), next_line: 0 }
+    }
+
+    fn on(&mut self, event: Event<'_>) {
+        match event {
+            Event::Notice(text) => self.println(&format!("note: {text}")),
+            Event::Dataset(summary) => {
+                for s in &summary.skipped {
+                    self.println(&format!("warning: skipped {s}"));
+                }
+                print!("{summary}");
+            }
+            Event::EpochStart { epoch, epochs, steps, images } => {
+                self.epoch_start = Instant::now();
+                self.next_line = 0;
+                if self.tty {
+                    let bar = ProgressBar::new(images as u64);
+                    let style = ProgressStyle::with_template(
+                        "epoch {prefix} [{bar:30}] {pos}/{len} img  {per_sec}  loss {msg}  ETA {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+                    bar.set_style(style);
+                    bar.set_prefix(format!("{epoch}/{epochs}"));
+                    self.bar = Some(bar);
+                } else {
+                    println!("epoch {epoch}/{epochs}: {images} images in {steps} steps");
+                }
+            }
+            Event::Step { epoch, step, images, loss } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(images as u64);
+                    bar.set_message(format!("{loss:.4}"));
+                } else if images >= self.next_line {
+                    let rate = images as f64 / self.epoch_start.elapsed().as_secs_f64().max(1e-9);
+                    println!("  epoch {epoch} step {step}: {images} images, loss {loss:.4}, {rate:.1} img/s");
+                    self.next_line = images + 256;
+                }
+            }
+            Event::Validating { .. } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_message("validating…");
+                }
+            }
+            Event::EpochEnd(r) => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+                println!(
+                    "epoch {}: train loss {:.4}, val loss {:.4}, val ROC-AUC {}, sensitivity {}, specificity {} (at 0.5), {:.1} img/s, {:.1} s",
+                    r.epoch,
+                    r.train_loss,
+                    r.val_loss,
+                    pct(r.val.roc_auc),
+                    pct(r.val.sensitivity),
+                    pct(r.val.specificity),
+                    r.images_per_s,
+                    r.seconds
+                );
+            }
+            Event::Saved { what, path } => {
+                if what == "best model" {
+                    self.println(&format!("  saved the best model so far: {}", path.display()));
+                }
+            }
+        }
+    }
+
+    fn println(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => println!("{text}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.3}", x)).unwrap_or_else(|| "n/a".into())
+}
+
+fn print_outcome(o: &TrainOutcome) {
+    println!(
+        "\nfinished: {} epochs in {:.1} s{}; best model from epoch {}",
+        o.epochs_completed,
+        o.seconds,
+        if o.stopped_early { " (stopped early)" } else { "" },
+        o.best_epoch
+    );
+    println!("{:<6} {:>5} {:>9} {:>8} {:>11} {:>11} {:>8} {:>6}", "split", "n", "threshold", "ROC-AUC", "sensitivity", "specificity", "accuracy", "F1");
+    for (split, r) in &o.reports {
+        println!(
+            "{:<6} {:>5} {:>9.3} {:>8} {:>11} {:>11} {:>8} {:>6}",
+            split.name(),
+            r.n,
+            r.threshold,
+            pct(r.roc_auc),
+            pct(r.sensitivity),
+            pct(r.specificity),
+            pct(r.accuracy),
+            pct(r.f1)
+        );
+    }
+    println!("model:      {}", o.best_model.display());
+    println!("checkpoint: {}", o.out.join(fracture_train::CHECKPOINT_FILE).display());
+    println!("metrics:    {}", o.out.join(fracture_train::METRICS_FILE).display());
+    println!("report:     {}", o.out.join(fracture_train::REPORT_FILE).display());
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC, from the system clock.
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stamp_has_the_expected_shape() {
+        let s = super::utc_stamp();
+        assert_eq!(s.len(), 15);
+        assert!(s.starts_with("20"), "{s}");
+        assert_eq!(&s[8..9], "-");
+    }
+}

@@ -1,0 +1,143 @@
+//! Checkpoints: everything needed to continue a run exactly where it stopped.
+//!
+//! One safetensors file holds the weights (`model.<name>`), both Adam moments (`adam.m.<name>`,
+//! `adam.v.<name>`) and, as JSON metadata under `fracture.checkpoint`, a [`CheckpointMeta`]: the
+//! epoch, the optimizer step, all configurations, the best result so far and the history. The random
+//! state is implied: shuffling, augmentation and dropout are all derived from the seed, the epoch and
+//! the step. One file means a checkpoint is written (atomically) or not at all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use fracture_data::PreprocessConfig;
+use fracture_model::{Model, ModelConfig, write_atomic};
+use serde::{Deserialize, Serialize};
+
+use crate::{Adam, EpochReport, Error, Result, TrainConfig};
+
+const META_KEY: &str = "fracture.checkpoint";
+const FORMAT: u32 = 1;
+
+/// Images per class of the splits a run trains and validates on, to notice a changed dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataCounts {
+    /// Training images per label index (fractured, not fractured).
+    pub train: [usize; 2],
+    /// Validation images per label index.
+    pub val: [usize; 2],
+}
+
+/// The best epoch so far.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Best {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Value of the selection metric.
+    pub value: f64,
+}
+
+/// The state of a run after a completed epoch, besides the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Checkpoint format version.
+    pub format: u32,
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Optimizer steps taken (Adam's `t`).
+    pub step: u64,
+    /// The model.
+    pub model: ModelConfig,
+    /// The preprocessing.
+    pub preprocess: PreprocessConfig,
+    /// The training settings.
+    pub train: TrainConfig,
+    /// The data it was trained on.
+    pub data: DataCounts,
+    /// The best epoch so far, by the selection metric.
+    pub best: Option<Best>,
+    /// Epochs since the best one (for early stopping).
+    pub epochs_since_best: usize,
+    /// One report per completed epoch.
+    pub history: Vec<EpochReport>,
+}
+
+/// Writes a checkpoint atomically.
+pub fn save_checkpoint(path: &Path, model: &Model, adam: &Adam, meta: &CheckpointMeta) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, var) in model.named_vars() {
+        tensors.push((format!("model.{name}"), var.as_tensor().to_device(&Device::Cpu)?));
+    }
+    for (name, t) in adam.state_tensors() {
+        tensors.push((name, t.to_device(&Device::Cpu)?));
+    }
+    let json = crate::bundle::json(meta)?;
+    let metadata = HashMap::from([(META_KEY.to_string(), json)]);
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    write_atomic(path, &bytes).map_err(|e| Error::io(path, e))
+}
+
+/// Reads a checkpoint's metadata and tensors (on `device`).
+pub fn read_checkpoint(path: &Path, device: &Device) -> Result<(CheckpointMeta, HashMap<String, Tensor>)> {
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint file: {e}")))?;
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .ok_or_else(|| bad(format!("no `{META_KEY}` metadata: not a checkpoint")))?;
+    let meta: CheckpointMeta = serde_json::from_str(json).map_err(|e| bad(format!("unreadable metadata: {e}")))?;
+    if meta.format != FORMAT {
+        return Err(bad(format!("checkpoint format {} is not supported (this build reads {FORMAT})", meta.format)));
+    }
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(e.to_string()))?;
+    Ok((meta, tensors))
+}
+
+/// Why a checkpoint cannot continue the requested run: the first setting that differs, with both
+/// values; `None` when it can.
+pub fn resume_mismatch(
+    meta: &CheckpointMeta,
+    model: &ModelConfig,
+    preprocess: &PreprocessConfig,
+    train: &TrainConfig,
+    data: &DataCounts,
+) -> Option<String> {
+    if &meta.model != model {
+        return Some(format!("model differs (checkpoint: {:?}; now: {model:?})", meta.model));
+    }
+    if &meta.preprocess != preprocess {
+        return Some(format!("preprocessing differs (checkpoint: {:?}; now: {preprocess:?})", meta.preprocess));
+    }
+    let old: BTreeMap<_, _> = meta.train.resume_fingerprint().into_iter().collect();
+    for (field, now) in train.resume_fingerprint() {
+        if old.get(field) != Some(&now) {
+            let was = old.get(field).cloned().unwrap_or_default();
+            return Some(format!("training setting `{field}` differs (checkpoint: {was}; now: {now})"));
+        }
+    }
+    if &meta.data != data {
+        return Some(format!(
+            "the data differs (checkpoint: train {:?}, val {:?} images per class; now: train {:?}, val {:?})",
+            meta.data.train, meta.data.val, data.train, data.val
+        ));
+    }
+    None
+}
+
+/// Copies the checkpoint's weights into `model` and its moments into `adam`.
+pub fn restore(path: &Path, tensors: &mut HashMap<String, Tensor>, meta: &CheckpointMeta, model: &Model, adam: &mut Adam) -> Result<()> {
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    for (name, var) in model.named_vars() {
+        let key = format!("model.{name}");
+        let t = tensors.remove(&key).ok_or_else(|| bad(format!("tensor `{key}` is missing")))?;
+        if t.dims() != var.dims() {
+            return Err(bad(format!("tensor `{key}` has shape {:?}, expected {:?}", t.dims(), var.dims())));
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    adam.load_state(tensors, meta.step).map_err(|e| bad(e.to_string()))
+}
