@@ -73,3 +73,187 @@ fn an_out_of_range_image_size_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("preprocess.size"), "{stderr}");
 }
+
+#[test]
+fn train_help_explains_every_option() {
+    let out = fracture().args(["train", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--data",
+        "--out",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--image-size",
+        "--arch",
+        "--seed",
+        "--pos-weight",
+        "--resume",
+        "--cpu",
+        "--no-augment",
+        "--patience",
+        "--schedule",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    assert!(
+        help.contains("[default: 10]") && help.contains("[default: 32]"),
+        "{help}"
+    );
+}
+
+#[test]
+fn train_runs_end_to_end_and_reports_where_it_wrote() {
+    let root = fresh_dir(&base(), "train-synthetic");
+    write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((6, 10), (4, 4)));
+    std::fs::write(
+        root.join("data/train/fractured/corrupt.jpg"),
+        b"\xff\xd8\xff garbage",
+    )
+    .unwrap();
+    let out_dir = root.join("run");
+    let out = fracture()
+        .args([
+            "train",
+            "--epochs",
+            "2",
+            "--image-size",
+            "24",
+            "--batch-size",
+            "8",
+            "--data",
+        ])
+        .arg(root.join("data"))
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("warning: skipped") && stdout.contains("corrupt.jpg"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("epoch 2: train loss"), "{stdout}");
+    assert!(stdout.contains("finished: 2 epochs"), "{stdout}");
+    for line in ["model:", "checkpoint:", "metrics:", "report:"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(line) && l.contains(out_dir.to_str().unwrap())),
+            "{line}\n{stdout}"
+        );
+    }
+    // A second run into the same folder refuses to overwrite it.
+    let again = fracture()
+        .args(["train", "--epochs", "1", "--image-size", "24", "--data"])
+        .arg(root.join("data"))
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+}
+
+/// A training process killed with SIGKILL in the middle of epoch 2 resumes from its epoch-1
+/// checkpoint and ends with the same weights as a run that was never interrupted.
+#[test]
+fn a_run_killed_mid_epoch_resumes_from_its_last_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let Some(data) = fracture_testkit::fracatlas() else {
+        return;
+    };
+    let root = fresh_dir(&base(), "killed");
+    let args = [
+        "train",
+        "--epochs",
+        "2",
+        "--image-size",
+        "24",
+        "--batch-size",
+        "64",
+        "--cpu",
+    ];
+    let killed = root.join("killed");
+    let mut child = fracture()
+        .args(args)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&killed)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reader = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    for line in reader.lines() {
+        let line = line.unwrap();
+        let mid_epoch_2 = line.contains("epoch 2 step");
+        seen.push(line);
+        if mid_epoch_2 {
+            child.kill().unwrap(); // SIGKILL on Unix
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the child should have been killed: {seen:?}");
+    let checkpoint = killed.join(fracture_train::CHECKPOINT_FILE);
+    let dev = fracture_train::candle_core::Device::Cpu;
+    let (meta, _) = fracture_train::read_checkpoint(&checkpoint, &dev).unwrap();
+    assert_eq!(meta.epoch, 1, "the checkpoint of epoch 1 survives the kill");
+
+    let resumed = fracture()
+        .args(args)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&killed)
+        .arg("--resume")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(text.contains("resuming after epoch 1"), "{text}");
+    assert!(
+        !text.contains("epoch 1/2"),
+        "epoch 1 is not trained again: {text}"
+    );
+
+    let whole = root.join("whole");
+    let straight = fracture()
+        .args(args)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&whole)
+        .output()
+        .unwrap();
+    assert!(straight.status.success());
+    let (_, a) = fracture_train::read_checkpoint(&whole.join(fracture_train::CHECKPOINT_FILE), &dev).unwrap();
+    let (meta_b, b) = fracture_train::read_checkpoint(&checkpoint, &dev).unwrap();
+    assert_eq!(meta_b.epoch, 2);
+    for (name, ta) in &a {
+        let diff = (ta - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-6, "{name} differs by {diff}");
+    }
+}

@@ -7,10 +7,16 @@ use crate::{Error, Result};
 /// Checks lengths and that no score is NaN.
 pub(crate) fn check_scores(scores: &[f64], actual: &[bool]) -> Result<()> {
     if scores.len() != actual.len() {
-        return Err(Error::LengthMismatch { predictions: scores.len(), labels: actual.len() });
+        return Err(Error::LengthMismatch {
+            predictions: scores.len(),
+            labels: actual.len(),
+        });
     }
     if let Some((i, &s)) = scores.iter().enumerate().find(|(_, s)| s.is_nan()) {
-        return Err(Error::InvalidValue { what: format!("score {i}"), value: s });
+        return Err(Error::InvalidValue {
+            what: format!("score {i}"),
+            value: s,
+        });
     }
     Ok(())
 }
@@ -73,7 +79,11 @@ pub fn roc_curve(scores: &[f64], actual: &[bool]) -> Result<Option<Vec<RocPoint>
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let mut points = vec![RocPoint { threshold: f64::INFINITY, fpr: 0.0, tpr: 0.0 }];
+    let mut points = vec![RocPoint {
+        threshold: f64::INFINITY,
+        fpr: 0.0,
+        tpr: 0.0,
+    }];
     let (mut tp, mut fp) = (0.0, 0.0);
     let mut i = 0;
     while i < order.len() {
@@ -86,7 +96,11 @@ pub fn roc_curve(scores: &[f64], actual: &[bool]) -> Result<Option<Vec<RocPoint>
             }
             i += 1;
         }
-        points.push(RocPoint { threshold: s, fpr: fp / n_neg, tpr: tp / n_pos });
+        points.push(RocPoint {
+            threshold: s,
+            fpr: fp / n_neg,
+            tpr: tp / n_pos,
+        });
     }
     Ok(Some(points))
 }
@@ -115,7 +129,10 @@ mod tests {
     }
 
     fn trapezoid(points: &[RocPoint]) -> f64 {
-        points.windows(2).map(|w| (w[1].fpr - w[0].fpr) * (w[1].tpr + w[0].tpr) / 2.0).sum()
+        points
+            .windows(2)
+            .map(|w| (w[1].fpr - w[0].fpr) * (w[1].tpr + w[0].tpr) / 2.0)
+            .sum()
     }
 
     proptest! {

@@ -99,7 +99,7 @@ pub fn synthetic_xray(width: u32, height: u32, fractured: bool, seed: u64) -> Gr
     let half = w * (0.08 + 0.05 * rng.unit());
     let crack_y = h * (0.3 + 0.4 * rng.unit());
     let crack_slope = (rng.unit() - 0.5) * 1.2;
-    let crack_half = (h * 0.025).max(1.0);
+    let crack_half = (h * 0.05).max(1.5);
     GrayImage::from_fn(width, height, |x, y| {
         let (xf, yf) = (x as f32, y as f32);
         let axis = cx + tilt * (yf - h * 0.5);

@@ -37,15 +37,32 @@ pub struct TrainedModel {
 impl TrainedModel {
     /// Loads a model from a weight file, or from a run folder (its `model.safetensors`).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let file = if path.is_dir() { path.join(MODEL_FILE) } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join(MODEL_FILE)
+        } else {
+            path.to_path_buf()
+        };
         let model = Model::load(&file, device)?;
-        let bad = |reason: String| Error::Model(fracture_model::Error::BadWeights { path: file.clone(), reason });
+        let bad = |reason: String| {
+            Error::Model(fracture_model::Error::BadWeights {
+                path: file.clone(),
+                reason,
+            })
+        };
         let preprocess: PreprocessConfig = match model.metadata.get(PREPROCESS_KEY) {
-            Some(json) => serde_json::from_str(json).map_err(|e| bad(format!("unreadable `{PREPROCESS_KEY}`: {e}")))?,
-            None => return Err(bad(format!("no `{PREPROCESS_KEY}` metadata: not a trained model file"))),
+            Some(json) => {
+                serde_json::from_str(json).map_err(|e| bad(format!("unreadable `{PREPROCESS_KEY}`: {e}")))?
+            }
+            None => {
+                return Err(bad(format!(
+                    "no `{PREPROCESS_KEY}` metadata: not a trained model file"
+                )));
+            }
         };
         let threshold: f64 = match model.metadata.get(THRESHOLD_KEY) {
-            Some(json) => serde_json::from_str(json).map_err(|e| bad(format!("unreadable `{THRESHOLD_KEY}`: {e}")))?,
+            Some(json) => {
+                serde_json::from_str(json).map_err(|e| bad(format!("unreadable `{THRESHOLD_KEY}`: {e}")))?
+            }
             None => fracture_eval::DEFAULT_THRESHOLD,
         };
         if preprocess.size as usize != model.config().image_size {
@@ -55,7 +72,12 @@ impl TrainedModel {
                 model.config().image_size
             )));
         }
-        Ok(TrainedModel { model, preprocess, threshold, path: file })
+        Ok(TrainedModel {
+            model,
+            preprocess,
+            threshold,
+            path: file,
+        })
     }
 
     /// Writes the model atomically with its preprocessing, threshold and `extra` metadata.

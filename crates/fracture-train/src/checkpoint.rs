@@ -63,7 +63,7 @@ pub struct CheckpointMeta {
 }
 
 /// Writes a checkpoint atomically.
-pub fn save_checkpoint(path: &Path, model: &Model, adam: &Adam, meta: &CheckpointMeta) -> Result<()> {
+pub(crate) fn save_checkpoint(path: &Path, model: &Model, adam: &Adam, meta: &CheckpointMeta) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, var) in model.named_vars() {
         tensors.push((format!("model.{name}"), var.as_tensor().to_device(&Device::Cpu)?));
@@ -74,24 +74,34 @@ pub fn save_checkpoint(path: &Path, model: &Model, adam: &Adam, meta: &Checkpoin
     let json = crate::bundle::json(meta)?;
     let metadata = HashMap::from([(META_KEY.to_string(), json)]);
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+        .map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     write_atomic(path, &bytes).map_err(|e| Error::io(path, e))
 }
 
 /// Reads a checkpoint's metadata and tensors (on `device`).
 pub fn read_checkpoint(path: &Path, device: &Device) -> Result<(CheckpointMeta, HashMap<String, Tensor>)> {
-    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let bad = |reason: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint file: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a checkpoint file: {e}")))?;
     let json = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get(META_KEY))
         .ok_or_else(|| bad(format!("no `{META_KEY}` metadata: not a checkpoint")))?;
-    let meta: CheckpointMeta = serde_json::from_str(json).map_err(|e| bad(format!("unreadable metadata: {e}")))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(json).map_err(|e| bad(format!("unreadable metadata: {e}")))?;
     if meta.format != FORMAT {
-        return Err(bad(format!("checkpoint format {} is not supported (this build reads {FORMAT})", meta.format)));
+        return Err(bad(format!(
+            "checkpoint format {} is not supported (this build reads {FORMAT})",
+            meta.format
+        )));
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(e.to_string()))?;
     Ok((meta, tensors))
@@ -99,7 +109,7 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<(CheckpointMeta, 
 
 /// Why a checkpoint cannot continue the requested run: the first setting that differs, with both
 /// values; `None` when it can.
-pub fn resume_mismatch(
+pub(crate) fn resume_mismatch(
     meta: &CheckpointMeta,
     model: &ModelConfig,
     preprocess: &PreprocessConfig,
@@ -107,16 +117,24 @@ pub fn resume_mismatch(
     data: &DataCounts,
 ) -> Option<String> {
     if &meta.model != model {
-        return Some(format!("model differs (checkpoint: {:?}; now: {model:?})", meta.model));
+        return Some(format!(
+            "model differs (checkpoint: {:?}; now: {model:?})",
+            meta.model
+        ));
     }
     if &meta.preprocess != preprocess {
-        return Some(format!("preprocessing differs (checkpoint: {:?}; now: {preprocess:?})", meta.preprocess));
+        return Some(format!(
+            "preprocessing differs (checkpoint: {:?}; now: {preprocess:?})",
+            meta.preprocess
+        ));
     }
     let old: BTreeMap<_, _> = meta.train.resume_fingerprint().into_iter().collect();
     for (field, now) in train.resume_fingerprint() {
         if old.get(field) != Some(&now) {
             let was = old.get(field).cloned().unwrap_or_default();
-            return Some(format!("training setting `{field}` differs (checkpoint: {was}; now: {now})"));
+            return Some(format!(
+                "training setting `{field}` differs (checkpoint: {was}; now: {now})"
+            ));
         }
     }
     if &meta.data != data {
@@ -129,15 +147,31 @@ pub fn resume_mismatch(
 }
 
 /// Copies the checkpoint's weights into `model` and its moments into `adam`.
-pub fn restore(path: &Path, tensors: &mut HashMap<String, Tensor>, meta: &CheckpointMeta, model: &Model, adam: &mut Adam) -> Result<()> {
-    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+pub(crate) fn restore(
+    path: &Path,
+    tensors: &mut HashMap<String, Tensor>,
+    meta: &CheckpointMeta,
+    model: &Model,
+    adam: &mut Adam,
+) -> Result<()> {
+    let bad = |reason: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
     for (name, var) in model.named_vars() {
         let key = format!("model.{name}");
-        let t = tensors.remove(&key).ok_or_else(|| bad(format!("tensor `{key}` is missing")))?;
+        let t = tensors
+            .remove(&key)
+            .ok_or_else(|| bad(format!("tensor `{key}` is missing")))?;
         if t.dims() != var.dims() {
-            return Err(bad(format!("tensor `{key}` has shape {:?}, expected {:?}", t.dims(), var.dims())));
+            return Err(bad(format!(
+                "tensor `{key}` has shape {:?}, expected {:?}",
+                t.dims(),
+                var.dims()
+            )));
         }
         var.set(&t.to_dtype(var.dtype())?)?;
     }
-    adam.load_state(tensors, meta.step).map_err(|e| bad(e.to_string()))
+    adam.load_state(tensors, meta.step)
+        .map_err(|e| bad(e.to_string()))
 }

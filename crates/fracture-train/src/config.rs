@@ -23,7 +23,13 @@ pub struct AdamConfig {
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        AdamConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -171,7 +177,10 @@ impl TrainConfig {
             return bad("lr", format!("{} must be positive", a.lr));
         }
         if !((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2)) {
-            return bad("adam.beta1/beta2", format!("{} and {} must lie in [0, 1)", a.beta1, a.beta2));
+            return bad(
+                "adam.beta1/beta2",
+                format!("{} and {} must lie in [0, 1)", a.beta1, a.beta2),
+            );
         }
         if !(a.eps.is_finite() && a.eps > 0.0) {
             return bad("adam.eps", format!("{} must be positive", a.eps));
@@ -183,7 +192,10 @@ impl TrainConfig {
             LrSchedule::Constant => {}
             LrSchedule::Step { every_epochs, gamma } => {
                 if every_epochs == 0 || !(gamma.is_finite() && gamma > 0.0) {
-                    return bad("schedule", format!("step every {every_epochs} epochs by {gamma} is not valid"));
+                    return bad(
+                        "schedule",
+                        format!("step every {every_epochs} epochs by {gamma} is not valid"),
+                    );
                 }
             }
             LrSchedule::Cosine { min_lr } => {
@@ -204,7 +216,10 @@ impl TrainConfig {
             return bad("early_stopping_patience", "must be at least 1".into());
         }
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
-            return bad("val_fraction", format!("{} must lie in (0, 1)", self.val_fraction));
+            return bad(
+                "val_fraction",
+                format!("{} must lie in (0, 1)", self.val_fraction),
+            );
         }
         Ok(())
     }
@@ -254,18 +269,27 @@ mod tests {
     #[test]
     fn defaults_reproduce_the_original_and_validate() {
         let c = TrainConfig::default();
-        assert_eq!((c.epochs, c.batch_size, c.adam.lr, c.adam.weight_decay), (10, 32, 1e-3, 0.0));
+        assert_eq!(
+            (c.epochs, c.batch_size, c.adam.lr, c.adam.weight_decay),
+            (10, 32, 1e-3, 0.0)
+        );
         assert!(c.augment.is_some());
         c.validate().unwrap();
     }
 
     #[test]
     fn schedules() {
-        let mut c = TrainConfig { warmup_steps: 4, ..TrainConfig::default() };
+        let mut c = TrainConfig {
+            warmup_steps: 4,
+            ..TrainConfig::default()
+        };
         assert!((c.lr_at(0, 10, 100) - 0.25e-3).abs() < 1e-15);
         assert!((c.lr_at(3, 10, 100) - 1e-3).abs() < 1e-15);
         assert_eq!(c.lr_at(50, 10, 100), 1e-3);
-        c.schedule = LrSchedule::Step { every_epochs: 2, gamma: 0.5 };
+        c.schedule = LrSchedule::Step {
+            every_epochs: 2,
+            gamma: 0.5,
+        };
         assert_eq!(c.lr_at(19, 10, 100), 1e-3);
         assert_eq!(c.lr_at(20, 10, 100), 0.5e-3);
         assert_eq!(c.lr_at(45, 10, 100), 0.25e-3);
@@ -278,10 +302,34 @@ mod tests {
     #[test]
     fn invalid_values_name_their_field() {
         for (cfg, field) in [
-            (TrainConfig { epochs: 0, ..TrainConfig::default() }, "epochs"),
-            (TrainConfig { batch_size: 0, ..TrainConfig::default() }, "batch_size"),
-            (TrainConfig { pos_weight: PosWeight::Value(-1.0), ..TrainConfig::default() }, "pos_weight"),
-            (TrainConfig { val_fraction: 1.0, ..TrainConfig::default() }, "val_fraction"),
+            (
+                TrainConfig {
+                    epochs: 0,
+                    ..TrainConfig::default()
+                },
+                "epochs",
+            ),
+            (
+                TrainConfig {
+                    batch_size: 0,
+                    ..TrainConfig::default()
+                },
+                "batch_size",
+            ),
+            (
+                TrainConfig {
+                    pos_weight: PosWeight::Value(-1.0),
+                    ..TrainConfig::default()
+                },
+                "pos_weight",
+            ),
+            (
+                TrainConfig {
+                    val_fraction: 1.0,
+                    ..TrainConfig::default()
+                },
+                "val_fraction",
+            ),
         ] {
             let err = cfg.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{err}");

@@ -38,7 +38,9 @@ pub enum Error {
         reason: String,
     },
     /// The loss became NaN or infinite; the last checkpoint written before it is kept.
-    #[error("the training loss became {value} at epoch {epoch}, step {step}; the last good checkpoint is kept")]
+    #[error(
+        "the training loss became {value} at epoch {epoch}, step {step}; the last good checkpoint is kept"
+    )]
     NonFiniteLoss {
         /// 1-based epoch.
         epoch: usize,
@@ -47,6 +49,24 @@ pub enum Error {
         /// The loss value.
         value: f64,
     },
+    /// The model's validation outputs became NaN or infinite; the last checkpoint written before it is kept.
+    #[error(
+        "the model's outputs became {value} at the validation of epoch {epoch}; the last good checkpoint is kept"
+    )]
+    NonFiniteOutput {
+        /// 1-based epoch.
+        epoch: usize,
+        /// The first non-finite logit.
+        value: f64,
+    },
+    /// A parameter became NaN or infinite; the last checkpoint written before it is kept.
+    #[error("parameter `{param}` became non-finite during epoch {epoch}; the last good checkpoint is kept")]
+    NonFiniteWeights {
+        /// 1-based epoch.
+        epoch: usize,
+        /// The parameter's name.
+        param: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`] as the default error type.
@@ -54,6 +74,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

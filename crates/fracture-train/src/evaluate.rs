@@ -10,7 +10,12 @@ use crate::{Result, batch_to_tensors, bce_with_logits};
 
 /// The fracture logits of every image of `dataset`, in dataset order, without augmentation or
 /// dropout, computed `batch_size` images at a time on `device`.
-pub fn predict_logits(net: &FractureNet, dataset: &FolderDataset, batch_size: usize, device: &Device) -> Result<Vec<f32>> {
+pub fn predict_logits(
+    net: &FractureNet,
+    dataset: &FolderDataset,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(dataset.len());
     let indices: Vec<usize> = (0..dataset.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
@@ -32,7 +37,9 @@ pub fn mean_loss(logits: &[f32], dataset: &FolderDataset, pos_weight: Option<f64
     let n = logits.len();
     let x = Tensor::from_vec(logits.to_vec(), n, &Device::Cpu)?;
     let y = Tensor::from_vec(targets, n, &Device::Cpu)?;
-    Ok(f64::from(bce_with_logits(&x, &y, pos_weight)?.to_scalar::<f32>()?))
+    Ok(f64::from(
+        bce_with_logits(&x, &y, pos_weight)?.to_scalar::<f32>()?,
+    ))
 }
 
 /// How a model did on one set of images at one operating threshold. Positive = fractured.
@@ -90,10 +97,21 @@ impl EvalReport {
 }
 
 /// Logits, probabilities and the report of a model on a dataset.
-pub fn evaluate(net: &FractureNet, dataset: &FolderDataset, threshold: f64, batch_size: usize, device: &Device) -> Result<(Vec<f32>, EvalReport)> {
+pub fn evaluate(
+    net: &FractureNet,
+    dataset: &FolderDataset,
+    threshold: f64,
+    batch_size: usize,
+    device: &Device,
+) -> Result<(Vec<f32>, EvalReport)> {
     let logits = predict_logits(net, dataset, batch_size, device)?;
+    let report = report_from_logits(&logits, dataset, threshold)?;
+    Ok((logits, report))
+}
+
+/// The report of logits (in dataset order) against the dataset's labels.
+pub fn report_from_logits(logits: &[f32], dataset: &FolderDataset, threshold: f64) -> Result<EvalReport> {
     let probs: Vec<f64> = logits.iter().map(|&l| sigmoid(l)).collect();
     let actual: Vec<bool> = dataset.items().iter().map(|i| i.label.is_fractured()).collect();
-    let report = EvalReport::new(&probs, &actual, threshold)?;
-    Ok((logits, report))
+    EvalReport::new(&probs, &actual, threshold)
 }

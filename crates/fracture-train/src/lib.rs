@@ -24,12 +24,12 @@ pub use bundle::{MODEL_FILE, PREPROCESS_KEY, THRESHOLD_KEY, TRAIN_KEY, TrainedMo
 pub use checkpoint::{Best, CheckpointMeta, DataCounts, read_checkpoint};
 pub use config::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
 pub use error::{Error, Result};
-pub use evaluate::{EvalReport, evaluate, mean_loss, predict_logits, sigmoid};
+pub use evaluate::{EvalReport, evaluate, mean_loss, predict_logits, report_from_logits, sigmoid};
 pub use loss::bce_with_logits;
 pub use optim::Adam;
 pub use trainer::{
-    CHECKPOINT_FILE, EpochReport, Event, METRICS_FILE, REPORT_FILE, RunReport, TrainOutcome, TrainSetup, metrics_csv,
-    train,
+    CHECKPOINT_FILE, EpochReport, Event, METRICS_FILE, REPORT_FILE, RunReport, TrainOutcome, TrainSetup,
+    metrics_csv, train,
 };
 
 pub use {candle_core, fracture_data as data, fracture_eval as eval, fracture_model as model};

@@ -13,10 +13,12 @@ use fracture_model::{Model, ModelConfig, write_atomic};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{MODEL_FILE, TRAIN_KEY, TrainedModel, VALIDATION_KEY, json};
-use crate::checkpoint::{Best, CheckpointMeta, DataCounts, read_checkpoint, restore, resume_mismatch, save_checkpoint};
+use crate::checkpoint::{
+    Best, CheckpointMeta, DataCounts, read_checkpoint, restore, resume_mismatch, save_checkpoint,
+};
 use crate::{
-    Adam, BestMetric, Error, EvalReport, PosWeight, Result, TrainConfig, batch_to_tensors, bce_with_logits, evaluate,
-    mean_loss,
+    Adam, BestMetric, Error, EvalReport, PosWeight, Result, TrainConfig, batch_to_tensors, bce_with_logits,
+    evaluate, mean_loss, predict_logits, report_from_logits,
 };
 
 /// Where the last checkpoint of a run lives, relative to the run folder.
@@ -47,6 +49,10 @@ pub struct TrainSetup {
     pub limits: DecodeLimits,
     /// The device to train on.
     pub device: Device,
+    /// End this invocation once this many epochs are complete (counted from the start of the run),
+    /// exactly as an interruption after that epoch would; `--resume` continues it. `None` runs all
+    /// `train.epochs`.
+    pub stop_after_epochs: Option<usize>,
 }
 
 /// One completed epoch.
@@ -194,7 +200,9 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         PosWeight::Auto => {
             let [pos, neg] = data.counts.train;
             let w = neg as f64 / pos.max(1) as f64;
-            on_event(Event::Notice(&format!("positive-class weight (auto): {neg} / {pos} = {w:.3}")));
+            on_event(Event::Notice(&format!(
+                "positive-class weight (auto): {neg} / {pos} = {w:.3}"
+            )));
             Some(w)
         }
     };
@@ -222,8 +230,14 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             });
         }
         restore(&checkpoint_path, &mut tensors, &old, &model, &mut adam)?;
-        meta = CheckpointMeta { train: cfg.clone(), ..old };
-        on_event(Event::Notice(&format!("resuming after epoch {} (step {})", meta.epoch, meta.step)));
+        meta = CheckpointMeta {
+            train: cfg.clone(),
+            ..old
+        };
+        on_event(Event::Notice(&format!(
+            "resuming after epoch {} (step {})",
+            meta.epoch, meta.step
+        )));
     }
 
     let augmenter = cfg.augment.map(Augmenter::new).transpose()?;
@@ -235,16 +249,24 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         stopped_early = true;
     }
 
-    while meta.epoch < cfg.epochs && !stopped_early {
+    let last_epoch = setup.stop_after_epochs.map_or(cfg.epochs, |k| k.min(cfg.epochs));
+    while meta.epoch < last_epoch && !stopped_early {
         let epoch = meta.epoch + 1;
         let epoch_start = Instant::now();
         let order = epoch_order(n_train, cfg.seed, epoch as u64, true);
-        on_event(Event::EpochStart { epoch, epochs: cfg.epochs, steps: steps_per_epoch as usize, images: n_train });
+        on_event(Event::EpochStart {
+            epoch,
+            epochs: cfg.epochs,
+            steps: steps_per_epoch as usize,
+            images: n_train,
+        });
         let (mut loss_sum, mut seen, mut lr) = (0.0, 0usize, cfg.adam.lr);
         for (i, chunk) in order.chunks(cfg.batch_size).enumerate() {
-            let augment = augmenter
-                .as_ref()
-                .map(|a| BatchAugment { augment: a, seed: cfg.seed, epoch: epoch as u64 });
+            let augment = augmenter.as_ref().map(|a| BatchAugment {
+                augment: a,
+                seed: cfg.seed,
+                epoch: epoch as u64,
+            });
             let batch = make_batch(&data.train, chunk, augment);
             let (x, y) = batch_to_tensors(&batch, &setup.device)?;
             model.net.set_dropout_seed(dropout_seed(cfg.seed, meta.step));
@@ -252,19 +274,41 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             let loss = bce_with_logits(&logits, &y, pos_weight)?;
             let value = f64::from(loss.to_scalar::<f32>()?);
             if !value.is_finite() {
-                return Err(Error::NonFiniteLoss { epoch, step: i + 1, value });
+                return Err(Error::NonFiniteLoss {
+                    epoch,
+                    step: i + 1,
+                    value,
+                });
             }
             lr = cfg.lr_at(meta.step, steps_per_epoch, total_steps);
             adam.backward_step(&loss, lr)?;
             meta.step += 1;
             loss_sum += value * batch.len() as f64;
             seen += batch.len();
-            on_event(Event::Step { epoch, step: i + 1, images: seen, loss: loss_sum / seen.max(1) as f64 });
+            on_event(Event::Step {
+                epoch,
+                step: i + 1,
+                images: seen,
+                loss: loss_sum / seen.max(1) as f64,
+            });
         }
         let train_seconds = epoch_start.elapsed().as_secs_f64();
+        for (param, var) in model.named_vars() {
+            // 0·x is 0 for every finite x and NaN for NaN and ±∞, so the sum is 0 exactly when all are finite.
+            if var.as_tensor().affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+                return Err(Error::NonFiniteWeights { epoch, param });
+            }
+        }
 
         on_event(Event::Validating { epoch });
-        let (val_logits, val_report) = evaluate(&model.net, &data.val, 0.5, cfg.batch_size, &setup.device)?;
+        let val_logits = predict_logits(&model.net, &data.val, cfg.batch_size, &setup.device)?;
+        if let Some(bad) = val_logits.iter().find(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteOutput {
+                epoch,
+                value: f64::from(*bad),
+            });
+        }
+        let val_report = report_from_logits(&val_logits, &data.val, 0.5)?;
         let report = EpochReport {
             epoch,
             train_loss: loss_sum / seen.max(1) as f64,
@@ -280,7 +324,11 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
 
         let improved = match (report.metric(cfg.best_metric), meta.best) {
             (Some(v), Some(best)) => {
-                if cfg.best_metric.higher_is_better() { v > best.value } else { v < best.value }
+                if cfg.best_metric.higher_is_better() {
+                    v > best.value
+                } else {
+                    v < best.value
+                }
             }
             (Some(_), None) => true,
             (None, best) => best.is_none(),
@@ -291,14 +339,21 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             meta.epochs_since_best = 0;
             let path = setup.out.join(MODEL_FILE);
             save_best(&model, setup, &report, &path)?;
-            on_event(Event::Saved { what: "best model", path: &path });
+            on_event(Event::Saved {
+                what: "best model",
+                path: &path,
+            });
         } else {
             meta.epochs_since_best += 1;
         }
         let metrics_path = setup.out.join(METRICS_FILE);
-        write_atomic(&metrics_path, metrics_csv(&meta.history).as_bytes()).map_err(|e| Error::io(&metrics_path, e))?;
+        write_atomic(&metrics_path, metrics_csv(&meta.history).as_bytes())
+            .map_err(|e| Error::io(&metrics_path, e))?;
         save_checkpoint(&checkpoint_path, &model, &adam, &meta)?;
-        on_event(Event::Saved { what: "checkpoint", path: &checkpoint_path });
+        on_event(Event::Saved {
+            what: "checkpoint",
+            path: &checkpoint_path,
+        });
         if stop_early(cfg, &meta) {
             stopped_early = true;
             let best = meta.best.map(|b| b.epoch).unwrap_or(epoch);
@@ -314,10 +369,22 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let best_path = setup.out.join(MODEL_FILE);
     let best = TrainedModel::load(&best_path, &setup.device)?;
     let mut reports = BTreeMap::new();
-    let (_, val) = evaluate(&best.model.net, &data.val, best.threshold, cfg.batch_size, &setup.device)?;
+    let (_, val) = evaluate(
+        &best.model.net,
+        &data.val,
+        best.threshold,
+        cfg.batch_size,
+        &setup.device,
+    )?;
     reports.insert(Split::Val, val);
     if let Some(test) = &data.test {
-        let (_, report) = evaluate(&best.model.net, test, best.threshold, cfg.batch_size, &setup.device)?;
+        let (_, report) = evaluate(
+            &best.model.net,
+            test,
+            best.threshold,
+            cfg.batch_size,
+            &setup.device,
+        )?;
         reports.insert(Split::Test, report);
     }
     let best_epoch = meta.best.map(|b| b.epoch).unwrap_or(meta.epoch);
@@ -330,7 +397,10 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let report_path = setup.out.join(REPORT_FILE);
     let text = serde_json::to_string_pretty(&run_report).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     write_atomic(&report_path, text.as_bytes()).map_err(|e| Error::io(&report_path, e))?;
-    on_event(Event::Saved { what: "report", path: &report_path });
+    on_event(Event::Saved {
+        what: "report",
+        path: &report_path,
+    });
 
     Ok(TrainOutcome {
         out: setup.out.clone(),
@@ -345,7 +415,8 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
 }
 
 fn stop_early(cfg: &TrainConfig, meta: &CheckpointMeta) -> bool {
-    cfg.early_stopping_patience.is_some_and(|p| meta.epochs_since_best >= p)
+    cfg.early_stopping_patience
+        .is_some_and(|p| meta.epochs_since_best >= p)
 }
 
 /// The dropout seed of a step: distinct per step, the same in a resumed run.
@@ -355,7 +426,10 @@ fn dropout_seed(seed: u64, step: u64) -> u64 {
 
 fn prepare_out(out: &Path, checkpoint: &Path, resume: bool) -> Result<()> {
     if out.exists() && !out.is_dir() {
-        return Err(Error::io(out, std::io::Error::other("--out exists and is not a folder")));
+        return Err(Error::io(
+            out,
+            std::io::Error::other("--out exists and is not a folder"),
+        ));
     }
     let exists = checkpoint.is_file();
     if resume && !exists {
@@ -367,7 +441,8 @@ fn prepare_out(out: &Path, checkpoint: &Path, resume: bool) -> Result<()> {
     if !resume && exists {
         return Err(Error::Checkpoint {
             path: checkpoint.to_path_buf(),
-            reason: "this folder already holds a run: pass --resume to continue it, or choose another --out".into(),
+            reason: "this folder already holds a run: pass --resume to continue it, or choose another --out"
+                .into(),
         });
     }
     let dir = checkpoint.parent().unwrap_or(out);
@@ -400,17 +475,30 @@ fn load_data(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             (kept, held)
         }
     };
-    let options = LoadOptions { disk_cache: setup.cache_dir.clone(), limits: setup.limits };
+    let options = LoadOptions {
+        disk_cache: setup.cache_dir.clone(),
+        limits: setup.limits,
+    };
     let mut summary = layout.summary();
     let mut load = |split: Split, items: &[Item]| -> Result<FolderDataset> {
         let ds = FolderDataset::load(items, &setup.preprocess, &options)?;
         let [fractured, not_fractured] = ds.counts();
-        summary.update(SplitCounts { split, fractured, not_fractured }, ds.skipped());
+        summary.update(
+            SplitCounts {
+                split,
+                fractured,
+                not_fractured,
+            },
+            ds.skipped(),
+        );
         Ok(ds)
     };
     let train = load(Split::Train, &train_items)?;
     let val = load(Split::Val, &val_items)?;
-    let test = layout.split(Split::Test).map(|items| load(Split::Test, items)).transpose()?;
+    let test = layout
+        .split(Split::Test)
+        .map(|items| load(Split::Test, items))
+        .transpose()?;
     on_event(Event::Dataset(&summary));
     for (name, ds) in [("train", &train), ("val", &val)] {
         if ds.counts().contains(&0) {
@@ -420,14 +508,28 @@ fn load_data(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             ))));
         }
     }
-    let counts = DataCounts { train: train.counts(), val: val.counts() };
-    Ok(Data { train, val, test, counts })
+    let counts = DataCounts {
+        train: train.counts(),
+        val: val.counts(),
+    };
+    Ok(Data {
+        train,
+        val,
+        test,
+        counts,
+    })
 }
 
 fn save_best(model: &Model, setup: &TrainSetup, report: &EpochReport, path: &Path) -> Result<()> {
     let mut extra = BTreeMap::new();
-    extra.insert(crate::bundle::PREPROCESS_KEY.to_string(), json(&setup.preprocess)?);
-    extra.insert(crate::bundle::THRESHOLD_KEY.to_string(), json(&fracture_eval::DEFAULT_THRESHOLD)?);
+    extra.insert(
+        crate::bundle::PREPROCESS_KEY.to_string(),
+        json(&setup.preprocess)?,
+    );
+    extra.insert(
+        crate::bundle::THRESHOLD_KEY.to_string(),
+        json(&fracture_eval::DEFAULT_THRESHOLD)?,
+    );
     extra.insert(TRAIN_KEY.to_string(), json(&setup.train)?);
     extra.insert(VALIDATION_KEY.to_string(), json(report)?);
     Ok(model.save(path, &extra)?)

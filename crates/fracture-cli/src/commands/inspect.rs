@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+
+use crate::commands::ResizeArg;
 use fracture_train::data::{
     DatasetLayout, FolderDataset, LoadOptions, PreprocessConfig, ResizeMode, SplitCounts,
 };

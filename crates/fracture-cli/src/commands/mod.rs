@@ -16,5 +16,6 @@ pub(crate) enum ResizeArg {
 
 /// The compute device, with a hint when a GPU build finds no GPU.
 pub(crate) fn pick_device(force_cpu: bool) -> anyhow::Result<Device> {
-    fracture_train::model::device(force_cpu).map_err(|e| anyhow::anyhow!("cannot open the GPU ({e}); pass --cpu to use the CPU"))
+    fracture_train::model::device(force_cpu)
+        .map_err(|e| anyhow::anyhow!("cannot open the GPU ({e}); pass --cpu to use the CPU"))
 }

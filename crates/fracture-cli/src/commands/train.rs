@@ -87,6 +87,9 @@ pub(crate) struct Args {
     /// Folder for an on-disk cache of preprocessed images, reused by later runs.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Stop once this many epochs are complete, as an interruption would; `--resume` continues the run.
+    #[arg(long)]
+    stop_after_epoch: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -127,7 +130,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         schedule: match args.schedule {
             ScheduleArg::Constant => LrSchedule::Constant,
-            ScheduleArg::Step => LrSchedule::Step { every_epochs: args.step_every, gamma: args.step_gamma },
+            ScheduleArg::Step => LrSchedule::Step {
+                every_epochs: args.step_every,
+                gamma: args.step_gamma,
+            },
             ScheduleArg::Cosine => LrSchedule::Cosine { min_lr: args.min_lr },
         },
         warmup_steps: args.warmup_steps,
@@ -146,7 +152,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     };
     train.adam.lr = args.lr;
     train.adam.weight_decay = args.weight_decay;
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp()));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp()));
     let setup = TrainSetup {
         data: args.data.clone(),
         out: out.clone(),
@@ -157,6 +166,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         cache_dir: args.cache_dir.clone(),
         limits: DecodeLimits::default(),
         device: device.clone(),
+        stop_after_epochs: args.stop_after_epoch,
     };
     println!(
         "training {} at {}×{} on {} → {}",
@@ -183,7 +193,12 @@ struct Progress {
 
 impl Progress {
     fn new(tty: bool) -> Self {
-        Progress { tty, bar: None, epoch_start: Instant::now(), next_line: 0 }
+        Progress {
+            tty,
+            bar: None,
+            epoch_start: Instant::now(),
+            next_line: 0,
+        }
     }
 
     fn on(&mut self, event: Event<'_>) {
@@ -195,7 +210,12 @@ impl Progress {
                 }
                 print!("{summary}");
             }
-            Event::EpochStart { epoch, epochs, steps, images } => {
+            Event::EpochStart {
+                epoch,
+                epochs,
+                steps,
+                images,
+            } => {
                 self.epoch_start = Instant::now();
                 self.next_line = 0;
                 if self.tty {
@@ -212,7 +232,12 @@ impl Progress {
                     println!("epoch {epoch}/{epochs}: {images} images in {steps} steps");
                 }
             }
-            Event::Step { epoch, step, images, loss } => {
+            Event::Step {
+                epoch,
+                step,
+                images,
+                loss,
+            } => {
                 if let Some(bar) = &self.bar {
                     bar.set_position(images as u64);
                     bar.set_message(format!("{loss:.4}"));
@@ -277,7 +302,10 @@ fn print_outcome(o: &TrainOutcome) {
         if o.stopped_early { " (stopped early)" } else { "" },
         o.best_epoch
     );
-    println!("{:<6} {:>5} {:>9} {:>8} {:>11} {:>11} {:>8} {:>6}", "split", "n", "threshold", "ROC-AUC", "sensitivity", "specificity", "accuracy", "F1");
+    println!(
+        "{:<6} {:>5} {:>9} {:>8} {:>11} {:>11} {:>8} {:>6}",
+        "split", "n", "threshold", "ROC-AUC", "sensitivity", "specificity", "accuracy", "F1"
+    );
     for (split, r) in &o.reports {
         println!(
             "{:<6} {:>5} {:>9.3} {:>8} {:>11} {:>11} {:>8} {:>6}",
@@ -292,9 +320,18 @@ fn print_outcome(o: &TrainOutcome) {
         );
     }
     println!("model:      {}", o.best_model.display());
-    println!("checkpoint: {}", o.out.join(fracture_train::CHECKPOINT_FILE).display());
-    println!("metrics:    {}", o.out.join(fracture_train::METRICS_FILE).display());
-    println!("report:     {}", o.out.join(fracture_train::REPORT_FILE).display());
+    println!(
+        "checkpoint: {}",
+        o.out.join(fracture_train::CHECKPOINT_FILE).display()
+    );
+    println!(
+        "metrics:    {}",
+        o.out.join(fracture_train::METRICS_FILE).display()
+    );
+    println!(
+        "report:     {}",
+        o.out.join(fracture_train::REPORT_FILE).display()
+    );
 }
 
 /// `YYYYMMDD-HHMMSS` in UTC, from the system clock.
@@ -314,7 +351,12 @@ fn utc_stamp() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,360 @@
+//! The training loop end to end: outputs, exact resumption, bad input.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use fracture_testkit::{SyntheticSpec, fresh_dir, write_synthetic_dataset};
+use fracture_train::data::{AugmentConfig, DecodeLimits, PreprocessConfig, Split};
+use fracture_train::model::ModelConfig;
+use fracture_train::{
+    Error, Event, LrSchedule, TrainConfig, TrainOutcome, TrainSetup, read_checkpoint, train,
+};
+
+fn base() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fracture-train-tests")
+}
+
+fn synthetic(name: &str, train: (usize, usize), val: (usize, usize)) -> PathBuf {
+    let root = fresh_dir(&base(), name);
+    write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val(train, val));
+    root
+}
+
+fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainSetup {
+    TrainSetup {
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        model: ModelConfig::seed(size as usize),
+        preprocess: PreprocessConfig::with_size(size),
+        train: TrainConfig {
+            epochs,
+            batch_size: 16,
+            ..TrainConfig::default()
+        },
+        resume: false,
+        cache_dir: None,
+        limits: DecodeLimits::default(),
+        device: Device::Cpu,
+        stop_after_epochs: None,
+    }
+}
+
+fn run(s: &TrainSetup) -> Result<TrainOutcome, Error> {
+    train(s, &mut |_| {})
+}
+
+fn checkpoint_tensors(out: &Path) -> HashMap<String, Tensor> {
+    read_checkpoint(&out.join(fracture_train::CHECKPOINT_FILE), &Device::Cpu)
+        .unwrap()
+        .1
+}
+
+/// Largest absolute difference between two checkpoints' tensors (weights and Adam moments).
+fn max_difference(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for (name, ta) in a {
+        let tb = &b[name];
+        let d = (ta - tb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(d);
+    }
+    worst
+}
+
+/// A short run on generated radiographs writes every output, and its files agree with each other.
+#[test]
+fn a_short_run_writes_every_output() {
+    let root = synthetic("outputs", (12, 12), (6, 6));
+    let out = root.join("run");
+    let mut s = setup(&root.join("data"), &out, 32, 2);
+    s.train.early_stopping_patience = Some(5);
+    let mut events = Vec::new();
+    let outcome = train(&s, &mut |e| {
+        events.push(match e {
+            Event::Dataset(_) => "dataset",
+            Event::EpochStart { .. } => "start",
+            Event::EpochEnd(_) => "end",
+            Event::Saved { what, .. } => what,
+            _ => "",
+        })
+    })
+    .unwrap();
+    assert_eq!(outcome.epochs_completed, 2);
+    assert_eq!(events.iter().filter(|e| **e == "end").count(), 2);
+    assert_eq!(events[0], "dataset");
+    for f in [
+        "model.safetensors",
+        "checkpoints/last.safetensors",
+        "metrics.csv",
+        "report.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[0].starts_with(
+        "epoch,train_loss,val_loss,val_accuracy,val_sensitivity,val_specificity,val_roc_auc,lr"
+    ));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["splits"]["val"]["n"], 12);
+    assert_eq!(
+        report["best_epoch"].as_u64().unwrap() as usize,
+        outcome.best_epoch
+    );
+    // The best model reloads with its preprocessing and predicts like the final report says.
+    let trained = fracture_train::TrainedModel::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(trained.preprocess, s.preprocess);
+    assert_eq!(trained.threshold, 0.5);
+    assert_eq!(
+        outcome.reports[&Split::Val].roc_auc,
+        report["splits"]["val"]["roc_auc"].as_f64()
+    );
+}
+
+/// Generated radiographs with a visible crack are learnable: validation ROC-AUC well above chance.
+#[test]
+fn the_loop_learns_a_learnable_task() {
+    let root = synthetic("learn", (40, 40), (16, 16));
+    let mut s = setup(&root.join("data"), &root.join("run"), 32, 8);
+    s.train.augment = None;
+    s.train.adam.lr = 3e-3;
+    let outcome = run(&s).unwrap();
+    let first = outcome.history.first().unwrap().train_loss;
+    let last = outcome.history.last().unwrap().train_loss;
+    assert!(last < first * 0.7, "train loss {first} -> {last}");
+    let auc = outcome.reports[&Split::Val].roc_auc.unwrap();
+    assert!(auc > 0.85, "val ROC-AUC {auc}");
+}
+
+/// Stopping after epoch 1 and resuming gives the same weights and Adam moments as an uninterrupted
+/// run, bit for bit on the CPU.
+fn check_resume_equals_uninterrupted(data: &Path, root: &Path, size: u32, batch: usize) {
+    let mut whole = setup(data, &root.join("whole"), size, 2);
+    whole.train.batch_size = batch;
+    whole.train.schedule = LrSchedule::Cosine { min_lr: 1e-4 };
+    whole.train.warmup_steps = 3;
+    let a = run(&whole).unwrap();
+
+    let mut first = whole.clone();
+    first.out = root.join("split");
+    first.stop_after_epochs = Some(1);
+    let stopped = run(&first).unwrap();
+    assert_eq!(stopped.epochs_completed, 1);
+    let mut second = first.clone();
+    second.stop_after_epochs = None;
+    second.resume = true;
+    let mut notices = Vec::new();
+    let b = train(&second, &mut |e| {
+        if let Event::Notice(t) = e {
+            notices.push(t.to_string());
+        }
+    })
+    .unwrap();
+    assert!(
+        notices.iter().any(|n| n.contains("resuming after epoch 1")),
+        "{notices:?}"
+    );
+    assert_eq!(b.epochs_completed, 2);
+    assert_eq!(a.history.len(), b.history.len());
+    let diff = max_difference(&checkpoint_tensors(&whole.out), &checkpoint_tensors(&second.out));
+    assert!(diff <= 1e-6, "resumed run differs by {diff}");
+    assert_eq!(a.history[1].train_loss, b.history[1].train_loss);
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run_on_generated_images() {
+    let root = synthetic("resume", (10, 14), (5, 5));
+    check_resume_equals_uninterrupted(&root.join("data"), &root, 24, 8);
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run_on_the_real_radiographs() {
+    let Some(data) = fracture_testkit::fracatlas() else {
+        return;
+    };
+    let root = fresh_dir(&base(), "resume-fracatlas");
+    check_resume_equals_uninterrupted(&data, &root, 24, 64);
+}
+
+#[test]
+fn a_short_run_on_the_real_radiographs_writes_every_output() {
+    let Some(data) = fracture_testkit::fracatlas() else {
+        return;
+    };
+    let root = fresh_dir(&base(), "fracatlas-short");
+    let mut s = setup(&data, &root.join("run"), 32, 1);
+    s.train.batch_size = 64;
+    let mut summary = String::new();
+    let outcome = train(&s, &mut |e| {
+        if let Event::Dataset(d) = e {
+            summary = d.to_string();
+        }
+    })
+    .unwrap();
+    assert!(
+        summary.contains("281") && summary.contains("1235") && summary.contains("424"),
+        "{summary}"
+    );
+    let val = &outcome.reports[&Split::Val];
+    assert_eq!((val.n, val.positives), (512, 88));
+    assert!(val.roc_auc.is_some_and(|v| v.is_finite()));
+    for f in [
+        "model.safetensors",
+        "checkpoints/last.safetensors",
+        "metrics.csv",
+        "report.json",
+    ] {
+        assert!(s.out.join(f).is_file(), "{f} missing");
+    }
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let root = synthetic("nan", (16, 16), (4, 4));
+    let mut s = setup(&root.join("data"), &root.join("run"), 24, 3);
+    // Epoch 1 trains normally; each later epoch multiplies the rate by 1e30 until the weights overflow.
+    s.train.schedule = LrSchedule::Step {
+        every_epochs: 1,
+        gamma: 1e30,
+    };
+    s.train.augment = None;
+    let err = run(&s).unwrap_err();
+    assert!(err.to_string().contains("last good checkpoint is kept"), "{err}");
+    let failed_epoch = match err {
+        Error::NonFiniteLoss { epoch, .. }
+        | Error::NonFiniteOutput { epoch, .. }
+        | Error::NonFiniteWeights { epoch, .. } => epoch,
+        other => panic!("unexpected error: {other}"),
+    };
+    assert!(failed_epoch >= 2, "epoch 1 trains at a normal rate");
+    let (meta, tensors) =
+        read_checkpoint(&s.out.join(fracture_train::CHECKPOINT_FILE), &Device::Cpu).unwrap();
+    assert_eq!(
+        meta.epoch,
+        failed_epoch - 1,
+        "the kept checkpoint is the last one before the failure"
+    );
+    for (name, t) in tensors {
+        let finite = t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite());
+        assert!(finite, "{name} is not finite in the kept checkpoint");
+    }
+    assert!(fracture_train::TrainedModel::load(&s.out, &Device::Cpu).is_ok());
+}
+
+#[test]
+fn bad_setups_are_clear_errors() {
+    let root = synthetic("bad", (4, 4), (2, 2));
+    let data = root.join("data");
+
+    // No train split.
+    let no_train = fresh_dir(&base(), "no-train");
+    write_synthetic_dataset(
+        &no_train,
+        &SyntheticSpec {
+            splits: vec![("val".into(), 2, 2)],
+            ..SyntheticSpec::train_val((0, 0), (0, 0))
+        },
+    );
+    let err = run(&setup(&no_train, &root.join("r0"), 24, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no train split"), "{err}");
+
+    // An image size the architecture cannot take.
+    let err = run(&setup(&data, &root.join("r1"), 8, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("image_size 8"), "{err}");
+
+    // Preprocessing and model sizes that disagree.
+    let mut s = setup(&data, &root.join("r2"), 24, 1);
+    s.preprocess.size = 32;
+    let err = run(&s).unwrap_err().to_string();
+    assert!(err.contains("must equal the model's image size"), "{err}");
+
+    // An --out that cannot be a folder.
+    let file = root.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = run(&setup(&data, &file.join("run"), 24, 1)).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+
+    // An existing run is not overwritten without --resume, and --resume needs a checkpoint.
+    let out = root.join("r3");
+    run(&setup(&data, &out, 24, 1)).unwrap();
+    let before = std::fs::read(out.join("checkpoints/last.safetensors")).unwrap();
+    let err = run(&setup(&data, &out, 24, 1)).unwrap_err().to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+    assert_eq!(
+        std::fs::read(out.join("checkpoints/last.safetensors")).unwrap(),
+        before,
+        "checkpoint untouched"
+    );
+    let mut fresh = setup(&data, &root.join("r4"), 24, 1);
+    fresh.resume = true;
+    assert!(run(&fresh).unwrap_err().to_string().contains("nothing to resume"));
+
+    // Resuming with other settings names the setting and leaves the checkpoint alone.
+    let mut other = setup(&data, &out, 24, 2);
+    other.resume = true;
+    other.train.seed = 7;
+    let err = run(&other).unwrap_err().to_string();
+    assert!(err.contains("`seed` differs"), "{err}");
+    let mut other = setup(&data, &out, 24, 2);
+    other.resume = true;
+    other.train.augment = Some(AugmentConfig {
+        rotation_deg: 3.0,
+        ..AugmentConfig::default()
+    });
+    assert!(run(&other).unwrap_err().to_string().contains("`augment` differs"));
+    assert_eq!(
+        std::fs::read(out.join("checkpoints/last.safetensors")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn without_a_val_split_a_stratified_share_of_train_is_used_and_announced() {
+    let root = fresh_dir(&base(), "no-val");
+    write_synthetic_dataset(
+        &root,
+        &SyntheticSpec {
+            splits: vec![("train".into(), 10, 20)],
+            ..SyntheticSpec::train_val((0, 0), (0, 0))
+        },
+    );
+    let mut notes = Vec::new();
+    let outcome = train(&setup(&root, &root.join("run"), 24, 1), &mut |e| {
+        if let Event::Notice(t) = e {
+            notes.push(t.to_string());
+        }
+    })
+    .unwrap();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("no val split") && n.contains("20%")),
+        "{notes:?}"
+    );
+    let val = &outcome.reports[&Split::Val];
+    assert_eq!((val.n, val.positives), (6, 2));
+}
