@@ -82,8 +82,10 @@ impl Adam {
             let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
             let update = ((&m / denom)? * step_size)?;
             var.set(&(p - update)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            // Detached: otherwise each moment keeps this step's gradient graph alive, which keeps the
+            // previous moment's graph alive, and memory grows without bound over a run.
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(())
     }
@@ -160,6 +162,18 @@ mod tests {
             assert!((got - rp).abs() < 1e-12, "step {t}: {got} vs {rp}");
         }
         assert_eq!(opt.steps(), 5);
+    }
+
+    #[test]
+    fn moments_do_not_keep_graphs_alive() {
+        let dev = Device::Cpu;
+        let p = Var::new(&[1.0f32, 2.0, 3.0], &dev).unwrap();
+        let mut opt = Adam::new(vec![("p".into(), p.clone())], AdamConfig::default()).unwrap();
+        for _ in 0..3 {
+            let loss = (p.as_tensor().sqr().unwrap() * 2.0).unwrap().sum_all().unwrap();
+            opt.backward_step(&loss, 1e-2).unwrap();
+        }
+        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()), "a moment tensor still tracks its graph");
     }
 
     #[test]
