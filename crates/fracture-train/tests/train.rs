@@ -358,3 +358,57 @@ fn without_a_val_split_a_stratified_share_of_train_is_used_and_announced() {
     let val = &outcome.reports[&Split::Val];
     assert_eq!((val.n, val.positives), (6, 2));
 }
+
+#[test]
+fn early_stopping_ends_a_run_that_stops_improving() {
+    let root = synthetic("early-stop", (6, 6), (4, 4));
+    let mut s = setup(&root.join("data"), &root.join("run"), 24, 10);
+    // A rate so small the weights cannot change in f32: validation loss never improves after epoch 1.
+    s.train.adam.lr = 1e-30;
+    s.train.augment = None;
+    s.train.best_metric = fracture_train::BestMetric::ValLoss;
+    s.train.early_stopping_patience = Some(2);
+    let mut notes = Vec::new();
+    let outcome = train(&s, &mut |e| {
+        if let Event::Notice(t) = e {
+            notes.push(t.to_string());
+        }
+    })
+    .unwrap();
+    assert!(outcome.stopped_early);
+    assert_eq!(
+        outcome.epochs_completed, 3,
+        "epoch 1 is best, two more without improvement"
+    );
+    assert_eq!(outcome.best_epoch, 1);
+    assert!(notes.iter().any(|n| n.starts_with("early stopping")), "{notes:?}");
+}
+
+#[test]
+fn a_test_split_is_evaluated_and_auto_pos_weight_is_negatives_over_positives() {
+    let root = fresh_dir(&base(), "with-test");
+    let spec = SyntheticSpec {
+        splits: vec![
+            ("train".into(), 4, 12),
+            ("val".into(), 2, 2),
+            ("test".into(), 3, 5),
+        ],
+        ..SyntheticSpec::train_val((0, 0), (0, 0))
+    };
+    write_synthetic_dataset(&root.join("data"), &spec);
+    let mut s = setup(&root.join("data"), &root.join("run"), 24, 1);
+    s.train.pos_weight = fracture_train::PosWeight::Auto;
+    let mut notes = Vec::new();
+    let outcome = train(&s, &mut |e| {
+        if let Event::Notice(t) = e {
+            notes.push(t.to_string());
+        }
+    })
+    .unwrap();
+    assert!(notes.iter().any(|n| n.contains("12 / 4 = 3.000")), "{notes:?}");
+    let test = &outcome.reports[&Split::Test];
+    assert_eq!((test.n, test.positives), (8, 3));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["splits"]["test"]["n"], 8);
+}
