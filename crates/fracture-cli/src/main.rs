@@ -22,6 +22,11 @@ enum Command {
     /// Train a classifier on a dataset folder; writes the best model, checkpoints, metrics.csv and
     /// report.json to a run folder.
     Train(commands::train::Args),
+    /// Evaluate a trained model on labelled images: a table of clinical metrics with 95% confidence
+    /// intervals, report.json, predictions.csv and charts (confusion matrix, ROC, PR, calibration).
+    Eval(commands::eval::Args),
+    /// Predict P(fractured) and the label for image files or folders.
+    Predict(commands::predict::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +34,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(&args),
         Command::Train(args) => commands::train::run(&args),
+        Command::Eval(args) => commands::eval::run(&args),
+        Command::Predict(args) => commands::predict::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,23 +1,38 @@
 //! Metrics for binary fracture classifiers, with "fractured" as the positive class.
 //!
-//! [`ConfusionMatrix`] counts decisions against the truth; [`BinaryMetrics`] derives accuracy,
-//! precision, recall (sensitivity), specificity, NPV, F1 and balanced accuracy from it. Every ratio
-//! is an `Option<f64>`: `None` when its denominator is zero, never NaN.
+//! - Threshold metrics: [`ConfusionMatrix`] counts decisions against the truth; [`BinaryMetrics`]
+//!   derives accuracy, precision (PPV), recall (sensitivity), specificity, NPV, F1 and balanced
+//!   accuracy from it.
+//! - Ranking: [`roc_curve`] and the exact [`roc_auc`] (Mann-Whitney, ties counted one half);
+//!   [`pr_curve`] and [`average_precision`].
+//! - Calibration: [`brier_score`], [`calibration_bins`], [`expected_calibration_error`].
+//! - Uncertainty: [`bootstrap_ci`], seeded stratified percentile-bootstrap 95% intervals.
+//! - Operating points: [`choose_threshold`] by target sensitivity, Youden's J or best F1.
+//!
+//! Every ratio is an `Option<f64>`: `None` when it is undefined (0/0), never NaN.
 //!
 //! Pure Rust and deterministic: no tensors, no I/O, no other fracture crate.
 #![warn(missing_docs)]
 
+mod bootstrap;
+mod calibration;
 mod confusion;
 mod error;
 mod metrics;
+mod pr;
+mod report;
 mod roc;
 mod threshold;
 
+pub use bootstrap::{ConfidenceIntervals, Interval, bootstrap_ci};
+pub use calibration::{CalibrationBin, brier_score, calibration_bins, expected_calibration_error};
 pub use confusion::ConfusionMatrix;
 pub use error::{Error, Result};
 pub use metrics::BinaryMetrics;
+pub use pr::{PrPoint, average_precision, pr_curve};
+pub use report::{DEFAULT_RESAMPLES, ECE_BINS, EvalReport};
 pub use roc::{RocPoint, roc_auc, roc_curve};
-pub use threshold::{DEFAULT_THRESHOLD, decide};
+pub use threshold::{DEFAULT_THRESHOLD, ThresholdRule, choose_threshold, decide};
 
 #[cfg(test)]
 mod tests {

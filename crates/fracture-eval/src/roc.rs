@@ -154,6 +154,19 @@ mod tests {
         }
 
         #[test]
+        fn a_perfect_ranking_has_auc_one(pairs in proptest::collection::vec((0.0f64..1.0, any::<bool>()), 2..60)) {
+            let actual: Vec<bool> = pairs.iter().map(|p| p.1).collect();
+            // Every fractured case scores above every intact one.
+            let scores: Vec<f64> = pairs.iter().map(|&(u, a)| if a { 1.0 + u } else { u }).collect();
+            let auc = roc_auc(&scores, &actual).unwrap();
+            if actual.iter().any(|&a| a) && actual.iter().any(|&a| !a) {
+                prop_assert_eq!(auc, Some(1.0));
+            } else {
+                prop_assert_eq!(auc, None);
+            }
+        }
+
+        #[test]
         fn auc_is_invariant_under_monotone_transforms(
             pairs in proptest::collection::vec((0.0f64..1.0, any::<bool>()), 2..60)
         ) {

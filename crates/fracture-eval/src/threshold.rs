@@ -1,5 +1,8 @@
-//! Turning P(fractured) into decisions.
+//! Turning P(fractured) into decisions, and choosing where to cut.
 
+use serde::{Deserialize, Serialize};
+
+use crate::roc::{check_scores, roc_curve};
 use crate::{Error, Result};
 
 /// The default operating threshold on P(fractured).
@@ -28,4 +31,124 @@ pub fn decide(scores: &[f64], threshold: f64) -> Result<Vec<bool>> {
             }
         })
         .collect()
+}
+
+/// How to choose an operating threshold from validation scores.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum ThresholdRule {
+    /// The highest threshold whose sensitivity reaches `target` (so specificity is as high as that
+    /// sensitivity allows). Clinical default: a target of 0.90.
+    TargetSensitivity {
+        /// Required sensitivity in (0, 1].
+        target: f64,
+    },
+    /// The threshold maximising Youden's J = sensitivity + specificity − 1.
+    Youden,
+    /// The threshold maximising F1.
+    BestF1,
+}
+
+/// Picks a threshold among the observed scores by `rule` (decisions are `score >= threshold`).
+/// `None` when either class is absent.
+///
+/// ```
+/// use fracture_eval::{ThresholdRule, choose_threshold};
+/// let scores = [0.9, 0.7, 0.6, 0.4, 0.2];
+/// let actual = [true, true, false, true, false];
+/// let t = choose_threshold(&scores, &actual, ThresholdRule::TargetSensitivity { target: 1.0 }).unwrap();
+/// assert_eq!(t, Some(0.4)); // the highest cut that still finds all three fractures
+/// ```
+pub fn choose_threshold(scores: &[f64], actual: &[bool], rule: ThresholdRule) -> Result<Option<f64>> {
+    check_scores(scores, actual)?;
+    let Some(curve) = roc_curve(scores, actual)? else {
+        return Ok(None);
+    };
+    let n_pos = actual.iter().filter(|&&a| a).count() as f64;
+    let n_neg = actual.len() as f64 - n_pos;
+    // Skip the +∞ point: it calls nothing fractured.
+    let points = &curve[1..];
+    let chosen = match rule {
+        ThresholdRule::TargetSensitivity { target } => {
+            if !(target > 0.0 && target <= 1.0) {
+                return Err(Error::InvalidValue {
+                    what: "target sensitivity".into(),
+                    value: target,
+                });
+            }
+            // Points run from the highest threshold down, sensitivity rising: the first one reaching the
+            // target is the highest such threshold. A tiny tolerance absorbs rounding of k / n.
+            points
+                .iter()
+                .find(|p| p.tpr >= target - 1e-12)
+                .map(|p| p.threshold)
+        }
+        ThresholdRule::Youden => points
+            .iter()
+            .max_by(|a, b| {
+                (a.tpr - a.fpr)
+                    .total_cmp(&(b.tpr - b.fpr))
+                    .then(b.threshold.total_cmp(&a.threshold))
+            })
+            .map(|p| p.threshold),
+        ThresholdRule::BestF1 => points
+            .iter()
+            .max_by(|a, b| {
+                let f1 = |p: &crate::RocPoint| {
+                    let tp = p.tpr * n_pos;
+                    let fp = p.fpr * n_neg;
+                    let fn_ = n_pos - tp;
+                    2.0 * tp / (2.0 * tp + fp + fn_)
+                };
+                f1(a).total_cmp(&f1(b)).then(b.threshold.total_cmp(&a.threshold))
+            })
+            .map(|p| p.threshold),
+    };
+    Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BinaryMetrics, ConfusionMatrix};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn target_sensitivity_is_reached_by_the_highest_threshold(
+            pairs in proptest::collection::vec((0u8..20, any::<bool>()), 2..80),
+            target in 0.05f64..1.0,
+        ) {
+            let scores: Vec<f64> = pairs.iter().map(|p| f64::from(p.0) / 20.0).collect();
+            let actual: Vec<bool> = pairs.iter().map(|p| p.1).collect();
+            if let Some(t) = choose_threshold(&scores, &actual, ThresholdRule::TargetSensitivity { target }).unwrap() {
+                let sens = |t: f64| BinaryMetrics::from_confusion(&ConfusionMatrix::from_scores(&scores, &actual, t).unwrap()).recall.unwrap();
+                prop_assert!(sens(t) >= target - 1e-12);
+                // Any higher observed score misses the target.
+                for &s in scores.iter().filter(|&&s| s > t) {
+                    prop_assert!(sens(s) < target - 1e-12);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn youden_and_f1_pick_the_separating_cut() {
+        let scores = [0.95, 0.9, 0.8, 0.3, 0.2, 0.1];
+        let actual = [true, true, true, false, false, false];
+        assert_eq!(
+            choose_threshold(&scores, &actual, ThresholdRule::Youden).unwrap(),
+            Some(0.8)
+        );
+        assert_eq!(
+            choose_threshold(&scores, &actual, ThresholdRule::BestF1).unwrap(),
+            Some(0.8)
+        );
+        assert_eq!(
+            choose_threshold(&scores, &[true; 6], ThresholdRule::Youden).unwrap(),
+            None
+        );
+        let bad = choose_threshold(&scores, &actual, ThresholdRule::TargetSensitivity { target: 1.5 });
+        assert!(bad.is_err());
+    }
 }

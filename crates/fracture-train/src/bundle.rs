@@ -13,6 +13,8 @@ use crate::{Error, Result};
 pub const PREPROCESS_KEY: &str = "fracture.preprocess";
 /// Metadata key of the operating threshold on P(fractured) (a JSON number).
 pub const THRESHOLD_KEY: &str = "fracture.threshold";
+/// Metadata key of the rule that chose the threshold (JSON [`ThresholdRule`](fracture_eval::ThresholdRule)).
+pub const THRESHOLD_RULE_KEY: &str = "fracture.threshold_rule";
 /// Metadata key of the training settings (JSON [`TrainConfig`](crate::TrainConfig)).
 pub const TRAIN_KEY: &str = "fracture.train";
 /// Metadata key of the validation results of the saved epoch (JSON).

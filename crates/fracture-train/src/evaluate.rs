@@ -1,10 +1,11 @@
-//! Running a model over a dataset, and the report of how well it did.
+//! Running a model over images: logits for training, probabilities (optionally test-time augmented)
+//! and reports for evaluation.
 
 use candle_core::{Device, ModuleT, Tensor};
-use fracture_data::{FolderDataset, make_batch};
-use fracture_eval::{BinaryMetrics, ConfusionMatrix, roc_auc};
+use fracture_data::ndarray::{Array3, Axis};
+use fracture_data::{Batch, FolderDataset, make_batch};
+use fracture_eval::EvalReport;
 use fracture_model::FractureNet;
-use serde::{Deserialize, Serialize};
 
 use crate::{Result, batch_to_tensors, bce_with_logits};
 
@@ -31,6 +32,66 @@ pub fn sigmoid(logit: f32) -> f64 {
     1.0 / (1.0 + (-f64::from(logit)).exp())
 }
 
+/// P(fractured) for a batch of images `(B, H, W)`. With `tta`, the mean probability over the image
+/// and its horizontal, vertical and double flips (test-time augmentation).
+pub fn predict_images(
+    net: &FractureNet,
+    images: &Array3<f32>,
+    tta: bool,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let (b, h, w) = images.dim();
+    let run = |view: Array3<f32>| -> Result<Vec<f64>> {
+        let data: Vec<f32> = view.iter().copied().collect();
+        let x = Tensor::from_vec(data, (b, 1, h, w), device)?;
+        Ok(net
+            .forward_t(&x, false)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(sigmoid)
+            .collect())
+    };
+    let mut probs = run(images.clone())?;
+    if tta {
+        for v in flips(images) {
+            for (p, q) in probs.iter_mut().zip(run(v)?) {
+                *p += q;
+            }
+        }
+        probs.iter_mut().for_each(|p| *p /= 4.0);
+    }
+    Ok(probs)
+}
+
+/// The horizontal, vertical and double flips of a `(B, H, W)` batch.
+fn flips(images: &Array3<f32>) -> [Array3<f32>; 3] {
+    let flip = |axes: &[usize]| {
+        let mut v = images.view();
+        for &a in axes {
+            v.invert_axis(Axis(a));
+        }
+        v.as_standard_layout().into_owned()
+    };
+    [flip(&[2]), flip(&[1]), flip(&[1, 2])]
+}
+
+/// P(fractured) of every image of `dataset`, in dataset order (see [`predict_images`]).
+pub fn predict_dataset(
+    net: &FractureNet,
+    dataset: &FolderDataset,
+    batch_size: usize,
+    tta: bool,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(dataset.len());
+    let indices: Vec<usize> = (0..dataset.len()).collect();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let Batch { images, .. } = make_batch(dataset, chunk, None);
+        out.extend(predict_images(net, &images, tta, device)?);
+    }
+    Ok(out)
+}
+
 /// Mean loss of logits against the dataset's labels, with the training loss function.
 pub fn mean_loss(logits: &[f32], dataset: &FolderDataset, pos_weight: Option<f64>) -> Result<f64> {
     let targets: Vec<f32> = dataset.items().iter().map(|i| i.label.target()).collect();
@@ -42,76 +103,59 @@ pub fn mean_loss(logits: &[f32], dataset: &FolderDataset, pos_weight: Option<f64
     ))
 }
 
-/// How a model did on one set of images at one operating threshold. Positive = fractured.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvalReport {
-    /// Number of images.
-    pub n: usize,
-    /// Number of fractured images.
-    pub positives: usize,
-    /// The operating threshold on P(fractured).
-    pub threshold: f64,
-    /// (TP + TN) / n.
-    pub accuracy: Option<f64>,
-    /// TP / (TP + FP).
-    pub precision: Option<f64>,
-    /// TP / (TP + FN), the same as `sensitivity`.
-    pub recall: Option<f64>,
-    /// TP / (TP + FN): the share of fractures found.
-    pub sensitivity: Option<f64>,
-    /// TN / (TN + FP).
-    pub specificity: Option<f64>,
-    /// TN / (TN + FN).
-    pub npv: Option<f64>,
-    /// 2·TP / (2·TP + FP + FN).
-    pub f1: Option<f64>,
-    /// (sensitivity + specificity) / 2.
-    pub balanced_accuracy: Option<f64>,
-    /// Area under the ROC curve (threshold-free).
-    pub roc_auc: Option<f64>,
-    /// The counts behind the threshold metrics.
-    pub confusion: ConfusionMatrix,
+/// Whether each image of the dataset is fractured, in dataset order.
+pub fn truth(dataset: &FolderDataset) -> Vec<bool> {
+    dataset.items().iter().map(|i| i.label.is_fractured()).collect()
 }
 
-impl EvalReport {
-    /// The report of P(fractured) `probabilities` against `actual` (`true` = fractured).
-    pub fn new(probabilities: &[f64], actual: &[bool], threshold: f64) -> Result<Self> {
-        let confusion = ConfusionMatrix::from_scores(probabilities, actual, threshold)?;
-        let m = BinaryMetrics::from_confusion(&confusion);
-        Ok(EvalReport {
-            n: actual.len(),
-            positives: actual.iter().filter(|&&a| a).count(),
-            threshold,
-            accuracy: m.accuracy,
-            precision: m.precision,
-            recall: m.recall,
-            sensitivity: m.recall,
-            specificity: m.specificity,
-            npv: m.npv,
-            f1: m.f1,
-            balanced_accuracy: m.balanced_accuracy,
-            roc_auc: roc_auc(probabilities, actual)?,
-            confusion,
-        })
-    }
+/// The report of P(fractured) `probabilities` (in dataset order) against the dataset's labels.
+pub fn report_for(probabilities: &[f64], dataset: &FolderDataset, threshold: f64) -> Result<EvalReport> {
+    Ok(EvalReport::new(probabilities, &truth(dataset), threshold)?)
 }
 
-/// Logits, probabilities and the report of a model on a dataset.
+/// Probabilities and the report of a model on a dataset at a threshold.
 pub fn evaluate(
     net: &FractureNet,
     dataset: &FolderDataset,
     threshold: f64,
     batch_size: usize,
     device: &Device,
-) -> Result<(Vec<f32>, EvalReport)> {
-    let logits = predict_logits(net, dataset, batch_size, device)?;
-    let report = report_from_logits(&logits, dataset, threshold)?;
-    Ok((logits, report))
+) -> Result<(Vec<f64>, EvalReport)> {
+    let probs = predict_dataset(net, dataset, batch_size, false, device)?;
+    let report = report_for(&probs, dataset, threshold)?;
+    Ok((probs, report))
 }
 
-/// The report of logits (in dataset order) against the dataset's labels.
-pub fn report_from_logits(logits: &[f32], dataset: &FolderDataset, threshold: f64) -> Result<EvalReport> {
-    let probs: Vec<f64> = logits.iter().map(|&l| sigmoid(l)).collect();
-    let actual: Vec<bool> = dataset.items().iter().map(|i| i.label.is_fractured()).collect();
-    EvalReport::new(&probs, &actual, threshold)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fracture_model::{Model, ModelConfig};
+
+    #[test]
+    fn tta_averages_the_four_flips() {
+        let model = Model::new(&ModelConfig::seed(16), 3, &Device::Cpu).unwrap();
+        let images = Array3::from_shape_fn((2, 16, 16), |(b, y, x)| ((b * 7 + y * 3 + x) % 11) as f32 / 10.0);
+        let plain = predict_images(&model.net, &images, false, &Device::Cpu).unwrap();
+        let tta = predict_images(&model.net, &images, true, &Device::Cpu).unwrap();
+        let mut manual = plain.clone();
+        let mut h = images.clone();
+        h.invert_axis(Axis(2));
+        let mut v = images.clone();
+        v.invert_axis(Axis(1));
+        let mut hv = h.clone();
+        hv.invert_axis(Axis(1));
+        assert_eq!(h[[1, 3, 0]], images[[1, 3, 15]]);
+        for v in [h, v, hv] {
+            for (m, q) in manual
+                .iter_mut()
+                .zip(predict_images(&model.net, &v, false, &Device::Cpu).unwrap())
+            {
+                *m += q;
+            }
+        }
+        for (t, m) in tta.iter().zip(&manual) {
+            assert!((t - m / 4.0).abs() < 1e-12);
+        }
+        assert_ne!(plain, tta);
+    }
 }

@@ -17,19 +17,32 @@ mod error;
 mod evaluate;
 mod loss;
 mod optim;
+mod outputs;
 mod trainer;
 
 pub use batcher::batch_to_tensors;
-pub use bundle::{MODEL_FILE, PREPROCESS_KEY, THRESHOLD_KEY, TRAIN_KEY, TrainedModel, VALIDATION_KEY};
+pub use bundle::{
+    MODEL_FILE, PREPROCESS_KEY, THRESHOLD_KEY, THRESHOLD_RULE_KEY, TRAIN_KEY, TrainedModel, VALIDATION_KEY,
+};
 pub use checkpoint::{Best, CheckpointMeta, DataCounts, read_checkpoint};
 pub use config::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
 pub use error::{Error, Result};
-pub use evaluate::{EvalReport, evaluate, mean_loss, predict_logits, report_from_logits, sigmoid};
+pub use evaluate::{
+    evaluate, mean_loss, predict_dataset, predict_images, predict_logits, report_for, sigmoid, truth,
+};
+pub use fracture_eval::EvalReport;
 pub use loss::bce_with_logits;
 pub use optim::Adam;
+pub use outputs::{
+    CHART_FILES, EvalSource, Evaluation, PREDICTIONS_CSV, Prediction, REPORT_JSON, TRAINING_CURVES_FILE,
+    ThresholdChoice, evaluate_items, predict_files, read_metrics_csv, write_evaluation,
+    write_training_curves,
+};
 pub use trainer::{
     CHECKPOINT_FILE, EpochReport, Event, METRICS_FILE, REPORT_FILE, RunReport, TrainOutcome, TrainSetup,
     metrics_csv, train,
 };
 
-pub use {candle_core, fracture_data as data, fracture_eval as eval, fracture_model as model};
+pub use {
+    candle_core, fracture_data as data, fracture_eval as eval, fracture_model as model, fracture_plot as plot,
+};

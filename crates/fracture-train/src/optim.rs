@@ -173,7 +173,10 @@ mod tests {
             let loss = (p.as_tensor().sqr().unwrap() * 2.0).unwrap().sum_all().unwrap();
             opt.backward_step(&loss, 1e-2).unwrap();
         }
-        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()), "a moment tensor still tracks its graph");
+        assert!(
+            opt.m.iter().chain(&opt.v).all(|t| !t.track_op()),
+            "a moment tensor still tracks its graph"
+        );
     }
 
     #[test]

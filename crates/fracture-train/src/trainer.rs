@@ -17,9 +17,10 @@ use crate::checkpoint::{
     Best, CheckpointMeta, DataCounts, read_checkpoint, restore, resume_mismatch, save_checkpoint,
 };
 use crate::{
-    Adam, BestMetric, Error, EvalReport, PosWeight, Result, TrainConfig, batch_to_tensors, bce_with_logits,
-    evaluate, mean_loss, predict_logits, report_from_logits,
+    Adam, BestMetric, Error, PosWeight, Result, TrainConfig, batch_to_tensors, bce_with_logits, evaluate,
+    mean_loss, predict_logits, sigmoid, truth,
 };
+use fracture_eval::{EvalReport, choose_threshold};
 
 /// Where the last checkpoint of a run lives, relative to the run folder.
 pub const CHECKPOINT_FILE: &str = "checkpoints/last.safetensors";
@@ -64,7 +65,7 @@ pub struct EpochReport {
     pub train_loss: f64,
     /// Mean validation loss.
     pub val_loss: f64,
-    /// Validation metrics at the default threshold 0.5, and ROC-AUC.
+    /// Validation metrics at the default threshold 0.5, and the threshold-free ones.
     pub val: EvalReport,
     /// Learning rate of the epoch's last step.
     pub lr: f64,
@@ -161,6 +162,10 @@ pub struct RunReport {
     pub best_epoch: usize,
     /// The selection metric.
     pub best_metric: String,
+    /// The stored operating threshold and how it was chosen on the validation images.
+    pub threshold: f64,
+    /// The rule that chose it.
+    pub threshold_rule: fracture_eval::ThresholdRule,
     /// Evaluation of the best model per split.
     pub splits: BTreeMap<Split, EvalReport>,
 }
@@ -308,7 +313,9 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
                 value: f64::from(*bad),
             });
         }
-        let val_report = report_from_logits(&val_logits, &data.val, 0.5)?;
+        let val_probs: Vec<f64> = val_logits.iter().map(|&l| sigmoid(l)).collect();
+        let val_truth = truth(&data.val);
+        let val_report = EvalReport::new(&val_probs, &val_truth, fracture_eval::DEFAULT_THRESHOLD)?;
         let report = EpochReport {
             epoch,
             train_loss: loss_sum / seen.max(1) as f64,
@@ -338,7 +345,9 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             meta.best = Some(Best { epoch, value });
             meta.epochs_since_best = 0;
             let path = setup.out.join(MODEL_FILE);
-            save_best(&model, setup, &report, &path)?;
+            let threshold = choose_threshold(&val_probs, &val_truth, cfg.threshold_rule)?
+                .unwrap_or(fracture_eval::DEFAULT_THRESHOLD);
+            save_best(&model, setup, &report, threshold, &path)?;
             on_event(Event::Saved {
                 what: "best model",
                 path: &path,
@@ -392,6 +401,8 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         model: MODEL_FILE.into(),
         best_epoch,
         best_metric: cfg.best_metric.name().into(),
+        threshold: best.threshold,
+        threshold_rule: cfg.threshold_rule,
         splits: reports.clone(),
     };
     let report_path = setup.out.join(REPORT_FILE);
@@ -400,6 +411,12 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     on_event(Event::Saved {
         what: "report",
         path: &report_path,
+    });
+    let curves = setup.out.join(crate::TRAINING_CURVES_FILE);
+    crate::write_training_curves(&curves, &meta.history)?;
+    on_event(Event::Saved {
+        what: "training curves",
+        path: &curves,
     });
 
     Ok(TrainOutcome {
@@ -520,15 +537,22 @@ fn load_data(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     })
 }
 
-fn save_best(model: &Model, setup: &TrainSetup, report: &EpochReport, path: &Path) -> Result<()> {
+fn save_best(
+    model: &Model,
+    setup: &TrainSetup,
+    report: &EpochReport,
+    threshold: f64,
+    path: &Path,
+) -> Result<()> {
     let mut extra = BTreeMap::new();
     extra.insert(
         crate::bundle::PREPROCESS_KEY.to_string(),
         json(&setup.preprocess)?,
     );
+    extra.insert(crate::bundle::THRESHOLD_KEY.to_string(), json(&threshold)?);
     extra.insert(
-        crate::bundle::THRESHOLD_KEY.to_string(),
-        json(&fracture_eval::DEFAULT_THRESHOLD)?,
+        crate::bundle::THRESHOLD_RULE_KEY.to_string(),
+        json(&setup.train.threshold_rule)?,
     );
     extra.insert(TRAIN_KEY.to_string(), json(&setup.train)?);
     extra.insert(VALIDATION_KEY.to_string(), json(report)?);

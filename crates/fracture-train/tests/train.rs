@@ -118,7 +118,11 @@ fn a_short_run_writes_every_output() {
     // The best model reloads with its preprocessing and predicts like the final report says.
     let trained = fracture_train::TrainedModel::load(&out, &Device::Cpu).unwrap();
     assert_eq!(trained.preprocess, s.preprocess);
-    assert_eq!(trained.threshold, 0.5);
+    // The stored threshold reaches the target sensitivity (0.90) on validation.
+    let val = &outcome.reports[&Split::Val];
+    assert_eq!(trained.threshold, val.threshold);
+    assert!(val.sensitivity.unwrap() >= 0.9, "{val:?}");
+    assert!(out.join("training_curves.png").is_file());
     assert_eq!(
         outcome.reports[&Split::Val].roc_auc,
         report["splits"]["val"]["roc_auc"].as_f64()

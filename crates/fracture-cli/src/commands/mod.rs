@@ -1,6 +1,8 @@
 //! One module per subcommand, and what they share.
 
+pub(crate) mod eval;
 pub(crate) mod inspect;
+pub(crate) mod predict;
 pub(crate) mod train;
 
 use fracture_train::candle_core::Device;
@@ -18,4 +20,15 @@ pub(crate) enum ResizeArg {
 pub(crate) fn pick_device(force_cpu: bool) -> anyhow::Result<Device> {
     fracture_train::model::device(force_cpu)
         .map_err(|e| anyhow::anyhow!("cannot open the GPU ({e}); pass --cpu to use the CPU"))
+}
+
+/// A metric with three decimals, or `n/a` when undefined.
+pub(crate) fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "n/a".into())
+}
+
+/// A 95% interval as `(95% CI a-b)`, or nothing.
+pub(crate) fn fmt_ci(i: Option<fracture_train::eval::Interval>) -> String {
+    i.map(|i| format!("(95% CI {:.3}-{:.3})", i.lower, i.upper))
+        .unwrap_or_default()
 }

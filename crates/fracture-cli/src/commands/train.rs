@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use fracture_train::data::{AugmentConfig, DecodeLimits, PreprocessConfig, ResizeMode};
+use fracture_train::eval::ThresholdRule;
 use fracture_train::model::{ModelConfig, describe_device};
 use fracture_train::{BestMetric, Event, LrSchedule, PosWeight, TrainConfig, TrainOutcome, TrainSetup};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -87,6 +88,12 @@ pub(crate) struct Args {
     /// Folder for an on-disk cache of preprocessed images, reused by later runs.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Store with the model the highest threshold that reaches this sensitivity on the validation images.
+    #[arg(long, default_value_t = 0.9, conflicts_with = "threshold_rule")]
+    target_sensitivity: f64,
+    /// Choose the stored threshold by another rule on the validation images instead.
+    #[arg(long, value_enum)]
+    threshold_rule: Option<RuleArg>,
     /// Stop once this many epochs are complete, as an interruption would; `--resume` continues the run.
     #[arg(long)]
     stop_after_epoch: Option<usize>,
@@ -97,6 +104,14 @@ enum ScheduleArg {
     Constant,
     Step,
     Cosine,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RuleArg {
+    /// Maximise sensitivity + specificity − 1.
+    Youden,
+    /// Maximise F1.
+    BestF1,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -148,6 +163,13 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             MetricArg::F1 => BestMetric::F1,
         },
         val_fraction: args.val_fraction,
+        threshold_rule: match args.threshold_rule {
+            Some(RuleArg::Youden) => ThresholdRule::Youden,
+            Some(RuleArg::BestF1) => ThresholdRule::BestF1,
+            None => ThresholdRule::TargetSensitivity {
+                target: args.target_sensitivity,
+            },
+        },
         ..TrainConfig::default()
     };
     train.adam.lr = args.lr;
@@ -290,9 +312,7 @@ impl Progress {
     }
 }
 
-fn pct(v: Option<f64>) -> String {
-    v.map(|x| format!("{:.3}", x)).unwrap_or_else(|| "n/a".into())
-}
+use crate::commands::fmt_opt as pct;
 
 fn print_outcome(o: &TrainOutcome) {
     println!(

@@ -1,0 +1,159 @@
+//! `fracture eval`: a trained model on labelled images: table, report.json, predictions.csv, charts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use fracture_train::data::{DatasetLayout, Item, LoadOptions, Split, discover_class_folders};
+use fracture_train::eval::ThresholdRule;
+use fracture_train::{EvalSource, ThresholdChoice, TrainedModel, evaluate_items, write_evaluation};
+
+use crate::commands::{fmt_ci, fmt_opt, pick_device};
+
+/// Arguments of `fracture eval`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// A trained model: a run folder (its model.safetensors) or a weight file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Labelled images: a dataset root (`<DATA>/<split>/<class>/…`, see `--split`) or a folder whose
+    /// children are the class folders.
+    #[arg(long)]
+    data: PathBuf,
+    /// The split to evaluate when `--data` is a dataset root.
+    #[arg(long, default_value = "test")]
+    split: Split,
+    /// Operating threshold on P(fractured) [default: the one stored with the model, chosen on its
+    /// validation images during training].
+    #[arg(long, conflicts_with = "target_sensitivity")]
+    threshold: Option<f64>,
+    /// Choose the threshold on these very images to reach this sensitivity (optimistic: the report is
+    /// then no longer an independent test).
+    #[arg(long)]
+    target_sensitivity: Option<f64>,
+    /// Folder for report.json, predictions.csv and the charts [default: eval-<split> beside the model].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Test-time augmentation: average P(fractured) over the image and its three flips.
+    #[arg(long)]
+    tta: bool,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Run on the CPU even in a GPU build.
+    #[arg(long)]
+    cpu: bool,
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let device = pick_device(args.cpu)?;
+    let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
+    let (items, split, skipped) = labelled_images(&args.data, args.split)?;
+    for s in &skipped {
+        eprintln!("warning: skipped {s}");
+    }
+    let choice = match (args.threshold, args.target_sensitivity) {
+        (Some(value), _) => ThresholdChoice::Fixed { value },
+        (None, Some(target)) => {
+            eprintln!("note: choosing the threshold on the evaluated images makes the report optimistic");
+            ThresholdChoice::OnTheseImages {
+                rule: ThresholdRule::TargetSensitivity { target },
+            }
+        }
+        (None, None) => ThresholdChoice::Stored,
+    };
+    let evaluation = evaluate_items(
+        &model,
+        &items,
+        choice,
+        args.tta,
+        args.batch_size,
+        &LoadOptions::default(),
+    )
+    .context("evaluation failed")?;
+    for s in &evaluation.skipped {
+        eprintln!("warning: skipped {s}");
+    }
+    let model_dir = model.path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let out = args.out.clone().unwrap_or_else(|| {
+        model_dir.join(format!(
+            "eval-{}",
+            split.map_or("folder".to_string(), |s| s.name().to_string())
+        ))
+    });
+    let metrics = model_dir.join(fracture_train::METRICS_FILE);
+    let source = EvalSource {
+        model: &model.path,
+        data: &args.data,
+        split,
+    };
+    let written = write_evaluation(
+        &out,
+        &evaluation,
+        source,
+        metrics.is_file().then_some(metrics.as_path()),
+    )
+    .context("cannot write the evaluation")?;
+    print_table(&evaluation.report, split, args.tta);
+    println!("wrote:");
+    for f in written {
+        println!("  {}", f.display());
+    }
+    Ok(())
+}
+
+/// The labelled images of `data`: a split of a dataset root, or a folder of class folders.
+fn labelled_images(
+    data: &Path,
+    split: Split,
+) -> anyhow::Result<(Vec<Item>, Option<Split>, Vec<fracture_train::data::Skipped>)> {
+    match DatasetLayout::discover(data) {
+        Ok(layout) => match layout.split(split) {
+            Some(items) => Ok((items.to_vec(), Some(split), layout.skipped.clone())),
+            None => {
+                let present: Vec<&str> = layout.splits.keys().map(|s| s.name()).collect();
+                bail!(
+                    "{} has no {split} split (it has: {}); pass --split {}",
+                    layout.root.display(),
+                    present.join(", "),
+                    present.last().copied().unwrap_or("val")
+                )
+            }
+        },
+        Err(layout_err) => match discover_class_folders(data) {
+            Ok((items, skipped)) => Ok((items, None, skipped)),
+            Err(_) => Err(layout_err).context("cannot read the labelled images"),
+        },
+    }
+}
+
+fn print_table(r: &fracture_train::EvalReport, split: Option<Split>, tta: bool) {
+    let what = split.map_or("folder".to_string(), |s| s.name().to_string());
+    println!(
+        "{what}: {} images, {} fractured; threshold {:.4}{}",
+        r.n,
+        r.positives,
+        r.threshold,
+        if tta { "; TTA over flips" } else { "" }
+    );
+    let rows = [
+        ("ROC-AUC", r.roc_auc, fmt_ci(r.ci95.roc_auc)),
+        ("PR-AUC (AP)", r.pr_auc, String::new()),
+        ("sensitivity", r.sensitivity, fmt_ci(r.ci95.sensitivity)),
+        ("specificity", r.specificity, fmt_ci(r.ci95.specificity)),
+        ("precision (PPV)", r.precision, String::new()),
+        ("NPV", r.npv, String::new()),
+        ("F1", r.f1, String::new()),
+        ("accuracy", r.accuracy, fmt_ci(r.ci95.accuracy)),
+        ("balanced accuracy", r.balanced_accuracy, String::new()),
+        ("Brier score", r.brier, String::new()),
+        ("ECE (10 bins)", r.ece, String::new()),
+    ];
+    for (name, value, ci) in rows {
+        println!("  {name:<18} {:>6}  {ci}", fmt_opt(value));
+    }
+    let c = &r.confusion;
+    println!(
+        "  confusion          TP {}  FN {}  FP {}  TN {}",
+        c.tp, c.fn_, c.fp, c.tn
+    );
+}

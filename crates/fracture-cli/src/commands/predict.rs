@@ -1,0 +1,134 @@
+//! `fracture predict`: P(fractured) and the label for image files and folders.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use fracture_train::data::{DecodeLimits, Label, list_image_files};
+use fracture_train::{Prediction, TrainedModel, predict_files};
+
+use crate::commands::pick_device;
+
+/// Arguments of `fracture predict`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// A trained model: a run folder (its model.safetensors) or a weight file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Image files or folders (searched recursively).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Test-time augmentation: average P(fractured) over the image and its three flips.
+    #[arg(long)]
+    tta: bool,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Run on the CPU even in a GPU build.
+    #[arg(long)]
+    cpu: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let device = pick_device(args.cpu)?;
+    let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
+    let mut files = Vec::new();
+    let mut unreadable = 0usize;
+    for path in &args.paths {
+        match list_image_files(path) {
+            Ok((found, skipped)) => {
+                files.extend(found);
+                for s in skipped {
+                    eprintln!("warning: skipped {s}");
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                unreadable += 1;
+            }
+        }
+    }
+    let (predictions, skipped) = predict_files(
+        &model,
+        &files,
+        args.tta,
+        args.batch_size,
+        &DecodeLimits::default(),
+    )?;
+    for s in &skipped {
+        eprintln!("error: {}", s.reason);
+    }
+    unreadable += skipped.len();
+    match args.format {
+        Format::Table => print_table(&predictions, model.threshold),
+        Format::Json => println!("{}", serde_json_lines(&predictions, model.threshold)?),
+        Format::Csv => {
+            println!("path,p_fractured,label");
+            for p in &predictions {
+                println!(
+                    "{},{:.6},{}",
+                    p.path.display(),
+                    p.p_fractured,
+                    Label::from_fractured(p.fractured)
+                );
+            }
+        }
+    }
+    if predictions.is_empty() {
+        bail!("no image could be read ({unreadable} unreadable)");
+    }
+    if unreadable > 0 {
+        eprintln!("{} predicted, {unreadable} unreadable", predictions.len());
+    }
+    Ok(())
+}
+
+fn print_table(predictions: &[Prediction], threshold: f64) {
+    println!(
+        "{:>11}  {:<13}  path   (threshold {threshold:.4})",
+        "P(fracture)", "label"
+    );
+    for p in predictions {
+        println!(
+            "{:>11.4}  {:<13}  {}",
+            p.p_fractured,
+            Label::from_fractured(p.fractured).name(),
+            p.path.display()
+        );
+    }
+}
+
+fn serde_json_lines(predictions: &[Prediction], threshold: f64) -> anyhow::Result<String> {
+    #[derive(serde::Serialize)]
+    struct Out<'a> {
+        threshold: f64,
+        predictions: Vec<Row<'a>>,
+    }
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        path: &'a std::path::Path,
+        p_fractured: f64,
+        label: &'static str,
+    }
+    let out = Out {
+        threshold,
+        predictions: predictions
+            .iter()
+            .map(|p| Row {
+                path: &p.path,
+                p_fractured: p.p_fractured,
+                label: Label::from_fractured(p.fractured).name(),
+            })
+            .collect(),
+    };
+    Ok(serde_json::to_string_pretty(&out)?)
+}

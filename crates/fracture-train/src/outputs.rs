@@ -1,0 +1,342 @@
+//! Evaluating a trained model on labelled images, predicting unlabelled ones, and the files and
+//! charts that record the results.
+
+use std::path::{Path, PathBuf};
+
+use fracture_data::{DecodeLimits, FolderDataset, Item, LoadOptions, Skipped, Split};
+use fracture_eval::{EvalReport, ThresholdRule, calibration_bins, choose_threshold, pr_curve, roc_curve};
+use fracture_model::write_atomic;
+use fracture_plot::EpochPoint;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::{EpochReport, Error, Result, TrainedModel, predict_dataset, predict_images, truth};
+
+/// The evaluation report's file name.
+pub const REPORT_JSON: &str = "report.json";
+/// Per-image predictions.
+pub const PREDICTIONS_CSV: &str = "predictions.csv";
+/// Charts written by [`write_evaluation`].
+pub const CHART_FILES: [&str; 4] = ["confusion.png", "roc.png", "pr.png", "calibration.png"];
+/// The training-curves chart of a run.
+pub const TRAINING_CURVES_FILE: &str = "training_curves.png";
+
+/// How the operating threshold of an evaluation is set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "snake_case")]
+pub enum ThresholdChoice {
+    /// The threshold stored with the model (chosen on its validation images during training).
+    Stored,
+    /// A given threshold.
+    Fixed {
+        /// The threshold on P(fractured).
+        value: f64,
+    },
+    /// Chosen by a rule on the very images being evaluated (optimistic: for exploration only).
+    OnTheseImages {
+        /// The rule.
+        rule: ThresholdRule,
+    },
+}
+
+/// A model's results on a set of labelled images.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// The report.
+    pub report: EvalReport,
+    /// How its threshold was set.
+    pub threshold_choice: ThresholdChoice,
+    /// Whether probabilities average the four flips.
+    pub tta: bool,
+    /// The images evaluated, in order.
+    pub items: Vec<Item>,
+    /// P(fractured) per image, in the same order.
+    pub probabilities: Vec<f64>,
+    /// Files that could not be read.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Evaluates `model` on labelled images: loads them with the model's own preprocessing, predicts
+/// P(fractured) (averaged over flips when `tta`), sets the threshold as `choice` says and builds the
+/// report. Unreadable files are skipped and listed; both classes must remain.
+pub fn evaluate_items(
+    model: &TrainedModel,
+    items: &[Item],
+    choice: ThresholdChoice,
+    tta: bool,
+    batch_size: usize,
+    options: &LoadOptions,
+) -> Result<Evaluation> {
+    let dataset = FolderDataset::load(items, &model.preprocess, options)?;
+    if dataset.is_empty() {
+        return Err(Error::Data(fracture_data::Error::Layout(
+            "no readable image to evaluate".into(),
+        )));
+    }
+    let device = model.device();
+    let probabilities = predict_dataset(&model.model.net, &dataset, batch_size, tta, &device)?;
+    let actual = truth(&dataset);
+    let threshold = match choice {
+        ThresholdChoice::Stored => model.threshold,
+        ThresholdChoice::Fixed { value } => value,
+        ThresholdChoice::OnTheseImages { rule } => choose_threshold(&probabilities, &actual, rule)?
+            .ok_or_else(|| {
+                Error::InvalidConfig("choosing a threshold needs images of both classes".into())
+            })?,
+    };
+    if !(0.0..=1.0).contains(&threshold) {
+        return Err(Error::InvalidConfig(format!(
+            "threshold {threshold} is outside [0, 1]"
+        )));
+    }
+    let report = EvalReport::new(&probabilities, &actual, threshold)?;
+    Ok(Evaluation {
+        report,
+        threshold_choice: choice,
+        tta,
+        items: dataset.items().to_vec(),
+        probabilities,
+        skipped: dataset.skipped().to_vec(),
+    })
+}
+
+/// What `report.json` holds: the report's keys plus where the numbers come from.
+#[derive(Debug, Serialize)]
+struct ReportFile<'a> {
+    #[serde(flatten)]
+    report: &'a EvalReport,
+    model: &'a Path,
+    data: &'a Path,
+    split: Option<Split>,
+    tta: bool,
+    threshold_choice: ThresholdChoice,
+    skipped: usize,
+}
+
+/// Where an evaluation's inputs came from, for `report.json`.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalSource<'a> {
+    /// The model file.
+    pub model: &'a Path,
+    /// The data folder.
+    pub data: &'a Path,
+    /// The split, when the data folder is a dataset root.
+    pub split: Option<Split>,
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    write_atomic(path, bytes).map_err(|e| Error::io(path, e))?;
+    Ok(path.to_path_buf())
+}
+
+fn plot_err(e: fracture_plot::Error) -> Error {
+    Error::InvalidConfig(e.to_string())
+}
+
+/// Writes `report.json`, `predictions.csv` (path, label, p_fractured, predicted) and the charts
+/// (confusion matrix, ROC, precision-recall, calibration) into `dir`, plus `training_curves.png` when
+/// `metrics_csv` (a run's `metrics.csv`) is given. Returns the files written.
+pub fn write_evaluation(
+    dir: &Path,
+    eval: &Evaluation,
+    source: EvalSource<'_>,
+    metrics_csv: Option<&Path>,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut written = Vec::new();
+    let file = ReportFile {
+        report: &eval.report,
+        model: source.model,
+        data: source.data,
+        split: source.split,
+        tta: eval.tta,
+        threshold_choice: eval.threshold_choice,
+        skipped: eval.skipped.len(),
+    };
+    let json = serde_json::to_string_pretty(&file).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    written.push(write(&dir.join(REPORT_JSON), json.as_bytes())?);
+
+    let mut csv = String::from("path,label,p_fractured,predicted\n");
+    for (item, p) in eval.items.iter().zip(&eval.probabilities) {
+        let predicted = fracture_data::Label::from_fractured(*p >= eval.report.threshold);
+        csv.push_str(&format!(
+            "{},{},{p:.6},{}\n",
+            csv_field(&item.path.display().to_string()),
+            item.label,
+            predicted
+        ));
+    }
+    written.push(write(&dir.join(PREDICTIONS_CSV), csv.as_bytes())?);
+
+    let actual: Vec<bool> = eval.items.iter().map(|i| i.label.is_fractured()).collect();
+    let r = &eval.report;
+    let t = r.threshold;
+    let ci = |i: Option<fracture_eval::Interval>| {
+        i.map(|i| format!(" (95% CI {:.3}-{:.3})", i.lower, i.upper))
+            .unwrap_or_default()
+    };
+    let title = format!(
+        "n = {}, {} fractured, threshold {t:.3}{}",
+        r.n,
+        r.positives,
+        if eval.tta { ", TTA" } else { "" }
+    );
+    let confusion = fracture_plot::confusion_png(&r.confusion, &format!("Confusion matrix ({title})"))
+        .map_err(plot_err)?;
+    written.push(write(&dir.join(CHART_FILES[0]), &confusion)?);
+    let roc = roc_curve(&eval.probabilities, &actual)?.unwrap_or_default();
+    let operating = r.sensitivity.zip(r.specificity).map(|(s, sp)| (1.0 - sp, s));
+    let roc_png = fracture_plot::roc_png(&roc, r.roc_auc, operating, &format!("ROC{}", ci(r.ci95.roc_auc)))
+        .map_err(plot_err)?;
+    written.push(write(&dir.join(CHART_FILES[1]), &roc_png)?);
+    let pr = pr_curve(&eval.probabilities, &actual)?.unwrap_or_default();
+    let prevalence = if r.n > 0 {
+        r.positives as f64 / r.n as f64
+    } else {
+        0.0
+    };
+    let pr_point = r.recall.zip(r.precision);
+    let pr_png =
+        fracture_plot::pr_png(&pr, r.pr_auc, prevalence, pr_point, "Precision-recall").map_err(plot_err)?;
+    written.push(write(&dir.join(CHART_FILES[2]), &pr_png)?);
+    let bins = calibration_bins(&eval.probabilities, &actual, fracture_eval::ECE_BINS)?;
+    let cal = fracture_plot::calibration_png(
+        &bins,
+        r.ece,
+        &format!(
+            "Calibration (Brier {})",
+            r.brier.map(|b| format!("{b:.3}")).unwrap_or_default()
+        ),
+    )
+    .map_err(plot_err)?;
+    written.push(write(&dir.join(CHART_FILES[3]), &cal)?);
+    if let Some(csv) = metrics_csv {
+        let points = read_metrics_csv(csv)?;
+        let png = fracture_plot::training_curves_png(&points, "Training curves").map_err(plot_err)?;
+        written.push(write(&dir.join(TRAINING_CURVES_FILE), &png)?);
+    }
+    Ok(written)
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn epoch_point(r: &EpochReport) -> EpochPoint {
+    EpochPoint {
+        epoch: r.epoch,
+        train_loss: r.train_loss,
+        val_loss: r.val_loss,
+        val_roc_auc: r.val.roc_auc,
+        val_sensitivity: r.val.sensitivity,
+        val_specificity: r.val.specificity,
+    }
+}
+
+/// Draws a run's training curves into `path`.
+pub fn write_training_curves(path: &Path, history: &[EpochReport]) -> Result<()> {
+    let points: Vec<EpochPoint> = history.iter().map(epoch_point).collect();
+    let png = fracture_plot::training_curves_png(&points, "Training curves").map_err(plot_err)?;
+    write(path, &png).map(|_| ())
+}
+
+/// Reads a run's `metrics.csv` (the columns [`crate::metrics_csv`] writes).
+pub fn read_metrics_csv(path: &Path) -> Result<Vec<EpochPoint>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |line: usize, why: &str| Error::InvalidConfig(format!("{}:{line}: {why}", path.display()));
+    let mut lines = text.lines().enumerate();
+    let header: Vec<&str> = lines
+        .next()
+        .map(|(_, h)| h.split(',').collect())
+        .unwrap_or_default();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(e), Some(tl), Some(vl), Some(auc), Some(sens), Some(spec)) = (
+        col("epoch"),
+        col("train_loss"),
+        col("val_loss"),
+        col("val_roc_auc"),
+        col("val_sensitivity"),
+        col("val_specificity"),
+    ) else {
+        return Err(bad(1, "not a metrics.csv header"));
+    };
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        let num = |k: usize| cells.get(k).and_then(|c| c.parse::<f64>().ok());
+        let epoch = cells
+            .get(e)
+            .and_then(|c| c.parse::<usize>().ok())
+            .ok_or_else(|| bad(i + 1, "bad epoch"))?;
+        out.push(EpochPoint {
+            epoch,
+            train_loss: num(tl).unwrap_or(f64::NAN),
+            val_loss: num(vl).unwrap_or(f64::NAN),
+            val_roc_auc: num(auc),
+            val_sensitivity: num(sens),
+            val_specificity: num(spec),
+        });
+    }
+    Ok(out)
+}
+
+/// One image's prediction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// The file.
+    pub path: PathBuf,
+    /// P(fractured).
+    pub p_fractured: f64,
+    /// Whether `p_fractured >= threshold`.
+    pub fractured: bool,
+}
+
+/// Predicts every file: decoded in parallel with the model's preprocessing, then run in batches.
+/// Returns the predictions (input order, unreadable files left out) and the unreadable files.
+pub fn predict_files(
+    model: &TrainedModel,
+    files: &[PathBuf],
+    tta: bool,
+    batch_size: usize,
+    limits: &DecodeLimits,
+) -> Result<(Vec<Prediction>, Vec<Skipped>)> {
+    let decoded: Vec<(PathBuf, fracture_data::Result<fracture_data::ndarray::Array2<u8>>)> = files
+        .par_iter()
+        .map(|p| (p.clone(), model.preprocess.load_file(p, limits)))
+        .collect();
+    let mut ok = Vec::new();
+    let mut skipped = Vec::new();
+    for (path, result) in decoded {
+        match result {
+            Ok(img) => ok.push((path, img)),
+            Err(e) => skipped.push(Skipped {
+                reason: e.to_string(),
+                path,
+            }),
+        }
+    }
+    let s = model.preprocess.size as usize;
+    let device = model.device();
+    let mut out = Vec::with_capacity(ok.len());
+    for chunk in ok.chunks(batch_size.max(1)) {
+        let mut batch = fracture_data::ndarray::Array3::<f32>::zeros((chunk.len(), s, s));
+        for (k, (_, img)) in chunk.iter().enumerate() {
+            batch
+                .index_axis_mut(fracture_data::ndarray::Axis(0), k)
+                .assign(&model.preprocess.to_input(img.view()));
+        }
+        let probs = predict_images(&model.model.net, &batch, tta, &device)?;
+        for ((path, _), p) in chunk.iter().zip(probs) {
+            out.push(Prediction {
+                path: path.clone(),
+                p_fractured: p,
+                fractured: p >= model.threshold,
+            });
+        }
+    }
+    Ok((out, skipped))
+}
