@@ -574,3 +574,104 @@ fn eval_on_the_real_radiographs_with_a_briefly_trained_model() {
     assert!(predict.status.success());
     assert_eq!(String::from_utf8_lossy(&predict.stdout).lines().count(), 89);
 }
+
+/// With no `--data`, `fracture train` downloads the dataset through fracture-fetch (here from a
+/// Kaggle stand-in on loopback), trains, evaluates on the test split and says where the report is.
+#[test]
+fn train_without_data_downloads_the_dataset_first() {
+    use fracture_testkit::{KaggleStub, StubOptions, kaggle_shaped_zip};
+    let stub = KaggleStub::start(StubOptions {
+        datasets: vec![(
+            fracture_fetch::DEFAULT_DATASET.to_string(),
+            kaggle_shaped_zip(6, 32),
+        )],
+        ..StubOptions::default()
+    })
+    .unwrap();
+    let root = fresh_dir(&base(), "download-train");
+    let run = root.join("run");
+    let out = fracture()
+        .args([
+            "train",
+            "--epochs",
+            "1",
+            "--image-size",
+            "24",
+            "--batch-size",
+            "8",
+            "--out",
+        ])
+        .arg(&run)
+        .env("FRACTURE_KAGGLE_BASE_URL", &stub.base_url)
+        .env("FRACTURE_DATA_DIR", root.join("data"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("downloaded bmadushanirodrigo/fracture-multi-region-x-ray-data"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Bone_Fracture_Binary_Classification"),
+        "the nested root is found: {stdout}"
+    );
+    let test_row = stdout
+        .lines()
+        .find(|l| l.starts_with("test "))
+        .unwrap_or_default();
+    assert!(
+        test_row.contains(" 12 "),
+        "evaluated on the 12 test images: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("report:     {}", run.join("report.json").display())),
+        "{stdout}"
+    );
+    // A second run finds the data and downloads nothing.
+    let requests = stub.requests().len();
+    let again = fracture()
+        .args(["train", "--epochs", "1", "--image-size", "24", "--out"])
+        .arg(root.join("run2"))
+        .env("FRACTURE_KAGGLE_BASE_URL", &stub.base_url)
+        .env("FRACTURE_DATA_DIR", root.join("data"))
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(stub.requests().len(), requests);
+}
+
+#[test]
+fn train_without_data_offline_fails_fast_naming_the_alternative() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let root = fresh_dir(&base(), "offline");
+    let start = std::time::Instant::now();
+    let out = fracture()
+        .args(["train", "--epochs", "1"])
+        .env(
+            "FRACTURE_KAGGLE_BASE_URL",
+            format!("http://127.0.0.1:{port}/api/v1"),
+        )
+        .env("FRACTURE_DATA_DIR", root.join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach") && stderr.contains("--data DIR"),
+        "{stderr}"
+    );
+}

@@ -7,10 +7,15 @@
 //! - [`synthetic_xray`] and [`write_synthetic_dataset`] generate small X-ray-like images in which the
 //!   fractured class carries a visible crack, so a model can learn them in seconds. Fixtures are
 //!   generated, never committed.
+//! - [`KaggleStub`] stands in for the Kaggle download API and its storage host on loopback, and
+//!   [`kaggle_shaped_zip`] builds a small archive shaped like the real download.
 #![warn(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
+
+mod kaggle;
+pub use kaggle::{Announce, KaggleStub, StubOptions, StubRequest, kaggle_shaped_zip, zip_of};
 
 use image::{GrayImage, Luma};
 

@@ -19,8 +19,18 @@ use crate::commands::{ResizeArg, pick_device};
 pub(crate) struct Args {
     /// Dataset folder: `<DATA>/<split>/<class>/<image>` with a `train` split (and ideally `val`; without
     /// one, a seeded stratified share of train is held out). The folder of the Kaggle zip works too.
+    /// Without it, the Kaggle dataset `--dataset` is used from `--data-dir`, downloaded when missing.
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
+    /// The Kaggle dataset (`owner/slug`) to use when `--data` is not given.
+    #[arg(long, default_value = fracture_fetch::DEFAULT_DATASET)]
+    dataset: String,
+    /// Where downloaded datasets live (`<DATA_DIR>/<slug>`).
+    #[arg(long, env = "FRACTURE_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// The Kaggle API base URL for downloads.
+    #[arg(long, env = "FRACTURE_KAGGLE_BASE_URL", default_value = fracture_fetch::DEFAULT_BASE_URL)]
+    base_url: String,
     /// Run folder for the model, checkpoints, metrics.csv and report.json [default: runs/<UTC time>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -178,8 +188,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp()));
+    let data = match &args.data {
+        Some(d) => d.clone(),
+        None => crate::commands::download::ensure_dataset(&args.dataset, &args.data_dir, &args.base_url)?,
+    };
     let setup = TrainSetup {
-        data: args.data.clone(),
+        data,
         out: out.clone(),
         model,
         preprocess,

@@ -1,0 +1,108 @@
+//! The error type of downloads and extraction.
+
+use std::path::PathBuf;
+
+/// What can go wrong fetching a dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `owner/slug` is malformed.
+    #[error("invalid dataset `{0}`: expected `owner/slug` (letters, digits, `-`, `_`, `.`)")]
+    BadDataset(String),
+    /// The server could not be reached at all (no network, DNS failure, refused connection).
+    #[error(
+        "cannot reach {url}: {reason}. Without network access, download the dataset elsewhere and pass \
+         its folder with --data DIR"
+    )]
+    Unreachable {
+        /// The URL that failed.
+        url: String,
+        /// What the client said.
+        reason: String,
+    },
+    /// The dataset does not exist (HTTP 404).
+    #[error("dataset `{dataset}` was not found at {url} (HTTP 404): check the owner/slug")]
+    NotFound {
+        /// `owner/slug`.
+        dataset: String,
+        /// The URL asked.
+        url: String,
+    },
+    /// Access was refused anonymously and with every credential found.
+    #[error(
+        "access to `{dataset}` was refused (HTTP {status}). Credential sources tried: {tried}. Check the \
+         credentials, and accept the dataset's terms on its Kaggle page if it asks you to"
+    )]
+    Forbidden {
+        /// `owner/slug`.
+        dataset: String,
+        /// The last status.
+        status: u16,
+        /// The sources that were looked at, in order (never their values).
+        tried: String,
+    },
+    /// An unexpected HTTP status.
+    #[error("{url}: HTTP {status}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// The status.
+        status: u16,
+    },
+    /// Retries did not get the whole file.
+    #[error("download of {url} failed after {attempts} attempts: {reason}")]
+    GaveUp {
+        /// The URL.
+        url: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        reason: String,
+    },
+    /// The downloaded file does not match the checksum the server sent.
+    #[error("{}: {algorithm} checksum mismatch (server {expected}, file {actual}); the file was removed", path.display())]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// `md5` or `crc32c`.
+        algorithm: &'static str,
+        /// What the server announced.
+        expected: String,
+        /// What the file has.
+        actual: String,
+    },
+    /// The archive is unusable or unsafe; nothing was extracted.
+    #[error("{}: {reason}", path.display())]
+    Archive {
+        /// The archive.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The destination exists but was not written by a download.
+    #[error("{} exists and was not made by a download: pass --force to replace it, or use it with --data", path.display())]
+    DestinationExists {
+        /// The folder.
+        path: PathBuf,
+    },
+    /// A local file operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `Result` with this crate's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Downloading a Kaggle dataset: the only fracture crate that touches the network.
+//!
+//! [`fetch`] downloads `https://www.kaggle.com/api/v1/datasets/download/{owner}/{slug}` (the base URL
+//! is overridable, see [`BASE_URL_ENV`]), anonymously first and then with the credentials Kaggle's own
+//! tools use ([`CredentialLookup`]); resumes an interrupted download with HTTP ranges; retries server
+//! errors and dropped connections with backoff; checks the checksums the server announces and every
+//! zip entry's CRC; and extracts safely ([`extract_zip`]: no absolute paths, `..`, symlinks or zip
+//! bombs) into a folder that appears only when complete. A second call finds the data and does
+//! nothing. Progress goes to a callback; this crate never prints, and never logs a credential.
+#![warn(missing_docs)]
+
+mod checksum;
+mod credentials;
+mod dataset;
+mod error;
+mod extract;
+mod fetch;
+mod http;
+
+pub use credentials::{Credential, CredentialLookup, Found};
+pub use dataset::{DEFAULT_DATASET, DatasetRef};
+pub use error::{Error, Result};
+pub use extract::{ExtractLimits, Extracted, extract_zip};
+pub use fetch::{
+    BASE_URL_ENV, DEFAULT_BASE_URL, Event, FetchOptions, Fetched, MARKER_FILE, base_url_from_env, fetch,
+};
