@@ -11,6 +11,7 @@
 mod config;
 mod device;
 mod error;
+mod gradcam;
 mod init;
 mod net;
 mod ops;
@@ -19,6 +20,7 @@ mod weights;
 pub use config::{ArchConfig, ModelConfig, SeedConfig};
 pub use device::{compiled_backends, describe_device, device};
 pub use error::{Error, Result};
+pub use gradcam::{CamMethod, GradCam};
 pub use init::seeded_var_builder;
 pub use net::FractureNet;
 pub use ops::{dropout, max_pool2x2};

@@ -22,21 +22,21 @@ use crate::{ArchConfig, Error, ModelConfig, Result, SeedConfig};
 #[derive(Debug)]
 pub struct FractureNet {
     config: ModelConfig,
-    inner: Inner,
+    pub(crate) inner: Inner,
     dropout_rng: Mutex<ChaCha8Rng>,
 }
 
 #[derive(Debug)]
-enum Inner {
+pub(crate) enum Inner {
     Seed(SeedNet),
 }
 
 #[derive(Debug)]
-struct SeedNet {
-    conv1: Conv2d,
-    conv2: Conv2d,
-    fc1: Linear,
-    fc2: Linear,
+pub(crate) struct SeedNet {
+    pub(crate) conv1: Conv2d,
+    pub(crate) conv2: Conv2d,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
     p_flatten: f32,
     p_dense: f32,
 }
@@ -73,7 +73,7 @@ impl FractureNet {
         candle_nn::ops::sigmoid(&self.forward_t(xs, false)?)
     }
 
-    fn check_input(&self, xs: &Tensor) -> candle_core::Result<()> {
+    pub(crate) fn check_input(&self, xs: &Tensor) -> candle_core::Result<()> {
         let s = self.config.image_size;
         match xs.dims() {
             [_, 1, h, w] if *h == s && *w == s => Ok(()),
