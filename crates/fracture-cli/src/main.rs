@@ -27,6 +27,9 @@ enum Command {
     Eval(commands::eval::Args),
     /// Predict P(fractured) and the label for image files or folders.
     Predict(commands::predict::Args),
+    /// Serve a web page (and a JSON API) to upload X-rays and see P(fractured), the decision and a
+    /// heatmap of the evidence.
+    Serve(commands::serve::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => commands::train::run(&args),
         Command::Eval(args) => commands::eval::run(&args),
         Command::Predict(args) => commands::predict::run(&args),
+        Command::Serve(args) => commands::serve::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

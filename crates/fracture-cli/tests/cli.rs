@@ -675,3 +675,388 @@ fn train_without_data_offline_fails_fast_naming_the_alternative() {
         "{stderr}"
     );
 }
+
+/// `fracture serve` on a free port, stopped (SIGINT first, then kill) when dropped.
+struct Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Server {
+    fn start(model: &std::path::Path, extra: &[&str]) -> Server {
+        use std::io::{BufRead, BufReader};
+        let mut child = fracture()
+            .args(["serve", "--addr", "127.0.0.1:0", "--model"])
+            .arg(model)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap()
+            .trim_end_matches('/')
+            .to_string();
+        Server { child, url }
+    }
+
+    fn interrupt(&mut self) -> std::process::ExitStatus {
+        std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+}
+
+fn post(url: &str, content_type: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut resp = http()
+        .post(url)
+        .header("Content-Type", content_type)
+        .send(body)
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_json().unwrap())
+}
+
+fn multipart(name: &str, bytes: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "fracture-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn jpeg(fractured: bool, seed: u64) -> Vec<u8> {
+    let img = fracture_testkit::synthetic_xray(64, 48, fractured, seed);
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(img)
+        .write_to(&mut out, image::ImageFormat::Jpeg)
+        .unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn the_api_predicts_explains_and_refuses_bad_uploads_clearly() {
+    let (_root, run) = trained_run("serve-api");
+    let mut server = Server::start(&run, &["--max-upload-mb", "1"]);
+    let base = server.url.clone();
+    let health: serde_json::Value = http()
+        .get(&format!("{base}/api/health"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let model: serde_json::Value = http()
+        .get(&format!("{base}/api/model"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(model["arch"], "seed");
+    assert_eq!(model["image_size"], 24);
+    assert!(model["threshold"].as_f64().is_some());
+    assert!(model["validation"]["roc_auc"].as_f64().is_some(), "{model}");
+    // Raw body, no heatmap.
+    let image = jpeg(true, 5);
+    let (status, body) = post(&format!("{base}/api/predict"), "image/jpeg", &image);
+    assert_eq!(status, 200, "{body}");
+    let p = body["p_fractured"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p));
+    let label = if p >= body["threshold"].as_f64().unwrap() {
+        "fractured"
+    } else {
+        "not fractured"
+    };
+    assert_eq!(body["label"], label);
+    assert!(body["ms"].as_f64().unwrap() >= 0.0);
+    assert!(body.get("heatmap_png_base64").is_none());
+    // Multipart with a heatmap: a PNG with the image's aspect at input resolution.
+    let (ct, form) = multipart("hand.jpg", &image);
+    let (status, body) = post(&format!("{base}/api/predict?heatmap=1"), &ct, &form);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        (body["p_fractured"].as_f64().unwrap() - p).abs() < 1e-9,
+        "same image, same answer"
+    );
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(body["heatmap_png_base64"].as_str().unwrap())
+        .unwrap();
+    let heat = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
+    assert_eq!(
+        (heat.width(), heat.height()),
+        (24, 24),
+        "stretch: the map covers the whole input"
+    );
+    // Bad uploads: clear messages, right statuses.
+    let (status, body) = post(
+        &format!("{base}/api/predict"),
+        "image/jpeg",
+        b"definitely not an image",
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("not a readable image"),
+        "{body}"
+    );
+    let mut truncated = image.clone();
+    truncated.truncate(image.len() / 3);
+    let (ct, form) = multipart("cut.jpg", &truncated);
+    let (status, body) = post(&format!("{base}/api/predict"), &ct, &form);
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("cut.jpg"),
+        "the file is named: {body}"
+    );
+    let (status, body) = post(&format!("{base}/api/predict"), "image/jpeg", b"");
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("empty"), "{body}");
+    let big = vec![7u8; 2 << 20];
+    let (status, body) = post(&format!("{base}/api/predict"), "image/jpeg", &big);
+    assert_eq!(status, 413);
+    assert!(
+        body["error"].as_str().unwrap().contains("limit of 1.0 MB"),
+        "{body}"
+    );
+    let (ct, form) = multipart("big.jpg", &big);
+    let (status, _) = post(&format!("{base}/api/predict"), &ct, &form);
+    assert_eq!(status, 413);
+    // The page and its assets are served, with no external URL.
+    let page = http()
+        .get(&format!("{base}/"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        page.contains("id=\"file-input\"") && !page.contains("https://"),
+        "{page}"
+    );
+    for asset in ["app.js", "style.css"] {
+        let text = http()
+            .get(&format!("{base}/{asset}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        assert!(
+            !text.contains("https://") && !text.contains("http://"),
+            "{asset} loads nothing from outside"
+        );
+    }
+    // Ctrl-C stops it gracefully.
+    let status = server.interrupt();
+    assert!(status.success(), "{status:?}");
+}
+
+/// The page in a real headless Chromium, driven through chromedriver (WebDriver): a FracAtlas
+/// radiograph is uploaded through the file input, and the probability and the heatmap must appear.
+/// A screenshot is kept at `target/tmp/fracture-cli-tests/serve-page.png`.
+#[test]
+fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
+    let (chromium, driver) = (
+        std::path::Path::new("/usr/bin/chromium"),
+        std::path::Path::new("/usr/bin/chromedriver"),
+    );
+    if !(chromium.is_file() && driver.is_file()) {
+        assert!(
+            std::env::var("FRACTURE_REQUIRE_BROWSER").as_deref() != Ok("1"),
+            "FRACTURE_REQUIRE_BROWSER=1 but Debian's chromium and chromium-driver are not installed"
+        );
+        eprintln!("skipped: install Debian's chromium and chromium-driver to run the browser test");
+        return;
+    }
+    let Some(data) = fracture_testkit::fracatlas() else {
+        return;
+    };
+    let (root, run) = trained_run("serve-browser");
+    let server = Server::start(&run, &[]);
+    let radiograph = data
+        .join("val/fractured")
+        .read_dir()
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .min()
+        .unwrap()
+        .canonicalize()
+        .unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _driver = Kill(
+        std::process::Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let wd = format!("http://127.0.0.1:{port}");
+    let call = |method: &str, path: &str, body: serde_json::Value| -> serde_json::Value {
+        let agent = http();
+        let url = format!("{wd}{path}");
+        let mut resp = match method {
+            "GET" => agent.get(&url).call().unwrap(),
+            "DELETE" => agent.delete(&url).call().unwrap(),
+            _ => agent.post(&url).send_json(&body).unwrap(),
+        };
+        resp.body_mut().read_json().unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while http().get(&format!("{wd}/status")).call().is_err() {
+        assert!(std::time::Instant::now() < deadline, "chromedriver did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let profile = fresh_dir(&root, "chromium-profile");
+    let session = call(
+        "POST",
+        "/session",
+        serde_json::json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     format!("--user-data-dir={}", profile.display()), "--window-size=1280,1000"]}}}}),
+    );
+    let id = session["value"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no session: {session}"))
+        .to_string();
+    let s = format!("/session/{id}");
+    call(
+        "POST",
+        &format!("{s}/url"),
+        serde_json::json!({ "url": format!("{}/", server.url) }),
+    );
+    let input = call(
+        "POST",
+        &format!("{s}/element"),
+        serde_json::json!({"using": "css selector", "value": "#file-input"}),
+    );
+    let element = input["value"]["element-6066-11e4-a52e-4f735466cecf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    call(
+        "POST",
+        &format!("{s}/element/{element}/value"),
+        serde_json::json!({ "text": radiograph.to_str().unwrap() }),
+    );
+    let script = r#"
+        const card = document.querySelector('.result');
+        if (!card) return { state: 'no card', cards: document.querySelectorAll('.result').length };
+        if (card.dataset.state === 'pending') return { state: 'pending', status: card.querySelector('.status')?.textContent };
+        const heat = card.querySelector('img.heatmap');
+        return { state: card.dataset.state, p: card.querySelector('.p-fractured')?.textContent,
+                 label: card.querySelector('.label')?.textContent, heatmap: heat && !heat.hidden && heat.complete ? heat.naturalWidth : 0,
+                 xray: card.querySelector('img.xray').naturalWidth, model: document.getElementById('model-info').textContent };"#;
+    let mut result = serde_json::Value::Null;
+    while std::time::Instant::now() < deadline + std::time::Duration::from_secs(20) {
+        result = call(
+            "POST",
+            &format!("{s}/execute/sync"),
+            serde_json::json!({"script": script, "args": []}),
+        )["value"]
+            .clone();
+        if result["state"] == "error" || result["heatmap"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let shot = call("GET", &format!("{s}/screenshot"), serde_json::Value::Null);
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["value"].as_str().unwrap())
+        .unwrap();
+    let shot_path = base().join("serve-page.png");
+    std::fs::write(&shot_path, &png).unwrap();
+    call("DELETE", &s, serde_json::Value::Null);
+    assert_eq!(result["state"], "done", "{result}");
+    let p = result["p"].as_str().unwrap();
+    assert!(
+        p.ends_with('%') && p.trim_end_matches('%').parse::<f64>().is_ok(),
+        "{result}"
+    );
+    assert!(
+        ["fractured", "not fractured"].contains(&result["label"].as_str().unwrap()),
+        "{result}"
+    );
+    assert_eq!(
+        result["heatmap"], 24,
+        "the heatmap PNG (input resolution) is shown: {result}"
+    );
+    assert_eq!(result["xray"], 640, "the radiograph itself is shown: {result}");
+    assert!(
+        result["model"].as_str().unwrap().contains("threshold"),
+        "{result}"
+    );
+    eprintln!("screenshot: {}", shot_path.display());
+}
+
+#[test]
+fn predict_writes_heatmap_overlays() {
+    let (root, run) = trained_run("predict-heatmap");
+    let dir = root.join("heatmaps");
+    let out = fracture()
+        .args(["predict", "--model"])
+        .arg(&run)
+        .arg(root.join("data/test/fractured"))
+        .arg("--heatmap")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(written.len(), 5, "{written:?}");
+    for png in written {
+        assert!(png.to_string_lossy().ends_with(".heatmap.png"));
+        let img = image::open(&png).unwrap();
+        assert_eq!(
+            (img.width(), img.height()),
+            (48, 48),
+            "the overlay keeps the image's own size"
+        );
+    }
+}

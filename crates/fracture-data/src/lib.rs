@@ -32,7 +32,7 @@ pub use discover::{
 };
 pub use error::{Error, Result};
 pub use label::Label;
-pub use preprocess::{PreprocessConfig, ResizeMode, SIZE_RANGE, Standardize, to_unit};
+pub use preprocess::{ContentBox, PreprocessConfig, ResizeMode, SIZE_RANGE, Standardize, to_unit};
 pub use split::{Split, stratified_split};
 pub use summary::{DatasetSummary, SplitCounts};
 

@@ -63,6 +63,20 @@ impl Default for PreprocessConfig {
     }
 }
 
+/// Where a source image lands inside the `size × size` output: the whole square for
+/// [`ResizeMode::Stretch`], the centred content for [`ResizeMode::Letterbox`]. Pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentBox {
+    /// Left column.
+    pub x: u32,
+    /// Top row.
+    pub y: u32,
+    /// Width.
+    pub width: u32,
+    /// Height.
+    pub height: u32,
+}
+
 /// Smallest and largest accepted [`PreprocessConfig::size`].
 pub const SIZE_RANGE: std::ops::RangeInclusive<u32> = 8..=4096;
 
@@ -159,6 +173,29 @@ impl PreprocessConfig {
         }
     }
 
+    /// Where an image of `width × height` pixels lands in the output (see [`ContentBox`]).
+    pub fn content_box(&self, width: u32, height: u32) -> ContentBox {
+        match self.resize {
+            ResizeMode::Stretch => ContentBox {
+                x: 0,
+                y: 0,
+                width: self.size,
+                height: self.size,
+            },
+            ResizeMode::Letterbox => {
+                let scale = f64::from(self.size) / f64::from(width.max(height).max(1));
+                let w = ((f64::from(width) * scale).round() as u32).clamp(1, self.size);
+                let h = ((f64::from(height) * scale).round() as u32).clamp(1, self.size);
+                ContentBox {
+                    x: (self.size - w) / 2,
+                    y: (self.size - h) / 2,
+                    width: w,
+                    height: h,
+                }
+            }
+        }
+    }
+
     /// Resizes a full-resolution luma image to `size × size` with an antialiased bilinear filter
     /// (its support widens with the scale factor, so downscaling does not alias).
     pub fn resize(&self, gray: &GrayImage) -> Result<Array2<u8>> {
@@ -180,12 +217,11 @@ impl PreprocessConfig {
                 self.size,
             )?,
             ResizeMode::Letterbox => {
-                let scale = f64::from(self.size) / f64::from(w.max(h));
-                let nw = ((f64::from(w) * scale).round() as u32).clamp(1, self.size);
-                let nh = ((f64::from(h) * scale).round() as u32).clamp(1, self.size);
+                let b = self.content_box(w, h);
+                let (nw, nh) = (b.width, b.height);
                 let mut tmp = vec![0u8; nw as usize * nh as usize];
                 resize_into(gray.as_raw(), w, h, &mut tmp, nw, nh)?;
-                let (x0, y0) = (((self.size - nw) / 2) as usize, ((self.size - nh) / 2) as usize);
+                let (x0, y0) = (b.x as usize, b.y as usize);
                 for (row, src) in tmp.chunks_exact(nw as usize).enumerate() {
                     let start = (y0 + row) * size + x0;
                     if let Some(dst) = out
@@ -269,6 +305,24 @@ mod tests {
         };
         let out = cfg.resize(&gray).unwrap();
         // 200×100 → 64×32, centred vertically: rows 16..48 are the image, the rest is padding.
+        assert_eq!(
+            cfg.content_box(200, 100),
+            ContentBox {
+                x: 0,
+                y: 16,
+                width: 64,
+                height: 32
+            }
+        );
+        assert_eq!(
+            PreprocessConfig::with_size(64).content_box(200, 100),
+            ContentBox {
+                x: 0,
+                y: 0,
+                width: 64,
+                height: 64
+            }
+        );
         assert!(out.row(0).iter().all(|&v| v == 0));
         assert!(out.row(15).iter().all(|&v| v == 0));
         assert!(out.row(16).iter().all(|&v| v == 200));

@@ -78,6 +78,11 @@ impl GradCam {
     }
 }
 
+/// A copy of a linear layer whose weights are not tracked by autograd.
+fn detached(layer: &candle_nn::Linear) -> candle_nn::Linear {
+    candle_nn::Linear::new(layer.weight().detach(), layer.bias().map(Tensor::detach))
+}
+
 impl FractureNet {
     /// The class activation map of the fracture logit for one image `(1, 1, S, S)`, in inference mode.
     pub fn grad_cam(&self, xs: &Tensor, method: CamMethod) -> candle_core::Result<GradCam> {
@@ -91,11 +96,12 @@ impl FractureNet {
                     .conv2
                     .forward(&max_pool2x2(&net.conv1.forward(xs)?.relu()?)?)?
                     .relu()?;
-                // Make the feature map a leaf so the backward pass reports its gradient.
+                // Make the feature map a leaf so the backward pass reports its gradient, and run the head
+                // on detached weights so that the backward pass computes nothing else.
                 let a = Var::from_tensor(&a.detach())?;
                 let x = max_pool2x2(a.as_tensor())?.flatten_from(1)?;
-                let x = net.fc1.forward(&x)?.relu()?;
-                let logit = net.fc2.forward(&x)?.squeeze(1)?;
+                let x = detached(&net.fc1).forward(&x)?.relu()?;
+                let logit = detached(&net.fc2).forward(&x)?.squeeze(1)?;
                 // conv1 (valid 3×3) → pool 2 → conv2 (valid 3×3): feature i is centred on input 2i + 3.5.
                 (a, 3.5f32, 2.0f32, logit)
             }

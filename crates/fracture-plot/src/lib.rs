@@ -1,4 +1,5 @@
-//! PNG charts of a classifier's results, drawn with plotters into memory and encoded with `image`.
+//! PNG charts of a classifier's results, drawn with plotters into memory and encoded with `image`,
+//! and heatmaps of where its evidence lies.
 //!
 //! Text uses DejaVu Sans compiled into the binary, so charts look the same on every machine and need
 //! no system fonts. Every function returns the PNG file's bytes; writing them is the caller's job.
@@ -6,6 +7,9 @@
 #![warn(missing_docs)]
 
 use std::sync::OnceLock;
+
+mod heatmap;
+pub use heatmap::{colormap, heatmap_rgba_png, overlay_png, resample};
 
 use fracture_eval::{CalibrationBin, ConfusionMatrix, PrPoint, RocPoint};
 use plotters::prelude::*;

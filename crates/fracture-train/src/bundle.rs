@@ -20,6 +20,9 @@ pub const TRAIN_KEY: &str = "fracture.train";
 /// Metadata key of the validation results of the saved epoch (JSON).
 pub const VALIDATION_KEY: &str = "fracture.validation";
 
+/// Metadata key of the validation report at the stored threshold (JSON [`EvalReport`](fracture_eval::EvalReport)).
+pub const OPERATING_POINT_KEY: &str = "fracture.operating_point";
+
 /// The file name of the best model inside a run folder.
 pub const MODEL_FILE: &str = "model.safetensors";
 

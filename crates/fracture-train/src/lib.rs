@@ -15,6 +15,7 @@ mod checkpoint;
 mod config;
 mod error;
 mod evaluate;
+mod explain;
 mod loss;
 mod optim;
 mod outputs;
@@ -22,7 +23,8 @@ mod trainer;
 
 pub use batcher::batch_to_tensors;
 pub use bundle::{
-    MODEL_FILE, PREPROCESS_KEY, THRESHOLD_KEY, THRESHOLD_RULE_KEY, TRAIN_KEY, TrainedModel, VALIDATION_KEY,
+    MODEL_FILE, OPERATING_POINT_KEY, PREPROCESS_KEY, THRESHOLD_KEY, THRESHOLD_RULE_KEY, TRAIN_KEY,
+    TrainedModel, VALIDATION_KEY,
 };
 pub use checkpoint::{Best, CheckpointMeta, DataCounts, read_checkpoint};
 pub use config::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
@@ -30,6 +32,7 @@ pub use error::{Error, Result};
 pub use evaluate::{
     evaluate, mean_loss, predict_dataset, predict_images, predict_logits, report_for, sigmoid, truth,
 };
+pub use explain::Explanation;
 pub use fracture_eval::EvalReport;
 pub use loss::bce_with_logits;
 pub use optim::Adam;

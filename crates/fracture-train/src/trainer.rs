@@ -347,7 +347,8 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             let path = setup.out.join(MODEL_FILE);
             let threshold = choose_threshold(&val_probs, &val_truth, cfg.threshold_rule)?
                 .unwrap_or(fracture_eval::DEFAULT_THRESHOLD);
-            save_best(&model, setup, &report, threshold, &path)?;
+            let operating = EvalReport::new(&val_probs, &val_truth, threshold)?;
+            save_best(&model, setup, &report, threshold, &operating, &path)?;
             on_event(Event::Saved {
                 what: "best model",
                 path: &path,
@@ -542,6 +543,7 @@ fn save_best(
     setup: &TrainSetup,
     report: &EpochReport,
     threshold: f64,
+    operating: &EvalReport,
     path: &Path,
 ) -> Result<()> {
     let mut extra = BTreeMap::new();
@@ -555,6 +557,7 @@ fn save_best(
         json(&setup.train.threshold_rule)?,
     );
     extra.insert(TRAIN_KEY.to_string(), json(&setup.train)?);
+    extra.insert(crate::bundle::OPERATING_POINT_KEY.to_string(), json(operating)?);
     extra.insert(VALIDATION_KEY.to_string(), json(report)?);
     Ok(model.save(path, &extra)?)
 }

@@ -4,6 +4,7 @@ pub(crate) mod download;
 pub(crate) mod eval;
 pub(crate) mod inspect;
 pub(crate) mod predict;
+pub(crate) mod serve;
 pub(crate) mod train;
 
 use fracture_train::candle_core::Device;

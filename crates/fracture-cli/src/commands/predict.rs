@@ -23,6 +23,10 @@ pub(crate) struct Args {
     /// Test-time augmentation: average P(fractured) over the image and its three flips.
     #[arg(long)]
     tta: bool,
+    /// Also write, per image, a PNG of the image with the heatmap of the evidence laid over it
+    /// (`<DIR>/<name>.heatmap.png`).
+    #[arg(long, value_name = "DIR")]
+    heatmap: Option<PathBuf>,
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -86,9 +90,43 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if predictions.is_empty() {
         bail!("no image could be read ({unreadable} unreadable)");
     }
+    if let Some(dir) = &args.heatmap {
+        write_heatmaps(&model, &predictions, dir)?;
+    }
     if unreadable > 0 {
         eprintln!("{} predicted, {unreadable} unreadable", predictions.len());
     }
+    Ok(())
+}
+
+/// One overlay PNG per predicted image; names collide-free within a run.
+fn write_heatmaps(
+    model: &TrainedModel,
+    predictions: &[Prediction],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let limits = DecodeLimits::default();
+    let mut used = std::collections::HashSet::new();
+    for p in predictions {
+        let bytes = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
+        let explained = model.explain_bytes(&bytes, &p.path, &limits, Default::default())?;
+        let stem = p
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into());
+        let mut name = format!("{stem}.heatmap.png");
+        let mut k = 1;
+        while !used.insert(name.clone()) {
+            k += 1;
+            name = format!("{stem}-{k}.heatmap.png");
+        }
+        let out = dir.join(&name);
+        std::fs::write(&out, explained.overlay_png(768, 0.6)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    eprintln!("wrote {} heatmaps to {}", predictions.len(), dir.display());
     Ok(())
 }
 

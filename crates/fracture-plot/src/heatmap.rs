@@ -1,0 +1,132 @@
+//! Heatmaps: colour-mapped activation maps, alone (with transparency) or laid over a radiograph.
+
+use crate::{Error, Result};
+
+/// Bilinear resampling of a row-major `sw × sh` map to `dw × dh` (pixel centres aligned).
+pub fn resample(src: &[f32], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<f32> {
+    let mut out = vec![0.0; dw * dh];
+    if sw == 0 || sh == 0 || src.len() < sw * sh {
+        return out;
+    }
+    let axis = |d: usize, dn: usize, sn: usize| -> (usize, usize, f32) {
+        let f = (((d as f32 + 0.5) * sn as f32 / dn as f32) - 0.5).clamp(0.0, (sn - 1) as f32);
+        let i0 = f.floor() as usize;
+        (i0, (i0 + 1).min(sn - 1), f - i0 as f32)
+    };
+    for y in 0..dh {
+        let (y0, y1, fy) = axis(y, dh, sh);
+        for x in 0..dw {
+            let (x0, x1, fx) = axis(x, dw, sw);
+            let top = src[y0 * sw + x0] * (1.0 - fx) + src[y0 * sw + x1] * fx;
+            let bottom = src[y1 * sw + x0] * (1.0 - fx) + src[y1 * sw + x1] * fx;
+            out[y * dw + x] = top * (1.0 - fy) + bottom * fy;
+        }
+    }
+    out
+}
+
+/// A perceptually ordered colour for `v` in [0, 1]: dark blue → cyan → green → yellow → red.
+pub fn colormap(v: f32) -> [u8; 3] {
+    const STOPS: [(f32, [f32; 3]); 5] = [
+        (0.0, [48.0, 18.0, 59.0]),
+        (0.25, [40.0, 160.0, 230.0]),
+        (0.5, [60.0, 220.0, 110.0]),
+        (0.75, [250.0, 200.0, 40.0]),
+        (1.0, [220.0, 30.0, 20.0]),
+    ];
+    let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+    let k = STOPS
+        .iter()
+        .position(|s| s.0 >= v)
+        .unwrap_or(STOPS.len() - 1)
+        .max(1);
+    let (a, b) = (STOPS[k - 1], STOPS[k]);
+    let t = (v - a.0) / (b.0 - a.0);
+    [0, 1, 2].map(|c| (a.1[c] + (b.1[c] - a.1[c]) * t).round() as u8)
+}
+
+fn encode(pixels: &[u8], w: u32, h: u32, color: image::ExtendedColorType) -> Result<Vec<u8>> {
+    let mut png = Vec::new();
+    image::ImageEncoder::write_image(image::codecs::png::PngEncoder::new(&mut png), pixels, w, h, color)
+        .map_err(|e| Error::Draw {
+            chart: "heatmap",
+            reason: e.to_string(),
+        })?;
+    Ok(png)
+}
+
+/// The map `w × h` (values in [0, 1]) as an RGBA PNG: colour from [`colormap`], opacity rising with
+/// the value (fully transparent at 0), to lay over the image it explains.
+pub fn heatmap_rgba_png(map: &[f32], w: u32, h: u32) -> Result<Vec<u8>> {
+    let n = (w * h) as usize;
+    let mut rgba = Vec::with_capacity(n * 4);
+    for &v in map.iter().take(n) {
+        let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+        let [r, g, b] = colormap(v);
+        rgba.extend([r, g, b, (v.powf(0.6) * 230.0).round() as u8]);
+    }
+    rgba.resize(n * 4, 0);
+    encode(&rgba, w, h, image::ExtendedColorType::Rgba8)
+}
+
+/// The gray image `w × h` with the map (same size, values in [0, 1]) blended over it at `opacity`
+/// (0-1, scaled by the map's value), as an RGB PNG.
+pub fn overlay_png(gray: &[u8], map: &[f32], w: u32, h: u32, opacity: f32) -> Result<Vec<u8>> {
+    let n = (w * h) as usize;
+    let mut rgb = Vec::with_capacity(n * 3);
+    for i in 0..n {
+        let g = f32::from(gray.get(i).copied().unwrap_or(0));
+        let v = map
+            .get(i)
+            .copied()
+            .filter(|v| v.is_finite())
+            .unwrap_or(0.0)
+            .clamp(0.0, 1.0);
+        let a = opacity.clamp(0.0, 1.0) * v.powf(0.6);
+        let c = colormap(v);
+        rgb.extend(c.map(|c| (g * (1.0 - a) + f32::from(c) * a).round() as u8));
+    }
+    encode(&rgb, w, h, image::ExtendedColorType::Rgb8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resampling_preserves_constants_and_direction() {
+        assert!(
+            resample(&[0.7; 6], 3, 2, 9, 5)
+                .iter()
+                .all(|v| (v - 0.7).abs() < 1e-6)
+        );
+        let ramp = resample(&[0.0, 1.0], 2, 1, 8, 1);
+        assert!(ramp.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!((ramp[0], ramp[7]), (0.0, 1.0));
+    }
+
+    #[test]
+    fn colormap_runs_from_cool_to_hot() {
+        let cold = colormap(0.0);
+        let hot = colormap(1.0);
+        assert!(cold[2] > cold[0] && hot[0] > hot[2]);
+        assert_eq!(colormap(f32::NAN), colormap(0.0));
+    }
+
+    #[test]
+    fn pngs_decode_with_the_right_size_and_transparency() {
+        let map: Vec<f32> = (0..64).map(|i| i as f32 / 63.0).collect();
+        let rgba = image::load_from_memory(&heatmap_rgba_png(&map, 8, 8).unwrap())
+            .unwrap()
+            .to_rgba8();
+        assert_eq!(rgba.dimensions(), (8, 8));
+        assert_eq!(rgba.get_pixel(0, 0).0[3], 0, "no evidence: transparent");
+        assert!(rgba.get_pixel(7, 7).0[3] > 200);
+        let gray = vec![100u8; 64];
+        let over = image::load_from_memory(&overlay_png(&gray, &map, 8, 8, 0.8).unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(over.get_pixel(0, 0).0, [100, 100, 100]);
+        assert_ne!(over.get_pixel(7, 7).0, [100, 100, 100]);
+    }
+}

@@ -1,0 +1,102 @@
+//! One image in, P(fractured) and where the evidence lies out: what `fracture serve` and
+//! `fracture predict --heatmap` show.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use fracture_data::image::GrayImage;
+use fracture_data::{ContentBox, DecodeLimits, decode_gray};
+use fracture_model::CamMethod;
+
+use crate::{Result, TrainedModel, sigmoid};
+
+/// A prediction with its activation map.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// P(fractured).
+    pub p_fractured: f64,
+    /// Whether `p_fractured >= threshold`.
+    pub fractured: bool,
+    /// The decoded image at full resolution (8-bit luma).
+    pub image: GrayImage,
+    /// The activation map over the network input, `size × size`, in [0, 1].
+    pub map: Vec<f32>,
+    /// The network input's side.
+    pub size: u32,
+    /// Where the image lies in the input (all of it for stretch, the centre for letterbox).
+    pub content: ContentBox,
+}
+
+impl Explanation {
+    /// The map over the image's own area (the content box), `(values, width, height)` at input
+    /// resolution: stretch it over the original image to see where the evidence lies.
+    pub fn map_over_image(&self) -> (Vec<f32>, u32, u32) {
+        let b = self.content;
+        let s = self.size as usize;
+        let mut out = Vec::with_capacity((b.width * b.height) as usize);
+        for y in b.y..b.y + b.height {
+            let row = y as usize * s;
+            out.extend_from_slice(&self.map[row + b.x as usize..row + (b.x + b.width) as usize]);
+        }
+        (out, b.width, b.height)
+    }
+
+    /// [`Explanation::map_over_image`] as a colour-mapped RGBA PNG (transparent where there is no
+    /// evidence).
+    pub fn heatmap_png(&self) -> Result<Vec<u8>> {
+        let (map, w, h) = self.map_over_image();
+        fracture_plot::heatmap_rgba_png(&map, w, h).map_err(|e| crate::Error::InvalidConfig(e.to_string()))
+    }
+
+    /// The image (scaled so its longer side is at most `max_side`) with the map blended over it.
+    pub fn overlay_png(&self, max_side: u32, opacity: f32) -> Result<Vec<u8>> {
+        let (w, h) = self.image.dimensions();
+        let scale = (f64::from(max_side) / f64::from(w.max(h))).min(1.0);
+        let (ow, oh) = (
+            ((f64::from(w) * scale).round() as u32).max(1),
+            ((f64::from(h) * scale).round() as u32).max(1),
+        );
+        let base = fracture_data::image::imageops::resize(
+            &self.image,
+            ow,
+            oh,
+            fracture_data::image::imageops::FilterType::Triangle,
+        );
+        let (map, mw, mh) = self.map_over_image();
+        let map = fracture_plot::resample(&map, mw as usize, mh as usize, ow as usize, oh as usize);
+        fracture_plot::overlay_png(base.as_raw(), &map, ow, oh, opacity)
+            .map_err(|e| crate::Error::InvalidConfig(e.to_string()))
+    }
+}
+
+impl TrainedModel {
+    /// Decodes one encoded image, predicts P(fractured) and computes its activation map (`method`,
+    /// HiResCAM by default; see `fracture_model::CamMethod`). `origin` names the image in errors.
+    pub fn explain_bytes(
+        &self,
+        bytes: &[u8],
+        origin: &Path,
+        limits: &DecodeLimits,
+        method: CamMethod,
+    ) -> Result<Explanation> {
+        let image = decode_gray(bytes, origin, limits)?;
+        let input = self.preprocess.to_input(self.preprocess.resize(&image)?.view());
+        let s = self.preprocess.size as usize;
+        let x = Tensor::from_vec(
+            input.iter().copied().collect::<Vec<f32>>(),
+            (1, 1, s, s),
+            &self.device(),
+        )?;
+        let cam = self.model.net.grad_cam(&x, method)?;
+        let p = sigmoid(cam.logit);
+        let content = self.preprocess.content_box(image.width(), image.height());
+        Ok(Explanation {
+            p_fractured: p,
+            fractured: p >= self.threshold,
+            image,
+            map: cam.upsample(s),
+            size: self.preprocess.size,
+            content,
+        })
+    }
+}
