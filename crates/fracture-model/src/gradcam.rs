@@ -14,11 +14,11 @@
 //! evidence), while HiResCAM marked the evidence. [`CamMethod::HiResCam`] is therefore the default.
 //! Maps are scaled to [0, 1].
 
-use candle_core::{Module, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use crate::FractureNet;
-use crate::net::Inner;
-use crate::ops::max_pool2x2;
+use crate::kernels;
+use crate::net::{Inner, dense};
 
 /// How channel evidence is combined (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -92,16 +92,13 @@ impl FractureNet {
         }
         let (features, offset, stride, logit) = match &self.inner {
             Inner::Seed(net) => {
-                let a = net
-                    .conv2
-                    .forward(&max_pool2x2(&net.conv1.forward(xs)?.relu()?)?)?
-                    .relu()?;
+                let a = self.features(net, xs)?;
                 // Make the feature map a leaf so the backward pass reports its gradient, and run the head
                 // on detached weights so that the backward pass computes nothing else.
                 let a = Var::from_tensor(&a.detach())?;
-                let x = max_pool2x2(a.as_tensor())?.flatten_from(1)?;
-                let x = detached(&net.fc1).forward(&x)?.relu()?;
-                let logit = detached(&net.fc2).forward(&x)?.squeeze(1)?;
+                let x = kernels::max_pool2x2(a.as_tensor(), self.kernels)?.flatten_from(1)?;
+                let x = dense(&detached(&net.fc1), &x, true, self.kernels)?;
+                let logit = dense(&detached(&net.fc2), &x, false, self.kernels)?.squeeze(1)?;
                 // conv1 (valid 3×3) → pool 2 → conv2 (valid 3×3): feature i is centred on input 2i + 3.5.
                 (a, 3.5f32, 2.0f32, logit)
             }

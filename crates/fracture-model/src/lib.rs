@@ -13,8 +13,8 @@ mod device;
 mod error;
 mod gradcam;
 mod init;
+pub mod kernels;
 mod net;
-mod ops;
 mod weights;
 
 pub use config::{ArchConfig, ModelConfig, SeedConfig};
@@ -22,8 +22,8 @@ pub use device::{compiled_backends, describe_device, device};
 pub use error::{Error, Result};
 pub use gradcam::{CamMethod, GradCam};
 pub use init::seeded_var_builder;
+pub use kernels::Kernels;
 pub use net::FractureNet;
-pub use ops::{dropout, max_pool2x2};
 pub use weights::{CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, Model, write_atomic};
 
 pub use candle_core;

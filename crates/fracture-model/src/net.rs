@@ -2,13 +2,21 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Module, ModuleT, Tensor};
+use candle_core::{ModuleT, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::ops::{dropout, max_pool2x2};
+use crate::kernels::{self, ConvSpec, Kernels};
 use crate::{ArchConfig, Error, ModelConfig, Result, SeedConfig};
+
+/// The seed network's convolutions: 3×3, stride 1, no padding, ReLU.
+pub(crate) const SEED_CONV: ConvSpec = ConvSpec {
+    kernel: 3,
+    stride: 1,
+    padding: 0,
+    relu: true,
+};
 
 /// A binary fracture classifier.
 ///
@@ -24,6 +32,7 @@ pub struct FractureNet {
     config: ModelConfig,
     pub(crate) inner: Inner,
     dropout_rng: Mutex<ChaCha8Rng>,
+    pub(crate) kernels: Kernels,
 }
 
 #[derive(Debug)]
@@ -52,12 +61,24 @@ impl FractureNet {
             config: config.clone(),
             inner,
             dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+            kernels: Kernels::default(),
         })
     }
 
     /// The configuration the network was built from.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Chooses our CPU kernels (the default) or candle's own operations; results agree within
+    /// floating-point rounding (see [`crate::kernels`]).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// The kernels in use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Restarts the dropout generator from `seed`. A trainer reseeds it at every step so that a
@@ -89,7 +110,7 @@ impl FractureNet {
             .dropout_rng
             .lock()
             .map_err(|_| candle_core::Error::Msg("dropout lock poisoned".into()))?;
-        dropout(xs, p, &mut *rng)
+        kernels::dropout(xs, p, &mut *rng, self.kernels)
     }
 }
 
@@ -98,14 +119,43 @@ impl ModuleT for FractureNet {
         self.check_input(xs)?;
         match &self.inner {
             Inner::Seed(net) => {
-                let x = max_pool2x2(&net.conv1.forward(xs)?.relu()?)?;
-                let x = max_pool2x2(&net.conv2.forward(&x)?.relu()?)?;
+                let x = conv_pool(&net.conv1, xs, self.kernels)?;
+                let x = conv_pool(&net.conv2, &x, self.kernels)?;
                 let x = self.dropout(&x.flatten_from(1)?, net.p_flatten, train)?;
-                let x = self.dropout(&net.fc1.forward(&x)?.relu()?, net.p_dense, train)?;
-                net.fc2.forward(&x)?.squeeze(1)
+                let x = self.dropout(&dense(&net.fc1, &x, true, self.kernels)?, net.p_dense, train)?;
+                dense(&net.fc2, &x, false, self.kernels)?.squeeze(1)
             }
         }
     }
+}
+
+impl FractureNet {
+    /// The seed network up to its last convolutional feature map (after ReLU, before pooling).
+    pub(crate) fn features(&self, net: &SeedNet, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let x = conv_pool(&net.conv1, xs, self.kernels)?;
+        conv(&net.conv2, &x, self.kernels)
+    }
+}
+
+fn conv_pool(layer: &Conv2d, xs: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+    let bias = layer
+        .bias()
+        .ok_or_else(|| candle_core::Error::Msg("convolution without bias".into()))?;
+    kernels::conv2d_relu_pool2x2(xs, layer.weight(), bias, SEED_CONV, k)
+}
+
+fn conv(layer: &Conv2d, xs: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+    let bias = layer
+        .bias()
+        .ok_or_else(|| candle_core::Error::Msg("convolution without bias".into()))?;
+    kernels::conv2d(xs, layer.weight(), bias, SEED_CONV, k)
+}
+
+pub(crate) fn dense(layer: &Linear, xs: &Tensor, relu: bool, k: Kernels) -> candle_core::Result<Tensor> {
+    let bias = layer
+        .bias()
+        .ok_or_else(|| candle_core::Error::Msg("dense layer without bias".into()))?;
+    kernels::linear(xs, layer.weight(), bias, relu, k)
 }
 
 impl SeedNet {

@@ -68,7 +68,7 @@ pub(crate) fn save_checkpoint(path: &Path, model: &Model, adam: &Adam, meta: &Ch
     for (name, var) in model.named_vars() {
         tensors.push((format!("model.{name}"), var.as_tensor().to_device(&Device::Cpu)?));
     }
-    for (name, t) in adam.state_tensors() {
+    for (name, t) in adam.state_tensors()? {
         tensors.push((name, t.to_device(&Device::Cpu)?));
     }
     let json = crate::bundle::json(meta)?;

@@ -1,0 +1,369 @@
+//! 2-D convolution (+ bias, + optional ReLU) on `(B, C, H, W)` f32, by im2col and GEMM, with its
+//! backward pass. Images are spread over rayon's threads; each multiply is single-threaded.
+
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{Threads, View, sgemm};
+use super::{contiguous_f32, tensor_f32};
+
+/// A square convolution's geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Kernel side.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+    /// Apply ReLU to the output (the backward pass then masks by the output's sign).
+    pub relu: bool,
+}
+
+impl ConvSpec {
+    /// Output side for an input side.
+    pub fn out_len(&self, len: usize) -> usize {
+        (len + 2 * self.padding).saturating_sub(self.kernel) / self.stride + 1
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) cin: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) cout: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+}
+
+impl Dims {
+    /// The geometry of input `xs` `(B, Cin, H, W)` and weight `ws` `(Cout, Cin, k, k)` under `s`.
+    pub(crate) fn new(s: &ConvSpec, xs: &[usize], ws: &[usize]) -> candle_core::Result<Dims> {
+        let (&[b, cin, h, w], &[cout, wcin, kh, kw]) = (xs, ws) else {
+            candle_core::bail!(
+                "conv2d: expected (B, C, H, W) input and (O, C, k, k) weight, got {xs:?} and {ws:?}"
+            );
+        };
+        if wcin != cin || kh != s.kernel || kw != s.kernel {
+            candle_core::bail!(
+                "conv2d: weight {ws:?} does not fit input {xs:?} and kernel {}",
+                s.kernel
+            );
+        }
+        if h + 2 * s.padding < s.kernel || w + 2 * s.padding < s.kernel || s.stride == 0 {
+            candle_core::bail!(
+                "conv2d: input {h}×{w} is smaller than the {0}×{0} kernel",
+                s.kernel
+            );
+        }
+        Ok(Dims {
+            b,
+            cin,
+            h,
+            w,
+            cout,
+            oh: s.out_len(h),
+            ow: s.out_len(w),
+        })
+    }
+
+    pub(crate) fn k(&self, spec: &ConvSpec) -> usize {
+        self.cin * spec.kernel * spec.kernel
+    }
+
+    pub(crate) fn n(&self) -> usize {
+        self.oh * self.ow
+    }
+}
+
+thread_local! {
+    // im2col / gradient-column buffers, reused across calls so large buffers are not mapped and
+    // unmapped every step.
+    static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static DCOL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's im2col buffer of `len` values.
+pub(crate) fn with_col<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_buffer(&COL, len, f)
+}
+
+/// Runs `f` with this thread's second buffer (gradient columns, or a full-resolution output).
+pub(crate) fn with_dcol<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_buffer(&DCOL, len, f)
+}
+
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// Unfolds one image `(cin, h, w)` into `col` `(cin·k·k, oh·ow)`: row `(c, ki, kj)` holds the input
+/// pixel under kernel tap `(ki, kj)` for every output position (0 outside the image).
+pub(crate) fn im2col(x: &[f32], d: &Dims, s: &ConvSpec, col: &mut [f32]) {
+    let (k, n) = (s.kernel, d.n());
+    for c in 0..d.cin {
+        let plane = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &mut col[((c * k + ki) * k + kj) * n..][..n];
+                for oy in 0..d.oh {
+                    let iy = (oy * s.stride + ki) as isize - s.padding as isize;
+                    let dst = &mut row[oy * d.ow..(oy + 1) * d.ow];
+                    if iy < 0 || iy >= d.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
+                    if s.stride == 1 && s.padding == 0 {
+                        dst.copy_from_slice(&src[kj..kj + d.ow]);
+                    } else {
+                        for (ox, v) in dst.iter_mut().enumerate() {
+                            let ix = (ox * s.stride + kj) as isize - s.padding as isize;
+                            *v = if ix >= 0 && ix < d.w as isize {
+                                src[ix as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds every column entry back onto the input pixel it came from.
+pub(crate) fn col2im(col: &[f32], d: &Dims, s: &ConvSpec, x: &mut [f32]) {
+    let (k, n) = (s.kernel, d.n());
+    x.fill(0.0);
+    for c in 0..d.cin {
+        let plane = &mut x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &col[((c * k + ki) * k + kj) * n..][..n];
+                for oy in 0..d.oh {
+                    let iy = (oy * s.stride + ki) as isize - s.padding as isize;
+                    if iy < 0 || iy >= d.h as isize {
+                        continue;
+                    }
+                    let src = &row[oy * d.ow..(oy + 1) * d.ow];
+                    let dst = &mut plane[iy as usize * d.w..(iy as usize + 1) * d.w];
+                    if s.stride == 1 && s.padding == 0 {
+                        for (o, v) in dst[kj..kj + d.ow].iter_mut().zip(src) {
+                            *o += v;
+                        }
+                    } else {
+                        for (ox, v) in src.iter().enumerate() {
+                            let ix = (ox * s.stride + kj) as isize - s.padding as isize;
+                            if ix >= 0 && ix < d.w as isize {
+                                dst[ix as usize] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn forward(x: &[f32], w: &[f32], bias: &[f32], d: &Dims, s: &ConvSpec) -> candle_core::Result<Vec<f32>> {
+    let (kk, n) = (d.k(s), d.n());
+    let mut out = vec![0.0f32; d.b * d.cout * n];
+    let inner = super::gemm::inner_threads(d.b);
+    out.par_chunks_mut(d.cout * n)
+        .zip(x.par_chunks(d.cin * d.h * d.w))
+        .try_for_each(|(o, xb)| {
+            with_buffer(&COL, kk * n, |col| {
+                im2col(xb, d, s, col);
+                sgemm(
+                    o,
+                    n,
+                    View::rows(w, d.cout, kk),
+                    View::rows(col, kk, n),
+                    false,
+                    inner,
+                )
+            })?;
+            for (c, plane) in o.chunks_mut(n).enumerate() {
+                let b = bias[c];
+                if s.relu {
+                    plane.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
+                } else {
+                    plane.iter_mut().for_each(|v| *v += b);
+                }
+            }
+            candle_core::Result::Ok(())
+        })?;
+    Ok(out)
+}
+
+/// Gradients of the convolution: `(dx, dw, db)`; `dx` only when `need_dx`.
+fn backward(
+    x: &[f32],
+    w: &[f32],
+    out: &[f32],
+    grad: &[f32],
+    d: &Dims,
+    s: &ConvSpec,
+    need_dx: bool,
+) -> candle_core::Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
+    let (kk, n) = (d.k(s), d.n());
+    let img = d.cin * d.h * d.w;
+    let threads = rayon::current_num_threads().clamp(1, d.b.max(1));
+    let per = d.b.div_ceil(threads);
+    let mut dx = if need_dx {
+        vec![0.0f32; d.b * img]
+    } else {
+        Vec::new()
+    };
+    // Each thread handles a run of images and keeps its own dw/db sums; they are added up after.
+    let chunks: Vec<(usize, &mut [f32])> = if need_dx {
+        dx.chunks_mut(per * img).enumerate().collect()
+    } else {
+        (0..d.b.div_ceil(per)).map(|i| (i, &mut [][..])).collect()
+    };
+    let partials: Vec<candle_core::Result<(Vec<f32>, Vec<f32>)>> = chunks
+        .into_par_iter()
+        .map(|(t, dx_chunk)| {
+            let mut dw = vec![0.0f32; d.cout * kk];
+            let mut db = vec![0.0f32; d.cout];
+            let mut dz = vec![0.0f32; d.cout * n];
+            for (j, bi) in (t * per..((t + 1) * per).min(d.b)).enumerate() {
+                let g = &grad[bi * d.cout * n..(bi + 1) * d.cout * n];
+                let o = &out[bi * d.cout * n..(bi + 1) * d.cout * n];
+                for ((z, &gv), &ov) in dz.iter_mut().zip(g).zip(o) {
+                    *z = if s.relu && ov <= 0.0 { 0.0 } else { gv };
+                }
+                for (c, plane) in dz.chunks(n).enumerate() {
+                    db[c] += plane.iter().sum::<f32>();
+                }
+                with_buffer(&COL, kk * n, |col| {
+                    im2col(&x[bi * img..(bi + 1) * img], d, s, col);
+                    // dw += dz (cout × n) · colᵀ (n × kk)
+                    sgemm(
+                        &mut dw,
+                        kk,
+                        View::rows(&dz, d.cout, n),
+                        View::transposed(col, kk, n),
+                        true,
+                        Threads::One,
+                    )
+                })?;
+                if need_dx {
+                    with_buffer(&DCOL, kk * n, |dcol| {
+                        // dcol (kk × n) = wᵀ (kk × cout) · dz (cout × n)
+                        sgemm(
+                            dcol,
+                            n,
+                            View::transposed(w, d.cout, kk),
+                            View::rows(&dz, d.cout, n),
+                            false,
+                            Threads::One,
+                        )?;
+                        col2im(dcol, d, s, &mut dx_chunk[j * img..(j + 1) * img]);
+                        candle_core::Result::Ok(())
+                    })?;
+                }
+            }
+            Ok((dw, db))
+        })
+        .collect();
+    let mut dw = vec![0.0f32; d.cout * kk];
+    let mut db = vec![0.0f32; d.cout];
+    for p in partials {
+        let (pw, pb) = p?;
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    Ok((need_dx.then_some(dx), dw, db))
+}
+
+/// The custom op: inputs `x (B, Cin, H, W)`, `w (Cout, Cin, k, k)`, `b (Cout,)`.
+pub(crate) struct Conv2dOp {
+    pub(crate) spec: ConvSpec,
+}
+
+impl Conv2dOp {
+    fn dims(&self, xs: &[usize], ws: &[usize]) -> candle_core::Result<Dims> {
+        Dims::new(&self.spec, xs, ws)
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "fracture-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1.dims(), l2.dims())?;
+        let (x, w, b) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
+        if b.len() != d.cout {
+            candle_core::bail!("conv2d: bias has {} values for {} channels", b.len(), d.cout);
+        }
+        let out = forward(x, w, b, &d, &self.spec)?;
+        Ok((CpuStorage::F32(out), Shape::from((d.b, d.cout, d.oh, d.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims(x.dims(), w.dims())?;
+        let grad = grad_res.contiguous()?;
+        let need_dx = x.track_op();
+        let (dx, dw, db) = {
+            let (xs, ws, os, gs) = (
+                tensor_f32(x)?,
+                tensor_f32(w)?,
+                tensor_f32(res)?,
+                tensor_f32(&grad)?,
+            );
+            backward(
+                xs.slice()?,
+                ws.slice()?,
+                os.slice()?,
+                gs.slice()?,
+                &d,
+                &self.spec,
+                need_dx,
+            )?
+        };
+        let dev = x.device();
+        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, d.cout, dev)?),
+        ))
+    }
+}

@@ -1,0 +1,286 @@
+//! Convolution + bias + ReLU + 2×2 max pooling as one op. Fusing them keeps the full-resolution
+//! activation inside the kernel: only the pooled output, and one byte per pooled value recording
+//! which window position won, leave it. The backward pass rebuilds the sparse gradient at full
+//! resolution image by image, so the large activation gradient never passes through candle's
+//! gradient store.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::conv::{ConvSpec, Dims, col2im, im2col, with_col, with_dcol};
+use super::gemm::{Threads, View, sgemm};
+use super::{contiguous_f32, tensor_f32};
+
+/// Marks a pooled value whose window was all ≤ 0 after the bias: ReLU passes no gradient.
+const DEAD: u8 = u8::MAX;
+
+pub(crate) struct ConvReluPoolOp {
+    pub(crate) spec: ConvSpec,
+    /// Per pooled value, the winning window position (0-3) or [`DEAD`], written by the forward pass.
+    winners: Mutex<Vec<u8>>,
+}
+
+impl ConvReluPoolOp {
+    pub(crate) fn new(spec: ConvSpec) -> Self {
+        ConvReluPoolOp {
+            spec: ConvSpec { relu: true, ..spec },
+            winners: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// Pools one full-resolution plane (row stride `ow`) into `out`/`win` rows of `pw`: bias, ReLU,
+/// 2×2 max, and the winning position (the first maximum, in row-major window order) or [`DEAD`].
+#[inline]
+fn pool_plane(plane: &[f32], ow: usize, bias: f32, out: &mut [f32], win: &mut [u8], pw: usize) {
+    for ((o_row, w_row), i) in out.chunks_exact_mut(pw).zip(win.chunks_exact_mut(pw)).zip(0..) {
+        let r0 = &plane[2 * i * ow..2 * i * ow + 2 * pw];
+        let r1 = &plane[(2 * i + 1) * ow..(2 * i + 1) * ow + 2 * pw];
+        for (((o, w), a), b) in o_row
+            .iter_mut()
+            .zip(w_row.iter_mut())
+            .zip(r0.chunks_exact(2))
+            .zip(r1.chunks_exact(2))
+        {
+            let (m1, i1) = if a[1] > a[0] { (a[1], 1u8) } else { (a[0], 0u8) };
+            let (m2, i2) = if b[1] > b[0] { (b[1], 3u8) } else { (b[0], 2u8) };
+            let (m, k) = if m2 > m1 { (m2, i2) } else { (m1, i1) };
+            let v = m + bias;
+            let live = v > 0.0;
+            *o = if live { v } else { 0.0 };
+            *w = if live { k } else { DEAD };
+        }
+    }
+}
+
+/// The adjoint of [`pool_plane`] for one channel: writes the full-resolution gradient `dz`
+/// (`oh × ow`, every element) from the pooled gradient `g` and the winners, and returns the sum of
+/// the gradients that reach the bias.
+#[inline]
+fn unpool_plane(g: &[f32], win: &[u8], dz: &mut [f32], oh: usize, ow: usize, pw: usize) -> f32 {
+    let mut bias_grad = 0.0;
+    for (i, (g_row, w_row)) in g.chunks_exact(pw).zip(win.chunks_exact(pw)).enumerate() {
+        let (top, rest) = dz[2 * i * ow..].split_at_mut(ow);
+        let bottom = &mut rest[..ow];
+        for (((t, b), &gv), &k) in top
+            .chunks_exact_mut(2)
+            .zip(bottom.chunks_exact_mut(2))
+            .zip(g_row)
+            .zip(w_row)
+        {
+            let v = if k == DEAD { 0.0 } else { gv };
+            bias_grad += v;
+            t[0] = if k == 0 { v } else { 0.0 };
+            t[1] = if k == 1 { v } else { 0.0 };
+            b[0] = if k == 2 { v } else { 0.0 };
+            b[1] = if k == 3 { v } else { 0.0 };
+        }
+        // An odd last column belongs to no window.
+        if ow % 2 == 1 {
+            top[ow - 1] = 0.0;
+            bottom[ow - 1] = 0.0;
+        }
+    }
+    // An odd last row belongs to no window.
+    if oh % 2 == 1 {
+        dz[(oh - 1) * ow..oh * ow].fill(0.0);
+    }
+    bias_grad
+}
+
+fn pooled(d: &Dims) -> (usize, usize) {
+    (d.oh / 2, d.ow / 2)
+}
+
+impl CustomOp3 for ConvReluPoolOp {
+    fn name(&self) -> &'static str {
+        "fracture-conv-relu-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Dims::new(&self.spec, l1.dims(), l2.dims())?;
+        let (ph, pw) = pooled(&d);
+        if ph == 0 || pw == 0 {
+            candle_core::bail!(
+                "conv-relu-pool: the {}×{} convolution output is smaller than the pooling window",
+                d.oh,
+                d.ow
+            );
+        }
+        let (x, w, bias) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
+        if bias.len() != d.cout {
+            candle_core::bail!(
+                "conv-relu-pool: bias has {} values for {} channels",
+                bias.len(),
+                d.cout
+            );
+        }
+        let (kk, n) = (d.k(&self.spec), d.n());
+        let per_image = d.cout * ph * pw;
+        let mut out = vec![0.0f32; d.b * per_image];
+        let mut winners = vec![0u8; d.b * per_image];
+        let inner = super::gemm::inner_threads(d.b);
+        out.par_chunks_mut(per_image)
+            .zip(winners.par_chunks_mut(per_image))
+            .zip(x.par_chunks(d.cin * d.h * d.w))
+            .try_for_each(|((o, win), xb)| {
+                with_col(kk * n, |col| {
+                    im2col(xb, &d, &self.spec, col);
+                    with_dcol(d.cout * n, |z| {
+                        sgemm(
+                            z,
+                            n,
+                            View::rows(w, d.cout, kk),
+                            View::rows(col, kk, n),
+                            false,
+                            inner,
+                        )?;
+                        for c in 0..d.cout {
+                            pool_plane(
+                                &z[c * n..(c + 1) * n],
+                                d.ow,
+                                bias[c],
+                                &mut o[c * ph * pw..(c + 1) * ph * pw],
+                                &mut win[c * ph * pw..(c + 1) * ph * pw],
+                                pw,
+                            );
+                        }
+                        candle_core::Result::Ok(())
+                    })
+                })
+            })?;
+        if let Ok(mut saved) = self.winners.lock() {
+            *saved = winners;
+        }
+        Ok((CpuStorage::F32(out), Shape::from((d.b, d.cout, ph, pw))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = Dims::new(&self.spec, x.dims(), w.dims())?;
+        let (ph, pw) = pooled(&d);
+        let (kk, n) = (d.k(&self.spec), d.n());
+        let img = d.cin * d.h * d.w;
+        let per_image = d.cout * ph * pw;
+        let need_dx = x.track_op();
+        let grad = grad_res.contiguous()?;
+        let winners = self
+            .winners
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv-relu-pool: poisoned".into()))?;
+        if winners.len() != d.b * per_image {
+            candle_core::bail!("conv-relu-pool: backward without a matching forward pass");
+        }
+        let threads = rayon::current_num_threads().clamp(1, d.b.max(1));
+        let per = d.b.div_ceil(threads);
+        let mut dx = if need_dx {
+            vec![0.0f32; d.b * img]
+        } else {
+            Vec::new()
+        };
+        let (dw, db) = {
+            let (xs, ws, gs) = (tensor_f32(x)?, tensor_f32(w)?, tensor_f32(&grad)?);
+            let (xv, wv, gv) = (xs.slice()?, ws.slice()?, gs.slice()?);
+            let chunks: Vec<(usize, &mut [f32])> = if need_dx {
+                dx.chunks_mut(per * img).enumerate().collect()
+            } else {
+                (0..d.b.div_ceil(per)).map(|i| (i, &mut [][..])).collect()
+            };
+            let partials: Vec<candle_core::Result<(Vec<f32>, Vec<f32>)>> = chunks
+                .into_par_iter()
+                .map(|(t, dx_chunk)| {
+                    let mut dw = vec![0.0f32; d.cout * kk];
+                    let mut db = vec![0.0f32; d.cout];
+                    let mut dwt = vec![0.0f32; if kk < d.cout { kk * d.cout } else { 0 }];
+                    let mut dz = vec![0.0f32; d.cout * n];
+                    for (j, bi) in (t * per..((t + 1) * per).min(d.b)).enumerate() {
+                        let g = &gv[bi * per_image..(bi + 1) * per_image];
+                        let win = &winners[bi * per_image..(bi + 1) * per_image];
+                        for c in 0..d.cout {
+                            let range = c * ph * pw..(c + 1) * ph * pw;
+                            db[c] += unpool_plane(
+                                &g[range.clone()],
+                                &win[range],
+                                &mut dz[c * n..(c + 1) * n],
+                                d.oh,
+                                d.ow,
+                                pw,
+                            );
+                        }
+                        with_col(kk * n, |col| {
+                            im2col(&xv[bi * img..(bi + 1) * img], &d, &self.spec, col);
+                            if kk < d.cout {
+                                // Few taps (a first layer): dwᵀ (kk × cout) = col (kk × n) · dzᵀ (n × cout)
+                                // suits the multiply's kernels better than the skinny dw = dz · colᵀ.
+                                let (lhs, rhs) = (View::rows(col, kk, n), View::transposed(&dz, d.cout, n));
+                                sgemm(&mut dwt, d.cout, lhs, rhs, true, Threads::One)
+                            } else {
+                                let (lhs, rhs) = (View::rows(&dz, d.cout, n), View::transposed(col, kk, n));
+                                sgemm(&mut dw, kk, lhs, rhs, true, Threads::One)
+                            }
+                        })?;
+                        if need_dx {
+                            with_dcol(kk * n, |dcol| {
+                                sgemm(
+                                    dcol,
+                                    n,
+                                    View::transposed(wv, d.cout, kk),
+                                    View::rows(&dz, d.cout, n),
+                                    false,
+                                    Threads::One,
+                                )?;
+                                col2im(dcol, &d, &self.spec, &mut dx_chunk[j * img..(j + 1) * img]);
+                                candle_core::Result::Ok(())
+                            })?;
+                        }
+                    }
+                    for (tap, row) in dwt.chunks(d.cout.max(1)).enumerate() {
+                        for (c, v) in row.iter().enumerate() {
+                            dw[c * kk + tap] += v;
+                        }
+                    }
+                    Ok((dw, db))
+                })
+                .collect();
+            let mut dw = vec![0.0f32; d.cout * kk];
+            let mut db = vec![0.0f32; d.cout];
+            for p in partials {
+                let (pw_, pb) = p?;
+                dw.iter_mut().zip(pw_).for_each(|(a, b)| *a += b);
+                db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+            }
+            (dw, db)
+        };
+        let dev = x.device();
+        let dx = if need_dx {
+            Some(Tensor::from_vec(dx, x.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, d.cout, dev)?),
+        ))
+    }
+}

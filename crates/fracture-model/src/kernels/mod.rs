@@ -1,0 +1,200 @@
+//! CPU kernels for the networks' hot operations, plugged into candle as custom ops with backward
+//! passes, so the model code stays candle code.
+//!
+//! Each public function here takes and returns candle tensors. On a CPU device with f32 data it
+//! runs our kernel; anywhere else (CUDA, Metal, other dtypes), or when [`Kernels::Reference`] is
+//! chosen, it runs the equivalent composition of candle's own operations. The two are checked
+//! against each other, values and gradients, by property tests (`tests/kernels.rs`).
+//!
+//! | op | kernel |
+//! |---|---|
+//! | [`conv2d`] (+ bias, + ReLU) | im2col + GEMM per image, images across threads; backward: dW and dX by GEMM, col2im |
+//! | [`conv2d_relu_pool2x2`] | the two fused: the full-resolution activation never leaves the kernel, one byte per pooled value records the winner |
+//! | [`max_pool2x2`] | window maxima; backward re-finds each window's argmax |
+//! | [`linear`] (+ bias, + ReLU) | one GEMM each for y, dW and dX, with strided (not copied) transposes |
+//! | [`dropout`] | mask drawn once, applied forward and backward |
+//!
+//! The GEMM is the `gemm` crate's (the one candle uses) with its AVX-512 kernels enabled; its single
+//! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`.
+
+mod conv;
+mod conv_pool;
+mod dropout;
+mod gemm;
+mod linear;
+mod pool;
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
+use rand::Rng;
+
+pub use conv::ConvSpec;
+
+/// Which implementation the networks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Our kernels on the CPU, candle's elsewhere (the default).
+    #[default]
+    Fast,
+    /// Candle's own operations everywhere (the reference the kernels are checked against).
+    Reference,
+}
+
+/// The data of a contiguous f32 CPU storage.
+pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("fracture kernels take f32 tensors");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fracture kernels take contiguous tensors"),
+    }
+}
+
+/// A read guard on a tensor's storage, to borrow its data as a slice.
+pub(crate) struct F32Ref<'a> {
+    guard: candle_core::StorageRef<'a>,
+    layout: &'a Layout,
+}
+
+impl F32Ref<'_> {
+    pub(crate) fn slice(&self) -> candle_core::Result<&[f32]> {
+        match &*self.guard {
+            Storage::Cpu(cpu) => contiguous_f32(cpu, self.layout),
+            _ => candle_core::bail!("fracture kernels run on the CPU"),
+        }
+    }
+}
+
+pub(crate) fn tensor_f32(t: &Tensor) -> candle_core::Result<F32Ref<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    Ok(F32Ref { guard, layout })
+}
+
+fn fast(kernels: Kernels, tensors: &[&Tensor]) -> bool {
+    kernels == Kernels::Fast
+        && tensors
+            .iter()
+            .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+}
+
+/// Convolution of `x (B, Cin, H, W)` with `w (Cout, Cin, k, k)` plus `b (Cout,)`, then ReLU when
+/// `spec.relu`: `(B, Cout, H', W')`.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    spec: ConvSpec,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    if fast(kernels, &[x, w, b]) {
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, conv::Conv2dOp { spec });
+    }
+    // Stride 1, then every `stride`-th row and column: candle 0.11's own strided conv2d has a backward
+    // pass that fails with a shape error for some odd sizes (its transposed convolution lacks an
+    // output padding), so the reference path never uses it.
+    let mut y = x.conv2d(w, spec.padding, 1, 1, 1)?;
+    if spec.stride > 1 {
+        let (_, _, h, wd) = y.dims4()?;
+        let pick = |n: usize| -> candle_core::Result<Tensor> {
+            let idx: Vec<u32> = (0..n).step_by(spec.stride).map(|i| i as u32).collect();
+            Tensor::new(idx, y.device())
+        };
+        y = y.index_select(&pick(h)?, 2)?.index_select(&pick(wd)?, 3)?;
+    }
+    let y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+    if spec.relu { y.relu() } else { Ok(y) }
+}
+
+/// [`conv2d`] with ReLU, then [`max_pool2x2`], as one fused kernel on the CPU: `(B, Cout, H'/2, W'/2)`.
+/// `spec.relu` is ignored (always on).
+pub fn conv2d_relu_pool2x2(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    spec: ConvSpec,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    if fast(kernels, &[x, w, b]) {
+        return x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            conv_pool::ConvReluPoolOp::new(spec),
+        );
+    }
+    max_pool2x2(
+        &conv2d(x, w, b, ConvSpec { relu: true, ..spec }, kernels)?,
+        kernels,
+    )
+}
+
+/// 2×2 max pooling with stride 2 on `(B, C, H, W)`, floor semantics: `(B, C, H/2, W/2)`.
+///
+/// The reference path is reshape + two `max` reductions rather than `Tensor::max_pool2d`, whose
+/// backward pass on the CPU in candle 0.11 gives gradients 10-20× too small.
+pub fn max_pool2x2(x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+    if fast(kernels, &[x]) {
+        return x.contiguous()?.apply_op1(pool::MaxPool2x2Op);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let (h2, w2) = (h / 2, w / 2);
+    if h2 == 0 || w2 == 0 {
+        candle_core::bail!("max_pool2x2: input {h}×{w} is smaller than the 2×2 window");
+    }
+    let mut x = x.clone();
+    if h % 2 == 1 {
+        x = x.narrow(2, 0, h2 * 2)?;
+    }
+    if w % 2 == 1 {
+        x = x.narrow(3, 0, w2 * 2)?;
+    }
+    x.contiguous()?.reshape((b, c, h2, 2, w2, 2))?.max(5)?.max(3)
+}
+
+/// `x (B, In) · wᵀ + b` with `w (Out, In)`, `b (Out,)`, then ReLU when `relu`: `(B, Out)`.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    relu: bool,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    if fast(kernels, &[x, w, b]) {
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, linear::LinearOp { relu });
+    }
+    let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
+    if relu { y.relu() } else { Ok(y) }
+}
+
+/// Inverted dropout with a caller-supplied generator: each element is zeroed with probability `p`
+/// and the survivors are scaled by `1 / (1 - p)`. The mask is drawn on the host, so the same
+/// generator state gives the same mask on every device and with either kernel choice. `p = 0`
+/// returns the input unchanged.
+pub fn dropout(x: &Tensor, p: f32, rng: &mut impl Rng, kernels: Kernels) -> candle_core::Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability has to be in [0, 1), got {p}")
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = 1.0 / (1.0 - p);
+    // One 16-bit draw per element (p is applied in steps of 1/65536), taken from a bulk fill.
+    let threshold = (f64::from(p) * 65536.0).round() as u32;
+    let mut bytes = vec![0u8; 2 * x.elem_count()];
+    rng.fill_bytes(&mut bytes);
+    let keep = dropout::keep_mask(&bytes, threshold);
+    if fast(kernels, &[x]) {
+        return x.contiguous()?.apply_op1(dropout::DropoutOp {
+            keep: Arc::new(keep),
+            scale,
+        });
+    }
+    let mask: Vec<f32> = keep.iter().map(|&k| if k != 0 { scale } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}

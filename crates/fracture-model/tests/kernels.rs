@@ -1,0 +1,180 @@
+//! Our CPU kernels against candle's reference operations: values and gradients within 1e-4
+//! (relative to the largest magnitude), over random shapes, strides, batch sizes and odd sizes.
+
+#![allow(clippy::unwrap_used)]
+
+use candle_core::{Device, ModuleT, Tensor, Var};
+use fracture_model::kernels::{self, ConvSpec, Kernels};
+use fracture_model::{ArchConfig, Model, ModelConfig, SeedConfig};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+use rand::SeedableRng;
+
+fn config() -> Config {
+    Config {
+        cases: 24,
+        rng_seed: RngSeed::Fixed(20261127),
+        failure_persistence: None,
+        ..Config::default()
+    }
+}
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// max |a − b| ≤ 1e-4 · max(1, max |b|).
+fn close(a: &Tensor, b: &Tensor, what: &str) -> Result<(), TestCaseError> {
+    prop_assert_eq!(a.dims(), b.dims(), "{} shapes", what);
+    let av = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let bv = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = bv.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = av.iter().zip(&bv).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    prop_assert!(
+        diff <= 1e-4 * scale,
+        "{}: max difference {} at scale {}",
+        what,
+        diff,
+        scale
+    );
+    Ok(())
+}
+
+/// Runs `f` on both kernel choices with fresh variables for `inputs`, and compares the outputs and
+/// the gradients of `Σ out · r` with respect to every input.
+fn check(
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor], Kernels) -> Tensor,
+    what: &str,
+) -> Result<(), TestCaseError> {
+    let mut results = Vec::new();
+    for k in [Kernels::Fast, Kernels::Reference] {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts, k);
+        let r = random(out.dims(), 99);
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs: Vec<Tensor> = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
+        results.push((out, gs));
+    }
+    close(&results[0].0, &results[1].0, &format!("{what} values"))?;
+    for (i, (a, b)) in results[0].1.iter().zip(&results[1].1).enumerate() {
+        close(a, b, &format!("{what} gradient of input {i}"))?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn conv2d_matches_candle(
+        b in 1usize..3, cin in 1usize..4, cout in 1usize..5, kernel in prop_oneof![Just(1usize), Just(3), Just(5)],
+        stride in 1usize..3, padding in 0usize..2, extra_h in 0usize..8, extra_w in 0usize..8, relu: bool, seed: u64,
+    ) {
+        let (h, w) = (kernel + extra_h, kernel + extra_w);
+        let spec = ConvSpec { kernel, stride, padding, relu };
+        let inputs = [random(&[b, cin, h, w], seed), random(&[cout, cin, kernel, kernel], seed ^ 1), random(&[cout], seed ^ 2)];
+        check(&inputs, |t, k| kernels::conv2d(&t[0], &t[1], &t[2], spec, k).unwrap(), "conv2d")?;
+    }
+
+    #[test]
+    fn conv2d_takes_strided_inputs(b in 1usize..3, h in 4usize..9, w in 4usize..9, seed: u64) {
+        // The input is a transposed view (non-contiguous strides).
+        let x = random(&[b, 2, w, h], seed);
+        let spec = ConvSpec { kernel: 3, stride: 1, padding: 1, relu: true };
+        let inputs = [x, random(&[3, 2, 3, 3], seed ^ 1), random(&[3], seed ^ 2)];
+        check(&inputs, |t, k| kernels::conv2d(&t[0].transpose(2, 3).unwrap(), &t[1], &t[2], spec, k).unwrap(), "strided conv2d")?;
+    }
+
+    #[test]
+    fn max_pool_matches_candle(b in 1usize..3, c in 1usize..4, h in 2usize..12, w in 2usize..12, seed: u64) {
+        check(&[random(&[b, c, h, w], seed)], |t, k| kernels::max_pool2x2(&t[0], k).unwrap(), "max_pool2x2")?;
+    }
+
+    #[test]
+    fn linear_matches_candle(b in 1usize..9, i in 1usize..40, o in 1usize..20, relu: bool, seed: u64) {
+        let inputs = [random(&[b, i], seed), random(&[o, i], seed ^ 1), random(&[o], seed ^ 2)];
+        check(&inputs, |t, k| kernels::linear(&t[0], &t[1], &t[2], relu, k).unwrap(), "linear")?;
+    }
+
+    #[test]
+    fn dropout_matches_candle(n in 1usize..300, p in 0.0f32..0.9, seed: u64) {
+        check(&[random(&[n], seed)], |t, k| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            kernels::dropout(&t[0], p, &mut rng, k).unwrap()
+        }, "dropout")?;
+    }
+}
+
+/// The whole seed network, forward and backward, on both kernel choices.
+#[test]
+fn the_network_agrees_on_both_kernel_choices() {
+    for size in [32usize, 37] {
+        let cfg = ModelConfig {
+            image_size: size,
+            arch: ArchConfig::Seed(SeedConfig {
+                conv1_channels: 8,
+                conv2_channels: 12,
+                dense_units: 16,
+                ..SeedConfig::default()
+            }),
+        };
+        let mut logits = Vec::new();
+        let mut grads = Vec::new();
+        for k in [Kernels::Fast, Kernels::Reference] {
+            let mut model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
+            model.net.set_kernels(k);
+            model.net.set_dropout_seed(3);
+            let x = random(&[3, 1, size, size], 11).affine(0.5, 0.5).unwrap();
+            let out = model.net.forward_t(&x, true).unwrap();
+            let g = out.sum_all().unwrap().backward().unwrap();
+            grads.push(
+                model
+                    .named_vars()
+                    .into_iter()
+                    .map(|(n, v)| (n, g.get(&v).unwrap().clone()))
+                    .collect::<Vec<_>>(),
+            );
+            logits.push(out);
+        }
+        close(&logits[0], &logits[1], "logits").unwrap();
+        for ((name, a), (_, b)) in grads[0].iter().zip(&grads[1]) {
+            close(a, b, name).unwrap();
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn fused_conv_relu_pool_matches_candle(
+        b in 1usize..3, cin in 1usize..4, cout in 1usize..5, stride in 1usize..3, padding in 0usize..2,
+        extra_h in 1usize..9, extra_w in 1usize..9, seed: u64,
+    ) {
+        let (h, w) = (3 + extra_h, 3 + extra_w);
+        let spec = ConvSpec { kernel: 3, stride, padding, relu: true };
+        if spec.out_len(h) < 2 || spec.out_len(w) < 2 {
+            return Ok(());
+        }
+        let inputs = [random(&[b, cin, h, w], seed), random(&[cout, cin, 3, 3], seed ^ 1), random(&[cout], seed ^ 2)];
+        check(&inputs, |t, k| kernels::conv2d_relu_pool2x2(&t[0], &t[1], &t[2], spec, k).unwrap(), "conv-relu-pool")?;
+    }
+
+    #[test]
+    fn long_reductions_in_linear_match_candle(b in 1usize..5, i in 4096usize..9000, o in 1usize..4, seed: u64) {
+        let inputs = [random(&[b, i], seed), random(&[o, i], seed ^ 1), random(&[o], seed ^ 2)];
+        check(&inputs, |t, k| kernels::linear(&t[0], &t[1], &t[2], true, k).unwrap(), "split-k linear")?;
+    }
+}
