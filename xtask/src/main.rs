@@ -16,6 +16,11 @@ commands:
                              X-ray Data) into DIR (default data/<slug>), then print images per split and class.
                              Credentials, when the dataset needs them: KAGGLE_API_TOKEN, ~/.kaggle/access_token,
                              kaggle.json, or KAGGLE_USERNAME + KAGGLE_KEY
+  bench-compare [--python PATH] [--runs N] [--reference]
+                             the seed CNN's train step and inference, ours vs PyTorch (default and tuned
+                             allocator) in one run: ../shared/bench/torch_seed_cnn.py beside
+                             `bench_step`; prints the table with ratios. --reference adds candle's own ops
+  setup-torch                create target/torch-ref, a Python venv with PyTorch (about 3 GB, from PyPI)
   setup-python               create target/pyref, a Python venv with Pillow, OpenCV and NumPy (from PyPI)
   bench-preprocess [--seconds S] [--python PATH]
                              preprocessing rate of fracture-data vs the image crate, PIL and OpenCV,
@@ -36,6 +41,8 @@ fn run() -> Result<(), DynError> {
     match args.first().map(String::as_str) {
         Some("download") => download(&args[1..]),
         Some("setup-python") => setup_python(),
+        Some("setup-torch") => setup_torch(),
+        Some("bench-compare") => bench_compare(&args[1..]),
         Some("bench-preprocess") => bench_preprocess(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
@@ -186,4 +193,167 @@ fn progress_line(done: u64, total: Option<u64>, seconds: f64) -> String {
         }
         _ => format!("{:.1} MB, {:.1} MB/s", mb(done), rate / 1e6),
     }
+}
+
+fn torch_python() -> PathBuf {
+    project_root().join("target/torch-ref/bin/python")
+}
+
+fn setup_torch() -> Result<(), DynError> {
+    let venv = project_root().join("target/torch-ref");
+    if !torch_python().exists() {
+        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    status(Command::new(torch_python()).args(["-m", "pip", "install", "-q", "torch", "numpy"]))
+}
+
+/// Runs a benchmark command and returns the `img_per_s` of its RESULT line.
+fn result_rate(cmd: &mut Command) -> Result<f64, DynError> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    if !out.status.success() {
+        return Err(format!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT"))
+        .ok_or("no RESULT line")?;
+    let rate = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("img_per_s="))
+        .ok_or("no img_per_s")?
+        .parse::<f64>()?;
+    Ok(rate)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench_compare(args: &[String]) -> Result<(), DynError> {
+    let mut python = torch_python();
+    let mut runs = 3usize;
+    let mut reference = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--python" => python = PathBuf::from(it.next().ok_or("--python needs a value")?),
+            "--runs" => runs = it.next().ok_or("--runs needs a value")?.parse()?,
+            "--reference" => reference = true,
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}").into()),
+        }
+    }
+    if !python.exists() {
+        return Err(format!(
+            "no Python with PyTorch at {}; run `cargo xtask setup-torch`",
+            python.display()
+        )
+        .into());
+    }
+    let script = project_root().join("../shared/bench/torch_seed_cnn.py");
+    if !script.exists() {
+        return Err(format!("the reference script is not at {}", script.display()).into());
+    }
+    status(
+        Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "fracture-examples",
+            "--example",
+            "bench_step",
+        ]),
+    )?;
+    let ours = project_root().join("target/release/examples/bench_step");
+    let tuned = [
+        ("MALLOC_MMAP_MAX_", "0"),
+        ("MALLOC_TRIM_THRESHOLD_", "100000000000"),
+        ("MALLOC_TOP_PAD_", "536870912"),
+    ];
+    let cases = [
+        ("train step, 128 px", "train", "128", "32", "10"),
+        ("train step, 224 px", "train", "224", "32", "5"),
+        ("inference, 128 px", "infer", "128", "32", "10"),
+        ("inference, 224 px", "infer", "224", "32", "5"),
+        ("inference latency, 128 px, batch 1", "infer", "128", "1", "100"),
+    ];
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!(
+        "seed CNN, random data, medians of {runs} runs (each the median of its iterations); {threads} threads; {machine}"
+    );
+    let mut header =
+        "| | PyTorch | PyTorch, tuned allocator | fracture | fracture / PyTorch | fracture / tuned |"
+            .to_string();
+    let mut rule = "|---|---|---|---|---|---|".to_string();
+    if reference {
+        header.push_str(" candle's own ops | fracture / candle |");
+        rule.push_str("---|---|");
+    }
+    println!("{header}\n{rule}");
+    for (name, mode, size, batch, iters) in cases {
+        let (mut torch, mut torch_tuned, mut us, mut cand) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let py = || {
+                let mut c = Command::new(&python);
+                c.arg(&script)
+                    .args([mode, size, batch, iters])
+                    .env("THREADS", threads.to_string());
+                c
+            };
+            torch.push(result_rate(&mut py())?);
+            torch_tuned.push(result_rate(py().envs(tuned))?);
+            us.push(result_rate(Command::new(&ours).args([mode, size, batch, iters]))?);
+            if reference {
+                let ref_iters = if mode == "train" { "3" } else { iters };
+                cand.push(result_rate(Command::new(&ours).args([
+                    mode,
+                    size,
+                    batch,
+                    ref_iters,
+                    "--reference",
+                ]))?);
+            }
+        }
+        let (t, tt, u) = (median(torch), median(torch_tuned), median(us));
+        let show = |rate: f64| {
+            if batch == "1" {
+                format!("{:.2} ms", 1000.0 / rate)
+            } else {
+                format!("{rate:.1} img/s")
+            }
+        };
+        let ratio = |a: f64, b: f64| {
+            if batch == "1" {
+                format!("{:.2}× the latency", b / a)
+            } else {
+                format!("{:.2}×", a / b)
+            }
+        };
+        let mut row = format!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            show(t),
+            show(tt),
+            show(u),
+            ratio(u, t),
+            ratio(u, tt)
+        );
+        if reference {
+            let c = median(cand);
+            row.push_str(&format!(" {} | {} |", show(c), ratio(u, c)));
+        }
+        println!("{row}");
+    }
+    Ok(())
 }

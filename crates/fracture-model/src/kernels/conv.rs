@@ -114,33 +114,41 @@ fn with_buffer<R>(
 /// Unfolds one image `(cin, h, w)` into `col` `(cin·k·k, oh·ow)`: row `(c, ki, kj)` holds the input
 /// pixel under kernel tap `(ki, kj)` for every output position (0 outside the image).
 pub(crate) fn im2col(x: &[f32], d: &Dims, s: &ConvSpec, col: &mut [f32]) {
-    let (k, n) = (s.kernel, d.n());
-    for c in 0..d.cin {
-        let plane = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
-        for ki in 0..k {
-            for kj in 0..k {
-                let row = &mut col[((c * k + ki) * k + kj) * n..][..n];
-                for oy in 0..d.oh {
-                    let iy = (oy * s.stride + ki) as isize - s.padding as isize;
-                    let dst = &mut row[oy * d.ow..(oy + 1) * d.ow];
-                    if iy < 0 || iy >= d.h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    if s.stride == 1 && s.padding == 0 {
-                        dst.copy_from_slice(&src[kj..kj + d.ow]);
-                    } else {
-                        for (ox, v) in dst.iter_mut().enumerate() {
-                            let ix = (ox * s.stride + kj) as isize - s.padding as isize;
-                            *v = if ix >= 0 && ix < d.w as isize {
-                                src[ix as usize]
-                            } else {
-                                0.0
-                            };
-                        }
-                    }
-                }
+    for (r, row) in col.chunks_exact_mut(d.n()).enumerate() {
+        im2col_row(x, d, s, r, row);
+    }
+}
+
+/// [`im2col`] with its rows spread over rayon's threads (for a batch too small to split by image).
+pub(crate) fn im2col_par(x: &[f32], d: &Dims, s: &ConvSpec, col: &mut [f32]) {
+    col.par_chunks_exact_mut(d.n())
+        .enumerate()
+        .for_each(|(r, row)| im2col_row(x, d, s, r, row));
+}
+
+/// Row `r = (c, ki, kj)` of the unfolded image.
+fn im2col_row(x: &[f32], d: &Dims, s: &ConvSpec, r: usize, row: &mut [f32]) {
+    let k = s.kernel;
+    let (c, ki, kj) = (r / (k * k), (r / k) % k, r % k);
+    let plane = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
+    for oy in 0..d.oh {
+        let iy = (oy * s.stride + ki) as isize - s.padding as isize;
+        let dst = &mut row[oy * d.ow..(oy + 1) * d.ow];
+        if iy < 0 || iy >= d.h as isize {
+            dst.fill(0.0);
+            continue;
+        }
+        let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
+        if s.stride == 1 && s.padding == 0 {
+            dst.copy_from_slice(&src[kj..kj + d.ow]);
+        } else {
+            for (ox, v) in dst.iter_mut().enumerate() {
+                let ix = (ox * s.stride + kj) as isize - s.padding as isize;
+                *v = if ix >= 0 && ix < d.w as isize {
+                    src[ix as usize]
+                } else {
+                    0.0
+                };
             }
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{ConvSpec, Dims, col2im, im2col, with_col, with_dcol};
+use super::conv::{ConvSpec, Dims, col2im, im2col, im2col_par, with_col, with_dcol};
 use super::gemm::{Threads, View, sgemm};
 use super::{contiguous_f32, tensor_f32};
 
@@ -134,12 +134,17 @@ impl CustomOp3 for ConvReluPoolOp {
         let mut out = vec![0.0f32; d.b * per_image];
         let mut winners = vec![0u8; d.b * per_image];
         let inner = super::gemm::inner_threads(d.b);
+        let small = inner != Threads::One;
         out.par_chunks_mut(per_image)
             .zip(winners.par_chunks_mut(per_image))
             .zip(x.par_chunks(d.cin * d.h * d.w))
             .try_for_each(|((o, win), xb)| {
                 with_col(kk * n, |col| {
-                    im2col(xb, &d, &self.spec, col);
+                    if small {
+                        im2col_par(xb, &d, &self.spec, col);
+                    } else {
+                        im2col(xb, &d, &self.spec, col);
+                    }
                     with_dcol(d.cout * n, |z| {
                         sgemm(
                             z,
@@ -149,15 +154,17 @@ impl CustomOp3 for ConvReluPoolOp {
                             false,
                             inner,
                         )?;
-                        for c in 0..d.cout {
-                            pool_plane(
-                                &z[c * n..(c + 1) * n],
-                                d.ow,
-                                bias[c],
-                                &mut o[c * ph * pw..(c + 1) * ph * pw],
-                                &mut win[c * ph * pw..(c + 1) * ph * pw],
-                                pw,
-                            );
+                        let pool = |(c, (o, w)): (usize, (&mut [f32], &mut [u8]))| {
+                            pool_plane(&z[c * n..(c + 1) * n], d.ow, bias[c], o, w, pw);
+                        };
+                        let planes = o.chunks_mut(ph * pw).zip(win.chunks_mut(ph * pw));
+                        if small {
+                            o.par_chunks_mut(ph * pw)
+                                .zip(win.par_chunks_mut(ph * pw))
+                                .enumerate()
+                                .for_each(pool);
+                        } else {
+                            planes.enumerate().for_each(pool);
                         }
                         candle_core::Result::Ok(())
                     })

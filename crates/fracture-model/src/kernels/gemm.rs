@@ -108,7 +108,13 @@ pub(crate) fn sgemm(
         Threads::One => 1,
         Threads::Pool(t) => t.max(1),
     };
-    let strides = [dst_stride, lhs.col_stride, lhs.row_stride, rhs.col_stride, rhs.row_stride];
+    let strides = [
+        dst_stride,
+        lhs.col_stride,
+        lhs.row_stride,
+        rhs.col_stride,
+        rhs.row_stride,
+    ];
     let [dst_rs, lhs_cs, lhs_rs, rhs_cs, rhs_rs] = strides.map(as_isize);
     let (dst_rs, lhs_cs, lhs_rs, rhs_cs, rhs_rs) = (dst_rs?, lhs_cs?, lhs_rs?, rhs_cs?, rhs_rs?);
     // With several threads and a wide result, each thread takes a block of columns: for the short,
@@ -155,7 +161,11 @@ pub(crate) fn sgemm(
         });
         return Ok(());
     }
-    let parallelism = if workers > 1 { gemm::Parallelism::Rayon(workers) } else { gemm::Parallelism::None };
+    let parallelism = if workers > 1 {
+        gemm::Parallelism::Rayon(workers)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: every index the kernel reads or writes, `(i, j) ↦ i·rs + j·cs` for i < rows and
     // j < cols, is below the checked extents, which are at most the slices' lengths; `dst` is a
     // unique borrow and cannot alias `lhs` or `rhs`; strides are non-negative and fit in isize.

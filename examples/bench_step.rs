@@ -1,0 +1,98 @@
+//! Times the seed CNN's training step (forward in training mode, BCE, backward, Adam) and inference
+//! on random data, the way `../shared/bench/torch_seed_cnn.py` times PyTorch, and prints one
+//! `RESULT` line per measurement in the same format.
+//!
+//! ```text
+//! cargo run --release -p fracture-examples --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference]
+//! ```
+//! `--reference` uses candle's own operations instead of our CPU kernels. `cargo xtask bench-compare`
+//! runs this beside the PyTorch script and prints the ratios.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use fracture_train::candle_core::{Device, ModuleT, Tensor};
+use fracture_train::model::{Kernels, Model, ModelConfig};
+use fracture_train::{Adam, AdamConfig, bce_with_logits};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let reference = args.iter().any(|a| a == "--reference");
+    let pos: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    let [mode, size, batch, iters] = pos.as_slice() else {
+        bail!("usage: bench_step {{train|infer}} SIZE BATCH ITERS [--reference]");
+    };
+    let (size, batch, iters): (usize, usize, usize) = (
+        size.parse().context("SIZE")?,
+        batch.parse().context("BATCH")?,
+        iters.parse().context("ITERS")?,
+    );
+    let dev = Device::Cpu;
+    let mut model = Model::new(&ModelConfig::seed(size), 0, &dev)?;
+    model.net.set_kernels(if reference {
+        Kernels::Reference
+    } else {
+        Kernels::Fast
+    });
+    let x = Tensor::rand(0f32, 1.0, (batch, 1, size, size), &dev)?;
+    let y = Tensor::rand(0f32, 1.0, batch, &dev)?
+        .ge(0.5)?
+        .to_dtype(fracture_train::candle_core::DType::F32)?;
+    let mut adam = Adam::new(model.named_vars(), AdamConfig::default())?;
+    let mut times = Vec::new();
+    let warmup = 2;
+    for i in 0..warmup + iters {
+        let t = Instant::now();
+        match mode.as_str() {
+            "train" => {
+                model.net.set_dropout_seed(i as u64);
+                let loss = bce_with_logits(&model.net.forward_t(&x, true)?, &y, None)?;
+                let _ = loss.to_scalar::<f32>()?;
+                let t_fwd = t.elapsed();
+                let grads = loss.backward()?;
+                let t_bwd = t.elapsed();
+                adam.step(&grads, 1e-3)?;
+                if std::env::var_os("FRACTURE_BENCH_SPLIT").is_some() {
+                    eprintln!(
+                        "  forward {:?}, backward {:?}, adam {:?}",
+                        t_fwd,
+                        t_bwd - t_fwd,
+                        t.elapsed() - t_bwd
+                    );
+                }
+            }
+            "infer" => {
+                let _ = model.net.forward_t(&x, false)?.to_vec1::<f32>()?;
+            }
+            other => bail!("unknown mode {other}"),
+        }
+        if i >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let med = median(times.clone());
+    eprintln!(
+        "  per-iter ms: {}",
+        times
+            .iter()
+            .map(|t| format!("{:.1}", t * 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let fw = if reference { "candle-reference" } else { "fracture" };
+    println!(
+        "RESULT fw={fw} mode={mode} size={size} batch={batch} ms_per_iter={:.3} img_per_s={:.2}",
+        med * 1e3,
+        batch as f64 / med
+    );
+    Ok(())
+}
