@@ -119,21 +119,20 @@ pub(crate) fn im2col(x: &[f32], d: &Dims, s: &ConvSpec, col: &mut [f32]) {
     }
 }
 
-/// [`im2col`] with its rows spread over rayon's threads (for a batch too small to split by image).
-pub(crate) fn im2col_par(x: &[f32], d: &Dims, s: &ConvSpec, col: &mut [f32]) {
-    col.par_chunks_exact_mut(d.n())
-        .enumerate()
-        .for_each(|(r, row)| im2col_row(x, d, s, r, row));
-}
-
 /// Row `r = (c, ki, kj)` of the unfolded image.
 fn im2col_row(x: &[f32], d: &Dims, s: &ConvSpec, r: usize, row: &mut [f32]) {
+    im2col_row_band(x, d, s, r, 0, d.oh, row);
+}
+
+/// Row `r` of the unfolded image restricted to output rows `oy0..oy1` (`row` holds
+/// `(oy1 − oy0)·ow` values).
+pub(crate) fn im2col_row_band(x: &[f32], d: &Dims, s: &ConvSpec, r: usize, oy0: usize, oy1: usize, row: &mut [f32]) {
     let k = s.kernel;
     let (c, ki, kj) = (r / (k * k), (r / k) % k, r % k);
     let plane = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
-    for oy in 0..d.oh {
+    for oy in oy0..oy1 {
         let iy = (oy * s.stride + ki) as isize - s.padding as isize;
-        let dst = &mut row[oy * d.ow..(oy + 1) * d.ow];
+        let dst = &mut row[(oy - oy0) * d.ow..(oy - oy0 + 1) * d.ow];
         if iy < 0 || iy >= d.h as isize {
             dst.fill(0.0);
             continue;

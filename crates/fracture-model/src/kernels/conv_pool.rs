@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{ConvSpec, Dims, col2im, im2col, im2col_par, with_col, with_dcol};
+use super::conv::{ConvSpec, Dims, col2im, im2col, im2col_row_band, with_col, with_dcol};
 use super::gemm::{Threads, View, sgemm};
 use super::{contiguous_f32, tensor_f32};
 
@@ -90,6 +90,38 @@ fn unpool_plane(g: &[f32], win: &[u8], dz: &mut [f32], oh: usize, ow: usize, pw:
     bias_grad
 }
 
+/// Pooled rows `p0..p1` of one image: unfold the conv rows `2·p0..2·p1`, multiply, then bias,
+/// ReLU and pool each channel into `outs[c]` / `wins[c]` (each `(p1 − p0) × pw`).
+#[allow(clippy::too_many_arguments)]
+fn forward_band(
+    xb: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    d: &Dims,
+    s: &ConvSpec,
+    p0: usize,
+    p1: usize,
+    outs: &mut [&mut [f32]],
+    wins: &mut [&mut [u8]],
+    pw: usize,
+) -> candle_core::Result<()> {
+    let (oy0, oy1) = (2 * p0, 2 * p1);
+    let kk = d.k(s);
+    let nb = (oy1 - oy0) * d.ow;
+    with_col(kk * nb, |col| {
+        for (r, row) in col.chunks_exact_mut(nb).enumerate() {
+            im2col_row_band(xb, d, s, r, oy0, oy1, row);
+        }
+        with_dcol(d.cout * nb, |z| {
+            sgemm(z, nb, View::rows(w, d.cout, kk), View::rows(col, kk, nb), false, Threads::One)?;
+            for (c, (o, win)) in outs.iter_mut().zip(wins.iter_mut()).enumerate() {
+                pool_plane(&z[c * nb..(c + 1) * nb], d.ow, bias[c], o, win, pw);
+            }
+            Ok(())
+        })
+    })
+}
+
 fn pooled(d: &Dims) -> (usize, usize) {
     (d.oh / 2, d.ow / 2)
 }
@@ -129,47 +161,49 @@ impl CustomOp3 for ConvReluPoolOp {
                 d.cout
             );
         }
-        let (kk, n) = (d.k(&self.spec), d.n());
         let per_image = d.cout * ph * pw;
         let mut out = vec![0.0f32; d.b * per_image];
         let mut winners = vec![0u8; d.b * per_image];
-        let inner = super::gemm::inner_threads(d.b);
-        let small = inner != Threads::One;
-        out.par_chunks_mut(per_image)
-            .zip(winners.par_chunks_mut(per_image))
-            .zip(x.par_chunks(d.cin * d.h * d.w))
-            .try_for_each(|((o, win), xb)| {
-                with_col(kk * n, |col| {
-                    if small {
-                        im2col_par(xb, &d, &self.spec, col);
-                    } else {
-                        im2col(xb, &d, &self.spec, col);
+        let threads = rayon::current_num_threads();
+        if d.b >= threads {
+            // Enough images: one image per task, each multiply single-threaded.
+            out.par_chunks_mut(per_image)
+                .zip(winners.par_chunks_mut(per_image))
+                .zip(x.par_chunks(d.cin * d.h * d.w))
+                .try_for_each(|((o, win), xb)| {
+                    let mut outs: Vec<&mut [f32]> = o.chunks_mut(ph * pw).collect();
+                    let mut wins: Vec<&mut [u8]> = win.chunks_mut(ph * pw).collect();
+                    forward_band(xb, w, bias, &d, &self.spec, 0, ph, &mut outs, &mut wins, pw)
+                })?;
+        } else {
+            // A small batch: each image is cut into bands of pooled rows, one band per thread, and every
+            // band goes through unfolding, multiply and pooling without waiting for the others.
+            let band = ph.div_ceil(threads);
+            for ((o, win), xb) in
+                out.chunks_mut(per_image).zip(winners.chunks_mut(per_image)).zip(x.chunks(d.cin * d.h * d.w))
+            {
+                let mut bands: Vec<(usize, Vec<&mut [f32]>, Vec<&mut [u8]>)> =
+                    (0..threads).map(|t| (t, Vec::new(), Vec::new())).collect();
+                for (mut plane, mut wplane) in o.chunks_mut(ph * pw).zip(win.chunks_mut(ph * pw)) {
+                    for (t, outs, wins) in bands.iter_mut() {
+                        let rows = band.min(ph.saturating_sub(*t * band));
+                        let (head, tail) = std::mem::take(&mut plane).split_at_mut(rows * pw);
+                        let (whead, wtail) = std::mem::take(&mut wplane).split_at_mut(rows * pw);
+                        outs.push(head);
+                        wins.push(whead);
+                        plane = tail;
+                        wplane = wtail;
                     }
-                    with_dcol(d.cout * n, |z| {
-                        sgemm(
-                            z,
-                            n,
-                            View::rows(w, d.cout, kk),
-                            View::rows(col, kk, n),
-                            false,
-                            inner,
-                        )?;
-                        let pool = |(c, (o, w)): (usize, (&mut [f32], &mut [u8]))| {
-                            pool_plane(&z[c * n..(c + 1) * n], d.ow, bias[c], o, w, pw);
-                        };
-                        let planes = o.chunks_mut(ph * pw).zip(win.chunks_mut(ph * pw));
-                        if small {
-                            o.par_chunks_mut(ph * pw)
-                                .zip(win.par_chunks_mut(ph * pw))
-                                .enumerate()
-                                .for_each(pool);
-                        } else {
-                            planes.enumerate().for_each(pool);
-                        }
-                        candle_core::Result::Ok(())
-                    })
-                })
-            })?;
+                }
+                bands.into_par_iter().try_for_each(|(t, mut outs, mut wins)| {
+                    let (p0, p1) = ((t * band).min(ph), ((t + 1) * band).min(ph));
+                    if p0 == p1 {
+                        return Ok(());
+                    }
+                    forward_band(xb, w, bias, &d, &self.spec, p0, p1, &mut outs, &mut wins, pw)
+                })?;
+            }
+        }
         if let Ok(mut saved) = self.winners.lock() {
             *saved = winners;
         }
