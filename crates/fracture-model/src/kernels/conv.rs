@@ -155,19 +155,26 @@ pub(crate) fn im2col_row_band(x: &[f32], d: &Dims, s: &ConvSpec, r: usize, oy0: 
 
 /// The adjoint of [`im2col`]: adds every column entry back onto the input pixel it came from.
 pub(crate) fn col2im(col: &[f32], d: &Dims, s: &ConvSpec, x: &mut [f32]) {
-    let (k, n) = (s.kernel, d.n());
     x.fill(0.0);
+    col2im_band(col, d, s, 0, d.oh, x);
+}
+
+/// [`col2im`] for output rows `oy0..oy1` only (`col` holds `(oy1 − oy0)·ow` columns), adding onto
+/// `x` without clearing it first.
+pub(crate) fn col2im_band(col: &[f32], d: &Dims, s: &ConvSpec, oy0: usize, oy1: usize, x: &mut [f32]) {
+    let k = s.kernel;
+    let nb = (oy1 - oy0) * d.ow;
     for c in 0..d.cin {
         let plane = &mut x[c * d.h * d.w..(c + 1) * d.h * d.w];
         for ki in 0..k {
             for kj in 0..k {
-                let row = &col[((c * k + ki) * k + kj) * n..][..n];
-                for oy in 0..d.oh {
+                let row = &col[((c * k + ki) * k + kj) * nb..][..nb];
+                for oy in oy0..oy1 {
                     let iy = (oy * s.stride + ki) as isize - s.padding as isize;
                     if iy < 0 || iy >= d.h as isize {
                         continue;
                     }
-                    let src = &row[oy * d.ow..(oy + 1) * d.ow];
+                    let src = &row[(oy - oy0) * d.ow..(oy - oy0 + 1) * d.ow];
                     let dst = &mut plane[iy as usize * d.w..(iy as usize + 1) * d.w];
                     if s.stride == 1 && s.padding == 0 {
                         for (o, v) in dst[kj..kj + d.ow].iter_mut().zip(src) {

@@ -9,9 +9,12 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{ConvSpec, Dims, col2im, im2col, im2col_row_band, with_col, with_dcol};
+use super::conv::{ConvSpec, Dims, col2im_band, im2col_row_band, with_col, with_dcol};
 use super::gemm::{Threads, View, sgemm};
 use super::{contiguous_f32, tensor_f32};
+
+/// Floats of unfolded input per band (about 1 MiB), to keep a band's working set in L2.
+const CACHE_FLOATS: usize = 256 * 1024;
 
 /// Marks a pooled value whose window was all ≤ 0 after the bias: ReLU passes no gradient.
 const DEAD: u8 = u8::MAX;
@@ -171,9 +174,20 @@ impl CustomOp3 for ConvReluPoolOp {
                 .zip(winners.par_chunks_mut(per_image))
                 .zip(x.par_chunks(d.cin * d.h * d.w))
                 .try_for_each(|((o, win), xb)| {
-                    let mut outs: Vec<&mut [f32]> = o.chunks_mut(ph * pw).collect();
-                    let mut wins: Vec<&mut [u8]> = win.chunks_mut(ph * pw).collect();
-                    forward_band(xb, w, bias, &d, &self.spec, 0, ph, &mut outs, &mut wins, pw)
+                    // Bands of pooled rows sized so the unfolded block stays in the core's cache.
+                    let kk = d.k(&self.spec);
+                    let band = (CACHE_FLOATS / (kk * 2 * d.ow).max(1)).clamp(1, ph);
+                    let mut p0 = 0;
+                    while p0 < ph {
+                        let p1 = (p0 + band).min(ph);
+                        let mut outs: Vec<&mut [f32]> =
+                            o.chunks_mut(ph * pw).map(|pl| &mut pl[p0 * pw..p1 * pw]).collect();
+                        let mut wins: Vec<&mut [u8]> =
+                            win.chunks_mut(ph * pw).map(|pl| &mut pl[p0 * pw..p1 * pw]).collect();
+                        forward_band(xb, w, bias, &d, &self.spec, p0, p1, &mut outs, &mut wins, pw)?;
+                        p0 = p1;
+                    }
+                    candle_core::Result::Ok(())
                 })?;
         } else {
             // A small batch: each image is cut into bands of pooled rows, one band per thread, and every
@@ -234,6 +248,7 @@ impl CustomOp3 for ConvReluPoolOp {
         }
         let threads = rayon::current_num_threads().clamp(1, d.b.max(1));
         let per = d.b.div_ceil(threads);
+        let band = (CACHE_FLOATS / (kk * 2 * d.ow).max(1)).clamp(1, ph.max(1));
         let mut dx = if need_dx {
             vec![0.0f32; d.b * img]
         } else {
@@ -257,42 +272,45 @@ impl CustomOp3 for ConvReluPoolOp {
                     for (j, bi) in (t * per..((t + 1) * per).min(d.b)).enumerate() {
                         let g = &gv[bi * per_image..(bi + 1) * per_image];
                         let win = &winners[bi * per_image..(bi + 1) * per_image];
-                        for c in 0..d.cout {
-                            let range = c * ph * pw..(c + 1) * ph * pw;
-                            db[c] += unpool_plane(
-                                &g[range.clone()],
-                                &win[range],
-                                &mut dz[c * n..(c + 1) * n],
-                                d.oh,
-                                d.ow,
-                                pw,
-                            );
-                        }
-                        with_col(kk * n, |col| {
-                            im2col(&xv[bi * img..(bi + 1) * img], &d, &self.spec, col);
-                            if kk < d.cout {
-                                // Few taps (a first layer): dwᵀ (kk × cout) = col (kk × n) · dzᵀ (n × cout)
-                                // suits the multiply's kernels better than the skinny dw = dz · colᵀ.
-                                let (lhs, rhs) = (View::rows(col, kk, n), View::transposed(&dz, d.cout, n));
-                                sgemm(&mut dwt, d.cout, lhs, rhs, true, Threads::One)
-                            } else {
-                                let (lhs, rhs) = (View::rows(&dz, d.cout, n), View::transposed(col, kk, n));
-                                sgemm(&mut dw, kk, lhs, rhs, true, Threads::One)
+                        let xb = &xv[bi * img..(bi + 1) * img];
+                        let dxb: &mut [f32] = if need_dx { &mut dx_chunk[j * img..(j + 1) * img] } else { &mut [] };
+                        dxb.fill(0.0);
+                        // Bands of pooled rows, as in the forward pass, keep the unfolded block in cache.
+                        let mut p0 = 0;
+                        while p0 < ph {
+                            let p1 = (p0 + band).min(ph);
+                            let (oy0, oy1) = (2 * p0, 2 * p1);
+                            let nb = (oy1 - oy0) * d.ow;
+                            let dz = &mut dz[..d.cout * nb];
+                            for c in 0..d.cout {
+                                let rows = (c * ph + p0) * pw..(c * ph + p1) * pw;
+                                let dzc = &mut dz[c * nb..(c + 1) * nb];
+                                db[c] += unpool_plane(&g[rows.clone()], &win[rows], dzc, oy1 - oy0, d.ow, pw);
                             }
-                        })?;
-                        if need_dx {
-                            with_dcol(kk * n, |dcol| {
-                                sgemm(
-                                    dcol,
-                                    n,
-                                    View::transposed(wv, d.cout, kk),
-                                    View::rows(&dz, d.cout, n),
-                                    false,
-                                    Threads::One,
-                                )?;
-                                col2im(dcol, &d, &self.spec, &mut dx_chunk[j * img..(j + 1) * img]);
-                                candle_core::Result::Ok(())
+                            let dz = &*dz;
+                            with_col(kk * nb, |col| {
+                                for (r, row) in col.chunks_exact_mut(nb).enumerate() {
+                                    im2col_row_band(xb, &d, &self.spec, r, oy0, oy1, row);
+                                }
+                                if kk < d.cout {
+                                    // Few taps (a first layer): dwᵀ (kk × cout) = col · dzᵀ suits the
+                                    // multiply's kernels better than the skinny dw = dz · colᵀ.
+                                    let (lhs, rhs) = (View::rows(col, kk, nb), View::transposed(dz, d.cout, nb));
+                                    sgemm(&mut dwt, d.cout, lhs, rhs, true, Threads::One)
+                                } else {
+                                    let (lhs, rhs) = (View::rows(dz, d.cout, nb), View::transposed(col, kk, nb));
+                                    sgemm(&mut dw, kk, lhs, rhs, true, Threads::One)
+                                }
                             })?;
+                            if need_dx {
+                                with_dcol(kk * nb, |dcol| {
+                                    let (lhs, rhs) = (View::transposed(wv, d.cout, kk), View::rows(dz, d.cout, nb));
+                                    sgemm(dcol, nb, lhs, rhs, false, Threads::One)?;
+                                    col2im_band(dcol, &d, &self.spec, oy0, oy1, dxb);
+                                    candle_core::Result::Ok(())
+                                })?;
+                            }
+                            p0 = p1;
                         }
                     }
                     for (tap, row) in dwt.chunks(d.cout.max(1)).enumerate() {
