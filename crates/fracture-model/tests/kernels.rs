@@ -183,10 +183,23 @@ proptest! {
 /// both the forward and the backward pass, with an odd size and padding.
 #[test]
 fn fused_conv_relu_pool_matches_candle_across_bands() {
-    let spec = ConvSpec { kernel: 3, stride: 1, padding: 1, relu: true };
+    let spec = ConvSpec {
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+        relu: true,
+    };
     for (b, cin, h, w) in [(3usize, 8usize, 91usize, 88usize), (1, 16, 70, 75)] {
-        let inputs = [random(&[b, cin, h, w], 5), random(&[4, cin, 3, 3], 6), random(&[4], 7)];
-        check(&inputs, |t, k| kernels::conv2d_relu_pool2x2(&t[0], &t[1], &t[2], spec, k).unwrap(), "banded conv-relu-pool")
-            .unwrap();
+        let inputs = [
+            random(&[b, cin, h, w], 5),
+            random(&[4, cin, 3, 3], 6),
+            random(&[4], 7),
+        ];
+        check(
+            &inputs,
+            |t, k| kernels::conv2d_relu_pool2x2(&t[0], &t[1], &t[2], spec, k).unwrap(),
+            "banded conv-relu-pool",
+        )
+        .unwrap();
     }
 }

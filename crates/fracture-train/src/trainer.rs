@@ -22,6 +22,9 @@ use crate::{
 };
 use fracture_eval::{EvalReport, choose_threshold};
 
+/// Batches prepared ahead of the one being trained on.
+const PREFETCH: usize = 2;
+
 /// Where the last checkpoint of a run lives, relative to the run folder.
 pub const CHECKPOINT_FILE: &str = "checkpoints/last.safetensors";
 /// The per-epoch metrics table of a run.
@@ -50,6 +53,9 @@ pub struct TrainSetup {
     pub limits: DecodeLimits,
     /// The device to train on.
     pub device: Device,
+    /// Our CPU kernels (the default) or candle's own operations (for comparison; results agree within
+    /// rounding).
+    pub kernels: fracture_model::Kernels,
     /// End this invocation once this many epochs are complete (counted from the start of the run),
     /// exactly as an interruption after that epoch would; `--resume` continues it. `None` runs all
     /// `train.epochs`.
@@ -212,7 +218,8 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         }
     };
 
-    let model = Model::new(&setup.model, cfg.seed, &setup.device)?;
+    let mut model = Model::new(&setup.model, cfg.seed, &setup.device)?;
+    model.net.set_kernels(setup.kernels);
     let mut adam = Adam::new(model.named_vars(), cfg.adam)?;
     let mut meta = CheckpointMeta {
         format: 1,
@@ -266,37 +273,53 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             images: n_train,
         });
         let (mut loss_sum, mut seen, mut lr) = (0.0, 0usize, cfg.adam.lr);
-        for (i, chunk) in order.chunks(cfg.batch_size).enumerate() {
-            let augment = augmenter.as_ref().map(|a| BatchAugment {
-                augment: a,
-                seed: cfg.seed,
-                epoch: epoch as u64,
+        let chunks: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
+        let augment = augmenter.as_ref().map(|a| BatchAugment {
+            augment: a,
+            seed: cfg.seed,
+            epoch: epoch as u64,
+        });
+        // The next batch is decoded from the cache and augmented on another thread while this one
+        // trains, so data preparation never stalls the step.
+        let stepped = std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(PREFETCH);
+            let train_set = &data.train;
+            let chunks = &chunks;
+            scope.spawn(move || {
+                for chunk in chunks {
+                    if tx.send(make_batch(train_set, chunk, augment)).is_err() {
+                        break;
+                    }
+                }
             });
-            let batch = make_batch(&data.train, chunk, augment);
-            let (x, y) = batch_to_tensors(&batch, &setup.device)?;
-            model.net.set_dropout_seed(dropout_seed(cfg.seed, meta.step));
-            let logits = model.net.forward_t(&x, true)?;
-            let loss = bce_with_logits(&logits, &y, pos_weight)?;
-            let value = f64::from(loss.to_scalar::<f32>()?);
-            if !value.is_finite() {
-                return Err(Error::NonFiniteLoss {
+            for (i, batch) in rx.iter().enumerate() {
+                let (x, y) = batch_to_tensors(&batch, &setup.device)?;
+                model.net.set_dropout_seed(dropout_seed(cfg.seed, meta.step));
+                let logits = model.net.forward_t(&x, true)?;
+                let loss = bce_with_logits(&logits, &y, pos_weight)?;
+                let value = f64::from(loss.to_scalar::<f32>()?);
+                if !value.is_finite() {
+                    return Err(Error::NonFiniteLoss {
+                        epoch,
+                        step: i + 1,
+                        value,
+                    });
+                }
+                lr = cfg.lr_at(meta.step, steps_per_epoch, total_steps);
+                adam.backward_step(&loss, lr)?;
+                meta.step += 1;
+                loss_sum += value * batch.len() as f64;
+                seen += batch.len();
+                on_event(Event::Step {
                     epoch,
                     step: i + 1,
-                    value,
+                    images: seen,
+                    loss: loss_sum / seen.max(1) as f64,
                 });
             }
-            lr = cfg.lr_at(meta.step, steps_per_epoch, total_steps);
-            adam.backward_step(&loss, lr)?;
-            meta.step += 1;
-            loss_sum += value * batch.len() as f64;
-            seen += batch.len();
-            on_event(Event::Step {
-                epoch,
-                step: i + 1,
-                images: seen,
-                loss: loss_sum / seen.max(1) as f64,
-            });
-        }
+            Ok(())
+        });
+        stepped?;
         let train_seconds = epoch_start.elapsed().as_secs_f64();
         for (param, var) in model.named_vars() {
             // 0·x is 0 for every finite x and NaN for NaN and ±∞, so the sum is 0 exactly when all are finite.

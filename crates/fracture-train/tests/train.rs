@@ -39,6 +39,7 @@ fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainSetup {
         limits: DecodeLimits::default(),
         device: Device::Cpu,
         stop_after_epochs: None,
+        kernels: Default::default(),
     }
 }
 
@@ -415,4 +416,43 @@ fn a_test_split_is_evaluated_and_auto_pos_weight_is_negatives_over_positives() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(s.out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["splits"]["test"]["n"], 8);
+}
+
+/// Our kernels and candle's own operations give the same training run: per-epoch losses and the
+/// final validation ROC-AUC agree within floating-point tolerance.
+#[test]
+fn fast_and_reference_kernels_train_alike() {
+    let root = synthetic("kernels-e2e", (16, 16), (8, 8));
+    let mut outcomes = Vec::new();
+    for (name, kernels) in [
+        ("fast", fracture_train::model::Kernels::Fast),
+        ("reference", fracture_train::model::Kernels::Reference),
+    ] {
+        let mut s = setup(&root.join("data"), &root.join(name), 24, 3);
+        s.kernels = kernels;
+        outcomes.push(run(&s).unwrap());
+    }
+    let (a, b) = (&outcomes[0], &outcomes[1]);
+    for (ea, eb) in a.history.iter().zip(&b.history) {
+        let rel = |x: f64, y: f64| (x - y).abs() / y.abs().max(1e-9);
+        assert!(
+            rel(ea.train_loss, eb.train_loss) < 1e-3,
+            "epoch {}: {} vs {}",
+            ea.epoch,
+            ea.train_loss,
+            eb.train_loss
+        );
+        assert!(
+            rel(ea.val_loss, eb.val_loss) < 1e-3,
+            "epoch {}: {} vs {}",
+            ea.epoch,
+            ea.val_loss,
+            eb.val_loss
+        );
+    }
+    let (ra, rb) = (
+        a.reports[&Split::Val].roc_auc.unwrap(),
+        b.reports[&Split::Val].roc_auc.unwrap(),
+    );
+    assert!((ra - rb).abs() < 0.02, "{ra} vs {rb}");
 }

@@ -104,6 +104,9 @@ pub(crate) struct Args {
     /// Choose the stored threshold by another rule on the validation images instead.
     #[arg(long, value_enum)]
     threshold_rule: Option<RuleArg>,
+    /// Our CPU kernels (fast) or candle's own operations (reference, for comparison; slower).
+    #[arg(long, value_enum, default_value_t = KernelsArg::Fast)]
+    kernels: KernelsArg,
     /// Stop once this many epochs are complete, as an interruption would; `--resume` continues the run.
     #[arg(long)]
     stop_after_epoch: Option<usize>,
@@ -114,6 +117,12 @@ enum ScheduleArg {
     Constant,
     Step,
     Cosine,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KernelsArg {
+    Fast,
+    Reference,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -203,6 +212,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         limits: DecodeLimits::default(),
         device: device.clone(),
         stop_after_epochs: args.stop_after_epoch,
+        kernels: match args.kernels {
+            KernelsArg::Fast => fracture_train::model::Kernels::Fast,
+            KernelsArg::Reference => fracture_train::model::Kernels::Reference,
+        },
     };
     println!(
         "training {} at {}×{} on {} → {}",

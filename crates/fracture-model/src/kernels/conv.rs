@@ -126,7 +126,15 @@ fn im2col_row(x: &[f32], d: &Dims, s: &ConvSpec, r: usize, row: &mut [f32]) {
 
 /// Row `r` of the unfolded image restricted to output rows `oy0..oy1` (`row` holds
 /// `(oy1 − oy0)·ow` values).
-pub(crate) fn im2col_row_band(x: &[f32], d: &Dims, s: &ConvSpec, r: usize, oy0: usize, oy1: usize, row: &mut [f32]) {
+pub(crate) fn im2col_row_band(
+    x: &[f32],
+    d: &Dims,
+    s: &ConvSpec,
+    r: usize,
+    oy0: usize,
+    oy1: usize,
+    row: &mut [f32],
+) {
     let k = s.kernel;
     let (c, ki, kj) = (r / (k * k), (r / k) % k, r % k);
     let plane = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
@@ -225,6 +233,9 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], d: &Dims, s: &ConvSpec) -> candle
     Ok(out)
 }
 
+/// `(dx, dw, db)`; `dx` only when asked for.
+type ConvGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
 /// Gradients of the convolution: `(dx, dw, db)`; `dx` only when `need_dx`.
 fn backward(
     x: &[f32],
@@ -234,7 +245,7 @@ fn backward(
     d: &Dims,
     s: &ConvSpec,
     need_dx: bool,
-) -> candle_core::Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
+) -> candle_core::Result<ConvGrads> {
     let (kk, n) = (d.k(s), d.n());
     let img = d.cin * d.h * d.w;
     let threads = rayon::current_num_threads().clamp(1, d.b.max(1));

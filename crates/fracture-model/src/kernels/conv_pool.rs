@@ -13,6 +13,9 @@ use super::conv::{ConvSpec, Dims, col2im_band, im2col_row_band, with_col, with_d
 use super::gemm::{Threads, View, sgemm};
 use super::{contiguous_f32, tensor_f32};
 
+/// One thread's share of an image: its index and, per channel, its rows of the outputs and winners.
+type Band<'a> = (usize, Vec<&'a mut [f32]>, Vec<&'a mut [u8]>);
+
 /// Floats of unfolded input per band (about 1 MiB), to keep a band's working set in L2.
 const CACHE_FLOATS: usize = 256 * 1024;
 
@@ -116,7 +119,14 @@ fn forward_band(
             im2col_row_band(xb, d, s, r, oy0, oy1, row);
         }
         with_dcol(d.cout * nb, |z| {
-            sgemm(z, nb, View::rows(w, d.cout, kk), View::rows(col, kk, nb), false, Threads::One)?;
+            sgemm(
+                z,
+                nb,
+                View::rows(w, d.cout, kk),
+                View::rows(col, kk, nb),
+                false,
+                Threads::One,
+            )?;
             for (c, (o, win)) in outs.iter_mut().zip(wins.iter_mut()).enumerate() {
                 pool_plane(&z[c * nb..(c + 1) * nb], d.ow, bias[c], o, win, pw);
             }
@@ -180,10 +190,14 @@ impl CustomOp3 for ConvReluPoolOp {
                     let mut p0 = 0;
                     while p0 < ph {
                         let p1 = (p0 + band).min(ph);
-                        let mut outs: Vec<&mut [f32]> =
-                            o.chunks_mut(ph * pw).map(|pl| &mut pl[p0 * pw..p1 * pw]).collect();
-                        let mut wins: Vec<&mut [u8]> =
-                            win.chunks_mut(ph * pw).map(|pl| &mut pl[p0 * pw..p1 * pw]).collect();
+                        let mut outs: Vec<&mut [f32]> = o
+                            .chunks_mut(ph * pw)
+                            .map(|pl| &mut pl[p0 * pw..p1 * pw])
+                            .collect();
+                        let mut wins: Vec<&mut [u8]> = win
+                            .chunks_mut(ph * pw)
+                            .map(|pl| &mut pl[p0 * pw..p1 * pw])
+                            .collect();
                         forward_band(xb, w, bias, &d, &self.spec, p0, p1, &mut outs, &mut wins, pw)?;
                         p0 = p1;
                     }
@@ -193,11 +207,12 @@ impl CustomOp3 for ConvReluPoolOp {
             // A small batch: each image is cut into bands of pooled rows, one band per thread, and every
             // band goes through unfolding, multiply and pooling without waiting for the others.
             let band = ph.div_ceil(threads);
-            for ((o, win), xb) in
-                out.chunks_mut(per_image).zip(winners.chunks_mut(per_image)).zip(x.chunks(d.cin * d.h * d.w))
+            for ((o, win), xb) in out
+                .chunks_mut(per_image)
+                .zip(winners.chunks_mut(per_image))
+                .zip(x.chunks(d.cin * d.h * d.w))
             {
-                let mut bands: Vec<(usize, Vec<&mut [f32]>, Vec<&mut [u8]>)> =
-                    (0..threads).map(|t| (t, Vec::new(), Vec::new())).collect();
+                let mut bands: Vec<Band<'_>> = (0..threads).map(|t| (t, Vec::new(), Vec::new())).collect();
                 for (mut plane, mut wplane) in o.chunks_mut(ph * pw).zip(win.chunks_mut(ph * pw)) {
                     for (t, outs, wins) in bands.iter_mut() {
                         let rows = band.min(ph.saturating_sub(*t * band));
@@ -273,7 +288,11 @@ impl CustomOp3 for ConvReluPoolOp {
                         let g = &gv[bi * per_image..(bi + 1) * per_image];
                         let win = &winners[bi * per_image..(bi + 1) * per_image];
                         let xb = &xv[bi * img..(bi + 1) * img];
-                        let dxb: &mut [f32] = if need_dx { &mut dx_chunk[j * img..(j + 1) * img] } else { &mut [] };
+                        let dxb: &mut [f32] = if need_dx {
+                            &mut dx_chunk[j * img..(j + 1) * img]
+                        } else {
+                            &mut []
+                        };
                         dxb.fill(0.0);
                         // Bands of pooled rows, as in the forward pass, keep the unfolded block in cache.
                         let mut p0 = 0;
@@ -295,16 +314,19 @@ impl CustomOp3 for ConvReluPoolOp {
                                 if kk < d.cout {
                                     // Few taps (a first layer): dwᵀ (kk × cout) = col · dzᵀ suits the
                                     // multiply's kernels better than the skinny dw = dz · colᵀ.
-                                    let (lhs, rhs) = (View::rows(col, kk, nb), View::transposed(dz, d.cout, nb));
+                                    let (lhs, rhs) =
+                                        (View::rows(col, kk, nb), View::transposed(dz, d.cout, nb));
                                     sgemm(&mut dwt, d.cout, lhs, rhs, true, Threads::One)
                                 } else {
-                                    let (lhs, rhs) = (View::rows(dz, d.cout, nb), View::transposed(col, kk, nb));
+                                    let (lhs, rhs) =
+                                        (View::rows(dz, d.cout, nb), View::transposed(col, kk, nb));
                                     sgemm(&mut dw, kk, lhs, rhs, true, Threads::One)
                                 }
                             })?;
                             if need_dx {
                                 with_dcol(kk * nb, |dcol| {
-                                    let (lhs, rhs) = (View::transposed(wv, d.cout, kk), View::rows(dz, d.cout, nb));
+                                    let (lhs, rhs) =
+                                        (View::transposed(wv, d.cout, kk), View::rows(dz, d.cout, nb));
                                     sgemm(dcol, nb, lhs, rhs, false, Threads::One)?;
                                     col2im_band(dcol, &d, &self.spec, oy0, oy1, dxb);
                                     candle_core::Result::Ok(())
