@@ -11,6 +11,18 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Tells mimalloc to keep freed memory mapped instead of returning it to the OS 10 ms later: a
+/// training step frees and re-allocates the same tens of megabytes, and handing them back costs a
+/// page fault per 4 KiB on every step (about 8% of a 128 px step on 2 cores). Peak memory is
+/// unchanged; the resident size simply stays at the peak.
+#[allow(unsafe_code)]
+fn keep_freed_memory() {
+    // mimalloc's `mi_option_purge_delay` (milliseconds; -1 = never purge).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: `mi_option_set` only stores an integer option; it is thread-safe and valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+}
+
 /// Train, evaluate and serve convolutional networks that classify bone X-rays as fractured or not.
 #[derive(Debug, Parser)]
 #[command(name = "fracture", version, about, long_about = None)]
@@ -39,6 +51,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // A server runs for days and its load comes in bursts: there memory goes back to the OS.
+    if !matches!(cli.command, Command::Serve(_)) {
+        keep_freed_memory();
+    }
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(&args),
         Command::Train(args) => commands::train::run(&args),
