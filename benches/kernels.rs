@@ -164,7 +164,7 @@ fn steps(c: &mut Criterion) {
             if kernels == Kernels::Reference && size == 224 {
                 continue; // a reference train step at 224 px takes several seconds: measured by bench-compare
             }
-            let mut adam = Adam::new(model.named_vars(), AdamConfig::default()).unwrap();
+            let mut adam = Adam::new(model.trainable_vars(), AdamConfig::default()).unwrap();
             let mut step = 0u64;
             group.bench_function(BenchmarkId::new(format!("train-step/{name}"), size), |bench| {
                 bench.iter(|| {

@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let reference = args.iter().any(|a| a == "--reference");
     let pos: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let [mode, size, batch, iters] = pos.as_slice() else {
-        bail!("usage: bench_step {{train|infer}} SIZE BATCH ITERS [--reference]");
+        bail!("usage: bench_step {{train|infer}} SIZE BATCH ITERS [--reference] [--resnet]");
     };
     let (size, batch, iters): (usize, usize, usize) = (
         size.parse().context("SIZE")?,
@@ -50,7 +50,12 @@ fn main() -> anyhow::Result<()> {
         iters.parse().context("ITERS")?,
     );
     let dev = Device::Cpu;
-    let mut model = Model::new(&ModelConfig::seed(size), 0, &dev)?;
+    let config = if args.iter().any(|a| a == "--resnet") {
+        ModelConfig::resnet(size)
+    } else {
+        ModelConfig::seed(size)
+    };
+    let mut model = Model::new(&config, 0, &dev)?;
     model.net.set_kernels(if reference {
         Kernels::Reference
     } else {
@@ -60,7 +65,7 @@ fn main() -> anyhow::Result<()> {
     let y = Tensor::rand(0f32, 1.0, batch, &dev)?
         .ge(0.5)?
         .to_dtype(fracture_train::candle_core::DType::F32)?;
-    let mut adam = Adam::new(model.named_vars(), AdamConfig::default())?;
+    let mut adam = Adam::new(model.trainable_vars(), AdamConfig::default())?;
     let mut times = Vec::new();
     let warmup = 2;
     for i in 0..warmup + iters {

@@ -46,6 +46,10 @@ pub struct AugmentConfig {
     /// A factor drawn uniformly from `[1 - contrast, 1 + contrast]` that scales the distance of
     /// every pixel from the image mean.
     pub contrast: f32,
+    /// Gamma correction `v ↦ v^γ` with `ln γ` drawn uniformly from `[-ln(1 + gamma), ln(1 + gamma)]`:
+    /// mimics the different exposure curves of X-ray systems (0 = off).
+    #[serde(default)]
+    pub gamma: f32,
     /// What fills the area outside the source after a geometric transform.
     #[serde(default)]
     pub fill: FillMode,
@@ -63,6 +67,7 @@ impl Default for AugmentConfig {
             shift: 0.1,
             brightness: 0.1,
             contrast: 0.1,
+            gamma: 0.0,
             fill: FillMode::Nearest,
         }
     }
@@ -79,6 +84,7 @@ impl AugmentConfig {
             shift: 0.0,
             brightness: 0.0,
             contrast: 0.0,
+            gamma: 0.0,
             fill: FillMode::Nearest,
         }
     }
@@ -90,6 +96,7 @@ impl AugmentConfig {
             && !self.vertical_flip
             && self.brightness == 0.0
             && self.contrast == 0.0
+            && self.gamma == 0.0
     }
 
     fn has_warp(&self) -> bool {
@@ -116,6 +123,7 @@ impl AugmentConfig {
             ("augment.shift", self.shift, 1.0),
             ("augment.brightness", self.brightness, 1.0),
             ("augment.contrast", self.contrast, 1.0),
+            ("augment.gamma", self.gamma, 2.0),
         ] {
             if !(v.is_finite() && (0.0..=max).contains(&v)) {
                 return bad(field, format!("{v} is not in [0, {max}]"));
@@ -131,7 +139,7 @@ impl AugmentConfig {
 }
 
 /// The standard augmentation pipeline: flips, then one affine warp (rotation, zoom, shift) with
-/// bilinear sampling, then brightness and contrast, then clamping to [0, 1].
+/// bilinear sampling, then brightness and contrast, clamping to [0, 1], then gamma.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Augmenter {
     config: AugmentConfig,
@@ -166,6 +174,12 @@ impl Augment for Augmenter {
         let dy: f32 = rng.random_range(-1.0..=1.0) * c.shift;
         let bright: f32 = rng.random_range(-1.0..=1.0) * c.brightness;
         let contrast: f32 = 1.0 + rng.random_range(-1.0..=1.0) * c.contrast;
+        // Drawn only when switched on, so configurations from before it existed keep their streams.
+        let gamma = if c.gamma > 0.0 {
+            (rng.random_range(-1.0f32..=1.0) * (1.0 + c.gamma).ln()).exp()
+        } else {
+            1.0
+        };
 
         if c.horizontal_flip && hflip {
             flip_horizontal(image);
@@ -186,6 +200,9 @@ impl Augment for Augmenter {
         if c.brightness != 0.0 || c.contrast != 0.0 {
             let mean = image.mean().unwrap_or(0.0);
             image.mapv_inplace(|v| ((v - mean) * contrast + mean + bright).clamp(0.0, 1.0));
+        }
+        if gamma != 1.0 {
+            image.mapv_inplace(|v| v.powf(gamma));
         }
     }
 }
@@ -331,6 +348,32 @@ mod tests {
         aug.apply(&mut a, &mut sample_rng(1, 0, 0));
         aug.apply(&mut b, &mut sample_rng(2, 0, 0));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn gamma_alone_is_a_monotone_map_within_its_range() {
+        let cfg = AugmentConfig {
+            gamma: 0.5,
+            ..AugmentConfig::none()
+        };
+        let aug = Augmenter::new(cfg).unwrap();
+        let img = ramp(16, 16);
+        let mut changed = 0;
+        for seed in 0..20 {
+            let mut out = img.clone();
+            aug.apply(&mut out, &mut sample_rng(seed, 0, 0));
+            // v^γ with γ in [1/1.5, 1.5]: order kept, 0 and 1 fixed, every value between v^1.5 and v^(2/3).
+            for (&v, &o) in img.iter().zip(&out) {
+                assert!(o >= v.powf(1.5) - 1e-6 && o <= v.powf(1.0 / 1.5) + 1e-6, "{v} -> {o}");
+            }
+            changed += usize::from(out != img);
+        }
+        assert!(changed >= 18, "gamma changed {changed} of 20 images");
+        let bad = AugmentConfig {
+            gamma: 3.0,
+            ..AugmentConfig::none()
+        };
+        assert!(Augmenter::new(bad).unwrap_err().to_string().contains("augment.gamma"));
     }
 
     #[test]

@@ -23,6 +23,39 @@ pub struct ModelConfig {
 pub enum ArchConfig {
     /// The original project's CNN (see [`SeedConfig`]).
     Seed(SeedConfig),
+    /// A compact residual network for radiographs (see [`ResNetConfig`]).
+    Resnet(ResNetConfig),
+}
+
+/// A compact residual CNN with batch normalization and a global-average-pooling head:
+///
+/// stem: Conv 3×3 stride 2 → ReLU → MaxPool 2×2 → BatchNorm (`S/4` per side, `widths[0]` channels);
+/// then one stage per entry of `widths`, each of `blocks` residual blocks
+/// (Conv 3×3 → BN → ReLU → Conv 3×3 → BN, plus the input, → ReLU); every stage after the first
+/// halves the side with a stride-2 first convolution and a Conv 1×1 stride 2 → BN shortcut;
+/// head: global average pooling → Dropout → Dense 1 (the fracture logit).
+///
+/// Batch-norm running statistics are stored with the weights (`*.running_mean`, `*.running_var`)
+/// but are not trained by the optimizer (see `Model::trainable_vars`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetConfig {
+    /// Channels of each stage (default `[24, 48, 96, 192]`); the stem has `widths[0]`.
+    pub widths: Vec<usize>,
+    /// Residual blocks per stage (default 1).
+    pub blocks: usize,
+    /// Dropout probability on the pooled features (default 0.2).
+    pub dropout: f32,
+}
+
+impl Default for ResNetConfig {
+    fn default() -> Self {
+        ResNetConfig {
+            widths: vec![24, 48, 96, 192],
+            blocks: 1,
+            dropout: 0.2,
+        }
+    }
 }
 
 /// The original CNN: Conv 3×3 → ReLU → MaxPool 2×2 → Conv 3×3 → ReLU → MaxPool 2×2 → Flatten →
@@ -70,18 +103,29 @@ impl ModelConfig {
         }
     }
 
-    /// The architecture's short name, as `--arch` spells it (`seed`).
+    /// The residual network with its default widths at the given input size.
+    pub fn resnet(image_size: usize) -> Self {
+        ModelConfig {
+            image_size,
+            arch: ArchConfig::Resnet(ResNetConfig::default()),
+        }
+    }
+
+    /// The architecture's short name, as `--arch` spells it (`seed`, `resnet`).
     pub fn arch_name(&self) -> &'static str {
         match self.arch {
             ArchConfig::Seed(_) => "seed",
+            ArchConfig::Resnet(_) => "resnet",
         }
     }
 
     /// The smallest input size the architecture accepts.
     pub fn min_image_size(&self) -> usize {
-        match self.arch {
+        match &self.arch {
             // conv 3×3 (−2), pool /2, conv 3×3 (−2), pool /2 must leave at least 1 × 1.
             ArchConfig::Seed(_) => 10,
+            // stem /4, then /2 per later stage, must leave at least 1 × 1.
+            ArchConfig::Resnet(r) => 4usize << r.widths.len().saturating_sub(1).min(10),
         }
     }
 
@@ -119,6 +163,31 @@ impl ModelConfig {
                     }
                 }
             }
+            ArchConfig::Resnet(r) => {
+                if r.widths.is_empty() || r.widths.len() > 8 {
+                    return Err(Error::InvalidConfig(format!(
+                        "arch.widths has {} stages; 1..=8 are supported",
+                        r.widths.len()
+                    )));
+                }
+                if let Some(w) = r.widths.iter().find(|&&w| w == 0 || w > 4096) {
+                    return Err(Error::InvalidConfig(format!(
+                        "arch.widths contains {w}, outside 1..=4096"
+                    )));
+                }
+                if r.blocks == 0 || r.blocks > 16 {
+                    return Err(Error::InvalidConfig(format!(
+                        "arch.blocks = {} is outside 1..=16",
+                        r.blocks
+                    )));
+                }
+                if !(0.0..1.0).contains(&r.dropout) {
+                    return Err(Error::InvalidConfig(format!(
+                        "arch.dropout = {} is outside [0, 1)",
+                        r.dropout
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -150,9 +219,26 @@ mod tests {
         let err = ModelConfig::seed(9).validate().unwrap_err().to_string();
         assert!(err.contains("image_size 9"), "{err}");
         let mut cfg = ModelConfig::seed(32);
-        let ArchConfig::Seed(s) = &mut cfg.arch;
+        let ArchConfig::Seed(s) = &mut cfg.arch else {
+            unreachable!()
+        };
         s.dropout_dense = 1.0;
         assert!(cfg.validate().unwrap_err().to_string().contains("dropout_dense"));
+    }
+
+    #[test]
+    fn resnet_validation_names_fields() {
+        assert!(ModelConfig::resnet(32).validate().is_ok());
+        let err = ModelConfig::resnet(31).validate().unwrap_err().to_string();
+        assert!(err.contains("image_size 31") && err.contains("resnet"), "{err}");
+        let mut cfg = ModelConfig::resnet(64);
+        let ArchConfig::Resnet(r) = &mut cfg.arch else {
+            unreachable!()
+        };
+        r.widths = vec![];
+        assert!(cfg.validate().unwrap_err().to_string().contains("arch.widths"));
+        let json = serde_json::to_string(&ModelConfig::resnet(256)).unwrap();
+        assert!(json.contains(r#""kind":"resnet""#), "{json}");
     }
 
     #[test]

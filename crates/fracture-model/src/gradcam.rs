@@ -102,6 +102,14 @@ impl FractureNet {
                 // conv1 (valid 3×3) → pool 2 → conv2 (valid 3×3): feature i is centred on input 2i + 3.5.
                 (a, 3.5f32, 2.0f32, logit)
             }
+            Inner::Resnet(net) => {
+                let a = self.resnet_features(net, xs, false)?;
+                let a = Var::from_tensor(&a.detach())?;
+                let pooled = a.as_tensor().mean(3)?.mean(2)?;
+                let logit = dense(&detached(&net.fc), &pooled, false, self.kernels)?.squeeze(1)?;
+                let (offset, stride) = net.geometry();
+                (a, offset, stride, logit)
+            }
         };
         let grads = logit.sum_all()?.backward()?;
         let a = features.as_tensor();

@@ -17,7 +17,7 @@ pub mod kernels;
 mod net;
 mod weights;
 
-pub use config::{ArchConfig, ModelConfig, SeedConfig};
+pub use config::{ArchConfig, ModelConfig, ResNetConfig, SeedConfig};
 pub use device::{compiled_backends, describe_device, device};
 pub use error::{Error, Result};
 pub use gradcam::{CamMethod, GradCam};

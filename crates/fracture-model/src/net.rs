@@ -3,12 +3,13 @@
 use std::sync::Mutex;
 
 use candle_core::{ModuleT, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::init::Init;
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::kernels::{self, ConvSpec, Kernels};
-use crate::{ArchConfig, Error, ModelConfig, Result, SeedConfig};
+use crate::{ArchConfig, Error, ModelConfig, ResNetConfig, Result, SeedConfig};
 
 /// The seed network's convolutions: 3×3, stride 1, no padding, ReLU.
 pub(crate) const SEED_CONV: ConvSpec = ConvSpec {
@@ -26,7 +27,8 @@ pub(crate) const SEED_CONV: ConvSpec = ConvSpec {
 /// the network's own generator (see [`FractureNet::set_dropout_seed`]).
 ///
 /// Parameter names (the keys in weight files): `conv1.weight`, `conv1.bias`, `conv2.*`, `fc1.*`,
-/// `fc2.*` for the seed architecture.
+/// `fc2.*` for the seed architecture; `stem.*`, `stage{i}.block{j}.*` and `head.fc.*` for the
+/// residual one (see [`crate::ResNetConfig`]).
 #[derive(Debug)]
 pub struct FractureNet {
     config: ModelConfig,
@@ -38,6 +40,7 @@ pub struct FractureNet {
 #[derive(Debug)]
 pub(crate) enum Inner {
     Seed(SeedNet),
+    Resnet(ResNet),
 }
 
 #[derive(Debug)]
@@ -56,6 +59,7 @@ impl FractureNet {
         config.validate()?;
         let inner = match &config.arch {
             ArchConfig::Seed(s) => Inner::Seed(SeedNet::new(config.image_size, s, vb)?),
+            ArchConfig::Resnet(r) => Inner::Resnet(ResNet::new(r, vb)?),
         };
         Ok(FractureNet {
             config: config.clone(),
@@ -125,6 +129,12 @@ impl ModuleT for FractureNet {
                 let x = self.dropout(&dense(&net.fc1, &x, true, self.kernels)?, net.p_dense, train)?;
                 dense(&net.fc2, &x, false, self.kernels)?.squeeze(1)
             }
+            Inner::Resnet(net) => {
+                let a = self.resnet_features(net, xs, train)?;
+                let pooled = a.mean(3)?.mean(2)?;
+                let x = self.dropout(&pooled, net.p_dropout, train)?;
+                dense(&net.fc, &x, false, self.kernels)?.squeeze(1)
+            }
         }
     }
 }
@@ -134,6 +144,169 @@ impl FractureNet {
     pub(crate) fn features(&self, net: &SeedNet, xs: &Tensor) -> candle_core::Result<Tensor> {
         let x = conv_pool(&net.conv1, xs, self.kernels)?;
         conv(&net.conv2, &x, self.kernels)
+    }
+}
+
+impl FractureNet {
+    /// The residual network up to its last feature map `(B, C, S/2^(n+1), S/2^(n+1))`, after the
+    /// last block's ReLU. `train` selects batch statistics (and updates the running ones).
+    pub(crate) fn resnet_features(&self, net: &ResNet, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let k = self.kernels;
+        let stem_bias = bias_of(&net.stem)?;
+        let x = kernels::conv2d_relu_pool2x2(xs, net.stem.weight(), stem_bias, STEM_CONV, k)?;
+        let mut x = net.stem_bn.forward_t(&x, train)?;
+        for block in &net.blocks {
+            x = block.forward(&x, train, k)?;
+        }
+        Ok(x)
+    }
+}
+
+/// The residual network's stem: 3×3, stride 2, padding 1, ReLU (fused with the 2×2 pooling).
+const STEM_CONV: ConvSpec = ConvSpec {
+    kernel: 3,
+    stride: 2,
+    padding: 1,
+    relu: true,
+};
+
+#[derive(Debug)]
+pub(crate) struct ResNet {
+    stem: Conv2d,
+    stem_bn: BatchNorm,
+    blocks: Vec<Block>,
+    pub(crate) fc: Linear,
+    p_dropout: f32,
+    stages: usize,
+}
+
+/// A basic residual block: `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
+#[derive(Debug)]
+struct Block {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    /// Conv 1×1 (stride 2) + BN where the block changes width or resolution.
+    down: Option<(Conv2d, BatchNorm)>,
+    stride: usize,
+}
+
+fn bias_of(layer: &Conv2d) -> candle_core::Result<&Tensor> {
+    layer
+        .bias()
+        .ok_or_else(|| candle_core::Error::Msg("convolution without bias".into()))
+}
+
+fn conv_spec(kernel: usize, stride: usize) -> ConvSpec {
+    ConvSpec {
+        kernel,
+        stride,
+        padding: kernel / 2,
+        relu: false,
+    }
+}
+
+/// Batch normalization over channels with learnable scale (`weight`, initialised to `gamma`) and
+/// shift (`bias`, 0), momentum 0.1, ε 1e-5. The running statistics are variables of the model so
+/// they are saved with it, but `Model::trainable_vars` leaves them out of the optimizer.
+fn batch_norm(channels: usize, gamma: f64, vb: VarBuilder<'_>) -> Result<BatchNorm> {
+    let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
+    let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
+    let weight = vb.get_with_hints(channels, "weight", Init::Const(gamma))?;
+    let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+    Ok(BatchNorm::new(channels, running_mean, running_var, weight, bias, 1e-5)?)
+}
+
+impl Block {
+    fn new(cin: usize, cout: usize, stride: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let c3 = Conv2dConfig {
+            padding: 1,
+            stride,
+            ..Conv2dConfig::default()
+        };
+        let c3b = Conv2dConfig {
+            padding: 1,
+            ..Conv2dConfig::default()
+        };
+        let down = if stride != 1 || cin != cout {
+            let c1 = Conv2dConfig {
+                stride,
+                ..Conv2dConfig::default()
+            };
+            Some((
+                candle_nn::conv2d(cin, cout, 1, c1, vb.pp("down.conv"))?,
+                batch_norm(cout, 1.0, vb.pp("down.bn"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Block {
+            conv1: candle_nn::conv2d(cin, cout, 3, c3, vb.pp("conv1"))?,
+            bn1: batch_norm(cout, 1.0, vb.pp("bn1"))?,
+            conv2: candle_nn::conv2d(cout, cout, 3, c3b, vb.pp("conv2"))?,
+            // The residual branch starts at zero, so each block starts as the identity: deep residual
+            // networks train faster and more stably this way (Goyal et al., 2017).
+            bn2: batch_norm(cout, 0.0, vb.pp("bn2"))?,
+            down,
+            stride,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool, k: Kernels) -> candle_core::Result<Tensor> {
+        let h = kernels::conv2d(x, self.conv1.weight(), bias_of(&self.conv1)?, conv_spec(3, self.stride), k)?;
+        let h = self.bn1.forward_t(&h, train)?.relu()?;
+        let h = kernels::conv2d(&h, self.conv2.weight(), bias_of(&self.conv2)?, conv_spec(3, 1), k)?;
+        let h = self.bn2.forward_t(&h, train)?;
+        let shortcut = match &self.down {
+            Some((conv, bn)) => {
+                let s = kernels::conv2d(x, conv.weight(), bias_of(conv)?, conv_spec(1, self.stride), k)?;
+                bn.forward_t(&s, train)?
+            }
+            None => x.clone(),
+        };
+        (h + shortcut)?.relu()
+    }
+}
+
+impl ResNet {
+    fn new(cfg: &ResNetConfig, vb: VarBuilder<'_>) -> Result<Self> {
+        let first = cfg.widths.first().copied().unwrap_or(1);
+        let stem = candle_nn::conv2d(
+            1,
+            first,
+            3,
+            Conv2dConfig {
+                padding: 1,
+                stride: 2,
+                ..Conv2dConfig::default()
+            },
+            vb.pp("stem.conv"),
+        )?;
+        let stem_bn = batch_norm(first, 1.0, vb.pp("stem.bn"))?;
+        let mut blocks = Vec::new();
+        let mut cin = first;
+        for (i, &w) in cfg.widths.iter().enumerate() {
+            for j in 0..cfg.blocks {
+                let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                blocks.push(Block::new(cin, w, stride, vb.pp(format!("stage{}.block{}", i + 1, j + 1)))?);
+                cin = w;
+            }
+        }
+        Ok(ResNet {
+            stem,
+            stem_bn,
+            blocks,
+            fc: candle_nn::linear(cin, 1, vb.pp("head.fc"))?,
+            p_dropout: cfg.dropout,
+            stages: cfg.widths.len(),
+        })
+    }
+
+    /// Input pixel coordinate of feature `i` of the last map, `offset + stride · i` (receptive-field
+    /// centre): the stem puts pooled feature `j` at `4j + 1`, each later stage doubles the stride.
+    pub(crate) fn geometry(&self) -> (f32, f32) {
+        (1.0, (4usize << self.stages.saturating_sub(1)) as f32)
     }
 }
 

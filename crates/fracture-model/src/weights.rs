@@ -60,7 +60,8 @@ impl Model {
         self.net.config()
     }
 
-    /// The parameters sorted by name: a stable order for optimizers and checkpoints.
+    /// Every variable sorted by name (parameters and batch-norm running statistics): a stable order
+    /// for weight files and checkpoints. Optimizers take [`Model::trainable_vars`].
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let data = self.varmap.data();
         let mut vars: Vec<(String, Var)> = match data.lock() {
@@ -71,9 +72,18 @@ impl Model {
         vars
     }
 
+    /// The variables an optimizer updates, sorted by name: every variable except batch-norm running
+    /// statistics (`*.running_mean`, `*.running_var`), which the forward pass itself maintains.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.named_vars()
+            .into_iter()
+            .filter(|(name, _)| !is_running_stat(name))
+            .collect()
+    }
+
     /// Total number of trainable scalars.
     pub fn param_count(&self) -> usize {
-        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+        self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
     /// The weight file's bytes: every parameter plus [`FORMAT_KEY`], [`CONFIG_KEY`] and `extra`.
@@ -180,6 +190,11 @@ impl Model {
         model.metadata = metadata;
         Ok(model)
     }
+}
+
+/// Whether a variable name is a batch-norm running statistic rather than a trained parameter.
+fn is_running_stat(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename, then a

@@ -19,6 +19,7 @@ mod explain;
 mod loss;
 mod optim;
 mod outputs;
+mod preset;
 mod trainer;
 
 pub use batcher::batch_to_tensors;
@@ -41,6 +42,7 @@ pub use outputs::{
     ThresholdChoice, evaluate_items, predict_files, read_metrics_csv, write_evaluation,
     write_training_curves,
 };
+pub use preset::{Preset, Recipe};
 pub use trainer::{
     CHECKPOINT_FILE, EpochReport, Event, METRICS_FILE, REPORT_FILE, RunReport, TrainOutcome, TrainSetup,
     metrics_csv, train,

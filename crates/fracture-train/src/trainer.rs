@@ -220,7 +220,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
 
     let mut model = Model::new(&setup.model, cfg.seed, &setup.device)?;
     model.net.set_kernels(setup.kernels);
-    let mut adam = Adam::new(model.named_vars(), cfg.adam)?;
+    let mut adam = Adam::new(model.trainable_vars(), cfg.adam)?;
     let mut meta = CheckpointMeta {
         format: 1,
         epoch: 0,

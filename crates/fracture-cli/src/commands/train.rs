@@ -5,16 +5,20 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use fracture_train::data::{AugmentConfig, DecodeLimits, PreprocessConfig, ResizeMode};
+use fracture_train::data::{DecodeLimits, PreprocessConfig, ResizeMode};
 use fracture_train::eval::ThresholdRule;
 use fracture_train::model::{ModelConfig, describe_device};
-use fracture_train::{BestMetric, Event, LrSchedule, PosWeight, TrainConfig, TrainOutcome, TrainSetup};
+use fracture_train::{
+    AdamConfig, BestMetric, Event, LrSchedule, PosWeight, Preset, TrainConfig, TrainOutcome, TrainSetup,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::commands::{ResizeArg, pick_device};
 
 /// Arguments of `fracture train`. The defaults reproduce the original project: the seed CNN at
 /// 128 × 128, 10 epochs, Adam at 1e-3, binary cross-entropy, batch 32, dropout and augmentation.
+/// `--preset radiograph` switches to the recommended recipe; options given explicitly override the
+/// preset's values.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Dataset folder: `<DATA>/<split>/<class>/<image>` with a `train` split (and ideally `val`; without
@@ -34,49 +38,56 @@ pub(crate) struct Args {
     /// Run folder for the model, checkpoints, metrics.csv and report.json [default: runs/<UTC time>].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Passes over the training images.
-    #[arg(long, default_value_t = 10)]
-    epochs: usize,
-    /// Images per optimizer step.
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// Peak learning rate of Adam.
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    /// Decoupled weight decay (0 = plain Adam).
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// Learning-rate schedule after the warm-up.
-    #[arg(long, value_enum, default_value_t = ScheduleArg::Constant)]
-    schedule: ScheduleArg,
+    /// A named recipe: `original` (the original project) or `radiograph` (the residual network at
+    /// 256 × 256 letterboxed, 30 epochs, cosine schedule with warm-up, weight decay, class weighting
+    /// and X-ray augmentation; see the README's results).
+    #[arg(long, value_enum, default_value_t = PresetArg::Original)]
+    preset: PresetArg,
+    /// Passes over the training images [default: 10; radiograph: 30].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per optimizer step [default: 32].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate of Adam [default: 1e-3; radiograph: 2e-3].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Decoupled weight decay, 0 = plain Adam [default: 0; radiograph: 0.01].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Learning-rate schedule after the warm-up [default: constant; radiograph: cosine].
+    #[arg(long, value_enum)]
+    schedule: Option<ScheduleArg>,
     /// For `--schedule step`: epochs between decays.
     #[arg(long, default_value_t = 3)]
     step_every: usize,
     /// For `--schedule step`: factor applied at each decay.
     #[arg(long, default_value_t = 0.1)]
     step_gamma: f64,
-    /// For `--schedule cosine`: the learning rate reached at the last step.
-    #[arg(long, default_value_t = 0.0)]
-    min_lr: f64,
-    /// Optimizer steps of linear learning-rate warm-up.
-    #[arg(long, default_value_t = 0)]
-    warmup_steps: u64,
-    /// Side in pixels of the square network input.
-    #[arg(long, default_value_t = 128)]
-    image_size: u32,
-    /// How images are brought to a square: stretch (the original) or letterbox (keeps the aspect ratio).
-    #[arg(long, value_enum, default_value_t = ResizeArg::Stretch)]
-    resize: ResizeArg,
-    /// Architecture: `seed` is the original CNN.
-    #[arg(long, value_enum, default_value_t = ArchArg::Seed)]
-    arch: ArchArg,
+    /// For `--schedule cosine`: the learning rate reached at the last step [default: 0; radiograph: 1e-5].
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Optimizer steps of linear learning-rate warm-up [default: 0; radiograph: 48].
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Side in pixels of the square network input [default: 128; radiograph: 256].
+    #[arg(long)]
+    image_size: Option<u32>,
+    /// How images are brought to a square: stretch (the original) or letterbox (keeps the aspect
+    /// ratio) [default: stretch; radiograph: letterbox].
+    #[arg(long, value_enum)]
+    resize: Option<ResizeArg>,
+    /// Architecture: `seed` is the original CNN, `resnet` the residual network with batch
+    /// normalization and global average pooling [default: seed; radiograph: resnet].
+    #[arg(long, value_enum)]
+    arch: Option<ArchArg>,
     /// Seed of every random choice (initialisation, shuffling, augmentation, dropout).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Weight of the fractured class in the loss: `none`, `auto` (negatives / positives of the
-    /// training split) or a number.
-    #[arg(long, default_value = "none")]
-    pos_weight: PosWeight,
+    /// training split) or a number [default: none; radiograph: auto].
+    #[arg(long)]
+    pos_weight: Option<PosWeight>,
     /// Keep the model of the epoch with the best value of this validation metric.
     #[arg(long, value_enum, default_value_t = MetricArg::RocAuc)]
     best_metric: MetricArg,
@@ -86,7 +97,8 @@ pub(crate) struct Args {
     /// Share of train held out for validation when the dataset has no val split.
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f64,
-    /// Switch augmentation off (it is on by default: rotation, flips, zoom, shift, brightness, contrast).
+    /// Switch augmentation off (it is on by default: rotation, flips, zoom, shift, brightness,
+    /// contrast; the radiograph preset adds gamma and keeps images upright).
     #[arg(long)]
     no_augment: bool,
     /// Continue the run in `--out` from its last checkpoint (same settings; `--epochs` may grow).
@@ -136,6 +148,13 @@ enum RuleArg {
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum ArchArg {
     Seed,
+    Resnet,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PresetArg {
+    Original,
+    Radiograph,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -148,32 +167,54 @@ enum MetricArg {
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = pick_device(args.cpu)?;
+    let preset = match args.preset {
+        PresetArg::Original => Preset::Original,
+        PresetArg::Radiograph => Preset::Radiograph,
+    };
+    let recipe = preset.recipe();
+    let image_size = args.image_size.unwrap_or(recipe.preprocess.size);
     let model = match args.arch {
-        ArchArg::Seed => ModelConfig::seed(args.image_size as usize),
+        None => ModelConfig {
+            image_size: image_size as usize,
+            ..recipe.model.clone()
+        },
+        Some(ArchArg::Seed) => ModelConfig::seed(image_size as usize),
+        Some(ArchArg::Resnet) => ModelConfig::resnet(image_size as usize),
     };
     let preprocess = PreprocessConfig {
-        size: args.image_size,
+        size: image_size,
         resize: match args.resize {
-            ResizeArg::Stretch => ResizeMode::Stretch,
-            ResizeArg::Letterbox => ResizeMode::Letterbox,
+            None => recipe.preprocess.resize,
+            Some(ResizeArg::Stretch) => ResizeMode::Stretch,
+            Some(ResizeArg::Letterbox) => ResizeMode::Letterbox,
         },
-        standardize: None,
+        ..recipe.preprocess
+    };
+    let base = recipe.train;
+    let min_lr = match (args.min_lr, base.schedule) {
+        (Some(v), _) => v,
+        (None, LrSchedule::Cosine { min_lr }) => min_lr,
+        (None, _) => 0.0,
     };
     let mut train = TrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
+        epochs: args.epochs.unwrap_or(base.epochs),
+        batch_size: args.batch_size.unwrap_or(base.batch_size),
         schedule: match args.schedule {
-            ScheduleArg::Constant => LrSchedule::Constant,
-            ScheduleArg::Step => LrSchedule::Step {
+            None => match base.schedule {
+                LrSchedule::Cosine { .. } => LrSchedule::Cosine { min_lr },
+                other => other,
+            },
+            Some(ScheduleArg::Constant) => LrSchedule::Constant,
+            Some(ScheduleArg::Step) => LrSchedule::Step {
                 every_epochs: args.step_every,
                 gamma: args.step_gamma,
             },
-            ScheduleArg::Cosine => LrSchedule::Cosine { min_lr: args.min_lr },
+            Some(ScheduleArg::Cosine) => LrSchedule::Cosine { min_lr },
         },
-        warmup_steps: args.warmup_steps,
+        warmup_steps: args.warmup_steps.unwrap_or(base.warmup_steps),
         seed: args.seed,
-        pos_weight: args.pos_weight,
-        augment: (!args.no_augment).then(AugmentConfig::default),
+        pos_weight: args.pos_weight.unwrap_or(base.pos_weight),
+        augment: if args.no_augment { None } else { base.augment },
         early_stopping_patience: args.patience,
         best_metric: match args.best_metric {
             MetricArg::RocAuc => BestMetric::RocAuc,
@@ -191,8 +232,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         },
         ..TrainConfig::default()
     };
-    train.adam.lr = args.lr;
-    train.adam.weight_decay = args.weight_decay;
+    train.adam = AdamConfig {
+        lr: args.lr.unwrap_or(base.adam.lr),
+        weight_decay: args.weight_decay.unwrap_or(base.adam.weight_decay),
+        ..base.adam
+    };
     let out = args
         .out
         .clone()
@@ -218,10 +262,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         },
     };
     println!(
-        "training {} at {}×{} on {} → {}",
+        "training {} ({} preset) at {}×{} on {} → {}",
         setup.model.arch_name(),
-        args.image_size,
-        args.image_size,
+        preset.name(),
+        image_size,
+        image_size,
         describe_device(&device),
         out.display()
     );

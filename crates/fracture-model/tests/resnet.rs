@@ -1,0 +1,263 @@
+//! The residual architecture: shapes, gradients (with batch statistics), both kernel choices,
+//! running statistics in weight files, and a short fit.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::VarMap;
+use fracture_model::{
+    ArchConfig, CamMethod, FractureNet, Kernels, Model, ModelConfig, ResNetConfig, seeded_var_builder,
+};
+
+fn tiny(image_size: usize, dropout: f32) -> ModelConfig {
+    ModelConfig {
+        image_size,
+        arch: ArchConfig::Resnet(ResNetConfig {
+            widths: vec![4, 6, 8],
+            blocks: 1,
+            dropout,
+        }),
+    }
+}
+
+fn input(b: usize, s: usize, seed: u64, dtype: DType) -> Tensor {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<f64> = (0..b * s * s)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        })
+        .collect();
+    Tensor::from_vec(data, (b, 1, s, s), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+#[test]
+fn logits_have_shape_b_and_running_stats_are_not_trainable() {
+    for (size, batch) in [(16, 1), (32, 3), (45, 2), (64, 2)] {
+        let model = Model::new(&tiny(size, 0.2), 1, &Device::Cpu).unwrap();
+        for train in [false, true] {
+            let logits = model
+                .net
+                .forward_t(&input(batch, size, 2, DType::F32), train)
+                .unwrap();
+            assert_eq!(logits.dims(), &[batch], "size {size}");
+        }
+    }
+    assert!(Model::new(&tiny(15, 0.0), 1, &Device::Cpu).is_err(), "too small");
+    let model = Model::new(&ModelConfig::resnet(256), 0, &Device::Cpu).unwrap();
+    let all = model.named_vars();
+    let trainable = model.trainable_vars();
+    let stats: Vec<&String> = all
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.ends_with(".running_mean") || n.ends_with(".running_var"))
+        .collect();
+    // Stem + 4 stages × 2 + 3 shortcuts = 12 batch norms, two statistics each.
+    assert_eq!(stats.len(), 24);
+    assert_eq!(trainable.len() + stats.len(), all.len());
+    assert!(trainable.iter().all(|(n, _)| !n.contains("running_")));
+    assert!(
+        (1_000_000..1_400_000).contains(&model.param_count()),
+        "{} parameters",
+        model.param_count()
+    );
+}
+
+/// Central finite differences in f64 through every layer, in training mode (batch statistics), with
+/// every batch-norm scale moved away from its initial value so no branch is trivially zero.
+#[test]
+fn backward_matches_finite_differences_with_batch_statistics() {
+    let dev = Device::Cpu;
+    let cfg = tiny(16, 0.0);
+    let varmap = VarMap::new();
+    let net = FractureNet::new(&cfg, seeded_var_builder(&varmap, 5, DType::F64, &dev)).unwrap();
+    let vars = sorted_vars(&varmap);
+    for (i, (name, var)) in vars.iter().enumerate() {
+        if name.ends_with("bn1.weight") || name.ends_with("bn2.weight") || name.ends_with("bn.weight") {
+            let n = var.elem_count();
+            let v: Vec<f64> = (0..n).map(|k| 0.6 + 0.1 * ((k + i) % 5) as f64).collect();
+            var.set(&Tensor::from_vec(v, n, &dev).unwrap()).unwrap();
+        }
+    }
+    let x = input(4, 16, 3, DType::F64);
+    let r = Tensor::new(&[0.7f64, -1.3, 0.4, 1.1], &dev).unwrap();
+    let loss = |net: &FractureNet| -> Tensor {
+        (net.forward_t(&x, true).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let grads = loss(&net).backward().unwrap();
+    let eps = 1e-6;
+    let mut checked = 0;
+    for (name, var) in vars.iter().filter(|(n, _)| !n.contains("running_")) {
+        let grad = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let n = base.len();
+        for k in 0..n.min(6) {
+            let i = (k * 7919) % n;
+            let mut eval = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
+                    .unwrap();
+                loss(&net).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &dev).unwrap())
+                .unwrap();
+            let err = (numeric - grad[i]).abs();
+            assert!(
+                err <= 1e-6 + 1e-4 * numeric.abs().max(grad[i].abs()),
+                "{name}[{i}]: backward {} vs finite difference {numeric}",
+                grad[i]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 80, "checked {checked} elements");
+}
+
+/// Our kernels and candle's own operations give the same logits and gradients for the whole network.
+#[test]
+fn fast_and_reference_kernels_agree() {
+    let dev = Device::Cpu;
+    let mut model = Model::new(&tiny(37, 0.0), 3, &dev).unwrap();
+    let x = input(3, 37, 9, DType::F32);
+    let mut run = |k: Kernels| {
+        model.net.set_kernels(k);
+        let logits = model.net.forward_t(&x, true).unwrap();
+        let grads = logits.sum_all().unwrap().backward().unwrap();
+        let g: Vec<Vec<f32>> = model
+            .trainable_vars()
+            .iter()
+            .map(|(_, v)| grads.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        (logits.to_vec1::<f32>().unwrap(), g)
+    };
+    let (fast, gf) = run(Kernels::Fast);
+    let (reference, gr) = run(Kernels::Reference);
+    for (a, b) in fast.iter().zip(&reference) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "logit {a} vs {b}");
+    }
+    for (a, b) in gf.iter().zip(&gr) {
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        for (u, v) in a.iter().zip(b) {
+            assert!((u - v).abs() <= 1e-4 * scale, "gradient {u} vs {v} (scale {scale})");
+        }
+    }
+}
+
+/// Training mode moves the running statistics; a saved and reloaded model carries them, so its
+/// inference-mode logits are identical.
+#[test]
+fn running_statistics_are_updated_and_saved() {
+    let dev = Device::Cpu;
+    let model = Model::new(&tiny(32, 0.2), 4, &dev).unwrap();
+    let x = input(4, 32, 1, DType::F32);
+    let before = model.net.forward_t(&x, false).unwrap().to_vec1::<f32>().unwrap();
+    for _ in 0..3 {
+        model.net.forward_t(&x, true).unwrap();
+    }
+    let after = model.net.forward_t(&x, false).unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(before, after, "running statistics moved");
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("resnet-roundtrip.safetensors");
+    model.save(&path, &BTreeMap::new()).unwrap();
+    let loaded = Model::load(&path, &dev).unwrap();
+    assert_eq!(loaded.config(), model.config());
+    let reloaded = loaded.net.forward_t(&x, false).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(after, reloaded);
+}
+
+/// A seeded short fit on a separable toy task lowers the loss, and the activation map of a
+/// positive lies on its evidence (a bright patch in the top-left quarter).
+#[test]
+fn a_short_fit_learns_and_the_map_points_at_the_evidence() {
+    let dev = Device::Cpu;
+    let size = 32usize;
+    let model = Model::new(&tiny(size, 0.0), 7, &dev).unwrap();
+    let image = |i: usize, patch: Option<(usize, usize)>| -> Vec<f32> {
+        (0..size * size)
+            .map(|k| {
+                let (y, x) = (k / size, k % size);
+                let noise = ((k * 7919 + i * 104_729) % 97) as f32 / 97.0 * 0.2 + 0.1;
+                match patch {
+                    Some((py, px)) if (py..py + 6).contains(&y) && (px..px + 6).contains(&x) => 0.95,
+                    _ => noise,
+                }
+            })
+            .collect()
+    };
+    let mut data = Vec::new();
+    let mut targets = Vec::new();
+    for i in 0..32 {
+        let positive = i % 2 == 0;
+        data.extend(image(i, positive.then_some((1 + i % 9, 1 + (i * 5) % 9))));
+        targets.push(if positive { 1f32 } else { 0.0 });
+    }
+    let x = Tensor::from_vec(data, (32, 1, size, size), &dev).unwrap();
+    let y = Tensor::from_vec(targets, 32, &dev).unwrap();
+    let bce = |logits: &Tensor| -> Tensor {
+        let softplus = logits.abs().unwrap().neg().unwrap().exp().unwrap();
+        let softplus = softplus.affine(1.0, 1.0).unwrap().log().unwrap();
+        ((logits.relu().unwrap() - (logits * &y).unwrap()).unwrap() + softplus)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+    };
+    let vars: Vec<Var> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
+    let params = candle_nn::ParamsAdamW {
+        lr: 3e-3,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut opt = candle_nn::AdamW::new(vars, params).unwrap();
+    let initial = bce(&model.net.forward_t(&x, false).unwrap()).to_scalar::<f32>().unwrap();
+    for _ in 0..60 {
+        let loss = bce(&model.net.forward_t(&x, true).unwrap());
+        candle_nn::Optimizer::backward_step(&mut opt, &loss).unwrap();
+    }
+    let last = bce(&model.net.forward_t(&x, false).unwrap()).to_scalar::<f32>().unwrap();
+    assert!(last.is_finite() && last < 0.3 * initial, "loss {initial} -> {last}");
+
+    let probe = Tensor::from_vec(image(999, Some((4, 4))), (1, 1, size, size), &dev).unwrap();
+    let cam = model.net.grad_cam(&probe, CamMethod::HiResCam).unwrap();
+    assert!(cam.logit > 0.0, "called fractured (logit {})", cam.logit);
+    let up = cam.upsample(size);
+    let (mut inside, mut total) = (0.0f32, 0.0f32);
+    for yy in 0..size {
+        for xx in 0..size {
+            total += up[yy * size + xx];
+            if yy < 16 && xx < 16 {
+                inside += up[yy * size + xx];
+            }
+        }
+    }
+    assert!(total > 0.0 && inside / total > 0.6, "{:.2} of the map on the patch's quarter", inside / total);
+}
