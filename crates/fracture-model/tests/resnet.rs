@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
-use candle_nn::VarMap;
+use candle_nn::{Optimizer, VarMap};
 use fracture_model::{
     ArchConfig, CamMethod, FractureNet, Kernels, Model, ModelConfig, ResNetConfig, seeded_var_builder,
 };
@@ -37,6 +37,19 @@ fn input(b: usize, s: usize, seed: u64, dtype: DType) -> Tensor {
         .unwrap()
         .to_dtype(dtype)
         .unwrap()
+}
+
+/// Moves every batch-norm scale away from its initial value (1, or 0 for the last of a block), so
+/// that no branch of the network has a trivially zero gradient.
+fn spread_bn_scales(vars: &[(String, Var)]) {
+    for (i, (name, var)) in vars.iter().enumerate() {
+        if name.ends_with("bn1.weight") || name.ends_with("bn2.weight") || name.ends_with("bn.weight") {
+            let n = var.elem_count();
+            let v: Vec<f64> = (0..n).map(|k| 0.6 + 0.1 * ((k + i) % 5) as f64).collect();
+            let t = Tensor::from_vec(v, n, var.device()).unwrap();
+            var.set(&t.to_dtype(var.dtype()).unwrap()).unwrap();
+        }
+    }
 }
 
 fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
@@ -76,11 +89,17 @@ fn logits_have_shape_b_and_running_stats_are_not_trainable() {
     assert_eq!(stats.len(), 24);
     assert_eq!(trainable.len() + stats.len(), all.len());
     assert!(trainable.iter().all(|(n, _)| !n.contains("running_")));
-    assert!(
-        (1_000_000..1_400_000).contains(&model.param_count()),
-        "{} parameters",
-        model.param_count()
-    );
+    // Per stage: two 3×3 convolutions with bias, a 1×1 shortcut (stages 2-4) and their batch-norm
+    // scales and shifts; plus the stem and the head.
+    let conv = |cin: usize, cout: usize, k: usize| cin * cout * k * k + cout;
+    let stem = conv(1, 24, 3) + 2 * 24;
+    let stage = |cin: usize, c: usize, down: bool| {
+        conv(cin, c, 3) + conv(c, c, 3) + 4 * c + if down { conv(cin, c, 1) + 2 * c } else { 0 }
+    };
+    let expected =
+        stem + stage(24, 24, false) + stage(24, 48, true) + stage(48, 96, true) + stage(96, 192, true) + 193;
+    assert_eq!(model.param_count(), expected);
+    assert_eq!(expected, 691_393);
 }
 
 /// Central finite differences in f64 through every layer, in training mode (batch statistics), with
@@ -92,13 +111,7 @@ fn backward_matches_finite_differences_with_batch_statistics() {
     let varmap = VarMap::new();
     let net = FractureNet::new(&cfg, seeded_var_builder(&varmap, 5, DType::F64, &dev)).unwrap();
     let vars = sorted_vars(&varmap);
-    for (i, (name, var)) in vars.iter().enumerate() {
-        if name.ends_with("bn1.weight") || name.ends_with("bn2.weight") || name.ends_with("bn.weight") {
-            let n = var.elem_count();
-            let v: Vec<f64> = (0..n).map(|k| 0.6 + 0.1 * ((k + i) % 5) as f64).collect();
-            var.set(&Tensor::from_vec(v, n, &dev).unwrap()).unwrap();
-        }
-    }
+    spread_bn_scales(&vars);
     let x = input(4, 16, 3, DType::F64);
     let r = Tensor::new(&[0.7f64, -1.3, 0.4, 1.1], &dev).unwrap();
     let loss = |net: &FractureNet| -> Tensor {
@@ -122,7 +135,7 @@ fn backward_matches_finite_differences_with_batch_statistics() {
         let n = base.len();
         for k in 0..n.min(6) {
             let i = (k * 7919) % n;
-            let mut eval = |delta: f64| {
+            let eval = |delta: f64| {
                 let mut v = base.clone();
                 v[i] += delta;
                 var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
@@ -149,6 +162,7 @@ fn backward_matches_finite_differences_with_batch_statistics() {
 fn fast_and_reference_kernels_agree() {
     let dev = Device::Cpu;
     let mut model = Model::new(&tiny(37, 0.0), 3, &dev).unwrap();
+    spread_bn_scales(&model.named_vars());
     let x = input(3, 37, 9, DType::F32);
     let mut run = |k: Kernels| {
         model.net.set_kernels(k);
@@ -166,8 +180,11 @@ fn fast_and_reference_kernels_agree() {
     for (a, b) in fast.iter().zip(&reference) {
         assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "logit {a} vs {b}");
     }
+    // Relative to the largest gradient anywhere: a convolution bias followed by batch normalization
+    // has a gradient of exactly zero in exact arithmetic and of rounding noise in practice.
+    let global = gr.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
     for (a, b) in gf.iter().zip(&gr) {
-        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let scale = b.iter().fold(1e-3 * global, |m, v| m.max(v.abs()));
         for (u, v) in a.iter().zip(b) {
             assert!((u - v).abs() <= 1e-4 * scale, "gradient {u} vs {v} (scale {scale})");
         }
@@ -200,7 +217,8 @@ fn running_statistics_are_updated_and_saved() {
 #[test]
 fn a_short_fit_learns_and_the_map_points_at_the_evidence() {
     let dev = Device::Cpu;
-    let size = 32usize;
+    // 64 px through three stages leaves a 4 × 4 map: coarse, but enough to tell the quarters apart.
+    let size = 64usize;
     let model = Model::new(&tiny(size, 0.0), 7, &dev).unwrap();
     let image = |i: usize, patch: Option<(usize, usize)>| -> Vec<f32> {
         (0..size * size)
@@ -208,7 +226,7 @@ fn a_short_fit_learns_and_the_map_points_at_the_evidence() {
                 let (y, x) = (k / size, k % size);
                 let noise = ((k * 7919 + i * 104_729) % 97) as f32 / 97.0 * 0.2 + 0.1;
                 match patch {
-                    Some((py, px)) if (py..py + 6).contains(&y) && (px..px + 6).contains(&x) => 0.95,
+                    Some((py, px)) if (py..py + 10).contains(&y) && (px..px + 10).contains(&x) => 0.95,
                     _ => noise,
                 }
             })
@@ -218,7 +236,7 @@ fn a_short_fit_learns_and_the_map_points_at_the_evidence() {
     let mut targets = Vec::new();
     for i in 0..32 {
         let positive = i % 2 == 0;
-        data.extend(image(i, positive.then_some((1 + i % 9, 1 + (i * 5) % 9))));
+        data.extend(image(i, positive.then_some((2 + i % 18, 2 + (i * 5) % 18))));
         targets.push(if positive { 1f32 } else { 0.0 });
     }
     let x = Tensor::from_vec(data, (32, 1, size, size), &dev).unwrap();
@@ -239,14 +257,14 @@ fn a_short_fit_learns_and_the_map_points_at_the_evidence() {
     };
     let mut opt = candle_nn::AdamW::new(vars, params).unwrap();
     let initial = bce(&model.net.forward_t(&x, false).unwrap()).to_scalar::<f32>().unwrap();
-    for _ in 0..60 {
+    for _ in 0..120 {
         let loss = bce(&model.net.forward_t(&x, true).unwrap());
-        candle_nn::Optimizer::backward_step(&mut opt, &loss).unwrap();
+        opt.backward_step(&loss).unwrap();
     }
     let last = bce(&model.net.forward_t(&x, false).unwrap()).to_scalar::<f32>().unwrap();
     assert!(last.is_finite() && last < 0.3 * initial, "loss {initial} -> {last}");
 
-    let probe = Tensor::from_vec(image(999, Some((4, 4))), (1, 1, size, size), &dev).unwrap();
+    let probe = Tensor::from_vec(image(999, Some((8, 8))), (1, 1, size, size), &dev).unwrap();
     let cam = model.net.grad_cam(&probe, CamMethod::HiResCam).unwrap();
     assert!(cam.logit > 0.0, "called fractured (logit {})", cam.logit);
     let up = cam.upsample(size);
@@ -254,10 +272,16 @@ fn a_short_fit_learns_and_the_map_points_at_the_evidence() {
     for yy in 0..size {
         for xx in 0..size {
             total += up[yy * size + xx];
-            if yy < 16 && xx < 16 {
+            if yy < size / 2 && xx < size / 2 {
                 inside += up[yy * size + xx];
             }
         }
     }
-    assert!(total > 0.0 && inside / total > 0.6, "{:.2} of the map on the patch's quarter", inside / total);
+    // A quarter of the mass would be no localisation at all; the 4 × 4 map blurs the rest.
+    assert!(total > 0.0 && inside / total > 0.5, "{:.2} of the map on the patch's quarter", inside / total);
+    let peak = (0..cam.map.len())
+        .max_by(|&a, &b| cam.map[a].total_cmp(&cam.map[b]))
+        .unwrap();
+    let (py, px) = (peak / cam.width, peak % cam.width);
+    assert!(py < cam.height / 2 && px < cam.width / 2, "peak at feature ({py}, {px})");
 }
