@@ -94,11 +94,12 @@ fn train_help_explains_every_option() {
         "--no-augment",
         "--patience",
         "--schedule",
+        "--preset",
     ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
     assert!(
-        help.contains("[default: 10]") && help.contains("[default: 32]"),
+        help.contains("[default: 10; radiograph: 30]") && help.contains("[default: 32]"),
         "{help}"
     );
 }
@@ -159,6 +160,55 @@ fn train_runs_end_to_end_and_reports_where_it_wrote() {
         .unwrap();
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+}
+
+/// `--preset radiograph` trains the residual network with letterboxed inputs, class weighting and
+/// its augmentation; an explicit option (here the size and epochs) overrides the preset.
+#[test]
+fn the_radiograph_preset_trains_the_residual_network() {
+    let root = fresh_dir(&base(), "preset");
+    write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((6, 10), (4, 4)));
+    let run = root.join("run");
+    let out = fracture()
+        .args([
+            "train",
+            "--preset",
+            "radiograph",
+            "--epochs",
+            "2",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--data",
+        ])
+        .arg(root.join("data"))
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("training resnet (radiograph preset) at 32×32"), "{stdout}");
+    assert!(stdout.contains("positive-class weight (auto)"), "{stdout}");
+    assert!(stdout.contains("finished: 2 epochs"), "{stdout}");
+    // The weight file's header names the architecture, the letterbox and the preset's augmentation.
+    let bytes = std::fs::read(run.join("model.safetensors")).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&bytes[8..8 + len]);
+    for needle in ["resnet", "letterbox", "stem.bn.running_var", "gamma"] {
+        assert!(header.contains(needle), "{needle} missing from the header");
+    }
+    let eval = fracture()
+        .args(["eval", "--tta", "--split", "val", "--model"])
+        .arg(&run)
+        .arg("--data")
+        .arg(root.join("data"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&eval.stdout);
+    assert!(eval.status.success(), "{text}\n{}", String::from_utf8_lossy(&eval.stderr));
+    assert!(text.contains("TTA"), "{text}");
 }
 
 /// A training process killed with SIGKILL in the middle of epoch 2 resumes from its epoch-1

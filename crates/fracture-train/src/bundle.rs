@@ -104,6 +104,17 @@ impl TrainedModel {
         Ok(crate::sigmoid(logit.first().copied().unwrap_or(0.0)))
     }
 
+    /// The test-time augmentation that matches the flips the model was trained with (see
+    /// [`crate::Tta::for_training`]); the mirror when the file does not say.
+    pub fn tta(&self) -> crate::Tta {
+        let train: Option<crate::TrainConfig> = self
+            .model
+            .metadata
+            .get(TRAIN_KEY)
+            .and_then(|j| serde_json::from_str(j).ok());
+        crate::Tta::for_training(train.as_ref().and_then(|t| t.augment.as_ref()))
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> Device {
         self.model

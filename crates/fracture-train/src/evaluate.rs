@@ -32,12 +32,44 @@ pub fn sigmoid(logit: f32) -> f64 {
     1.0 / (1.0 + (-f64::from(logit)).exp())
 }
 
-/// P(fractured) for a batch of images `(B, H, W)`. With `tta`, the mean probability over the image
-/// and its horizontal, vertical and double flips (test-time augmentation).
+/// Test-time augmentation: which flipped copies of an image the prediction averages over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tta {
+    /// The image alone.
+    #[default]
+    Off,
+    /// The image and its left-right mirror (for models trained with horizontal flips only).
+    Mirror,
+    /// The image and its horizontal, vertical and double flips.
+    Flips,
+}
+
+impl Tta {
+    /// The views a model trained with `augment` has seen: all four flips when it was trained with
+    /// vertical flips too, the mirror when only with horizontal ones, and the mirror as well when it
+    /// saw no flips at all (left and right are equally plausible in a radiograph).
+    pub fn for_training(augment: Option<&fracture_data::AugmentConfig>) -> Self {
+        match augment {
+            Some(a) if a.vertical_flip && a.horizontal_flip => Tta::Flips,
+            _ => Tta::Mirror,
+        }
+    }
+
+    /// How many views are averaged.
+    pub fn views(self) -> usize {
+        match self {
+            Tta::Off => 1,
+            Tta::Mirror => 2,
+            Tta::Flips => 4,
+        }
+    }
+}
+
+/// P(fractured) for a batch of images `(B, H, W)`: the mean probability over the views `tta` names.
 pub fn predict_images(
     net: &FractureNet,
     images: &Array3<f32>,
-    tta: bool,
+    tta: Tta,
     device: &Device,
 ) -> Result<Vec<f64>> {
     let (b, h, w) = images.dim();
@@ -52,14 +84,18 @@ pub fn predict_images(
             .collect())
     };
     let mut probs = run(images.clone())?;
-    if tta {
-        for v in flips(images) {
-            for (p, q) in probs.iter_mut().zip(run(v)?) {
-                *p += q;
-            }
+    let extra: Vec<Array3<f32>> = match tta {
+        Tta::Off => Vec::new(),
+        Tta::Mirror => flips(images).into_iter().take(1).collect(),
+        Tta::Flips => flips(images).into(),
+    };
+    for v in extra {
+        for (p, q) in probs.iter_mut().zip(run(v)?) {
+            *p += q;
         }
-        probs.iter_mut().for_each(|p| *p /= 4.0);
     }
+    let n = tta.views() as f64;
+    probs.iter_mut().for_each(|p| *p /= n);
     Ok(probs)
 }
 
@@ -80,7 +116,7 @@ pub fn predict_dataset(
     net: &FractureNet,
     dataset: &FolderDataset,
     batch_size: usize,
-    tta: bool,
+    tta: Tta,
     device: &Device,
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(dataset.len());
@@ -121,7 +157,7 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
 ) -> Result<(Vec<f64>, EvalReport)> {
-    let probs = predict_dataset(net, dataset, batch_size, false, device)?;
+    let probs = predict_dataset(net, dataset, batch_size, Tta::Off, device)?;
     let report = report_for(&probs, dataset, threshold)?;
     Ok((probs, report))
 }
@@ -135,8 +171,9 @@ mod tests {
     fn tta_averages_the_four_flips() {
         let model = Model::new(&ModelConfig::seed(16), 3, &Device::Cpu).unwrap();
         let images = Array3::from_shape_fn((2, 16, 16), |(b, y, x)| ((b * 7 + y * 3 + x) % 11) as f32 / 10.0);
-        let plain = predict_images(&model.net, &images, false, &Device::Cpu).unwrap();
-        let tta = predict_images(&model.net, &images, true, &Device::Cpu).unwrap();
+        let plain = predict_images(&model.net, &images, Tta::Off, &Device::Cpu).unwrap();
+        let tta = predict_images(&model.net, &images, Tta::Flips, &Device::Cpu).unwrap();
+        let mirror = predict_images(&model.net, &images, Tta::Mirror, &Device::Cpu).unwrap();
         let mut manual = plain.clone();
         let mut h = images.clone();
         h.invert_axis(Axis(2));
@@ -145,10 +182,14 @@ mod tests {
         let mut hv = h.clone();
         hv.invert_axis(Axis(1));
         assert_eq!(h[[1, 3, 0]], images[[1, 3, 15]]);
+        let mirrored = predict_images(&model.net, &h, Tta::Off, &Device::Cpu).unwrap();
+        for ((m, p), q) in mirror.iter().zip(&plain).zip(&mirrored) {
+            assert!((m - (p + q) / 2.0).abs() < 1e-12);
+        }
         for v in [h, v, hv] {
             for (m, q) in manual
                 .iter_mut()
-                .zip(predict_images(&model.net, &v, false, &Device::Cpu).unwrap())
+                .zip(predict_images(&model.net, &v, Tta::Off, &Device::Cpu).unwrap())
             {
                 *m += q;
             }

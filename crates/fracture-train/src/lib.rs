@@ -31,7 +31,7 @@ pub use checkpoint::{Best, CheckpointMeta, DataCounts, read_checkpoint};
 pub use config::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
 pub use error::{Error, Result};
 pub use evaluate::{
-    evaluate, mean_loss, predict_dataset, predict_images, predict_logits, report_for, sigmoid, truth,
+    Tta, evaluate, mean_loss, predict_dataset, predict_images, predict_logits, report_for, sigmoid, truth,
 };
 pub use explain::Explanation;
 pub use fracture_eval::EvalReport;

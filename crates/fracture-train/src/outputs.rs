@@ -10,7 +10,7 @@ use fracture_plot::EpochPoint;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::{EpochReport, Error, Result, TrainedModel, predict_dataset, predict_images, truth};
+use crate::{EpochReport, Error, Result, TrainedModel, Tta, predict_dataset, predict_images, truth};
 
 /// The evaluation report's file name.
 pub const REPORT_JSON: &str = "report.json";
@@ -74,7 +74,8 @@ pub fn evaluate_items(
         )));
     }
     let device = model.device();
-    let probabilities = predict_dataset(&model.model.net, &dataset, batch_size, tta, &device)?;
+    let views = if tta { model.tta() } else { Tta::Off };
+    let probabilities = predict_dataset(&model.model.net, &dataset, batch_size, views, &device)?;
     let actual = truth(&dataset);
     let threshold = match choice {
         ThresholdChoice::Stored => model.threshold,
@@ -329,7 +330,8 @@ pub fn predict_files(
                 .index_axis_mut(fracture_data::ndarray::Axis(0), k)
                 .assign(&model.preprocess.to_input(img.view()));
         }
-        let probs = predict_images(&model.model.net, &batch, tta, &device)?;
+        let views = if tta { model.tta() } else { Tta::Off };
+        let probs = predict_images(&model.model.net, &batch, views, &device)?;
         for ((path, _), p) in chunk.iter().zip(probs) {
             out.push(Prediction {
                 path: path.clone(),

@@ -33,7 +33,8 @@ pub(crate) struct Args {
     /// Folder for report.json, predictions.csv and the charts [default: eval-<split> beside the model].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Test-time augmentation: average P(fractured) over the image and its three flips.
+    /// Test-time augmentation: average P(fractured) over the image and the flips the model was trained
+    /// with (its three flips, or only its mirror image for a model trained without vertical flips).
     #[arg(long)]
     tta: bool,
     /// Images per forward pass.
@@ -133,7 +134,7 @@ fn print_table(r: &fracture_train::EvalReport, split: Option<Split>, tta: bool) 
         r.n,
         r.positives,
         r.threshold,
-        if tta { "; TTA over flips" } else { "" }
+        if tta { "; TTA over the trained flips" } else { "" }
     );
     let rows = [
         ("ROC-AUC", r.roc_auc, fmt_ci(r.ci95.roc_auc)),

@@ -20,7 +20,8 @@ pub(crate) struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-    /// Test-time augmentation: average P(fractured) over the image and its three flips.
+    /// Test-time augmentation: average P(fractured) over the image and the flips the model was trained
+    /// with (its three flips, or only its mirror image for a model trained without vertical flips).
     #[arg(long)]
     tta: bool,
     /// Also write, per image, a PNG of the image with the heatmap of the evidence laid over it
