@@ -146,19 +146,37 @@ pub(crate) fn im2col_row_band(
             continue;
         }
         let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-        if s.stride == 1 && s.padding == 0 {
-            dst.copy_from_slice(&src[kj..kj + d.ow]);
+        let (lo, hi) = inside_columns(d, s, kj);
+        dst[..lo].fill(0.0);
+        dst[hi..].fill(0.0);
+        if lo == hi {
+            continue;
+        }
+        // Output column ox reads input column ox·stride + kj − padding, inside for lo ≤ ox < hi.
+        let first = lo * s.stride + kj - s.padding;
+        if s.stride == 1 {
+            dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
         } else {
-            for (ox, v) in dst.iter_mut().enumerate() {
-                let ix = (ox * s.stride + kj) as isize - s.padding as isize;
-                *v = if ix >= 0 && ix < d.w as isize {
-                    src[ix as usize]
-                } else {
-                    0.0
-                };
+            for (v, &x) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s.stride)) {
+                *v = x;
             }
         }
     }
+}
+
+/// The output columns `lo..hi` whose tap `kj` reads a real input column (not padding):
+/// `0 ≤ ox·stride + kj − padding < w`. Empty (`lo == hi`) when there is none.
+fn inside_columns(d: &Dims, s: &ConvSpec, kj: usize) -> (usize, usize) {
+    // Smallest ox with ox·stride + kj ≥ padding.
+    let lo = s.padding.saturating_sub(kj).div_ceil(s.stride).min(d.ow);
+    // Largest ox with ox·stride + kj − padding ≤ w − 1, plus one.
+    let limit = d.w + s.padding;
+    let hi = if limit > kj {
+        ((limit - kj - 1) / s.stride + 1).min(d.ow)
+    } else {
+        0
+    };
+    (lo, hi.max(lo))
 }
 
 /// The adjoint of [`im2col`]: adds every column entry back onto the input pixel it came from.
@@ -184,16 +202,18 @@ pub(crate) fn col2im_band(col: &[f32], d: &Dims, s: &ConvSpec, oy0: usize, oy1: 
                     }
                     let src = &row[(oy - oy0) * d.ow..(oy - oy0 + 1) * d.ow];
                     let dst = &mut plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    if s.stride == 1 && s.padding == 0 {
-                        for (o, v) in dst[kj..kj + d.ow].iter_mut().zip(src) {
+                    let (lo, hi) = inside_columns(d, s, kj);
+                    if lo == hi {
+                        continue;
+                    }
+                    let first = lo * s.stride + kj - s.padding;
+                    if s.stride == 1 {
+                        for (o, v) in dst[first..first + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
                             *o += v;
                         }
                     } else {
-                        for (ox, v) in src.iter().enumerate() {
-                            let ix = (ox * s.stride + kj) as isize - s.padding as isize;
-                            if ix >= 0 && ix < d.w as isize {
-                                dst[ix as usize] += v;
-                            }
+                        for (o, v) in dst[first..].iter_mut().step_by(s.stride).zip(&src[lo..hi]) {
+                            *o += v;
                         }
                     }
                 }
