@@ -99,7 +99,7 @@ fn train_help_explains_every_option() {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
     assert!(
-        help.contains("[default: 10; radiograph: 30]") && help.contains("[default: 32]"),
+        help.contains("[default: 10; radiograph: 40]") && help.contains("[default: 32]"),
         "{help}"
     );
 }
@@ -188,8 +188,15 @@ fn the_radiograph_preset_trains_the_residual_network() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("training resnet (radiograph preset) at 32×32"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("training resnet (radiograph preset) at 32×32"),
+        "{stdout}"
+    );
     assert!(stdout.contains("positive-class weight (auto)"), "{stdout}");
     assert!(stdout.contains("finished: 2 epochs"), "{stdout}");
     // The weight file's header names the architecture, the letterbox and the preset's augmentation.
@@ -207,7 +214,11 @@ fn the_radiograph_preset_trains_the_residual_network() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&eval.stdout);
-    assert!(eval.status.success(), "{text}\n{}", String::from_utf8_lossy(&eval.stderr));
+    assert!(
+        eval.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
     assert!(text.contains("TTA"), "{text}");
 }
 
@@ -416,7 +427,17 @@ fn eval_writes_the_report_predictions_and_charts() {
         .map(String::as_str)
         .collect();
     ci.sort_unstable();
-    assert_eq!(ci, ["accuracy", "roc_auc", "sensitivity", "specificity"]);
+    assert_eq!(
+        ci,
+        [
+            "accuracy",
+            "f1",
+            "pr_auc",
+            "roc_auc",
+            "sensitivity",
+            "specificity"
+        ]
+    );
     let c = &report["confusion"];
     let total: u64 = ["tp", "fp", "tn", "fn"]
         .iter()

@@ -364,7 +364,10 @@ mod tests {
             aug.apply(&mut out, &mut sample_rng(seed, 0, 0));
             // v^γ with γ in [1/1.5, 1.5]: order kept, 0 and 1 fixed, every value between v^1.5 and v^(2/3).
             for (&v, &o) in img.iter().zip(&out) {
-                assert!(o >= v.powf(1.5) - 1e-6 && o <= v.powf(1.0 / 1.5) + 1e-6, "{v} -> {o}");
+                assert!(
+                    o >= v.powf(1.5) - 1e-6 && o <= v.powf(1.0 / 1.5) + 1e-6,
+                    "{v} -> {o}"
+                );
             }
             changed += usize::from(out != img);
         }
@@ -373,7 +376,12 @@ mod tests {
             gamma: 3.0,
             ..AugmentConfig::none()
         };
-        assert!(Augmenter::new(bad).unwrap_err().to_string().contains("augment.gamma"));
+        assert!(
+            Augmenter::new(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("augment.gamma")
+        );
     }
 
     #[test]

@@ -26,6 +26,13 @@ pub struct ConfidenceIntervals {
     pub specificity: Option<Interval>,
     /// Accuracy at the operating threshold.
     pub accuracy: Option<Interval>,
+    /// Average precision (the area under the precision-recall curve).
+    #[serde(default)]
+    pub pr_auc: Option<Interval>,
+    /// F1 at the operating threshold (`None` in a replicate with no fractured call and no fracture
+    /// cannot happen: every replicate keeps the fractured cases).
+    #[serde(default)]
+    pub f1: Option<Interval>,
 }
 
 /// SplitMix64: a tiny, well-mixed generator, enough for resampling indices.
@@ -109,6 +116,7 @@ pub fn bootstrap_ci(
     let mut rng = SplitMix(seed ^ 0x5eed_b007_57a9_0000);
     let mut weight = vec![0u32; scores.len()];
     let (mut aucs, mut sens, mut spec, mut acc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut aps, mut f1s) = (Vec::new(), Vec::new());
     for _ in 0..resamples {
         weight.iter_mut().for_each(|w| *w = 0);
         for class in [&pos, &neg] {
@@ -135,6 +143,12 @@ pub fn bootstrap_ci(
         if p + n > 0.0 {
             acc.push((tp + tn) as f64 / (p + n));
         }
+        if p > 0.0 {
+            // 2·TP / (2·TP + FP + FN); the denominator is at least the number of fractured cases.
+            let (fp, fn_) = (n - tn as f64, p - tp as f64);
+            f1s.push(2.0 * tp as f64 / (2.0 * tp as f64 + fp + fn_));
+            aps.push(weighted_average_precision(&order, &groups, &weight, actual, p));
+        }
         if p > 0.0 && n > 0.0 {
             let (mut wins, mut neg_below) = (0.0, 0.0);
             for &(a, b) in &groups {
@@ -157,7 +171,39 @@ pub fn bootstrap_ci(
         sensitivity: interval(sens),
         specificity: interval(spec),
         accuracy: interval(acc),
+        pr_auc: interval(aps),
+        f1: interval(f1s),
     })
+}
+
+/// Average precision of a replicate: case `i` counted `weight[i]` times. `order` sorts the cases by
+/// ascending score and `groups` are its runs of tied scores; the curve is walked from the highest
+/// score down, one point per tie group, as [`crate::average_precision`] does. `positives` is the
+/// weighted number of fractured cases (> 0).
+fn weighted_average_precision(
+    order: &[usize],
+    groups: &[(usize, usize)],
+    weight: &[u32],
+    actual: &[bool],
+    positives: f64,
+) -> f64 {
+    let (mut tp, mut fp, mut prev_recall, mut ap) = (0.0, 0.0, 0.0, 0.0);
+    for &(a, b) in groups.iter().rev() {
+        for &i in &order[a..b] {
+            let w = f64::from(weight[i]);
+            if actual[i] {
+                tp += w;
+            } else {
+                fp += w;
+            }
+        }
+        if tp + fp > 0.0 {
+            let recall = tp / positives;
+            ap += (recall - prev_recall) * tp / (tp + fp);
+            prev_recall = recall;
+        }
+    }
+    ap
 }
 
 #[cfg(test)]
@@ -189,6 +235,51 @@ mod tests {
         let point = roc_auc(&s_big, &a_big).unwrap().unwrap();
         assert!(big.lower <= point && point <= big.upper, "{big:?} vs {point}");
         assert!(big.upper - big.lower < small.upper - small.lower);
+    }
+
+    proptest::proptest! {
+        /// With every case counted once, the replicate formula is the plain average precision.
+        #[test]
+        fn weighted_ap_with_unit_weights_is_average_precision(
+            pairs in proptest::collection::vec((0u8..12, proptest::bool::ANY), 1..60)
+        ) {
+            let scores: Vec<f64> = pairs.iter().map(|p| f64::from(p.0) / 11.0).collect();
+            let actual: Vec<bool> = pairs.iter().map(|p| p.1).collect();
+            let positives = actual.iter().filter(|&&a| a).count();
+            proptest::prop_assume!(positives > 0);
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            let mut groups = Vec::new();
+            let mut start = 0;
+            for k in 1..=order.len() {
+                if k == order.len() || scores[order[k]] != scores[order[start]] {
+                    groups.push((start, k));
+                    start = k;
+                }
+            }
+            let ones = vec![1u32; scores.len()];
+            let ap = weighted_average_precision(&order, &groups, &ones, &actual, positives as f64);
+            let expected = crate::average_precision(&scores, &actual).unwrap().unwrap();
+            proptest::prop_assert!((ap - expected).abs() < 1e-12, "{} vs {}", ap, expected);
+        }
+    }
+
+    #[test]
+    fn pr_auc_and_f1_intervals_contain_their_point_estimates() {
+        let mut rng = SplitMix(9);
+        let actual: Vec<bool> = (0..600).map(|i| i % 5 == 0).collect();
+        let scores: Vec<f64> = actual
+            .iter()
+            .map(|&a| (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * 0.7 + if a { 0.3 } else { 0.0 })
+            .collect();
+        let ci = bootstrap_ci(&scores, &actual, 0.6, 500, 2).unwrap();
+        let ap = crate::average_precision(&scores, &actual).unwrap().unwrap();
+        let (pr, f1) = (ci.pr_auc.unwrap(), ci.f1.unwrap());
+        assert!(pr.lower <= ap && ap <= pr.upper, "{pr:?} vs {ap}");
+        let m = crate::ConfusionMatrix::from_scores(&scores, &actual, 0.6).unwrap();
+        let point = 2.0 * m.tp as f64 / (2 * m.tp + m.fp + m.fn_) as f64;
+        assert!(f1.lower <= point && point <= f1.upper, "{f1:?} vs {point}");
+        assert!(pr.upper - pr.lower > 0.0 && f1.upper - f1.lower > 0.0);
     }
 
     #[test]

@@ -133,6 +133,8 @@ mod tests {
             r.ci95.sensitivity,
             r.ci95.specificity,
             r.ci95.accuracy,
+            r.ci95.pr_auc,
+            r.ci95.f1,
         ]
         .into_iter()
         .flatten()

@@ -2,9 +2,10 @@
 
 use std::sync::Mutex;
 
+use candle_core::Var;
 use candle_core::{ModuleT, Tensor};
 use candle_nn::init::Init;
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -150,11 +151,16 @@ impl FractureNet {
 impl FractureNet {
     /// The residual network up to its last feature map `(B, C, S/2^(n+1), S/2^(n+1))`, after the
     /// last block's ReLU. `train` selects batch statistics (and updates the running ones).
-    pub(crate) fn resnet_features(&self, net: &ResNet, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    pub(crate) fn resnet_features(
+        &self,
+        net: &ResNet,
+        xs: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
         let k = self.kernels;
         let stem_bias = bias_of(&net.stem)?;
         let x = kernels::conv2d_relu_pool2x2(xs, net.stem.weight(), stem_bias, STEM_CONV, k)?;
-        let mut x = net.stem_bn.forward_t(&x, train)?;
+        let mut x = net.stem_bn.forward(&x, train, false, k)?;
         for block in &net.blocks {
             x = block.forward(&x, train, k)?;
         }
@@ -207,15 +213,58 @@ fn conv_spec(kernel: usize, stride: usize) -> ConvSpec {
     }
 }
 
-/// Batch normalization over channels with learnable scale (`weight`, initialised to `gamma`) and
-/// shift (`bias`, 0), momentum 0.1, ε 1e-5. The running statistics are variables of the model so
+/// Batch normalization over channels with learnable scale (`weight`) and shift (`bias`), momentum
+/// 0.1, ε 1e-5, optionally followed by ReLU. The running statistics are variables of the model so
 /// they are saved with it, but `Model::trainable_vars` leaves them out of the optimizer.
+#[derive(Debug)]
+struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// A batch norm whose scale starts at `gamma` (1, or 0 for the last of a residual branch).
 fn batch_norm(channels: usize, gamma: f64, vb: VarBuilder<'_>) -> Result<BatchNorm> {
     let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
     let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
-    let weight = vb.get_with_hints(channels, "weight", Init::Const(gamma))?;
-    let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
-    Ok(BatchNorm::new(channels, running_mean, running_var, weight, bias, 1e-5)?)
+    Ok(BatchNorm {
+        weight: vb.get_with_hints(channels, "weight", Init::Const(gamma))?,
+        bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+        // The same storage as the model's variables: updating them updates what is saved.
+        running_mean: Var::from_tensor(&running_mean)?,
+        running_var: Var::from_tensor(&running_var)?,
+    })
+}
+
+impl BatchNorm {
+    /// Training mode normalizes with the batch's statistics and moves the running ones towards
+    /// them (the variance unbiased); inference mode uses the running statistics.
+    fn forward(&self, x: &Tensor, train: bool, relu: bool, k: Kernels) -> candle_core::Result<Tensor> {
+        let c = self.weight.elem_count();
+        if train {
+            let (y, mean, var) = kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu, k)?;
+            let n = (x.elem_count() / c) as f64;
+            let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+            let m = BN_MOMENTUM;
+            let rm = (self.running_mean.as_detached_tensor() * (1.0 - m))? + (mean * m)?;
+            let rv = (self.running_var.as_detached_tensor() * (1.0 - m))? + (var * (m * unbias))?;
+            self.running_mean.set(&rm?)?;
+            self.running_var.set(&rv?)?;
+            return Ok(y);
+        }
+        let scale = self
+            .weight
+            .broadcast_div(&(self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?)?;
+        let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+        let y = x
+            .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+        if relu { y.relu() } else { Ok(y) }
+    }
 }
 
 impl Block {
@@ -254,14 +303,20 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, train: bool, k: Kernels) -> candle_core::Result<Tensor> {
-        let h = kernels::conv2d(x, self.conv1.weight(), bias_of(&self.conv1)?, conv_spec(3, self.stride), k)?;
-        let h = self.bn1.forward_t(&h, train)?.relu()?;
+        let h = kernels::conv2d(
+            x,
+            self.conv1.weight(),
+            bias_of(&self.conv1)?,
+            conv_spec(3, self.stride),
+            k,
+        )?;
+        let h = self.bn1.forward(&h, train, true, k)?;
         let h = kernels::conv2d(&h, self.conv2.weight(), bias_of(&self.conv2)?, conv_spec(3, 1), k)?;
-        let h = self.bn2.forward_t(&h, train)?;
+        let h = self.bn2.forward(&h, train, false, k)?;
         let shortcut = match &self.down {
             Some((conv, bn)) => {
                 let s = kernels::conv2d(x, conv.weight(), bias_of(conv)?, conv_spec(1, self.stride), k)?;
-                bn.forward_t(&s, train)?
+                bn.forward(&s, train, false, k)?
             }
             None => x.clone(),
         };
@@ -289,7 +344,12 @@ impl ResNet {
         for (i, &w) in cfg.widths.iter().enumerate() {
             for j in 0..cfg.blocks {
                 let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                blocks.push(Block::new(cin, w, stride, vb.pp(format!("stage{}.block{}", i + 1, j + 1)))?);
+                blocks.push(Block::new(
+                    cin,
+                    w,
+                    stride,
+                    vb.pp(format!("stage{}.block{}", i + 1, j + 1)),
+                )?);
                 cin = w;
             }
         }

@@ -109,6 +109,22 @@ proptest! {
     }
 
     #[test]
+    fn batch_norm_matches_candle(
+        b in 1usize..4, c in 1usize..5, h in 1usize..9, w in 1usize..9, relu: bool, seed: u64,
+    ) {
+        // Inputs off-centre and scaled, so the normalization has work to do; B·H·W ≥ 2 keeps the
+        // variance defined.
+        prop_assume!(b * h * w >= 2);
+        let x = (random(&[b, c, h, w], seed) * 3.0).unwrap().affine(1.0, 0.5).unwrap();
+        let inputs = [x, random(&[c], seed ^ 1).affine(1.0, 1.5).unwrap(), random(&[c], seed ^ 2)];
+        check(&inputs, |t, k| kernels::batch_norm_train(&t[0], &t[1], &t[2], 1e-5, relu, k).unwrap().0, "batch norm")?;
+        let (_, mf, vf) = kernels::batch_norm_train(&inputs[0], &inputs[1], &inputs[2], 1e-5, relu, Kernels::Fast).unwrap();
+        let (_, mr, vr) = kernels::batch_norm_train(&inputs[0], &inputs[1], &inputs[2], 1e-5, relu, Kernels::Reference).unwrap();
+        close(&mf, &mr, "batch mean")?;
+        close(&vf, &vr, "batch variance")?;
+    }
+
+    #[test]
     fn dropout_matches_candle(n in 1usize..300, p in 0.0f32..0.9, seed: u64) {
         check(&[random(&[n], seed)], |t, k| {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

@@ -39,7 +39,7 @@ impl Preset {
     /// The recipe.
     ///
     /// `Radiograph`: the residual network ([`fracture_model::ResNetConfig`] defaults) at 256 × 256
-    /// with the aspect ratio kept (letterbox), 30 epochs of batch 32, Adam with peak rate 2e-3 after
+    /// with the aspect ratio kept (letterbox), 40 epochs of batch 32, Adam with peak rate 2e-3 after
     /// one epoch of warm-up (48 steps at 1,516 images) and a cosine decay to 1e-5, decoupled weight
     /// decay 0.01, the fractured class weighted by negatives / positives of the training split, and
     /// augmentation suited to radiographs: rotation ±10°, left-right mirroring (no upside-down
@@ -60,7 +60,7 @@ impl Preset {
                     standardize: None,
                 },
                 train: TrainConfig {
-                    epochs: 30,
+                    epochs: 40,
                     batch_size: 32,
                     adam: AdamConfig {
                         lr: 2e-3,
@@ -99,7 +99,12 @@ mod tests {
             let r = preset.recipe();
             r.model.validate().unwrap();
             r.train.validate().unwrap();
-            assert_eq!(r.model.image_size, r.preprocess.size as usize, "{}", preset.name());
+            assert_eq!(
+                r.model.image_size,
+                r.preprocess.size as usize,
+                "{}",
+                preset.name()
+            );
             if let Some(a) = &r.train.augment {
                 fracture_data::Augmenter::new(*a).unwrap();
             }

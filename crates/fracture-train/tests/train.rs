@@ -10,7 +10,7 @@ use fracture_testkit::{SyntheticSpec, fresh_dir, write_synthetic_dataset};
 use fracture_train::data::{AugmentConfig, DecodeLimits, PreprocessConfig, Split};
 use fracture_train::model::ModelConfig;
 use fracture_train::{
-    Error, Event, LrSchedule, TrainConfig, TrainOutcome, TrainSetup, read_checkpoint, train,
+    Error, Event, LrSchedule, Preset, TrainConfig, TrainOutcome, TrainSetup, read_checkpoint, train,
 };
 
 fn base() -> PathBuf {
@@ -148,7 +148,11 @@ fn the_loop_learns_a_learnable_task() {
 /// Stopping after epoch 1 and resuming gives the same weights and Adam moments as an uninterrupted
 /// run, bit for bit on the CPU.
 fn check_resume_equals_uninterrupted(data: &Path, root: &Path, size: u32, batch: usize) {
-    let mut whole = setup(data, &root.join("whole"), size, 2);
+    check_resume_with(setup(data, &root.join("whole"), size, 2), root, batch);
+}
+
+fn check_resume_with(mut whole: TrainSetup, root: &Path, batch: usize) {
+    whole.out = root.join("whole");
     whole.train.batch_size = batch;
     whole.train.schedule = LrSchedule::Cosine { min_lr: 1e-4 };
     whole.train.warmup_steps = 3;
@@ -184,6 +188,76 @@ fn check_resume_equals_uninterrupted(data: &Path, root: &Path, size: u32, batch:
 fn resume_equals_an_uninterrupted_run_on_generated_images() {
     let root = synthetic("resume", (10, 14), (5, 5));
     check_resume_equals_uninterrupted(&root.join("data"), &root, 24, 8);
+}
+
+/// The radiograph preset's residual network resumes exactly too: its batch-norm running statistics
+/// travel in the checkpoint with the weights and moments.
+#[test]
+fn the_residual_network_resumes_exactly() {
+    let root = synthetic("resume-resnet", (10, 14), (5, 5));
+    let recipe = Preset::Radiograph.recipe();
+    let mut s = setup(&root.join("data"), &root.join("whole"), 32, 2);
+    s.model = ModelConfig::resnet(32);
+    s.preprocess = PreprocessConfig {
+        size: 32,
+        ..recipe.preprocess
+    };
+    s.train = TrainConfig {
+        epochs: 2,
+        ..recipe.train
+    };
+    check_resume_with(s.clone(), &root, 8);
+    let (_, tensors) = read_checkpoint(
+        &root.join("whole").join(fracture_train::CHECKPOINT_FILE),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let var = tensors["model.stem.bn.running_var"].to_vec1::<f32>().unwrap();
+    assert!(
+        var.iter().any(|v| (v - 1.0).abs() > 1e-3),
+        "running statistics moved: {var:?}"
+    );
+    assert!(
+        !tensors
+            .keys()
+            .any(|k| k.contains("running_") && !k.starts_with("model.")),
+        "no optimizer state for running statistics"
+    );
+}
+
+/// The recommended recipe, shortened (one epoch at 64 px), on the real radiographs: it trains, the
+/// validation report is complete, and the model reloads as a letterboxed residual network.
+#[test]
+fn the_radiograph_preset_runs_on_the_real_radiographs() {
+    let Some(data) = fracture_testkit::fracatlas() else {
+        return;
+    };
+    let root = fresh_dir(&base(), "fracatlas-preset");
+    let recipe = Preset::Radiograph.recipe();
+    let mut s = setup(&data, &root.join("run"), 64, 1);
+    s.model = ModelConfig::resnet(64);
+    s.preprocess = PreprocessConfig {
+        size: 64,
+        ..recipe.preprocess
+    };
+    s.train = TrainConfig {
+        epochs: 1,
+        batch_size: 64,
+        ..recipe.train
+    };
+    let outcome = run(&s).unwrap();
+    let val = &outcome.reports[&Split::Val];
+    assert_eq!((val.n, val.positives), (512, 88));
+    assert!(val.roc_auc.is_some_and(|v| v.is_finite()));
+    assert!(val.ci95.pr_auc.is_some() && val.ci95.f1.is_some());
+    let trained = fracture_train::TrainedModel::load(&s.out, &Device::Cpu).unwrap();
+    assert_eq!(trained.model.config().arch_name(), "resnet");
+    assert_eq!(trained.preprocess, s.preprocess);
+    assert_eq!(
+        trained.tta(),
+        fracture_train::Tta::Mirror,
+        "trained without vertical flips"
+    );
 }
 
 #[test]

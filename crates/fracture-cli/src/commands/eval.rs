@@ -138,12 +138,12 @@ fn print_table(r: &fracture_train::EvalReport, split: Option<Split>, tta: bool) 
     );
     let rows = [
         ("ROC-AUC", r.roc_auc, fmt_ci(r.ci95.roc_auc)),
-        ("PR-AUC (AP)", r.pr_auc, String::new()),
+        ("PR-AUC (AP)", r.pr_auc, fmt_ci(r.ci95.pr_auc)),
         ("sensitivity", r.sensitivity, fmt_ci(r.ci95.sensitivity)),
         ("specificity", r.specificity, fmt_ci(r.ci95.specificity)),
         ("precision (PPV)", r.precision, String::new()),
         ("NPV", r.npv, String::new()),
-        ("F1", r.f1, String::new()),
+        ("F1", r.f1, fmt_ci(r.ci95.f1)),
         ("accuracy", r.accuracy, fmt_ci(r.ci95.accuracy)),
         ("balanced accuracy", r.balanced_accuracy, String::new()),
         ("Brier score", r.brier, String::new()),

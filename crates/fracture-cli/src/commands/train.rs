@@ -39,11 +39,11 @@ pub(crate) struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// A named recipe: `original` (the original project) or `radiograph` (the residual network at
-    /// 256 × 256 letterboxed, 30 epochs, cosine schedule with warm-up, weight decay, class weighting
+    /// 256 × 256 letterboxed, 40 epochs, cosine schedule with warm-up, weight decay, class weighting
     /// and X-ray augmentation; see the README's results).
     #[arg(long, value_enum, default_value_t = PresetArg::Original)]
     preset: PresetArg,
-    /// Passes over the training images [default: 10; radiograph: 30].
+    /// Passes over the training images [default: 10; radiograph: 40].
     #[arg(long)]
     epochs: Option<usize>,
     /// Images per optimizer step [default: 32].

@@ -13,10 +13,12 @@
 //! | [`max_pool2x2`] | window maxima; backward re-finds each window's argmax |
 //! | [`linear`] (+ bias, + ReLU) | one GEMM each for y, dW and dX, with strided (not copied) transposes |
 //! | [`dropout`] | mask drawn once, applied forward and backward |
+//! | [`batch_norm_train`] (+ ReLU) | statistics in f64, one pass out; backward recomputes x̂ from the saved statistics |
 //!
 //! The GEMM is the `gemm` crate's (the one candle uses) with its AVX-512 kernels enabled; its single
 //! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`.
 
+mod batchnorm;
 mod conv;
 mod conv_pool;
 mod dropout;
@@ -24,7 +26,7 @@ mod gemm;
 mod linear;
 mod pool;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use rand::Rng;
@@ -169,6 +171,53 @@ pub fn linear(
     }
     let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
     if relu { y.relu() } else { Ok(y) }
+}
+
+/// Batch normalization of `x (B, C, H, W)` with the batch's own statistics (training mode):
+/// `y = (x − mean_c) / √(var_c + eps) · gamma_c + beta_c`, then ReLU when `relu`; `gamma`, `beta`:
+/// `(C,)`. Returns `y` and the per-channel batch mean and biased variance, `(C,)` each and detached
+/// from the graph (for running statistics).
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+    kernels: Kernels,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let c = gamma.elem_count();
+    if fast(kernels, &[x, gamma, beta]) {
+        let stats = Arc::new(Mutex::new(batchnorm::BatchStats::default()));
+        let y = x.contiguous()?.apply_op3(
+            &gamma.contiguous()?,
+            &beta.contiguous()?,
+            batchnorm::BatchNormOp {
+                eps,
+                relu,
+                stats: stats.clone(),
+            },
+        )?;
+        let s = stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch norm: poisoned".into()))?
+            .clone();
+        let dev = x.device();
+        return Ok((
+            y,
+            Tensor::from_vec(s.mean, c, dev)?,
+            Tensor::from_vec(s.var, c, dev)?,
+        ));
+    }
+    let mean = x.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
+    let shape = (1, c, 1, 1);
+    let y = centred
+        .broadcast_div(&(&var + eps)?.sqrt()?)?
+        .broadcast_mul(&gamma.reshape(shape)?)?
+        .broadcast_add(&beta.reshape(shape)?)?;
+    let y = if relu { y.relu()? } else { y };
+    Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
 }
 
 /// Inverted dropout with a caller-supplied generator: each element is zeroed with probability `p`
