@@ -38,7 +38,7 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Train a classifier on a dataset folder; writes the best model, checkpoints, metrics.csv and
     /// report.json to a run folder.
-    Train(commands::train::Args),
+    Train(Box<commands::train::Args>),
     /// Evaluate a trained model on labelled images: a table of clinical metrics with 95% confidence
     /// intervals, report.json, predictions.csv and charts (confusion matrix, ROC, PR, calibration).
     Eval(commands::eval::Args),
