@@ -3,10 +3,11 @@
 //! `RESULT` line per measurement in the same format.
 //!
 //! ```text
-//! cargo run --release -p fracture-examples --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference]
+//! cargo run --release -p fracture-examples --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference] [--resnet]
 //! ```
-//! `--reference` uses candle's own operations instead of our CPU kernels. `cargo xtask bench-compare`
-//! runs this beside the PyTorch script and prints the ratios.
+//! `--reference` uses candle's own operations instead of our CPU kernels; `--resnet` times the
+//! residual network instead of the seed CNN. `cargo xtask bench-compare` runs this (seed CNN) beside
+//! the PyTorch script and prints the ratios.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::time::Instant;
