@@ -103,16 +103,7 @@ pub fn bootstrap_ci(
     let pos: Vec<usize> = (0..actual.len()).filter(|&i| actual[i]).collect();
     let neg: Vec<usize> = (0..actual.len()).filter(|&i| !actual[i]).collect();
     // Cases sorted by score, grouped into ties, for an O(n) AUC per replicate.
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let mut groups: Vec<(usize, usize)> = Vec::new();
-    let mut start = 0;
-    for k in 1..=order.len() {
-        if k == order.len() || scores[order[k]] != scores[order[start]] {
-            groups.push((start, k));
-            start = k;
-        }
-    }
+    let (order, groups) = tie_groups(scores);
     let mut rng = SplitMix(seed ^ 0x5eed_b007_57a9_0000);
     let mut weight = vec![0u32; scores.len()];
     let (mut aucs, mut sens, mut spec, mut acc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -174,6 +165,22 @@ pub fn bootstrap_ci(
         pr_auc: interval(aps),
         f1: interval(f1s),
     })
+}
+
+/// The cases' indices sorted by ascending score, and the runs `(start, end)` of that order whose
+/// scores are tied.
+fn tie_groups(scores: &[f64]) -> (Vec<usize>, Vec<(usize, usize)>) {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut groups = Vec::new();
+    let mut start = 0;
+    for k in 1..=order.len() {
+        if k == order.len() || scores[order[k]] != scores[order[start]] {
+            groups.push((start, k));
+            start = k;
+        }
+    }
+    (order, groups)
 }
 
 /// Average precision of a replicate: case `i` counted `weight[i]` times. `order` sorts the cases by
@@ -247,16 +254,7 @@ mod tests {
             let actual: Vec<bool> = pairs.iter().map(|p| p.1).collect();
             let positives = actual.iter().filter(|&&a| a).count();
             proptest::prop_assume!(positives > 0);
-            let mut order: Vec<usize> = (0..scores.len()).collect();
-            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-            let mut groups = Vec::new();
-            let mut start = 0;
-            for k in 1..=order.len() {
-                if k == order.len() || scores[order[k]] != scores[order[start]] {
-                    groups.push((start, k));
-                    start = k;
-                }
-            }
+            let (order, groups) = tie_groups(&scores);
             let ones = vec![1u32; scores.len()];
             let ap = weighted_average_precision(&order, &groups, &ones, &actual, positives as f64);
             let expected = crate::average_precision(&scores, &actual).unwrap().unwrap();

@@ -124,8 +124,8 @@ impl ModuleT for FractureNet {
         self.check_input(xs)?;
         match &self.inner {
             Inner::Seed(net) => {
-                let x = conv_pool(&net.conv1, xs, self.kernels)?;
-                let x = conv_pool(&net.conv2, &x, self.kernels)?;
+                let x = conv_pool(&net.conv1, xs, SEED_CONV, self.kernels)?;
+                let x = conv_pool(&net.conv2, &x, SEED_CONV, self.kernels)?;
                 let x = self.dropout(&x.flatten_from(1)?, net.p_flatten, train)?;
                 let x = self.dropout(&dense(&net.fc1, &x, true, self.kernels)?, net.p_dense, train)?;
                 dense(&net.fc2, &x, false, self.kernels)?.squeeze(1)
@@ -143,8 +143,8 @@ impl ModuleT for FractureNet {
 impl FractureNet {
     /// The seed network up to its last convolutional feature map (after ReLU, before pooling).
     pub(crate) fn features(&self, net: &SeedNet, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let x = conv_pool(&net.conv1, xs, self.kernels)?;
-        conv(&net.conv2, &x, self.kernels)
+        let x = conv_pool(&net.conv1, xs, SEED_CONV, self.kernels)?;
+        conv(&net.conv2, &x, SEED_CONV, self.kernels)
     }
 }
 
@@ -158,8 +158,7 @@ impl FractureNet {
         train: bool,
     ) -> candle_core::Result<Tensor> {
         let k = self.kernels;
-        let stem_bias = bias_of(&net.stem)?;
-        let x = kernels::conv2d_relu_pool2x2(xs, net.stem.weight(), stem_bias, STEM_CONV, k)?;
+        let x = conv_pool(&net.stem, xs, STEM_CONV, k)?;
         let mut x = net.stem_bn.forward(&x, train, false, k)?;
         for block in &net.blocks {
             x = block.forward(&x, train, k)?;
@@ -303,19 +302,13 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, train: bool, k: Kernels) -> candle_core::Result<Tensor> {
-        let h = kernels::conv2d(
-            x,
-            self.conv1.weight(),
-            bias_of(&self.conv1)?,
-            conv_spec(3, self.stride),
-            k,
-        )?;
+        let h = conv(&self.conv1, x, conv_spec(3, self.stride), k)?;
         let h = self.bn1.forward(&h, train, true, k)?;
-        let h = kernels::conv2d(&h, self.conv2.weight(), bias_of(&self.conv2)?, conv_spec(3, 1), k)?;
+        let h = conv(&self.conv2, &h, conv_spec(3, 1), k)?;
         let h = self.bn2.forward(&h, train, false, k)?;
         let shortcut = match &self.down {
-            Some((conv, bn)) => {
-                let s = kernels::conv2d(x, conv.weight(), bias_of(conv)?, conv_spec(1, self.stride), k)?;
+            Some((down, bn)) => {
+                let s = conv(down, x, conv_spec(1, self.stride), k)?;
                 bn.forward(&s, train, false, k)?
             }
             None => x.clone(),
@@ -370,18 +363,12 @@ impl ResNet {
     }
 }
 
-fn conv_pool(layer: &Conv2d, xs: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
-    let bias = layer
-        .bias()
-        .ok_or_else(|| candle_core::Error::Msg("convolution without bias".into()))?;
-    kernels::conv2d_relu_pool2x2(xs, layer.weight(), bias, SEED_CONV, k)
+fn conv_pool(layer: &Conv2d, xs: &Tensor, spec: ConvSpec, k: Kernels) -> candle_core::Result<Tensor> {
+    kernels::conv2d_relu_pool2x2(xs, layer.weight(), bias_of(layer)?, spec, k)
 }
 
-fn conv(layer: &Conv2d, xs: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
-    let bias = layer
-        .bias()
-        .ok_or_else(|| candle_core::Error::Msg("convolution without bias".into()))?;
-    kernels::conv2d(xs, layer.weight(), bias, SEED_CONV, k)
+fn conv(layer: &Conv2d, xs: &Tensor, spec: ConvSpec, k: Kernels) -> candle_core::Result<Tensor> {
+    kernels::conv2d(xs, layer.weight(), bias_of(layer)?, spec, k)
 }
 
 pub(crate) fn dense(layer: &Linear, xs: &Tensor, relu: bool, k: Kernels) -> candle_core::Result<Tensor> {

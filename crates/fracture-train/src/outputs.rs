@@ -322,6 +322,8 @@ pub fn predict_files(
     }
     let s = model.preprocess.size as usize;
     let device = model.device();
+    // Read once: the model's training settings are parsed from its metadata.
+    let views = if tta { model.tta() } else { Tta::Off };
     let mut out = Vec::with_capacity(ok.len());
     for chunk in ok.chunks(batch_size.max(1)) {
         let mut batch = fracture_data::ndarray::Array3::<f32>::zeros((chunk.len(), s, s));
@@ -330,7 +332,6 @@ pub fn predict_files(
                 .index_axis_mut(fracture_data::ndarray::Axis(0), k)
                 .assign(&model.preprocess.to_input(img.view()));
         }
-        let views = if tta { model.tta() } else { Tta::Off };
         let probs = predict_images(&model.model.net, &batch, views, &device)?;
         for ((path, _), p) in chunk.iter().zip(probs) {
             out.push(Prediction {

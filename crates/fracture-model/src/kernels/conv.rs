@@ -222,6 +222,17 @@ pub(crate) fn col2im_band(col: &[f32], d: &Dims, s: &ConvSpec, oy0: usize, oy1: 
     }
 }
 
+/// Runs of `per` images for the backward passes' threads: `(run index, its slice of dx)`, where dx
+/// holds `img` floats per image, or is empty when no input gradient is wanted (each run then gets
+/// an empty slice).
+pub(crate) fn image_runs(dx: &mut [f32], b: usize, per: usize, img: usize) -> Vec<(usize, &mut [f32])> {
+    if dx.is_empty() {
+        (0..b.div_ceil(per)).map(|i| (i, &mut [][..])).collect()
+    } else {
+        dx.chunks_mut(per * img).enumerate().collect()
+    }
+}
+
 fn forward(x: &[f32], w: &[f32], bias: &[f32], d: &Dims, s: &ConvSpec) -> candle_core::Result<Vec<f32>> {
     let (kk, n) = (d.k(s), d.n());
     let mut out = vec![0.0f32; d.b * d.cout * n];
@@ -276,11 +287,7 @@ fn backward(
         Vec::new()
     };
     // Each thread handles a run of images and keeps its own dw/db sums; they are added up after.
-    let chunks: Vec<(usize, &mut [f32])> = if need_dx {
-        dx.chunks_mut(per * img).enumerate().collect()
-    } else {
-        (0..d.b.div_ceil(per)).map(|i| (i, &mut [][..])).collect()
-    };
+    let chunks = image_runs(&mut dx, d.b, per, img);
     let partials: Vec<candle_core::Result<(Vec<f32>, Vec<f32>)>> = chunks
         .into_par_iter()
         .map(|(t, dx_chunk)| {

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{ConvSpec, Dims, col2im_band, im2col_row_band, with_col, with_dcol};
+use super::conv::{ConvSpec, Dims, col2im_band, im2col_row_band, image_runs, with_col, with_dcol};
 use super::gemm::{Threads, View, sgemm};
 use super::{contiguous_f32, tensor_f32};
 
@@ -272,11 +272,7 @@ impl CustomOp3 for ConvReluPoolOp {
         let (dw, db) = {
             let (xs, ws, gs) = (tensor_f32(x)?, tensor_f32(w)?, tensor_f32(&grad)?);
             let (xv, wv, gv) = (xs.slice()?, ws.slice()?, gs.slice()?);
-            let chunks: Vec<(usize, &mut [f32])> = if need_dx {
-                dx.chunks_mut(per * img).enumerate().collect()
-            } else {
-                (0..d.b.div_ceil(per)).map(|i| (i, &mut [][..])).collect()
-            };
+            let chunks = image_runs(&mut dx, d.b, per, img);
             let partials: Vec<candle_core::Result<(Vec<f32>, Vec<f32>)>> = chunks
                 .into_par_iter()
                 .map(|(t, dx_chunk)| {
