@@ -5,8 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+mod common;
+
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
+use common::{bce, input};
 use fracture_model::{
     ArchConfig, CamMethod, Error, FractureNet, Model, ModelConfig, SeedConfig, seeded_var_builder,
 };
@@ -28,25 +31,6 @@ fn small(image_size: usize) -> ModelConfig {
             dropout_dense: 0.5,
         }),
     }
-}
-
-fn input(b: usize, s: usize, seed: u64, dtype: DType) -> Tensor {
-    // A deterministic pseudo-random image batch in [0, 1].
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let data: Vec<f64> = (0..b * s * s)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        })
-        .collect();
-    Tensor::from_vec(data, (b, 1, s, s), &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }
 
 #[test]
@@ -228,63 +212,13 @@ fn backward_matches_finite_differences() {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let eps = 1e-6;
-    let mut checked = 0;
-    for (name, var) in &vars {
-        let grad = grads
-            .get(var)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let n = base.len();
-        for k in 0..n.min(12) {
-            let i = (k * 7919) % n;
-            let mut plus = base.clone();
-            plus[i] += eps;
-            var.set(&Tensor::from_vec(plus, var.shape(), &dev).unwrap())
-                .unwrap();
-            let lp = loss(&net).to_scalar::<f64>().unwrap();
-            let mut minus = base.clone();
-            minus[i] -= eps;
-            var.set(&Tensor::from_vec(minus, var.shape(), &dev).unwrap())
-                .unwrap();
-            let lm = loss(&net).to_scalar::<f64>().unwrap();
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &dev).unwrap())
-                .unwrap();
-            let numeric = (lp - lm) / (2.0 * eps);
-            let err = (numeric - grad[i]).abs();
-            assert!(
-                err <= 1e-6 + 1e-4 * numeric.abs().max(grad[i].abs()),
-                "{name}[{i}]: backward {} vs finite difference {numeric}",
-                grad[i]
-            );
-            checked += 1;
-        }
-    }
+    let checked = common::assert_backward_matches_finite_differences(
+        &vars,
+        &grads,
+        || loss(&net).to_scalar::<f64>().unwrap(),
+        12,
+    );
     assert!(checked >= 60, "checked {checked} elements");
-}
-
-/// Stable binary cross-entropy with logits: max(x,0) − x·y + ln(1 + e^(−|x|)), mean over the batch.
-fn bce(logits: &Tensor, targets: &Tensor) -> Tensor {
-    let relu = logits.relu().unwrap();
-    let softplus = logits
-        .abs()
-        .unwrap()
-        .neg()
-        .unwrap()
-        .exp()
-        .unwrap()
-        .affine(1.0, 1.0)
-        .unwrap()
-        .log()
-        .unwrap();
-    ((relu - (logits * targets).unwrap()).unwrap() + softplus)
-        .unwrap()
-        .mean_all()
-        .unwrap()
 }
 
 #[test]
@@ -362,18 +296,7 @@ fn grad_cam_points_at_the_evidence() {
     };
     let model = Model::new(&cfg, 3, &dev).unwrap();
     // Deterministic noise plus, for positives, a 6×6 patch at a varying place in the top-left quarter.
-    let image = |i: usize, patch: Option<(usize, usize)>| -> Vec<f32> {
-        (0..size * size)
-            .map(|k| {
-                let (y, x) = (k / size, k % size);
-                let noise = ((k * 7919 + i * 104_729) % 97) as f32 / 97.0 * 0.2 + 0.1;
-                match patch {
-                    Some((py, px)) if (py..py + 6).contains(&y) && (px..px + 6).contains(&x) => 0.95,
-                    _ => noise,
-                }
-            })
-            .collect()
-    };
+    let image = |i: usize, patch: Option<(usize, usize)>| common::patch_image(size, i, patch, 6);
     let mut data = Vec::new();
     let mut targets = Vec::new();
     for i in 0..32 {
@@ -405,21 +328,8 @@ fn grad_cam_points_at_the_evidence() {
     let cam = model.net.grad_cam(&probe, CamMethod::HiResCam).unwrap();
     assert!(cam.logit > 0.0, "called fractured (logit {})", cam.logit);
     let up = cam.upsample(size);
-    let (mut inside, mut total) = (0.0f32, 0.0f32);
-    for yy in 0..size {
-        for xx in 0..size {
-            let v = up[yy * size + xx];
-            total += v;
-            if yy < 14 && xx < 14 {
-                inside += v;
-            }
-        }
-    }
-    assert!(
-        inside / total > 0.8,
-        "{:.2} of the map lies on the patch's quarter",
-        inside / total
-    );
+    let mass = common::corner_mass(&up, size, 14);
+    assert!(mass > 0.8, "{mass:.2} of the map lies on the patch's quarter");
     let (peak, _) = up.iter().enumerate().fold(
         (0, f32::MIN),
         |best, (k, &v)| if v > best.1 { (k, v) } else { best },

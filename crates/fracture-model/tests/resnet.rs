@@ -6,8 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+mod common;
+
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
+use common::input;
 use fracture_model::{
     ArchConfig, CamMethod, FractureNet, Kernels, Model, ModelConfig, ResNetConfig, seeded_var_builder,
 };
@@ -21,22 +24,6 @@ fn tiny(image_size: usize, dropout: f32) -> ModelConfig {
             dropout,
         }),
     }
-}
-
-fn input(b: usize, s: usize, seed: u64, dtype: DType) -> Tensor {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let data: Vec<f64> = (0..b * s * s)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        })
-        .collect();
-    Tensor::from_vec(data, (b, 1, s, s), &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }
 
 /// Moves every batch-norm scale away from its initial value (1, or 0 for the last of a block), so
@@ -121,38 +108,16 @@ fn backward_matches_finite_differences_with_batch_statistics() {
             .unwrap()
     };
     let grads = loss(&net).backward().unwrap();
-    let eps = 1e-6;
-    let mut checked = 0;
-    for (name, var) in vars.iter().filter(|(n, _)| !n.contains("running_")) {
-        let grad = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("no gradient for {name}"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let n = base.len();
-        for k in 0..n.min(6) {
-            let i = (k * 7919) % n;
-            let eval = |delta: f64| {
-                let mut v = base.clone();
-                v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap()).unwrap();
-                loss(&net).to_scalar::<f64>().unwrap()
-            };
-            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &dev).unwrap())
-                .unwrap();
-            let err = (numeric - grad[i]).abs();
-            assert!(
-                err <= 1e-6 + 1e-4 * numeric.abs().max(grad[i].abs()),
-                "{name}[{i}]: backward {} vs finite difference {numeric}",
-                grad[i]
-            );
-            checked += 1;
-        }
-    }
+    let params: Vec<(String, Var)> = vars
+        .into_iter()
+        .filter(|(n, _)| !n.contains("running_"))
+        .collect();
+    let checked = common::assert_backward_matches_finite_differences(
+        &params,
+        &grads,
+        || loss(&net).to_scalar::<f64>().unwrap(),
+        6,
+    );
     assert!(checked >= 80, "checked {checked} elements");
 }
 
@@ -230,18 +195,7 @@ fn a_short_fit_learns_and_the_map_points_at_the_evidence() {
     // 64 px through three stages leaves a 4 × 4 map: coarse, but enough to tell the quarters apart.
     let size = 64usize;
     let model = Model::new(&tiny(size, 0.0), 7, &dev).unwrap();
-    let image = |i: usize, patch: Option<(usize, usize)>| -> Vec<f32> {
-        (0..size * size)
-            .map(|k| {
-                let (y, x) = (k / size, k % size);
-                let noise = ((k * 7919 + i * 104_729) % 97) as f32 / 97.0 * 0.2 + 0.1;
-                match patch {
-                    Some((py, px)) if (py..py + 10).contains(&y) && (px..px + 10).contains(&x) => 0.95,
-                    _ => noise,
-                }
-            })
-            .collect()
-    };
+    let image = |i: usize, patch: Option<(usize, usize)>| common::patch_image(size, i, patch, 10);
     let mut data = Vec::new();
     let mut targets = Vec::new();
     for i in 0..32 {
@@ -251,14 +205,7 @@ fn a_short_fit_learns_and_the_map_points_at_the_evidence() {
     }
     let x = Tensor::from_vec(data, (32, 1, size, size), &dev).unwrap();
     let y = Tensor::from_vec(targets, 32, &dev).unwrap();
-    let bce = |logits: &Tensor| -> Tensor {
-        let softplus = logits.abs().unwrap().neg().unwrap().exp().unwrap();
-        let softplus = softplus.affine(1.0, 1.0).unwrap().log().unwrap();
-        ((logits.relu().unwrap() - (logits * &y).unwrap()).unwrap() + softplus)
-            .unwrap()
-            .mean_all()
-            .unwrap()
-    };
+    let bce = |logits: &Tensor| common::bce(logits, &y);
     let vars: Vec<Var> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
     let params = candle_nn::ParamsAdamW {
         lr: 3e-3,
@@ -285,21 +232,9 @@ fn a_short_fit_learns_and_the_map_points_at_the_evidence() {
     let cam = model.net.grad_cam(&probe, CamMethod::HiResCam).unwrap();
     assert!(cam.logit > 0.0, "called fractured (logit {})", cam.logit);
     let up = cam.upsample(size);
-    let (mut inside, mut total) = (0.0f32, 0.0f32);
-    for yy in 0..size {
-        for xx in 0..size {
-            total += up[yy * size + xx];
-            if yy < size / 2 && xx < size / 2 {
-                inside += up[yy * size + xx];
-            }
-        }
-    }
     // A quarter of the mass would be no localisation at all; the 4 × 4 map blurs the rest.
-    assert!(
-        total > 0.0 && inside / total > 0.5,
-        "{:.2} of the map on the patch's quarter",
-        inside / total
-    );
+    let mass = common::corner_mass(&up, size, size / 2);
+    assert!(mass > 0.5, "{mass:.2} of the map on the patch's quarter");
     let peak = (0..cam.map.len())
         .max_by(|&a, &b| cam.map[a].total_cmp(&cam.map[b]))
         .unwrap();

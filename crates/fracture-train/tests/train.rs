@@ -43,6 +43,23 @@ fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainSetup {
     }
 }
 
+/// [`setup`] with the radiograph preset's network, preprocessing and training settings at `size`.
+fn radiograph_setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainSetup {
+    let recipe = Preset::Radiograph.recipe();
+    TrainSetup {
+        model: ModelConfig::resnet(size as usize),
+        preprocess: PreprocessConfig {
+            size,
+            ..recipe.preprocess
+        },
+        train: TrainConfig {
+            epochs,
+            ..recipe.train
+        },
+        ..setup(data, out, size, epochs)
+    }
+}
+
 fn run(s: &TrainSetup) -> Result<TrainOutcome, Error> {
     train(s, &mut |_| {})
 }
@@ -195,18 +212,8 @@ fn resume_equals_an_uninterrupted_run_on_generated_images() {
 #[test]
 fn the_residual_network_resumes_exactly() {
     let root = synthetic("resume-resnet", (10, 14), (5, 5));
-    let recipe = Preset::Radiograph.recipe();
-    let mut s = setup(&root.join("data"), &root.join("whole"), 32, 2);
-    s.model = ModelConfig::resnet(32);
-    s.preprocess = PreprocessConfig {
-        size: 32,
-        ..recipe.preprocess
-    };
-    s.train = TrainConfig {
-        epochs: 2,
-        ..recipe.train
-    };
-    check_resume_with(s.clone(), &root, 8);
+    let s = radiograph_setup(&root.join("data"), &root.join("whole"), 32, 2);
+    check_resume_with(s, &root, 8);
     let (_, tensors) = read_checkpoint(
         &root.join("whole").join(fracture_train::CHECKPOINT_FILE),
         &Device::Cpu,
@@ -233,18 +240,8 @@ fn the_radiograph_preset_runs_on_the_real_radiographs() {
         return;
     };
     let root = fresh_dir(&base(), "fracatlas-preset");
-    let recipe = Preset::Radiograph.recipe();
-    let mut s = setup(&data, &root.join("run"), 64, 1);
-    s.model = ModelConfig::resnet(64);
-    s.preprocess = PreprocessConfig {
-        size: 64,
-        ..recipe.preprocess
-    };
-    s.train = TrainConfig {
-        epochs: 1,
-        batch_size: 64,
-        ..recipe.train
-    };
+    let mut s = radiograph_setup(&data, &root.join("run"), 64, 1);
+    s.train.batch_size = 64;
     let outcome = run(&s).unwrap();
     let val = &outcome.reports[&Split::Val];
     assert_eq!((val.n, val.positives), (512, 88));
