@@ -25,6 +25,43 @@ pub enum ArchConfig {
     Seed(SeedConfig),
     /// A compact residual network for radiographs (see [`ResNetConfig`]).
     Resnet(ResNetConfig),
+    /// EfficientNet-Lite0, the backbone of the ImageNet-pretrained weights (see
+    /// [`EfficientNetConfig`]).
+    #[serde(rename = "efficientnet_lite0")]
+    EfficientNetLite0(EfficientNetConfig),
+}
+
+/// EfficientNet-Lite0 (Tan & Le, 2019, without squeeze-and-excitation, ReLU6) with one gray input
+/// channel and a fracture head:
+///
+/// stem: Conv 3×3 stride 2, 1→32, BN, ReLU6; 16 mobile inverted bottlenecks in seven stages
+/// (kernel, first stride, expansion, channels, blocks: (3,1,1,16,1) (3,2,6,24,2) (5,2,6,40,2)
+/// (3,2,6,80,3) (5,1,6,112,3) (5,2,6,192,4) (3,1,6,320,1)), each [1×1 expand, BN, ReLU6] → k×k
+/// depthwise, BN, ReLU6 → 1×1 project, BN (+ the input when the shape is unchanged); head: 1×1 conv
+/// 320→1280, BN, ReLU6, global average pooling, dropout, Dense 1 (the fracture logit). Every
+/// convolution has TensorFlow's "SAME" padding and no bias; batch norms have ε 1e-3. 3.37 M
+/// trainable parameters (3.41 M values with the batch-norm statistics). The last feature map is
+/// `⌈S/32⌉` per side.
+///
+/// The ImageNet weights expect inputs scaled as `(v − 127) / 128` for 8-bit values `v`
+/// (see `fracture_train::Preset::Finetune`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EfficientNetConfig {
+    /// Dropout probability on the pooled features (default 0.2, as the ImageNet network).
+    pub dropout: f32,
+    /// Weight of a batch's statistics in the batch norms' running statistics (PyTorch convention,
+    /// `running = (1 − m)·running + m·batch`; default 0.01, as the ImageNet network).
+    pub bn_momentum: f64,
+}
+
+impl Default for EfficientNetConfig {
+    fn default() -> Self {
+        EfficientNetConfig {
+            dropout: 0.2,
+            bn_momentum: 0.01,
+        }
+    }
 }
 
 /// A compact residual CNN with batch normalization and a global-average-pooling head:
@@ -111,11 +148,20 @@ impl ModelConfig {
         }
     }
 
-    /// The architecture's short name, as `--arch` spells it (`seed`, `resnet`).
+    /// EfficientNet-Lite0 with its default settings at the given input size.
+    pub fn efficientnet_lite0(image_size: usize) -> Self {
+        ModelConfig {
+            image_size,
+            arch: ArchConfig::EfficientNetLite0(EfficientNetConfig::default()),
+        }
+    }
+
+    /// The architecture's short name, as `--arch` spells it (`seed`, `resnet`, `efficientnet-lite0`).
     pub fn arch_name(&self) -> &'static str {
         match self.arch {
             ArchConfig::Seed(_) => "seed",
             ArchConfig::Resnet(_) => "resnet",
+            ArchConfig::EfficientNetLite0(_) => "efficientnet-lite0",
         }
     }
 
@@ -126,6 +172,9 @@ impl ModelConfig {
             ArchConfig::Seed(_) => 10,
             // stem /4, then /2 per later stage, must leave at least 1 × 1.
             ArchConfig::Resnet(r) => 4usize << r.widths.len().saturating_sub(1).min(10),
+            // Five stride-2 layers ("SAME" padding rounds up, so any size works; below 32 the
+            // last map is a single position).
+            ArchConfig::EfficientNetLite0(_) => 32,
         }
     }
 
@@ -188,6 +237,20 @@ impl ModelConfig {
                     )));
                 }
             }
+            ArchConfig::EfficientNetLite0(e) => {
+                if !(0.0..1.0).contains(&e.dropout) {
+                    return Err(Error::InvalidConfig(format!(
+                        "arch.dropout = {} is outside [0, 1)",
+                        e.dropout
+                    )));
+                }
+                if !(e.bn_momentum > 0.0 && e.bn_momentum <= 1.0) {
+                    return Err(Error::InvalidConfig(format!(
+                        "arch.bn_momentum = {} is outside (0, 1]",
+                        e.bn_momentum
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -239,6 +302,27 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("arch.widths"));
         let json = serde_json::to_string(&ModelConfig::resnet(256)).unwrap();
         assert!(json.contains(r#""kind":"resnet""#), "{json}");
+    }
+
+    #[test]
+    fn efficientnet_config_round_trips_and_validates() {
+        let cfg = ModelConfig::efficientnet_lite0(224);
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains(r#""kind":"efficientnet_lite0""#), "{json}");
+        assert_eq!(serde_json::from_str::<ModelConfig>(&json).unwrap(), cfg);
+        assert_eq!(cfg.arch_name(), "efficientnet-lite0");
+        cfg.validate().unwrap();
+        let err = ModelConfig::efficientnet_lite0(16)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("image_size 16"), "{err}");
+        let mut bad = cfg.clone();
+        let ArchConfig::EfficientNetLite0(e) = &mut bad.arch else {
+            unreachable!()
+        };
+        e.bn_momentum = 0.0;
+        assert!(bad.validate().unwrap_err().to_string().contains("bn_momentum"));
     }
 
     #[test]

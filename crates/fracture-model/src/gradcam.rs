@@ -110,6 +110,14 @@ impl FractureNet {
                 let (offset, stride) = net.geometry();
                 (a, offset, stride, logit)
             }
+            Inner::EfficientNet(net) => {
+                let a = net.features(xs, crate::layers::Stats::Running, self.kernels)?;
+                let a = Var::from_tensor(&a.detach())?;
+                let pooled = a.as_tensor().mean(3)?.mean(2)?;
+                let logit = dense(&detached(&net.fc), &pooled, false, self.kernels)?.squeeze(1)?;
+                let (offset, stride) = net.geometry(self.config().image_size);
+                (a, offset, stride, logit)
+            }
         };
         let grads = logit.sum_all()?.backward()?;
         let a = features.as_tensor();

@@ -10,20 +10,24 @@
 
 mod config;
 mod device;
+mod efficientnet;
 mod error;
 mod gradcam;
 mod init;
 pub mod kernels;
+mod layers;
 mod net;
+pub mod pretrained;
 mod weights;
 
-pub use config::{ArchConfig, ModelConfig, ResNetConfig, SeedConfig};
+pub use config::{ArchConfig, EfficientNetConfig, ModelConfig, ResNetConfig, SeedConfig};
 pub use device::{compiled_backends, describe_device, device};
 pub use error::{Error, Result};
 pub use gradcam::{CamMethod, GradCam};
 pub use init::seeded_var_builder;
 pub use kernels::Kernels;
 pub use net::FractureNet;
+pub use pretrained::{PretrainedOrigin, PretrainedWeights};
 pub use weights::{CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, Model, write_atomic};
 
 pub use candle_core;

@@ -2,14 +2,14 @@
 
 use std::sync::Mutex;
 
-use candle_core::Var;
 use candle_core::{ModuleT, Tensor};
-use candle_nn::init::Init;
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::kernels::{self, ConvSpec, Kernels};
+use crate::efficientnet::EfficientNet;
+use crate::kernels::{self, Activation, ConvSpec, Kernels};
+use crate::layers::{BatchNorm, Stats};
 use crate::{ArchConfig, Error, ModelConfig, ResNetConfig, Result, SeedConfig};
 
 /// The seed network's convolutions: 3×3, stride 1, no padding, ReLU.
@@ -27,21 +27,27 @@ pub(crate) const SEED_CONV: ConvSpec = ConvSpec {
 /// `sigmoid(logit)` = P(fractured). With `train = true`, dropout is active and draws its masks from
 /// the network's own generator (see [`FractureNet::set_dropout_seed`]).
 ///
+/// Batch norms (residual network, EfficientNet) use the batch's statistics when `train` is true,
+/// unless they are frozen ([`FractureNet::set_frozen_batch_norm`]).
+///
 /// Parameter names (the keys in weight files): `conv1.weight`, `conv1.bias`, `conv2.*`, `fc1.*`,
 /// `fc2.*` for the seed architecture; `stem.*`, `stage{i}.block{j}.*` and `head.fc.*` for the
-/// residual one (see [`crate::ResNetConfig`]).
+/// residual one (see [`crate::ResNetConfig`]); the `efficientnet_pytorch` names (`_conv_stem`,
+/// `_blocks.{i}.*`, `_conv_head`, `_bn1`) and `head.fc.*` for EfficientNet-Lite0.
 #[derive(Debug)]
 pub struct FractureNet {
     config: ModelConfig,
     pub(crate) inner: Inner,
     dropout_rng: Mutex<ChaCha8Rng>,
     pub(crate) kernels: Kernels,
+    frozen_bn: bool,
 }
 
 #[derive(Debug)]
 pub(crate) enum Inner {
     Seed(SeedNet),
     Resnet(ResNet),
+    EfficientNet(EfficientNet),
 }
 
 #[derive(Debug)]
@@ -61,13 +67,48 @@ impl FractureNet {
         let inner = match &config.arch {
             ArchConfig::Seed(s) => Inner::Seed(SeedNet::new(config.image_size, s, vb)?),
             ArchConfig::Resnet(r) => Inner::Resnet(ResNet::new(r, vb)?),
+            ArchConfig::EfficientNetLite0(e) => Inner::EfficientNet(EfficientNet::new(e, vb)?),
         };
         Ok(FractureNet {
             config: config.clone(),
             inner,
             dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
             kernels: Kernels::default(),
+            frozen_bn: false,
         })
+    }
+
+    /// Freezes the batch norms: in training mode they too normalize with their running statistics
+    /// and leave them unchanged (their scale and shift still train). Off by default.
+    pub fn set_frozen_batch_norm(&mut self, frozen: bool) {
+        self.frozen_bn = frozen;
+    }
+
+    /// Whether the batch norms are frozen.
+    pub fn frozen_batch_norm(&self) -> bool {
+        self.frozen_bn
+    }
+
+    /// The statistics the batch norms use in a pass with this training flag.
+    pub(crate) fn bn_stats(&self, train: bool) -> Stats {
+        if train && !self.frozen_bn {
+            Stats::Batch
+        } else {
+            Stats::Running
+        }
+    }
+
+    /// The globally average-pooled features of the last feature map, `(B, C)`, in inference mode:
+    /// what the fracture head sees (residual network: `C` = its last width; EfficientNet-Lite0:
+    /// 1280). The seed network has no pooled features and answers an error.
+    pub fn pooled_features(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.check_input(xs)?;
+        let a = match &self.inner {
+            Inner::Seed(_) => candle_core::bail!("the seed network has no pooled features"),
+            Inner::Resnet(net) => self.resnet_features(net, xs, false)?,
+            Inner::EfficientNet(net) => net.features(xs, Stats::Running, self.kernels)?,
+        };
+        a.mean(3)?.mean(2)
     }
 
     /// The configuration the network was built from.
@@ -136,6 +177,12 @@ impl ModuleT for FractureNet {
                 let x = self.dropout(&pooled, net.p_dropout, train)?;
                 dense(&net.fc, &x, false, self.kernels)?.squeeze(1)
             }
+            Inner::EfficientNet(net) => {
+                let a = net.features(xs, self.bn_stats(train), self.kernels)?;
+                let pooled = a.mean(3)?.mean(2)?;
+                let x = self.dropout(&pooled, net.p_dropout, train)?;
+                dense(&net.fc, &x, false, self.kernels)?.squeeze(1)
+            }
         }
     }
 }
@@ -159,9 +206,10 @@ impl FractureNet {
     ) -> candle_core::Result<Tensor> {
         let k = self.kernels;
         let x = conv_pool(&net.stem, xs, STEM_CONV, k)?;
-        let mut x = net.stem_bn.forward(&x, train, false, k)?;
+        let stats = self.bn_stats(train);
+        let mut x = net.stem_bn.forward(&x, stats, Activation::None, k)?;
         for block in &net.blocks {
-            x = block.forward(&x, train, k)?;
+            x = block.forward(&x, stats, k)?;
         }
         Ok(x)
     }
@@ -212,58 +260,12 @@ fn conv_spec(kernel: usize, stride: usize) -> ConvSpec {
     }
 }
 
-/// Batch normalization over channels with learnable scale (`weight`) and shift (`bias`), momentum
-/// 0.1, ε 1e-5, optionally followed by ReLU. The running statistics are variables of the model so
-/// they are saved with it, but `Model::trainable_vars` leaves them out of the optimizer.
-#[derive(Debug)]
-struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Var,
-    running_var: Var,
-}
-
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
-/// A batch norm whose scale starts at `gamma` (1, or 0 for the last of a residual branch).
+/// A batch norm of the residual network (ε 1e-5, momentum 0.1) whose scale starts at `gamma`.
 fn batch_norm(channels: usize, gamma: f64, vb: VarBuilder<'_>) -> Result<BatchNorm> {
-    let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
-    let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
-    Ok(BatchNorm {
-        weight: vb.get_with_hints(channels, "weight", Init::Const(gamma))?,
-        bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
-        // The same storage as the model's variables: updating them updates what is saved.
-        running_mean: Var::from_tensor(&running_mean)?,
-        running_var: Var::from_tensor(&running_var)?,
-    })
-}
-
-impl BatchNorm {
-    /// Training mode normalizes with the batch's statistics and moves the running ones towards
-    /// them (the variance unbiased); inference mode uses the running statistics.
-    fn forward(&self, x: &Tensor, train: bool, relu: bool, k: Kernels) -> candle_core::Result<Tensor> {
-        let c = self.weight.elem_count();
-        if train {
-            let (y, mean, var) = kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu, k)?;
-            let n = (x.elem_count() / c) as f64;
-            let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-            let m = BN_MOMENTUM;
-            let rm = (self.running_mean.as_detached_tensor() * (1.0 - m))? + (mean * m)?;
-            let rv = (self.running_var.as_detached_tensor() * (1.0 - m))? + (var * (m * unbias))?;
-            self.running_mean.set(&rm?)?;
-            self.running_var.set(&rv?)?;
-            return Ok(y);
-        }
-        let scale = self
-            .weight
-            .broadcast_div(&(self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?)?;
-        let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
-        let y = x
-            .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
-        if relu { y.relu() } else { Ok(y) }
-    }
+    BatchNorm::new(channels, gamma, BN_EPS, BN_MOMENTUM, vb)
 }
 
 impl Block {
@@ -301,15 +303,15 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool, k: Kernels) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
         let h = conv(&self.conv1, x, conv_spec(3, self.stride), k)?;
-        let h = self.bn1.forward(&h, train, true, k)?;
+        let h = self.bn1.forward(&h, stats, Activation::Relu, k)?;
         let h = conv(&self.conv2, &h, conv_spec(3, 1), k)?;
-        let h = self.bn2.forward(&h, train, false, k)?;
+        let h = self.bn2.forward(&h, stats, Activation::None, k)?;
         let shortcut = match &self.down {
             Some((down, bn)) => {
                 let s = conv(down, x, conv_spec(1, self.stride), k)?;
-                bn.forward(&s, train, false, k)?
+                bn.forward(&s, stats, Activation::None, k)?
             }
             None => x.clone(),
         };

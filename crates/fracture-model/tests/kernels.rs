@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{Device, ModuleT, Tensor, Var};
-use fracture_model::kernels::{self, ConvSpec, Kernels};
+use fracture_model::kernels::{self, Activation, ConvSpec, DepthwiseSpec, Kernels, Padding};
 use fracture_model::{ArchConfig, Model, ModelConfig, SeedConfig};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
@@ -31,6 +31,14 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn activation() -> impl Strategy<Value = Activation> {
+    prop_oneof![
+        Just(Activation::None),
+        Just(Activation::Relu),
+        Just(Activation::Relu6)
+    ]
 }
 
 /// max |a − b| ≤ 1e-4 · max(1, max |b|).
@@ -110,18 +118,50 @@ proptest! {
 
     #[test]
     fn batch_norm_matches_candle(
-        b in 1usize..4, c in 1usize..5, h in 1usize..9, w in 1usize..9, relu: bool, seed: u64,
+        b in 1usize..4, c in 1usize..5, h in 1usize..9, w in 1usize..9, act in activation(), seed: u64,
     ) {
         // Inputs off-centre and scaled, so the normalization has work to do; B·H·W ≥ 2 keeps the
-        // variance defined.
+        // variance defined. A wide scale puts some outputs above ReLU6's cap.
         prop_assume!(b * h * w >= 2);
         let x = (random(&[b, c, h, w], seed) * 3.0).unwrap().affine(1.0, 0.5).unwrap();
-        let inputs = [x, random(&[c], seed ^ 1).affine(1.0, 1.5).unwrap(), random(&[c], seed ^ 2)];
-        check(&inputs, |t, k| kernels::batch_norm_train(&t[0], &t[1], &t[2], 1e-5, relu, k).unwrap().0, "batch norm")?;
-        let (_, mf, vf) = kernels::batch_norm_train(&inputs[0], &inputs[1], &inputs[2], 1e-5, relu, Kernels::Fast).unwrap();
-        let (_, mr, vr) = kernels::batch_norm_train(&inputs[0], &inputs[1], &inputs[2], 1e-5, relu, Kernels::Reference).unwrap();
+        let inputs = [x, random(&[c], seed ^ 1).affine(4.0, 1.5).unwrap(), random(&[c], seed ^ 2)];
+        check(&inputs, |t, k| kernels::batch_norm_train(&t[0], &t[1], &t[2], 1e-5, act, k).unwrap().0, "batch norm")?;
+        let (_, mf, vf) = kernels::batch_norm_train(&inputs[0], &inputs[1], &inputs[2], 1e-5, act, Kernels::Fast).unwrap();
+        let (_, mr, vr) = kernels::batch_norm_train(&inputs[0], &inputs[1], &inputs[2], 1e-5, act, Kernels::Reference).unwrap();
         close(&mf, &mr, "batch mean")?;
         close(&vf, &vr, "batch variance")?;
+    }
+
+    #[test]
+    fn affine_activation_matches_candle(
+        b in 1usize..4, c in 1usize..5, h in 1usize..9, w in 1usize..9, act in activation(), seed: u64,
+    ) {
+        let x = (random(&[b, c, h, w], seed) * 4.0).unwrap();
+        let inputs = [x, random(&[c], seed ^ 1).affine(3.0, 0.5).unwrap(), random(&[c], seed ^ 2).affine(3.0, 1.0).unwrap()];
+        check(&inputs, |t, k| kernels::affine_act(&t[0], &t[1], &t[2], act, k).unwrap(), "affine + activation")?;
+    }
+
+    #[test]
+    fn depthwise_conv_matches_grouped_conv2d(
+        b in 1usize..3, c in 1usize..5, kernel in prop_oneof![Just(3usize), Just(5)], stride in 1usize..3,
+        extra_h in 0usize..9, extra_w in 0usize..9, same: bool, pads in proptest::array::uniform4(0usize..3), seed: u64,
+    ) {
+        let (h, w) = (1 + extra_h, 1 + extra_w);
+        let padding = if same {
+            Padding::same(h, w, kernel, stride)
+        } else {
+            Padding { top: pads[0], bottom: pads[1], left: pads[2], right: pads[3] }
+        };
+        prop_assume!(h + padding.top + padding.bottom >= kernel && w + padding.left + padding.right >= kernel);
+        let spec = DepthwiseSpec { kernel, stride, padding };
+        let inputs = [random(&[b, c, h, w], seed), random(&[c, 1, kernel, kernel], seed ^ 1)];
+        check(&inputs, |t, k| kernels::depthwise_conv2d(&t[0], &t[1], spec, k).unwrap(), "depthwise")?;
+    }
+
+    #[test]
+    fn conv1x1_matches_candle(b in 1usize..4, cin in 1usize..9, cout in 1usize..9, h in 1usize..7, w in 1usize..7, seed: u64) {
+        let inputs = [random(&[b, cin, h, w], seed), random(&[cout, cin, 1, 1], seed ^ 1)];
+        check(&inputs, |t, k| kernels::conv1x1(&t[0], &t[1], k).unwrap(), "conv1x1")?;
     }
 
     #[test]

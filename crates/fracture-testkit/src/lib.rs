@@ -61,6 +61,27 @@ pub fn fracatlas() -> Option<PathBuf> {
     None
 }
 
+/// The ImageNet-pretrained EfficientNet-Lite0 files (`<shared>/pretrained`: the PyTorch file, its
+/// safetensors copy, the known answers; Apache-2.0), or `None` after printing why the calling test
+/// is skipped. Panics when they are missing and `FRACTURE_REQUIRE_SHARED=1`.
+pub fn pretrained() -> Option<PathBuf> {
+    let dir = shared_dir().join("pretrained");
+    if dir.join("reference-outputs.json").is_file() {
+        return Some(dir);
+    }
+    if shared_required() {
+        panic!(
+            "FRACTURE_REQUIRE_SHARED=1 but the pretrained weights are not at {}",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "skipped: the pretrained weights are not at {} (set FRACTURE_SHARED_DIR)",
+        dir.display()
+    );
+    None
+}
+
 /// An empty folder `<base>/<name>`, removed first if it exists.
 pub fn fresh_dir(base: &Path, name: &str) -> PathBuf {
     let dir = base.join(name);

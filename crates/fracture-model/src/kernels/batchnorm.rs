@@ -1,13 +1,14 @@
-//! Batch normalization in training mode (batch statistics) with an optional ReLU, on `(B, C, H, W)`
-//! f32, as one op: one pass for the statistics, one for the output; the backward pass recomputes the
-//! normalized input from the saved statistics instead of keeping it.
+//! Batch normalization in training mode (batch statistics) with an optional activation (ReLU or
+//! ReLU6), on `(B, C, H, W)` f32, as one op: one pass for the statistics, one for the output; the
+//! backward pass recomputes the normalized input from the saved statistics instead of keeping it.
+//! Also the per-channel affine map with an activation (batch normalization with fixed statistics).
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, tensor_f32};
+use super::{Activation, contiguous_f32, tensor_f32};
 
 /// Per-channel batch statistics of the last forward pass: the mean and the biased variance.
 #[derive(Debug, Default, Clone)]
@@ -18,7 +19,7 @@ pub(crate) struct BatchStats {
 
 pub(crate) struct BatchNormOp {
     pub(crate) eps: f64,
-    pub(crate) relu: bool,
+    pub(crate) act: Activation,
     /// Written by the forward pass; read by the caller (running statistics) and the backward pass.
     pub(crate) stats: Arc<Mutex<BatchStats>>,
 }
@@ -85,13 +86,7 @@ impl CustomOp3 for BatchNormOp {
             .enumerate()
             .for_each(|(k, (yo, xi))| {
                 let (scale, shift) = coef[k % ch];
-                if self.relu {
-                    yo.iter_mut()
-                        .zip(xi)
-                        .for_each(|(o, &v)| *o = (v * scale + shift).max(0.0));
-                } else {
-                    yo.iter_mut().zip(xi).for_each(|(o, &v)| *o = v * scale + shift);
-                }
+                affine_act(yo, xi, scale, shift, self.act);
             });
         if let Ok(mut saved) = self.stats.lock() {
             saved.mean = stats.iter().map(|s| s.0).collect();
@@ -131,13 +126,13 @@ impl CustomOp3 for BatchNormOp {
             .iter()
             .map(|&v| (1.0 / (f64::from(v) + self.eps).sqrt()) as f32)
             .collect();
-        // dz: the gradient after the ReLU's mask (the output is 0 exactly where the ReLU cut).
+        // dz: the gradient after the activation's mask (read off the output).
+        let act = self.act;
         let dz = |k: usize, i: usize| -> f32 {
-            let g = dyv[k * hw + i];
-            if self.relu && yv[k * hw + i] <= 0.0 {
-                0.0
+            if act.passes(yv[k * hw + i]) {
+                dyv[k * hw + i]
             } else {
-                g
+                0.0
             }
         };
         // Per channel: Σ dz (the shift's gradient) and Σ dz · x̂ (the scale's).
@@ -176,6 +171,108 @@ impl CustomOp3 for BatchNormOp {
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dgamma, ch, dev)?),
             Some(Tensor::from_vec(dbeta, ch, dev)?),
+        ))
+    }
+}
+
+/// `y = act(x · scale + shift)` over one run of a channel.
+#[inline]
+pub(crate) fn affine_act(y: &mut [f32], x: &[f32], scale: f32, shift: f32, act: Activation) {
+    match act {
+        Activation::None => y.iter_mut().zip(x).for_each(|(o, &v)| *o = v * scale + shift),
+        Activation::Relu => y
+            .iter_mut()
+            .zip(x)
+            .for_each(|(o, &v)| *o = (v * scale + shift).max(0.0)),
+        Activation::Relu6 => y
+            .iter_mut()
+            .zip(x)
+            .for_each(|(o, &v)| *o = (v * scale + shift).clamp(0.0, 6.0)),
+    }
+}
+
+/// The per-channel affine map with an activation, `y = act(x · scale_c + shift_c)`, on
+/// `(B, C, H, W)`: batch normalization with fixed statistics (inference, or frozen statistics while
+/// fine-tuning). Inputs `x`, `scale (C,)`, `shift (C,)`.
+pub(crate) struct AffineActOp {
+    pub(crate) act: Activation,
+}
+
+impl CustomOp3 for AffineActOp {
+    fn name(&self) -> &'static str {
+        "fracture-affine-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (scale, shift) = (contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
+        let (_, ch, hw) = dims(l1.dims(), scale.len())?;
+        if shift.len() != ch {
+            candle_core::bail!("affine: {} shifts for {ch} channels", shift.len());
+        }
+        let x = contiguous_f32(s1, l1)?;
+        let mut y = vec![0.0f32; x.len()];
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(k, (yo, xi))| affine_act(yo, xi, scale[k % ch], shift[k % ch], self.act));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _shift: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, ch, hw) = dims(x.dims(), scale.elem_count())?;
+        let grad = grad_res.contiguous()?;
+        let (xs, ss, ys, dys) = (
+            tensor_f32(x)?,
+            tensor_f32(scale)?,
+            tensor_f32(res)?,
+            tensor_f32(&grad)?,
+        );
+        let (xv, sv, yv, dyv) = (xs.slice()?, ss.slice()?, ys.slice()?, dys.slice()?);
+        let act = self.act;
+        // Per (image, channel) run: dx, and the partial sums Σ dz (shift) and Σ dz · x (scale).
+        let mut dx = vec![0.0f32; xv.len()];
+        let partial: Vec<(f64, f64)> = dx
+            .par_chunks_mut(hw)
+            .enumerate()
+            .map(|(k, out)| {
+                let s = sv[k % ch];
+                let (xr, yr, gr) = (&xv[k * hw..][..hw], &yv[k * hw..][..hw], &dyv[k * hw..][..hw]);
+                let (mut s1, mut s2) = (0.0f32, 0.0f32);
+                for i in 0..hw {
+                    let dz = if act.passes(yr[i]) { gr[i] } else { 0.0 };
+                    out[i] = dz * s;
+                    s1 += dz;
+                    s2 += dz * xr[i];
+                }
+                (f64::from(s1), f64::from(s2))
+            })
+            .collect();
+        let (mut dshift, mut dscale) = (vec![0.0f64; ch], vec![0.0f64; ch]);
+        for (k, (s1, s2)) in partial.into_iter().enumerate() {
+            dshift[k % ch] += s1;
+            dscale[k % ch] += s2;
+        }
+        let dev = x.device();
+        let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(to32(dscale), ch, dev)?),
+            Some(Tensor::from_vec(to32(dshift), ch, dev)?),
         ))
     }
 }

@@ -13,7 +13,10 @@
 //! | [`max_pool2x2`] | window maxima; backward re-finds each window's argmax |
 //! | [`linear`] (+ bias, + ReLU) | one GEMM each for y, dW and dX, with strided (not copied) transposes |
 //! | [`dropout`] | mask drawn once, applied forward and backward |
-//! | [`batch_norm_train`] (+ ReLU) | statistics in f64, one pass out; backward recomputes x̂ from the saved statistics |
+//! | [`batch_norm_train`] (+ ReLU or ReLU6) | statistics in f64, one pass out; backward recomputes x̂ from the saved statistics |
+//! | [`affine_act`] (+ ReLU or ReLU6) | batch normalization with fixed statistics, one pass; backward to the input, scale and shift |
+//! | [`depthwise_conv2d`] | one k×k filter per channel, asymmetric padding, stride 1 or 2: each plane copied once into a zero-bordered scratch plane (even and odd columns apart for stride 2), then contiguous multiply-adds; backward: dX and dW per plane |
+//! | [`conv1x1`] | one GEMM per image, no unfolding; backward: dX and dW by GEMM |
 //!
 //! The GEMM is the `gemm` crate's (the one candle uses) with its AVX-512 kernels enabled; its single
 //! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`.
@@ -21,9 +24,11 @@
 mod batchnorm;
 mod conv;
 mod conv_pool;
+mod depthwise;
 mod dropout;
 mod gemm;
 mod linear;
+mod pointwise;
 mod pool;
 
 use std::sync::{Arc, Mutex};
@@ -32,6 +37,40 @@ use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use rand::Rng;
 
 pub use conv::ConvSpec;
+pub use depthwise::{DepthwiseSpec, Padding};
+
+/// The activation applied after a normalization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// None: the identity.
+    #[default]
+    None,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)` (MobileNet and EfficientNet-Lite).
+    Relu6,
+}
+
+impl Activation {
+    /// Whether the gradient passes where the activation's output is `y`.
+    #[inline]
+    pub(crate) fn passes(self, y: f32) -> bool {
+        match self {
+            Activation::None => true,
+            Activation::Relu => y > 0.0,
+            Activation::Relu6 => y > 0.0 && y < 6.0,
+        }
+    }
+
+    /// The activation as candle operations (the reference path).
+    fn reference(self, y: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::None => Ok(y),
+            Activation::Relu => y.relu(),
+            Activation::Relu6 => y.clamp(0f32, 6f32),
+        }
+    }
+}
 
 /// Which implementation the networks use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -174,15 +213,15 @@ pub fn linear(
 }
 
 /// Batch normalization of `x (B, C, H, W)` with the batch's own statistics (training mode):
-/// `y = (x − mean_c) / √(var_c + eps) · gamma_c + beta_c`, then ReLU when `relu`; `gamma`, `beta`:
-/// `(C,)`. Returns `y` and the per-channel batch mean and biased variance, `(C,)` each and detached
-/// from the graph (for running statistics).
+/// `y = act((x − mean_c) / √(var_c + eps) · gamma_c + beta_c)`; `gamma`, `beta`: `(C,)`. Returns
+/// `y` and the per-channel batch mean and biased variance, `(C,)` each and detached from the graph
+/// (for running statistics).
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
-    relu: bool,
+    act: Activation,
     kernels: Kernels,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let c = gamma.elem_count();
@@ -193,7 +232,7 @@ pub fn batch_norm_train(
             &beta.contiguous()?,
             batchnorm::BatchNormOp {
                 eps,
-                relu,
+                act,
                 stats: stats.clone(),
             },
         )?;
@@ -216,8 +255,81 @@ pub fn batch_norm_train(
         .broadcast_div(&(&var + eps)?.sqrt()?)?
         .broadcast_mul(&gamma.reshape(shape)?)?
         .broadcast_add(&beta.reshape(shape)?)?;
-    let y = if relu { y.relu()? } else { y };
+    let y = act.reference(y)?;
     Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
+}
+
+/// `y = act(x · scale_c + shift_c)` on `x (B, C, H, W)` with `scale`, `shift`: `(C,)`: batch
+/// normalization with fixed statistics (inference, or frozen statistics during fine-tuning), with
+/// gradients for the input, the scale and the shift.
+pub fn affine_act(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    act: Activation,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    if fast(kernels, &[x, scale, shift]) {
+        return x.contiguous()?.apply_op3(
+            &scale.contiguous()?,
+            &shift.contiguous()?,
+            batchnorm::AffineActOp { act },
+        );
+    }
+    let c = scale.elem_count();
+    let y = x
+        .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+    act.reference(y)
+}
+
+/// Depthwise convolution of `x (B, C, H, W)` with `w (C, 1, k, k)` (one filter per channel, no
+/// bias), zero padding and stride as `spec` says: `(B, C, H', W')`. The reference path is candle's
+/// grouped `conv2d` on the zero-padded input, at stride 1 then every `stride`-th row and column.
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    spec: DepthwiseSpec,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    if fast(kernels, &[x, w]) {
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, depthwise::DepthwiseOp { spec });
+    }
+    let (_, c, h, wd) = x.dims4()?;
+    let p = spec.padding;
+    let xp = x
+        .pad_with_zeros(2, p.top, p.bottom)?
+        .pad_with_zeros(3, p.left, p.right)?;
+    let mut y = xp.conv2d(w, 0, 1, 1, c)?;
+    if spec.stride > 1 {
+        let (oh, ow) = spec.out_dims(h, wd);
+        let pick = |n: usize| -> candle_core::Result<Tensor> {
+            let idx: Vec<u32> = (0..n).map(|i| (i * spec.stride) as u32).collect();
+            Tensor::new(idx, y.device())
+        };
+        y = y.index_select(&pick(oh)?, 2)?.index_select(&pick(ow)?, 3)?;
+    }
+    Ok(y)
+}
+
+/// 1×1 convolution without bias: `x (B, Cin, H, W)`, `w (Cout, Cin, 1, 1)` → `(B, Cout, H, W)`.
+pub fn conv1x1(x: &Tensor, w: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+    if fast(kernels, &[x, w]) {
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, pointwise::PointwiseOp);
+    }
+    let (b, cin, h, wd) = x.dims4()?;
+    let (cout, _, _, _) = w.dims4()?;
+    let w2 = w.reshape((cout, cin))?;
+    // (B, Cin, HW) → (B, HW, Cin) · (Cin, Cout) → (B, HW, Cout) → (B, Cout, H, W).
+    x.reshape((b, cin, h * wd))?
+        .transpose(1, 2)?
+        .broadcast_matmul(&w2.t()?)?
+        .transpose(1, 2)?
+        .reshape((b, cout, h, wd))
 }
 
 /// Inverted dropout with a caller-supplied generator: each element is zeroed with probability `p`

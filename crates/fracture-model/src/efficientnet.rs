@@ -1,0 +1,198 @@
+//! EfficientNet-Lite0 (Tan & Le, 2019; the "Lite" variant without squeeze-and-excitation, with ReLU6)
+//! with one gray input channel and a fracture head.
+//!
+//! The layer names are those of the `efficientnet_pytorch` state dicts (`_conv_stem`, `_bn0`,
+//! `_blocks.N._expand_conv`, `._bn0`, `._depthwise_conv`, `._bn1`, `._project_conv`, `._bn2`,
+//! `_conv_head`, `_bn1`), so ImageNet weights load by name (see [`crate::pretrained`]); the fracture
+//! head is `head.fc`. Convolutions use TensorFlow's "SAME" padding, computed per input size.
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::kernels::{self, Activation, ConvSpec, DepthwiseSpec, Kernels, Padding};
+use crate::layers::{BatchNorm, Stats};
+use crate::{EfficientNetConfig, Result};
+
+/// The stages of EfficientNet-Lite0: (kernel, stride of the first block, expansion, output channels,
+/// blocks).
+pub(crate) const LITE0_STAGES: [(usize, usize, usize, usize, usize); 7] = [
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+];
+/// Channels of the stem.
+pub(crate) const STEM_CHANNELS: usize = 32;
+/// Channels of the last feature map (the head convolution's output).
+pub(crate) const HEAD_CHANNELS: usize = 1280;
+/// Batch-norm ε of the pretrained network.
+const BN_EPS: f64 = 1e-3;
+
+/// One mobile inverted bottleneck: [1×1 expand → BN → ReLU6] → k×k depthwise → BN → ReLU6 → 1×1
+/// project → BN, plus the input when the shape is unchanged.
+#[derive(Debug)]
+pub(crate) struct MbConv {
+    expand: Option<(Tensor, BatchNorm)>,
+    depthwise: Tensor,
+    bn1: BatchNorm,
+    project: Tensor,
+    bn2: BatchNorm,
+    kernel: usize,
+    stride: usize,
+    skip: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct EfficientNet {
+    stem: Tensor,
+    stem_bn: BatchNorm,
+    blocks: Vec<MbConv>,
+    head_conv: Tensor,
+    head_bn: BatchNorm,
+    pub(crate) fc: Linear,
+    pub(crate) p_dropout: f32,
+}
+
+fn conv_weight(shape: (usize, usize, usize, usize), vb: VarBuilder<'_>) -> Result<Tensor> {
+    Ok(vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?)
+}
+
+impl MbConv {
+    fn new(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        expansion: usize,
+        m: f64,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let mid = cin * expansion;
+        let expand = if expansion != 1 {
+            Some((
+                conv_weight((mid, cin, 1, 1), vb.pp("_expand_conv"))?,
+                BatchNorm::new(mid, 1.0, BN_EPS, m, vb.pp("_bn0"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(MbConv {
+            expand,
+            depthwise: conv_weight((mid, 1, kernel, kernel), vb.pp("_depthwise_conv"))?,
+            bn1: BatchNorm::new(mid, 1.0, BN_EPS, m, vb.pp("_bn1"))?,
+            project: conv_weight((cout, mid, 1, 1), vb.pp("_project_conv"))?,
+            bn2: BatchNorm::new(cout, 1.0, BN_EPS, m, vb.pp("_bn2"))?,
+            kernel,
+            stride,
+            skip: stride == 1 && cin == cout,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
+        let mut h = x.clone();
+        if let Some((w, bn)) = &self.expand {
+            h = bn.forward(&kernels::conv1x1(&h, w, k)?, stats, Activation::Relu6, k)?;
+        }
+        let (_, _, rows, cols) = h.dims4()?;
+        let spec = DepthwiseSpec {
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: Padding::same(rows, cols, self.kernel, self.stride),
+        };
+        let h = self.bn1.forward(
+            &kernels::depthwise_conv2d(&h, &self.depthwise, spec, k)?,
+            stats,
+            Activation::Relu6,
+            k,
+        )?;
+        let h = self.bn2.forward(
+            &kernels::conv1x1(&h, &self.project, k)?,
+            stats,
+            Activation::None,
+            k,
+        )?;
+        if self.skip { h + x } else { Ok(h) }
+    }
+}
+
+impl EfficientNet {
+    pub(crate) fn new(cfg: &EfficientNetConfig, vb: VarBuilder<'_>) -> Result<Self> {
+        let m = cfg.bn_momentum;
+        let mut blocks = Vec::new();
+        let mut cin = STEM_CHANNELS;
+        for (kernel, stride, expansion, cout, repeats) in LITE0_STAGES {
+            for r in 0..repeats {
+                let s = if r == 0 { stride } else { 1 };
+                blocks.push(MbConv::new(
+                    cin,
+                    cout,
+                    kernel,
+                    s,
+                    expansion,
+                    m,
+                    vb.pp(format!("_blocks.{}", blocks.len())),
+                )?);
+                cin = cout;
+            }
+        }
+        Ok(EfficientNet {
+            stem: conv_weight((STEM_CHANNELS, 1, 3, 3), vb.pp("_conv_stem"))?,
+            stem_bn: BatchNorm::new(STEM_CHANNELS, 1.0, BN_EPS, m, vb.pp("_bn0"))?,
+            blocks,
+            head_conv: conv_weight((HEAD_CHANNELS, cin, 1, 1), vb.pp("_conv_head"))?,
+            head_bn: BatchNorm::new(HEAD_CHANNELS, 1.0, BN_EPS, m, vb.pp("_bn1"))?,
+            fc: candle_nn::linear(HEAD_CHANNELS, 1, vb.pp("head.fc"))?,
+            p_dropout: cfg.dropout,
+        })
+    }
+
+    /// The last feature map `(B, 1280, ⌈S/32⌉, ⌈S/32⌉)` after the head's ReLU6.
+    pub(crate) fn features(&self, xs: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let p = Padding::same(h, w, 3, 2);
+        let x = xs
+            .pad_with_zeros(2, p.top, p.bottom)?
+            .pad_with_zeros(3, p.left, p.right)?;
+        let spec = ConvSpec {
+            kernel: 3,
+            stride: 2,
+            padding: 0,
+            relu: false,
+        };
+        let zero = Tensor::zeros(STEM_CHANNELS, DType::F32, xs.device())?.to_dtype(xs.dtype())?;
+        let x = kernels::conv2d(&x, &self.stem, &zero, spec, k)?;
+        let mut x = self.stem_bn.forward(&x, stats, Activation::Relu6, k)?;
+        for block in &self.blocks {
+            x = block.forward(&x, stats, k)?;
+        }
+        self.head_bn.forward(
+            &kernels::conv1x1(&x, &self.head_conv, k)?,
+            stats,
+            Activation::Relu6,
+            k,
+        )
+    }
+
+    /// Input pixel coordinate of feature `i` of the last map for an `image_size` input,
+    /// `offset + stride · i`: the centre of its receptive field, composed over the strided layers
+    /// with their "SAME" padding.
+    pub(crate) fn geometry(&self, image_size: usize) -> (f32, f32) {
+        let (mut offset, mut stride, mut n) = (0.0f32, 1.0f32, image_size);
+        let mut layer = |kernel: usize, s: usize| {
+            let before = Padding::same(n, n, kernel, s).top;
+            // Output i of this layer is centred on its input i·s − before + (k − 1)/2.
+            let local = (kernel as f32 - 1.0) / 2.0 - before as f32;
+            offset += stride * local;
+            stride *= s as f32;
+            n = n.div_ceil(s);
+        };
+        layer(3, 2);
+        for b in &self.blocks {
+            layer(b.kernel, b.stride);
+        }
+        (offset, stride)
+    }
+}

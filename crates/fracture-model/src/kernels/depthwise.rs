@@ -1,0 +1,429 @@
+//! Depthwise convolution (one k×k filter per channel, no bias) on `(B, C, H, W)` f32 with explicit,
+//! possibly asymmetric, zero padding and stride 1 or 2, with its backward pass (dX and dW).
+//!
+//! Each `(image, channel)` plane is copied once into a zero-bordered scratch plane, so the inner
+//! loops run without bounds tests; for stride 2 the scratch rows are split into even and odd columns,
+//! so every tap is a contiguous multiply-add over an output row. Planes are spread over threads; the
+//! filter gradient is summed per plane and then over the batch, so no two threads write the same value.
+
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous_f32, tensor_f32};
+
+/// Zero padding on each side of a plane, in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Padding {
+    /// Rows above.
+    pub top: usize,
+    /// Rows below.
+    pub bottom: usize,
+    /// Columns on the left.
+    pub left: usize,
+    /// Columns on the right.
+    pub right: usize,
+}
+
+impl Padding {
+    /// TensorFlow's "SAME" padding for a `k × k` kernel with stride `s` on an `h × w` input: the
+    /// output has `ceil(h/s) × ceil(w/s)` values, and along each axis the total padding
+    /// `max((ceil(n/s) − 1)·s + k − n, 0)` is split with the smaller half before.
+    pub fn same(h: usize, w: usize, kernel: usize, stride: usize) -> Padding {
+        let axis = |n: usize| -> (usize, usize) {
+            let out = n.div_ceil(stride.max(1));
+            let total = ((out.saturating_sub(1)) * stride + kernel).saturating_sub(n);
+            (total / 2, total - total / 2)
+        };
+        let (top, bottom) = axis(h);
+        let (left, right) = axis(w);
+        Padding {
+            top,
+            bottom,
+            left,
+            right,
+        }
+    }
+}
+
+/// The geometry of a depthwise convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DepthwiseSpec {
+    /// Kernel side.
+    pub kernel: usize,
+    /// Stride (1 or 2).
+    pub stride: usize,
+    /// Zero padding.
+    pub padding: Padding,
+}
+
+impl DepthwiseSpec {
+    /// Output `(rows, columns)` for an `h × w` input.
+    pub fn out_dims(&self, h: usize, w: usize) -> (usize, usize) {
+        let p = self.padding;
+        (
+            (h + p.top + p.bottom).saturating_sub(self.kernel) / self.stride + 1,
+            (w + p.left + p.right).saturating_sub(self.kernel) / self.stride + 1,
+        )
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Geometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    k: usize,
+    s: usize,
+    pad: Padding,
+    /// Scratch plane rows and (per parity, for stride 2) columns.
+    ph: usize,
+    pw: usize,
+}
+
+impl Geometry {
+    fn new(spec: &DepthwiseSpec, xs: &[usize], ws: &[usize]) -> candle_core::Result<Self> {
+        let (&[b, c, h, w], &[wc, one, kh, kw]) = (xs, ws) else {
+            candle_core::bail!(
+                "depthwise conv: expected (B, C, H, W) input and (C, 1, k, k) weight, got {xs:?} and {ws:?}"
+            );
+        };
+        let k = spec.kernel;
+        if wc != c || one != 1 || kh != k || kw != k {
+            candle_core::bail!("depthwise conv: weight {ws:?} does not fit input {xs:?} and kernel {k}");
+        }
+        if !(1..=2).contains(&spec.stride) || k == 0 {
+            candle_core::bail!(
+                "depthwise conv: stride {} and kernel {k} are not supported (stride 1 or 2)",
+                spec.stride
+            );
+        }
+        let p = spec.padding;
+        if h + p.top + p.bottom < k || w + p.left + p.right < k {
+            candle_core::bail!(
+                "depthwise conv: input {h}×{w} with its padding is smaller than the {k}×{k} kernel"
+            );
+        }
+        let (oh, ow) = spec.out_dims(h, w);
+        // The scratch plane covers every input position an output reads, padding included.
+        let ph = (oh - 1) * spec.stride + k;
+        let pw_full = (ow - 1) * spec.stride + k;
+        let pw = if spec.stride == 2 {
+            pw_full.div_ceil(2)
+        } else {
+            pw_full
+        };
+        Ok(Geometry {
+            b,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            k,
+            s: spec.stride,
+            pad: p,
+            ph,
+            pw,
+        })
+    }
+
+    /// Values of one scratch plane (both parities for stride 2).
+    fn scratch_len(&self) -> usize {
+        self.ph * self.pw * self.s
+    }
+
+    /// Copies input plane `x` (`h × w`) into the zero-bordered scratch `p`. For stride 2, scratch
+    /// row `r` holds its even columns in `p[r·pw..]` and its odd ones in `p[(ph + r)·pw..]`.
+    fn fill_scratch(&self, x: &[f32], p: &mut [f32]) {
+        p.fill(0.0);
+        let full_w = (self.ow - 1) * self.s + self.k;
+        for iy in 0..self.h {
+            let r = iy + self.pad.top;
+            if r >= self.ph {
+                break;
+            }
+            let src = &x[iy * self.w..(iy + 1) * self.w];
+            // Scratch column q = input column + left, kept while q < full_w.
+            let n = self.w.min(full_w.saturating_sub(self.pad.left));
+            if self.s == 1 {
+                let dst = &mut p[r * self.pw + self.pad.left..][..n];
+                dst.copy_from_slice(&src[..n]);
+            } else {
+                let (even, odd) = p.split_at_mut(self.ph * self.pw);
+                let (even, odd) = (
+                    &mut even[r * self.pw..][..self.pw],
+                    &mut odd[r * self.pw..][..self.pw],
+                );
+                for (ix, &v) in src[..n].iter().enumerate() {
+                    let q = ix + self.pad.left;
+                    if q.is_multiple_of(2) {
+                        even[q / 2] = v;
+                    } else {
+                        odd[q / 2] = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The contiguous scratch run that tap column `kj` reads for output columns `0..ow` of scratch
+    /// row `r`: `ow` values.
+    fn tap_row<'a>(&self, p: &'a [f32], r: usize, kj: usize) -> &'a [f32] {
+        if self.s == 1 {
+            &p[r * self.pw + kj..][..self.ow]
+        } else {
+            // Scratch column 2·ox + kj: parity of kj, index ox + kj/2.
+            let base = if kj.is_multiple_of(2) { 0 } else { self.ph * self.pw };
+            &p[base + r * self.pw + kj / 2..][..self.ow]
+        }
+    }
+
+    fn tap_row_mut<'a>(&self, p: &'a mut [f32], r: usize, kj: usize) -> &'a mut [f32] {
+        if self.s == 1 {
+            &mut p[r * self.pw + kj..][..self.ow]
+        } else {
+            let base = if kj.is_multiple_of(2) { 0 } else { self.ph * self.pw };
+            &mut p[base + r * self.pw + kj / 2..][..self.ow]
+        }
+    }
+
+    /// Adds the input part of a scratch-plane gradient `p` onto nothing: writes `dx` (`h × w`), the
+    /// positions outside the scratch plane (never read by any output) getting 0.
+    fn crop_scratch(&self, p: &[f32], dx: &mut [f32]) {
+        dx.fill(0.0);
+        let full_w = (self.ow - 1) * self.s + self.k;
+        for iy in 0..self.h {
+            let r = iy + self.pad.top;
+            if r >= self.ph {
+                break;
+            }
+            let dst = &mut dx[iy * self.w..(iy + 1) * self.w];
+            let n = self.w.min(full_w.saturating_sub(self.pad.left));
+            if self.s == 1 {
+                dst[..n].copy_from_slice(&p[r * self.pw + self.pad.left..][..n]);
+            } else {
+                let (even, odd) = p.split_at(self.ph * self.pw);
+                let (even, odd) = (&even[r * self.pw..][..self.pw], &odd[r * self.pw..][..self.pw]);
+                for (ix, v) in dst[..n].iter_mut().enumerate() {
+                    let q = ix + self.pad.left;
+                    *v = if q.is_multiple_of(2) { even[q / 2] } else { odd[q / 2] };
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static DSCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// `out[i] += w · src[i]` over the shorter of the two.
+#[inline]
+fn axpy(out: &mut [f32], w: f32, src: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(src) {
+        *o += w * v;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums: vectorizable, and a steadier rounding than one long chain.
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
+    let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
+    let mut out = vec![0.0f32; g.b * g.c * plane_out];
+    out.par_chunks_mut(plane_out)
+        .zip(x.par_chunks(plane_in))
+        .enumerate()
+        .for_each(|(i, (o, xp))| {
+            let filter = &w[(i % g.c) * kk..][..kk];
+            with_scratch(&SCRATCH, g.scratch_len(), |p| {
+                g.fill_scratch(xp, p);
+                for (oy, row) in o.chunks_exact_mut(g.ow).enumerate() {
+                    for ki in 0..g.k {
+                        let r = oy * g.s + ki;
+                        for kj in 0..g.k {
+                            axpy(row, filter[ki * g.k + kj], g.tap_row(p, r, kj));
+                        }
+                    }
+                }
+            });
+        });
+    out
+}
+
+/// `(dx, dw)`: `dx` only when asked for.
+fn backward(x: &[f32], w: &[f32], dy: &[f32], g: &Geometry, need_dx: bool) -> (Option<Vec<f32>>, Vec<f32>) {
+    let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
+    let planes = g.b * g.c;
+    let mut dx = if need_dx {
+        vec![0.0f32; planes * plane_in]
+    } else {
+        Vec::new()
+    };
+    // The filter gradient of every plane; summed over the batch afterwards.
+    let mut dw_planes = vec![0.0f32; planes * kk];
+    let work = |i: usize, dx_plane: Option<&mut [f32]>, dw_plane: &mut [f32]| {
+        let filter = &w[(i % g.c) * kk..][..kk];
+        let dyp = &dy[i * plane_out..][..plane_out];
+        with_scratch(&SCRATCH, g.scratch_len(), |p| {
+            g.fill_scratch(&x[i * plane_in..][..plane_in], p);
+            for (oy, drow) in dyp.chunks_exact(g.ow).enumerate() {
+                for ki in 0..g.k {
+                    let r = oy * g.s + ki;
+                    for kj in 0..g.k {
+                        dw_plane[ki * g.k + kj] += dot(drow, g.tap_row(p, r, kj));
+                    }
+                }
+            }
+        });
+        if let Some(dx_plane) = dx_plane {
+            with_scratch(&DSCRATCH, g.scratch_len(), |dp| {
+                dp.fill(0.0);
+                for (oy, drow) in dyp.chunks_exact(g.ow).enumerate() {
+                    for ki in 0..g.k {
+                        let r = oy * g.s + ki;
+                        for kj in 0..g.k {
+                            axpy(g.tap_row_mut(dp, r, kj), filter[ki * g.k + kj], drow);
+                        }
+                    }
+                }
+                g.crop_scratch(dp, dx_plane);
+            });
+        }
+    };
+    if need_dx {
+        dx.par_chunks_mut(plane_in)
+            .zip(dw_planes.par_chunks_mut(kk))
+            .enumerate()
+            .for_each(|(i, (dxp, dwp))| work(i, Some(dxp), dwp));
+    } else {
+        dw_planes
+            .par_chunks_mut(kk)
+            .enumerate()
+            .for_each(|(i, dwp)| work(i, None, dwp));
+    }
+    let mut dw = vec![0.0f32; g.c * kk];
+    for image in dw_planes.chunks_exact(g.c * kk) {
+        dw.iter_mut().zip(image).for_each(|(a, b)| *a += b);
+    }
+    (need_dx.then_some(dx), dw)
+}
+
+/// The custom op: inputs `x (B, C, H, W)` and `w (C, 1, k, k)`.
+pub(crate) struct DepthwiseOp {
+    pub(crate) spec: DepthwiseSpec,
+}
+
+impl CustomOp2 for DepthwiseOp {
+    fn name(&self) -> &'static str {
+        "fracture-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(&self.spec, l1.dims(), l2.dims())?;
+        let out = forward(contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, &g);
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.c, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = Geometry::new(&self.spec, x.dims(), w.dims())?;
+        let grad = grad_res.contiguous()?;
+        let need_dx = x.track_op();
+        let (dx, dw) = {
+            let (xs, ws, gs) = (tensor_f32(x)?, tensor_f32(w)?, tensor_f32(&grad)?);
+            backward(xs.slice()?, ws.slice()?, gs.slice()?, &g, need_dx)
+        };
+        let dev = x.device();
+        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
+        Ok((dx, Some(Tensor::from_vec(dw, w.shape(), dev)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_padding_follows_tensorflow() {
+        // Stride 2 on an even side: 0 before, 1 after for k = 3; 1 before, 2 after for k = 5.
+        assert_eq!(
+            Padding::same(224, 224, 3, 2),
+            Padding {
+                top: 0,
+                bottom: 1,
+                left: 0,
+                right: 1
+            }
+        );
+        assert_eq!(
+            Padding::same(56, 56, 5, 2),
+            Padding {
+                top: 1,
+                bottom: 2,
+                left: 1,
+                right: 2
+            }
+        );
+        // Stride 1: symmetric (k − 1)/2.
+        assert_eq!(
+            Padding::same(14, 14, 5, 1),
+            Padding {
+                top: 2,
+                bottom: 2,
+                left: 2,
+                right: 2
+            }
+        );
+        // Stride 2 on an odd side: ceil(75/2) = 38 outputs need 4 padded pixels, 2 and 2.
+        assert_eq!(Padding::same(75, 75, 5, 2).top, 2);
+        let spec = DepthwiseSpec {
+            kernel: 5,
+            stride: 2,
+            padding: Padding::same(75, 74, 5, 2),
+        };
+        assert_eq!(spec.out_dims(75, 74), (38, 37));
+    }
+}

@@ -1,0 +1,214 @@
+//! EfficientNet-Lite0: the ImageNet weights from `../shared/pretrained` (Apache-2.0) reproduce the
+//! PyTorch definition's known answers; both file formats read the same tensors; shapes, names and
+//! errors of the pretrained import; gradients through a whole block against finite differences.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use fracture_model::{Kernels, Model, ModelConfig, PretrainedWeights};
+
+fn reference(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("reference-outputs.json")).unwrap()).unwrap()
+}
+
+/// A 224×224 8-bit gray PNG as the network input `(1, 1, 224, 224)`, scaled as `(v − 127) / 128`.
+fn input(path: &Path) -> Tensor {
+    let img = image::open(path).unwrap().to_luma8();
+    let (w, h) = img.dimensions();
+    let v: Vec<f32> = img
+        .into_raw()
+        .into_iter()
+        .map(|v| (f32::from(v) - 127.0) / 128.0)
+        .collect();
+    Tensor::from_vec(v, (1, 1, h as usize, w as usize), &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn imagenet_weights_reproduce_the_known_answers() {
+    let Some(dir) = fracture_testkit::pretrained() else {
+        return;
+    };
+    let weights = PretrainedWeights::read(&dir.join("efficientnet-lite0-57934424.pth")).unwrap();
+    assert_eq!(weights.format, "pytorch-legacy");
+    assert_eq!(
+        weights.sha256,
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+    );
+    // The safetensors copy holds the same names and values.
+    let copy = PretrainedWeights::read(&dir.join("efficientnet-lite0.safetensors")).unwrap();
+    assert_eq!(copy.format, "safetensors");
+    assert_eq!(
+        weights.tensors.keys().collect::<Vec<_>>(),
+        copy.tensors.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(weights.tensors.len(), 296);
+    for (name, t) in &weights.tensors {
+        let c = &copy.tensors[name];
+        assert_eq!(t.dims(), c.dims(), "{name}");
+        let d = (t.to_dtype(DType::F64).unwrap() - c.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap_or(0.0);
+        assert_eq!(d, 0.0, "{name} differs between the two files");
+    }
+
+    let model = Model::new(&ModelConfig::efficientnet_lite0(224), 7, &Device::Cpu).unwrap();
+    let origin = model.load_pretrained(&weights).unwrap();
+    assert_eq!(origin.file, "efficientnet-lite0-57934424.pth");
+    assert!(origin.ignored.contains(&"_fc.weight".to_string()));
+    // Every tensor is used but the classifier and the step counters.
+    let counters = weights
+        .tensors
+        .keys()
+        .filter(|k| k.ends_with("num_batches_tracked"))
+        .count();
+    assert_eq!(origin.loaded + origin.ignored.len(), 296);
+    assert_eq!(origin.ignored.len(), counters + 2);
+
+    let fc_w = weights.tensors["_fc.weight"].clone();
+    let fc_b = weights.tensors["_fc.bias"].clone();
+    let answers = reference(&dir);
+    for kernels in [Kernels::Fast, Kernels::Reference] {
+        let mut model = Model::new(&ModelConfig::efficientnet_lite0(224), 7, &Device::Cpu).unwrap();
+        model.load_pretrained(&weights).unwrap();
+        model.net.set_kernels(kernels);
+        for name in ["reference-ramp.png", "reference-xray.png"] {
+            let want = &answers["outputs"][name];
+            let features = model.net.pooled_features(&input(&dir.join(name))).unwrap();
+            let logits = features
+                .matmul(&fc_w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&fc_b)
+                .unwrap();
+            let f = features.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let l = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (df, dl) = (
+                max_diff(&f, &floats(&want["pooled_features_1280"])),
+                max_diff(&l, &floats(&want["logits_1000"])),
+            );
+            eprintln!("{name} ({kernels:?}): max |Δ| pooled features {df:.2e}, logits {dl:.2e}");
+            assert!(
+                df < 1e-3 && dl < 1e-3,
+                "{name} ({kernels:?}): features {df}, logits {dl}"
+            );
+            let top: Vec<i64> = want["top5_classes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            let mut order: Vec<usize> = (0..l.len()).collect();
+            order.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+            assert_eq!(order[0] as i64, top[0], "{name}: top class");
+        }
+    }
+}
+
+#[test]
+fn shapes_parameters_and_training_mode() {
+    let model = Model::new(&ModelConfig::efficientnet_lite0(64), 3, &Device::Cpu).unwrap();
+    let x = common::input(2, 64, 5, DType::F32);
+    let logits = model.net.forward_t(&x, true).unwrap();
+    assert_eq!(logits.dims(), &[2]);
+    assert_eq!(model.net.pooled_features(&x).unwrap().dims(), &[2, 1280]);
+    // The ImageNet network has 4,652,008 trainable values with its 3-channel stem and 1000-class
+    // classifier: 4,652,008 − 32·2·9 (stem) − 1,281,000 (classifier) + 1,281 (fracture head).
+    assert_eq!(model.param_count(), 4_652_008 - 576 - 1_281_000 + 1_281);
+    let names: Vec<String> = model.named_vars().into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"_blocks.15._project_conv.weight".to_string()));
+    assert!(names.contains(&"_bn1.running_var".to_string()));
+    assert!(names.contains(&"head.fc.weight".to_string()));
+}
+
+#[test]
+fn pretrained_import_names_what_does_not_fit() {
+    let model = Model::new(&ModelConfig::efficientnet_lite0(64), 3, &Device::Cpu).unwrap();
+    // A weight file of our own for this architecture, with the classifier renamed: every tensor is
+    // there under its name, and the import takes it.
+    let mut tensors: Vec<(String, Tensor)> = model
+        .named_vars()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("head."))
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pretrained_import");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, ts: &[(String, Tensor)]| {
+        let path = dir.join(name);
+        safetensors::serialize_to_file(ts.iter().map(|(n, t)| (n.as_str(), t)), None, &path).unwrap();
+        PretrainedWeights::read(&path).unwrap()
+    };
+    let ok = write("ok.safetensors", &tensors);
+    assert_eq!(model.load_pretrained(&ok).unwrap().loaded, tensors.len());
+
+    let idx = tensors
+        .iter()
+        .position(|(n, _)| n == "_blocks.3._depthwise_conv.weight")
+        .unwrap();
+    let saved = tensors[idx].1.clone();
+    tensors[idx].1 = Tensor::zeros((144, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let err = model
+        .load_pretrained(&write("shape.safetensors", &tensors))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("_blocks.3._depthwise_conv.weight")
+            && err.contains("[144, 1, 3, 3]")
+            && err.contains("[144, 1, 5, 5]"),
+        "{err}"
+    );
+    tensors[idx].1 = saved;
+    let removed = tensors.remove(idx);
+    let err = model
+        .load_pretrained(&write("missing.safetensors", &tensors))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("_blocks.3._depthwise_conv.weight") && err.contains("missing"),
+        "{err}"
+    );
+    tensors.insert(idx, removed);
+    tensors.push((
+        "_blocks.16._bn0.weight".into(),
+        Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+    ));
+    let err = model
+        .load_pretrained(&write("extra.safetensors", &tensors))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("_blocks.16._bn0.weight") && err.contains("not part of"),
+        "{err}"
+    );
+
+    // Other architectures have no pretrained weights.
+    let resnet = Model::new(&ModelConfig::resnet(32), 3, &Device::Cpu).unwrap();
+    let err = resnet.load_pretrained(&ok).unwrap_err().to_string();
+    assert!(err.contains("efficientnet-lite0 only"), "{err}");
+}
