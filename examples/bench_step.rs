@@ -1,13 +1,13 @@
-//! Times the seed CNN's training step (forward in training mode, BCE, backward, Adam) and inference
-//! on random data, the way `../shared/bench/torch_seed_cnn.py` times PyTorch, and prints one
-//! `RESULT` line per measurement in the same format.
+//! Times a network's training step (forward in training mode, BCE, backward, Adam) and inference
+//! on random data, the way `../shared/bench/torch_seed_cnn.py` and `torch_effnet_lite.py` time
+//! PyTorch, and prints one `RESULT` line per measurement in the same format.
 //!
 //! ```text
-//! cargo run --release -p fracture-examples --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference] [--resnet]
+//! cargo run --release -p fracture-examples --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference] [--arch seed|resnet|efficientnet-lite0]
 //! ```
-//! `--reference` uses candle's own operations instead of our CPU kernels; `--resnet` times the
-//! residual network instead of the seed CNN. `cargo xtask bench-compare` runs this (seed CNN) beside
-//! the PyTorch script and prints the ratios.
+//! `--reference` uses candle's own operations instead of our CPU kernels; `--arch` picks the network
+//! (default `seed`; `--resnet` is short for `--arch resnet`). `cargo xtask bench-compare` runs this
+//! beside the PyTorch scripts and prints the ratios.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::time::Instant;
@@ -41,9 +41,19 @@ fn main() -> anyhow::Result<()> {
     keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reference = args.iter().any(|a| a == "--reference");
-    let pos: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    let arch = match args.iter().position(|a| a == "--arch") {
+        Some(i) => args.get(i + 1).context("--arch needs a name")?.clone(),
+        None if args.iter().any(|a| a == "--resnet") => "resnet".into(),
+        None => "seed".into(),
+    };
+    let pos: Vec<&String> = args
+        .iter()
+        .filter(|a| !a.starts_with("--") && **a != arch)
+        .collect();
     let [mode, size, batch, iters] = pos.as_slice() else {
-        bail!("usage: bench_step {{train|infer}} SIZE BATCH ITERS [--reference] [--resnet]");
+        bail!(
+            "usage: bench_step {{train|infer}} SIZE BATCH ITERS [--reference] [--arch seed|resnet|efficientnet-lite0]"
+        );
     };
     let (size, batch, iters): (usize, usize, usize) = (
         size.parse().context("SIZE")?,
@@ -51,10 +61,11 @@ fn main() -> anyhow::Result<()> {
         iters.parse().context("ITERS")?,
     );
     let dev = Device::Cpu;
-    let config = if args.iter().any(|a| a == "--resnet") {
-        ModelConfig::resnet(size)
-    } else {
-        ModelConfig::seed(size)
+    let config = match arch.as_str() {
+        "seed" => ModelConfig::seed(size),
+        "resnet" => ModelConfig::resnet(size),
+        "efficientnet-lite0" => ModelConfig::efficientnet_lite0(size),
+        other => bail!("unknown architecture `{other}` (seed, resnet, efficientnet-lite0)"),
     };
     let mut model = Model::new(&config, 0, &dev)?;
     model.net.set_kernels(if reference {
@@ -109,7 +120,7 @@ fn main() -> anyhow::Result<()> {
     );
     let fw = if reference { "candle-reference" } else { "fracture" };
     println!(
-        "RESULT fw={fw} mode={mode} size={size} batch={batch} ms_per_iter={:.3} img_per_s={:.2}",
+        "RESULT fw={fw} model={arch} mode={mode} size={size} batch={batch} ms_per_iter={:.3} img_per_s={:.2}",
         med * 1e3,
         batch as f64 / med
     );

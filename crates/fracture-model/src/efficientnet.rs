@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::kernels::{self, Activation, ConvSpec, DepthwiseSpec, Kernels, Padding};
+use crate::kernels::{self, Activation, ConvSpec, Kernels, MbConvSpec, Padding};
 use crate::layers::{BatchNorm, Stats};
 use crate::{EfficientNetConfig, Result};
 
@@ -42,7 +42,6 @@ pub(crate) struct MbConv {
     bn2: BatchNorm,
     kernel: usize,
     stride: usize,
-    skip: bool,
 }
 
 #[derive(Debug)]
@@ -87,34 +86,68 @@ impl MbConv {
             bn2: BatchNorm::new(cout, 1.0, BN_EPS, m, vb.pp("_bn2"))?,
             kernel,
             stride,
-            skip: stride == 1 && cin == cout,
         })
     }
 
-    fn forward(&self, x: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
-        let mut h = x.clone();
-        if let Some((w, bn)) = &self.expand {
-            h = bn.forward(&kernels::conv1x1(&h, w, k)?, stats, Activation::Relu6, k)?;
-        }
-        let (_, _, rows, cols) = h.dims4()?;
-        let spec = DepthwiseSpec {
+    /// The block's norms in order (BN0 when expanding, BN1, BN2).
+    fn norms(&self) -> Vec<&BatchNorm> {
+        let mut v: Vec<&BatchNorm> = self.expand.iter().map(|(_, bn)| bn).collect();
+        v.extend([&self.bn1, &self.bn2]);
+        v
+    }
+
+    fn spec(&self, cin: usize) -> MbConvSpec {
+        let (mid, cout) = (self.depthwise.dims()[0], self.project.dims()[0]);
+        MbConvSpec {
+            cin,
+            mid,
+            cout,
             kernel: self.kernel,
             stride: self.stride,
-            padding: Padding::same(rows, cols, self.kernel, self.stride),
+            expand: self.expand.is_some(),
+            eps: self.bn1.eps(),
+        }
+    }
+
+    /// The block as one fused op ([`kernels::mbconv`]); with batch statistics the running ones are
+    /// updated afterwards.
+    fn forward(&self, x: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
+        let spec = self.spec(x.dim(1)?);
+        let mut parts: Vec<Tensor> = Vec::with_capacity(9);
+        if let Some((w, bn)) = &self.expand {
+            parts.push(w.flatten_all()?);
+            parts.extend(bn.affine().map(Tensor::clone));
+        }
+        parts.push(self.depthwise.flatten_all()?);
+        parts.extend(self.bn1.affine().map(Tensor::clone));
+        parts.push(self.project.flatten_all()?);
+        parts.extend(self.bn2.affine().map(Tensor::clone));
+        let params = Tensor::cat(&parts, 0)?;
+        let running = match stats {
+            Stats::Batch => None,
+            Stats::Running => Some(
+                self.norms()
+                    .iter()
+                    .map(|bn| bn.running())
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            ),
         };
-        let h = self.bn1.forward(
-            &kernels::depthwise_conv2d(&h, &self.depthwise, spec, k)?,
-            stats,
-            Activation::Relu6,
-            k,
-        )?;
-        let h = self.bn2.forward(
-            &kernels::conv1x1(&h, &self.project, k)?,
-            stats,
-            Activation::None,
-            k,
-        )?;
-        if self.skip { h + x } else { Ok(h) }
+        let (y, batch) = kernels::mbconv(x, &params, spec, running, k)?;
+        if stats == Stats::Batch {
+            let (b, _, h, w) = x.dims4()?;
+            let (oh, ow) = (h.div_ceil(self.stride), w.div_ceil(self.stride));
+            let counts = [b * h * w, b * oh * ow, b * oh * ow];
+            let counts = if self.expand.is_some() {
+                &counts[..]
+            } else {
+                &counts[1..]
+            };
+            let dev = x.device();
+            for ((bn, (mean, var)), n) in self.norms().into_iter().zip(batch).zip(counts) {
+                bn.update_running(&Tensor::new(mean, dev)?, &Tensor::new(var, dev)?, *n)?;
+            }
+        }
+        Ok(y)
     }
 }
 

@@ -68,13 +68,7 @@ impl BatchNorm {
         let c = self.weight.elem_count();
         if stats == Stats::Batch {
             let (y, mean, var) = kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, act, k)?;
-            let n = (x.elem_count() / c) as f64;
-            let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-            let m = self.momentum;
-            let rm = (self.running_mean.as_detached_tensor() * (1.0 - m))? + (mean * m)?;
-            let rv = (self.running_var.as_detached_tensor() * (1.0 - m))? + (var * (m * unbias))?;
-            self.running_mean.set(&rm?)?;
-            self.running_var.set(&rv?)?;
+            self.update_running(&mean, &var, x.elem_count() / c)?;
             return Ok(y);
         }
         let scale = self
@@ -82,5 +76,40 @@ impl BatchNorm {
             .broadcast_div(&(self.running_var.as_detached_tensor() + self.eps)?.sqrt()?)?;
         let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
         kernels::affine_act(x, &scale, &shift, act, k)
+    }
+}
+
+impl BatchNorm {
+    /// The learnt scale and shift, `(C,)` each.
+    pub(crate) fn affine(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
+    }
+
+    /// ε.
+    pub(crate) fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The running mean and variance as host vectors.
+    pub(crate) fn running(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let get = |v: &Var| {
+            v.as_detached_tensor()
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()
+        };
+        Ok((get(&self.running_mean)?, get(&self.running_var)?))
+    }
+
+    /// Moves the running statistics towards a batch's mean and biased variance (`(C,)` each) over
+    /// `n` values per channel; the variance is unbiased first.
+    pub(crate) fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> candle_core::Result<()> {
+        let n = n as f64;
+        let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let m = self.momentum;
+        let dt = self.running_mean.dtype();
+        let rm = (self.running_mean.as_detached_tensor() * (1.0 - m))? + (mean.to_dtype(dt)? * m)?;
+        let rv = (self.running_var.as_detached_tensor() * (1.0 - m))? + (var.to_dtype(dt)? * (m * unbias))?;
+        self.running_mean.set(&rm?)?;
+        self.running_var.set(&rv?)
     }
 }

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{Device, ModuleT, Tensor, Var};
-use fracture_model::kernels::{self, Activation, ConvSpec, DepthwiseSpec, Kernels, Padding};
+use fracture_model::kernels::{self, Activation, ConvSpec, DepthwiseSpec, Kernels, MbConvSpec, Padding};
 use fracture_model::{ArchConfig, Model, ModelConfig, SeedConfig};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
@@ -162,6 +162,45 @@ proptest! {
     fn conv1x1_matches_candle(b in 1usize..4, cin in 1usize..9, cout in 1usize..9, h in 1usize..7, w in 1usize..7, seed: u64) {
         let inputs = [random(&[b, cin, h, w], seed), random(&[cout, cin, 1, 1], seed ^ 1)];
         check(&inputs, |t, k| kernels::conv1x1(&t[0], &t[1], k).unwrap(), "conv1x1")?;
+    }
+
+    #[test]
+    fn fused_inverted_bottleneck_matches_the_single_ops(
+        b in 1usize..4, cin in 1usize..6, expansion in prop_oneof![Just(1usize), Just(3), Just(6)],
+        cout in 1usize..6, kernel in prop_oneof![Just(3usize), Just(5)], stride in 1usize..3,
+        h in 1usize..10, w in 1usize..10, batch_stats: bool, same_width: bool, seed: u64,
+    ) {
+        // Stride 1 with cin = cout exercises the skip connection.
+        let cout = if same_width { cin } else { cout };
+        prop_assume!(!batch_stats || b * h * w >= 2);
+        let spec = MbConvSpec { cin, mid: cin * expansion, cout, kernel, stride, expand: expansion != 1, eps: 1e-3 };
+        let lay = spec.layout();
+        // Scales near 1.5 and inputs off-centre, so ReLU6 cuts at both ends.
+        let mut params = random(&[lay.len], seed ^ 1).to_vec1::<f32>().unwrap();
+        for (g, _) in lay.bn0.iter().chain([&lay.bn1, &lay.bn2]) {
+            params[g.clone()].iter_mut().for_each(|v| *v += 1.5);
+        }
+        let params = Tensor::new(params, &Device::Cpu).unwrap();
+        let x = (random(&[b, cin, h, w], seed) * 2.0).unwrap().affine(1.0, 0.3).unwrap();
+        let running: Option<kernels::BlockStats> = (!batch_stats).then(|| {
+            (0..spec.norms()).map(|i| {
+                let c = if i + 1 == spec.norms() { cout } else { spec.mid };
+                let m = random(&[c], seed ^ (10 + i as u64)).to_vec1::<f32>().unwrap();
+                let v = random(&[c], seed ^ (20 + i as u64)).affine(0.5, 1.0).unwrap().to_vec1::<f32>().unwrap();
+                (m, v)
+            }).collect()
+        });
+        check(&[x.clone(), params.clone()], |t, k| kernels::mbconv(&t[0], &t[1], spec, running.clone(), k).unwrap().0, "inverted bottleneck")?;
+        if batch_stats {
+            let (_, sf) = kernels::mbconv(&x, &params, spec, None, Kernels::Fast).unwrap();
+            let (_, sr) = kernels::mbconv(&x, &params, spec, None, Kernels::Reference).unwrap();
+            prop_assert_eq!(sf.len(), spec.norms());
+            for ((mf, vf), (mr, vr)) in sf.iter().zip(&sr) {
+                let t = |v: &Vec<f32>| Tensor::new(v.clone(), &Device::Cpu).unwrap();
+                close(&t(mf), &t(mr), "block batch mean")?;
+                close(&t(vf), &t(vr), "block batch variance")?;
+            }
+        }
     }
 
     #[test]

@@ -69,15 +69,15 @@ impl DepthwiseSpec {
     }
 }
 
-#[derive(Clone, Copy)]
-struct Geometry {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-    k: usize,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geometry {
+    pub(crate) b: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+    pub(crate) k: usize,
     s: usize,
     pad: Padding,
     /// Scratch plane rows and (per parity, for stride 2) columns.
@@ -96,9 +96,21 @@ impl Geometry {
         if wc != c || one != 1 || kh != k || kw != k {
             candle_core::bail!("depthwise conv: weight {ws:?} does not fit input {xs:?} and kernel {k}");
         }
-        if !(1..=2).contains(&spec.stride) || k == 0 {
+        Self::of(spec, b, c, h, w)
+    }
+
+    /// The geometry of `b` images of `c` planes of `h × w` under `spec`.
+    pub(crate) fn of(
+        spec: &DepthwiseSpec,
+        b: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    ) -> candle_core::Result<Self> {
+        let k = spec.kernel;
+        if !(1..=2).contains(&spec.stride) || k == 0 || k > 7 {
             candle_core::bail!(
-                "depthwise conv: stride {} and kernel {k} are not supported (stride 1 or 2)",
+                "depthwise conv: stride {} and kernel {k} are not supported (stride 1 or 2, kernel 1 to 7)",
                 spec.stride
             );
         }
@@ -132,14 +144,22 @@ impl Geometry {
         })
     }
 
-    /// Values of one scratch plane (both parities for stride 2).
-    fn scratch_len(&self) -> usize {
-        self.ph * self.pw * self.s
+    /// Values of one scratch plane (both parities for stride 2), plus one vector of zeros at the
+    /// end, so that the inner loops may always read whole vectors.
+    pub(crate) fn scratch_len(&self) -> usize {
+        self.ph * self.pw * self.s + CH
     }
 
     /// Copies input plane `x` (`h × w`) into the zero-bordered scratch `p`. For stride 2, scratch
     /// row `r` holds its even columns in `p[r·pw..]` and its odd ones in `p[(ph + r)·pw..]`.
     fn fill_scratch(&self, x: &[f32], p: &mut [f32]) {
+        self.fill_scratch_with(x, p, |v| v);
+    }
+
+    /// [`Geometry::fill_scratch`] of `f(x)`: the input plane through a per-value map (a fused
+    /// normalization and activation of the layer before).
+    #[inline(always)]
+    pub(crate) fn fill_scratch_with(&self, x: &[f32], p: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
         p.fill(0.0);
         let full_w = (self.ow - 1) * self.s + self.k;
         for iy in 0..self.h {
@@ -152,7 +172,7 @@ impl Geometry {
             let n = self.w.min(full_w.saturating_sub(self.pad.left));
             if self.s == 1 {
                 let dst = &mut p[r * self.pw + self.pad.left..][..n];
-                dst.copy_from_slice(&src[..n]);
+                dst.iter_mut().zip(&src[..n]).for_each(|(d, &v)| *d = f(v));
             } else {
                 let (even, odd) = p.split_at_mut(self.ph * self.pw);
                 let (even, odd) = (
@@ -162,39 +182,25 @@ impl Geometry {
                 for (ix, &v) in src[..n].iter().enumerate() {
                     let q = ix + self.pad.left;
                     if q.is_multiple_of(2) {
-                        even[q / 2] = v;
+                        even[q / 2] = f(v);
                     } else {
-                        odd[q / 2] = v;
+                        odd[q / 2] = f(v);
                     }
                 }
             }
         }
     }
 
-    /// The contiguous scratch run that tap column `kj` reads for output columns `0..ow` of scratch
-    /// row `r`: `ow` values.
-    fn tap_row<'a>(&self, p: &'a [f32], r: usize, kj: usize) -> &'a [f32] {
-        if self.s == 1 {
-            &p[r * self.pw + kj..][..self.ow]
-        } else {
-            // Scratch column 2·ox + kj: parity of kj, index ox + kj/2.
-            let base = if kj.is_multiple_of(2) { 0 } else { self.ph * self.pw };
-            &p[base + r * self.pw + kj / 2..][..self.ow]
-        }
-    }
-
-    fn tap_row_mut<'a>(&self, p: &'a mut [f32], r: usize, kj: usize) -> &'a mut [f32] {
-        if self.s == 1 {
-            &mut p[r * self.pw + kj..][..self.ow]
-        } else {
-            let base = if kj.is_multiple_of(2) { 0 } else { self.ph * self.pw };
-            &mut p[base + r * self.pw + kj / 2..][..self.ow]
-        }
-    }
-
-    /// Adds the input part of a scratch-plane gradient `p` onto nothing: writes `dx` (`h × w`), the
-    /// positions outside the scratch plane (never read by any output) getting 0.
+    /// Writes the input part of a scratch-plane gradient `p` into `dx` (`h × w`), the positions
+    /// outside the scratch plane (never read by any output) getting 0.
     fn crop_scratch(&self, p: &[f32], dx: &mut [f32]) {
+        self.crop_scratch_with(p, dx, |_, v| v);
+    }
+
+    /// [`Geometry::crop_scratch`] through `f(index in the plane, value)` (a fused activation mask
+    /// of the layer before).
+    #[inline(always)]
+    pub(crate) fn crop_scratch_with(&self, p: &[f32], dx: &mut [f32], mut f: impl FnMut(usize, f32) -> f32) {
         dx.fill(0.0);
         let full_w = (self.ow - 1) * self.s + self.k;
         for iy in 0..self.h {
@@ -204,14 +210,25 @@ impl Geometry {
             }
             let dst = &mut dx[iy * self.w..(iy + 1) * self.w];
             let n = self.w.min(full_w.saturating_sub(self.pad.left));
+            let base = iy * self.w;
             if self.s == 1 {
-                dst[..n].copy_from_slice(&p[r * self.pw + self.pad.left..][..n]);
+                let src = &p[r * self.pw + self.pad.left..][..n];
+                for (ix, (d, &v)) in dst[..n].iter_mut().zip(src).enumerate() {
+                    *d = f(base + ix, v);
+                }
             } else {
                 let (even, odd) = p.split_at(self.ph * self.pw);
                 let (even, odd) = (&even[r * self.pw..][..self.pw], &odd[r * self.pw..][..self.pw]);
                 for (ix, v) in dst[..n].iter_mut().enumerate() {
                     let q = ix + self.pad.left;
-                    *v = if q.is_multiple_of(2) { even[q / 2] } else { odd[q / 2] };
+                    *v = f(
+                        base + ix,
+                        if q.is_multiple_of(2) {
+                            even[q / 2]
+                        } else {
+                            odd[q / 2]
+                        },
+                    );
                 }
             }
         }
@@ -219,11 +236,13 @@ impl Geometry {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static DSCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static DSCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn with_scratch<R>(
+/// Runs `f` with this thread's scratch buffer `key`, at least `len` values long.
+pub(crate) fn with_scratch<R>(
     key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
@@ -237,26 +256,131 @@ fn with_scratch<R>(
     })
 }
 
-/// `out[i] += w · src[i]` over the shorter of the two.
-#[inline]
-fn axpy(out: &mut [f32], w: f32, src: &[f32]) {
-    for (o, &v) in out.iter_mut().zip(src) {
-        *o += w * v;
-    }
-}
+/// Values a vector register holds (AVX-512, f32); the inner loops work in chunks of this many.
+const CH: usize = 16;
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums: vectorizable, and a steadier rounding than one long chain.
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+impl Geometry {
+    /// The offset in the scratch plane of the run that tap `(r, kj)` reads (see `tap_row`).
+    #[inline(always)]
+    fn tap_base(&self, r: usize, kj: usize) -> usize {
+        let plane = if self.s == 1 || kj.is_multiple_of(2) {
+            0
+        } else {
+            self.ph * self.pw
+        };
+        plane + r * self.pw + kj / self.s
+    }
+
+    /// One output plane `out` (`oh × ow`, overwritten) from a filled scratch plane `p` and the
+    /// plane's `k × k` filter. Each chunk of outputs is summed over all taps in registers; reads
+    /// run whole vectors past the row's end (into the next row or the scratch's zero tail) and
+    /// only the row's values are stored.
+    #[inline(always)]
+    pub(crate) fn convolve_plane(&self, p: &[f32], filter: &[f32], out: &mut [f32]) {
+        let (k, ow) = (self.k, self.ow);
+        let mut bases = [0usize; 49];
+        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+            for ki in 0..k {
+                for kj in 0..k {
+                    bases[ki * k + kj] = self.tap_base(oy * self.s + ki, kj);
+                }
+            }
+            let taps = &bases[..k * k];
+            for x0 in (0..ow).step_by(CH) {
+                let mut acc = [0.0f32; CH];
+                for (t, &base) in taps.iter().enumerate() {
+                    let (w, src) = (filter[t], &p[base + x0..][..CH]);
+                    for i in 0..CH {
+                        acc[i] += w * src[i];
+                    }
+                }
+                let n = CH.min(ow - x0);
+                row[x0..x0 + n].copy_from_slice(&acc[..n]);
+            }
         }
     }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+
+    /// Adds the filter gradient of one plane, `Σ dy · input` per tap, into `dw` (`k × k`), from the
+    /// plane's output gradient `dy` and its filled scratch plane `p`. Each tap is one dot product
+    /// over the whole plane, kept in a vector of partial sums; `dyq` is scratch for `dy` with its
+    /// rows padded with zeros to whole vectors ([`Geometry::padded_dy_len`] values).
+    #[inline(always)]
+    pub(crate) fn filter_grad_plane(&self, p: &[f32], dy: &[f32], dw: &mut [f32], dyq: &mut [f32]) {
+        let (k, ow) = (self.k, self.ow);
+        let owq = ow.div_ceil(CH) * CH;
+        let dyq = &mut dyq[..self.oh * owq];
+        for (q, d) in dyq.chunks_exact_mut(owq).zip(dy.chunks_exact(ow)) {
+            q[..ow].copy_from_slice(d);
+            q[ow..].fill(0.0);
+        }
+        for ki in 0..k {
+            for kj in 0..k {
+                let mut acc = [0.0f32; CH];
+                for (oy, drow) in dyq.chunks_exact(owq).enumerate() {
+                    let src = &p[self.tap_base(oy * self.s + ki, kj)..][..owq];
+                    for (d, x) in drow.chunks_exact(CH).zip(src.chunks_exact(CH)) {
+                        for i in 0..CH {
+                            acc[i] += d[i] * x[i];
+                        }
+                    }
+                }
+                dw[ki * k + kj] += acc.iter().sum::<f32>();
+            }
+        }
+    }
+
+    /// Values of the padded `dy` scratch of [`Geometry::filter_grad_plane`].
+    pub(crate) fn padded_dy_len(&self) -> usize {
+        self.oh * self.ow.div_ceil(CH) * CH
+    }
+
+    /// The input gradient of one plane in scratch layout: `dp` (overwritten) = the transposed
+    /// convolution of `dy` with the filter; [`Geometry::crop_scratch_with`] takes it to the plane.
+    /// Written as a gather per scratch row and parity, `dp[j] += Σ_taps w · dy[j − shift]`, over
+    /// a zero-padded copy of each `dy` row (`dyp`, at least [`Geometry::padded_row_len`] long).
+    #[inline(always)]
+    pub(crate) fn input_grad_scratch(&self, filter: &[f32], dy: &[f32], dp: &mut [f32], dyp: &mut [f32]) {
+        let (k, s, ow, pw) = (self.k, self.s, self.ow, self.pw);
+        let lead = (k - 1) / s;
+        dp.fill(0.0);
+        let dyp = &mut dyp[..self.padded_row_len()];
+        dyp.fill(0.0);
+        for (oy, drow) in dy.chunks_exact(ow).enumerate() {
+            dyp[lead..lead + ow].copy_from_slice(drow);
+            for ki in 0..k {
+                let r = oy * s + ki;
+                for parity in 0..s {
+                    let base = parity * self.ph * pw + r * pw;
+                    // Taps kj ≡ parity (mod s) read dy at j − kj/s.
+                    let mut taps = [(0.0f32, 0usize); 7];
+                    let mut nt = 0;
+                    for kj in (parity..k).step_by(s) {
+                        taps[nt] = (filter[ki * k + kj], lead - kj / s);
+                        nt += 1;
+                    }
+                    let taps = &taps[..nt];
+                    for j0 in (0..pw).step_by(CH) {
+                        let n = CH.min(pw - j0);
+                        let dst = &mut dp[base + j0..base + j0 + n];
+                        let mut acc = [0.0f32; CH];
+                        acc[..n].copy_from_slice(dst);
+                        for &(w, off) in taps {
+                            let src = &dyp[j0 + off..][..CH];
+                            for i in 0..CH {
+                                acc[i] += w * src[i];
+                            }
+                        }
+                        dst.copy_from_slice(&acc[..n]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Length of the zero-padded `dy` row [`Geometry::input_grad_scratch`] works on.
+    pub(crate) fn padded_row_len(&self) -> usize {
+        (self.k - 1) / self.s + self.pw.max(self.ow) + 1 + CH
+    }
 }
 
 fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
@@ -268,15 +392,13 @@ fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
         .for_each(|(i, (o, xp))| {
             let filter = &w[(i % g.c) * kk..][..kk];
             with_scratch(&SCRATCH, g.scratch_len(), |p| {
-                g.fill_scratch(xp, p);
-                for (oy, row) in o.chunks_exact_mut(g.ow).enumerate() {
-                    for ki in 0..g.k {
-                        let r = oy * g.s + ki;
-                        for kj in 0..g.k {
-                            axpy(row, filter[ki * g.k + kj], g.tap_row(p, r, kj));
-                        }
-                    }
-                }
+                super::simd(
+                    #[inline(always)]
+                    || {
+                        g.fill_scratch(xp, p);
+                        g.convolve_plane(p, filter, o);
+                    },
+                )
             });
         });
     out
@@ -297,28 +419,27 @@ fn backward(x: &[f32], w: &[f32], dy: &[f32], g: &Geometry, need_dx: bool) -> (O
         let filter = &w[(i % g.c) * kk..][..kk];
         let dyp = &dy[i * plane_out..][..plane_out];
         with_scratch(&SCRATCH, g.scratch_len(), |p| {
-            g.fill_scratch(&x[i * plane_in..][..plane_in], p);
-            for (oy, drow) in dyp.chunks_exact(g.ow).enumerate() {
-                for ki in 0..g.k {
-                    let r = oy * g.s + ki;
-                    for kj in 0..g.k {
-                        dw_plane[ki * g.k + kj] += dot(drow, g.tap_row(p, r, kj));
-                    }
-                }
-            }
+            with_scratch(&ROW, g.padded_dy_len(), |dyq| {
+                super::simd(
+                    #[inline(always)]
+                    || {
+                        g.fill_scratch(&x[i * plane_in..][..plane_in], p);
+                        g.filter_grad_plane(p, dyp, dw_plane, dyq);
+                    },
+                )
+            })
         });
         if let Some(dx_plane) = dx_plane {
             with_scratch(&DSCRATCH, g.scratch_len(), |dp| {
-                dp.fill(0.0);
-                for (oy, drow) in dyp.chunks_exact(g.ow).enumerate() {
-                    for ki in 0..g.k {
-                        let r = oy * g.s + ki;
-                        for kj in 0..g.k {
-                            axpy(g.tap_row_mut(dp, r, kj), filter[ki * g.k + kj], drow);
-                        }
-                    }
-                }
-                g.crop_scratch(dp, dx_plane);
+                with_scratch(&ROW, g.padded_row_len(), |row| {
+                    super::simd(
+                        #[inline(always)]
+                        || {
+                            g.input_grad_scratch(filter, dyp, dp, row);
+                            g.crop_scratch(dp, dx_plane);
+                        },
+                    )
+                })
             });
         }
     };

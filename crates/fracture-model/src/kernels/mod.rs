@@ -17,17 +17,21 @@
 //! | [`affine_act`] (+ ReLU or ReLU6) | batch normalization with fixed statistics, one pass; backward to the input, scale and shift |
 //! | [`depthwise_conv2d`] | one k×k filter per channel, asymmetric padding, stride 1 or 2: each plane copied once into a zero-bordered scratch plane (even and odd columns apart for stride 2), then contiguous multiply-adds; backward: dX and dW per plane |
 //! | [`conv1x1`] | one GEMM per image, no unfolding; backward: dX and dW by GEMM |
+//! | [`mbconv`] | a whole inverted bottleneck (1×1, BN, ReLU6, depthwise, BN, ReLU6, 1×1, BN, skip) as one op: normalizations fused into the neighbouring passes, intermediates in reused buffers |
 //!
 //! The GEMM is the `gemm` crate's (the one candle uses) with its AVX-512 kernels enabled; its single
 //! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`.
 
 mod batchnorm;
+mod buffers;
 mod conv;
 mod conv_pool;
 mod depthwise;
 mod dropout;
 mod gemm;
 mod linear;
+mod mbconv;
+mod norm;
 mod pointwise;
 mod pool;
 
@@ -38,6 +42,7 @@ use rand::Rng;
 
 pub use conv::ConvSpec;
 pub use depthwise::{DepthwiseSpec, Padding};
+pub use mbconv::{BlockStats, MbConvLayout, MbConvSpec};
 
 /// The activation applied after a normalization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,16 +57,6 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Whether the gradient passes where the activation's output is `y`.
-    #[inline]
-    pub(crate) fn passes(self, y: f32) -> bool {
-        match self {
-            Activation::None => true,
-            Activation::Relu => y > 0.0,
-            Activation::Relu6 => y > 0.0 && y < 6.0,
-        }
-    }
-
     /// The activation as candle operations (the reference path).
     fn reference(self, y: Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -70,6 +65,14 @@ impl Activation {
             Activation::Relu6 => y.clamp(0f32, 6f32),
         }
     }
+}
+
+/// Runs `f` compiled for the best vector instruction set this processor has (AVX-512, AVX2 or
+/// plain x86-64), chosen at run time: the loops inside are auto-vectorized for it.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    static ARCH: std::sync::OnceLock<pulp::Arch> = std::sync::OnceLock::new();
+    ARCH.get_or_init(pulp::Arch::new).dispatch(f)
 }
 
 /// Which implementation the networks use.
@@ -234,6 +237,7 @@ pub fn batch_norm_train(
                 eps,
                 act,
                 stats: stats.clone(),
+                norm: Mutex::new(None),
             },
         )?;
         let s = stats
@@ -358,4 +362,84 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut impl Rng, kernels: Kernels) -> cand
     let mask: Vec<f32> = keep.iter().map(|&k| if k != 0 { scale } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
+}
+
+/// A whole mobile inverted bottleneck on `x (B, cin, H, W)` with the parameters concatenated in
+/// `params` as [`MbConvSpec::layout`] says: `[1×1 expand → BN0 → ReLU6] → k×k depthwise ("SAME"
+/// padding, `spec.stride`) → BN1 → ReLU6 → 1×1 project → BN2 (+ x when the shape is unchanged)`,
+/// `(B, cout, ⌈H/s⌉, ⌈W/s⌉)`.
+///
+/// With `running = None` the batch norms use the batch's statistics and the returned
+/// [`BlockStats`] holds them (mean and biased variance per norm, in block order); with
+/// `Some(stats)` they use those fixed statistics and nothing is returned. The reference path is the
+/// composition of the single operations with candle's own ops.
+pub fn mbconv(
+    x: &Tensor,
+    params: &Tensor,
+    spec: MbConvSpec,
+    running: Option<BlockStats>,
+    kernels: Kernels,
+) -> candle_core::Result<(Tensor, BlockStats)> {
+    if fast(kernels, &[x, params]) {
+        let stats = Arc::new(Mutex::new(Vec::new()));
+        let y = x.contiguous()?.apply_op2(
+            &params.contiguous()?,
+            mbconv::MbConvOp::new(spec, running, stats.clone()),
+        )?;
+        let stats = std::mem::take(
+            &mut *stats
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("inverted bottleneck: poisoned".into()))?,
+        );
+        return Ok((y, stats));
+    }
+    let lay = spec.layout();
+    let part = |r: &std::ops::Range<usize>| params.narrow(0, r.start, r.len());
+    let mut stats = Vec::new();
+    let mut index = 0;
+    let mut norm = |y: &Tensor,
+                    (g, b): &(std::ops::Range<usize>, std::ops::Range<usize>),
+                    act: Activation|
+     -> candle_core::Result<Tensor> {
+        let (gamma, beta) = (part(g)?, part(b)?);
+        let out = match &running {
+            None => {
+                let (out, mean, var) = batch_norm_train(y, &gamma, &beta, spec.eps, act, kernels)?;
+                stats.push((mean.to_vec1::<f32>()?, var.to_vec1::<f32>()?));
+                out
+            }
+            Some(r) => {
+                let (m, v) = &r[index];
+                let dev = y.device();
+                let m = Tensor::from_slice(m, m.len(), dev)?.to_dtype(y.dtype())?;
+                let v = Tensor::from_slice(v, v.len(), dev)?.to_dtype(y.dtype())?;
+                let scale = gamma.broadcast_div(&(v + spec.eps)?.sqrt()?)?;
+                let shift = (beta - (m * &scale)?)?;
+                affine_act(y, &scale, &shift, act, kernels)?
+            }
+        };
+        index += 1;
+        Ok(out)
+    };
+    let mut h = x.clone();
+    if let (Some(we), Some(bn0)) = (&lay.expand, &lay.bn0) {
+        let w = part(we)?.reshape((spec.mid, spec.cin, 1, 1))?;
+        h = norm(&conv1x1(&h, &w, kernels)?, bn0, Activation::Relu6)?;
+    }
+    let (_, _, rows, cols) = h.dims4()?;
+    let dspec = DepthwiseSpec {
+        kernel: spec.kernel,
+        stride: spec.stride,
+        padding: Padding::same(rows, cols, spec.kernel, spec.stride),
+    };
+    let wd = part(&lay.depthwise)?.reshape((spec.mid, 1, spec.kernel, spec.kernel))?;
+    let h = norm(
+        &depthwise_conv2d(&h, &wd, dspec, kernels)?,
+        &lay.bn1,
+        Activation::Relu6,
+    )?;
+    let wp = part(&lay.project)?.reshape((spec.cout, spec.mid, 1, 1))?;
+    let h = norm(&conv1x1(&h, &wp, kernels)?, &lay.bn2, Activation::None)?;
+    let y = if spec.skip() { (h + x)? } else { h };
+    Ok((y, stats))
 }

@@ -8,12 +8,13 @@ use rayon::prelude::*;
 use super::gemm::{Threads, View, inner_threads, sgemm};
 use super::{contiguous_f32, tensor_f32};
 
-#[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    cin: usize,
-    cout: usize,
-    n: usize,
+/// `b` images of `cin` channels of `n` positions, to `cout` channels.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) n: usize,
 }
 
 fn dims(xs: &[usize], ws: &[usize]) -> candle_core::Result<(Dims, usize, usize)> {
@@ -38,7 +39,13 @@ fn dims(xs: &[usize], ws: &[usize]) -> candle_core::Result<(Dims, usize, usize)>
 }
 
 fn forward(x: &[f32], w: &[f32], d: Dims) -> candle_core::Result<Vec<f32>> {
-    let mut out = vec![0.0f32; d.b * d.cout * d.n];
+    let mut out = super::buffers::take(d.b * d.cout * d.n);
+    forward_into(x, w, d, &mut out)?;
+    Ok(out)
+}
+
+/// `out_b = w · x_b` for every image (`out` overwritten).
+pub(crate) fn forward_into(x: &[f32], w: &[f32], d: Dims, out: &mut [f32]) -> candle_core::Result<()> {
     let threads = inner_threads(d.b);
     out.par_chunks_mut(d.cout * d.n)
         .zip(x.par_chunks(d.cin * d.n))
@@ -51,8 +58,7 @@ fn forward(x: &[f32], w: &[f32], d: Dims) -> candle_core::Result<Vec<f32>> {
                 false,
                 threads,
             )
-        })?;
-    Ok(out)
+        })
 }
 
 fn backward(
@@ -62,6 +68,24 @@ fn backward(
     d: Dims,
     need_dx: bool,
 ) -> candle_core::Result<(Option<Vec<f32>>, Vec<f32>)> {
+    let mut dx = if need_dx {
+        super::buffers::take(d.b * d.cin * d.n)
+    } else {
+        Vec::new()
+    };
+    let dw = backward_into(x, w, dy, d, &mut dx)?;
+    Ok((need_dx.then_some(dx), dw))
+}
+
+/// The gradients of `out_b = w · x_b`: returns `dw` and, when `dx` is not empty, overwrites it with
+/// the input gradient.
+pub(crate) fn backward_into(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    d: Dims,
+    dx: &mut [f32],
+) -> candle_core::Result<Vec<f32>> {
     let threads = rayon::current_num_threads().clamp(1, d.b.max(1));
     let per = d.b.div_ceil(threads);
     let inner = if d.b >= rayon::current_num_threads() {
@@ -70,12 +94,8 @@ fn backward(
         inner_threads(d.b)
     };
     let img_in = d.cin * d.n;
-    let mut dx = if need_dx {
-        vec![0.0f32; d.b * img_in]
-    } else {
-        Vec::new()
-    };
-    let runs = super::conv::image_runs(&mut dx, d.b, per, img_in);
+    let need_dx = !dx.is_empty();
+    let runs = super::conv::image_runs(dx, d.b, per, img_in);
     let partials: Vec<candle_core::Result<Vec<f32>>> = runs
         .into_par_iter()
         .map(|(t, dx_run)| {
@@ -111,7 +131,7 @@ fn backward(
     for p in partials {
         dw.iter_mut().zip(p?).for_each(|(a, b)| *a += b);
     }
-    Ok((need_dx.then_some(dx), dw))
+    Ok(dw)
 }
 
 /// The custom op: inputs `x (B, Cin, H, W)` and `w (Cout, Cin, 1, 1)`.

@@ -1,0 +1,70 @@
+//! A pool of f32 buffers reused across training steps, so the large intermediate activations of
+//! the fused kernels are neither zero-filled by the allocator nor faulted in afresh every step.
+//!
+//! [`take`] hands out a buffer of the requested length whose contents are left over from earlier
+//! use (every kernel that takes one overwrites it in full before reading it); [`give`] returns it.
+//! Buffers handed to candle as op outputs simply leave the pool.
+
+use std::sync::Mutex;
+
+/// At most this many idle buffers are kept, and at most this many bytes in all.
+const MAX_BUFFERS: usize = 96;
+const MAX_BYTES: usize = 8 << 30;
+
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// A buffer of exactly `len` values with unspecified (but initialized) contents: the smallest idle
+/// one that is large enough, or a new one.
+pub(crate) fn take(len: usize) -> Vec<f32> {
+    let reused = POOL.lock().ok().and_then(|mut pool| {
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i)?;
+        Some(pool.swap_remove(best))
+    });
+    match reused {
+        Some(mut buf) => {
+            if buf.len() >= len {
+                buf.truncate(len);
+            } else {
+                buf.resize(len, 0.0);
+            }
+            buf
+        }
+        None => vec![0.0; len],
+    }
+}
+
+/// Returns a buffer to the pool (dropped instead when the pool is full).
+pub(crate) fn give(buf: Vec<f32>) {
+    if buf.capacity() == 0 {
+        return;
+    }
+    if let Ok(mut pool) = POOL.lock() {
+        let bytes: usize = pool.iter().map(|b| b.capacity() * 4).sum();
+        if pool.len() < MAX_BUFFERS && bytes + buf.capacity() * 4 <= MAX_BYTES {
+            pool.push(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_with_the_requested_length() {
+        let mut a = take(1000);
+        a.iter_mut().for_each(|v| *v = 1.0);
+        give(a);
+        let b = take(600);
+        assert_eq!(b.len(), 600);
+        let c = take(2000);
+        assert_eq!(c.len(), 2000);
+        give(b);
+        give(c);
+    }
+}

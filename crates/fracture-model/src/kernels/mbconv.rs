@@ -1,0 +1,531 @@
+//! A whole mobile inverted bottleneck (EfficientNet-Lite's block) as one op, forward and backward:
+//!
+//! ```text
+//! [y1 = We·x → z0 = BN0(y1) → a1 = ReLU6(z0)] → y2 = depthwise(a1) → a2 = ReLU6(BN1(y2))
+//!   → y3 = Wp·a2 → out = BN2(y3) (+ x when the shape is unchanged)
+//! ```
+//!
+//! One op instead of seven keeps candle's autograd from allocating, zero-filling and accumulating a
+//! gradient tensor for each of the block's large intermediate activations, and lets the layers
+//! share passes: BN0 and its ReLU6 are applied while the depthwise kernel copies each plane into
+//! its scratch (so `a1` never exists in memory), the depthwise output's statistics are taken while
+//! each plane is in cache, BN0's gradient mask and sums are taken while each input-gradient plane
+//! is in cache. Intermediates live in reused buffers (`buffers.rs`) between the forward and the
+//! backward pass. The parameters arrive as one flat tensor (see [`MbConvSpec::layout`]), so the op
+//! has two inputs; the network concatenates its variables into it, and candle splits the gradient
+//! back. Checked against the composition of the single ops (`tests/kernels.rs`).
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::buffers::{give, take};
+use super::depthwise::{DSCRATCH, DepthwiseSpec, Geometry, Padding, ROW, SCRATCH, with_scratch};
+use super::norm::{self, Norm, NormGrad};
+use super::pointwise::{self, Dims};
+use super::{Activation, contiguous_f32, simd, tensor_f32};
+
+/// The shape of a block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MbConvSpec {
+    /// Input channels.
+    pub cin: usize,
+    /// Channels of the depthwise stage (`cin` times the expansion).
+    pub mid: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Depthwise kernel side.
+    pub kernel: usize,
+    /// Depthwise stride (1 or 2).
+    pub stride: usize,
+    /// Whether there is a 1×1 expansion (with BN0 and ReLU6) before the depthwise stage; without it
+    /// `mid` equals `cin` and the depthwise stage reads the input.
+    pub expand: bool,
+    /// Batch-norm ε.
+    pub eps: f64,
+}
+
+/// Where each parameter sits in the flat parameter vector.
+#[derive(Debug, Clone)]
+pub struct MbConvLayout {
+    /// `We (mid, cin)`, when expanding.
+    pub expand: Option<Range<usize>>,
+    /// BN0's scale and shift, when expanding.
+    pub bn0: Option<(Range<usize>, Range<usize>)>,
+    /// The depthwise filters `(mid, k, k)`.
+    pub depthwise: Range<usize>,
+    /// BN1's scale and shift.
+    pub bn1: (Range<usize>, Range<usize>),
+    /// `Wp (cout, mid)`.
+    pub project: Range<usize>,
+    /// BN2's scale and shift.
+    pub bn2: (Range<usize>, Range<usize>),
+    /// Length of the vector.
+    pub len: usize,
+}
+
+impl MbConvSpec {
+    /// Whether the input is added to the output (stride 1, same channels).
+    pub fn skip(&self) -> bool {
+        self.stride == 1 && self.cin == self.cout
+    }
+
+    /// The flat parameter vector's layout: `[We, γ0, β0,] Wd, γ1, β1, Wp, γ2, β2`, each flattened
+    /// row-major.
+    pub fn layout(&self) -> MbConvLayout {
+        let mut at = 0;
+        let mut next = |n: usize| {
+            let r = at..at + n;
+            at += n;
+            r
+        };
+        let expand = self.expand.then(|| next(self.mid * self.cin));
+        let bn0 = self.expand.then(|| (next(self.mid), next(self.mid)));
+        let depthwise = next(self.mid * self.kernel * self.kernel);
+        let bn1 = (next(self.mid), next(self.mid));
+        let project = next(self.cout * self.mid);
+        let bn2 = (next(self.cout), next(self.cout));
+        MbConvLayout {
+            expand,
+            bn0,
+            depthwise,
+            bn1,
+            project,
+            bn2,
+            len: at,
+        }
+    }
+
+    /// The number of batch norms: 3 with expansion, else 2.
+    pub fn norms(&self) -> usize {
+        if self.expand { 3 } else { 2 }
+    }
+}
+
+/// Per-norm `(mean, biased variance)` of a training-mode forward pass, in block order.
+pub type BlockStats = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// What the forward pass keeps for the backward pass (in pooled buffers, returned on drop).
+struct Saved {
+    y1: Vec<f32>,
+    y2: Vec<f32>,
+    a2: Vec<f32>,
+    y3: Vec<f32>,
+    n0: Option<Norm>,
+    n1: Norm,
+    n2: Norm,
+    geom: Geometry,
+    hw: usize,
+}
+
+impl Drop for Saved {
+    fn drop(&mut self) {
+        for buf in [&mut self.y1, &mut self.y2, &mut self.a2, &mut self.y3] {
+            give(std::mem::take(buf));
+        }
+    }
+}
+
+/// The op: inputs `x (B, cin, H, W)` and the flat parameters.
+pub(crate) struct MbConvOp {
+    spec: MbConvSpec,
+    /// `Some` for fixed statistics: each norm's running `(mean, var)`, in block order.
+    running: Option<BlockStats>,
+    /// Written by a batch-statistics forward pass.
+    stats: Arc<Mutex<BlockStats>>,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl MbConvOp {
+    pub(crate) fn new(spec: MbConvSpec, running: Option<BlockStats>, stats: Arc<Mutex<BlockStats>>) -> Self {
+        MbConvOp {
+            spec,
+            running,
+            stats,
+            saved: Mutex::new(None),
+        }
+    }
+
+    fn geometry(&self, xs: &[usize], plen: usize) -> candle_core::Result<(usize, usize, usize, Geometry)> {
+        let s = &self.spec;
+        let &[b, c, h, w] = xs else {
+            candle_core::bail!("inverted bottleneck: expected (B, C, H, W) input, got {xs:?}");
+        };
+        if c != s.cin || (!s.expand && s.mid != s.cin) || plen != s.layout().len {
+            candle_core::bail!(
+                "inverted bottleneck: input {xs:?} and {plen} parameters do not fit {s:?} ({} parameters)",
+                s.layout().len
+            );
+        }
+        let spec = DepthwiseSpec {
+            kernel: s.kernel,
+            stride: s.stride,
+            padding: Padding::same(h, w, s.kernel, s.stride),
+        };
+        Ok((b, h, w, Geometry::of(&spec, b, s.mid, h, w)?))
+    }
+
+    /// The normalization of norm `i` over `y` (`runs` of `hw`): the batch's statistics (recorded
+    /// for the caller) or the running ones.
+    fn norm(
+        &self,
+        i: usize,
+        moments: Option<Vec<(f64, f64)>>,
+        gamma: &[f32],
+        beta: &[f32],
+        batch_stats: &mut BlockStats,
+    ) -> Norm {
+        match (&self.running, moments) {
+            (Some(running), _) => {
+                let (m, v) = &running[i];
+                let stats: Vec<(f64, f64)> = m
+                    .iter()
+                    .zip(v)
+                    .map(|(&m, &v)| (f64::from(m), f64::from(v)))
+                    .collect();
+                Norm::new(&stats, gamma, beta, self.spec.eps, false)
+            }
+            (None, Some(stats)) => {
+                batch_stats.push((
+                    stats.iter().map(|s| s.0 as f32).collect(),
+                    stats.iter().map(|s| s.1 as f32).collect(),
+                ));
+                Norm::new(&stats, gamma, beta, self.spec.eps, true)
+            }
+            (None, None) => Norm::new(&vec![(0.0, 1.0); gamma.len()], gamma, beta, self.spec.eps, false),
+        }
+    }
+}
+
+/// The depthwise input map of a plane of channel `c`: BN0 + ReLU6 when expanding, else identity.
+#[inline(always)]
+fn prologue(n0: Option<&Norm>, c: usize) -> (f32, f32, bool) {
+    match n0 {
+        Some(n) => (n.scale[c], n.shift[c], true),
+        None => (1.0, 0.0, false),
+    }
+}
+
+impl CustomOp2 for MbConvOp {
+    fn name(&self) -> &'static str {
+        "fracture-mbconv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = self.spec;
+        let (x, params) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let (b, h, w, g) = self.geometry(l1.dims(), params.len())?;
+        let lay = s.layout();
+        let (hw, ohw, kk) = (h * w, g.oh * g.ow, s.kernel * s.kernel);
+        let batch = self.running.is_none();
+        let mut batch_stats = Vec::new();
+        let mut norm_index = 0;
+
+        // Expansion and BN0 (applied later, inside the depthwise stage).
+        let (y1, n0) = match (&lay.expand, &lay.bn0) {
+            (Some(we), Some((g0, b0))) => {
+                let mut y1 = take(b * s.mid * hw);
+                pointwise::forward_into(
+                    x,
+                    &params[we.clone()],
+                    Dims {
+                        b,
+                        cin: s.cin,
+                        cout: s.mid,
+                        n: hw,
+                    },
+                    &mut y1,
+                )?;
+                let moments = batch.then(|| norm::channel_stats(&y1, s.mid, hw));
+                let n0 = self.norm(
+                    0,
+                    moments,
+                    &params[g0.clone()],
+                    &params[b0.clone()],
+                    &mut batch_stats,
+                );
+                norm_index = 1;
+                (y1, Some(n0))
+            }
+            _ => (Vec::new(), None),
+        };
+        let a1_src: &[f32] = if s.expand { &y1 } else { x };
+
+        // Depthwise, with BN0 + ReLU6 on the way in and each plane's moments on the way out.
+        let wd = &params[lay.depthwise.clone()];
+        let mut y2 = take(b * s.mid * ohw);
+        let n0r = n0.as_ref();
+        let moments: Vec<(f64, f64)> = y2
+            .par_chunks_mut(ohw)
+            .zip(a1_src.par_chunks(hw))
+            .enumerate()
+            .map(|(i, (out, plane))| {
+                let c = i % s.mid;
+                let (sc, sh, act) = prologue(n0r, c);
+                let filter = &wd[c * kk..(c + 1) * kk];
+                with_scratch(&SCRATCH, g.scratch_len(), |p| {
+                    simd(
+                        #[inline(always)]
+                        || {
+                            if act {
+                                g.fill_scratch_with(plane, p, |v| (v * sc + sh).clamp(0.0, 6.0));
+                            } else {
+                                g.fill_scratch_with(plane, p, |v| v);
+                            }
+                            g.convolve_plane(p, filter, out);
+                            if batch { norm::run_moments(out) } else { (0.0, 0.0) }
+                        },
+                    )
+                })
+            })
+            .collect();
+        let (g1, b1) = &lay.bn1;
+        let n1 = self.norm(
+            norm_index,
+            batch.then(|| norm::combine_moments(&moments, s.mid, ohw)),
+            &params[g1.clone()],
+            &params[b1.clone()],
+            &mut batch_stats,
+        );
+        let mut a2 = take(b * s.mid * ohw);
+        norm::apply(&mut a2, &y2, &n1.scale, &n1.shift, ohw, Activation::Relu6);
+
+        // Projection and BN2 (+ the input).
+        let mut y3 = take(b * s.cout * ohw);
+        pointwise::forward_into(
+            &a2,
+            &params[lay.project.clone()],
+            Dims {
+                b,
+                cin: s.mid,
+                cout: s.cout,
+                n: ohw,
+            },
+            &mut y3,
+        )?;
+        let (g2, b2) = &lay.bn2;
+        let n2 = self.norm(
+            norm_index + 1,
+            batch.then(|| norm::channel_stats(&y3, s.cout, ohw)),
+            &params[g2.clone()],
+            &params[b2.clone()],
+            &mut batch_stats,
+        );
+        let mut out = take(b * s.cout * ohw);
+        if s.skip() {
+            let ch = s.cout;
+            out.par_chunks_mut(ohw)
+                .zip(y3.par_chunks(ohw))
+                .zip(x.par_chunks(ohw))
+                .enumerate()
+                .for_each(|(k, ((o, y), xi))| {
+                    let (sc, sh) = (n2.scale[k % ch], n2.shift[k % ch]);
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for ((o, &y), &xv) in o.iter_mut().zip(y).zip(xi) {
+                                *o = y * sc + sh + xv;
+                            }
+                        },
+                    )
+                });
+        } else {
+            norm::apply(&mut out, &y3, &n2.scale, &n2.shift, ohw, Activation::None);
+        }
+
+        if batch && let Ok(mut slot) = self.stats.lock() {
+            *slot = batch_stats;
+        }
+        if let Ok(mut slot) = self.saved.lock() {
+            *slot = Some(Saved {
+                y1,
+                y2,
+                a2,
+                y3,
+                n0,
+                n1,
+                n2,
+                geom: g,
+                hw,
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, s.cout, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let s = self.spec;
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("inverted bottleneck: poisoned".into()))?
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("inverted bottleneck: backward without a forward pass".into())
+            })?;
+        let grad = grad_res.contiguous()?;
+        let (xs, ps, gs) = (tensor_f32(x)?, tensor_f32(params)?, tensor_f32(&grad)?);
+        let (x, params, dout) = (xs.slice()?, ps.slice()?, gs.slice()?);
+        let lay = s.layout();
+        let g = saved.geom;
+        let (b, hw, ohw, kk) = (g.b, saved.hw, g.oh * g.ow, s.kernel * s.kernel);
+        let mut dparams = vec![0.0f32; lay.len];
+
+        // BN2.
+        let mut dy3 = take(dout.len());
+        dy3.copy_from_slice(dout);
+        let (g2, b2) = &lay.bn2;
+        let grad2 = norm::backward(
+            &mut dy3,
+            &saved.y3,
+            &saved.n2,
+            &params[g2.clone()],
+            ohw,
+            Activation::None,
+        );
+        dparams[g2.clone()].copy_from_slice(&grad2.dgamma);
+        dparams[b2.clone()].copy_from_slice(&grad2.dbeta);
+
+        // Projection.
+        let mut da2 = take(b * s.mid * ohw);
+        let dwp = pointwise::backward_into(
+            &saved.a2,
+            &params[lay.project.clone()],
+            &dy3,
+            Dims {
+                b,
+                cin: s.mid,
+                cout: s.cout,
+                n: ohw,
+            },
+            &mut da2,
+        )?;
+        give(dy3);
+        dparams[lay.project.clone()].copy_from_slice(&dwp);
+
+        // BN1 + ReLU6: da2 becomes dy2.
+        let (g1, b1) = &lay.bn1;
+        let grad1 = norm::backward(
+            &mut da2,
+            &saved.y2,
+            &saved.n1,
+            &params[g1.clone()],
+            ohw,
+            Activation::Relu6,
+        );
+        dparams[g1.clone()].copy_from_slice(&grad1.dgamma);
+        dparams[b1.clone()].copy_from_slice(&grad1.dbeta);
+
+        // Depthwise: filter gradients per plane, and the input gradient; when expanding, BN0's
+        // ReLU6 mask and its per-plane sums while each plane is in cache.
+        let wd = &params[lay.depthwise.clone()];
+        let a1_src: &[f32] = if s.expand { &saved.y1 } else { x };
+        let mut da1 = take(b * s.mid * hw);
+        let mut dwd_planes = take(b * s.mid * kk);
+        let n0 = saved.n0.as_ref();
+        let sums: Vec<(f64, f64)> = da1
+            .par_chunks_mut(hw)
+            .zip(dwd_planes.par_chunks_mut(kk))
+            .enumerate()
+            .map(|(i, (dx_plane, dw_plane))| {
+                let c = i % s.mid;
+                let (sc, sh, act) = prologue(n0, c);
+                let filter = &wd[c * kk..(c + 1) * kk];
+                let plane = &a1_src[i * hw..(i + 1) * hw];
+                let dy = &da2[i * ohw..(i + 1) * ohw];
+                dw_plane.fill(0.0);
+                with_scratch(&SCRATCH, g.scratch_len(), |p| {
+                    with_scratch(&DSCRATCH, g.scratch_len(), |dp| {
+                        with_scratch(&ROW, g.padded_row_len().max(g.padded_dy_len()), |row| {
+                            simd(
+                                #[inline(always)]
+                                || {
+                                    if act {
+                                        g.fill_scratch_with(plane, p, |v| (v * sc + sh).clamp(0.0, 6.0));
+                                    } else {
+                                        g.fill_scratch_with(plane, p, |v| v);
+                                    }
+                                    g.filter_grad_plane(p, dy, dw_plane, row);
+                                    g.input_grad_scratch(filter, dy, dp, row);
+                                    g.crop_scratch_with(dp, dx_plane, |_, v| v);
+                                    match n0 {
+                                        Some(n) => norm::backward_sums_run(
+                                            dx_plane,
+                                            plane,
+                                            sc,
+                                            sh,
+                                            n.center[c],
+                                            Activation::Relu6,
+                                        ),
+                                        None => (0.0, 0.0),
+                                    }
+                                },
+                            )
+                        })
+                    })
+                })
+            })
+            .collect();
+        give(da2);
+        let dwd = &mut dparams[lay.depthwise.clone()];
+        for image in dwd_planes.chunks_exact(s.mid * kk) {
+            dwd.iter_mut().zip(image).for_each(|(a, v)| *a += v);
+        }
+        give(dwd_planes);
+
+        // BN0 and the expansion; or the depthwise input gradient is the block's.
+        let mut dx = match (&lay.expand, &lay.bn0, n0) {
+            (Some(we), Some((g0, b0)), Some(n0)) => {
+                let grad0 = NormGrad::new(n0, &params[g0.clone()], &sums, hw);
+                grad0.input_grad(&mut da1, &saved.y1, hw);
+                dparams[g0.clone()].copy_from_slice(&grad0.dgamma);
+                dparams[b0.clone()].copy_from_slice(&grad0.dbeta);
+                let mut dx = take(b * s.cin * hw);
+                let dwe = pointwise::backward_into(
+                    x,
+                    &params[we.clone()],
+                    &da1,
+                    Dims {
+                        b,
+                        cin: s.cin,
+                        cout: s.mid,
+                        n: hw,
+                    },
+                    &mut dx,
+                )?;
+                give(da1);
+                dparams[we.clone()].copy_from_slice(&dwe);
+                dx
+            }
+            _ => da1,
+        };
+        if s.skip() {
+            dx.par_chunks_mut(1 << 14)
+                .zip(dout.par_chunks(1 << 14))
+                .for_each(|(d, o)| d.iter_mut().zip(o).for_each(|(a, b)| *a += b));
+        }
+        drop(saved);
+        let dev = x_device(&grad);
+        Ok((
+            Some(Tensor::from_vec(dx, (b, s.cin, g.h, g.w), &dev)?),
+            Some(Tensor::from_vec(dparams, lay.len, &dev)?),
+        ))
+    }
+}
+
+fn x_device(t: &Tensor) -> candle_core::Device {
+    t.device().clone()
+}
