@@ -156,36 +156,51 @@ impl Geometry {
         self.fill_scratch_with(x, p, |v| v);
     }
 
+    /// The input columns `0..n` that land in the scratch plane, and for stride 2 where input
+    /// columns `2j` and `2j + 1` go: `((parity plane, start) of the even input columns, (…) of the
+    /// odd ones)`, the planes numbered 0 (even scratch columns) and 1 (odd).
+    #[inline(always)]
+    fn columns(&self) -> (usize, (usize, usize), (usize, usize)) {
+        let full_w = (self.ow - 1) * self.s + self.k;
+        let n = self.w.min(full_w.saturating_sub(self.pad.left));
+        let l = self.pad.left;
+        // Input column ix sits in scratch column ix + l.
+        let (even_in, odd_in) = if l.is_multiple_of(2) {
+            ((0, l / 2), (1, l / 2))
+        } else {
+            ((1, (l - 1) / 2), (0, l.div_ceil(2)))
+        };
+        (n, even_in, odd_in)
+    }
+
     /// [`Geometry::fill_scratch`] of `f(x)`: the input plane through a per-value map (a fused
     /// normalization and activation of the layer before).
     #[inline(always)]
     pub(crate) fn fill_scratch_with(&self, x: &[f32], p: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
         p.fill(0.0);
-        let full_w = (self.ow - 1) * self.s + self.k;
+        let (n, even_in, odd_in) = self.columns();
+        let plane = self.ph * self.pw;
         for iy in 0..self.h {
             let r = iy + self.pad.top;
             if r >= self.ph {
                 break;
             }
-            let src = &x[iy * self.w..(iy + 1) * self.w];
-            // Scratch column q = input column + left, kept while q < full_w.
-            let n = self.w.min(full_w.saturating_sub(self.pad.left));
+            let src = &x[iy * self.w..][..n];
             if self.s == 1 {
                 let dst = &mut p[r * self.pw + self.pad.left..][..n];
-                dst.iter_mut().zip(&src[..n]).for_each(|(d, &v)| *d = f(v));
+                dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v));
             } else {
-                let (even, odd) = p.split_at_mut(self.ph * self.pw);
-                let (even, odd) = (
-                    &mut even[r * self.pw..][..self.pw],
-                    &mut odd[r * self.pw..][..self.pw],
+                let (e, o) = (
+                    even_in.0 * plane + r * self.pw + even_in.1,
+                    odd_in.0 * plane + r * self.pw + odd_in.1,
                 );
-                for (ix, &v) in src[..n].iter().enumerate() {
-                    let q = ix + self.pad.left;
-                    if q.is_multiple_of(2) {
-                        even[q / 2] = f(v);
-                    } else {
-                        odd[q / 2] = f(v);
-                    }
+                let pairs = n / 2;
+                for (j, pair) in src.chunks_exact(2).enumerate() {
+                    p[e + j] = f(pair[0]);
+                    p[o + j] = f(pair[1]);
+                }
+                if n % 2 == 1 {
+                    p[e + pairs] = f(src[n - 1]);
                 }
             }
         }
@@ -193,42 +208,32 @@ impl Geometry {
 
     /// Writes the input part of a scratch-plane gradient `p` into `dx` (`h × w`), the positions
     /// outside the scratch plane (never read by any output) getting 0.
-    fn crop_scratch(&self, p: &[f32], dx: &mut [f32]) {
-        self.crop_scratch_with(p, dx, |_, v| v);
-    }
-
-    /// [`Geometry::crop_scratch`] through `f(index in the plane, value)` (a fused activation mask
-    /// of the layer before).
     #[inline(always)]
-    pub(crate) fn crop_scratch_with(&self, p: &[f32], dx: &mut [f32], mut f: impl FnMut(usize, f32) -> f32) {
-        dx.fill(0.0);
-        let full_w = (self.ow - 1) * self.s + self.k;
+    pub(crate) fn crop_scratch(&self, p: &[f32], dx: &mut [f32]) {
+        let (n, even_in, odd_in) = self.columns();
+        let plane = self.ph * self.pw;
         for iy in 0..self.h {
+            let dst = &mut dx[iy * self.w..(iy + 1) * self.w];
             let r = iy + self.pad.top;
             if r >= self.ph {
-                break;
+                dst.fill(0.0);
+                continue;
             }
-            let dst = &mut dx[iy * self.w..(iy + 1) * self.w];
-            let n = self.w.min(full_w.saturating_sub(self.pad.left));
-            let base = iy * self.w;
+            dst[n..].fill(0.0);
             if self.s == 1 {
-                let src = &p[r * self.pw + self.pad.left..][..n];
-                for (ix, (d, &v)) in dst[..n].iter_mut().zip(src).enumerate() {
-                    *d = f(base + ix, v);
-                }
+                dst[..n].copy_from_slice(&p[r * self.pw + self.pad.left..][..n]);
             } else {
-                let (even, odd) = p.split_at(self.ph * self.pw);
-                let (even, odd) = (&even[r * self.pw..][..self.pw], &odd[r * self.pw..][..self.pw]);
-                for (ix, v) in dst[..n].iter_mut().enumerate() {
-                    let q = ix + self.pad.left;
-                    *v = f(
-                        base + ix,
-                        if q.is_multiple_of(2) {
-                            even[q / 2]
-                        } else {
-                            odd[q / 2]
-                        },
-                    );
+                let (e, o) = (
+                    even_in.0 * plane + r * self.pw + even_in.1,
+                    odd_in.0 * plane + r * self.pw + odd_in.1,
+                );
+                let pairs = n / 2;
+                for (j, pair) in dst[..2 * pairs].chunks_exact_mut(2).enumerate() {
+                    pair[0] = p[e + j];
+                    pair[1] = p[o + j];
+                }
+                if n % 2 == 1 {
+                    dst[n - 1] = p[e + pairs];
                 }
             }
         }
@@ -259,6 +264,30 @@ pub(crate) fn with_scratch<R>(
 /// Values a vector register holds (AVX-512, f32); the inner loops work in chunks of this many.
 const CH: usize = 16;
 
+/// `Σ_t filter[t] · p[base_t + x0 ..][..CH]`: one chunk of a depthwise output row.
+#[inline(always)]
+fn taps_chunk(p: &[f32], filter: &[f32], taps: &[usize], x0: usize) -> [f32; CH] {
+    let mut acc = [0.0f32; CH];
+    for (t, &base) in taps.iter().enumerate() {
+        let (w, src) = (filter[t], &p[base + x0..][..CH]);
+        for i in 0..CH {
+            acc[i] += w * src[i];
+        }
+    }
+    acc
+}
+
+/// `acc += Σ (w, off) w · dyp[j0 + off ..][..CH]`: one chunk of a transposed depthwise row.
+#[inline(always)]
+fn add_taps(acc: &mut [f32; CH], dyp: &[f32], taps: &[(f32, usize)], j0: usize) {
+    for &(w, off) in taps {
+        let src = &dyp[j0 + off..][..CH];
+        for i in 0..CH {
+            acc[i] += w * src[i];
+        }
+    }
+}
+
 impl Geometry {
     /// The offset in the scratch plane of the run that tap `(r, kj)` reads (see `tap_row`).
     #[inline(always)]
@@ -286,16 +315,16 @@ impl Geometry {
                 }
             }
             let taps = &bases[..k * k];
-            for x0 in (0..ow).step_by(CH) {
-                let mut acc = [0.0f32; CH];
-                for (t, &base) in taps.iter().enumerate() {
-                    let (w, src) = (filter[t], &p[base + x0..][..CH]);
-                    for i in 0..CH {
-                        acc[i] += w * src[i];
-                    }
+            let mut x0 = 0;
+            while x0 + CH <= ow {
+                row[x0..x0 + CH].copy_from_slice(&taps_chunk(p, filter, taps, x0));
+                x0 += CH;
+            }
+            if x0 < ow {
+                let acc = taps_chunk(p, filter, taps, x0);
+                for (o, &a) in row[x0..].iter_mut().zip(&acc) {
+                    *o = a;
                 }
-                let n = CH.min(ow - x0);
-                row[x0..x0 + n].copy_from_slice(&acc[..n]);
             }
         }
     }
@@ -359,18 +388,21 @@ impl Geometry {
                         nt += 1;
                     }
                     let taps = &taps[..nt];
-                    for j0 in (0..pw).step_by(CH) {
-                        let n = CH.min(pw - j0);
-                        let dst = &mut dp[base + j0..base + j0 + n];
+                    let mut j0 = 0;
+                    while j0 + CH <= pw {
+                        let dst = &mut dp[base + j0..base + j0 + CH];
                         let mut acc = [0.0f32; CH];
-                        acc[..n].copy_from_slice(dst);
-                        for &(w, off) in taps {
-                            let src = &dyp[j0 + off..][..CH];
-                            for i in 0..CH {
-                                acc[i] += w * src[i];
-                            }
+                        acc.copy_from_slice(dst);
+                        add_taps(&mut acc, dyp, taps, j0);
+                        dst.copy_from_slice(&acc);
+                        j0 += CH;
+                    }
+                    if j0 < pw {
+                        let mut acc = [0.0f32; CH];
+                        add_taps(&mut acc, dyp, taps, j0);
+                        for (d, &a) in dp[base + j0..base + pw].iter_mut().zip(&acc) {
+                            *d += a;
                         }
-                        dst.copy_from_slice(&acc[..n]);
                     }
                 }
             }

@@ -460,7 +460,7 @@ impl CustomOp2 for MbConvOp {
                                     }
                                     g.filter_grad_plane(p, dy, dw_plane, row);
                                     g.input_grad_scratch(filter, dy, dp, row);
-                                    g.crop_scratch_with(dp, dx_plane, |_, v| v);
+                                    g.crop_scratch(dp, dx_plane);
                                     match n0 {
                                         Some(n) => norm::backward_sums_run(
                                             dx_plane,

@@ -69,7 +69,15 @@ pub(crate) fn combine_moments(runs: &[(f64, f64)], ch: usize, hw: usize) -> Vec<
 
 /// Per-channel mean and biased variance of `x`.
 pub(crate) fn channel_stats(x: &[f32], ch: usize, hw: usize) -> Vec<(f64, f64)> {
-    let runs: Vec<(f64, f64)> = x.par_chunks(hw).map(|run| simd(|| run_moments(run))).collect();
+    let runs: Vec<(f64, f64)> = x
+        .par_chunks(hw)
+        .map(|run| {
+            simd(
+                #[inline(always)]
+                || run_moments(run),
+            )
+        })
+        .collect();
     combine_moments(&runs, ch, hw)
 }
 
@@ -133,7 +141,12 @@ pub(crate) fn apply(y: &mut [f32], x: &[f32], scale: &[f32], shift: &[f32], hw: 
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .enumerate()
-        .for_each(|(k, (yo, xi))| simd(|| apply_run(yo, xi, scale[k % ch], shift[k % ch], act)));
+        .for_each(|(k, (yo, xi))| {
+            simd(
+                #[inline(always)]
+                || apply_run(yo, xi, scale[k % ch], shift[k % ch], act),
+            )
+        });
 }
 
 /// An activation as a type, so that each inner loop is compiled (and vectorized) for one of them.
@@ -291,7 +304,12 @@ impl NormGrad {
         dz.par_chunks_mut(hw)
             .zip(x.par_chunks(hw))
             .enumerate()
-            .for_each(|(k, (d, xv))| simd(|| self.input_grad_run(d, xv, k % ch)));
+            .for_each(|(k, (d, xv))| {
+                simd(
+                    #[inline(always)]
+                    || self.input_grad_run(d, xv, k % ch),
+                )
+            });
     }
 }
 
@@ -313,7 +331,10 @@ pub(crate) fn backward(
         .enumerate()
         .map(|(k, (d, xv))| {
             let c = k % ch;
-            simd(|| backward_sums_run(d, xv, norm.scale[c], norm.shift[c], norm.center[c], act))
+            simd(
+                #[inline(always)]
+                || backward_sums_run(d, xv, norm.scale[c], norm.shift[c], norm.center[c], act),
+            )
         })
         .collect();
     let grad = NormGrad::new(norm, gamma, &sums, hw);

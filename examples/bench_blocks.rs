@@ -1,0 +1,102 @@
+//! Times each inverted bottleneck of EfficientNet-Lite0 as the training step runs it (the fused
+//! op, forward with batch statistics and backward), at the input size and batch given, and prints
+//! milliseconds per block, so the expensive stages are visible.
+//!
+//! ```text
+//! cargo run --release -p fracture-examples --example bench_blocks -- [SIZE] [BATCH] [ITERS] [--reference]
+//! ```
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::time::Instant;
+
+use anyhow::Context;
+use fracture_train::candle_core::{Device, Tensor, Var};
+use fracture_train::model::kernels::{self, Kernels, MbConvSpec};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// EfficientNet-Lite0's stages: (kernel, first stride, expansion, channels, blocks).
+const STAGES: [(usize, usize, usize, usize, usize); 7] = [
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+];
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let kernels = if args.iter().any(|a| a == "--reference") {
+        Kernels::Reference
+    } else {
+        Kernels::Fast
+    };
+    let nums: Vec<usize> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(|a| a.parse().context("SIZE, BATCH and ITERS are numbers"))
+        .collect::<anyhow::Result<_>>()?;
+    let (size, batch, iters) = (
+        nums.first().copied().unwrap_or(224),
+        nums.get(1).copied().unwrap_or(32),
+        nums.get(2).copied().unwrap_or(3),
+    );
+    let dev = Device::Cpu;
+    let (mut side, mut cin) = (size.div_ceil(2), 32usize);
+    let mut total = (0.0, 0.0);
+    println!("block  in            out  k s  forward ms  backward ms");
+    for (kernel, stride, expansion, cout, repeats) in STAGES {
+        for r in 0..repeats {
+            let s = if r == 0 { stride } else { 1 };
+            let spec = MbConvSpec {
+                cin,
+                mid: cin * expansion,
+                cout,
+                kernel,
+                stride: s,
+                expand: expansion != 1,
+                eps: 1e-3,
+            };
+            let x = Var::from_tensor(&Tensor::rand(0f32, 1.0, (batch, cin, side, side), &dev)?)?;
+            let lay = spec.layout();
+            let p = Var::from_tensor(&Tensor::rand(0.5f32, 1.5, lay.len, &dev)?)?;
+            let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+            for i in 0..iters + 1 {
+                let t = Instant::now();
+                let (y, _) = kernels::mbconv(x.as_tensor(), p.as_tensor(), spec, None, kernels)?;
+                let t_f = t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let g = y.sum_all()?.backward()?;
+                drop(g);
+                let t_b = t.elapsed().as_secs_f64();
+                if i > 0 {
+                    fwd.push(t_f);
+                    bwd.push(t_b);
+                }
+            }
+            fwd.sort_by(f64::total_cmp);
+            bwd.sort_by(f64::total_cmp);
+            let (f, b) = (fwd[fwd.len() / 2] * 1e3, bwd[bwd.len() / 2] * 1e3);
+            total = (total.0 + f, total.1 + b);
+            let out = side.div_ceil(s);
+            println!(
+                "{:>5}  {cin:>4}×{side:<4} → {cout:>4}×{out:<4} {kernel} {s}  {f:>10.1}  {b:>11.1}",
+                format!(
+                    "{}.{}",
+                    STAGES.iter().position(|st| st.3 == cout).unwrap_or(0) + 1,
+                    r + 1
+                )
+            );
+            side = out;
+            cin = cout;
+        }
+    }
+    println!(
+        "all blocks: forward {:.1} ms, backward {:.1} ms",
+        total.0, total.1
+    );
+    Ok(())
+}
