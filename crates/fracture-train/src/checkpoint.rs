@@ -60,6 +60,9 @@ pub struct CheckpointMeta {
     pub epochs_since_best: usize,
     /// One report per completed epoch.
     pub history: Vec<EpochReport>,
+    /// The pretrained weights the run started from.
+    #[serde(default)]
+    pub pretrained: Option<fracture_model::PretrainedOrigin>,
 }
 
 /// Writes a checkpoint atomically.

@@ -144,6 +144,19 @@ pub struct TrainConfig {
     pub val_fraction: f64,
     /// How the operating threshold stored with the best model is chosen on the validation images.
     pub threshold_rule: ThresholdRule,
+    /// Learning rate of every parameter outside the classification head (`head.*`) relative to
+    /// the schedule's (default 1: one rate for all). Below 1, a pretrained backbone moves more
+    /// slowly than the freshly initialised head.
+    #[serde(default = "one")]
+    pub backbone_lr_scale: f64,
+    /// Batch norms normalize with their running statistics during training too, and leave them
+    /// unchanged (default false: batch statistics, running ones updated).
+    #[serde(default)]
+    pub freeze_batch_norm: bool,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for TrainConfig {
@@ -163,6 +176,8 @@ impl Default for TrainConfig {
             best_metric: BestMetric::RocAuc,
             val_fraction: 0.2,
             threshold_rule: ThresholdRule::TargetSensitivity { target: 0.9 },
+            backbone_lr_scale: 1.0,
+            freeze_batch_norm: false,
         }
     }
 }
@@ -220,6 +235,12 @@ impl TrainConfig {
         if self.early_stopping_patience == Some(0) {
             return bad("early_stopping_patience", "must be at least 1".into());
         }
+        if !(self.backbone_lr_scale.is_finite() && self.backbone_lr_scale >= 0.0) {
+            return bad(
+                "backbone_lr_scale",
+                format!("{} must be a non-negative number", self.backbone_lr_scale),
+            );
+        }
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
             return bad(
                 "val_fraction",
@@ -263,6 +284,8 @@ impl TrainConfig {
             ("augment", format!("{:?}", self.augment)),
             ("best_metric", self.best_metric.name().to_string()),
             ("val_fraction", self.val_fraction.to_string()),
+            ("backbone_lr_scale", self.backbone_lr_scale.to_string()),
+            ("freeze_batch_norm", self.freeze_batch_norm.to_string()),
         ]
     }
 }

@@ -24,8 +24,8 @@ mod trainer;
 
 pub use batcher::batch_to_tensors;
 pub use bundle::{
-    MODEL_FILE, OPERATING_POINT_KEY, PREPROCESS_KEY, THRESHOLD_KEY, THRESHOLD_RULE_KEY, TRAIN_KEY,
-    TrainedModel, VALIDATION_KEY,
+    MODEL_FILE, OPERATING_POINT_KEY, PREPROCESS_KEY, PRETRAINED_KEY, THRESHOLD_KEY, THRESHOLD_RULE_KEY,
+    TRAIN_KEY, TrainedModel, VALIDATION_KEY,
 };
 pub use checkpoint::{Best, CheckpointMeta, DataCounts, read_checkpoint};
 pub use config::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
@@ -42,7 +42,7 @@ pub use outputs::{
     ThresholdChoice, evaluate_items, predict_files, read_metrics_csv, write_evaluation,
     write_training_curves,
 };
-pub use preset::{Preset, Recipe};
+pub use preset::{PRETRAINED_FILE, Preset, Recipe};
 pub use trainer::{
     CHECKPOINT_FILE, EpochReport, Event, METRICS_FILE, REPORT_FILE, RunReport, TrainOutcome, TrainSetup,
     metrics_csv, train,

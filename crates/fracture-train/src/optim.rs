@@ -36,6 +36,9 @@ pub struct Adam {
     config: AdamConfig,
     params: Vec<(String, Var)>,
     moments: Vec<Moments>,
+    /// Each parameter's learning rate relative to the step's (1 unless set by
+    /// [`Adam::set_lr_scales`]): parameter groups, e.g. a smaller rate for a pretrained backbone.
+    lr_scales: Vec<f64>,
     t: u64,
 }
 
@@ -130,12 +133,20 @@ impl Adam {
     /// An optimizer over `params` (name, variable), moments at zero.
     pub fn new(params: Vec<(String, Var)>, config: AdamConfig) -> Result<Self> {
         let moments = params.iter().map(|(_, p)| zeros(p)).collect::<Result<Vec<_>>>()?;
+        let lr_scales = vec![1.0; params.len()];
         Ok(Adam {
             config,
             params,
             moments,
+            lr_scales,
             t: 0,
         })
+    }
+
+    /// Sets each parameter's learning rate relative to the step's, by name: `scale(name)` (for
+    /// weight decay too, so decay follows the parameter's rate, as in PyTorch's parameter groups).
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        self.lr_scales = self.params.iter().map(|(name, _)| scale(name)).collect();
     }
 
     /// Steps taken so far (the `t` of the bias correction).
@@ -161,10 +172,16 @@ impl Adam {
         } = self.config;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
         let bc2_sqrt = (1.0 - beta2.powi(self.t as i32)).sqrt();
-        let step_size = lr / bc1;
-        let decay = 1.0 - lr * weight_decay;
-        for ((_, var), moments) in self.params.iter().zip(self.moments.iter_mut()) {
+        for (((_, var), moments), &scale) in self
+            .params
+            .iter()
+            .zip(self.moments.iter_mut())
+            .zip(&self.lr_scales)
+        {
             let Some(g) = grads.get(var) else { continue };
+            let lr = lr * scale;
+            let step_size = lr / bc1;
+            let decay = 1.0 - lr * weight_decay;
             match moments {
                 Moments::Host { m, v } => {
                     let op = FusedStep {
@@ -383,6 +400,29 @@ mod tests {
                 .to_string()
                 .contains("adam.m.w")
         );
+    }
+
+    #[test]
+    fn lr_scales_act_per_parameter() {
+        let dev = Device::Cpu;
+        let (a, b) = (
+            Var::new(&[1.0f64], &dev).unwrap(),
+            Var::new(&[1.0f64], &dev).unwrap(),
+        );
+        let mut opt = Adam::new(
+            vec![("backbone.w".into(), a.clone()), ("head.w".into(), b.clone())],
+            AdamConfig::default(),
+        )
+        .unwrap();
+        opt.set_lr_scales(|name| if name.starts_with("head.") { 1.0 } else { 0.25 });
+        let loss = (a.as_tensor() + b.as_tensor()).unwrap().sum_all().unwrap();
+        opt.backward_step(&loss, 0.1).unwrap();
+        // The first Adam step moves each parameter by its rate (m/√v = 1 at t = 1).
+        let (da, db) = (
+            1.0 - a.as_tensor().to_vec1::<f64>().unwrap()[0],
+            1.0 - b.as_tensor().to_vec1::<f64>().unwrap()[0],
+        );
+        assert!((db - 0.1).abs() < 1e-6 && (da - 0.025).abs() < 1e-6, "{da} {db}");
     }
 
     #[test]

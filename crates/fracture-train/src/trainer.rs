@@ -60,6 +60,10 @@ pub struct TrainSetup {
     /// exactly as an interruption after that epoch would; `--resume` continues it. `None` runs all
     /// `train.epochs`.
     pub stop_after_epochs: Option<usize>,
+    /// Pretrained weights to start the backbone from (a PyTorch or safetensors file; see
+    /// [`fracture_model::Model::load_pretrained`]); the head starts from the seeded initialisation.
+    /// Recorded in the model file. Not read when resuming (the checkpoint holds the weights).
+    pub pretrained: Option<PathBuf>,
 }
 
 /// One completed epoch.
@@ -220,7 +224,29 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
 
     let mut model = Model::new(&setup.model, cfg.seed, &setup.device)?;
     model.net.set_kernels(setup.kernels);
+    model.net.set_frozen_batch_norm(cfg.freeze_batch_norm);
+    let pretrained = match &setup.pretrained {
+        Some(path) if !setup.resume => {
+            let weights = fracture_model::PretrainedWeights::read(path)?;
+            let origin = model.load_pretrained(&weights)?;
+            on_event(Event::Notice(&format!(
+                "backbone from {} ({} tensors, sha256 {}…)",
+                path.display(),
+                origin.loaded,
+                &origin.sha256[..12.min(origin.sha256.len())]
+            )));
+            Some(origin)
+        }
+        _ => None,
+    };
     let mut adam = Adam::new(model.trainable_vars(), cfg.adam)?;
+    adam.set_lr_scales(|name| {
+        if name.starts_with("head.") {
+            1.0
+        } else {
+            cfg.backbone_lr_scale
+        }
+    });
     let mut meta = CheckpointMeta {
         format: 1,
         epoch: 0,
@@ -232,6 +258,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         best: None,
         epochs_since_best: 0,
         history: Vec::new(),
+        pretrained,
     };
     if setup.resume {
         let (old, mut tensors) = read_checkpoint(&checkpoint_path, &setup.device)?;
@@ -371,7 +398,15 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             let threshold = choose_threshold(&val_probs, &val_truth, cfg.threshold_rule)?
                 .unwrap_or(fracture_eval::DEFAULT_THRESHOLD);
             let operating = EvalReport::new(&val_probs, &val_truth, threshold)?;
-            save_best(&model, setup, &report, threshold, &operating, &path)?;
+            save_best(
+                &model,
+                setup,
+                &report,
+                threshold,
+                &operating,
+                meta.pretrained.as_ref(),
+                &path,
+            )?;
             on_event(Event::Saved {
                 what: "best model",
                 path: &path,
@@ -567,9 +602,13 @@ fn save_best(
     report: &EpochReport,
     threshold: f64,
     operating: &EvalReport,
+    pretrained: Option<&fracture_model::PretrainedOrigin>,
     path: &Path,
 ) -> Result<()> {
     let mut extra = BTreeMap::new();
+    if let Some(origin) = pretrained {
+        extra.insert(crate::bundle::PRETRAINED_KEY.to_string(), json(origin)?);
+    }
     extra.insert(
         crate::bundle::PREPROCESS_KEY.to_string(),
         json(&setup.preprocess)?,

@@ -39,6 +39,7 @@ fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainSetup {
         limits: DecodeLimits::default(),
         device: Device::Cpu,
         stop_after_epochs: None,
+        pretrained: None,
         kernels: Default::default(),
     }
 }

