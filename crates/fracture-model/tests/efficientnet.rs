@@ -212,3 +212,115 @@ fn pretrained_import_names_what_does_not_fit() {
     let err = resnet.load_pretrained(&ok).unwrap_err().to_string();
     assert!(err.contains("efficientnet-lite0 only"), "{err}");
 }
+
+/// Finite differences through a whole inverted bottleneck: the fused kernel's gradients (f32) for
+/// the input and every parameter against central differences (f64, step 1e-5) of the same block
+/// computed with candle's own operations, with batch and with fixed statistics, stride 1 (with the
+/// skip connection) and stride 2.
+#[test]
+fn fused_block_gradients_match_finite_differences() {
+    use fracture_model::kernels::{self, MbConvSpec};
+    for (stride, batch_stats) in [(1usize, true), (2, true), (1, false), (2, false)] {
+        let spec = MbConvSpec {
+            cin: 3,
+            mid: 9,
+            cout: 3,
+            kernel: 3,
+            stride,
+            expand: true,
+            eps: 1e-3,
+        };
+        let lay = spec.layout();
+        let x64 = common::input(2, 6, 3, DType::F64).affine(2.0, -0.7).unwrap();
+        let x64 = Tensor::cat(&[&x64, &(&x64 * 0.5).unwrap(), &x64.sqr().unwrap()], 1).unwrap();
+        let mut p: Vec<f64> = (0..lay.len)
+            .map(|i| ((i * 37 % 23) as f64 / 23.0 - 0.5) * 0.8)
+            .collect();
+        for (g, _) in lay.bn0.iter().chain([&lay.bn1, &lay.bn2]) {
+            p[g.clone()].iter_mut().for_each(|v| *v += 1.2);
+        }
+        let p64 = Tensor::new(p.clone(), &Device::Cpu).unwrap();
+        let running: Option<kernels::BlockStats> = (!batch_stats).then(|| {
+            [spec.mid, spec.mid, spec.cout]
+                .iter()
+                .map(|&c| {
+                    (
+                        (0..c).map(|i| 0.1 * i as f32 - 0.2).collect(),
+                        (0..c).map(|i| 0.5 + 0.1 * i as f32).collect(),
+                    )
+                })
+                .collect()
+        });
+        let weights = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Tensor::from_vec(
+                (0..n)
+                    .map(|i| ((i * 13 % 17) as f64 - 8.0) / 8.0)
+                    .collect::<Vec<_>>(),
+                shape,
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        // The reference loss in f64: Σ out · r.
+        let loss64 = |x: &Tensor, p: &Tensor| -> f64 {
+            let (y, _) = kernels::mbconv(x, p, spec, running.clone(), Kernels::Reference).unwrap();
+            (y.clone() * weights(y.dims()))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        // The fused kernel's gradients in f32.
+        let xv = candle_core::Var::from_tensor(&x64.to_dtype(DType::F32).unwrap()).unwrap();
+        let pv = candle_core::Var::from_tensor(&p64.to_dtype(DType::F32).unwrap()).unwrap();
+        let (y, _) = kernels::mbconv(
+            xv.as_tensor(),
+            pv.as_tensor(),
+            spec,
+            running.clone(),
+            Kernels::Fast,
+        )
+        .unwrap();
+        let r = weights(y.dims()).to_dtype(DType::F32).unwrap();
+        let grads = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = grads
+            .get(&xv)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let gp = grads.get(&pv).unwrap().to_vec1::<f32>().unwrap();
+        let eps = 1e-5;
+        let mut worst = 0.0f64;
+        let mut check = |analytic: f32, plus: f64, minus: f64, what: String| {
+            let numeric = (plus - minus) / (2.0 * eps);
+            let err = (numeric - f64::from(analytic)).abs();
+            worst = worst.max(err / (1e-2 + numeric.abs()));
+            assert!(
+                err <= 2e-3 + 2e-3 * numeric.abs(),
+                "stride {stride}, batch statistics {batch_stats}: {what}: fused {analytic} vs finite difference {numeric}"
+            );
+        };
+        let xs = x64.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for i in (0..xs.len()).step_by(7) {
+            let at = |d: f64| {
+                let mut v = xs.clone();
+                v[i] += d;
+                loss64(&Tensor::from_vec(v, x64.shape(), &Device::Cpu).unwrap(), &p64)
+            };
+            check(gx[i], at(eps), at(-eps), format!("input[{i}]"));
+        }
+        for i in (0..lay.len).step_by(3) {
+            let at = |d: f64| {
+                let mut v = p.clone();
+                v[i] += d;
+                loss64(&x64, &Tensor::new(v, &Device::Cpu).unwrap())
+            };
+            check(gp[i], at(eps), at(-eps), format!("parameter[{i}]"));
+        }
+        eprintln!("stride {stride}, batch statistics {batch_stats}: worst relative error {worst:.2e}");
+    }
+}

@@ -405,7 +405,10 @@ pub fn mbconv(
         let out = match &running {
             None => {
                 let (out, mean, var) = batch_norm_train(y, &gamma, &beta, spec.eps, act, kernels)?;
-                stats.push((mean.to_vec1::<f32>()?, var.to_vec1::<f32>()?));
+                stats.push((
+                    mean.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                    var.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                ));
                 out
             }
             Some(r) => {
