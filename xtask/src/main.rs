@@ -24,10 +24,11 @@ commands:
                              X-ray Data) into DIR (default data/<slug>), then print images per split and class.
                              Credentials, when the dataset needs them: KAGGLE_API_TOKEN, ~/.kaggle/access_token,
                              kaggle.json, or KAGGLE_USERNAME + KAGGLE_KEY
-  bench-compare [--python PATH] [--runs N] [--reference]
-                             the seed CNN's train step and inference, ours vs PyTorch (default and tuned
-                             allocator) in one run: ../shared/bench/torch_seed_cnn.py beside
-                             `bench_step`; prints the table with ratios. --reference adds candle's own ops
+  bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference]
+                             a network's train step and inference, ours vs PyTorch (default and tuned
+                             allocator) in one run: ../shared/bench/torch_seed_cnn.py (seed CNN, the
+                             default) or torch_effnet_lite.py beside `bench_step`; prints the table with
+                             ratios. --reference adds candle's own ops
   setup-torch                create target/torch-ref, a Python venv with PyTorch (about 3 GB, from PyPI)
   setup-python               create target/pyref, a Python venv with Pillow, OpenCV and NumPy (from PyPI)
   bench-preprocess [--seconds S] [--python PATH]
@@ -246,9 +247,16 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
     let mut python = torch_python();
     let mut runs = 3usize;
     let mut reference = false;
+    let mut model = "seed".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--model" => {
+                model = it
+                    .next()
+                    .ok_or("--model needs seed or efficientnet-lite0")?
+                    .clone()
+            }
             "--python" => python = PathBuf::from(it.next().ok_or("--python needs a value")?),
             "--runs" => runs = it.next().ok_or("--runs needs a value")?.parse()?,
             "--reference" => reference = true,
@@ -262,7 +270,29 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
         )
         .into());
     }
-    let script = project_root().join("../shared/bench/torch_seed_cnn.py");
+    let (script_name, cases): (&str, &[(&str, &str, &str, &str, &str)]) = match model.as_str() {
+        "seed" => (
+            "torch_seed_cnn.py",
+            &[
+                ("train step, 128 px", "train", "128", "32", "10"),
+                ("train step, 224 px", "train", "224", "32", "5"),
+                ("inference, 128 px", "infer", "128", "32", "10"),
+                ("inference, 224 px", "infer", "224", "32", "5"),
+                ("inference latency, 128 px, batch 1", "infer", "128", "1", "100"),
+            ],
+        ),
+        "efficientnet-lite0" => (
+            "torch_effnet_lite.py",
+            &[
+                ("train step, 224 px", "train", "224", "32", "4"),
+                ("train step, 256 px", "train", "256", "32", "3"),
+                ("inference, 224 px", "infer", "224", "32", "5"),
+                ("inference latency, 224 px, batch 1", "infer", "224", "1", "30"),
+            ],
+        ),
+        other => return Err(format!("unknown model `{other}` (seed, efficientnet-lite0)").into()),
+    };
+    let script = project_root().join("../shared/bench").join(script_name);
     if !script.exists() {
         return Err(format!("the reference script is not at {}", script.display()).into());
     }
@@ -283,13 +313,6 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
         ("MALLOC_TRIM_THRESHOLD_", "100000000000"),
         ("MALLOC_TOP_PAD_", "536870912"),
     ];
-    let cases = [
-        ("train step, 128 px", "train", "128", "32", "10"),
-        ("train step, 224 px", "train", "224", "32", "5"),
-        ("inference, 128 px", "infer", "128", "32", "10"),
-        ("inference, 224 px", "infer", "224", "32", "5"),
-        ("inference latency, 128 px, batch 1", "infer", "128", "1", "100"),
-    ];
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -300,7 +323,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
         .unwrap_or_default();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!(
-        "seed CNN, random data, medians of {runs} runs (each the median of its iterations); {threads} threads; {machine}"
+        "{model}, random data, medians of {runs} runs (each the median of its iterations); {threads} threads; {machine}"
     );
     let mut header =
         "| | PyTorch | PyTorch, tuned allocator | fracture | fracture / PyTorch | fracture / tuned |"
@@ -311,7 +334,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
         rule.push_str("---|---|");
     }
     println!("{header}\n{rule}");
-    for (name, mode, size, batch, iters) in cases {
+    for &(name, mode, size, batch, iters) in cases {
         let (mut torch, mut torch_tuned, mut us, mut cand) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
             let py = || {
@@ -323,15 +346,19 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
             };
             torch.push(result_rate(&mut py())?);
             torch_tuned.push(result_rate(py().envs(tuned))?);
-            us.push(result_rate(Command::new(&ours).args([mode, size, batch, iters]))?);
+            us.push(result_rate(
+                Command::new(&ours).args([mode, size, batch, iters, "--arch", &model]),
+            )?);
             if reference {
-                let ref_iters = if mode == "train" { "3" } else { iters };
+                let ref_iters = if mode == "train" { "2" } else { iters };
                 cand.push(result_rate(Command::new(&ours).args([
                     mode,
                     size,
                     batch,
                     ref_iters,
                     "--reference",
+                    "--arch",
+                    &model,
                 ]))?);
             }
         }

@@ -222,6 +222,127 @@ fn the_radiograph_preset_trains_the_residual_network() {
     assert!(text.contains("TTA"), "{text}");
 }
 
+/// Without the pretrained weights the finetune preset stops at once and says how to get them.
+#[test]
+fn the_finetune_preset_without_weights_says_how_to_get_them() {
+    let root = fresh_dir(&base(), "finetune-missing");
+    write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((2, 2), (2, 2)));
+    let out = fracture()
+        .args(["train", "--preset", "finetune", "--data-dir"])
+        .arg(root.join("nowhere"))
+        .arg("--data")
+        .arg(root.join("data"))
+        .arg("--out")
+        .arg(root.join("run"))
+        .env_remove("FRACTURE_PRETRAINED")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cargo xtask pretrained")
+            && stderr.contains("--pretrained")
+            && stderr.contains("nowhere/pretrained/efficientnet-lite0-57934424.pth"),
+        "{stderr}"
+    );
+    assert!(!root.join("run/checkpoints").exists(), "nothing is started");
+}
+
+/// The finetune preset end to end at 32 px from a pretrained backbone file (a seeded network's,
+/// as safetensors): it trains, records the weights it started from, and `eval`, `predict` (with
+/// heatmaps) work on the model file.
+#[test]
+fn the_finetune_preset_trains_evaluates_and_explains() {
+    use fracture_train::model::{Model, ModelConfig};
+    let root = fresh_dir(&base(), "finetune");
+    write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((6, 10), (4, 4)));
+    let backbone = Model::new(
+        &ModelConfig::efficientnet_lite0(32),
+        5,
+        &fracture_train::candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tensors: Vec<(String, fracture_train::candle_core::Tensor)> = backbone
+        .named_vars()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("head."))
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let weights = root.join("lite0.safetensors");
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &weights).unwrap();
+    let run = root.join("run");
+    let out = fracture()
+        .args([
+            "train",
+            "--preset",
+            "finetune",
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--pretrained",
+        ])
+        .arg(&weights)
+        .arg("--data")
+        .arg(root.join("data"))
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("training efficientnet-lite0 (finetune preset) at 32×32"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("backbone from") && stdout.contains("lite0.safetensors"),
+        "{stdout}"
+    );
+    let bytes = std::fs::read(run.join("model.safetensors")).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&bytes[8..8 + len]);
+    for needle in [
+        "efficientnet_lite0",
+        "fracture.pretrained",
+        "lite0.safetensors",
+        "_blocks.15._project_conv.weight",
+    ] {
+        assert!(header.contains(needle), "{needle} missing from the header");
+    }
+    let eval = fracture()
+        .args(["eval", "--split", "val", "--model"])
+        .arg(&run)
+        .arg("--data")
+        .arg(root.join("data"))
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let heatmaps = root.join("heatmaps");
+    let predict = fracture()
+        .args(["predict", "--format", "json", "--model"])
+        .arg(&run)
+        .arg(root.join("data/val/fractured"))
+        .arg("--heatmap")
+        .arg(&heatmaps)
+        .output()
+        .unwrap();
+    assert!(
+        predict.status.success(),
+        "{}",
+        String::from_utf8_lossy(&predict.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&predict.stdout).unwrap();
+    assert!(json.to_string().contains("p_fractured"), "{json}");
+    assert_eq!(std::fs::read_dir(&heatmaps).unwrap().count(), 4);
+}
+
 /// A training process killed with SIGKILL in the middle of epoch 2 resumes from its epoch-1
 /// checkpoint and ends with the same weights as a run that was never interrupted.
 #[test]

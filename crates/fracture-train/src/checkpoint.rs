@@ -66,10 +66,22 @@ pub struct CheckpointMeta {
 }
 
 /// Writes a checkpoint atomically.
-pub(crate) fn save_checkpoint(path: &Path, model: &Model, adam: &Adam, meta: &CheckpointMeta) -> Result<()> {
+pub(crate) fn save_checkpoint(
+    path: &Path,
+    model: &Model,
+    adam: &Adam,
+    ema: Option<&Model>,
+    meta: &CheckpointMeta,
+) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, var) in model.named_vars() {
         tensors.push((format!("model.{name}"), var.as_tensor().to_device(&Device::Cpu)?));
+    }
+    for (name, var) in ema.map(Model::named_vars).unwrap_or_default() {
+        tensors.push((
+            crate::ema::checkpoint_key(&name),
+            var.as_tensor().to_device(&Device::Cpu)?,
+        ));
     }
     for (name, t) in adam.state_tensors()? {
         tensors.push((name, t.to_device(&Device::Cpu)?));
@@ -156,13 +168,22 @@ pub(crate) fn restore(
     meta: &CheckpointMeta,
     model: &Model,
     adam: &mut Adam,
+    ema: Option<&Model>,
 ) -> Result<()> {
     let bad = |reason: String| Error::Checkpoint {
         path: path.to_path_buf(),
         reason,
     };
-    for (name, var) in model.named_vars() {
-        let key = format!("model.{name}");
+    let live = model
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (format!("model.{n}"), v));
+    let averaged = ema
+        .map(Model::named_vars)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, v)| (crate::ema::checkpoint_key(&n), v));
+    for (key, var) in live.chain(averaged) {
         let t = tensors
             .remove(&key)
             .ok_or_else(|| bad(format!("tensor `{key}` is missing")))?;

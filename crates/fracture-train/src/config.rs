@@ -153,6 +153,10 @@ pub struct TrainConfig {
     /// unchanged (default false: batch statistics, running ones updated).
     #[serde(default)]
     pub freeze_batch_norm: bool,
+    /// Decay of an exponential moving average of the weights (e.g. 0.998), which is then what is
+    /// validated and saved; `None` (the default) validates the weights as trained.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -178,6 +182,7 @@ impl Default for TrainConfig {
             threshold_rule: ThresholdRule::TargetSensitivity { target: 0.9 },
             backbone_lr_scale: 1.0,
             freeze_batch_norm: false,
+            ema_decay: None,
         }
     }
 }
@@ -241,6 +246,11 @@ impl TrainConfig {
                 format!("{} must be a non-negative number", self.backbone_lr_scale),
             );
         }
+        if let Some(d) = self.ema_decay
+            && !(d > 0.0 && d < 1.0)
+        {
+            return bad("ema_decay", format!("{d} must lie in (0, 1)"));
+        }
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
             return bad(
                 "val_fraction",
@@ -286,6 +296,7 @@ impl TrainConfig {
             ("val_fraction", self.val_fraction.to_string()),
             ("backbone_lr_scale", self.backbone_lr_scale.to_string()),
             ("freeze_batch_norm", self.freeze_batch_norm.to_string()),
+            ("ema_decay", format!("{:?}", self.ema_decay)),
         ]
     }
 }

@@ -13,6 +13,7 @@ mod batcher;
 mod bundle;
 mod checkpoint;
 mod config;
+mod ema;
 mod error;
 mod evaluate;
 mod explain;

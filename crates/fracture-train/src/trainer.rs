@@ -16,6 +16,7 @@ use crate::bundle::{MODEL_FILE, TRAIN_KEY, TrainedModel, VALIDATION_KEY, json};
 use crate::checkpoint::{
     Best, CheckpointMeta, DataCounts, read_checkpoint, restore, resume_mismatch, save_checkpoint,
 };
+use crate::ema::Ema;
 use crate::{
     Adam, BestMetric, Error, PosWeight, Result, TrainConfig, batch_to_tensors, bce_with_logits, evaluate,
     mean_loss, predict_logits, sigmoid, truth,
@@ -247,6 +248,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             cfg.backbone_lr_scale
         }
     });
+    let ema = cfg.ema_decay.map(|d| Ema::new(&model, d)).transpose()?;
     let mut meta = CheckpointMeta {
         format: 1,
         epoch: 0,
@@ -268,7 +270,14 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
                 reason: format!("cannot resume: {why}; use the original settings or another --out"),
             });
         }
-        restore(&checkpoint_path, &mut tensors, &old, &model, &mut adam)?;
+        restore(
+            &checkpoint_path,
+            &mut tensors,
+            &old,
+            &model,
+            &mut adam,
+            ema.as_ref().map(Ema::model),
+        )?;
         meta = CheckpointMeta {
             train: cfg.clone(),
             ..old
@@ -334,6 +343,9 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
                 }
                 lr = cfg.lr_at(meta.step, steps_per_epoch, total_steps);
                 adam.backward_step(&loss, lr)?;
+                if let Some(ema) = &ema {
+                    ema.update(&model, meta.step)?;
+                }
                 meta.step += 1;
                 loss_sum += value * batch.len() as f64;
                 seen += batch.len();
@@ -356,7 +368,9 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         }
 
         on_event(Event::Validating { epoch });
-        let val_logits = predict_logits(&model.net, &data.val, cfg.batch_size, &setup.device)?;
+        // What is validated and saved: the moving average of the weights when there is one.
+        let eval_model = ema.as_ref().map_or(&model, Ema::model);
+        let val_logits = predict_logits(&eval_model.net, &data.val, cfg.batch_size, &setup.device)?;
         if let Some(bad) = val_logits.iter().find(|v| !v.is_finite()) {
             return Err(Error::NonFiniteOutput {
                 epoch,
@@ -399,7 +413,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
                 .unwrap_or(fracture_eval::DEFAULT_THRESHOLD);
             let operating = EvalReport::new(&val_probs, &val_truth, threshold)?;
             save_best(
-                &model,
+                eval_model,
                 setup,
                 &report,
                 threshold,
@@ -417,7 +431,13 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         let metrics_path = setup.out.join(METRICS_FILE);
         write_atomic(&metrics_path, metrics_csv(&meta.history).as_bytes())
             .map_err(|e| Error::io(&metrics_path, e))?;
-        save_checkpoint(&checkpoint_path, &model, &adam, &meta)?;
+        save_checkpoint(
+            &checkpoint_path,
+            &model,
+            &adam,
+            ema.as_ref().map(Ema::model),
+            &meta,
+        )?;
         on_event(Event::Saved {
             what: "checkpoint",
             path: &checkpoint_path,

@@ -12,6 +12,7 @@ use fracture_train::model::ModelConfig;
 use fracture_train::{
     Error, Event, LrSchedule, Preset, TrainConfig, TrainOutcome, TrainSetup, read_checkpoint, train,
 };
+use sha2::Digest;
 
 fn base() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fracture-train-tests")
@@ -231,6 +232,131 @@ fn the_residual_network_resumes_exactly() {
             .any(|k| k.contains("running_") && !k.starts_with("model.")),
         "no optimizer state for running statistics"
     );
+}
+
+/// The fine-tuning recipe at 32 px on generated images, starting from a pretrained backbone (here a
+/// seeded EfficientNet-Lite0 written as a safetensors file): with a moving average of the weights,
+/// a smaller backbone rate and batch statistics it resumes exactly (the average travels in the
+/// checkpoint); the model file records the pretrained file's SHA-256.
+fn finetune_setup(root: &Path, epochs: usize) -> TrainSetup {
+    let recipe = Preset::Finetune.recipe();
+    let size = 32;
+    let model = ModelConfig {
+        image_size: size as usize,
+        ..recipe.model.clone()
+    };
+    let backbone = fracture_train::model::Model::new(&model, 77, &Device::Cpu).unwrap();
+    let tensors: Vec<(String, Tensor)> = backbone
+        .named_vars()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("head."))
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let file = root.join("backbone.safetensors");
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &file).unwrap();
+    TrainSetup {
+        model,
+        preprocess: PreprocessConfig {
+            size,
+            ..recipe.preprocess
+        },
+        train: TrainConfig {
+            epochs,
+            batch_size: 8,
+            ema_decay: Some(0.99),
+            backbone_lr_scale: 0.5,
+            ..recipe.train
+        },
+        pretrained: Some(file),
+        ..setup(&root.join("data"), &root.join("whole"), size, epochs)
+    }
+}
+
+#[test]
+fn the_finetune_recipe_resumes_exactly_with_its_moving_average() {
+    let root = synthetic("resume-finetune", (10, 14), (5, 5));
+    let s = finetune_setup(&root, 2);
+    let file = s.pretrained.clone().unwrap();
+    check_resume_with(s, &root, 8);
+    let (_, tensors) = read_checkpoint(
+        &root.join("whole").join(fracture_train::CHECKPOINT_FILE),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(tensors.contains_key("ema._blocks.3._depthwise_conv.weight"));
+    assert!(tensors.contains_key("ema._bn1.running_var"));
+    let best = fracture_train::TrainedModel::load(&root.join("whole"), &Device::Cpu).unwrap();
+    let origin = best.pretrained().unwrap();
+    let digest: String = sha2::Sha256::digest(std::fs::read(&file).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(origin.sha256, digest);
+    assert_eq!(origin.file, "backbone.safetensors");
+}
+
+/// With a moving average, the averaged weights are what is validated and saved: after one epoch the
+/// model file holds exactly the checkpoint's `ema.*` tensors.
+#[test]
+fn with_a_moving_average_the_average_is_saved() {
+    let root = synthetic("ema-saved", (6, 8), (4, 4));
+    let s = finetune_setup(&root, 1);
+    let outcome = run(&s).unwrap();
+    assert_eq!(outcome.best_epoch, 1);
+    let (_, tensors) = read_checkpoint(&s.out.join(fracture_train::CHECKPOINT_FILE), &Device::Cpu).unwrap();
+    let saved = fracture_train::TrainedModel::load(&outcome.best_model, &Device::Cpu).unwrap();
+    let mut differs_from_live = false;
+    for (name, var) in saved.model.named_vars() {
+        let v = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ema = tensors[&format!("ema.{name}")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let live = tensors[&format!("model.{name}")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(v, ema, "{name}");
+        differs_from_live |= v != live;
+    }
+    assert!(
+        differs_from_live,
+        "the average equals the live weights: nothing was averaged"
+    );
+}
+
+/// With a backbone learning rate of 0 and frozen batch norms, only the head trains: every backbone
+
+/// tensor of the trained model, running statistics included, equals the pretrained file's.
+#[test]
+fn a_zero_backbone_rate_with_frozen_batch_norm_keeps_the_pretrained_backbone() {
+    let root = synthetic("frozen-backbone", (10, 14), (5, 5));
+    let mut s = finetune_setup(&root, 1);
+    s.train.backbone_lr_scale = 0.0;
+    s.train.freeze_batch_norm = true;
+    s.train.ema_decay = None;
+    s.train.adam.weight_decay = 0.0;
+    let outcome = run(&s).unwrap();
+    let pretrained = candle_core::safetensors::load(s.pretrained.as_ref().unwrap(), &Device::Cpu).unwrap();
+    let trained = fracture_train::TrainedModel::load(&outcome.best_model, &Device::Cpu).unwrap();
+    let mut head_moved = false;
+    for (name, var) in trained.model.named_vars() {
+        let now = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        match pretrained.get(&name) {
+            Some(t) => assert_eq!(
+                now,
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{name} moved"
+            ),
+            None => {
+                assert!(name.starts_with("head."), "{name} is not in the pretrained file");
+                head_moved = true;
+            }
+        }
+    }
+    assert!(head_moved);
 }
 
 /// The recommended recipe, shortened (one epoch at 64 px), on the real radiographs: it trains, the

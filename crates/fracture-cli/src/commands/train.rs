@@ -57,6 +57,10 @@ pub(crate) struct Args {
     /// statistics, as at inference).
     #[arg(long)]
     freeze_batch_norm: bool,
+    /// Validate and save an exponential moving average of the weights with this decay per step
+    /// (e.g. 0.998; `0` switches it off) [default: off].
+    #[arg(long)]
+    ema_decay: Option<f64>,
     /// Passes over the training images [default: 10; radiograph: 40].
     #[arg(long)]
     epochs: Option<usize>,
@@ -282,6 +286,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         },
         backbone_lr_scale: args.backbone_lr_scale.unwrap_or(base.backbone_lr_scale),
         freeze_batch_norm: args.freeze_batch_norm || base.freeze_batch_norm,
+        ema_decay: match args.ema_decay {
+            Some(d) if d == 0.0 => None,
+            Some(d) => Some(d),
+            None => base.ema_decay,
+        },
         ..TrainConfig::default()
     };
     train.adam = AdamConfig {
