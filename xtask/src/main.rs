@@ -243,7 +243,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A benchmark case: table label, mode, image size, batch, iterations.
+type Case = (&'static str, &'static str, &'static str, &'static str, &'static str);
+
 fn bench_compare(args: &[String]) -> Result<(), DynError> {
+
     let mut python = torch_python();
     let mut runs = 3usize;
     let mut reference = false;
@@ -270,7 +274,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
         )
         .into());
     }
-    let (script_name, cases): (&str, &[(&str, &str, &str, &str, &str)]) = match model.as_str() {
+    let (script_name, cases): (&str, &[Case]) = match model.as_str() {
         "seed" => (
             "torch_seed_cnn.py",
             &[
