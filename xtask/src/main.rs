@@ -244,10 +244,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// A benchmark case: table label, mode, image size, batch, iterations.
-type Case = (&'static str, &'static str, &'static str, &'static str, &'static str);
+type Case = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
 
 fn bench_compare(args: &[String]) -> Result<(), DynError> {
-
     let mut python = torch_python();
     let mut runs = 3usize;
     let mut reference = false;
