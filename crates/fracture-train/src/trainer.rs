@@ -65,6 +65,10 @@ pub struct TrainSetup {
     /// [`fracture_model::Model::load_pretrained`]); the head starts from the seeded initialisation.
     /// Recorded in the model file. Not read when resuming (the checkpoint holds the weights).
     pub pretrained: Option<PathBuf>,
+    /// More training images: dataset roots whose `train` split is added to `data`'s (their other
+    /// splits are not read). Validation and threshold choice stay on `data`'s val split; a file
+    /// that is also a validation or test image is refused.
+    pub extra_train: Vec<PathBuf>,
 }
 
 /// One completed epoch.
@@ -558,7 +562,7 @@ fn load_data(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             layout.root.display()
         ))));
     };
-    let (train_items, val_items): (Vec<Item>, Vec<Item>) = match layout.split(Split::Val) {
+    let (mut train_items, val_items): (Vec<Item>, Vec<Item>) = match layout.split(Split::Val) {
         Some(val) => (train_items.to_vec(), val.to_vec()),
         None => {
             let (kept, held) = stratified_split(train_items, setup.train.val_fraction, setup.train.seed);
@@ -571,6 +575,7 @@ fn load_data(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             (kept, held)
         }
     };
+    add_extra_train(setup, &layout, &val_items, &mut train_items, on_event)?;
     let options = LoadOptions {
         disk_cache: setup.cache_dir.clone(),
         limits: setup.limits,
@@ -616,7 +621,50 @@ fn load_data(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     })
 }
 
+/// Appends the `train` split of every [`TrainSetup::extra_train`] root to `train`, refusing a root
+/// without one and any file that is also one of `val`'s or the main dataset's test images.
+fn add_extra_train(
+    setup: &TrainSetup,
+    layout: &DatasetLayout,
+    val: &[Item],
+    train: &mut Vec<Item>,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<()> {
+    if setup.extra_train.is_empty() {
+        return Ok(());
+    }
+    let key = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let held: std::collections::HashSet<PathBuf> = val
+        .iter()
+        .chain(layout.split(Split::Test).unwrap_or(&[]))
+        .map(|i| key(&i.path))
+        .collect();
+    for root in &setup.extra_train {
+        let extra = DatasetLayout::discover(root)?;
+        let Some(items) = extra.split(Split::Train) else {
+            return Err(Error::Data(fracture_data::Error::Layout(format!(
+                "{}: extra training data needs a `train` folder holding the class folders",
+                extra.root.display()
+            ))));
+        };
+        if let Some(clash) = items.iter().find(|i| held.contains(&key(&i.path))) {
+            return Err(Error::Data(fracture_data::Error::Layout(format!(
+                "{}: an extra training image is also a validation or test image",
+                clash.path.display()
+            ))));
+        }
+        on_event(Event::Notice(&format!(
+            "adding {} training images from {}",
+            items.len(),
+            extra.root.display()
+        )));
+        train.extend_from_slice(items);
+    }
+    Ok(())
+}
+
 fn save_best(
+
     model: &Model,
     setup: &TrainSetup,
     report: &EpochReport,

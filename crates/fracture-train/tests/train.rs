@@ -41,7 +41,9 @@ fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainSetup {
         device: Device::Cpu,
         stop_after_epochs: None,
         pretrained: None,
+        extra_train: Vec::new(),
         kernels: Default::default(),
+
     }
 }
 
@@ -653,4 +655,53 @@ fn fast_and_reference_kernels_train_alike() {
         b.reports[&Split::Val].roc_auc.unwrap(),
     );
     assert!((ra - rb).abs() < 0.02, "{ra} vs {rb}");
+}
+
+#[test]
+fn extra_training_data_joins_the_train_split_and_never_the_validation() {
+    let root = synthetic("extra-train", (4, 4), (3, 3));
+    write_synthetic_dataset(
+        &root.join("extra"),
+        &SyntheticSpec {
+            splits: vec![("train".into(), 2, 6), ("val".into(), 5, 5)],
+            ..SyntheticSpec::train_val((0, 0), (0, 0))
+        },
+    );
+    let mut s = setup(&root.join("data"), &root.join("run"), 24, 1);
+    s.extra_train = vec![root.join("extra")];
+    let (mut notes, mut train_counts) = (Vec::new(), None);
+    let outcome = train(&s, &mut |e| match e {
+        Event::Notice(t) => notes.push(t.to_string()),
+        Event::EpochStart { images, .. } => train_counts = Some(images),
+        _ => {}
+    })
+    .unwrap();
+    assert_eq!(train_counts, Some(16), "8 own + 8 extra training images");
+    assert!(notes.iter().any(|n| n.contains("adding 8 training images")), "{notes:?}");
+    let val = &outcome.reports[&Split::Val];
+    assert_eq!((val.n, val.positives), (6, 3), "the extra folder's val split is not read");
+
+    // A root without a train split, and one whose training images are the validation images.
+    s.out = root.join("run-2");
+    write_synthetic_dataset(
+        &root.join("val-only"),
+        &SyntheticSpec {
+            splits: vec![("val".into(), 1, 1)],
+            ..SyntheticSpec::train_val((0, 0), (0, 0))
+        },
+    );
+    s.extra_train = vec![root.join("val-only")];
+    let err = run(&s).unwrap_err().to_string();
+
+    assert!(err.contains("extra training data needs a `train` folder"), "{err}");
+    #[cfg(unix)]
+    {
+        let leaky = root.join("leaky");
+        std::fs::create_dir_all(&leaky).unwrap();
+        std::os::unix::fs::symlink(root.join("data").join("val"), leaky.join("train")).unwrap();
+        s.out = root.join("run-3");
+        s.extra_train = vec![leaky];
+        let err = run(&s).unwrap_err().to_string();
+        assert!(err.contains("also a validation or test image"), "{err}");
+    }
 }

@@ -27,7 +27,12 @@ pub(crate) struct Args {
     /// Without it, the Kaggle dataset `--dataset` is used from `--data-dir`, downloaded when missing.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// More training images: a dataset folder whose `train` split is added to the training set
+    /// (repeatable; its other splits are ignored). Validation stays on the main dataset's val split.
+    #[arg(long = "extra-train", value_name = "DIR")]
+    extra_train: Vec<PathBuf>,
     /// The Kaggle dataset (`owner/slug`) to use when `--data` is not given.
+
     #[arg(long, default_value = fracture_fetch::DEFAULT_DATASET)]
     dataset: String,
     /// Where downloaded datasets live (`<DATA_DIR>/<slug>`).
@@ -318,6 +323,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         device: device.clone(),
         stop_after_epochs: args.stop_after_epoch,
         pretrained,
+        extra_train: args.extra_train.clone(),
         kernels: match args.kernels {
             KernelsArg::Fast => fracture_train::model::Kernels::Fast,
             KernelsArg::Reference => fracture_train::model::Kernels::Reference,
