@@ -203,8 +203,39 @@ proptest! {
         }
     }
 
+    /// Widths of the middle stage that are whole groups of 16 channels, on planes at most 16 wide:
+    /// the channel-interleaved depthwise path (EfficientNet-Lite0's late stages).
     #[test]
-    fn dropout_matches_candle(n in 1usize..300, p in 0.0f32..0.9, seed: u64) {
+    fn fused_inverted_bottleneck_in_channel_groups_matches_the_single_ops(
+        b in 1usize..3, cin in prop_oneof![Just(8usize), Just(16)], expansion in prop_oneof![Just(1usize), Just(2), Just(6)],
+        kernel in prop_oneof![Just(3usize), Just(5)], stride in 1usize..3, h in 1usize..12, w in 1usize..12,
+        wide: bool, batch_stats: bool, seed: u64,
+    ) {
+        let w = if wide { w + 16 } else { w };
+        prop_assume!(expansion != 1 || cin == 16);
+        prop_assume!(!batch_stats || b * h * w >= 2);
+        let spec = MbConvSpec { cin, mid: cin * expansion, cout: cin, kernel, stride, expand: expansion != 1, eps: 1e-3 };
+        let lay = spec.layout();
+        let mut params = random(&[lay.len], seed ^ 1).to_vec1::<f32>().unwrap();
+        for (g, _) in lay.bn0.iter().chain([&lay.bn1, &lay.bn2]) {
+            params[g.clone()].iter_mut().for_each(|v| *v += 1.5);
+        }
+        let params = Tensor::new(params, &Device::Cpu).unwrap();
+        let x = (random(&[b, cin, h, w], seed) * 2.0).unwrap().affine(1.0, 0.3).unwrap();
+        let running: Option<kernels::BlockStats> = (!batch_stats).then(|| {
+            (0..spec.norms()).map(|i| {
+                let c = if i + 1 == spec.norms() { cin } else { spec.mid };
+                let m = random(&[c], seed ^ (10 + i as u64)).to_vec1::<f32>().unwrap();
+                let v = random(&[c], seed ^ (20 + i as u64)).affine(0.5, 1.0).unwrap().to_vec1::<f32>().unwrap();
+                (m, v)
+            }).collect()
+        });
+        check(&[x, params], |t, k| kernels::mbconv(&t[0], &t[1], spec, running.clone(), k).unwrap().0, "grouped inverted bottleneck")?;
+    }
+
+    #[test]
+    fn dropout_matches_candle(
+n in 1usize..300, p in 0.0f32..0.9, seed: u64) {
         check(&[random(&[n], seed)], |t, k| {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             kernels::dropout(&t[0], p, &mut rng, k).unwrap()

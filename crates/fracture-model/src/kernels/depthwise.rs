@@ -415,6 +415,188 @@ impl Geometry {
     }
 }
 
+/// Planes the channel-interleaved path works on at once: one vector register of channels.
+pub(crate) const GROUP: usize = CH;
+
+/// The channel-interleaved path, for narrow planes (at most one vector wide, 7 and 14 columns in
+/// EfficientNet-Lite0's late stages), where a row-wise vector would be mostly empty and per-row
+/// overheads dominate: [`GROUP`] planes of consecutive channels are transposed into one scratch
+/// whose every position holds a vector of their values, so each tap of each output position is one
+/// full-width multiply-add. The transposes in and out are the price; for narrow planes it is small.
+impl Geometry {
+    /// Whether the interleaved path applies: outputs at most one vector wide, whole groups of
+    /// channels.
+    pub(crate) fn grouped(&self) -> bool {
+        self.ow <= CH && self.c.is_multiple_of(GROUP)
+
+
+
+    }
+
+    /// Columns of the (not parity-split) padded scratch plane.
+    fn pwf(&self) -> usize {
+        (self.ow - 1) * self.s + self.k
+    }
+
+    /// Values of one interleaved scratch: `ph × pwf` positions of [`GROUP`] lanes.
+    pub(crate) fn group_scratch_len(&self) -> usize {
+        self.ph * self.pwf() * GROUP
+    }
+
+    /// Values of the interleaved output gradient: `oh × ow` positions of [`GROUP`] lanes.
+    pub(crate) fn group_dy_len(&self) -> usize {
+        self.oh * self.ow * GROUP
+    }
+
+    /// Transposes [`GROUP`] input planes (`planes`, `GROUP × h × w`) through `f(lane, value)` into
+    /// the zero-bordered interleaved scratch `q`.
+    #[inline(always)]
+    pub(crate) fn fill_group(&self, planes: &[f32], q: &mut [f32], f: impl Fn(usize, f32) -> f32) {
+        q.fill(0.0);
+        let (n, pwf) = (self.w.min(self.pwf().saturating_sub(self.pad.left)), self.pwf());
+        for (lane, plane) in planes.chunks_exact(self.h * self.w).enumerate() {
+            for iy in 0..self.h {
+                let r = iy + self.pad.top;
+                if r >= self.ph {
+                    break;
+                }
+                let base = r * pwf + self.pad.left;
+                for (ix, &v) in plane[iy * self.w..][..n].iter().enumerate() {
+                    q[(base + ix) * GROUP + lane] = f(lane, v);
+                }
+            }
+        }
+    }
+
+    /// The interleaved filters: `wt[t·GROUP + lane]` = tap `t` of the filter of plane `lane`
+    /// (`filters` holds the group's `GROUP × k × k` values).
+    #[inline(always)]
+    fn interleave_filters(&self, filters: &[f32]) -> [f32; 49 * GROUP] {
+        let kk = self.k * self.k;
+        let mut wt = [0.0f32; 49 * GROUP];
+        for lane in 0..GROUP {
+            for t in 0..kk {
+                wt[t * GROUP + lane] = filters[lane * kk + t];
+            }
+        }
+        wt
+    }
+
+    /// The scratch offset of tap `(ki, kj)` of output `(oy, ox)`.
+    #[inline(always)]
+    fn group_base(&self, oy: usize, ox: usize, ki: usize, kj: usize) -> usize {
+        ((oy * self.s + ki) * self.pwf() + ox * self.s + kj) * GROUP
+    }
+
+    /// [`GROUP`] output planes (`out`, `GROUP × oh × ow`, overwritten) from a filled interleaved
+    /// scratch and the group's filters.
+    #[inline(always)]
+    pub(crate) fn convolve_group(&self, q: &[f32], filters: &[f32], out: &mut [f32]) {
+        let (k, ohw) = (self.k, self.oh * self.ow);
+        let wt = self.interleave_filters(filters);
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                let mut acc = [0.0f32; GROUP];
+                for ki in 0..k {
+                    for kj in 0..k {
+                        let (w, src) = (
+                            &wt[(ki * k + kj) * GROUP..][..GROUP],
+                            &q[self.group_base(oy, ox, ki, kj)..][..GROUP],
+                        );
+                        for i in 0..GROUP {
+                            acc[i] += w[i] * src[i];
+                        }
+                    }
+                }
+                let pos = oy * self.ow + ox;
+                for (lane, &a) in acc.iter().enumerate() {
+                    out[lane * ohw + pos] = a;
+                }
+            }
+        }
+    }
+
+    /// The backward pass of a group: adds the filter gradients to `dw` (`GROUP × k × k`) and writes
+    /// the input gradients `dx` (`GROUP × h × w`), from the output gradients `dy`
+    /// (`GROUP × oh × ow`), the filled scratch `q` and scratch buffers `dyq`
+    /// ([`Geometry::group_dy_len`]) and `dq` ([`Geometry::group_scratch_len`]).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_group(
+        &self,
+        q: &[f32],
+        filters: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+        dx: &mut [f32],
+        dyq: &mut [f32],
+        dq: &mut [f32],
+    ) {
+        let (k, kk, ohw) = (self.k, self.k * self.k, self.oh * self.ow);
+        let dyq = &mut dyq[..ohw * GROUP];
+        for (lane, plane) in dy.chunks_exact(ohw).enumerate() {
+            for (pos, &v) in plane.iter().enumerate() {
+                dyq[pos * GROUP + lane] = v;
+            }
+        }
+        // Filter gradients: one vector of sums per tap over all positions.
+        for ki in 0..k {
+            for kj in 0..k {
+                let mut acc = [0.0f32; GROUP];
+                for oy in 0..self.oh {
+                    for ox in 0..self.ow {
+                        let (d, src) = (
+                            &dyq[(oy * self.ow + ox) * GROUP..][..GROUP],
+                            &q[self.group_base(oy, ox, ki, kj)..][..GROUP],
+                        );
+                        for i in 0..GROUP {
+                            acc[i] += d[i] * src[i];
+                        }
+                    }
+                }
+                for (lane, &a) in acc.iter().enumerate() {
+                    dw[lane * kk + ki * k + kj] += a;
+                }
+            }
+        }
+        // Input gradients: each output position's gradient spread over its taps.
+        let wt = self.interleave_filters(filters);
+        let dq = &mut dq[..self.group_scratch_len()];
+        dq.fill(0.0);
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                let d = &dyq[(oy * self.ow + ox) * GROUP..][..GROUP];
+                let d: [f32; GROUP] = std::array::from_fn(|i| d[i]);
+                for ki in 0..k {
+                    for kj in 0..k {
+                        let (w, dst) = (
+                            &wt[(ki * k + kj) * GROUP..][..GROUP],
+                            &mut dq[self.group_base(oy, ox, ki, kj)..][..GROUP],
+                        );
+                        for i in 0..GROUP {
+                            dst[i] += w[i] * d[i];
+                        }
+                    }
+                }
+            }
+        }
+        let (n, pwf) = (self.w.min(self.pwf().saturating_sub(self.pad.left)), self.pwf());
+        for (lane, plane) in dx.chunks_exact_mut(self.h * self.w).enumerate() {
+            plane.fill(0.0);
+            for iy in 0..self.h {
+                let r = iy + self.pad.top;
+                if r >= self.ph {
+                    break;
+                }
+                let base = r * pwf + self.pad.left;
+                for (ix, v) in plane[iy * self.w..][..n].iter_mut().enumerate() {
+                    *v = dq[(base + ix) * GROUP + lane];
+                }
+            }
+        }
+    }
+}
+
 fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
     let mut out = vec![0.0f32; g.b * g.c * plane_out];

@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::buffers::{give, take};
-use super::depthwise::{DSCRATCH, DepthwiseSpec, Geometry, Padding, ROW, SCRATCH, with_scratch};
+use super::depthwise::{DSCRATCH, DepthwiseSpec, GROUP, Geometry, Padding, ROW, SCRATCH, with_scratch};
 use super::norm::{self, Norm, NormGrad};
 use super::pointwise::{self, Dims};
 use super::{Activation, contiguous_f32, simd, tensor_f32};
@@ -208,6 +208,19 @@ fn prologue(n0: Option<&Norm>, c: usize) -> (f32, f32, bool) {
     }
 }
 
+/// Fills the interleaved scratch of the group of planes starting at channel `c0`, through BN0 +
+/// ReLU6 when expanding.
+#[inline(always)]
+fn fill_group(g: &Geometry, n0: Option<&Norm>, c0: usize, planes: &[f32], q: &mut [f32]) {
+    match n0 {
+        Some(n) => {
+            let (sc, sh) = (&n.scale[c0..c0 + GROUP], &n.shift[c0..c0 + GROUP]);
+            g.fill_group(planes, q, |lane, v| (v * sc[lane] + sh[lane]).clamp(0.0, 6.0));
+        }
+        None => g.fill_group(planes, q, |_, v| v),
+    }
+}
+
 impl CustomOp2 for MbConvOp {
     fn name(&self) -> &'static str {
         "fracture-mbconv"
@@ -263,30 +276,53 @@ impl CustomOp2 for MbConvOp {
         let wd = &params[lay.depthwise.clone()];
         let mut y2 = take(b * s.mid * ohw);
         let n0r = n0.as_ref();
-        let moments: Vec<(f64, f64)> = y2
-            .par_chunks_mut(ohw)
-            .zip(a1_src.par_chunks(hw))
-            .enumerate()
-            .map(|(i, (out, plane))| {
-                let c = i % s.mid;
-                let (sc, sh, act) = prologue(n0r, c);
-                let filter = &wd[c * kk..(c + 1) * kk];
-                with_scratch(&SCRATCH, g.scratch_len(), |p| {
-                    simd(
-                        #[inline(always)]
-                        || {
-                            if act {
-                                g.fill_scratch_with(plane, p, |v| (v * sc + sh).clamp(0.0, 6.0));
-                            } else {
-                                g.fill_scratch_with(plane, p, |v| v);
-                            }
-                            g.convolve_plane(p, filter, out);
-                            if batch { norm::run_moments(out) } else { (0.0, 0.0) }
-                        },
-                    )
+        let moments: Vec<(f64, f64)> = if g.grouped() {
+            y2.par_chunks_mut(GROUP * ohw)
+                .zip(a1_src.par_chunks(GROUP * hw))
+                .enumerate()
+                .map(|(i, (out, planes))| {
+                    let c0 = (i * GROUP) % s.mid;
+                    let filters = &wd[c0 * kk..(c0 + GROUP) * kk];
+                    with_scratch(&SCRATCH, g.group_scratch_len(), |q| {
+                        simd(
+                            #[inline(always)]
+                            || {
+                                fill_group(&g, n0r, c0, planes, q);
+                                g.convolve_group(q, filters, out);
+                                out.chunks_exact(ohw)
+                                    .map(|o| if batch { norm::run_moments(o) } else { (0.0, 0.0) })
+                                    .collect::<Vec<_>>()
+                            },
+                        )
+                    })
                 })
-            })
-            .collect();
+                .collect::<Vec<_>>()
+                .concat()
+        } else {
+            y2.par_chunks_mut(ohw)
+                .zip(a1_src.par_chunks(hw))
+                .enumerate()
+                .map(|(i, (out, plane))| {
+                    let c = i % s.mid;
+                    let (sc, sh, act) = prologue(n0r, c);
+                    let filter = &wd[c * kk..(c + 1) * kk];
+                    with_scratch(&SCRATCH, g.scratch_len(), |p| {
+                        simd(
+                            #[inline(always)]
+                            || {
+                                if act {
+                                    g.fill_scratch_with(plane, p, |v| (v * sc + sh).clamp(0.0, 6.0));
+                                } else {
+                                    g.fill_scratch_with(plane, p, |v| v);
+                                }
+                                g.convolve_plane(p, filter, out);
+                                if batch { norm::run_moments(out) } else { (0.0, 0.0) }
+                            },
+                        )
+                    })
+                })
+                .collect()
+        };
         let (g1, b1) = &lay.bn1;
         let n1 = self.norm(
             norm_index,
@@ -436,49 +472,94 @@ impl CustomOp2 for MbConvOp {
         let mut da1 = take(b * s.mid * hw);
         let mut dwd_planes = take(b * s.mid * kk);
         let n0 = saved.n0.as_ref();
-        let sums: Vec<(f64, f64)> = da1
-            .par_chunks_mut(hw)
-            .zip(dwd_planes.par_chunks_mut(kk))
-            .enumerate()
-            .map(|(i, (dx_plane, dw_plane))| {
-                let c = i % s.mid;
-                let (sc, sh, act) = prologue(n0, c);
-                let filter = &wd[c * kk..(c + 1) * kk];
-                let plane = &a1_src[i * hw..(i + 1) * hw];
-                let dy = &da2[i * ohw..(i + 1) * ohw];
-                dw_plane.fill(0.0);
-                with_scratch(&SCRATCH, g.scratch_len(), |p| {
-                    with_scratch(&DSCRATCH, g.scratch_len(), |dp| {
-                        with_scratch(&ROW, g.padded_row_len().max(g.padded_dy_len()), |row| {
-                            simd(
-                                #[inline(always)]
-                                || {
-                                    if act {
-                                        g.fill_scratch_with(plane, p, |v| (v * sc + sh).clamp(0.0, 6.0));
-                                    } else {
-                                        g.fill_scratch_with(plane, p, |v| v);
-                                    }
-                                    g.filter_grad_plane(p, dy, dw_plane, row);
-                                    g.input_grad_scratch(filter, dy, dp, row);
-                                    g.crop_scratch(dp, dx_plane);
-                                    match n0 {
-                                        Some(n) => norm::backward_sums_run(
-                                            dx_plane,
-                                            plane,
-                                            sc,
-                                            sh,
-                                            n.center[c],
-                                            Activation::Relu6,
-                                        ),
-                                        None => (0.0, 0.0),
-                                    }
-                                },
-                            )
+        let sums: Vec<(f64, f64)> = if g.grouped() {
+            da1.par_chunks_mut(GROUP * hw)
+                .zip(dwd_planes.par_chunks_mut(GROUP * kk))
+                .enumerate()
+                .map(|(i, (dx, dw))| {
+                    let c0 = (i * GROUP) % s.mid;
+                    let filters = &wd[c0 * kk..(c0 + GROUP) * kk];
+                    let planes = &a1_src[i * GROUP * hw..(i + 1) * GROUP * hw];
+                    let dy = &da2[i * GROUP * ohw..(i + 1) * GROUP * ohw];
+                    dw.fill(0.0);
+                    with_scratch(&SCRATCH, g.group_scratch_len(), |q| {
+                        with_scratch(&DSCRATCH, g.group_scratch_len(), |dq| {
+                            with_scratch(&ROW, g.group_dy_len(), |dyq| {
+                                simd(
+                                    #[inline(always)]
+                                    || {
+                                        fill_group(&g, n0, c0, planes, q);
+                                        g.backward_group(q, filters, dy, dw, dx, dyq, dq);
+                                        dx.chunks_exact_mut(hw)
+                                            .zip(planes.chunks_exact(hw))
+                                            .enumerate()
+                                            .map(|(lane, (d, p))| match n0 {
+                                                Some(n) => {
+                                                    let c = c0 + lane;
+                                                    norm::backward_sums_run(
+                                                        d,
+                                                        p,
+                                                        n.scale[c],
+                                                        n.shift[c],
+                                                        n.center[c],
+                                                        Activation::Relu6,
+                                                    )
+                                                }
+                                                None => (0.0, 0.0),
+                                            })
+                                            .collect::<Vec<_>>()
+                                    },
+                                )
+                            })
                         })
                     })
                 })
-            })
-            .collect();
+                .collect::<Vec<_>>()
+                .concat()
+        } else {
+            da1.par_chunks_mut(hw)
+                .zip(dwd_planes.par_chunks_mut(kk))
+                .enumerate()
+                .map(|(i, (dx_plane, dw_plane))| {
+                    let c = i % s.mid;
+                    let (sc, sh, act) = prologue(n0, c);
+                    let filter = &wd[c * kk..(c + 1) * kk];
+                    let plane = &a1_src[i * hw..(i + 1) * hw];
+                    let dy = &da2[i * ohw..(i + 1) * ohw];
+                    dw_plane.fill(0.0);
+                    with_scratch(&SCRATCH, g.scratch_len(), |p| {
+                        with_scratch(&DSCRATCH, g.scratch_len(), |dp| {
+                            with_scratch(&ROW, g.padded_row_len().max(g.padded_dy_len()), |row| {
+                                simd(
+                                    #[inline(always)]
+                                    || {
+                                        if act {
+                                            g.fill_scratch_with(plane, p, |v| (v * sc + sh).clamp(0.0, 6.0));
+                                        } else {
+                                            g.fill_scratch_with(plane, p, |v| v);
+                                        }
+                                        g.filter_grad_plane(p, dy, dw_plane, row);
+                                        g.input_grad_scratch(filter, dy, dp, row);
+                                        g.crop_scratch(dp, dx_plane);
+                                        match n0 {
+                                            Some(n) => norm::backward_sums_run(
+                                                dx_plane,
+                                                plane,
+                                                sc,
+                                                sh,
+                                                n.center[c],
+                                                Activation::Relu6,
+                                            ),
+                                            None => (0.0, 0.0),
+                                        }
+                                    },
+                                )
+                            })
+                        })
+                    })
+                })
+                .collect()
+        };
         give(da2);
         let dwd = &mut dparams[lay.depthwise.clone()];
         for image in dwd_planes.chunks_exact(s.mid * kk) {
