@@ -647,8 +647,27 @@ fn predict_reports_unreadable_files_and_fails_only_when_nothing_is_read() {
     std::fs::create_dir_all(&bad).unwrap();
     std::fs::write(bad.join("broken.jpg"), b"not a jpeg").unwrap();
     std::fs::write(bad.join("empty.png"), b"").unwrap();
-    let out = fracture()
+    let strict = fracture()
         .args(["predict", "--format", "csv", "--model"])
+        .arg(&run)
+        .arg(&images)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert_eq!(
+        strict.status.code(),
+        Some(1),
+        "an unreadable input fails the run: {stderr}"
+    );
+    assert!(stderr.contains("--keep-going"), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&strict.stdout).lines().count(),
+        13,
+        "the readable images are still predicted"
+    );
+    let out = fracture()
+        .args(["predict", "--keep-going", "--format", "csv", "--model"])
         .arg(&run)
         .arg(&images)
         .arg(&bad)
@@ -657,6 +676,7 @@ fn predict_reports_unreadable_files_and_fails_only_when_nothing_is_read() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+
     assert_eq!(stdout.lines().next(), Some("path,p_fractured,label"));
     assert_eq!(stdout.lines().count(), 13, "12 images and a header:\n{stdout}");
     assert!(
@@ -1251,4 +1271,147 @@ fn predict_writes_heatmap_overlays() {
             "the overlay keeps the image's own size"
         );
     }
+}
+
+/// Rows of RFC 4180 CSV text (quoted cells with doubled quotes and line breaks).
+#[cfg(unix)]
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let (mut rows, mut row, mut cell) = (Vec::new(), Vec::new(), String::new());
+    let (mut quoted, mut chars) = (false, text.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                cell.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => cell.push(c),
+            (false, '"') => quoted = true,
+            (false, ',') => row.push(std::mem::take(&mut cell)),
+            (false, '\n') => {
+                row.push(std::mem::take(&mut cell));
+                rows.push(std::mem::take(&mut row));
+            }
+            (false, c) => cell.push(c),
+        }
+    }
+    rows
+}
+
+#[cfg(unix)]
+#[test]
+fn predict_survives_unusual_names_and_symlink_loops() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let (root, run) = trained_run("predict-names");
+    let dir = root.join("odd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = std::fs::read(root.join("data/test/fractured/img_0000.png")).unwrap();
+    let names: Vec<&[u8]> = vec![
+        b"a,b.png",
+        b"say \"hi\".png",
+        b"two\nlines.png",
+        b"=HYPERLINK(\"x\").png",
+        b"-leading.png",
+        b"x\xff.png",
+        b"x\xfe.png",
+    ];
+    for n in &names {
+        std::fs::write(dir.join(OsStr::from_bytes(n)), &source).unwrap();
+    }
+    for i in 0..10 {
+        std::os::unix::fs::symlink(".", dir.join(format!("loop{i}"))).unwrap();
+    }
+
+    let csv = fracture()
+        .args(["predict", "--format", "csv", "--model"])
+        .arg(&run)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(csv.status.success(), "{}", String::from_utf8_lossy(&csv.stderr));
+    let rows = parse_csv(&String::from_utf8(csv.stdout).unwrap());
+    assert_eq!(
+        rows.len(),
+        1 + names.len(),
+        "each file once, loops walked once: {rows:?}"
+    );
+    assert!(rows.iter().all(|r| r.len() == 3), "{rows:?}");
+    let paths: Vec<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
+    assert!(paths.iter().any(|p| p.ends_with("/a,b.png")), "{paths:?}");
+    assert!(paths.iter().any(|p| p.ends_with("/two\nlines.png")), "{paths:?}");
+    assert!(paths.iter().any(|p| p.ends_with("/say \"hi\".png")), "{paths:?}");
+    assert!(
+        paths.iter().any(|p| p.ends_with("/x\\xFF.png")) && paths.iter().any(|p| p.ends_with("/x\\xFE.png"))
+    );
+    // Files named on the command line, relative: the cells start with the names themselves.
+    let relative = fracture()
+        .current_dir(&dir)
+        .args(["predict", "--format", "csv", "--model"])
+        .arg(&run)
+        .args(["--", "=HYPERLINK(\"x\").png", "-leading.png"])
+        .output()
+        .unwrap();
+    assert!(
+        relative.status.success(),
+        "{}",
+        String::from_utf8_lossy(&relative.stderr)
+    );
+    let rows = parse_csv(&String::from_utf8(relative.stdout).unwrap());
+    assert_eq!(rows[1][0], "'=HYPERLINK(\"x\").png", "{rows:?}");
+    assert_eq!(rows[2][0], "'-leading.png", "{rows:?}");
+
+    let heatmaps = root.join("heatmaps");
+    let json = fracture()
+        .args(["predict", "--format", "json", "--model"])
+        .arg(&run)
+        .arg(&dir)
+        .arg("--heatmap")
+        .arg(&heatmaps)
+        .output()
+        .unwrap();
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let preds = value["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), names.len());
+    let unique: std::collections::HashSet<&str> = preds.iter().map(|p| p["path"].as_str().unwrap()).collect();
+    assert_eq!(unique.len(), names.len(), "distinct files render distinctly");
+    assert_eq!(std::fs::read_dir(&heatmaps).unwrap().count(), names.len());
+}
+
+#[test]
+fn a_truncated_jpeg_is_an_error_unless_partial_images_are_allowed() {
+    let (root, run) = trained_run("predict-partial");
+    let img = fracture_testkit::synthetic_xray(640, 640, true, 7);
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(img)
+        .write_to(&mut out, image::ImageFormat::Jpeg)
+        .unwrap();
+    let bytes = out.into_inner();
+    let cut = root.join("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let strict = fracture()
+        .args(["predict", "--model"])
+        .arg(&run)
+        .arg(&cut)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert_eq!(strict.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cut.jpg") && stderr.contains("truncated or damaged"),
+        "{stderr}"
+    );
+    let lenient = fracture()
+        .args(["predict", "--allow-partial", "--model"])
+        .arg(&run)
+        .arg(&cut)
+        .output()
+        .unwrap();
+    assert!(
+        lenient.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lenient.stderr)
+    );
+    assert!(String::from_utf8_lossy(&lenient.stdout).contains("cut.jpg"));
 }

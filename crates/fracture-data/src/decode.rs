@@ -30,6 +30,10 @@ pub struct DecodeLimits {
     pub max_alloc_bytes: u64,
     /// Largest file read, in bytes.
     pub max_file_bytes: u64,
+    /// Accept a JPEG that decodes only in part (truncated or damaged; the missing area is filled
+    /// with gray). Off by default: such a file is an [`Error::Partial`].
+    #[serde(default)]
+    pub allow_partial: bool,
 }
 
 impl Default for DecodeLimits {
@@ -40,6 +44,7 @@ impl Default for DecodeLimits {
             max_height: 16_384,
             max_alloc_bytes: 1 << 30,
             max_file_bytes: 256 << 20,
+            allow_partial: false,
         }
     }
 }
@@ -86,7 +91,23 @@ pub fn decode_gray(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result
     };
     let format = image::guess_format(bytes).map_err(decode_err)?;
     if format == ImageFormat::Jpeg {
-        return decode_jpeg(bytes, limits).map_err(decode_err);
+        if limits.allow_partial {
+            return decode_jpeg(bytes, limits, false).map_err(decode_err);
+        }
+        return match decode_jpeg(bytes, limits, true) {
+            Ok(gray) => Ok(gray),
+            // The strict decoder stops at the first damage; the lenient one fills in gray. When only
+            // the lenient one succeeds, the picture is partial, unless the strict complaint was
+            // about harmless padding between headers.
+            Err(strict) => match decode_jpeg(bytes, limits, false) {
+                Ok(gray) if strict.to_string().contains("Extra bytes between headers") => Ok(gray),
+                Ok(_) => Err(Error::Partial {
+                    path: origin.to_path_buf(),
+                    reason: strict.to_string(),
+                }),
+                Err(e) => Err(decode_err(e)),
+            },
+        };
     }
     decode_other(bytes, format, limits).map_err(decode_err)
 }
@@ -110,13 +131,14 @@ fn check_dimensions(
     Ok(())
 }
 
-fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Result<GrayImage, ImageError> {
+fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits, strict: bool) -> Result<GrayImage, ImageError> {
     let jpeg_err = |e: zune_jpeg::errors::DecodeErrors| {
         ImageError::Decoding(DecodingError::new(ImageFormatHint::Exact(ImageFormat::Jpeg), e))
     };
     let options = DecoderOptions::default()
         .set_max_width(limits.max_width as usize)
-        .set_max_height(limits.max_height as usize);
+        .set_max_height(limits.max_height as usize)
+        .set_strict_mode(strict);
     let mut probe = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
     probe.decode_headers().map_err(jpeg_err)?;
     let (width, height, input) = match (probe.info(), probe.input_colorspace()) {
@@ -140,8 +162,10 @@ fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Result<GrayImage, ImageEr
         JpegDecoder::new_with_options(ZCursor::new(bytes), options.jpeg_set_out_colorspace(out));
     let pixels = match decoder.decode() {
         Ok(p) => p,
+        Err(e) if strict => return Err(jpeg_err(e)),
         // zune-jpeg refuses a few rare layouts; the `image` crate may still read them.
         Err(_) if !direct_luma => return decode_other(bytes, ImageFormat::Jpeg, limits),
+
         Err(e) => return Err(jpeg_err(e)),
     };
     let (w, h) = match decoder.info() {
@@ -340,6 +364,28 @@ mod tests {
             let cut = &bytes[..bytes.len() / 3];
             assert!(decode_gray(cut, origin(), &limits).is_err(), "{format:?}");
         }
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_partial_unless_allowed() {
+        let gray = GrayImage::from_fn(512, 384, |x, y| Luma([((x * 7) ^ (y * 13)) as u8]));
+        let bytes = encode(&DynamicImage::ImageLuma8(gray), ImageFormat::Jpeg);
+        let cut = &bytes[..bytes.len() / 3];
+        let err = decode_gray(cut, origin(), &DecodeLimits::default()).unwrap_err();
+        assert!(matches!(err, Error::Partial { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("test.img") && text.contains("--allow-partial"),
+            "{text}"
+        );
+        let lenient = DecodeLimits {
+            allow_partial: true,
+            ..DecodeLimits::default()
+        };
+        let partial = decode_gray(cut, origin(), &lenient).unwrap();
+        assert_eq!(partial.dimensions(), (512, 384));
+        // The whole file is not partial.
+        assert!(decode_gray(&bytes, origin(), &DecodeLimits::default()).is_ok());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Finding images in a folder tree: `<root>/<split>/<class>/<file>`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -79,6 +79,13 @@ pub struct DatasetLayout {
     pub splits: BTreeMap<Split, Vec<Item>>,
     /// Files and folders that were passed over.
     pub skipped: Vec<Skipped>,
+    /// Symbolic links that change what the dataset means: an image reached through a link that
+    /// leaves the dataset root (kept, and listed here), one image in two classes or splits (kept
+    /// where it was met first — splits in train, val, test order, classes fractured first — and
+    /// dropped from the others), a folder link out of its class folder (not followed). Training
+    /// refuses a layout with any unless told to accept them.
+    #[serde(default)]
+    pub link_problems: Vec<Skipped>,
 }
 
 impl DatasetLayout {
@@ -114,6 +121,8 @@ impl DatasetLayout {
         };
         let mut splits: BTreeMap<Split, Vec<Item>> = BTreeMap::new();
         let mut skipped = Vec::new();
+        let mut tracker = Tracker::new(&found)?;
+        let mut split_dirs = Vec::new();
         for entry in sorted_entries(&found)? {
             let name = entry
                 .file_name()
@@ -124,13 +133,18 @@ impl DatasetLayout {
                 continue;
             }
             match Split::from_dir_name(&name) {
-                Some(split) => {
-                    let (items, mut skip) = discover_class_folders(&entry)?;
-                    splits.entry(split).or_default().extend(items);
-                    skipped.append(&mut skip);
-                }
+                Some(split) => split_dirs.push((split, entry)),
                 None => skipped.push(Skipped::new(&entry, "not a split folder (train, val or test)")),
             }
+        }
+        // Splits in train, val, test order, so an image linked into two splits stays in train.
+        split_dirs.sort_by_key(|(split, _)| *split);
+        for (split, dir) in split_dirs {
+            let items = class_folder_items(&dir, Some(split), &mut tracker, &mut skipped)?;
+            splits.entry(split).or_default().extend(items);
+        }
+        for items in splits.values_mut() {
+            items.retain(|i| !tracker.removed.contains(&i.path));
         }
         for items in splits.values_mut() {
             items.sort_by(|a, b| (a.label, &a.path).cmp(&(b.label, &b.path)));
@@ -139,6 +153,7 @@ impl DatasetLayout {
             root: found,
             splits,
             skipped,
+            link_problems: tracker.problems,
         })
     }
 
@@ -157,13 +172,77 @@ impl DatasetLayout {
 ///
 /// Returns the items sorted by label, then path, and the skipped entries. Both classes must be
 /// present with at least one image each.
+///
+/// Files are counted once however many links reach them; the [`DatasetLayout::link_problems`]
+/// of this folder are returned among the skipped entries.
 pub fn discover_class_folders(dir: &Path) -> Result<(Vec<Item>, Vec<Skipped>)> {
     if !dir.is_dir() {
         return Err(Error::MissingRoot {
             path: dir.to_path_buf(),
         });
     }
-    let (classes, mut skipped) = class_dirs(dir)?;
+    let mut tracker = Tracker::new(dir)?;
+    let mut skipped = Vec::new();
+    let mut items = class_folder_items(dir, None, &mut tracker, &mut skipped)?;
+    items.retain(|i| !tracker.removed.contains(&i.path));
+    skipped.append(&mut tracker.problems);
+    Ok((items, skipped))
+}
+
+/// What one discovery has met: the canonical dataset root, the owner of every canonical file,
+/// and the link problems found.
+struct Tracker {
+    given: PathBuf,
+    root: PathBuf,
+    owners: HashMap<PathBuf, Owner>,
+    /// Items taken back because the same image was later met where it really lives.
+    removed: HashSet<PathBuf>,
+    problems: Vec<Skipped>,
+}
+
+/// Where a file was first met, and whether that is where it really lives (no link on the way).
+struct Owner {
+    split: Option<Split>,
+    label: Label,
+    path: PathBuf,
+    real: bool,
+}
+
+impl Tracker {
+    fn new(root: &Path) -> Result<Self> {
+        Ok(Tracker {
+            given: root.to_path_buf(),
+            root: fs::canonicalize(root).map_err(|e| Error::io(root, e))?,
+            owners: HashMap::new(),
+            removed: HashSet::new(),
+            problems: Vec::new(),
+        })
+    }
+
+    /// Whether `file` (found below the given root) is where its canonical path `id` says.
+    fn is_real(&self, file: &Path, id: &Path) -> bool {
+        file.strip_prefix(&self.given)
+            .is_ok_and(|rel| self.root.join(rel) == id)
+    }
+}
+
+/// Where a split and class live, in words: `train/fractured`, or `fractured` outside splits.
+fn place(split: Option<Split>, label: Label) -> String {
+    match split {
+        Some(s) => format!("{}/{}", s.name(), label.name()),
+        None => label.name().to_string(),
+    }
+}
+
+/// The items of `<dir>/<class>/…`, each file once, with link problems recorded in `tracker`.
+fn class_folder_items(
+    dir: &Path,
+    split: Option<Split>,
+    tracker: &mut Tracker,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<Item>> {
+    let (classes, mut skip) = class_dirs(dir)?;
+    skipped.append(&mut skip);
     if classes.is_empty() {
         return Err(Error::NoClassFolders {
             path: dir.to_path_buf(),
@@ -177,14 +256,78 @@ pub fn discover_class_folders(dir: &Path) -> Result<(Vec<Item>, Vec<Skipped>)> {
                 continue;
             }
             let mut files = Vec::new();
-            walk_files(class_dir, CLASS_WALK_DEPTH, &mut files, &mut skipped)?;
+            let bound = fs::canonicalize(class_dir).map_err(|e| Error::io(class_dir, e))?;
+            let mut walk = Walk {
+                bound: Some(bound),
+                visited: HashSet::new(),
+                problems: &mut tracker.problems,
+            };
+            walk_files(class_dir, CLASS_WALK_DEPTH, &mut files, skipped, &mut walk)?;
             for file in files {
-                match check_file(&file) {
-                    Ok(()) => {
+                if let Err(e) = check_file(&file) {
+                    skipped.push(Skipped::new(&file, short_reason(&e)));
+                    continue;
+                }
+                let id = fs::canonicalize(&file).map_err(|e| Error::io(&file, e))?;
+                if !id.starts_with(&tracker.root) {
+                    tracker.problems.push(Skipped::new(
+                        &file,
+                        format!(
+                            "a symbolic link leaving the dataset root {} (to {})",
+                            tracker.root.display(),
+                            id.display()
+                        ),
+                    ));
+                }
+                let real = tracker.is_real(&file, &id);
+                let owner = Owner {
+                    split,
+                    label,
+                    path: file.clone(),
+                    real,
+                };
+                match tracker.owners.get(&id) {
+                    None => {
+                        tracker.owners.insert(id, owner);
                         items.push(Item::new(file, label));
                         count += 1;
                     }
-                    Err(e) => skipped.push(Skipped::new(&file, short_reason(&e))),
+                    Some(first) if first.split == split && first.label == label => {
+                        skipped.push(Skipped::new(
+                            &file,
+                            format!(
+                                "the same file as {} (through a symbolic link): counted once",
+                                first.path.display()
+                            ),
+                        ))
+                    }
+                    // The image really lives here: it moves here from where a link put it first.
+                    Some(first) if real && !first.real => {
+                        tracker.problems.push(Skipped::new(
+                            &first.path,
+                            format!(
+                                "a symbolic link puts {} (in {}) into {} too; dropped from {}",
+                                file.display(),
+                                place(split, label),
+                                place(first.split, first.label),
+                                place(first.split, first.label)
+                            ),
+                        ));
+                        tracker.removed.insert(first.path.clone());
+                        tracker.owners.insert(id, owner);
+                        items.push(Item::new(file, label));
+                        count += 1;
+                    }
+                    Some(first) => tracker.problems.push(Skipped::new(
+                        &file,
+                        format!(
+                            "the same image as {} in {}: a symbolic link puts it in {} too; dropped from {}",
+                            first.path.display(),
+                            place(first.split, first.label),
+                            place(split, label),
+                            place(split, label)
+                        ),
+                    )),
                 }
             }
         }
@@ -196,12 +339,13 @@ pub fn discover_class_folders(dir: &Path) -> Result<(Vec<Item>, Vec<Skipped>)> {
         }
     }
     items.sort_by(|a, b| (a.label, &a.path).cmp(&(b.label, &b.path)));
-    Ok((items, skipped))
+    Ok(items)
 }
 
 /// Lists the image files under `path`: the file itself, or every image file below a folder
 /// (recursively, sorted, hidden entries left out). Files without an image extension are returned
-/// in the second list.
+/// in the second list. Symbolic links are followed, but every folder is walked once (a link back
+/// to a folder above is passed over) and every file is listed once however many links reach it.
 pub fn list_image_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<Skipped>)> {
     let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_file() {
@@ -209,8 +353,32 @@ pub fn list_image_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<Skipped>)> {
     }
     let mut files = Vec::new();
     let mut skipped = Vec::new();
-    walk_files(path, CLASS_WALK_DEPTH, &mut files, &mut skipped)?;
-    let (images, others): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| has_image_extension(f));
+    let mut problems = Vec::new();
+    let mut walk = Walk {
+        bound: None,
+        visited: HashSet::new(),
+        problems: &mut problems,
+    };
+    walk_files(path, CLASS_WALK_DEPTH, &mut files, &mut skipped, &mut walk)?;
+    let mut seen = HashMap::new();
+    let mut unique = Vec::with_capacity(files.len());
+    for f in files {
+        let id = fs::canonicalize(&f).unwrap_or_else(|_| f.clone());
+        match seen.get(&id) {
+            None => {
+                seen.insert(id, f.clone());
+                unique.push(f);
+            }
+            Some(first) => skipped.push(Skipped::new(
+                &f,
+                format!(
+                    "the same file as {} (through a symbolic link): listed once",
+                    Path::display(first)
+                ),
+            )),
+        }
+    }
+    let (images, others): (Vec<_>, Vec<_>) = unique.into_iter().partition(|f| has_image_extension(f));
     skipped.extend(others.into_iter().map(|f| Skipped::new(f, "not an image file")));
     Ok((images, skipped))
 }
@@ -310,7 +478,42 @@ fn find_split_root(root: &Path, max_depth: usize) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-fn walk_files(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, skipped: &mut Vec<Skipped>) -> Result<()> {
+/// The state of one folder walk: the canonical folder it must stay in (a class folder, so that a
+/// link cannot relabel images), the canonical folders already walked, and where link problems go.
+struct Walk<'a> {
+    bound: Option<PathBuf>,
+    visited: HashSet<PathBuf>,
+    problems: &'a mut Vec<Skipped>,
+}
+
+fn walk_files(
+    dir: &Path,
+    depth: usize,
+    files: &mut Vec<PathBuf>,
+    skipped: &mut Vec<Skipped>,
+    walk: &mut Walk<'_>,
+) -> Result<()> {
+    let id = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(bound) = &walk.bound
+        && !id.starts_with(bound)
+    {
+        walk.problems.push(Skipped::new(
+            dir,
+            format!(
+                "a symbolic link out of its class folder {} (to {}): not followed",
+                bound.display(),
+                id.display()
+            ),
+        ));
+        return Ok(());
+    }
+    if !walk.visited.insert(id) {
+        skipped.push(Skipped::new(
+            dir,
+            "a folder already walked (a symbolic link back to it): not followed again",
+        ));
+        return Ok(());
+    }
     for entry in sorted_entries(dir)? {
         let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if is_hidden(name) {
@@ -320,7 +523,7 @@ fn walk_files(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, skipped: &mut 
             if depth == 0 {
                 skipped.push(Skipped::new(&entry, "folder nested too deep"));
             } else {
-                walk_files(&entry, depth - 1, files, skipped)?;
+                walk_files(&entry, depth - 1, files, skipped, walk)?;
             }
         } else if entry.is_file() {
             files.push(entry);

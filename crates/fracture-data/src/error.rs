@@ -23,7 +23,21 @@ pub enum Error {
         #[source]
         source: image::ImageError,
     },
+    /// Only part of the image could be decoded (a truncated or damaged file): refused unless
+    /// [`DecodeLimits::allow_partial`](crate::DecodeLimits::allow_partial).
+    #[error(
+        "{}: the image is truncated or damaged, only part of it decodes ({reason}); \
+         pass --allow-partial to accept such images",
+        path.display()
+    )]
+    Partial {
+        /// The file (or upload name).
+        path: PathBuf,
+        /// What the strict decoder found.
+        reason: String,
+    },
     /// The file is empty.
+
     #[error("{}: file is empty (0 bytes)", path.display())]
     EmptyFile {
         /// The empty file.

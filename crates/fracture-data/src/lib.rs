@@ -18,6 +18,7 @@ mod decode;
 mod discover;
 mod error;
 mod label;
+mod paths;
 mod preprocess;
 mod split;
 mod summary;
@@ -32,6 +33,7 @@ pub use discover::{
 };
 pub use error::{Error, Result};
 pub use label::Label;
+pub use paths::path_text;
 pub use preprocess::{ContentBox, PreprocessConfig, ResizeMode, SIZE_RANGE, Standardize, to_unit};
 pub use split::{Split, stratified_split};
 pub use summary::{DatasetSummary, SplitCounts};

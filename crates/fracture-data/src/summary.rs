@@ -34,6 +34,9 @@ pub struct DatasetSummary {
     pub splits: Vec<SplitCounts>,
     /// Everything passed over, with the reason.
     pub skipped: Vec<Skipped>,
+    /// The layout's [`DatasetLayout::link_problems`].
+    #[serde(default)]
+    pub link_problems: Vec<Skipped>,
 }
 
 impl DatasetSummary {
@@ -55,6 +58,7 @@ impl DatasetSummary {
             root: layout.root.clone(),
             splits,
             skipped: layout.skipped.clone(),
+            link_problems: layout.link_problems.clone(),
         }
     }
 
@@ -101,6 +105,12 @@ impl fmt::Display for DatasetSummary {
                 for s in &self.skipped {
                     writeln!(f, "    {s}")?;
                 }
+            }
+        }
+        if !self.link_problems.is_empty() {
+            writeln!(f, "  symbolic link problems: {}", self.link_problems.len())?;
+            for s in &self.link_problems {
+                writeln!(f, "    {s}")?;
             }
         }
         Ok(())

@@ -344,3 +344,126 @@ fn png_writer(file: std::fs::File, w: u32, h: u32) -> png::StreamWriter<'static,
 }
 
 use std::io::Write;
+
+/// A small dataset: train and val, two images per class each.
+#[cfg(unix)]
+fn linked_dataset(name: &str) -> PathBuf {
+    let root = fresh_dir(&base(), name);
+    for (i, dir) in [
+        "train/fractured",
+        "train/not fractured",
+        "val/fractured",
+        "val/not fractured",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for j in 0..2 {
+            save(
+                &xray((i * 2 + j) as u64),
+                &root.join(dir).join(format!("{i}{j}.png")),
+                ImageFormat::Png,
+            );
+        }
+    }
+    root
+}
+
+#[cfg(unix)]
+fn counts(layout: &DatasetLayout, split: Split) -> [usize; 2] {
+    let items = layout.split(split).unwrap();
+    let f = items.iter().filter(|i| i.label == Label::Fractured).count();
+    [f, items.len() - f]
+}
+
+#[cfg(unix)]
+#[test]
+fn links_to_folders_above_cannot_loop_or_relabel() {
+    use std::os::unix::fs::symlink;
+    let root = linked_dataset("link-loops");
+    // Ten links back to the class folder itself, and one to the split folder above it.
+    for i in 0..10 {
+        symlink(".", root.join(format!("train/fractured/self{i}"))).unwrap();
+    }
+    symlink("..", root.join("train/fractured/up")).unwrap();
+    let layout = DatasetLayout::discover(&root).unwrap();
+    assert_eq!(
+        counts(&layout, Split::Train),
+        [2, 2],
+        "no image counted twice or relabelled"
+    );
+    assert_eq!(counts(&layout, Split::Val), [2, 2]);
+    assert_eq!(layout.link_problems.len(), 1, "{:?}", layout.link_problems);
+    let problem = &layout.link_problems[0];
+    assert!(problem.path.ends_with("train/fractured/up"), "{problem}");
+    assert!(problem.reason.contains("out of its class folder"), "{problem}");
+    assert!(
+        layout.skipped.iter().any(|s| s.reason.contains("already walked")),
+        "{:?}",
+        layout.skipped
+    );
+
+    // The plain listing (predict) follows links but walks each folder once and lists each file once.
+    let (files, skipped) = fracture_data::list_image_files(&root).unwrap();
+    assert_eq!(files.len(), 8, "{files:?}");
+    assert!(skipped.iter().all(|s| !s.reason.is_empty()));
+}
+
+#[cfg(unix)]
+#[test]
+fn an_image_linked_into_two_splits_or_classes_is_a_problem_kept_where_it_lives() {
+    use std::os::unix::fs::symlink;
+    let root = linked_dataset("link-leaks");
+    // A val image linked into train, and a train image linked into the other class.
+    symlink(
+        root.join("val/fractured/20.png"),
+        root.join("train/fractured/leak.png"),
+    )
+    .unwrap();
+    symlink(
+        root.join("train/fractured/00.png"),
+        root.join("train/not fractured/relabelled.png"),
+    )
+    .unwrap();
+    // A file outside the dataset, linked in.
+    let outside = fresh_dir(&base(), "link-outside");
+    save(&xray(99), &outside.join("x.png"), ImageFormat::Png);
+    symlink(outside.join("x.png"), root.join("val/not fractured/outside.png")).unwrap();
+
+    let layout = DatasetLayout::discover(&root).unwrap();
+    let paths =
+        |s: Split| -> Vec<PathBuf> { layout.split(s).unwrap().iter().map(|i| i.path.clone()).collect() };
+    assert!(
+        paths(Split::Val).contains(&root.join("val/fractured/20.png")),
+        "the val image stays in val"
+    );
+    assert!(!paths(Split::Train).contains(&root.join("train/fractured/leak.png")));
+    assert!(!paths(Split::Train).contains(&root.join("train/not fractured/relabelled.png")));
+    assert!(
+        paths(Split::Val).contains(&root.join("val/not fractured/outside.png")),
+        "kept, but reported"
+    );
+    assert_eq!(counts(&layout, Split::Train), [2, 2]);
+    assert_eq!(counts(&layout, Split::Val), [2, 3]);
+    let reasons: Vec<String> = layout.link_problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:#?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("leak.png") && r.contains("dropped from train/fractured")),
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("relabelled.png") && r.contains("dropped from train/not fractured")),
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("outside.png") && r.contains("leaving the dataset root")),
+        "{reasons:#?}"
+    );
+    assert!(layout.summary().to_string().contains("symbolic link problems: 3"));
+}

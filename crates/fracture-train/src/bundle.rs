@@ -74,6 +74,14 @@ impl TrainedModel {
             }
             None => fracture_eval::DEFAULT_THRESHOLD,
         };
+        preprocess
+            .validate()
+            .map_err(|e| bad(format!("`{PREPROCESS_KEY}`: {e}")))?;
+        if !(threshold.is_finite() && (0.0..=1.0).contains(&threshold)) {
+            return Err(bad(format!(
+                "`{THRESHOLD_KEY}` = {threshold} is not a probability in [0, 1]"
+            )));
+        }
         if preprocess.size as usize != model.config().image_size {
             return Err(bad(format!(
                 "preprocessing size {} differs from the model's input size {}",

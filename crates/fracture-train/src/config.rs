@@ -251,6 +251,11 @@ impl TrainConfig {
         {
             return bad("ema_decay", format!("{d} must lie in (0, 1)"));
         }
+        if let fracture_eval::ThresholdRule::TargetSensitivity { target } = self.threshold_rule
+            && !(target > 0.0 && target <= 1.0)
+        {
+            return bad("target_sensitivity", format!("{target} must lie in (0, 1]"));
+        }
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
             return bad(
                 "val_fraction",

@@ -40,7 +40,7 @@ pub use loss::bce_with_logits;
 pub use optim::Adam;
 pub use outputs::{
     CHART_FILES, EvalSource, Evaluation, PREDICTIONS_CSV, Prediction, REPORT_JSON, TRAINING_CURVES_FILE,
-    ThresholdChoice, evaluate_items, predict_files, read_metrics_csv, write_evaluation,
+    ThresholdChoice, csv_field, evaluate_items, predict_files, read_metrics_csv, write_evaluation,
     write_training_curves,
 };
 pub use preset::{PRETRAINED_FILE, Preset, Recipe};

@@ -162,7 +162,7 @@ pub fn write_evaluation(
         let predicted = fracture_data::Label::from_fractured(*p >= eval.report.threshold);
         csv.push_str(&format!(
             "{},{},{p:.6},{}\n",
-            csv_field(&item.path.display().to_string()),
+            csv_field(&fracture_data::path_text(&item.path)),
             item.label,
             predicted
         ));
@@ -219,11 +219,35 @@ pub fn write_evaluation(
     Ok(written)
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
+/// One CSV cell (RFC 4180): quoted when it holds a comma, quote, CR or LF (quotes doubled); a cell
+/// that a spreadsheet would read as a formula (it starts with `=`, `+`, `-`, `@`, a tab or CR)
+/// gets a leading `'`, as spreadsheet vendors and OWASP recommend, so opening the file runs nothing.
+pub fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
     } else {
         s.to_string()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_field;
+
+    #[test]
+    fn cells_are_quoted_and_formulas_neutralized() {
+        assert_eq!(csv_field("a/b.png"), "a/b.png");
+        assert_eq!(csv_field("a,b.png"), "\"a,b.png\"");
+        assert_eq!(csv_field("say \"hi\".png"), "\"say \"\"hi\"\".png\"");
+        assert_eq!(csv_field("two\nlines.png"), "\"two\nlines.png\"");
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("-2+3"), "'-2+3");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
     }
 }
 

@@ -69,6 +69,9 @@ pub struct TrainSetup {
     /// splits are not read). Validation and threshold choice stay on `data`'s val split; a file
     /// that is also a validation or test image is refused.
     pub extra_train: Vec<PathBuf>,
+    /// Train even when the dataset's symbolic links leave its root or put one image in two
+    /// classes or splits ([`DatasetLayout::link_problems`]); otherwise that is an error.
+    pub allow_link_problems: bool,
 }
 
 /// One completed epoch.
@@ -273,6 +276,24 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
                 path: checkpoint_path,
                 reason: format!("cannot resume: {why}; use the original settings or another --out"),
             });
+        }
+        if old.epoch > cfg.epochs {
+            return Err(Error::Checkpoint {
+                path: checkpoint_path,
+                reason: format!(
+                    "cannot resume: the run has already trained {} epochs, more than the {} asked for; \
+                     pass --epochs {} or more to continue it",
+                    old.epoch,
+                    cfg.epochs,
+                    old.epoch + 1
+                ),
+            });
+        }
+        if old.epoch == cfg.epochs {
+            on_event(Event::Notice(&format!(
+                "the run has already trained all {} epochs: nothing to do (pass a larger --epochs to continue it)",
+                cfg.epochs
+            )));
         }
         restore(
             &checkpoint_path,
@@ -554,8 +575,43 @@ fn prepare_out(out: &Path, checkpoint: &Path, resume: bool) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a layout with link problems unless [`TrainSetup::allow_link_problems`]; announces them
+/// otherwise.
+fn check_links(
+    setup: &TrainSetup,
+    layout: &DatasetLayout,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<()> {
+    let problems = &layout.link_problems;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = problems.iter().take(5).map(|p| format!("  {p}")).collect();
+    let more = match problems.len() {
+        n if n > 5 => format!("\n  … and {} more", n - 5),
+        _ => String::new(),
+    };
+    if !setup.allow_link_problems {
+        return Err(Error::Data(fracture_data::Error::Layout(format!(
+            "{}: {} symbolic link(s) change what this dataset means (they could relabel images or \
+             leak validation images into training):\n{}{more}\nremove them, or pass \
+             --allow-link-problems to train anyway",
+            layout.root.display(),
+            problems.len(),
+            shown.join("\n")
+        ))));
+    }
+    on_event(Event::Notice(&format!(
+        "training despite {} symbolic link problem(s) (--allow-link-problems):\n{}{more}",
+        problems.len(),
+        shown.join("\n")
+    )));
+    Ok(())
+}
+
 fn load_data(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Data> {
     let layout = DatasetLayout::discover(&setup.data)?;
+    check_links(setup, &layout, on_event)?;
     let Some(train_items) = layout.split(Split::Train) else {
         return Err(Error::Data(fracture_data::Error::Layout(format!(
             "{}: no train split (expected a `train` folder holding the class folders)",
@@ -641,6 +697,8 @@ fn add_extra_train(
         .collect();
     for root in &setup.extra_train {
         let extra = DatasetLayout::discover(root)?;
+        check_links(setup, &extra, on_event)?;
+
         let Some(items) = extra.split(Split::Train) else {
             return Err(Error::Data(fracture_data::Error::Layout(format!(
                 "{}: extra training data needs a `train` folder holding the class folders",
@@ -664,7 +722,6 @@ fn add_extra_train(
 }
 
 fn save_best(
-
     model: &Model,
     setup: &TrainSetup,
     report: &EpochReport,

@@ -42,8 +42,9 @@ fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainSetup {
         stop_after_epochs: None,
         pretrained: None,
         extra_train: Vec::new(),
-        kernels: Default::default(),
+        allow_link_problems: false,
 
+        kernels: Default::default(),
     }
 }
 
@@ -330,7 +331,6 @@ fn with_a_moving_average_the_average_is_saved() {
 }
 
 /// With a backbone learning rate of 0 and frozen batch norms, only the head trains: every backbone
-
 /// tensor of the trained model, running statistics included, equals the pretrained file's.
 #[test]
 fn a_zero_backbone_rate_with_frozen_batch_norm_keeps_the_pretrained_backbone() {
@@ -677,9 +677,16 @@ fn extra_training_data_joins_the_train_split_and_never_the_validation() {
     })
     .unwrap();
     assert_eq!(train_counts, Some(16), "8 own + 8 extra training images");
-    assert!(notes.iter().any(|n| n.contains("adding 8 training images")), "{notes:?}");
+    assert!(
+        notes.iter().any(|n| n.contains("adding 8 training images")),
+        "{notes:?}"
+    );
     let val = &outcome.reports[&Split::Val];
-    assert_eq!((val.n, val.positives), (6, 3), "the extra folder's val split is not read");
+    assert_eq!(
+        (val.n, val.positives),
+        (6, 3),
+        "the extra folder's val split is not read"
+    );
 
     // A root without a train split, and one whose training images are the validation images.
     s.out = root.join("run-2");
@@ -693,7 +700,10 @@ fn extra_training_data_joins_the_train_split_and_never_the_validation() {
     s.extra_train = vec![root.join("val-only")];
     let err = run(&s).unwrap_err().to_string();
 
-    assert!(err.contains("extra training data needs a `train` folder"), "{err}");
+    assert!(
+        err.contains("extra training data needs a `train` folder"),
+        "{err}"
+    );
     #[cfg(unix)]
     {
         let leaky = root.join("leaky");
@@ -702,6 +712,98 @@ fn extra_training_data_joins_the_train_split_and_never_the_validation() {
         s.out = root.join("run-3");
         s.extra_train = vec![leaky];
         let err = run(&s).unwrap_err().to_string();
+        assert!(err.contains("leaving the dataset root"), "{err}");
+        // Links accepted, the overlap with validation is still refused.
+        s.allow_link_problems = true;
+        let err = run(&s).unwrap_err().to_string();
         assert!(err.contains("also a validation or test image"), "{err}");
     }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_dataset_whose_links_leak_validation_images_is_refused_unless_allowed() {
+    let root = synthetic("link-leak", (4, 4), (3, 3));
+    let data = root.join("data");
+    let val_image = std::fs::read_dir(data.join("val").join("fractured"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::os::unix::fs::symlink(&val_image, data.join("train").join("fractured").join("leak.png")).unwrap();
+    let mut s = setup(&data, &root.join("run"), 24, 1);
+    let err = run(&s).unwrap_err().to_string();
+    assert!(
+        err.contains("leak.png") && err.contains("--allow-link-problems"),
+        "{err}"
+    );
+    assert!(!root.join("run").join("model.safetensors").exists());
+
+    s.allow_link_problems = true;
+    let mut notes = Vec::new();
+    let outcome = train(&s, &mut |e| {
+        if let Event::Notice(t) = e {
+            notes.push(t.to_string());
+        }
+    })
+    .unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains("symbolic link problem")),
+        "{notes:?}"
+    );
+    assert_eq!(outcome.reports[&Split::Val].n, 6, "the val image stays in val");
+}
+
+#[test]
+fn a_model_file_with_a_threshold_outside_zero_to_one_is_refused_at_load() {
+    let root = synthetic("bad-threshold", (4, 4), (3, 3));
+    let outcome = run(&setup(&root.join("data"), &root.join("run"), 24, 1)).unwrap();
+    let mut model = fracture_train::TrainedModel::load(&outcome.best_model, &Device::Cpu).unwrap();
+    for bad in [1.5, -0.25] {
+        model.threshold = bad;
+        let edited = root.join(format!("edited-{bad}.safetensors"));
+        model.save(&edited, &Default::default()).unwrap();
+        let err = fracture_train::TrainedModel::load(&edited, &Device::Cpu)
+            .expect_err("a threshold outside [0, 1] must not load")
+            .to_string();
+        assert!(
+            err.contains("fracture.threshold")
+                && err.contains("not a probability")
+                && err.contains("edited-"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn resuming_with_fewer_epochs_and_an_impossible_target_are_refused_up_front() {
+    let root = synthetic("resume-fewer", (4, 4), (3, 3));
+    let mut s = setup(&root.join("data"), &root.join("run"), 24, 2);
+    s.train.threshold_rule = fracture_train::eval::ThresholdRule::TargetSensitivity { target: 2.0 };
+    let err = run(&s).unwrap_err().to_string();
+    assert!(
+        err.contains("target_sensitivity") && err.contains("(0, 1]"),
+        "{err}"
+    );
+    assert!(!root.join("run").exists(), "refused before any work");
+
+    s.train.threshold_rule = fracture_train::eval::ThresholdRule::TargetSensitivity { target: 0.9 };
+    run(&s).unwrap();
+    s.resume = true;
+    s.train.epochs = 1;
+    let err = run(&s).unwrap_err().to_string();
+    assert!(
+        err.contains("already trained 2 epochs") && err.contains("--epochs 3"),
+        "{err}"
+    );
+    s.train.epochs = 2;
+    let mut notes = Vec::new();
+    train(&s, &mut |e| {
+        if let Event::Notice(t) = e {
+            notes.push(t.to_string());
+        }
+    })
+    .unwrap();
+    assert!(notes.iter().any(|n| n.contains("nothing to do")), "{notes:?}");
 }

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use fracture_train::data::{DecodeLimits, Label, list_image_files};
-use fracture_train::{Prediction, TrainedModel, predict_files};
+use fracture_train::data::{DecodeLimits, Label, list_image_files, path_text};
+use fracture_train::{Prediction, TrainedModel, csv_field, predict_files};
 
 use crate::commands::pick_device;
 
@@ -34,6 +34,15 @@ pub(crate) struct Args {
     /// Run on the CPU even in a GPU build.
     #[arg(long)]
     cpu: bool,
+    /// Predict JPEGs that decode only in part (truncated or damaged; the missing area is gray)
+    /// instead of reporting them as unreadable.
+    #[arg(long)]
+    allow_partial: bool,
+    /// Exit with status 0 when at least one image was predicted, even if others could not be read
+    /// (by default any unreadable input makes the exit status 1; the readable ones are still
+    /// predicted and printed).
+    #[arg(long)]
+    keep_going: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -62,13 +71,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    let (predictions, skipped) = predict_files(
-        &model,
-        &files,
-        args.tta,
-        args.batch_size,
-        &DecodeLimits::default(),
-    )?;
+    let limits = DecodeLimits {
+        allow_partial: args.allow_partial,
+        ..DecodeLimits::default()
+    };
+    let (predictions, skipped) = predict_files(&model, &files, args.tta, args.batch_size, &limits)?;
     for s in &skipped {
         eprintln!("error: {}", s.reason);
     }
@@ -81,7 +88,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             for p in &predictions {
                 println!(
                     "{},{:.6},{}",
-                    p.path.display(),
+                    csv_field(&path_text(&p.path)),
                     p.p_fractured,
                     Label::from_fractured(p.fractured)
                 );
@@ -92,10 +99,15 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         bail!("no image could be read ({unreadable} unreadable)");
     }
     if let Some(dir) = &args.heatmap {
-        write_heatmaps(&model, &predictions, dir)?;
+        write_heatmaps(&model, &predictions, dir, &limits)?;
     }
     if unreadable > 0 {
         eprintln!("{} predicted, {unreadable} unreadable", predictions.len());
+        if !args.keep_going {
+            bail!(
+                "{unreadable} input(s) could not be read (pass --keep-going to exit 0 when some images were predicted)"
+            );
+        }
     }
     Ok(())
 }
@@ -105,13 +117,14 @@ fn write_heatmaps(
     model: &TrainedModel,
     predictions: &[Prediction],
     dir: &std::path::Path,
+    limits: &DecodeLimits,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let limits = DecodeLimits::default();
     let mut used = std::collections::HashSet::new();
     for p in predictions {
         let bytes = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
-        let explained = model.explain_bytes(&bytes, &p.path, &limits, Default::default())?;
+        let explained = model.explain_bytes(&bytes, &p.path, limits, Default::default())?;
+
         let stem = p
             .path
             .file_stem()
@@ -141,20 +154,20 @@ fn print_table(predictions: &[Prediction], threshold: f64) {
             "{:>11.4}  {:<13}  {}",
             p.p_fractured,
             Label::from_fractured(p.fractured).name(),
-            p.path.display()
+            path_text(&p.path)
         );
     }
 }
 
 fn serde_json_lines(predictions: &[Prediction], threshold: f64) -> anyhow::Result<String> {
     #[derive(serde::Serialize)]
-    struct Out<'a> {
+    struct Out {
         threshold: f64,
-        predictions: Vec<Row<'a>>,
+        predictions: Vec<Row>,
     }
     #[derive(serde::Serialize)]
-    struct Row<'a> {
-        path: &'a std::path::Path,
+    struct Row {
+        path: String,
         p_fractured: f64,
         label: &'static str,
     }
@@ -163,7 +176,7 @@ fn serde_json_lines(predictions: &[Prediction], threshold: f64) -> anyhow::Resul
         predictions: predictions
             .iter()
             .map(|p| Row {
-                path: &p.path,
+                path: path_text(&p.path),
                 p_fractured: p.p_fractured,
                 label: Label::from_fractured(p.fractured).name(),
             })

@@ -31,6 +31,14 @@ pub(crate) struct Args {
     /// (repeatable; its other splits are ignored). Validation stays on the main dataset's val split.
     #[arg(long = "extra-train", value_name = "DIR")]
     extra_train: Vec<PathBuf>,
+    /// Train even when symbolic links in the dataset leave its folder or put one image in two
+    /// classes or splits (listed, and refused without this flag).
+    #[arg(long)]
+    allow_link_problems: bool,
+    /// Train on JPEGs that decode only in part (truncated or damaged) instead of skipping them.
+    #[arg(long)]
+    allow_partial: bool,
+
     /// The Kaggle dataset (`owner/slug`) to use when `--data` is not given.
 
     #[arg(long, default_value = fracture_fetch::DEFAULT_DATASET)]
@@ -292,7 +300,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         backbone_lr_scale: args.backbone_lr_scale.unwrap_or(base.backbone_lr_scale),
         freeze_batch_norm: args.freeze_batch_norm || base.freeze_batch_norm,
         ema_decay: match args.ema_decay {
-            Some(d) if d == 0.0 => None,
+            Some(0.0) => None,
             Some(d) => Some(d),
             None => base.ema_decay,
         },
@@ -319,11 +327,15 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         train,
         resume: args.resume,
         cache_dir: args.cache_dir.clone(),
-        limits: DecodeLimits::default(),
+        limits: DecodeLimits {
+            allow_partial: args.allow_partial,
+            ..DecodeLimits::default()
+        },
         device: device.clone(),
         stop_after_epochs: args.stop_after_epoch,
         pretrained,
         extra_train: args.extra_train.clone(),
+        allow_link_problems: args.allow_link_problems,
         kernels: match args.kernels {
             KernelsArg::Fast => fracture_train::model::Kernels::Fast,
             KernelsArg::Reference => fracture_train::model::Kernels::Reference,

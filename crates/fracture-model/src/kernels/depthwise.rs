@@ -428,9 +428,6 @@ impl Geometry {
     /// channels.
     pub(crate) fn grouped(&self) -> bool {
         self.ow <= CH && self.c.is_multiple_of(GROUP)
-
-
-
     }
 
     /// Columns of the (not parity-split) padded scratch plane.
