@@ -1415,3 +1415,180 @@ fn a_truncated_jpeg_is_an_error_unless_partial_images_are_allowed() {
     );
     assert!(String::from_utf8_lossy(&lenient.stdout).contains("cut.jpg"));
 }
+
+/// Sends `request` on a fresh connection to the server at `url` and returns everything it answers
+/// until it closes the connection or `wait` passes, with the time that took.
+fn raw_exchange(url: &str, request: &[u8], wait: std::time::Duration) -> (String, std::time::Duration) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let start = std::time::Instant::now();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!(
+                    "the server held the connection for {wait:?}: {}",
+                    String::from_utf8_lossy(&answer)
+                )
+            }
+            Err(_) => break,
+        }
+    }
+    (String::from_utf8_lossy(&answer).into_owned(), start.elapsed())
+}
+
+#[test]
+fn the_server_times_out_idle_and_slow_clients_and_caps_connections() {
+    use std::time::Duration;
+    let (_root, run) = trained_run("serve-timeouts");
+    let server = Server::start(
+        &run,
+        &[
+            "--max-upload-mb",
+            "1",
+            "--header-timeout-secs",
+            "1",
+            "--body-timeout-secs",
+            "1",
+            "--max-connections",
+            "40",
+        ],
+    );
+    let base = server.url.clone();
+    let wait = Duration::from_secs(8);
+    // An idle connection and a half-sent request line are closed after the header timeout.
+    let (answer, took) = raw_exchange(&base, b"", wait);
+    assert!(took >= Duration::from_millis(900), "{took:?} {answer}");
+    let (_, took) = raw_exchange(&base, b"GET /api/hea", wait);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // A body that stops arriving is answered 408.
+    let (answer, _) = raw_exchange(
+        &base,
+        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\nonly a little",
+        wait,
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within"), "{answer}");
+    // A declared length over the limit from a client that waits for the go-ahead: 413 at once.
+    let (answer, took) = raw_exchange(
+        &base,
+        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        wait,
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        took < Duration::from_millis(900),
+        "answered before any timeout: {took:?}"
+    );
+    // Errors of the routing layer are JSON too.
+    for (request, status) in [
+        (
+            &b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+            "404",
+        ),
+        (
+            &b"DELETE /api/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+            "405",
+        ),
+    ] {
+        let (answer, _) = raw_exchange(&base, request, wait);
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer}");
+        assert!(answer.contains("{\"error\":"), "{answer}");
+    }
+    // Connections over the cap are closed at once; those under it are served. (A second server with
+    // a longer header timeout, so the idle connections outlive a slow machine's scheduling.)
+    drop(server);
+    let server = Server::start(&run, &["--header-timeout-secs", "6", "--max-connections", "10"]);
+    let base = server.url.clone();
+    let idle: Vec<std::net::TcpStream> = (0..10)
+        .map(|_| std::net::TcpStream::connect(base.trim_start_matches("http://")).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let (answer, took) = raw_exchange(&base, b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n", wait);
+    assert!(
+        answer.is_empty() && took < Duration::from_millis(500),
+        "{took:?} {answer}"
+    );
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    let (answer, _) = raw_exchange(
+        &base,
+        b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        wait,
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("ok"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn uploads_are_read_from_the_file_field_only_once() {
+    let (_root, run) = trained_run("serve-fields");
+    let server = Server::start(&run, &[]);
+    let url = format!("{}/api/predict", server.url);
+    let image = jpeg(true, 3);
+    let boundary = "b0undary";
+    let part = |name: &str, file: Option<&str>, bytes: &[u8]| {
+        let mut p = match file {
+            Some(f) => format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\r\n"
+            ),
+            None => format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"),
+        }
+        .into_bytes();
+        p.extend_from_slice(bytes);
+        p.extend_from_slice(b"\r\n");
+        p
+    };
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let end = format!("--{boundary}--\r\n").into_bytes();
+    // A text field before the file.
+    let form = [
+        part("note", None, b"left wrist"),
+        part("file", Some("a.jpg"), &image),
+        end.clone(),
+    ]
+    .concat();
+    let (status, body) = post(&url, &ct, &form);
+    assert_eq!(status, 200, "{body}");
+    // Two files: refused, not half-answered.
+    let form = [
+        part("file", Some("a.jpg"), &image),
+        part("file", Some("b.jpg"), &image),
+        end.clone(),
+    ]
+    .concat();
+    let (status, body) = post(&url, &ct, &form);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("more than one"),
+        "{body}"
+    );
+    // No `file` field at all.
+    let form = [part("upload", Some("a.jpg"), &image), end].concat();
+    let (status, body) = post(&url, &ct, &form);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("named `file`"), "{body}");
+    // The model's description does not reveal where its file lives.
+    let model: serde_json::Value = http()
+        .get(&format!("{}/api/model", server.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert!(model.get("path").is_none(), "{model}");
+}

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
@@ -38,6 +38,17 @@ pub(crate) struct Args {
     /// Largest accepted upload, in megabytes.
     #[arg(long, default_value_t = 20.0)]
     max_upload_mb: f64,
+    /// Seconds a connection may take to send a request's headers, and may stay idle between
+    /// requests; then it is closed.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout_secs: f64,
+    /// Seconds a request may take to send its body (the upload); then it is answered 408.
+    #[arg(long, default_value_t = 60.0)]
+    body_timeout_secs: f64,
+    /// Most connections open at once; further ones are closed at once until some end. Keep it
+    /// below the process's open-file limit (`ulimit -n`).
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
     /// Run on the CPU even in a GPU build.
     #[arg(long)]
     cpu: bool,
@@ -48,6 +59,8 @@ struct AppState {
     info: serde_json::Value,
     limits: DecodeLimits,
     max_upload: usize,
+    /// Longest a request body may take to arrive.
+    body_timeout: Duration,
     /// Inference runs on blocking threads, at most this many at once (the rest queue), so the async
     /// threads stay free to answer.
     inference: Semaphore,
@@ -82,6 +95,17 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = pick_device(args.cpu)?;
     let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
     let max_upload = (args.max_upload_mb * 1024.0 * 1024.0) as usize;
+    let seconds = |name: &str, v: f64| -> anyhow::Result<Duration> {
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+            anyhow::bail!("--{name} {v} must be a number of seconds in (0, 86400]");
+        }
+        Ok(Duration::from_secs_f64(v))
+    };
+    let header_timeout = seconds("header-timeout-secs", args.header_timeout_secs)?;
+    let body_timeout = seconds("body-timeout-secs", args.body_timeout_secs)?;
+    if args.max_connections == 0 {
+        anyhow::bail!("--max-connections must be at least 1");
+    }
     let info = model_info(&model);
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let limits = DecodeLimits {
@@ -93,6 +117,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         info,
         limits,
         max_upload,
+        body_timeout,
         inference: Semaphore::new(workers.min(4)),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -105,12 +130,72 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             "serving {} at http://{addr}/ (Ctrl-C to stop)",
             state.model.path.display()
         );
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        serve_connections(
+            listener,
+            router(state),
+            header_timeout,
+            args.max_connections,
+            shutdown_signal(),
+        )
+        .await;
         println!("stopped");
         anyhow::Ok(())
     })
+}
+
+/// Accepts connections until `shutdown` resolves, each served by hyper with a header-read timeout
+/// (which also bounds how long a keep-alive connection may sit idle), at most `max_connections` at
+/// once; then waits up to ten seconds for requests in flight.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    max_connections: usize,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors or a connection reset before it was taken: keep serving
+                // the connections we have and try again shortly.
+                Err(e) => {
+                    eprintln!("warning: cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Over the cap: closed at once rather than queued behind connections that may be idle.
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .keep_alive(true);
+        let connection = builder.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(app.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(Duration::from_secs(10)) => {}
+    }
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -136,6 +221,13 @@ fn router(state: Arc<AppState>) -> Router {
             get(|state: State<Arc<AppState>>| async move { axum::Json(state.info.clone()) }),
         )
         .route("/api/predict", post(predict))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such page or API route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method".into(),
+            )
+        })
         // Limits are enforced while reading the body (see read_body), not by a layer.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -169,10 +261,22 @@ fn too_large(limit: usize) -> ApiError {
     )
 }
 
-/// Reads a request body of at most `limit` bytes. A larger body is still read (and dropped) up to
-/// four times the limit, so that the client, which is usually still sending, gets to read the 413
-/// answer instead of a broken connection; past that the connection is closed.
-async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads a request body of at most `limit` bytes within `timeout` (else 408). A larger body is
+/// still read (and dropped) up to four times the limit, so that the client, which is usually still
+/// sending, gets to read the 413 answer instead of a broken connection; past that the connection is
+/// closed.
+async fn read_body(body: axum::body::Body, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(timeout, read_body_inner(body, limit))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the upload did not arrive within {:.0} s", timeout.as_secs_f64()),
+            ))
+        })
+}
+
+async fn read_body_inner(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let mut body = body;
     let mut data = Vec::new();
@@ -205,34 +309,68 @@ async fn read_upload(state: &AppState, request: Request) -> Result<(Bytes, Strin
     let (parts, body) = request.into_parts();
     // Multipart framing adds a little to the image; the image itself is checked exactly below.
     let framing = if multipart { 64 * 1024 } else { 0 };
-    let raw = read_body(body, state.max_upload + framing).await.map_err(|e| {
-        if e.0 == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large(state.max_upload)
-        } else {
-            e
-        }
-    })?;
+    // A declared length over the limit is answered before any of the body is read when the client
+    // waits for our go-ahead (`Expect: 100-continue`) or when reading it would cost more than four
+    // times the limit; otherwise the body is read and dropped (within the body timeout) so that a
+    // client still sending gets to read the 413 instead of a reset connection.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let waits = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let limit = (state.max_upload + framing) as u64;
+    if declared.is_some_and(|n| n > limit && (waits || n > limit.saturating_mul(4))) {
+        return Err(too_large(state.max_upload));
+    }
+
+    let raw = read_body(body, state.max_upload + framing, state.body_timeout)
+        .await
+        .map_err(|e| {
+            if e.0 == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(state.max_upload)
+            } else {
+                e
+            }
+        })?;
     let (bytes, name) = if multipart {
         let request = Request::from_parts(parts, axum::body::Body::from(raw));
         let mut form = Multipart::from_request(request, &())
             .await
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("unreadable multipart form: {e}")))?;
-        let field = match form.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => {
+        // The image is the field named `file`; other fields are ignored, a second `file` refused.
+        let mut upload: Option<(Bytes, String)> = None;
+        loop {
+            let field = match form.next_field().await {
+                Ok(Some(field)) => field,
+                Ok(None) => break,
+                Err(e) => return Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
+            };
+            if field.name() != Some("file") {
+                continue;
+            }
+            if upload.is_some() {
                 return Err(ApiError(
                     StatusCode::BAD_REQUEST,
-                    "the form has no file field".into(),
+                    "the form has more than one `file` field: send one image per request".into(),
                 ));
             }
-            Err(e) => return Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
-        };
-        let name = field.file_name().unwrap_or("upload").to_string();
-        let bytes = field
-            .bytes()
-            .await
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-        (bytes, name)
+            let name = field.file_name().unwrap_or("upload").to_string();
+            let bytes = field
+                .bytes()
+                .await
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+            upload = Some((bytes, name));
+        }
+        upload.ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "the form has no field named `file`: send the image as `file`".into(),
+            )
+        })?
     } else {
         (raw, "upload".to_string())
     };
@@ -341,7 +479,7 @@ fn model_info(model: &TrainedModel) -> serde_json::Value {
         .unwrap_or_default();
     serde_json::json!({
         "name": name,
-        "path": model.path,
+
         "arch": model.model.config().arch_name(),
         "config": model.model.config(),
         "image_size": model.preprocess.size,
