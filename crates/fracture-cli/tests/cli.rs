@@ -1475,7 +1475,7 @@ fn the_server_times_out_idle_and_slow_clients_and_caps_connections() {
     // A body that stops arriving is answered 408.
     let (answer, _) = raw_exchange(
         &base,
-        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\nonly a little",
+        b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\nonly a little",
         wait,
     );
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
@@ -1483,7 +1483,7 @@ fn the_server_times_out_idle_and_slow_clients_and_caps_connections() {
     // A declared length over the limit from a client that waits for the go-ahead: 413 at once.
     let (answer, took) = raw_exchange(
         &base,
-        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/jpeg\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
         wait,
     );
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
@@ -1494,11 +1494,11 @@ fn the_server_times_out_idle_and_slow_clients_and_caps_connections() {
     // Errors of the routing layer are JSON too.
     for (request, status) in [
         (
-            &b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+            &b"GET /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"[..],
             "404",
         ),
         (
-            &b"DELETE /api/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+            &b"DELETE /api/predict HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"[..],
             "405",
         ),
     ] {
@@ -1516,7 +1516,11 @@ fn the_server_times_out_idle_and_slow_clients_and_caps_connections() {
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
 
-    let (answer, took) = raw_exchange(&base, b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n", wait);
+    let (answer, took) = raw_exchange(
+        &base,
+        b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        wait,
+    );
     assert!(
         answer.is_empty() && took < Duration::from_millis(500),
         "{took:?} {answer}"
@@ -1525,7 +1529,7 @@ fn the_server_times_out_idle_and_slow_clients_and_caps_connections() {
     std::thread::sleep(Duration::from_millis(300));
     let (answer, _) = raw_exchange(
         &base,
-        b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         wait,
     );
     assert!(
@@ -1591,4 +1595,28 @@ fn uploads_are_read_from_the_file_field_only_once() {
         .read_json()
         .unwrap();
     assert!(model.get("path").is_none(), "{model}");
+}
+
+#[test]
+fn a_loopback_server_answers_only_to_loopback_host_names() {
+    let (_root, run) = trained_run("serve-hosts");
+    let server = Server::start(&run, &["--allowed-host", "xray.example:8080"]);
+    let wait = std::time::Duration::from_secs(8);
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    for (host, ok) in [
+        (format!("127.0.0.1:{port}"), true),
+        (format!("localhost:{port}"), true),
+        (format!("[::1]:{port}"), true),
+        ("xray.example".to_string(), true),
+        ("attacker.example".to_string(), false),
+        (format!("evil.test:{port}"), false),
+    ] {
+        let request = format!("GET /api/health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let (answer, _) = raw_exchange(&server.url, request.as_bytes(), wait);
+        let expected = if ok { "HTTP/1.1 200" } else { "HTTP/1.1 421" };
+        assert!(answer.starts_with(expected), "{host}: {answer}");
+        if !ok {
+            assert!(answer.contains("--allowed-host"), "{answer}");
+        }
+    }
 }

@@ -49,6 +49,12 @@ pub(crate) struct Args {
     /// below the process's open-file limit (`ulimit -n`).
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// A host name (optionally with `:port`) the server answers to (repeatable). On a loopback
+    /// address only `localhost`, `127.0.0.1` and `[::1]` are accepted by default, so that a web page
+    /// elsewhere cannot reach the server through a rebound DNS name; on other addresses any host is
+    /// accepted unless this is given.
+    #[arg(long = "allowed-host", value_name = "HOST")]
+    allowed_hosts: Vec<String>,
     /// Run on the CPU even in a GPU build.
     #[arg(long)]
     cpu: bool,
@@ -61,6 +67,8 @@ struct AppState {
     max_upload: usize,
     /// Longest a request body may take to arrive.
     body_timeout: Duration,
+    /// Host names (lower case, without port) requests may name; `None` accepts any.
+    allowed_hosts: Option<Vec<String>>,
     /// Inference runs on blocking threads, at most this many at once (the rest queue), so the async
     /// threads stay free to answer.
     inference: Semaphore,
@@ -118,6 +126,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         limits,
         max_upload,
         body_timeout,
+        allowed_hosts: allowed_hosts(args.addr, &args.allowed_hosts),
         inference: Semaphore::new(workers.min(4)),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -198,6 +207,49 @@ async fn serve_connections(
     }
 }
 
+/// The host names a server on `addr` answers to: the given ones, plus the loopback names when it
+/// listens on loopback; `None` (any) on another address without `--allowed-host`.
+fn allowed_hosts(addr: SocketAddr, given: &[String]) -> Option<Vec<String>> {
+    let mut hosts: Vec<String> = given.iter().map(|h| host_name(h)).collect();
+    if addr.ip().is_loopback() {
+        hosts.extend(["localhost", "127.0.0.1", "[::1]"].map(String::from));
+    } else if hosts.is_empty() {
+        return None;
+    }
+    Some(hosts)
+}
+
+/// The host name of a `Host` value: lower case, without the port (`[…]` kept for IPv6).
+fn host_name(host: &str) -> String {
+    let host = host.trim().to_ascii_lowercase();
+    match host.strip_prefix('[').and_then(|r| r.split_once(']')) {
+        Some((v6, _)) => format!("[{v6}]"),
+        None => host.split(':').next().unwrap_or_default().to_string(),
+    }
+}
+
+/// Refuses (421) a request whose `Host` names a host the server does not answer to.
+async fn check_host(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let (Some(allowed), Some(host)) = (&state.allowed_hosts, request.headers().get(header::HOST)) {
+        let name = host_name(host.to_str().unwrap_or_default());
+        if !allowed.contains(&name) {
+            return ApiError(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "this server does not answer to the host `{name}` (allowed: {}; add one with --allowed-host)",
+                    allowed.join(", ")
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(
@@ -230,6 +282,7 @@ fn router(state: Arc<AppState>) -> Router {
         })
         // Limits are enforced while reading the body (see read_body), not by a layer.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
 }
 
