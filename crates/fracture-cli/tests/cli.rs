@@ -1620,3 +1620,16 @@ fn a_loopback_server_answers_only_to_loopback_host_names() {
         }
     }
 }
+
+#[test]
+fn error_messages_name_the_cause_once() {
+    let out = fracture()
+        .args(["predict", "--model", "/nonexistent/model.safetensors", "x.png"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("/nonexistent/model.safetensors"), "{stderr}");
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
+    assert!(!stderr.contains("Os {") && !stderr.contains("kind:"), "no Debug structs: {stderr}");
+}
