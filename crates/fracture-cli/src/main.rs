@@ -87,4 +87,3 @@ fn error_text(e: &anyhow::Error) -> String {
     }
     text
 }
-

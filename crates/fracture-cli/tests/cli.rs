@@ -1631,5 +1631,38 @@ fn error_messages_name_the_cause_once() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("/nonexistent/model.safetensors"), "{stderr}");
     assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
-    assert!(!stderr.contains("Os {") && !stderr.contains("kind:"), "no Debug structs: {stderr}");
+    assert!(
+        !stderr.contains("Os {") && !stderr.contains("kind:"),
+        "no Debug structs: {stderr}"
+    );
+}
+
+#[test]
+fn eval_on_fractures_only_reports_what_is_defined() {
+    let (root, run) = trained_run("eval-one-class");
+    let only = root.join("only-fractures");
+    std::fs::create_dir_all(only.join("fractured")).unwrap();
+    for entry in std::fs::read_dir(root.join("data/test/fractured")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, only.join("fractured").join(path.file_name().unwrap())).unwrap();
+    }
+    let out = fracture()
+        .args(["eval", "--model"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&only)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("5 images, 5 fractured"), "{stdout}");
+    assert!(stdout.contains("fractures only"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("eval-folder/report.json")).unwrap()).unwrap();
+    assert!(report["sensitivity"].as_f64().is_some(), "{report}");
+    assert!(report["ci95"]["sensitivity"].is_object(), "{report}");
+    assert!(
+        report["specificity"].is_null() && report["roc_auc"].is_null(),
+        "{report}"
+    );
 }

@@ -140,7 +140,7 @@ impl DatasetLayout {
         // Splits in train, val, test order, so an image linked into two splits stays in train.
         split_dirs.sort_by_key(|(split, _)| *split);
         for (split, dir) in split_dirs {
-            let items = class_folder_items(&dir, Some(split), &mut tracker, &mut skipped)?;
+            let items = class_folder_items(&dir, Some(split), &mut tracker, &mut skipped, true)?;
             splits.entry(split).or_default().extend(items);
         }
         for items in splits.values_mut() {
@@ -176,6 +176,23 @@ impl DatasetLayout {
 /// Files are counted once however many links reach them; the [`DatasetLayout::link_problems`]
 /// of this folder are returned among the skipped entries.
 pub fn discover_class_folders(dir: &Path) -> Result<(Vec<Item>, Vec<Skipped>)> {
+    class_folders(dir, true)
+}
+
+/// Like [`discover_class_folders`], but one class suffices: an external test set often holds
+/// only fractures. At least one image is still required.
+pub fn discover_labelled_images(dir: &Path) -> Result<(Vec<Item>, Vec<Skipped>)> {
+    let (items, skipped) = class_folders(dir, false)?;
+    if items.is_empty() {
+        return Err(Error::EmptyClass {
+            class: "any",
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok((items, skipped))
+}
+
+fn class_folders(dir: &Path, need_both: bool) -> Result<(Vec<Item>, Vec<Skipped>)> {
     if !dir.is_dir() {
         return Err(Error::MissingRoot {
             path: dir.to_path_buf(),
@@ -183,7 +200,7 @@ pub fn discover_class_folders(dir: &Path) -> Result<(Vec<Item>, Vec<Skipped>)> {
     }
     let mut tracker = Tracker::new(dir)?;
     let mut skipped = Vec::new();
-    let mut items = class_folder_items(dir, None, &mut tracker, &mut skipped)?;
+    let mut items = class_folder_items(dir, None, &mut tracker, &mut skipped, need_both)?;
     items.retain(|i| !tracker.removed.contains(&i.path));
     skipped.append(&mut tracker.problems);
     Ok((items, skipped))
@@ -240,6 +257,7 @@ fn class_folder_items(
     split: Option<Split>,
     tracker: &mut Tracker,
     skipped: &mut Vec<Skipped>,
+    need_both: bool,
 ) -> Result<Vec<Item>> {
     let (classes, mut skip) = class_dirs(dir)?;
     skipped.append(&mut skip);
@@ -331,7 +349,7 @@ fn class_folder_items(
                 }
             }
         }
-        if count == 0 {
+        if count == 0 && need_both {
             return Err(Error::EmptyClass {
                 class: label.name(),
                 path: dir.to_path_buf(),

@@ -28,8 +28,8 @@ pub use batch::{Batch, BatchAugment, epoch_order, make_batch};
 pub use dataset::{Dataset, FolderDataset, LoadOptions, LoadStats, Sample};
 pub use decode::{DecodeLimits, decode_gray, read_file_limited};
 pub use discover::{
-    DatasetLayout, IMAGE_EXTENSIONS, Item, Skipped, discover_class_folders, has_image_extension,
-    list_image_files,
+    DatasetLayout, IMAGE_EXTENSIONS, Item, Skipped, discover_class_folders, discover_labelled_images,
+    has_image_extension, list_image_files,
 };
 pub use error::{Error, Result};
 pub use label::Label;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use fracture_train::data::{DatasetLayout, Item, LoadOptions, Split, discover_class_folders};
+use fracture_train::data::{DatasetLayout, Item, LoadOptions, Split, discover_labelled_images};
 use fracture_train::eval::ThresholdRule;
 use fracture_train::{EvalSource, ThresholdChoice, TrainedModel, evaluate_items, write_evaluation};
 
@@ -120,7 +120,7 @@ fn labelled_images(
                 )
             }
         },
-        Err(layout_err) => match discover_class_folders(data) {
+        Err(layout_err) => match discover_labelled_images(data) {
             Ok((items, skipped)) => Ok((items, None, skipped)),
             Err(_) => Err(layout_err).context("cannot read the labelled images"),
         },
@@ -157,4 +157,14 @@ fn print_table(r: &fracture_train::EvalReport, split: Option<Split>, tta: bool) 
         "  confusion          TP {}  FN {}  FP {}  TN {}",
         c.tp, c.fn_, c.fp, c.tn
     );
+    if r.positives == 0 || r.positives == r.n {
+        println!(
+            "  n/a: undefined on images of one class only ({}); the others are measured",
+            if r.positives == 0 {
+                "no fractures"
+            } else {
+                "fractures only"
+            }
+        );
+    }
 }
