@@ -156,6 +156,62 @@ impl ModelConfig {
         }
     }
 
+    /// An upper bound on the f32 values of the feature maps one image's forward pass computes (the
+    /// sum of every layer's output, as training keeps them; inference holds fewer at once): what the
+    /// declared input size implies in memory, ×4 bytes and × the batch. Weights are not counted.
+    pub fn activation_values(&self) -> u64 {
+        let s = self.image_size as u64;
+        match &self.arch {
+            ArchConfig::Seed(c) => {
+                let (c1, c2) = (c.conv1_channels as u64, c.conv2_channels as u64);
+                let a = s.saturating_sub(2);
+                let b = (a / 2).saturating_sub(2);
+                s * s
+                    + c1 * a * a
+                    + c1 * (a / 2).pow(2)
+                    + c2 * b * b
+                    + c2 * (b / 2).pow(2)
+                    + c.dense_units as u64
+            }
+            ArchConfig::Resnet(r) => {
+                // Stem: 3×3 stride 2 (conv, norm, activation) then the pool to s/4; each stage's
+                // basic blocks keep about six maps of their width (two convolutions, two norms, the
+                // activations and the sum), at s/4, s/8, …
+                let half = s.div_ceil(2);
+                let mut total = s * s + 3 * r.widths.first().copied().unwrap_or(0) as u64 * half * half;
+                let mut side = s.div_ceil(4);
+                for (i, &w) in r.widths.iter().enumerate() {
+                    if i > 0 {
+                        side = side.div_ceil(2);
+                    }
+                    total += 6 * r.blocks.max(1) as u64 * w as u64 * side * side;
+                }
+                total
+            }
+            ArchConfig::EfficientNetLite0(_) => {
+                // Stem and head: convolution, norm, activation; each inverted bottleneck: the
+                // expansion (three maps at the input side), the depthwise stage (three at the output
+                // side) and the projection (two).
+                let mut side = s.div_ceil(2);
+                let mut total = s * s + 3 * crate::efficientnet::STEM_CHANNELS as u64 * side * side;
+                let mut cin = crate::efficientnet::STEM_CHANNELS as u64;
+                for (_, stride, expansion, cout, repeats) in crate::efficientnet::LITE0_STAGES {
+                    for r in 0..repeats {
+                        let mid = cin * expansion as u64;
+                        let before = side * side;
+                        if r == 0 && stride == 2 {
+                            side = side.div_ceil(2);
+                        }
+                        let after = side * side;
+                        total += 3 * mid * before + 3 * mid * after + 2 * cout as u64 * after;
+                        cin = cout as u64;
+                    }
+                }
+                total + 3 * crate::efficientnet::HEAD_CHANNELS as u64 * side * side
+            }
+        }
+    }
+
     /// The architecture's short name, as `--arch` spells it (`seed`, `resnet`, `efficientnet-lite0`).
     pub fn arch_name(&self) -> &'static str {
         match self.arch {
@@ -292,7 +348,20 @@ mod tests {
     #[test]
     fn resnet_validation_names_fields() {
         assert!(ModelConfig::resnet(32).validate().is_ok());
+        // What the declared input size implies: small for the presets' sizes, gigabytes at 4096.
+        let gb = |c: ModelConfig| c.activation_values() as f64 * 4.0 / 1e9;
+        assert!(gb(ModelConfig::seed(128)) < 0.01);
+        assert!(gb(ModelConfig::resnet(256)) < 0.1);
+        assert!(gb(ModelConfig::efficientnet_lite0(320)) < 0.5);
+        assert!(
+            gb(ModelConfig::resnet(4096)) > 2.0,
+            "{}",
+            gb(ModelConfig::resnet(4096))
+        );
+        assert!(gb(ModelConfig::efficientnet_lite0(4096)) > 2.0);
+        assert!(gb(ModelConfig::resnet(512)) > 4.0 * gb(ModelConfig::resnet(256)) * 0.99);
         let err = ModelConfig::resnet(31).validate().unwrap_err().to_string();
+
         assert!(err.contains("image_size 31") && err.contains("resnet"), "{err}");
         let mut cfg = ModelConfig::resnet(64);
         let ArchConfig::Resnet(r) = &mut cfg.arch else {

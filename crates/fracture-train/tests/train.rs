@@ -807,3 +807,33 @@ fn resuming_with_fewer_epochs_and_an_impossible_target_are_refused_up_front() {
     .unwrap();
     assert!(notes.iter().any(|n| n.contains("nothing to do")), "{notes:?}");
 }
+
+#[test]
+fn a_model_file_declaring_a_huge_input_is_refused_at_load() {
+    let root = synthetic("huge-input", (4, 4), (3, 3));
+    let outcome = run(&radiograph_setup(&root.join("data"), &root.join("run"), 32, 1)).unwrap();
+    // The residual network's weights do not depend on the input size: only the metadata changes.
+    let bytes = std::fs::read(&outcome.best_model).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    for key in [fracture_train::model::CONFIG_KEY, fracture_train::PREPROCESS_KEY] {
+        let mut v: serde_json::Value = serde_json::from_str(&meta[key]).unwrap();
+        let field = if key == fracture_train::PREPROCESS_KEY {
+            "size"
+        } else {
+            "image_size"
+        };
+        v[field] = serde_json::json!(4096);
+        meta.insert(key.to_string(), v.to_string());
+    }
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let edited = root.join("huge.safetensors");
+    safetensors::serialize_to_file(tensors.tensors(), Some(meta), &edited).unwrap();
+    let err = fracture_train::TrainedModel::load(&edited, &Device::Cpu)
+        .expect_err("a 4096 px residual model must not load")
+        .to_string();
+    assert!(
+        err.contains("4096") && err.contains("GB") && err.contains("huge.safetensors"),
+        "{err}"
+    );
+}
