@@ -24,6 +24,9 @@ commands:
                              X-ray Data) into DIR (default data/<slug>), then print images per split and class.
                              Credentials, when the dataset needs them: KAGGLE_API_TOKEN, ~/.kaggle/access_token,
                              kaggle.json, or KAGGLE_USERNAME + KAGGLE_KEY
+  fuzz [--seconds N]         the fuzz properties of `cargo test` (mutated and random bytes through image
+                             decoding, model-file loading and zip extraction) for N seconds each
+                             (default 60) in a release build; prints how many cases ran clean
   bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference]
                              a network's train step and inference, ours vs PyTorch (default and tuned
                              allocator) in one run: ../shared/bench/torch_seed_cnn.py (seed CNN, the
@@ -54,12 +57,50 @@ fn run() -> Result<(), DynError> {
         Some("setup-torch") => setup_torch(),
         Some("bench-compare") => bench_compare(&args[1..]),
         Some("bench-preprocess") => bench_preprocess(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
         }
         Some(other) => Err(format!("unknown command `{other}`\n{USAGE}").into()),
     }
+}
+
+/// `cargo xtask fuzz`: the `fuzz` integration tests with a time budget per property.
+fn fuzz(args: &[String]) -> Result<(), DynError> {
+    let mut seconds = 60.0f64;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seconds" => seconds = it.next().ok_or("--seconds needs a value")?.parse()?,
+            other => return Err(format!("fuzz: unknown option `{other}`").into()),
+        }
+    }
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(format!("fuzz: --seconds {seconds} must be positive").into());
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    status(
+        Command::new(cargo)
+            .current_dir(project_root())
+            .env("FRACTURE_FUZZ_SECONDS", seconds.to_string())
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "fracture-data",
+                "-p",
+                "fracture-fetch",
+                "-p",
+                "fracture-train",
+                "--test",
+                "fuzz",
+                "--",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ]),
+    )
 }
 
 fn project_root() -> PathBuf {

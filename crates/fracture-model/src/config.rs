@@ -212,6 +212,27 @@ impl ModelConfig {
         }
     }
 
+    /// The weights whose number grows with the input size: the seed CNN's first dense layer
+    /// (flattened features × units, plus its bias); 0 for the architectures that pool globally.
+    pub fn input_dependent_weight_values(&self) -> u64 {
+        match &self.arch {
+            ArchConfig::Seed(c) => {
+                let side = ((self.image_size as u64).saturating_sub(2) / 2).saturating_sub(2) / 2;
+                let units = c.dense_units as u64;
+                c.conv2_channels as u64 * side * side * units + units
+            }
+            _ => 0,
+        }
+    }
+
+    /// The memory the declared input size implies for one image, in bytes: its feature maps
+    /// ([`ModelConfig::activation_values`]) and the weights that grow with it, as f32.
+    pub fn input_implied_bytes(&self) -> u64 {
+        self.activation_values()
+            .saturating_add(self.input_dependent_weight_values())
+            .saturating_mul(4)
+    }
+
     /// The architecture's short name, as `--arch` spells it (`seed`, `resnet`, `efficientnet-lite0`).
     pub fn arch_name(&self) -> &'static str {
         match self.arch {
@@ -360,6 +381,10 @@ mod tests {
         );
         assert!(gb(ModelConfig::efficientnet_lite0(4096)) > 2.0);
         assert!(gb(ModelConfig::resnet(512)) > 4.0 * gb(ModelConfig::resnet(256)) * 0.99);
+        // The seed CNN's dense layer grows with the input: 4096 px would need tens of gigabytes.
+        assert!(ModelConfig::seed(4096).input_implied_bytes() > 20 << 30);
+        assert!(ModelConfig::seed(128).input_implied_bytes() < 64 << 20);
+
         let err = ModelConfig::resnet(31).validate().unwrap_err().to_string();
 
         assert!(err.contains("image_size 31") && err.contains("resnet"), "{err}");

@@ -162,6 +162,20 @@ impl Model {
             .ok_or_else(|| bad(format!("no `{CONFIG_KEY}` metadata")))?;
         let config: ModelConfig =
             serde_json::from_str(config_json).map_err(|e| bad(format!("unreadable model config: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| bad(format!("stored model config: {e}")))?;
+        let implied = config.input_implied_bytes();
+        if implied > MAX_IMAGE_BYTES {
+            return Err(bad(format!(
+                "its input of {0} × {0} px implies about {1:.1} GB per image (feature maps and \
+                 size-dependent weights), over the {2:.1} GB a loaded model may take: not a model \
+                 this program would train",
+                config.image_size,
+                implied as f64 / 1e9,
+                MAX_IMAGE_BYTES as f64 / 1e9
+            )));
+        }
         let mut tensors = candle_core::safetensors::load_buffer(bytes, device)
             .map_err(|e| bad(format!("unreadable tensors: {e}")))?;
         let mut model = Model::new(&config, 0, device).map_err(|e| bad(e.to_string()))?;
@@ -179,7 +193,16 @@ impl Model {
                     var.dims()
                 )));
             }
-            var.set(&tensor.to_dtype(DType::F32)?)?;
+            let tensor = tensor.to_dtype(DType::F32)?;
+            let finite = tensor
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|v| v.is_finite());
+            if !finite {
+                return Err(bad(format!("tensor `{name}` holds NaN or infinite values")));
+            }
+            var.set(&tensor)?;
         }
         if let Some(extra) = tensors.keys().min() {
             return Err(bad(format!(
@@ -191,6 +214,11 @@ impl Model {
         Ok(model)
     }
 }
+
+/// The most memory the declared input size of a loaded model may imply for one image (2 GiB; see
+/// [`ModelConfig::input_implied_bytes`]): a model file declaring a larger input is refused at load
+/// instead of exhausting memory at its first image.
+pub const MAX_IMAGE_BYTES: u64 = 2 << 30;
 
 /// Whether a variable name is a batch-norm running statistic rather than a trained parameter.
 fn is_running_stat(name: &str) -> bool {

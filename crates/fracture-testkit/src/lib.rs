@@ -14,7 +14,9 @@
 
 use std::path::{Path, PathBuf};
 
+mod fuzz;
 mod kaggle;
+pub use fuzz::{DEFAULT_CASES, fuzz_bytes};
 pub use kaggle::{Announce, KaggleStub, StubOptions, StubRequest, kaggle_shaped_zip, zip_of};
 
 use image::{GrayImage, Luma};

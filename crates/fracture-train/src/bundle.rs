@@ -30,11 +30,6 @@ pub const PRETRAINED_KEY: &str = "fracture.pretrained";
 /// The file name of the best model inside a run folder.
 pub const MODEL_FILE: &str = "model.safetensors";
 
-/// The most memory one image's feature maps may take in a loaded model (2 GiB; see
-/// [`ModelConfig::activation_values`](fracture_model::ModelConfig::activation_values)): a model
-/// file declaring a larger input is refused at load instead of exhausting memory at the first image.
-pub const MAX_IMAGE_BYTES: u64 = 2 << 30;
-
 /// A model ready to predict: network, preprocessing and threshold, from one weight file.
 #[derive(Debug)]
 pub struct TrainedModel {
@@ -87,16 +82,6 @@ impl TrainedModel {
                 "`{THRESHOLD_KEY}` = {threshold} is not a probability in [0, 1]"
             )));
         }
-        let implied = model.config().activation_values().saturating_mul(4);
-        if implied > MAX_IMAGE_BYTES {
-            return Err(bad(format!(
-                "its input of {0} × {0} px implies about {1:.1} GB of feature maps per image, over \
-                 the {2:.1} GB a loaded model may take: not a model this program would train",
-                model.config().image_size,
-                implied as f64 / 1e9,
-                MAX_IMAGE_BYTES as f64 / 1e9
-            )));
-        }
         if preprocess.size as usize != model.config().image_size {
             return Err(bad(format!(
                 "preprocessing size {} differs from the model's input size {}",
@@ -128,7 +113,14 @@ impl TrainedModel {
         let device = self.device();
         let x = Tensor::from_vec(data, (1, 1, s, s), &device)?;
         let logit = self.model.net.forward_t(&x, false)?.to_vec1::<f32>()?;
-        Ok(crate::sigmoid(logit.first().copied().unwrap_or(0.0)))
+        let logit = logit.first().copied().unwrap_or(f32::NAN);
+        if logit.is_nan() {
+            return Err(Error::NoPrediction {
+                path: origin.to_path_buf(),
+                value: f64::from(logit),
+            });
+        }
+        Ok(crate::sigmoid(logit))
     }
 
     /// The test-time augmentation that matches the flips the model was trained with (see

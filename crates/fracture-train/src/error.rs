@@ -59,7 +59,16 @@ pub enum Error {
         /// The first non-finite logit.
         value: f64,
     },
+    /// A loaded model gave no number for an image (its weights overflow on it).
+    #[error("{}: the model's output is {value} for this image (its weights overflow): not a usable model", path.display())]
+    NoPrediction {
+        /// The image (or upload name).
+        path: PathBuf,
+        /// The logit it gave.
+        value: f64,
+    },
     /// A parameter became NaN or infinite; the last checkpoint written before it is kept.
+
     #[error("parameter `{param}` became non-finite during epoch {epoch}; the last good checkpoint is kept")]
     NonFiniteWeights {
         /// 1-based epoch.

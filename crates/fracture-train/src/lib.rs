@@ -25,8 +25,8 @@ mod trainer;
 
 pub use batcher::batch_to_tensors;
 pub use bundle::{
-    MAX_IMAGE_BYTES, MODEL_FILE, OPERATING_POINT_KEY, PREPROCESS_KEY, PRETRAINED_KEY, THRESHOLD_KEY,
-    THRESHOLD_RULE_KEY, TRAIN_KEY, TrainedModel, VALIDATION_KEY,
+    MODEL_FILE, OPERATING_POINT_KEY, PREPROCESS_KEY, PRETRAINED_KEY, THRESHOLD_KEY, THRESHOLD_RULE_KEY,
+    TRAIN_KEY, TrainedModel, VALIDATION_KEY,
 };
 pub use checkpoint::{Best, CheckpointMeta, DataCounts, read_checkpoint};
 pub use config::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
