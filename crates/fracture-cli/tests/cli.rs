@@ -1666,3 +1666,109 @@ fn eval_on_fractures_only_reports_what_is_defined() {
         "{report}"
     );
 }
+
+/// Runs a command to completion within `secs` seconds (killed and failed otherwise).
+fn bounded(mut cmd: Command, secs: u64) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            panic!("{cmd:?} did not finish within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: o.join().unwrap(),
+        stderr: e.join().unwrap(),
+    }
+}
+
+#[test]
+fn the_bad_input_corpus_through_predict_train_inspect_and_eval() {
+    use fracture_testkit::Expect;
+    let (root, run) = trained_run("corpus");
+    let corpus = root.join("corpus");
+    let entries =
+        fracture_testkit::write_bad_inputs(&corpus, &fracture_testkit::synthetic_xray(64, 48, true, 2))
+            .unwrap();
+    let readable = entries.iter().filter(|e| e.expect == Expect::Readable).count();
+
+    // predict: every readable file predicted once, every unreadable one named, exit 1 (0 with --keep-going).
+    let mut cmd = fracture();
+    cmd.args(["predict", "--format", "json", "--model"])
+        .arg(&run)
+        .arg(&corpus);
+    let out = bounded(cmd, 120);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        value["predictions"].as_array().unwrap().len(),
+        readable,
+        "{value}"
+    );
+    for e in entries.iter().filter(|e| e.expect == Expect::Unreadable) {
+        let name = e.path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(stderr.contains(&name), "{}: {stderr}", e.kind);
+    }
+    let mut cmd = fracture();
+    cmd.args(["predict", "--keep-going", "--format", "csv", "--model"])
+        .arg(&run)
+        .arg(&corpus);
+    assert!(bounded(cmd, 120).status.success());
+
+    // A dataset whose fractured training class is the corpus: bad files skipped and reported.
+    let data = root.join("corpus-data");
+    fracture_testkit::write_synthetic_dataset(
+        &data,
+        &fracture_testkit::SyntheticSpec::train_val((6, 6), (3, 3)),
+    );
+    let class = data.join("train/fractured/corpus");
+    fracture_testkit::write_bad_inputs(&class, &fracture_testkit::synthetic_xray(64, 48, true, 3)).unwrap();
+    let mut cmd = fracture();
+    cmd.args(["inspect", "--data"]).arg(&data);
+    let out = bounded(cmd, 60);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut cmd = fracture();
+    cmd.args(["train", "--epochs", "1", "--image-size", "24", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(root.join("corpus-run"));
+    let out = bounded(cmd, 300);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("bomb.png") && !text.contains("panicked"), "{text}");
+    let mut cmd = fracture();
+    cmd.args(["eval", "--split", "train", "--model"])
+        .arg(root.join("corpus-run"))
+        .arg("--data")
+        .arg(&data);
+    let out = bounded(cmd, 120);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

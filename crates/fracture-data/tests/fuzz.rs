@@ -52,3 +52,35 @@ fn decoding_mutated_images_never_panics() {
     });
     assert!(cases > 0);
 }
+
+#[test]
+fn every_corpus_entry_preprocesses_or_fails_naming_the_file() {
+    let dir = fracture_testkit::fresh_dir(
+        &std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+        "corpus-data",
+    );
+    let entries = fracture_testkit::write_bad_inputs(&dir, &synthetic_xray(64, 48, true, 1)).unwrap();
+    assert!(entries.len() >= 30, "{}", entries.len());
+    let config = PreprocessConfig {
+        size: 32,
+        ..PreprocessConfig::default()
+    };
+    let limits = DecodeLimits::default();
+    for e in entries.iter().filter(|e| e.path.is_file()) {
+        let result = fracture_data::read_file_limited(&e.path, &limits)
+            .and_then(|bytes| config.load_bytes(&bytes, &e.path, &limits));
+        match (e.expect, result) {
+            (fracture_testkit::Expect::Readable, Ok(x)) => assert_eq!(x.dim(), (32, 32), "{}", e.kind),
+            (fracture_testkit::Expect::Unreadable, Err(err)) => {
+                let name = e.path.file_name().unwrap().to_string_lossy().into_owned();
+                assert!(err.to_string().contains(&name), "{}: {err}", e.kind);
+            }
+            (fracture_testkit::Expect::Ignored, _) => {}
+            (expect, result) => panic!(
+                "{}: expected {expect:?}, got {:?}",
+                e.kind,
+                result.map(|x| x.dim())
+            ),
+        }
+    }
+}

@@ -14,8 +14,10 @@
 
 use std::path::{Path, PathBuf};
 
+mod corpus;
 mod fuzz;
 mod kaggle;
+pub use corpus::{BadInput, Expect, png_bomb_header, write_bad_inputs};
 pub use fuzz::{DEFAULT_CASES, fuzz_bytes};
 pub use kaggle::{Announce, KaggleStub, StubOptions, StubRequest, kaggle_shaped_zip, zip_of};
 
