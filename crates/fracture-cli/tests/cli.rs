@@ -1772,3 +1772,42 @@ fn the_bad_input_corpus_through_predict_train_inspect_and_eval() {
     let out = bounded(cmd, 120);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_bad_input_corpus_through_the_server() {
+    use fracture_testkit::Expect;
+    let (root, run) = trained_run("corpus-serve");
+    let entries = fracture_testkit::write_bad_inputs(
+        &root.join("corpus"),
+        &fracture_testkit::synthetic_xray(64, 48, false, 4),
+    )
+    .unwrap();
+    let server = Server::start(&run, &[]);
+    let url = format!("{}/api/predict?heatmap=1", server.url);
+    for e in entries.iter().filter(|e| e.path.is_file()) {
+        let bytes = std::fs::read(&e.path).unwrap();
+        let (status, body) = post(&url, "application/octet-stream", &bytes);
+        match e.expect {
+            Expect::Readable => {
+                assert_eq!(status, 200, "{}: {body}", e.kind);
+                assert!(body["heatmap_png_base64"].is_string(), "{}", e.kind);
+            }
+            _ => {
+                assert_eq!(status, 400, "{}: {body}", e.kind);
+                assert!(
+                    body["error"].as_str().is_some_and(|s| !s.is_empty()),
+                    "{}: {body}",
+                    e.kind
+                );
+            }
+        }
+    }
+    let health: serde_json::Value = http()
+        .get(&format!("{}/api/health", server.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(health["status"], "ok", "the server is still up");
+}
