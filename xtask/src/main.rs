@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod pretrained;
+mod soak;
 
 type DynError = Box<dyn std::error::Error>;
 
@@ -24,7 +25,12 @@ commands:
                              X-ray Data) into DIR (default data/<slug>), then print images per split and class.
                              Credentials, when the dataset needs them: KAGGLE_API_TOKEN, ~/.kaggle/access_token,
                              kaggle.json, or KAGGLE_USERNAME + KAGGLE_KEY
-  fuzz [--seconds N]         the fuzz properties of `cargo test` (mutated and random bytes through image
+  soak --model RUN [--idle N] [--seconds S] [--image FILE]
+                             `fracture serve` on loopback holding N idle connections (default 10000) while
+                             two clients predict for S seconds (default 30): /api/health must answer every
+                             0.1 s in under 100 ms and the server's memory come back within 20% of its start
+  fuzz [--seconds N]
+         the fuzz properties of `cargo test` (mutated and random bytes through image
                              decoding, model-file loading and zip extraction) for N seconds each
                              (default 60) in a release build; prints how many cases ran clean
   bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference]
@@ -58,6 +64,7 @@ fn run() -> Result<(), DynError> {
         Some("bench-compare") => bench_compare(&args[1..]),
         Some("bench-preprocess") => bench_preprocess(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("soak") => soak::run(&args[1..], &project_root()),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())

@@ -1,0 +1,200 @@
+//! `cargo xtask soak`: `fracture serve` holding many idle connections under a steady prediction load,
+//! on loopback. It checks that `/api/health` keeps answering quickly throughout and that the
+//! server's memory comes back near its start once the load is gone.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+type DynError = Box<dyn std::error::Error>;
+
+/// One HTTP/1.1 request on a fresh connection; the status code of the answer.
+fn request(addr: &str, head: &str, body: &[u8]) -> Result<u16, DynError> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)?;
+    let line = String::from_utf8_lossy(&answer[..answer.len().min(12)]).into_owned();
+    Ok(line.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0))
+}
+
+/// Resident memory of a process, in MB (Linux `/proc`).
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
+    let (mut model, mut idle, mut seconds, mut image) = (
+        None::<PathBuf>,
+        10_000usize,
+        30u64,
+        root.join("../shared/data/fracatlas/val/fractured/IMG0000019.jpg"),
+    );
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--model" => model = Some(PathBuf::from(value()?)),
+            "--idle" => idle = value()?.parse()?,
+            "--seconds" => seconds = value()?.parse()?,
+            "--image" => image = PathBuf::from(value()?),
+            other => return Err(format!("soak: unknown option `{other}`").into()),
+        }
+    }
+    let model = model.ok_or("soak: --model RUN_OR_FILE is required (a trained model)")?;
+    let body = std::fs::read(&image).map_err(|e| format!("{}: {e}", image.display()))?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--release", "-q", "-p", "fracture-cli"])
+        .status()?;
+    if !built.success() {
+        return Err("building fracture failed".into());
+    }
+    let mut server = Command::new(root.join("target/release/fracture"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--model"])
+        .arg(&model)
+        .args(["--max-connections", &(idle + 1000).to_string()])
+        .args(["--header-timeout-secs", &(seconds * 4 + 60).to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let pid = server.id();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().ok_or("no server output")?).read_line(&mut line)?;
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http://"))
+        .map(|a| a.trim_end_matches('/').to_string())
+        .ok_or_else(|| format!("unexpected server output: {line}"))?;
+    let predict_head = format!(
+        "POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let health_head = "GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    // Warm-up with the load's own pattern (two clients, five seconds), so that "start" is the
+    // server's working set under that load: inference buffers are pooled per thread and kept for
+    // reuse by design; what must come back is anything beyond that.
+    let warm: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, head, body) = (addr.clone(), predict_head.clone(), body.clone());
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < until {
+                    let _ = request(&addr, &head, &body);
+                }
+            })
+        })
+        .collect();
+    for t in warm {
+        let _ = t.join();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let start_mb = rss_mb(pid).unwrap_or(0.0);
+
+    let opened = Instant::now();
+    let mut held = Vec::with_capacity(idle);
+    for _ in 0..idle {
+        match TcpStream::connect(&addr) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                eprintln!("could open only {} idle connections: {e}", held.len());
+                break;
+            }
+        }
+    }
+    let open_s = opened.elapsed().as_secs_f64();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let (addr, head, body) = (addr.clone(), predict_head.clone(), body.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match request(&addr, &head, &body) {
+                        Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut health_failures = 0usize;
+    let mut peak_mb = start_mb;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        match request(&addr, health_head, b"") {
+            Ok(200) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+            _ => health_failures += 1,
+        }
+        peak_mb = peak_mb.max(rss_mb(pid).unwrap_or(0.0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        let _ = t.join();
+    }
+    let still_open = held.len();
+    drop(held);
+    std::thread::sleep(Duration::from_secs(3));
+    let end_mb = rss_mb(pid).unwrap_or(0.0);
+    let _ = server.kill();
+    let _ = server.wait();
+
+    latencies.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let max = latencies.last().copied().unwrap_or(f64::NAN);
+    println!("| | value |\n|---|---|");
+    println!("| idle connections held | {still_open} (opened in {open_s:.1} s) |");
+    println!(
+        "| predictions during {seconds} s | {} ok, {} failed |",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    println!(
+        "| /api/health | {} answers, {health_failures} failures; p50 {:.1} ms, p99 {:.1} ms, max {max:.1} ms |",
+        latencies.len(),
+        pct(0.5),
+        pct(0.99)
+    );
+    println!(
+        "| server memory (RSS) | {start_mb:.0} MB at start, {peak_mb:.0} MB peak, {end_mb:.0} MB after ({:+.0}%) |",
+        (end_mb / start_mb - 1.0) * 100.0
+    );
+    let mut problems = Vec::new();
+    if health_failures > 0 || max.is_nan() || max >= 100.0 {
+        problems.push(format!(
+            "/api/health: {health_failures} failures, max {max:.1} ms (target: none, < 100 ms)"
+        ));
+    }
+    if end_mb > start_mb * 1.2 {
+        problems.push(format!(
+            "memory after the load {end_mb:.0} MB is over 120% of the start {start_mb:.0} MB"
+        ));
+    }
+    if failed.load(Ordering::Relaxed) > 0 {
+        problems.push("some predictions failed".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; ").into())
+    }
+}
