@@ -1414,6 +1414,29 @@ fn a_truncated_jpeg_is_an_error_unless_partial_images_are_allowed() {
         String::from_utf8_lossy(&lenient.stderr)
     );
     assert!(String::from_utf8_lossy(&lenient.stdout).contains("cut.jpg"));
+    assert!(String::from_utf8_lossy(&lenient.stderr).contains("warning: "));
+    // In JSON the accepted partial image carries a warning; a whole one does not.
+    let whole = root.join("whole.jpg");
+    std::fs::write(&whole, &bytes).unwrap();
+    let json = fracture()
+        .args(["predict", "--allow-partial", "--format", "json", "--model"])
+        .arg(&run)
+        .arg(&cut)
+        .arg(&whole)
+        .output()
+        .unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let rows = value["predictions"].as_array().unwrap();
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["path"].as_str().unwrap().ends_with(name))
+            .unwrap()
+    };
+    assert!(
+        row("cut.jpg")["warning"].as_str().unwrap().contains("truncated"),
+        "{value}"
+    );
+    assert!(row("whole.jpg").get("warning").is_none(), "{value}");
 }
 
 /// Sends `request` on a fresh connection to the server at `url` and returns everything it answers

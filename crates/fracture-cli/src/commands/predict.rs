@@ -80,9 +80,20 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         eprintln!("error: {}", s.reason);
     }
     unreadable += skipped.len();
+    let partial = if args.allow_partial {
+        partial_files(&predictions)
+    } else {
+        Default::default()
+    };
+    for p in predictions.iter().filter(|p| partial.contains(&p.path)) {
+        eprintln!(
+            "warning: {}: truncated or damaged, predicted from the part that decodes (--allow-partial)",
+            path_text(&p.path)
+        );
+    }
     match args.format {
         Format::Table => print_table(&predictions, model.threshold),
-        Format::Json => println!("{}", serde_json_lines(&predictions, model.threshold)?),
+        Format::Json => println!("{}", serde_json_lines(&predictions, model.threshold, &partial)?),
         Format::Csv => {
             println!("path,p_fractured,label");
             for p in &predictions {
@@ -159,7 +170,26 @@ fn print_table(predictions: &[Prediction], threshold: f64) {
     }
 }
 
-fn serde_json_lines(predictions: &[Prediction], threshold: f64) -> anyhow::Result<String> {
+/// The files among `predictions` that decode only in part (checked again strictly; only asked for
+/// with `--allow-partial`, where such files are predicted).
+fn partial_files(predictions: &[Prediction]) -> std::collections::HashSet<PathBuf> {
+    let strict = DecodeLimits::default();
+    predictions
+        .iter()
+        .filter(|p| {
+            fracture_train::data::read_file_limited(&p.path, &strict)
+                .and_then(|bytes| fracture_train::data::decode_gray(&bytes, &p.path, &strict))
+                .is_err_and(|e| matches!(e, fracture_train::data::Error::Partial { .. }))
+        })
+        .map(|p| p.path.clone())
+        .collect()
+}
+
+fn serde_json_lines(
+    predictions: &[Prediction],
+    threshold: f64,
+    partial: &std::collections::HashSet<PathBuf>,
+) -> anyhow::Result<String> {
     #[derive(serde::Serialize)]
     struct Out {
         threshold: f64,
@@ -170,6 +200,8 @@ fn serde_json_lines(predictions: &[Prediction], threshold: f64) -> anyhow::Resul
         path: String,
         p_fractured: f64,
         label: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        warning: Option<&'static str>,
     }
     let out = Out {
         threshold,
@@ -179,6 +211,9 @@ fn serde_json_lines(predictions: &[Prediction], threshold: f64) -> anyhow::Resul
                 path: path_text(&p.path),
                 p_fractured: p.p_fractured,
                 label: Label::from_fractured(p.fractured).name(),
+                warning: partial
+                    .contains(&p.path)
+                    .then_some("the image is truncated or damaged: only part of it was decoded"),
             })
             .collect(),
     };
