@@ -82,6 +82,48 @@ fn check(
     Ok(())
 }
 
+/// Inputs of an inverted-bottleneck check: `x (b, cin, h, w)`, the flat parameters with batch-norm
+/// scales near 1.5 and inputs off-centre (so ReLU6 cuts at both ends), and running statistics when
+/// the block does not use batch statistics.
+fn bottleneck_inputs(
+    spec: MbConvSpec,
+    b: usize,
+    h: usize,
+    w: usize,
+    batch_stats: bool,
+    seed: u64,
+) -> (Tensor, Tensor, Option<kernels::BlockStats>) {
+    let lay = spec.layout();
+    let mut params = random(&[lay.len], seed ^ 1).to_vec1::<f32>().unwrap();
+    for (g, _) in lay.bn0.iter().chain([&lay.bn1, &lay.bn2]) {
+        params[g.clone()].iter_mut().for_each(|v| *v += 1.5);
+    }
+    let params = Tensor::new(params, &Device::Cpu).unwrap();
+    let x = (random(&[b, spec.cin, h, w], seed) * 2.0)
+        .unwrap()
+        .affine(1.0, 0.3)
+        .unwrap();
+    let running = (!batch_stats).then(|| {
+        (0..spec.norms())
+            .map(|i| {
+                let c = if i + 1 == spec.norms() {
+                    spec.cout
+                } else {
+                    spec.mid
+                };
+                let m = random(&[c], seed ^ (10 + i as u64)).to_vec1::<f32>().unwrap();
+                let v = random(&[c], seed ^ (20 + i as u64))
+                    .affine(0.5, 1.0)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                (m, v)
+            })
+            .collect()
+    });
+    (x, params, running)
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -174,22 +216,7 @@ proptest! {
         let cout = if same_width { cin } else { cout };
         prop_assume!(!batch_stats || b * h * w >= 2);
         let spec = MbConvSpec { cin, mid: cin * expansion, cout, kernel, stride, expand: expansion != 1, eps: 1e-3 };
-        let lay = spec.layout();
-        // Scales near 1.5 and inputs off-centre, so ReLU6 cuts at both ends.
-        let mut params = random(&[lay.len], seed ^ 1).to_vec1::<f32>().unwrap();
-        for (g, _) in lay.bn0.iter().chain([&lay.bn1, &lay.bn2]) {
-            params[g.clone()].iter_mut().for_each(|v| *v += 1.5);
-        }
-        let params = Tensor::new(params, &Device::Cpu).unwrap();
-        let x = (random(&[b, cin, h, w], seed) * 2.0).unwrap().affine(1.0, 0.3).unwrap();
-        let running: Option<kernels::BlockStats> = (!batch_stats).then(|| {
-            (0..spec.norms()).map(|i| {
-                let c = if i + 1 == spec.norms() { cout } else { spec.mid };
-                let m = random(&[c], seed ^ (10 + i as u64)).to_vec1::<f32>().unwrap();
-                let v = random(&[c], seed ^ (20 + i as u64)).affine(0.5, 1.0).unwrap().to_vec1::<f32>().unwrap();
-                (m, v)
-            }).collect()
-        });
+        let (x, params, running) = bottleneck_inputs(spec, b, h, w, batch_stats, seed);
         check(&[x.clone(), params.clone()], |t, k| kernels::mbconv(&t[0], &t[1], spec, running.clone(), k).unwrap().0, "inverted bottleneck")?;
         if batch_stats {
             let (_, sf) = kernels::mbconv(&x, &params, spec, None, Kernels::Fast).unwrap();
@@ -215,21 +242,7 @@ proptest! {
         prop_assume!(expansion != 1 || cin == 16);
         prop_assume!(!batch_stats || b * h * w >= 2);
         let spec = MbConvSpec { cin, mid: cin * expansion, cout: cin, kernel, stride, expand: expansion != 1, eps: 1e-3 };
-        let lay = spec.layout();
-        let mut params = random(&[lay.len], seed ^ 1).to_vec1::<f32>().unwrap();
-        for (g, _) in lay.bn0.iter().chain([&lay.bn1, &lay.bn2]) {
-            params[g.clone()].iter_mut().for_each(|v| *v += 1.5);
-        }
-        let params = Tensor::new(params, &Device::Cpu).unwrap();
-        let x = (random(&[b, cin, h, w], seed) * 2.0).unwrap().affine(1.0, 0.3).unwrap();
-        let running: Option<kernels::BlockStats> = (!batch_stats).then(|| {
-            (0..spec.norms()).map(|i| {
-                let c = if i + 1 == spec.norms() { cin } else { spec.mid };
-                let m = random(&[c], seed ^ (10 + i as u64)).to_vec1::<f32>().unwrap();
-                let v = random(&[c], seed ^ (20 + i as u64)).affine(0.5, 1.0).unwrap().to_vec1::<f32>().unwrap();
-                (m, v)
-            }).collect()
-        });
+        let (x, params, running) = bottleneck_inputs(spec, b, h, w, batch_stats, seed);
         check(&[x, params], |t, k| kernels::mbconv(&t[0], &t[1], spec, running.clone(), k).unwrap().0, "grouped inverted bottleneck")?;
     }
 

@@ -8,36 +8,15 @@ use std::path::PathBuf;
 use candle_core::Device;
 use fracture_testkit::{SyntheticSpec, fresh_dir, fuzz_bytes, write_synthetic_dataset};
 use fracture_train::data::DecodeLimits;
-use fracture_train::model::ModelConfig;
-use fracture_train::{TrainConfig, TrainSetup, TrainedModel, train};
+use fracture_train::{TrainedModel, train};
+
+mod common;
 
 #[test]
 fn loading_mutated_model_files_never_panics() {
     let root = fresh_dir(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")), "model-fuzz");
     write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((4, 4), (3, 3)));
-    let setup = TrainSetup {
-        data: root.join("data"),
-        out: root.join("run"),
-        model: ModelConfig::seed(16),
-        preprocess: fracture_train::data::PreprocessConfig {
-            size: 16,
-            ..Default::default()
-        },
-        train: TrainConfig {
-            epochs: 1,
-            batch_size: 8,
-            ..TrainConfig::default()
-        },
-        resume: false,
-        cache_dir: None,
-        limits: DecodeLimits::default(),
-        device: Device::Cpu,
-        stop_after_epochs: None,
-        pretrained: None,
-        extra_train: Vec::new(),
-        allow_link_problems: false,
-        kernels: Default::default(),
-    };
+    let setup = common::setup(&root.join("data"), &root.join("run"), 16, 1);
     let outcome = train(&setup, &mut |_| {}).unwrap();
     let seeds = vec![std::fs::read(&outcome.best_model).unwrap()];
     let image = std::fs::read(root.join("data/val/fractured/img_0000.png")).unwrap();

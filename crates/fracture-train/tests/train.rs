@@ -7,12 +7,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use fracture_testkit::{SyntheticSpec, fresh_dir, write_synthetic_dataset};
-use fracture_train::data::{AugmentConfig, DecodeLimits, PreprocessConfig, Split};
+use fracture_train::data::{AugmentConfig, PreprocessConfig, Split};
 use fracture_train::model::ModelConfig;
 use fracture_train::{
     Error, Event, LrSchedule, Preset, TrainConfig, TrainOutcome, TrainSetup, read_checkpoint, train,
 };
 use sha2::Digest;
+
+mod common;
+use common::setup;
 
 fn base() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fracture-train-tests")
@@ -22,30 +25,6 @@ fn synthetic(name: &str, train: (usize, usize), val: (usize, usize)) -> PathBuf 
     let root = fresh_dir(&base(), name);
     write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val(train, val));
     root
-}
-
-fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainSetup {
-    TrainSetup {
-        data: data.to_path_buf(),
-        out: out.to_path_buf(),
-        model: ModelConfig::seed(size as usize),
-        preprocess: PreprocessConfig::with_size(size),
-        train: TrainConfig {
-            epochs,
-            batch_size: 16,
-            ..TrainConfig::default()
-        },
-        resume: false,
-        cache_dir: None,
-        limits: DecodeLimits::default(),
-        device: Device::Cpu,
-        stop_after_epochs: None,
-        pretrained: None,
-        extra_train: Vec::new(),
-        allow_link_problems: false,
-
-        kernels: Default::default(),
-    }
 }
 
 /// [`setup`] with the radiograph preset's network, preprocessing and training settings at `size`.
