@@ -450,19 +450,30 @@ impl Geometry {
     #[inline(always)]
     pub(crate) fn fill_group(&self, planes: &[f32], q: &mut [f32], f: impl Fn(usize, f32) -> f32) {
         q.fill(0.0);
-        let (n, pwf) = (self.w.min(self.pwf().saturating_sub(self.pad.left)), self.pwf());
+        let n = self.group_row_len();
         for (lane, plane) in planes.chunks_exact(self.h * self.w).enumerate() {
-            for iy in 0..self.h {
-                let r = iy + self.pad.top;
-                if r >= self.ph {
-                    break;
-                }
-                let base = r * pwf + self.pad.left;
-                for (ix, &v) in plane[iy * self.w..][..n].iter().enumerate() {
+            for (row, base) in self.group_rows() {
+                for (ix, &v) in plane[row..][..n].iter().enumerate() {
                     q[(base + ix) * GROUP + lane] = f(lane, v);
                 }
             }
         }
+    }
+
+    /// The input rows that land in the interleaved scratch: the offset of each in its plane and the
+    /// scratch position of its first value.
+    #[inline(always)]
+    fn group_rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let pwf = self.pwf();
+        (0..self.h)
+            .take_while(|iy| iy + self.pad.top < self.ph)
+            .map(move |iy| (iy * self.w, (iy + self.pad.top) * pwf + self.pad.left))
+    }
+
+    /// How many values of each input row land in the interleaved scratch.
+    #[inline(always)]
+    fn group_row_len(&self) -> usize {
+        self.w.min(self.pwf().saturating_sub(self.pad.left))
     }
 
     /// The interleaved filters: `wt[t·GROUP + lane]` = tap `t` of the filter of plane `lane`
@@ -577,16 +588,11 @@ impl Geometry {
                 }
             }
         }
-        let (n, pwf) = (self.w.min(self.pwf().saturating_sub(self.pad.left)), self.pwf());
+        let n = self.group_row_len();
         for (lane, plane) in dx.chunks_exact_mut(self.h * self.w).enumerate() {
             plane.fill(0.0);
-            for iy in 0..self.h {
-                let r = iy + self.pad.top;
-                if r >= self.ph {
-                    break;
-                }
-                let base = r * pwf + self.pad.left;
-                for (ix, v) in plane[iy * self.w..][..n].iter_mut().enumerate() {
+            for (row, base) in self.group_rows() {
+                for (ix, v) in plane[row..][..n].iter_mut().enumerate() {
                     *v = dq[(base + ix) * GROUP + lane];
                 }
             }
