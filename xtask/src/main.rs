@@ -29,9 +29,9 @@ commands:
                              `fracture serve` on loopback holding N idle connections (default 10000) while
                              two clients predict for S seconds (default 30): /api/health must answer every
                              0.1 s in under 100 ms and the server's memory come back within 20% of its start
-  fuzz [--seconds N]
-         the fuzz properties of `cargo test` (mutated and random bytes through image
-                             decoding, model-file loading and zip extraction) for N seconds each
+  fuzz [--seconds N]          the fuzz properties of `cargo test` (mutated and random bytes through image
+                             decoding, model-file loading, zip extraction and the server's upload
+                             reader with its form parser) for N seconds each
                              (default 60) in a release build; prints how many cases ran clean
   bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference]
                              a network's train step and inference, ours vs PyTorch (default and tuned
@@ -88,7 +88,7 @@ fn fuzz(args: &[String]) -> Result<(), DynError> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     status(
-        Command::new(cargo)
+        Command::new(&cargo)
             .current_dir(project_root())
             .env("FRACTURE_FUZZ_SECONDS", seconds.to_string())
             .args([
@@ -102,6 +102,25 @@ fn fuzz(args: &[String]) -> Result<(), DynError> {
                 "fracture-train",
                 "--test",
                 "fuzz",
+                "--",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ]),
+    )?;
+    // The server's upload path lives in the binary, so its property is a unit test there.
+    status(
+        Command::new(&cargo)
+            .current_dir(project_root())
+            .env("FRACTURE_FUZZ_SECONDS", seconds.to_string())
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "fracture-cli",
+                "--bin",
+                "fracture",
+                "fuzz_",
                 "--",
                 "--nocapture",
                 "--test-threads",

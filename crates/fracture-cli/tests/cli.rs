@@ -1514,8 +1514,18 @@ fn the_server_times_out_idle_and_slow_clients_and_caps_connections() {
         took < Duration::from_millis(900),
         "answered before any timeout: {took:?}"
     );
-    // Errors of the routing layer are JSON too.
+    // Errors of the routing layer are JSON too: unknown route, wrong method, an over-long request
+    // target, and a query the extractor refuses (a repeated field).
+    let long_target = format!(
+        "GET /api/health?{} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "x".repeat(10_000)
+    );
     for (request, status) in [
+        (long_target.as_bytes(), "414"),
+        (
+            &b"POST /api/predict?heatmap=1&heatmap=0 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"[..],
+            "400",
+        ),
         (
             &b"GET /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"[..],
             "404",
@@ -1690,7 +1700,11 @@ fn eval_on_fractures_only_reports_what_is_defined() {
     );
 }
 
-/// Runs a command to completion within `secs` seconds (killed and failed otherwise).
+/// Most resident memory a command of the corpus tests may reach.
+const MAX_COMMAND_RSS: u64 = 2 << 30;
+
+/// Runs a command to completion within `secs` seconds (killed and failed otherwise), with its peak
+/// resident memory under [`MAX_COMMAND_RSS`] (sampled while it runs, where `/proc` exists).
 fn bounded(mut cmd: Command, secs: u64) -> std::process::Output {
     use std::io::Read;
     let mut child = cmd
@@ -1710,7 +1724,15 @@ fn bounded(mut cmd: Command, secs: u64) -> std::process::Output {
         v
     });
     let start = std::time::Instant::now();
+    let mut peak = 0u64;
     let status = loop {
+        if let Some(rss) = fracture_testkit::peak_rss_bytes(Some(child.id())) {
+            peak = peak.max(rss);
+            if peak > MAX_COMMAND_RSS {
+                let _ = child.kill();
+                panic!("{cmd:?} took {peak} bytes of memory");
+            }
+        }
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
@@ -1797,6 +1819,51 @@ fn the_bad_input_corpus_through_predict_train_inspect_and_eval() {
 }
 
 #[test]
+fn the_bad_model_files_through_predict_eval_and_serve() {
+    let (root, run) = trained_run("bad-models");
+    let good = std::fs::read(run.join("model.safetensors")).unwrap();
+    let keys = fracture_testkit::ModelKeys {
+        threshold: fracture_train::THRESHOLD_KEY,
+        config: fracture_train::model::CONFIG_KEY,
+        preprocess: fracture_train::PREPROCESS_KEY,
+    };
+    let bad = fracture_testkit::write_bad_models(&root.join("bad"), &good, keys).unwrap();
+    let image = root.join("one.png");
+    fracture_testkit::synthetic_xray(64, 48, true, 5)
+        .save(&image)
+        .unwrap();
+    for b in &bad {
+        let name = b.path.file_name().unwrap().to_string_lossy().into_owned();
+        let mut runs = Vec::new();
+        let mut cmd = fracture();
+        cmd.args(["predict", "--format", "json", "--model"])
+            .arg(&b.path)
+            .arg(&image);
+        runs.push(("predict", bounded(cmd, 60)));
+        let mut cmd = fracture();
+        cmd.args(["eval", "--split", "val", "--model"])
+            .arg(&b.path)
+            .arg("--data")
+            .arg(root.join("data"));
+        runs.push(("eval", bounded(cmd, 60)));
+        let mut cmd = fracture();
+        cmd.args(["serve", "--addr", "127.0.0.1:0", "--model"])
+            .arg(&b.path);
+        runs.push(("serve", bounded(cmd, 60)));
+        for (what, out) in runs {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{what} {}: {stderr}", b.kind);
+            assert!(
+                stderr.contains(&name) && !stderr.contains("panicked"),
+                "{what} {}: {stderr}",
+                b.kind
+            );
+            assert!(out.stdout.is_empty(), "{what} {}: no partial output", b.kind);
+        }
+    }
+}
+
+#[test]
 fn the_bad_input_corpus_through_the_server() {
     use fracture_testkit::Expect;
     let (root, run) = trained_run("corpus-serve");
@@ -1824,6 +1891,34 @@ fn the_bad_input_corpus_through_the_server() {
                 );
             }
         }
+    }
+    // Malformed forms: no boundary, a form cut inside its part, a part without a name, and every
+    // corpus image inside a well-formed form (the same answers as raw).
+    let (content_type, form) = multipart("x.jpg", &jpeg(true, 1));
+    for (what, ct, body) in [
+        ("no boundary", "multipart/form-data".to_string(), form.clone()),
+        ("cut form", content_type.clone(), form[..form.len() / 2].to_vec()),
+        (
+            "nameless part",
+            content_type.clone(),
+            String::from_utf8_lossy(&form)
+                .replace("name=\"file\"; ", "")
+                .into_bytes(),
+        ),
+    ] {
+        let (status, body) = post(&url, &ct, &body);
+        assert_eq!(status, 400, "{what}: {body}");
+        assert!(body["error"].as_str().is_some_and(|s| !s.is_empty()), "{what}");
+    }
+    for e in entries.iter().filter(|e| e.path.is_file()) {
+        let (ct, body) = multipart("corpus", &std::fs::read(&e.path).unwrap());
+        let (status, _) = post(&url, &ct, &body);
+        assert_eq!(
+            status == 200,
+            e.expect == Expect::Readable,
+            "{} in a form",
+            e.kind
+        );
     }
     let health: serde_json::Value = http()
         .get(&format!("{}/api/health", server.url))

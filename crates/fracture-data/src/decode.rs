@@ -69,8 +69,9 @@ pub fn read_file_limited(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>> 
 
 /// Decodes image bytes to full-resolution 8-bit luma.
 ///
-/// `origin` names the file (or upload) in errors. 16-bit samples are scaled to 8 bits
-/// (`v * 255 / 65535`, rounded); an alpha channel is dropped. Formats: JPEG (baseline, progressive,
+/// `origin` names the file (or upload) in errors. 16-bit images are windowed to the values they
+/// hold (see [`window16`]), so that 10- or 12-bit radiographs stored in 16-bit words keep their
+/// contrast; an alpha channel is dropped. Formats: JPEG (baseline, progressive,
 /// grayscale, YCbCr, RGB, CMYK, YCCK), PNG, BMP, TIFF, WebP.
 pub fn decode_gray(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<GrayImage> {
     if bytes.is_empty() {
@@ -228,10 +229,53 @@ fn luma16(r: u16, g: u16, b: u16) -> u16 {
     ((299 * u64::from(r) + 587 * u64::from(g) + 114 * u64::from(b) + 500) / 1000) as u16
 }
 
-/// A 16-bit sample scaled to 8 bits, rounded.
+/// A 16-bit sample scaled to 8 bits over the container's full range, rounded.
 #[inline]
 fn to8(v: u16) -> u8 {
     ((u32::from(v) * 255 + 32_767) / 65_535) as u8
+}
+
+/// Lower and upper fraction of a 16-bit image's samples left outside its display window.
+pub const WINDOW_TAIL: f64 = 0.005;
+
+/// 16-bit luma samples to 8 bits, windowed to the values actually present.
+///
+/// The rule, the one place it is written: the window runs from the 0.5th to the 99.5th percentile
+/// of the samples ([`WINDOW_TAIL`]), mapped linearly onto 0..=255 (rounded, clamped outside). A
+/// 12-bit radiograph in 16-bit words (values 0..=4095) therefore spans the whole 8-bit range instead
+/// of the darkest sixteenth of it. An image whose window is empty (one value) falls back to the
+/// container's range, `v * 255 / 65535`, so a flat image keeps its level.
+pub fn window16(samples: &[u16]) -> Vec<u8> {
+    if samples.is_empty() {
+        return Vec::new();
+    }
+    let mut histogram = vec![0u32; 65_536];
+    for &v in samples {
+        histogram[usize::from(v)] += 1;
+    }
+    let n = samples.len() as f64;
+    // The smallest value with more than `fraction` of the samples at or below it.
+    let quantile = |fraction: f64| -> u16 {
+        let rank = (fraction * n).floor() as u64;
+        let mut seen = 0u64;
+        for (value, &count) in histogram.iter().enumerate() {
+            seen += u64::from(count);
+            if seen > rank {
+                return value as u16;
+            }
+        }
+        u16::MAX
+    };
+    let lo = quantile(WINDOW_TAIL);
+    let hi = quantile(1.0 - WINDOW_TAIL);
+    if hi <= lo {
+        return samples.iter().map(|&v| to8(v)).collect();
+    }
+    let (lo, span) = (f64::from(lo), f64::from(hi - lo));
+    samples
+        .iter()
+        .map(|&v| ((f64::from(v) - lo) / span * 255.0).round().clamp(0.0, 255.0) as u8)
+        .collect()
 }
 
 fn rgb8_to_luma(rgb: &[u8]) -> Vec<u8> {
@@ -245,10 +289,18 @@ fn dynamic_to_luma(image: DynamicImage) -> GrayImage {
         DynamicImage::ImageLumaA8(g) => g.pixels().map(|p| p.0[0]).collect(),
         DynamicImage::ImageRgb8(i) => rgb8_to_luma(i.as_raw()),
         DynamicImage::ImageRgba8(i) => i.pixels().map(|p| luma8(p.0[0], p.0[1], p.0[2])).collect(),
-        DynamicImage::ImageLuma16(i) => i.pixels().map(|p| to8(p.0[0])).collect(),
-        DynamicImage::ImageLumaA16(i) => i.pixels().map(|p| to8(p.0[0])).collect(),
-        DynamicImage::ImageRgb16(i) => i.pixels().map(|p| to8(luma16(p.0[0], p.0[1], p.0[2]))).collect(),
-        DynamicImage::ImageRgba16(i) => i.pixels().map(|p| to8(luma16(p.0[0], p.0[1], p.0[2]))).collect(),
+        DynamicImage::ImageLuma16(i) => window16(i.as_raw()),
+        DynamicImage::ImageLumaA16(i) => window16(&i.pixels().map(|p| p.0[0]).collect::<Vec<_>>()),
+        DynamicImage::ImageRgb16(i) => window16(
+            &i.pixels()
+                .map(|p| luma16(p.0[0], p.0[1], p.0[2]))
+                .collect::<Vec<_>>(),
+        ),
+        DynamicImage::ImageRgba16(i) => window16(
+            &i.pixels()
+                .map(|p| luma16(p.0[0], p.0[1], p.0[2]))
+                .collect::<Vec<_>>(),
+        ),
         other => {
             // Float images: clamp to [0, 1] per channel, then the same BT.601 weights.
             let rgb = other.into_rgb32f();
@@ -280,6 +332,36 @@ mod tests {
     }
 
     #[test]
+    fn twelve_bit_data_in_sixteen_bit_words_keeps_its_contrast() {
+        // A radiograph-like ramp holding 12-bit values 0..=4095 in a 16-bit PNG.
+        let g16: ImageBuffer<Luma<u16>, Vec<u16>> =
+            ImageBuffer::from_fn(64, 64, |x, y| Luma([(x * 64 + y) as u16]));
+        let bytes = encode(&DynamicImage::ImageLuma16(g16), ImageFormat::Png);
+        let decoded = decode_gray(&bytes, origin(), &DecodeLimits::default()).unwrap();
+        let (min, max) = decoded
+            .pixels()
+            .fold((255u8, 0u8), |(lo, hi), p| (lo.min(p.0[0]), hi.max(p.0[0])));
+        // Scaled by the container (v * 255 / 65535) these would all lie in 0..=16.
+        assert_eq!((min, max), (0, 255));
+        let levels: std::collections::BTreeSet<u8> = decoded.pixels().map(|p| p.0[0]).collect();
+        assert!(levels.len() > 250, "{} gray levels", levels.len());
+    }
+
+    #[test]
+    fn the_sixteen_bit_window_drops_the_outer_half_percent_and_keeps_flat_images() {
+        // 1,000 samples 1000..=1999 plus ten outliers at each end of the container.
+        let mut samples: Vec<u16> = (1000..2000).collect();
+        samples.extend([0u16; 4]);
+        samples.extend([65_535u16; 4]);
+        let out = window16(&samples);
+        assert_eq!(out[0], 0);
+        assert!(out[999] >= 254, "{}", out[999]);
+        assert!(out[500] > 120 && out[500] < 135, "{}", out[500]);
+        assert_eq!(window16(&[30_000; 10]), vec![to8(30_000); 10]);
+        assert!(window16(&[]).is_empty());
+    }
+
+    #[test]
     fn luma_weights_are_bt601() {
         assert_eq!(luma8(255, 255, 255), 255);
         assert_eq!(luma8(0, 0, 0), 0);
@@ -293,7 +375,8 @@ mod tests {
 
     #[test]
     fn png_variants_decode_to_the_same_gray() {
-        let gray = GrayImage::from_fn(9, 7, |x, y| Luma([(x * 20 + y * 3) as u8]));
+        // Values span 0..=255 (both ends present), so the 16-bit window is the full range.
+        let gray = GrayImage::from_fn(9, 7, |x, y| Luma([((x * 20 + y * 3) * 255 / 178) as u8]));
         let expect = gray.clone();
         let rgb = ImageBuffer::from_fn(9, 7, |x, y| {
             let v = expect.get_pixel(x, y).0[0];

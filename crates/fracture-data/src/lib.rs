@@ -26,7 +26,7 @@ mod summary;
 pub use augment::{Augment, AugmentConfig, Augmenter, FillMode, flip_horizontal, flip_vertical, sample_rng};
 pub use batch::{Batch, BatchAugment, epoch_order, make_batch};
 pub use dataset::{Dataset, FolderDataset, LoadOptions, LoadStats, Sample};
-pub use decode::{DecodeLimits, decode_gray, read_file_limited};
+pub use decode::{DecodeLimits, WINDOW_TAIL, decode_gray, read_file_limited, window16};
 pub use discover::{
     DatasetLayout, IMAGE_EXTENSIONS, Item, Skipped, discover_class_folders, discover_labelled_images,
     has_image_extension, list_image_files,

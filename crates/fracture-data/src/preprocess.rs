@@ -127,7 +127,7 @@ impl PreprocessConfig {
             ResizeMode::Letterbox => "letterbox",
         };
         format!(
-            "size={};resize={mode};luma=bt601;filter=bilinear-aa;v=1",
+            "size={};resize={mode};luma=bt601;window16=p0.5;filter=bilinear-aa;v=2",
             self.size
         )
     }

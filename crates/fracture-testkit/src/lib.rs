@@ -17,9 +17,11 @@ use std::path::{Path, PathBuf};
 mod corpus;
 mod fuzz;
 mod kaggle;
+mod models;
 pub use corpus::{BadInput, Expect, png_bomb_header, write_bad_inputs};
 pub use fuzz::{DEFAULT_CASES, fuzz_bytes};
 pub use kaggle::{Announce, KaggleStub, StubOptions, StubRequest, kaggle_shaped_zip, zip_of};
+pub use models::{BadModel, ModelKeys, write_bad_models};
 
 use image::{GrayImage, Luma};
 
@@ -189,4 +191,17 @@ pub fn write_synthetic_dataset(root: &Path, spec: &SyntheticSpec) {
             }
         }
     }
+}
+
+/// Peak resident memory in bytes (`VmHWM` of `/proc/<pid>/status`) of process `pid`, or of this
+/// process when `None`. `None` where `/proc` is not available (not Linux) or the process is gone.
+pub fn peak_rss_bytes(pid: Option<u32>) -> Option<u64> {
+    let file = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let status = std::fs::read_to_string(file).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -788,6 +788,37 @@ fn resuming_with_fewer_epochs_and_an_impossible_target_are_refused_up_front() {
 }
 
 #[test]
+fn every_bad_model_file_of_the_corpus_is_refused_with_its_name() {
+    let root = synthetic("bad-models", (4, 4), (3, 3));
+    let outcome = run(&setup(&root.join("data"), &root.join("run"), 24, 1)).unwrap();
+    let good = std::fs::read(&outcome.best_model).unwrap();
+    let keys = fracture_testkit::ModelKeys {
+        threshold: fracture_train::THRESHOLD_KEY,
+        config: fracture_train::model::CONFIG_KEY,
+        preprocess: fracture_train::PREPROCESS_KEY,
+    };
+    let bad = fracture_testkit::write_bad_models(&root.join("bad"), &good, keys).unwrap();
+    assert!(bad.len() >= 14, "{}", bad.len());
+    for b in &bad {
+        let err = match fracture_train::TrainedModel::load(&b.path, &Device::Cpu) {
+            Ok(_) => panic!("{} loaded", b.kind),
+            Err(e) => e.to_string(),
+        };
+        let name = b.path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(err.contains(&name), "{}: {err}", b.kind);
+        assert!(
+            !err.contains("{ ") && !err.contains("Error("),
+            "{}: Debug text in {err}",
+            b.kind
+        );
+    }
+    // None of them made the loader allocate what a declared size implies (4096 px, u64::MAX header).
+    if let Some(peak) = fracture_testkit::peak_rss_bytes(None) {
+        assert!(peak < 3 << 30, "peak memory {peak} bytes");
+    }
+}
+
+#[test]
 fn a_model_file_declaring_a_huge_input_is_refused_at_load() {
     let root = synthetic("huge-input", (4, 4), (3, 3));
     let outcome = run(&radiograph_setup(&root.join("data"), &root.join("run"), 32, 1)).unwrap();
