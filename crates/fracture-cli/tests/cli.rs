@@ -569,7 +569,7 @@ fn eval_writes_the_report_predictions_and_charts() {
     // The stored threshold is the model's.
     let stored = fracture_train::TrainedModel::load(&run, &fracture_train::candle_core::Device::Cpu)
         .unwrap()
-        .threshold;
+        .threshold();
     assert_eq!(report["threshold"].as_f64().unwrap(), stored);
     // predictions.csv: a header and one row per image, labels and decisions in words.
     let csv = std::fs::read_to_string(out_dir.join("predictions.csv")).unwrap();

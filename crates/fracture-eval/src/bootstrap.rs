@@ -117,7 +117,7 @@ pub fn bootstrap_ci(
         }
         let (mut tp, mut tn) = (0u64, 0u64);
         for (i, &w) in weight.iter().enumerate() {
-            let called = scores[i] >= threshold;
+            let called = crate::is_fractured(scores[i], threshold);
             if actual[i] && called {
                 tp += u64::from(w);
             } else if !actual[i] && !called {

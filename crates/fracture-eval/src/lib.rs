@@ -32,7 +32,7 @@ pub use metrics::BinaryMetrics;
 pub use pr::{PrPoint, average_precision, pr_curve};
 pub use report::{DEFAULT_RESAMPLES, ECE_BINS, EvalReport};
 pub use roc::{RocPoint, roc_auc, roc_curve};
-pub use threshold::{DEFAULT_THRESHOLD, ThresholdRule, choose_threshold, decide};
+pub use threshold::{DEFAULT_THRESHOLD, ThresholdRule, choose_threshold, decide, is_fractured};
 
 #[cfg(test)]
 mod tests {

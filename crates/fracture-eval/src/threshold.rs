@@ -8,6 +8,13 @@ use crate::{Error, Result};
 /// The default operating threshold on P(fractured).
 pub const DEFAULT_THRESHOLD: f64 = 0.5;
 
+/// The decision rule, written once: a score at or above the threshold is called fractured.
+/// Every decision in the workspace (metrics, curves, the CLI, the page) goes through it.
+#[inline]
+pub fn is_fractured(score: f64, threshold: f64) -> bool {
+    score >= threshold
+}
+
 /// Decides `score >= threshold` for each score (`true` = fractured). Scores must not be NaN; the
 /// threshold must be finite or ±infinity.
 pub fn decide(scores: &[f64], threshold: f64) -> Result<Vec<bool>> {
@@ -27,7 +34,7 @@ pub fn decide(scores: &[f64], threshold: f64) -> Result<Vec<bool>> {
                     value: s,
                 })
             } else {
-                Ok(s >= threshold)
+                Ok(is_fractured(s, threshold))
             }
         })
         .collect()

@@ -4,10 +4,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, ModuleT, Tensor};
-use fracture_data::{DecodeLimits, PreprocessConfig};
+use fracture_data::{DecodeLimits, Label, PreprocessConfig};
+use fracture_eval::{EvalReport, ThresholdRule};
 use fracture_model::Model;
+use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::{EpochReport, Error, Result, TrainConfig};
 
 /// Metadata key of the preprocessing settings (JSON [`PreprocessConfig`]).
 pub const PREPROCESS_KEY: &str = "fracture.preprocess";
@@ -30,21 +32,128 @@ pub const PRETRAINED_KEY: &str = "fracture.pretrained";
 /// The file name of the best model inside a run folder.
 pub const MODEL_FILE: &str = "model.safetensors";
 
+/// Everything a trained model file records beside the weights and the network configuration, as
+/// one typed value. This module is the only writer ([`ModelMeta::to_metadata`]) and reader
+/// ([`ModelMeta::from_metadata`]) of the file's metadata keys, and the reader applies the same
+/// rules as training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    /// The preprocessing the model was trained with (its size equals the network's input size).
+    pub preprocess: PreprocessConfig,
+    /// The operating threshold on P(fractured), in [0, 1]: fractured when `p >= threshold`.
+    pub threshold: f64,
+    /// The rule that chose the threshold on the validation images.
+    pub threshold_rule: Option<ThresholdRule>,
+    /// The training settings of the run.
+    pub train: Option<TrainConfig>,
+    /// The saved epoch's validation report (losses, metrics at 0.5, timing).
+    pub validation: Option<EpochReport>,
+    /// The validation report at the stored threshold (sensitivity, specificity and their intervals).
+    pub operating_point: Option<EvalReport>,
+    /// The pretrained weights the run started from.
+    pub pretrained: Option<fracture_model::PretrainedOrigin>,
+}
+
+impl ModelMeta {
+    /// Metadata for a model trained without a recorded run: its preprocessing and threshold only.
+    pub fn new(preprocess: PreprocessConfig, threshold: f64) -> Self {
+        ModelMeta {
+            preprocess,
+            threshold,
+            threshold_rule: None,
+            train: None,
+            validation: None,
+            operating_point: None,
+            pretrained: None,
+        }
+    }
+
+    /// Checks what training checks: the preprocessing, the threshold in [0, 1], the training settings.
+    /// Returns the reason when a field is out of range.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.preprocess
+            .validate()
+            .map_err(|e| format!("`{PREPROCESS_KEY}`: {e}"))?;
+        if !(self.threshold.is_finite() && (0.0..=1.0).contains(&self.threshold)) {
+            return Err(format!(
+                "`{THRESHOLD_KEY}` = {} is not a probability in [0, 1]",
+                self.threshold
+            ));
+        }
+        if let Some(train) = &self.train {
+            train.validate().map_err(|e| format!("`{TRAIN_KEY}`: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The file's metadata entries (key → JSON text), after [`ModelMeta::validate`].
+    pub fn to_metadata(&self) -> Result<BTreeMap<String, String>> {
+        self.validate().map_err(Error::InvalidConfig)?;
+        let mut out = BTreeMap::new();
+        out.insert(PREPROCESS_KEY.to_string(), json(&self.preprocess)?);
+        out.insert(THRESHOLD_KEY.to_string(), json(&self.threshold)?);
+        let mut optional = |key: &str, value: Option<String>| {
+            if let Some(v) = value {
+                out.insert(key.to_string(), v);
+            }
+        };
+        optional(
+            THRESHOLD_RULE_KEY,
+            self.threshold_rule.as_ref().map(json).transpose()?,
+        );
+        optional(TRAIN_KEY, self.train.as_ref().map(json).transpose()?);
+        optional(VALIDATION_KEY, self.validation.as_ref().map(json).transpose()?);
+        optional(
+            OPERATING_POINT_KEY,
+            self.operating_point.as_ref().map(json).transpose()?,
+        );
+        optional(PRETRAINED_KEY, self.pretrained.as_ref().map(json).transpose()?);
+        Ok(out)
+    }
+
+    /// Reads and validates the metadata of a model file. Preprocessing and threshold are required;
+    /// the other entries are optional, but one that is present must parse. Returns the reason,
+    /// naming the key, when it cannot.
+    pub fn from_metadata(metadata: &BTreeMap<String, String>) -> std::result::Result<Self, String> {
+        fn read<T: serde::de::DeserializeOwned>(
+            metadata: &BTreeMap<String, String>,
+            key: &str,
+        ) -> std::result::Result<Option<T>, String> {
+            metadata
+                .get(key)
+                .map(|text| serde_json::from_str(text).map_err(|e| format!("unreadable `{key}`: {e}")))
+                .transpose()
+        }
+        let required = |key: &str| format!("no `{key}` metadata: not a trained model file");
+        let meta = ModelMeta {
+            preprocess: read(metadata, PREPROCESS_KEY)?.ok_or_else(|| required(PREPROCESS_KEY))?,
+            threshold: read(metadata, THRESHOLD_KEY)?.ok_or_else(|| required(THRESHOLD_KEY))?,
+            threshold_rule: read(metadata, THRESHOLD_RULE_KEY)?,
+            train: read(metadata, TRAIN_KEY)?,
+            validation: read(metadata, VALIDATION_KEY)?,
+            operating_point: read(metadata, OPERATING_POINT_KEY)?,
+            pretrained: read(metadata, PRETRAINED_KEY)?,
+        };
+        meta.validate()?;
+        Ok(meta)
+    }
+}
+
 /// A model ready to predict: network, preprocessing and threshold, from one weight file.
 #[derive(Debug)]
 pub struct TrainedModel {
-    /// The network and its weights (its `metadata` holds everything the file stored).
+    /// The network and its weights.
     pub model: Model,
-    /// The preprocessing the model was trained with.
-    pub preprocess: PreprocessConfig,
-    /// The operating threshold on P(fractured).
-    pub threshold: f64,
+    /// What the file records beside the weights: preprocessing, threshold, the run's settings and
+    /// validation.
+    pub meta: ModelMeta,
     /// The file it was loaded from.
     pub path: PathBuf,
 }
 
 impl TrainedModel {
-    /// Loads a model from a weight file, or from a run folder (its `model.safetensors`).
+    /// Loads a model from a weight file, or from a run folder (its `model.safetensors`). Every
+    /// metadata entry is checked with the rules training applies; an error names the file and key.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let file = if path.is_dir() {
             path.join(MODEL_FILE)
@@ -58,57 +167,45 @@ impl TrainedModel {
                 reason,
             })
         };
-        let preprocess: PreprocessConfig = match model.metadata.get(PREPROCESS_KEY) {
-            Some(json) => {
-                serde_json::from_str(json).map_err(|e| bad(format!("unreadable `{PREPROCESS_KEY}`: {e}")))?
-            }
-            None => {
-                return Err(bad(format!(
-                    "no `{PREPROCESS_KEY}` metadata: not a trained model file"
-                )));
-            }
-        };
-        let threshold: f64 = match model.metadata.get(THRESHOLD_KEY) {
-            Some(json) => {
-                serde_json::from_str(json).map_err(|e| bad(format!("unreadable `{THRESHOLD_KEY}`: {e}")))?
-            }
-            None => fracture_eval::DEFAULT_THRESHOLD,
-        };
-        preprocess
-            .validate()
-            .map_err(|e| bad(format!("`{PREPROCESS_KEY}`: {e}")))?;
-        if !(threshold.is_finite() && (0.0..=1.0).contains(&threshold)) {
-            return Err(bad(format!(
-                "`{THRESHOLD_KEY}` = {threshold} is not a probability in [0, 1]"
-            )));
-        }
-        if preprocess.size as usize != model.config().image_size {
+        let meta = ModelMeta::from_metadata(&model.metadata).map_err(bad)?;
+        if meta.preprocess.size as usize != model.config().image_size {
             return Err(bad(format!(
                 "preprocessing size {} differs from the model's input size {}",
-                preprocess.size,
+                meta.preprocess.size,
                 model.config().image_size
             )));
         }
         Ok(TrainedModel {
             model,
-            preprocess,
-            threshold,
+            meta,
             path: file,
         })
     }
 
-    /// Writes the model atomically with its preprocessing, threshold and `extra` metadata.
-    pub fn save(&self, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
-        let mut meta = extra.clone();
-        meta.insert(PREPROCESS_KEY.into(), json(&self.preprocess)?);
-        meta.insert(THRESHOLD_KEY.into(), json(&self.threshold)?);
-        Ok(self.model.save(path, &meta)?)
+    /// Writes the model atomically with its metadata ([`TrainedModel::meta`], validated first).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        Ok(self.model.save(path, &self.meta.to_metadata()?)?)
+    }
+
+    /// The preprocessing the model was trained with.
+    pub fn preprocess(&self) -> &PreprocessConfig {
+        &self.meta.preprocess
+    }
+
+    /// The operating threshold on P(fractured).
+    pub fn threshold(&self) -> f64 {
+        self.meta.threshold
+    }
+
+    /// The decision at the stored operating point: fractured when `p_fractured >= threshold`.
+    pub fn decide(&self, p_fractured: f64) -> Label {
+        Label::from_fractured(fracture_eval::is_fractured(p_fractured, self.meta.threshold))
     }
 
     /// P(fractured) of one encoded image (any supported format); `origin` names it in errors.
     pub fn predict_bytes(&self, bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<f64> {
-        let input = self.preprocess.preprocess_bytes(bytes, origin, limits)?;
-        let s = self.preprocess.size as usize;
+        let input = self.meta.preprocess.preprocess_bytes(bytes, origin, limits)?;
+        let s = self.meta.preprocess.size as usize;
         let data: Vec<f32> = input.iter().copied().collect();
         let device = self.device();
         let x = Tensor::from_vec(data, (1, 1, s, s), &device)?;
@@ -124,22 +221,9 @@ impl TrainedModel {
     }
 
     /// The test-time augmentation that matches the flips the model was trained with (see
-    /// [`crate::Tta::for_training`]); the mirror when the file does not say.
+    /// [`crate::Tta::for_training`]); the mirror when the file does not record its training.
     pub fn tta(&self) -> crate::Tta {
-        let train: Option<crate::TrainConfig> = self
-            .model
-            .metadata
-            .get(TRAIN_KEY)
-            .and_then(|j| serde_json::from_str(j).ok());
-        crate::Tta::for_training(train.as_ref().and_then(|t| t.augment.as_ref()))
-    }
-
-    /// The pretrained weights the model started from, when the file records them.
-    pub fn pretrained(&self) -> Option<fracture_model::PretrainedOrigin> {
-        self.model
-            .metadata
-            .get(PRETRAINED_KEY)
-            .and_then(|j| serde_json::from_str(j).ok())
+        crate::Tta::for_training(self.meta.train.as_ref().and_then(|t| t.augment.as_ref()))
     }
 
     /// The device the weights live on.
@@ -154,4 +238,45 @@ impl TrainedModel {
 
 pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| Error::InvalidConfig(format!("cannot serialise settings: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ModelMeta {
+        ModelMeta {
+            threshold_rule: Some(ThresholdRule::Youden),
+            train: Some(TrainConfig::default()),
+            ..ModelMeta::new(PreprocessConfig::with_size(64), 0.3)
+        }
+    }
+
+    #[test]
+    fn metadata_round_trips_through_the_file_entries() {
+        let m = meta();
+        let entries = m.to_metadata().unwrap();
+        assert!(entries.contains_key(THRESHOLD_KEY) && !entries.contains_key(VALIDATION_KEY));
+        assert_eq!(ModelMeta::from_metadata(&entries).unwrap(), m);
+    }
+
+    #[test]
+    fn a_missing_threshold_or_an_unreadable_entry_is_an_error_naming_the_key() {
+        let mut entries = meta().to_metadata().unwrap();
+        entries.remove(THRESHOLD_KEY);
+        let err = ModelMeta::from_metadata(&entries).unwrap_err();
+        assert!(err.contains(THRESHOLD_KEY) && err.contains("no "), "{err}");
+        // Training settings that do not parse were once ignored (the mirror TTA was used instead).
+        let mut entries = meta().to_metadata().unwrap();
+        entries.insert(TRAIN_KEY.into(), "{\"epochs\": \"many\"}".into());
+        let err = ModelMeta::from_metadata(&entries).unwrap_err();
+        assert!(err.contains(TRAIN_KEY) && err.contains("unreadable"), "{err}");
+        let mut entries = meta().to_metadata().unwrap();
+        entries.insert(THRESHOLD_KEY.into(), "1.5".into());
+        assert!(
+            ModelMeta::from_metadata(&entries)
+                .unwrap_err()
+                .contains("not a probability")
+        );
+    }
 }

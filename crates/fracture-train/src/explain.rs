@@ -80,8 +80,10 @@ impl TrainedModel {
         method: CamMethod,
     ) -> Result<Explanation> {
         let image = decode_gray(bytes, origin, limits)?;
-        let input = self.preprocess.to_input(self.preprocess.resize(&image)?.view());
-        let s = self.preprocess.size as usize;
+        let input = self
+            .preprocess()
+            .to_input(self.preprocess().resize(&image)?.view());
+        let s = self.preprocess().size as usize;
         let x = Tensor::from_vec(
             input.iter().copied().collect::<Vec<f32>>(),
             (1, 1, s, s),
@@ -89,13 +91,13 @@ impl TrainedModel {
         )?;
         let cam = self.model.net.grad_cam(&x, method)?;
         let p = sigmoid(cam.logit);
-        let content = self.preprocess.content_box(image.width(), image.height());
+        let content = self.preprocess().content_box(image.width(), image.height());
         Ok(Explanation {
             p_fractured: p,
-            fractured: p >= self.threshold,
+            fractured: self.decide(p).is_fractured(),
             image,
             map: cam.upsample(s),
-            size: self.preprocess.size,
+            size: self.preprocess().size,
             content,
         })
     }

@@ -67,7 +67,7 @@ pub fn evaluate_items(
     batch_size: usize,
     options: &LoadOptions,
 ) -> Result<Evaluation> {
-    let dataset = FolderDataset::load(items, &model.preprocess, options)?;
+    let dataset = FolderDataset::load(items, model.preprocess(), options)?;
     if dataset.is_empty() {
         return Err(Error::Data(fracture_data::Error::Layout(
             "no readable image to evaluate".into(),
@@ -78,7 +78,7 @@ pub fn evaluate_items(
     let probabilities = predict_dataset(&model.model.net, &dataset, batch_size, views, &device)?;
     let actual = truth(&dataset);
     let threshold = match choice {
-        ThresholdChoice::Stored => model.threshold,
+        ThresholdChoice::Stored => model.threshold(),
         ThresholdChoice::Fixed { value } => value,
         ThresholdChoice::OnTheseImages { rule } => choose_threshold(&probabilities, &actual, rule)?
             .ok_or_else(|| {
@@ -159,7 +159,8 @@ pub fn write_evaluation(
 
     let mut csv = String::from("path,label,p_fractured,predicted\n");
     for (item, p) in eval.items.iter().zip(&eval.probabilities) {
-        let predicted = fracture_data::Label::from_fractured(*p >= eval.report.threshold);
+        let predicted =
+            fracture_data::Label::from_fractured(fracture_eval::is_fractured(*p, eval.report.threshold));
         csv.push_str(&format!(
             "{},{},{p:.6},{}\n",
             csv_field(&fracture_data::path_text(&item.path)),
@@ -331,7 +332,7 @@ pub fn predict_files(
 ) -> Result<(Vec<Prediction>, Vec<Skipped>)> {
     let decoded: Vec<(PathBuf, fracture_data::Result<fracture_data::ndarray::Array2<u8>>)> = files
         .par_iter()
-        .map(|p| (p.clone(), model.preprocess.load_file(p, limits)))
+        .map(|p| (p.clone(), model.preprocess().load_file(p, limits)))
         .collect();
     let mut ok = Vec::new();
     let mut skipped = Vec::new();
@@ -344,7 +345,7 @@ pub fn predict_files(
             }),
         }
     }
-    let s = model.preprocess.size as usize;
+    let s = model.preprocess().size as usize;
     let device = model.device();
     // Read once: the model's training settings are parsed from its metadata.
     let views = if tta { model.tta() } else { Tta::Off };
@@ -354,14 +355,14 @@ pub fn predict_files(
         for (k, (_, img)) in chunk.iter().enumerate() {
             batch
                 .index_axis_mut(fracture_data::ndarray::Axis(0), k)
-                .assign(&model.preprocess.to_input(img.view()));
+                .assign(&model.preprocess().to_input(img.view()));
         }
         let probs = predict_images(&model.model.net, &batch, views, &device)?;
         for ((path, _), p) in chunk.iter().zip(probs) {
             out.push(Prediction {
                 path: path.clone(),
                 p_fractured: p,
-                fractured: p >= model.threshold,
+                fractured: model.decide(p).is_fractured(),
             });
         }
     }

@@ -12,7 +12,7 @@ use fracture_data::{
 use fracture_model::{Model, ModelConfig, write_atomic};
 use serde::{Deserialize, Serialize};
 
-use crate::bundle::{MODEL_FILE, TRAIN_KEY, TrainedModel, VALIDATION_KEY, json};
+use crate::bundle::{MODEL_FILE, ModelMeta, TrainedModel};
 use crate::checkpoint::{
     Best, CheckpointMeta, DataCounts, read_checkpoint, restore, resume_mismatch, save_checkpoint,
 };
@@ -485,7 +485,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let (_, val) = evaluate(
         &best.model.net,
         &data.val,
-        best.threshold,
+        best.threshold(),
         cfg.batch_size,
         &setup.device,
     )?;
@@ -494,7 +494,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         let (_, report) = evaluate(
             &best.model.net,
             test,
-            best.threshold,
+            best.threshold(),
             cfg.batch_size,
             &setup.device,
         )?;
@@ -505,7 +505,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         model: MODEL_FILE.into(),
         best_epoch,
         best_metric: cfg.best_metric.name().into(),
-        threshold: best.threshold,
+        threshold: best.threshold(),
         threshold_rule: cfg.threshold_rule,
         splits: reports.clone(),
     };
@@ -730,23 +730,16 @@ fn save_best(
     pretrained: Option<&fracture_model::PretrainedOrigin>,
     path: &Path,
 ) -> Result<()> {
-    let mut extra = BTreeMap::new();
-    if let Some(origin) = pretrained {
-        extra.insert(crate::bundle::PRETRAINED_KEY.to_string(), json(origin)?);
-    }
-    extra.insert(
-        crate::bundle::PREPROCESS_KEY.to_string(),
-        json(&setup.preprocess)?,
-    );
-    extra.insert(crate::bundle::THRESHOLD_KEY.to_string(), json(&threshold)?);
-    extra.insert(
-        crate::bundle::THRESHOLD_RULE_KEY.to_string(),
-        json(&setup.train.threshold_rule)?,
-    );
-    extra.insert(TRAIN_KEY.to_string(), json(&setup.train)?);
-    extra.insert(crate::bundle::OPERATING_POINT_KEY.to_string(), json(operating)?);
-    extra.insert(VALIDATION_KEY.to_string(), json(report)?);
-    Ok(model.save(path, &extra)?)
+    let meta = ModelMeta {
+        preprocess: setup.preprocess,
+        threshold,
+        threshold_rule: Some(setup.train.threshold_rule),
+        train: Some(setup.train.clone()),
+        validation: Some(report.clone()),
+        operating_point: Some(operating.clone()),
+        pretrained: pretrained.cloned(),
+    };
+    Ok(model.save(path, &meta.to_metadata()?)?)
 }
 
 fn fmt_opt(v: Option<f64>) -> String {

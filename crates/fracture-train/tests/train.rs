@@ -119,10 +119,10 @@ fn a_short_run_writes_every_output() {
     );
     // The best model reloads with its preprocessing and predicts like the final report says.
     let trained = fracture_train::TrainedModel::load(&out, &Device::Cpu).unwrap();
-    assert_eq!(trained.preprocess, s.preprocess);
+    assert_eq!(*trained.preprocess(), s.preprocess);
     // The stored threshold reaches the target sensitivity (0.90) on validation.
     let val = &outcome.reports[&Split::Val];
-    assert_eq!(trained.threshold, val.threshold);
+    assert_eq!(trained.threshold(), val.threshold);
     assert!(val.sensitivity.unwrap() >= 0.9, "{val:?}");
     assert!(out.join("training_curves.png").is_file());
     assert_eq!(
@@ -268,7 +268,7 @@ fn the_finetune_recipe_resumes_exactly_with_its_moving_average() {
     assert!(tensors.contains_key("ema._blocks.3._depthwise_conv.weight"));
     assert!(tensors.contains_key("ema._bn1.running_var"));
     let best = fracture_train::TrainedModel::load(&root.join("whole"), &Device::Cpu).unwrap();
-    let origin = best.pretrained().unwrap();
+    let origin = best.meta.pretrained.clone().unwrap();
     let digest: String = sha2::Sha256::digest(std::fs::read(&file).unwrap())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -357,7 +357,7 @@ fn the_radiograph_preset_runs_on_the_real_radiographs() {
     assert!(val.ci95.pr_auc.is_some() && val.ci95.f1.is_some());
     let trained = fracture_train::TrainedModel::load(&s.out, &Device::Cpu).unwrap();
     assert_eq!(trained.model.config().arch_name(), "resnet");
-    assert_eq!(trained.preprocess, s.preprocess);
+    assert_eq!(*trained.preprocess(), s.preprocess);
     assert_eq!(
         trained.tta(),
         fracture_train::Tta::Mirror,
@@ -738,11 +738,16 @@ fn a_dataset_whose_links_leak_validation_images_is_refused_unless_allowed() {
 fn a_model_file_with_a_threshold_outside_zero_to_one_is_refused_at_load() {
     let root = synthetic("bad-threshold", (4, 4), (3, 3));
     let outcome = run(&setup(&root.join("data"), &root.join("run"), 24, 1)).unwrap();
-    let mut model = fracture_train::TrainedModel::load(&outcome.best_model, &Device::Cpu).unwrap();
+    let model = fracture_train::TrainedModel::load(&outcome.best_model, &Device::Cpu).unwrap();
     for bad in [1.5, -0.25] {
-        model.threshold = bad;
+        // Saving refuses it too, so the edited file is written below the typed metadata.
+        let mut edited_meta = model.meta.clone();
+        edited_meta.threshold = bad;
+        assert!(edited_meta.to_metadata().is_err());
+        let mut entries = model.meta.to_metadata().unwrap();
+        entries.insert(fracture_train::THRESHOLD_KEY.into(), bad.to_string());
         let edited = root.join(format!("edited-{bad}.safetensors"));
-        model.save(&edited, &Default::default()).unwrap();
+        model.model.save(&edited, &entries).unwrap();
         let err = fracture_train::TrainedModel::load(&edited, &Device::Cpu)
             .expect_err("a threshold outside [0, 1] must not load")
             .to_string();

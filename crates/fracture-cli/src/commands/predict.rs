@@ -92,8 +92,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     match args.format {
-        Format::Table => print_table(&predictions, model.threshold),
-        Format::Json => println!("{}", serde_json_lines(&predictions, model.threshold, &partial)?),
+        Format::Table => print_table(&predictions, model.threshold()),
+        Format::Json => println!("{}", serde_json_lines(&predictions, model.threshold(), &partial)?),
         Format::Csv => {
             println!("path,p_fractured,label");
             for p in &predictions {

@@ -14,9 +14,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
+use fracture_train::TrainedModel;
 use fracture_train::data::DecodeLimits;
 use fracture_train::model::CamMethod;
-use fracture_train::{TrainedModel, VALIDATION_KEY};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
@@ -539,11 +539,10 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
             None,
         )
     };
-    let fractured = p >= model.threshold;
     Ok(Prediction {
         p_fractured: p,
-        label: if fractured { "fractured" } else { "not fractured" },
-        threshold: model.threshold,
+        label: model.decide(p).name(),
+        threshold: model.threshold(),
         ms: start.elapsed().as_secs_f64() * 1000.0,
         heatmap_png_base64,
     })
@@ -551,16 +550,7 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
 
 /// What `/api/model` says: name, architecture, input, threshold and the training run's validation.
 fn model_info(model: &TrainedModel) -> serde_json::Value {
-    let meta = |key: &str| -> serde_json::Value {
-        model
-            .model
-            .metadata
-            .get(key)
-            .and_then(|v| serde_json::from_str(v).ok())
-            .unwrap_or(serde_json::Value::Null)
-    };
-    let validation = meta(VALIDATION_KEY);
-    let op = meta(fracture_train::OPERATING_POINT_KEY);
+    let meta = &model.meta;
     let name = model
         .path
         .parent()
@@ -574,26 +564,27 @@ fn model_info(model: &TrainedModel) -> serde_json::Value {
         .or_else(|| model.path.file_stem())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let val = meta.validation.as_ref().map(|v| &v.val);
+    let op = meta.operating_point.as_ref();
     serde_json::json!({
         "name": name,
-
         "arch": model.model.config().arch_name(),
         "config": model.model.config(),
-        "image_size": model.preprocess.size,
-        "preprocess": model.preprocess,
-        "threshold": model.threshold,
-        "threshold_rule": meta(fracture_train::THRESHOLD_RULE_KEY),
+        "image_size": meta.preprocess.size,
+        "preprocess": meta.preprocess,
+        "threshold": meta.threshold,
+        "threshold_rule": meta.threshold_rule,
         "validation": {
-            "epoch": validation.get("epoch"),
-            "roc_auc": validation.pointer("/val/roc_auc"),
-            "pr_auc": validation.pointer("/val/pr_auc"),
-            "n": validation.pointer("/val/n"),
-            "positives": validation.pointer("/val/positives"),
-            "sensitivity": op.get("sensitivity"),
-            "specificity": op.get("specificity"),
-            "ci95": op.get("ci95"),
+            "epoch": meta.validation.as_ref().map(|v| v.epoch),
+            "roc_auc": val.and_then(|v| v.roc_auc),
+            "pr_auc": val.and_then(|v| v.pr_auc),
+            "n": val.map(|v| v.n),
+            "positives": val.map(|v| v.positives),
+            "sensitivity": op.and_then(|o| o.sensitivity),
+            "specificity": op.and_then(|o| o.specificity),
+            "ci95": op.map(|o| &o.ci95),
         },
-        "train": meta(fracture_train::TRAIN_KEY),
+        "train": meta.train,
     })
 }
 
