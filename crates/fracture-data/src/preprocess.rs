@@ -53,6 +53,29 @@ pub struct PreprocessConfig {
     pub standardize: Option<Standardize>,
 }
 
+/// Preprocessing apart from the side: how an image is fitted into the network's square input and
+/// scaled. The side belongs to the network (`ModelConfig::image_size`); [`ImageFit::at`] joins the
+/// two into a [`PreprocessConfig`], so a training setup states the size once.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ImageFit {
+    /// Stretch or letterbox.
+    pub resize: ResizeMode,
+    /// Optional standardization after scaling to [0, 1].
+    pub standardize: Option<Standardize>,
+}
+
+impl ImageFit {
+    /// The preprocessing that fits images this way into `size × size` pixels (a size beyond `u32`
+    /// saturates, and [`PreprocessConfig::validate`] then refuses it).
+    pub fn at(self, size: usize) -> PreprocessConfig {
+        PreprocessConfig {
+            size: u32::try_from(size).unwrap_or(u32::MAX),
+            resize: self.resize,
+            standardize: self.standardize,
+        }
+    }
+}
+
 impl Default for PreprocessConfig {
     fn default() -> Self {
         PreprocessConfig {
@@ -94,7 +117,16 @@ impl PreprocessConfig {
         }
     }
 
-    /// Checks the size range and the standardization parameters.
+    /// How this preprocessing fits images, without its size.
+    pub fn fit(&self) -> ImageFit {
+        ImageFit {
+            resize: self.resize,
+            standardize: self.standardize,
+        }
+    }
+
+    /// Checks the size range ([`SIZE_RANGE`], the one range of input sizes) and the
+    /// standardization parameters.
     pub fn validate(&self) -> Result<()> {
         if !SIZE_RANGE.contains(&self.size) {
             return Err(Error::InvalidConfig {

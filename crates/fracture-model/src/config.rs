@@ -256,13 +256,28 @@ impl ModelConfig {
     }
 
     /// Checks sizes, widths and probabilities, naming the offending field.
+    ///
+    /// The input size must reach the architecture's minimum ([`ModelConfig::min_image_size`]) and
+    /// imply at most [`MAX_IMAGE_BYTES`](crate::MAX_IMAGE_BYTES) per image
+    /// ([`ModelConfig::input_implied_bytes`]); the range of sizes a preprocessing step accepts is
+    /// `fracture_data::SIZE_RANGE`, checked where images are prepared, not here.
     pub fn validate(&self) -> Result<()> {
         let min = self.min_image_size();
-        if self.image_size < min || self.image_size > 4096 {
+        if self.image_size < min {
             return Err(Error::InvalidConfig(format!(
-                "image_size {} is outside {min}..=4096 for the {} architecture",
+                "image_size {} is below {min}, the smallest input of the {} architecture",
                 self.image_size,
                 self.arch_name()
+            )));
+        }
+        let implied = self.input_implied_bytes();
+        if implied > crate::MAX_IMAGE_BYTES {
+            return Err(Error::InvalidConfig(format!(
+                "its input of {0} × {0} px implies about {1:.1} GB per image (feature maps and \
+                 size-dependent weights), over the {2:.1} GB a model may take",
+                self.image_size,
+                implied as f64 / 1e9,
+                crate::MAX_IMAGE_BYTES as f64 / 1e9
             )));
         }
         match &self.arch {

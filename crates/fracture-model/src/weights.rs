@@ -165,17 +165,6 @@ impl Model {
         config
             .validate()
             .map_err(|e| bad(format!("stored model config: {e}")))?;
-        let implied = config.input_implied_bytes();
-        if implied > MAX_IMAGE_BYTES {
-            return Err(bad(format!(
-                "its input of {0} × {0} px implies about {1:.1} GB per image (feature maps and \
-                 size-dependent weights), over the {2:.1} GB a loaded model may take: not a model \
-                 this program would train",
-                config.image_size,
-                implied as f64 / 1e9,
-                MAX_IMAGE_BYTES as f64 / 1e9
-            )));
-        }
         let mut tensors = candle_core::safetensors::load_buffer(bytes, device)
             .map_err(|e| bad(format!("unreadable tensors: {e}")))?;
         let mut model = Model::new(&config, 0, device).map_err(|e| bad(e.to_string()))?;

@@ -236,8 +236,17 @@ impl TrainedModel {
     }
 }
 
+/// `value` as compact JSON, for a metadata entry.
 pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| Error::InvalidConfig(format!("cannot serialise settings: {e}")))
+    serde_json::to_string(value).map_err(|source| Error::Serialize {
+        what: "model metadata",
+        source,
+    })
+}
+
+/// `value` as indented JSON, for a report file; `what` names it in the error.
+pub(crate) fn json_pretty<T: serde::Serialize + ?Sized>(value: &T, what: &'static str) -> Result<String> {
+    serde_json::to_string_pretty(value).map_err(|source| Error::Serialize { what, source })
 }
 
 #[cfg(test)]

@@ -33,8 +33,9 @@ pub struct DataCounts {
 pub struct Best {
     /// 1-based epoch.
     pub epoch: usize,
-    /// Value of the selection metric.
-    pub value: f64,
+    /// Value of the selection metric; `None` when it was undefined on that epoch (ROC-AUC of a
+    /// validation set the network scored all alike, for one), so that any defined value replaces it.
+    pub value: Option<f64>,
 }
 
 /// The state of a run after a completed epoch, besides the tensors.

@@ -20,6 +20,18 @@ pub enum Error {
     /// A setting is out of range or settings contradict each other.
     #[error("invalid setting: {0}")]
     InvalidConfig(String),
+    /// A value could not be written as JSON (a non-finite number where JSON has none, for one).
+    #[error("cannot write {what} as JSON: {source}")]
+    Serialize {
+        /// What was being written.
+        what: &'static str,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Drawing a chart or heatmap failed.
+    #[error(transparent)]
+    Plot(#[from] fracture_plot::Error),
     /// A file or folder of the run could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {

@@ -45,7 +45,7 @@ impl Explanation {
     /// evidence).
     pub fn heatmap_png(&self) -> Result<Vec<u8>> {
         let (map, w, h) = self.map_over_image();
-        fracture_plot::heatmap_rgba_png(&map, w, h).map_err(|e| crate::Error::InvalidConfig(e.to_string()))
+        Ok(fracture_plot::heatmap_rgba_png(&map, w, h)?)
     }
 
     /// The image (scaled so its longer side is at most `max_side`) with the map blended over it.
@@ -64,8 +64,7 @@ impl Explanation {
         );
         let (map, mw, mh) = self.map_over_image();
         let map = fracture_plot::resample(&map, mw as usize, mh as usize, ow as usize, oh as usize);
-        fracture_plot::overlay_png(base.as_raw(), &map, ow, oh, opacity)
-            .map_err(|e| crate::Error::InvalidConfig(e.to_string()))
+        Ok(fracture_plot::overlay_png(base.as_raw(), &map, ow, oh, opacity)?)
     }
 }
 

@@ -17,10 +17,13 @@ mod ema;
 mod error;
 mod evaluate;
 mod explain;
+mod inputs;
 mod loss;
 mod optim;
 mod outputs;
 mod preset;
+mod selection;
+mod session;
 mod trainer;
 
 pub use batcher::batch_to_tensors;
@@ -43,10 +46,10 @@ pub use outputs::{
     ThresholdChoice, csv_field, evaluate_items, predict_files, read_metrics_csv, write_evaluation,
     write_training_curves,
 };
-pub use preset::{PRETRAINED_FILE, Preset, Recipe};
+pub use preset::{ArchKind, IMAGENET_SCALING, Overrides, PRETRAINED_FILE, Preset, Recipe, ScheduleKind};
 pub use trainer::{
-    CHECKPOINT_FILE, EpochReport, Event, METRICS_FILE, REPORT_FILE, RunReport, TrainOutcome, TrainSetup,
-    metrics_csv, train,
+    Artifact, CHECKPOINT_FILE, EpochReport, Event, METRICS_FILE, REPORT_FILE, RunReport, TrainOutcome,
+    TrainSetup, metrics_csv, train,
 };
 
 pub use {

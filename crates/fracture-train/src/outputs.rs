@@ -130,10 +130,6 @@ fn write(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
-fn plot_err(e: fracture_plot::Error) -> Error {
-    Error::InvalidConfig(e.to_string())
-}
-
 /// Writes `report.json`, `predictions.csv` (path, label, p_fractured, predicted) and the charts
 /// (confusion matrix, ROC, precision-recall, calibration) into `dir`, plus `training_curves.png` when
 /// `metrics_csv` (a run's `metrics.csv`) is given. Returns the files written.
@@ -154,7 +150,7 @@ pub fn write_evaluation(
         threshold_choice: eval.threshold_choice,
         skipped: eval.skipped.len(),
     };
-    let json = serde_json::to_string_pretty(&file).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    let json = crate::bundle::json_pretty(&file, "the evaluation report")?;
     written.push(write(&dir.join(REPORT_JSON), json.as_bytes())?);
 
     let mut csv = String::from("path,label,p_fractured,predicted\n");
@@ -183,13 +179,11 @@ pub fn write_evaluation(
         r.positives,
         if eval.tta { ", TTA" } else { "" }
     );
-    let confusion = fracture_plot::confusion_png(&r.confusion, &format!("Confusion matrix ({title})"))
-        .map_err(plot_err)?;
+    let confusion = fracture_plot::confusion_png(&r.confusion, &format!("Confusion matrix ({title})"))?;
     written.push(write(&dir.join(CHART_FILES[0]), &confusion)?);
     let roc = roc_curve(&eval.probabilities, &actual)?.unwrap_or_default();
     let operating = r.sensitivity.zip(r.specificity).map(|(s, sp)| (1.0 - sp, s));
-    let roc_png = fracture_plot::roc_png(&roc, r.roc_auc, operating, &format!("ROC{}", ci(r.ci95.roc_auc)))
-        .map_err(plot_err)?;
+    let roc_png = fracture_plot::roc_png(&roc, r.roc_auc, operating, &format!("ROC{}", ci(r.ci95.roc_auc)))?;
     written.push(write(&dir.join(CHART_FILES[1]), &roc_png)?);
     let pr = pr_curve(&eval.probabilities, &actual)?.unwrap_or_default();
     let prevalence = if r.n > 0 {
@@ -198,8 +192,7 @@ pub fn write_evaluation(
         0.0
     };
     let pr_point = r.recall.zip(r.precision);
-    let pr_png =
-        fracture_plot::pr_png(&pr, r.pr_auc, prevalence, pr_point, "Precision-recall").map_err(plot_err)?;
+    let pr_png = fracture_plot::pr_png(&pr, r.pr_auc, prevalence, pr_point, "Precision-recall")?;
     written.push(write(&dir.join(CHART_FILES[2]), &pr_png)?);
     let bins = calibration_bins(&eval.probabilities, &actual, fracture_eval::ECE_BINS)?;
     let cal = fracture_plot::calibration_png(
@@ -209,12 +202,11 @@ pub fn write_evaluation(
             "Calibration (Brier {})",
             r.brier.map(|b| format!("{b:.3}")).unwrap_or_default()
         ),
-    )
-    .map_err(plot_err)?;
+    )?;
     written.push(write(&dir.join(CHART_FILES[3]), &cal)?);
     if let Some(csv) = metrics_csv {
         let points = read_metrics_csv(csv)?;
-        let png = fracture_plot::training_curves_png(&points, "Training curves").map_err(plot_err)?;
+        let png = fracture_plot::training_curves_png(&points, "Training curves")?;
         written.push(write(&dir.join(TRAINING_CURVES_FILE), &png)?);
     }
     Ok(written)
@@ -266,7 +258,7 @@ fn epoch_point(r: &EpochReport) -> EpochPoint {
 /// Draws a run's training curves into `path`.
 pub fn write_training_curves(path: &Path, history: &[EpochReport]) -> Result<()> {
     let points: Vec<EpochPoint> = history.iter().map(epoch_point).collect();
-    let png = fracture_plot::training_curves_png(&points, "Training curves").map_err(plot_err)?;
+    let png = fracture_plot::training_curves_png(&points, "Training curves")?;
     write(path, &png).map(|_| ())
 }
 

@@ -1,7 +1,8 @@
 //! Named training recipes: the original project's, the residual network trained from scratch on
 //! radiographs, and the recommended fine-tuning of an ImageNet-pretrained EfficientNet-Lite0.
 
-use fracture_data::{AugmentConfig, PreprocessConfig, ResizeMode, Standardize};
+use fracture_data::{AugmentConfig, ImageFit, PreprocessConfig, ResizeMode, Standardize};
+use fracture_eval::ThresholdRule;
 use fracture_model::{ArchConfig, EfficientNetConfig, ModelConfig};
 
 use crate::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
@@ -28,10 +29,10 @@ pub const PRETRAINED_FILE: &str = "efficientnet-lite0-57934424.pth";
 /// What a preset fixes: the network, the preprocessing and the training settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recipe {
-    /// The network.
+    /// The network, with the input size (the one place a recipe states it).
     pub model: ModelConfig,
-    /// How files become inputs.
-    pub preprocess: PreprocessConfig,
+    /// How images are fitted into the network's input and scaled.
+    pub fit: ImageFit,
     /// How it is trained.
     pub train: TrainConfig,
     /// Whether the recipe starts from pretrained weights ([`PRETRAINED_FILE`]).
@@ -61,26 +62,21 @@ impl Preset {
         match self {
             Preset::Original => Recipe {
                 model: ModelConfig::seed(128),
-                preprocess: PreprocessConfig::default(),
+                fit: ImageFit::default(),
                 train: TrainConfig::default(),
                 pretrained: false,
             },
             Preset::Finetune => Recipe {
                 model: ModelConfig {
-                    image_size: FINETUNE_SIZE as usize,
+                    image_size: 256,
                     arch: ArchConfig::EfficientNetLite0(EfficientNetConfig {
                         dropout: 0.2,
                         bn_momentum: 0.01,
                     }),
                 },
-                preprocess: PreprocessConfig {
-                    size: FINETUNE_SIZE,
+                fit: ImageFit {
                     resize: ResizeMode::Letterbox,
-                    // The ImageNet weights expect 8-bit values v as (v − 127) / 128.
-                    standardize: Some(Standardize {
-                        mean: 127.0 / 255.0,
-                        std: 128.0 / 255.0,
-                    }),
+                    standardize: Some(IMAGENET_SCALING),
                 },
                 train: TrainConfig {
                     epochs: 14,
@@ -103,8 +99,7 @@ impl Preset {
             },
             Preset::Radiograph => Recipe {
                 model: ModelConfig::resnet(256),
-                preprocess: PreprocessConfig {
-                    size: 256,
+                fit: ImageFit {
                     resize: ResizeMode::Letterbox,
                     standardize: None,
                 },
@@ -129,8 +124,179 @@ impl Preset {
     }
 }
 
-/// Input side of the `finetune` preset.
-const FINETUNE_SIZE: u32 = 256;
+/// The input scaling the ImageNet weights were trained with: 8-bit values v as (v − 127) / 128.
+pub const IMAGENET_SCALING: Standardize = Standardize {
+    mean: 127.0 / 255.0,
+    std: 128.0 / 255.0,
+};
+
+impl Recipe {
+    /// The preprocessing: the fit at the network's input size.
+    pub fn preprocess(&self) -> PreprocessConfig {
+        self.fit.at(self.model.image_size)
+    }
+
+    /// The recipe with `overrides` applied: each given value replaces the recipe's, the rest stay.
+    ///
+    /// The rules beyond plain replacement: a new input size or architecture keeps the recipe's
+    /// network settings when the architecture stays the same; an EfficientNet-Lite0 always gets
+    /// [`IMAGENET_SCALING`] (what its pretrained weights expect); a cosine schedule keeps the
+    /// recipe's floor unless `min_lr` is given; an EMA decay of 0 turns the average off; the
+    /// learning rate and weight decay replace the recipe's Adam settings one by one.
+    pub fn with(self, o: &Overrides) -> Recipe {
+        let size = o.image_size.unwrap_or(self.model.image_size);
+        let model = match o.arch {
+            None => ModelConfig {
+                image_size: size,
+                ..self.model
+            },
+            Some(kind) if kind == ArchKind::of(&self.model.arch) => ModelConfig {
+                image_size: size,
+                ..self.model
+            },
+            Some(ArchKind::Seed) => ModelConfig::seed(size),
+            Some(ArchKind::Resnet) => ModelConfig::resnet(size),
+            Some(ArchKind::EfficientNetLite0) => ModelConfig::efficientnet_lite0(size),
+        };
+        let mut fit = ImageFit {
+            resize: o.resize.unwrap_or(self.fit.resize),
+            ..self.fit
+        };
+        if matches!(model.arch, ArchConfig::EfficientNetLite0(_)) {
+            fit.standardize = Some(IMAGENET_SCALING);
+        }
+        let base = self.train;
+        let min_lr = match (o.min_lr, base.schedule) {
+            (Some(v), _) => v,
+            (None, LrSchedule::Cosine { min_lr }) => min_lr,
+            (None, _) => 0.0,
+        };
+        let schedule = match o.schedule {
+            None => match base.schedule {
+                LrSchedule::Cosine { .. } => LrSchedule::Cosine { min_lr },
+                other => other,
+            },
+            Some(ScheduleKind::Constant) => LrSchedule::Constant,
+            Some(ScheduleKind::Step { every_epochs, gamma }) => LrSchedule::Step { every_epochs, gamma },
+            Some(ScheduleKind::Cosine) => LrSchedule::Cosine { min_lr },
+        };
+        let train = TrainConfig {
+            epochs: o.epochs.unwrap_or(base.epochs),
+            batch_size: o.batch_size.unwrap_or(base.batch_size),
+            adam: AdamConfig {
+                lr: o.lr.unwrap_or(base.adam.lr),
+                weight_decay: o.weight_decay.unwrap_or(base.adam.weight_decay),
+                ..base.adam
+            },
+            schedule,
+            warmup_steps: o.warmup_steps.unwrap_or(base.warmup_steps),
+            seed: o.seed.unwrap_or(base.seed),
+            pos_weight: o.pos_weight.unwrap_or(base.pos_weight),
+            augment: if o.no_augment { None } else { base.augment },
+            early_stopping_patience: o.patience.or(base.early_stopping_patience),
+            best_metric: o.best_metric.unwrap_or(base.best_metric),
+            val_fraction: o.val_fraction.unwrap_or(base.val_fraction),
+            threshold_rule: o.threshold_rule.unwrap_or(base.threshold_rule),
+            backbone_lr_scale: o.backbone_lr_scale.unwrap_or(base.backbone_lr_scale),
+            freeze_batch_norm: o.freeze_batch_norm || base.freeze_batch_norm,
+            ema_decay: match o.ema_decay {
+                Some(0.0) => None,
+                Some(d) => Some(d),
+                None => base.ema_decay,
+            },
+        };
+        Recipe {
+            model,
+            fit,
+            train,
+            pretrained: self.pretrained,
+        }
+    }
+}
+
+/// The architecture families `--arch` chooses between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchKind {
+    /// The original project's CNN.
+    Seed,
+    /// The residual network.
+    Resnet,
+    /// EfficientNet-Lite0.
+    EfficientNetLite0,
+}
+
+impl ArchKind {
+    /// The family of a configured network.
+    pub fn of(arch: &ArchConfig) -> ArchKind {
+        match arch {
+            ArchConfig::Seed(_) => ArchKind::Seed,
+            ArchConfig::Resnet(_) => ArchKind::Resnet,
+            ArchConfig::EfficientNetLite0(_) => ArchKind::EfficientNetLite0,
+        }
+    }
+}
+
+/// A learning-rate schedule as `--schedule` names it; the cosine floor comes from
+/// [`Overrides::min_lr`] or the recipe.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScheduleKind {
+    /// One rate throughout.
+    Constant,
+    /// The rate times `gamma` every `every_epochs` epochs.
+    Step {
+        /// Epochs between decays.
+        every_epochs: usize,
+        /// Factor per decay.
+        gamma: f64,
+    },
+    /// Cosine decay to the floor.
+    Cosine,
+}
+
+/// Changes to a recipe ([`Recipe::with`]): `None` (or `false`) keeps the recipe's choice.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    /// Input side in pixels.
+    pub image_size: Option<usize>,
+    /// Architecture family.
+    pub arch: Option<ArchKind>,
+    /// Stretch or letterbox.
+    pub resize: Option<ResizeMode>,
+    /// Epochs.
+    pub epochs: Option<usize>,
+    /// Images per step.
+    pub batch_size: Option<usize>,
+    /// Peak learning rate.
+    pub lr: Option<f64>,
+    /// Decoupled weight decay.
+    pub weight_decay: Option<f64>,
+    /// The cosine schedule's floor.
+    pub min_lr: Option<f64>,
+    /// The schedule.
+    pub schedule: Option<ScheduleKind>,
+    /// Warm-up steps.
+    pub warmup_steps: Option<u64>,
+    /// Seed of every random choice.
+    pub seed: Option<u64>,
+    /// Weight of the fractured class in the loss.
+    pub pos_weight: Option<PosWeight>,
+    /// Turn augmentation off.
+    pub no_augment: bool,
+    /// Early-stopping patience in epochs.
+    pub patience: Option<usize>,
+    /// The metric that picks the best epoch.
+    pub best_metric: Option<BestMetric>,
+    /// Share of train held out when there is no val split.
+    pub val_fraction: Option<f64>,
+    /// How the operating threshold is chosen.
+    pub threshold_rule: Option<ThresholdRule>,
+    /// Learning-rate factor of the backbone.
+    pub backbone_lr_scale: Option<f64>,
+    /// Freeze batch-norm statistics.
+    pub freeze_batch_norm: bool,
+    /// Decay of the weights' moving average (0 turns it off).
+    pub ema_decay: Option<f64>,
+}
 
 /// Augmentation for radiographs: rotation ±10°, left-right mirroring only (radiographs are not
 /// shown upside down), zoom 0.9-1.15, shift 8%, brightness ±0.08, contrast ±20%, gamma 1/1.3-1.3.
@@ -158,12 +324,7 @@ mod tests {
             let r = preset.recipe();
             r.model.validate().unwrap();
             r.train.validate().unwrap();
-            assert_eq!(
-                r.model.image_size,
-                r.preprocess.size as usize,
-                "{}",
-                preset.name()
-            );
+            r.preprocess().validate().unwrap();
             if let Some(a) = &r.train.augment {
                 fracture_data::Augmenter::new(*a).unwrap();
             }
@@ -174,7 +335,49 @@ mod tests {
         assert_eq!(f.model.arch_name(), "efficientnet-lite0");
         assert!(f.pretrained && !Preset::Radiograph.recipe().pretrained);
         // (v − 127) / 128 for 8-bit v, as the ImageNet weights expect.
-        let s = f.preprocess.standardize.unwrap();
+        let s = f.fit.standardize.unwrap();
         assert!(((255.0 / 255.0 - s.mean) / s.std - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn overrides_replace_what_they_name_and_keep_the_rest() {
+        for preset in [Preset::Original, Preset::Radiograph, Preset::Finetune] {
+            assert_eq!(preset.recipe().with(&Overrides::default()), preset.recipe());
+        }
+        let f = Preset::Finetune.recipe();
+        let o = Overrides {
+            image_size: Some(320),
+            lr: Some(3e-4),
+            ema_decay: Some(0.0),
+            ..Overrides::default()
+        };
+        let r = f.clone().with(&o);
+        // The size changes in one place; the network keeps its settings; the preprocessing follows.
+        assert_eq!((r.model.image_size, r.preprocess().size), (320, 320));
+        assert_eq!(r.model.arch, f.model.arch);
+        assert_eq!(r.train.adam.lr, 3e-4);
+        assert_eq!(r.train.adam.weight_decay, f.train.adam.weight_decay);
+        assert_eq!(r.train.schedule, f.train.schedule, "the cosine floor is kept");
+        assert_eq!(r.train.ema_decay, None);
+        // Switching to EfficientNet-Lite0 brings the scaling its weights expect.
+        let r = Preset::Original.recipe().with(&Overrides {
+            arch: Some(ArchKind::EfficientNetLite0),
+            schedule: Some(ScheduleKind::Cosine),
+            min_lr: Some(1e-5),
+            ..Overrides::default()
+        });
+        assert_eq!(r.fit.standardize, Some(IMAGENET_SCALING));
+        assert_eq!(
+            (r.model.image_size, r.model.arch_name()),
+            (128, "efficientnet-lite0")
+        );
+        assert_eq!(r.train.schedule, LrSchedule::Cosine { min_lr: 1e-5 });
+        let r = Preset::Radiograph.recipe().with(&Overrides {
+            arch: Some(ArchKind::Seed),
+            no_augment: true,
+            ..Overrides::default()
+        });
+        assert_eq!(r.model, ModelConfig::seed(256));
+        assert!(r.train.augment.is_none() && r.fit.resize == ResizeMode::Letterbox);
     }
 }

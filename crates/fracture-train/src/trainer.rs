@@ -4,27 +4,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, ModuleT};
-use fracture_data::{
-    Augmenter, BatchAugment, DatasetLayout, DatasetSummary, DecodeLimits, FolderDataset, Item, LoadOptions,
-    PreprocessConfig, Split, SplitCounts, epoch_order, make_batch, stratified_split,
-};
+use candle_core::Device;
+use fracture_data::{Augmenter, DatasetSummary, DecodeLimits, ImageFit, PreprocessConfig, Split};
+use fracture_eval::{EvalReport, choose_threshold};
 use fracture_model::{Model, ModelConfig, write_atomic};
 use serde::{Deserialize, Serialize};
 
-use crate::bundle::{MODEL_FILE, ModelMeta, TrainedModel};
-use crate::checkpoint::{
-    Best, CheckpointMeta, DataCounts, read_checkpoint, restore, resume_mismatch, save_checkpoint,
-};
-use crate::ema::Ema;
-use crate::{
-    Adam, BestMetric, Error, PosWeight, Result, TrainConfig, batch_to_tensors, bce_with_logits, evaluate,
-    mean_loss, predict_logits, sigmoid, truth,
-};
-use fracture_eval::{EvalReport, choose_threshold};
-
-/// Batches prepared ahead of the one being trained on.
-const PREFETCH: usize = 2;
+use crate::bundle::{MODEL_FILE, ModelMeta, TrainedModel, json_pretty};
+use crate::checkpoint::{Best, CheckpointMeta};
+use crate::inputs::{Data, load_data, prepare_out};
+use crate::preset::Recipe;
+use crate::selection::{improves, stop_early};
+use crate::session::{Session, Validation};
+use crate::{BestMetric, Error, Result, TrainConfig, evaluate};
 
 /// Where the last checkpoint of a run lives, relative to the run folder.
 pub const CHECKPOINT_FILE: &str = "checkpoints/last.safetensors";
@@ -40,10 +32,10 @@ pub struct TrainSetup {
     pub data: PathBuf,
     /// Run folder: receives the model, checkpoints, metrics and report.
     pub out: PathBuf,
-    /// The network.
+    /// The network, with the input size (the one place a setup states it).
     pub model: ModelConfig,
-    /// The preprocessing; `size` must equal `model.image_size`.
-    pub preprocess: PreprocessConfig,
+    /// How images are fitted into the network's input and scaled; see [`TrainSetup::preprocess`].
+    pub fit: ImageFit,
     /// The training settings.
     pub train: TrainConfig,
     /// Continue from `<out>/checkpoints/last.safetensors` instead of starting afresh.
@@ -72,6 +64,35 @@ pub struct TrainSetup {
     /// Train even when the dataset's symbolic links leave its root or put one image in two
     /// classes or splits ([`DatasetLayout::link_problems`]); otherwise that is an error.
     pub allow_link_problems: bool,
+}
+
+impl TrainSetup {
+    /// A setup for `recipe` on the dataset at `data`, writing into `out`: from scratch, no cache,
+    /// default decoding limits, on the CPU with our kernels, all epochs, no pretrained file (set
+    /// [`TrainSetup::pretrained`] when the recipe asks for one), no extra training folders.
+    pub fn new(recipe: &Recipe, data: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        TrainSetup {
+            data: data.into(),
+            out: out.into(),
+            model: recipe.model.clone(),
+            fit: recipe.fit,
+            train: recipe.train.clone(),
+            resume: false,
+            cache_dir: None,
+            limits: DecodeLimits::default(),
+            device: Device::Cpu,
+            kernels: fracture_model::Kernels::default(),
+            stop_after_epochs: None,
+            pretrained: None,
+            extra_train: Vec::new(),
+            allow_link_problems: false,
+        }
+    }
+
+    /// The preprocessing: [`TrainSetup::fit`] at the network's input size.
+    pub fn preprocess(&self) -> PreprocessConfig {
+        self.fit.at(self.model.image_size)
+    }
 }
 
 /// One completed epoch.
@@ -143,11 +164,36 @@ pub enum Event<'a> {
     EpochEnd(&'a EpochReport),
     /// A file was written.
     Saved {
-        /// What it is: `checkpoint`, `best model`, `metrics`, `report`.
-        what: &'static str,
+        /// What it is.
+        what: Artifact,
         /// Where.
         path: &'a Path,
     },
+}
+
+/// The files a run writes, as [`Event::Saved`] names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Artifact {
+    /// The best model so far (`model.safetensors`), after an epoch that improved the selection metric.
+    BestModel,
+    /// The checkpoint and the metrics table, after every epoch.
+    Checkpoint,
+    /// `report.json`: the best model on val (and test), at the end.
+    Report,
+    /// The training-curves chart, at the end.
+    TrainingCurves,
+}
+
+impl Artifact {
+    /// A short name: `best model`, `checkpoint`, `report`, `training curves`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Artifact::BestModel => "best model",
+            Artifact::Checkpoint => "checkpoint",
+            Artifact::Report => "report",
+            Artifact::TrainingCurves => "training curves",
+        }
+    }
 }
 
 /// What a finished run produced.
@@ -188,13 +234,6 @@ pub struct RunReport {
     pub splits: BTreeMap<Split, EvalReport>,
 }
 
-struct Data {
-    train: FolderDataset,
-    val: FolderDataset,
-    test: Option<FolderDataset>,
-    counts: DataCounts,
-}
-
 /// Trains a model as `setup` describes, reporting progress through `on_event`.
 ///
 /// Writes into `setup.out`: `model.safetensors` (the best epoch by `train.best_metric`, with its
@@ -205,328 +244,85 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let started = Instant::now();
     let cfg = &setup.train;
     cfg.validate()?;
-    setup.preprocess.validate()?;
+    let preprocess = setup.preprocess();
+    preprocess.validate()?;
     setup.model.validate()?;
-    if setup.preprocess.size as usize != setup.model.image_size {
-        return Err(Error::InvalidConfig(format!(
-            "the preprocessing size ({}) must equal the model's image size ({})",
-            setup.preprocess.size, setup.model.image_size
-        )));
-    }
-    let checkpoint_path = setup.out.join(CHECKPOINT_FILE);
-    prepare_out(&setup.out, &checkpoint_path, setup.resume)?;
-
-    let data = load_data(setup, on_event)?;
-    let pos_weight = match cfg.pos_weight {
-        PosWeight::None => None,
-        PosWeight::Value(w) => Some(w),
-        PosWeight::Auto => {
-            let [pos, neg] = data.counts.train;
-            let w = neg as f64 / pos.max(1) as f64;
-            on_event(Event::Notice(&format!(
-                "positive-class weight (auto): {neg} / {pos} = {w:.3}"
-            )));
-            Some(w)
-        }
-    };
-
-    let mut model = Model::new(&setup.model, cfg.seed, &setup.device)?;
-    model.net.set_kernels(setup.kernels);
-    model.net.set_frozen_batch_norm(cfg.freeze_batch_norm);
-    let pretrained = match &setup.pretrained {
-        Some(path) if !setup.resume => {
-            let weights = fracture_model::PretrainedWeights::read(path)?;
-            let origin = model.load_pretrained(&weights)?;
-            on_event(Event::Notice(&format!(
-                "backbone from {} ({} tensors, sha256 {}…)",
-                path.display(),
-                origin.loaded,
-                &origin.sha256[..12.min(origin.sha256.len())]
-            )));
-            Some(origin)
-        }
-        _ => None,
-    };
-    let mut adam = Adam::new(model.trainable_vars(), cfg.adam)?;
-    adam.set_lr_scales(|name| {
-        if name.starts_with("head.") {
-            1.0
-        } else {
-            cfg.backbone_lr_scale
-        }
-    });
-    let ema = cfg.ema_decay.map(|d| Ema::new(&model, d)).transpose()?;
-    let mut meta = CheckpointMeta {
-        format: 1,
-        epoch: 0,
-        step: 0,
-        model: setup.model.clone(),
-        preprocess: setup.preprocess,
-        train: cfg.clone(),
-        data: data.counts,
-        best: None,
-        epochs_since_best: 0,
-        history: Vec::new(),
-        pretrained,
-    };
-    if setup.resume {
-        let (old, mut tensors) = read_checkpoint(&checkpoint_path, &setup.device)?;
-        if let Some(why) = resume_mismatch(&old, &setup.model, &setup.preprocess, cfg, &data.counts) {
-            return Err(Error::Checkpoint {
-                path: checkpoint_path,
-                reason: format!("cannot resume: {why}; use the original settings or another --out"),
-            });
-        }
-        if old.epoch > cfg.epochs {
-            return Err(Error::Checkpoint {
-                path: checkpoint_path,
-                reason: format!(
-                    "cannot resume: the run has already trained {} epochs, more than the {} asked for; \
-                     pass --epochs {} or more to continue it",
-                    old.epoch,
-                    cfg.epochs,
-                    old.epoch + 1
-                ),
-            });
-        }
-        if old.epoch == cfg.epochs {
-            on_event(Event::Notice(&format!(
-                "the run has already trained all {} epochs: nothing to do (pass a larger --epochs to continue it)",
-                cfg.epochs
-            )));
-        }
-        restore(
-            &checkpoint_path,
-            &mut tensors,
-            &old,
-            &model,
-            &mut adam,
-            ema.as_ref().map(Ema::model),
-        )?;
-        meta = CheckpointMeta {
-            train: cfg.clone(),
-            ..old
-        };
-        on_event(Event::Notice(&format!(
-            "resuming after epoch {} (step {})",
-            meta.epoch, meta.step
-        )));
-    }
-
+    let checkpoint = setup.out.join(CHECKPOINT_FILE);
+    prepare_out(&setup.out, &checkpoint, setup.resume)?;
+    let data = load_data(setup, &preprocess, on_event)?;
+    let mut session = Session::start(setup, preprocess, &data, &checkpoint, on_event)?;
     let augmenter = cfg.augment.map(Augmenter::new).transpose()?;
-    let n_train = data.train.len();
-    let steps_per_epoch = n_train.div_ceil(cfg.batch_size) as u64;
-    let total_steps = steps_per_epoch * cfg.epochs as u64;
-    let mut stopped_early = false;
-    if meta.best.is_some() && stop_early(cfg, &meta) {
-        stopped_early = true;
-    }
 
+    let mut stopped_early = session.meta.best.is_some() && stop_early(cfg, &session.meta);
     let last_epoch = setup.stop_after_epochs.map_or(cfg.epochs, |k| k.min(cfg.epochs));
-    while meta.epoch < last_epoch && !stopped_early {
-        let epoch = meta.epoch + 1;
+    while session.meta.epoch < last_epoch && !stopped_early {
+        let epoch = session.meta.epoch + 1;
         let epoch_start = Instant::now();
-        let order = epoch_order(n_train, cfg.seed, epoch as u64, true);
-        on_event(Event::EpochStart {
-            epoch,
-            epochs: cfg.epochs,
-            steps: steps_per_epoch as usize,
-            images: n_train,
-        });
-        let (mut loss_sum, mut seen, mut lr) = (0.0, 0usize, cfg.adam.lr);
-        let chunks: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
-        let augment = augmenter.as_ref().map(|a| BatchAugment {
-            augment: a,
-            seed: cfg.seed,
-            epoch: epoch as u64,
-        });
-        // The next batch is decoded from the cache and augmented on another thread while this one
-        // trains, so data preparation never stalls the step.
-        let stepped = std::thread::scope(|scope| -> Result<()> {
-            let (tx, rx) = std::sync::mpsc::sync_channel(PREFETCH);
-            let train_set = &data.train;
-            let chunks = &chunks;
-            scope.spawn(move || {
-                for chunk in chunks {
-                    if tx.send(make_batch(train_set, chunk, augment)).is_err() {
-                        break;
-                    }
-                }
-            });
-            for (i, batch) in rx.iter().enumerate() {
-                let (x, y) = batch_to_tensors(&batch, &setup.device)?;
-                model.net.set_dropout_seed(dropout_seed(cfg.seed, meta.step));
-                let logits = model.net.forward_t(&x, true)?;
-                let loss = bce_with_logits(&logits, &y, pos_weight)?;
-                let value = f64::from(loss.to_scalar::<f32>()?);
-                if !value.is_finite() {
-                    return Err(Error::NonFiniteLoss {
-                        epoch,
-                        step: i + 1,
-                        value,
-                    });
-                }
-                lr = cfg.lr_at(meta.step, steps_per_epoch, total_steps);
-                adam.backward_step(&loss, lr)?;
-                if let Some(ema) = &ema {
-                    ema.update(&model, meta.step)?;
-                }
-                meta.step += 1;
-                loss_sum += value * batch.len() as f64;
-                seen += batch.len();
-                on_event(Event::Step {
-                    epoch,
-                    step: i + 1,
-                    images: seen,
-                    loss: loss_sum / seen.max(1) as f64,
-                });
-            }
-            Ok(())
-        });
-        stepped?;
-        let train_seconds = epoch_start.elapsed().as_secs_f64();
-        for (param, var) in model.named_vars() {
-            // 0·x is 0 for every finite x and NaN for NaN and ±∞, so the sum is 0 exactly when all are finite.
-            if var.as_tensor().affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
-                return Err(Error::NonFiniteWeights { epoch, param });
-            }
-        }
-
+        let trained = session.train_epoch(setup, &data.train, augmenter.as_ref(), epoch, on_event)?;
+        session.check_weights(epoch)?;
         on_event(Event::Validating { epoch });
-        // What is validated and saved: the moving average of the weights when there is one.
-        let eval_model = ema.as_ref().map_or(&model, Ema::model);
-        let val_logits = predict_logits(&eval_model.net, &data.val, cfg.batch_size, &setup.device)?;
-        if let Some(bad) = val_logits.iter().find(|v| !v.is_finite()) {
-            return Err(Error::NonFiniteOutput {
-                epoch,
-                value: f64::from(*bad),
-            });
-        }
-        let val_probs: Vec<f64> = val_logits.iter().map(|&l| sigmoid(l)).collect();
-        let val_truth = truth(&data.val);
-        let val_report = EvalReport::new(&val_probs, &val_truth, fracture_eval::DEFAULT_THRESHOLD)?;
+        let val = session.validate(setup, &data.val, epoch)?;
         let report = EpochReport {
             epoch,
-            train_loss: loss_sum / seen.max(1) as f64,
-            val_loss: mean_loss(&val_logits, &data.val, pos_weight)?,
-            val: val_report,
-            lr,
+            train_loss: trained.loss,
+            val_loss: val.loss,
+            val: val.report.clone(),
+            lr: trained.lr,
             seconds: epoch_start.elapsed().as_secs_f64(),
-            images_per_s: seen as f64 / train_seconds.max(1e-9),
+            images_per_s: trained.images as f64 / trained.seconds.max(1e-9),
         };
         on_event(Event::EpochEnd(&report));
-        meta.epoch = epoch;
-        meta.history.push(report.clone());
+        session.meta.epoch = epoch;
+        session.meta.history.push(report.clone());
 
-        let improved = match (report.metric(cfg.best_metric), meta.best) {
-            (Some(v), Some(best)) => {
-                if cfg.best_metric.higher_is_better() {
-                    v > best.value
-                } else {
-                    v < best.value
-                }
-            }
-            (Some(_), None) => true,
-            (None, best) => best.is_none(),
-        };
-        if improved {
-            let value = report.metric(cfg.best_metric).unwrap_or(f64::NAN);
-            meta.best = Some(Best { epoch, value });
-            meta.epochs_since_best = 0;
+        let value = report.metric(cfg.best_metric);
+        if improves(cfg.best_metric, value, session.meta.best) {
+            session.meta.best = Some(Best {
+                epoch,
+                value: value.filter(|v| v.is_finite()),
+            });
+            session.meta.epochs_since_best = 0;
             let path = setup.out.join(MODEL_FILE);
-            let threshold = choose_threshold(&val_probs, &val_truth, cfg.threshold_rule)?
-                .unwrap_or(fracture_eval::DEFAULT_THRESHOLD);
-            let operating = EvalReport::new(&val_probs, &val_truth, threshold)?;
             save_best(
-                eval_model,
+                session.eval_model(),
                 setup,
                 &report,
-                threshold,
-                &operating,
-                meta.pretrained.as_ref(),
+                &val,
+                session.meta.pretrained.as_ref(),
                 &path,
             )?;
             on_event(Event::Saved {
-                what: "best model",
+                what: Artifact::BestModel,
                 path: &path,
             });
         } else {
-            meta.epochs_since_best += 1;
+            session.meta.epochs_since_best += 1;
         }
         let metrics_path = setup.out.join(METRICS_FILE);
-        write_atomic(&metrics_path, metrics_csv(&meta.history).as_bytes())
+        write_atomic(&metrics_path, metrics_csv(&session.meta.history).as_bytes())
             .map_err(|e| Error::io(&metrics_path, e))?;
-        save_checkpoint(
-            &checkpoint_path,
-            &model,
-            &adam,
-            ema.as_ref().map(Ema::model),
-            &meta,
-        )?;
+        session.save_checkpoint(&checkpoint)?;
         on_event(Event::Saved {
-            what: "checkpoint",
-            path: &checkpoint_path,
+            what: Artifact::Checkpoint,
+            path: &checkpoint,
         });
-        if stop_early(cfg, &meta) {
+        if stop_early(cfg, &session.meta) {
             stopped_early = true;
-            let best = meta.best.map(|b| b.epoch).unwrap_or(epoch);
+            let best = session.meta.best.map_or(epoch, |b| b.epoch);
             on_event(Event::Notice(&format!(
                 "early stopping: no improvement of {} for {} epochs (best: epoch {best})",
                 cfg.best_metric.name(),
-                meta.epochs_since_best
+                session.meta.epochs_since_best
             )));
         }
     }
 
-    // The final evaluation reads the best model back from its file: what is reported is what was saved.
-    let best_path = setup.out.join(MODEL_FILE);
-    let best = TrainedModel::load(&best_path, &setup.device)?;
-    let mut reports = BTreeMap::new();
-    let (_, val) = evaluate(
-        &best.model.net,
-        &data.val,
-        best.threshold(),
-        cfg.batch_size,
-        &setup.device,
-    )?;
-    reports.insert(Split::Val, val);
-    if let Some(test) = &data.test {
-        let (_, report) = evaluate(
-            &best.model.net,
-            test,
-            best.threshold(),
-            cfg.batch_size,
-            &setup.device,
-        )?;
-        reports.insert(Split::Test, report);
-    }
-    let best_epoch = meta.best.map(|b| b.epoch).unwrap_or(meta.epoch);
-    let run_report = RunReport {
-        model: MODEL_FILE.into(),
-        best_epoch,
-        best_metric: cfg.best_metric.name().into(),
-        threshold: best.threshold(),
-        threshold_rule: cfg.threshold_rule,
-        splits: reports.clone(),
-    };
-    let report_path = setup.out.join(REPORT_FILE);
-    let text = serde_json::to_string_pretty(&run_report).map_err(|e| Error::InvalidConfig(e.to_string()))?;
-    write_atomic(&report_path, text.as_bytes()).map_err(|e| Error::io(&report_path, e))?;
-    on_event(Event::Saved {
-        what: "report",
-        path: &report_path,
-    });
-    let curves = setup.out.join(crate::TRAINING_CURVES_FILE);
-    crate::write_training_curves(&curves, &meta.history)?;
-    on_event(Event::Saved {
-        what: "training curves",
-        path: &curves,
-    });
-
+    let meta = session.meta;
+    let reports = final_report(setup, &data, &meta, on_event)?;
     Ok(TrainOutcome {
         out: setup.out.clone(),
-        best_model: best_path,
-        best_epoch,
+        best_model: setup.out.join(MODEL_FILE),
+        best_epoch: meta.best.map_or(meta.epoch, |b| b.epoch),
         epochs_completed: meta.epoch,
         stopped_early,
         history: meta.history,
@@ -535,208 +331,78 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     })
 }
 
-fn stop_early(cfg: &TrainConfig, meta: &CheckpointMeta) -> bool {
-    cfg.early_stopping_patience
-        .is_some_and(|p| meta.epochs_since_best >= p)
-}
-
-/// The dropout seed of a step: distinct per step, the same in a resumed run.
-fn dropout_seed(seed: u64, step: u64) -> u64 {
-    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step.wrapping_add(1).wrapping_mul(0xbf58_476d_1ce4_e5b9)
-}
-
-fn prepare_out(out: &Path, checkpoint: &Path, resume: bool) -> Result<()> {
-    if out.exists() && !out.is_dir() {
-        return Err(Error::io(
-            out,
-            std::io::Error::other("--out exists and is not a folder"),
-        ));
-    }
-    let exists = checkpoint.is_file();
-    if resume && !exists {
-        return Err(Error::Checkpoint {
-            path: checkpoint.to_path_buf(),
-            reason: "nothing to resume: no checkpoint here (start without --resume)".into(),
-        });
-    }
-    if !resume && exists {
-        return Err(Error::Checkpoint {
-            path: checkpoint.to_path_buf(),
-            reason: "this folder already holds a run: pass --resume to continue it, or choose another --out"
-                .into(),
-        });
-    }
-    let dir = checkpoint.parent().unwrap_or(out);
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    // Fail now, not after the first epoch, if the folder cannot be written.
-    let probe = out.join(".write-test");
-    std::fs::write(&probe, b"").map_err(|e| Error::io(out, e))?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
-}
-
-/// Refuses a layout with link problems unless [`TrainSetup::allow_link_problems`]; announces them
-/// otherwise.
-fn check_links(
+/// Evaluates the best model, read back from its file (what is reported is what was saved), on val
+/// and test; writes `report.json` and the training curves.
+fn final_report(
     setup: &TrainSetup,
-    layout: &DatasetLayout,
+    data: &Data,
+    meta: &CheckpointMeta,
     on_event: &mut dyn FnMut(Event<'_>),
-) -> Result<()> {
-    let problems = &layout.link_problems;
-    if problems.is_empty() {
-        return Ok(());
-    }
-    let shown: Vec<String> = problems.iter().take(5).map(|p| format!("  {p}")).collect();
-    let more = match problems.len() {
-        n if n > 5 => format!("\n  … and {} more", n - 5),
-        _ => String::new(),
-    };
-    if !setup.allow_link_problems {
-        return Err(Error::Data(fracture_data::Error::Layout(format!(
-            "{}: {} symbolic link(s) change what this dataset means (they could relabel images or \
-             leak validation images into training):\n{}{more}\nremove them, or pass \
-             --allow-link-problems to train anyway",
-            layout.root.display(),
-            problems.len(),
-            shown.join("\n")
-        ))));
-    }
-    on_event(Event::Notice(&format!(
-        "training despite {} symbolic link problem(s) (--allow-link-problems):\n{}{more}",
-        problems.len(),
-        shown.join("\n")
-    )));
-    Ok(())
-}
-
-fn load_data(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Data> {
-    let layout = DatasetLayout::discover(&setup.data)?;
-    check_links(setup, &layout, on_event)?;
-    let Some(train_items) = layout.split(Split::Train) else {
-        return Err(Error::Data(fracture_data::Error::Layout(format!(
-            "{}: no train split (expected a `train` folder holding the class folders)",
-            layout.root.display()
-        ))));
-    };
-    let (mut train_items, val_items): (Vec<Item>, Vec<Item>) = match layout.split(Split::Val) {
-        Some(val) => (train_items.to_vec(), val.to_vec()),
-        None => {
-            let (kept, held) = stratified_split(train_items, setup.train.val_fraction, setup.train.seed);
-            on_event(Event::Notice(&format!(
-                "no val split in {}: validating on a seeded stratified {:.0}% of train ({} images)",
-                layout.root.display(),
-                setup.train.val_fraction * 100.0,
-                held.len()
-            )));
-            (kept, held)
-        }
-    };
-    add_extra_train(setup, &layout, &val_items, &mut train_items, on_event)?;
-    let options = LoadOptions {
-        disk_cache: setup.cache_dir.clone(),
-        limits: setup.limits,
-    };
-    let mut summary = layout.summary();
-    let mut load = |split: Split, items: &[Item]| -> Result<FolderDataset> {
-        let ds = FolderDataset::load(items, &setup.preprocess, &options)?;
-        let [fractured, not_fractured] = ds.counts();
-        summary.update(
-            SplitCounts {
-                split,
-                fractured,
-                not_fractured,
-            },
-            ds.skipped(),
-        );
-        Ok(ds)
-    };
-    let train = load(Split::Train, &train_items)?;
-    let val = load(Split::Val, &val_items)?;
-    let test = layout
-        .split(Split::Test)
-        .map(|items| load(Split::Test, items))
-        .transpose()?;
-    on_event(Event::Dataset(&summary));
-    for (name, ds) in [("train", &train), ("val", &val)] {
-        if ds.counts().contains(&0) {
-            return Err(Error::Data(fracture_data::Error::Layout(format!(
-                "the {name} split needs readable images of both classes, found {:?} (fractured, not fractured)",
-                ds.counts()
-            ))));
+) -> Result<BTreeMap<Split, EvalReport>> {
+    let cfg = &setup.train;
+    let best = TrainedModel::load(&setup.out.join(MODEL_FILE), &setup.device)?;
+    let mut reports = BTreeMap::new();
+    for (split, dataset) in [(Split::Val, Some(&data.val)), (Split::Test, data.test.as_ref())] {
+        if let Some(dataset) = dataset {
+            let (_, report) = evaluate(
+                &best.model.net,
+                dataset,
+                best.threshold(),
+                cfg.batch_size,
+                &setup.device,
+            )?;
+            reports.insert(split, report);
         }
     }
-    let counts = DataCounts {
-        train: train.counts(),
-        val: val.counts(),
+    let run_report = RunReport {
+        model: MODEL_FILE.into(),
+        best_epoch: meta.best.map_or(meta.epoch, |b| b.epoch),
+        best_metric: cfg.best_metric.name().into(),
+        threshold: best.threshold(),
+        threshold_rule: cfg.threshold_rule,
+        splits: reports.clone(),
     };
-    Ok(Data {
-        train,
-        val,
-        test,
-        counts,
-    })
+    let report_path = setup.out.join(REPORT_FILE);
+    write_atomic(
+        &report_path,
+        json_pretty(&run_report, "the run report")?.as_bytes(),
+    )
+    .map_err(|e| Error::io(&report_path, e))?;
+    on_event(Event::Saved {
+        what: Artifact::Report,
+        path: &report_path,
+    });
+    let curves = setup.out.join(crate::TRAINING_CURVES_FILE);
+    crate::write_training_curves(&curves, &meta.history)?;
+    on_event(Event::Saved {
+        what: Artifact::TrainingCurves,
+        path: &curves,
+    });
+    Ok(reports)
 }
 
-/// Appends the `train` split of every [`TrainSetup::extra_train`] root to `train`, refusing a root
-/// without one and any file that is also one of `val`'s or the main dataset's test images.
-fn add_extra_train(
-    setup: &TrainSetup,
-    layout: &DatasetLayout,
-    val: &[Item],
-    train: &mut Vec<Item>,
-    on_event: &mut dyn FnMut(Event<'_>),
-) -> Result<()> {
-    if setup.extra_train.is_empty() {
-        return Ok(());
-    }
-    let key = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let held: std::collections::HashSet<PathBuf> = val
-        .iter()
-        .chain(layout.split(Split::Test).unwrap_or(&[]))
-        .map(|i| key(&i.path))
-        .collect();
-    for root in &setup.extra_train {
-        let extra = DatasetLayout::discover(root)?;
-        check_links(setup, &extra, on_event)?;
-
-        let Some(items) = extra.split(Split::Train) else {
-            return Err(Error::Data(fracture_data::Error::Layout(format!(
-                "{}: extra training data needs a `train` folder holding the class folders",
-                extra.root.display()
-            ))));
-        };
-        if let Some(clash) = items.iter().find(|i| held.contains(&key(&i.path))) {
-            return Err(Error::Data(fracture_data::Error::Layout(format!(
-                "{}: an extra training image is also a validation or test image",
-                clash.path.display()
-            ))));
-        }
-        on_event(Event::Notice(&format!(
-            "adding {} training images from {}",
-            items.len(),
-            extra.root.display()
-        )));
-        train.extend_from_slice(items);
-    }
-    Ok(())
-}
-
+/// Saves the epoch's weights as the best model, with the threshold `setup.train.threshold_rule`
+/// chooses on the validation images and the report at that threshold.
 fn save_best(
     model: &Model,
     setup: &TrainSetup,
     report: &EpochReport,
-    threshold: f64,
-    operating: &EvalReport,
+    val: &Validation,
     pretrained: Option<&fracture_model::PretrainedOrigin>,
     path: &Path,
 ) -> Result<()> {
+    let rule = setup.train.threshold_rule;
+    // The val split holds both classes (checked when loading), so a threshold always exists.
+    let threshold = choose_threshold(&val.probabilities, &val.truth, rule)?.ok_or_else(|| {
+        Error::InvalidConfig("choosing a threshold needs validation images of both classes".into())
+    })?;
     let meta = ModelMeta {
-        preprocess: setup.preprocess,
+        preprocess: setup.preprocess(),
         threshold,
-        threshold_rule: Some(setup.train.threshold_rule),
+        threshold_rule: Some(rule),
         train: Some(setup.train.clone()),
         validation: Some(report.clone()),
-        operating_point: Some(operating.clone()),
+        operating_point: Some(EvalReport::new(&val.probabilities, &val.truth, threshold)?),
         pretrained: pretrained.cloned(),
     };
     Ok(model.save(path, &meta.to_metadata()?)?)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use fracture_testkit::{SyntheticSpec, fresh_dir, write_synthetic_dataset};
-use fracture_train::data::{AugmentConfig, PreprocessConfig, Split};
+use fracture_train::data::{AugmentConfig, Split};
 use fracture_train::model::ModelConfig;
 use fracture_train::{
     Error, Event, LrSchedule, Preset, TrainConfig, TrainOutcome, TrainSetup, read_checkpoint, train,
@@ -32,10 +32,7 @@ fn radiograph_setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainS
     let recipe = Preset::Radiograph.recipe();
     TrainSetup {
         model: ModelConfig::resnet(size as usize),
-        preprocess: PreprocessConfig {
-            size,
-            ..recipe.preprocess
-        },
+        fit: recipe.fit,
         train: TrainConfig {
             epochs,
             ..recipe.train
@@ -88,7 +85,7 @@ fn a_short_run_writes_every_output() {
             Event::Dataset(_) => "dataset",
             Event::EpochStart { .. } => "start",
             Event::EpochEnd(_) => "end",
-            Event::Saved { what, .. } => what,
+            Event::Saved { what, .. } => what.name(),
             _ => "",
         })
     })
@@ -119,7 +116,7 @@ fn a_short_run_writes_every_output() {
     );
     // The best model reloads with its preprocessing and predicts like the final report says.
     let trained = fracture_train::TrainedModel::load(&out, &Device::Cpu).unwrap();
-    assert_eq!(*trained.preprocess(), s.preprocess);
+    assert_eq!(*trained.preprocess(), s.preprocess());
     // The stored threshold reaches the target sensitivity (0.90) on validation.
     let val = &outcome.reports[&Split::Val];
     assert_eq!(trained.threshold(), val.threshold);
@@ -238,10 +235,7 @@ fn finetune_setup(root: &Path, epochs: usize) -> TrainSetup {
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &file).unwrap();
     TrainSetup {
         model,
-        preprocess: PreprocessConfig {
-            size,
-            ..recipe.preprocess
-        },
+        fit: recipe.fit,
         train: TrainConfig {
             epochs,
             batch_size: 8,
@@ -357,7 +351,7 @@ fn the_radiograph_preset_runs_on_the_real_radiographs() {
     assert!(val.ci95.pr_auc.is_some() && val.ci95.f1.is_some());
     let trained = fracture_train::TrainedModel::load(&s.out, &Device::Cpu).unwrap();
     assert_eq!(trained.model.config().arch_name(), "resnet");
-    assert_eq!(*trained.preprocess(), s.preprocess);
+    assert_eq!(*trained.preprocess(), s.preprocess());
     assert_eq!(
         trained.tta(),
         fracture_train::Tta::Mirror,
@@ -470,11 +464,13 @@ fn bad_setups_are_clear_errors() {
         .to_string();
     assert!(err.contains("image_size 8"), "{err}");
 
-    // Preprocessing and model sizes that disagree.
+    // The preprocessing size is the model's (a setup cannot make them disagree); a size outside
+    // the one range of input sizes is refused, naming it.
     let mut s = setup(&data, &root.join("r2"), 24, 1);
-    s.preprocess.size = 32;
+    s.model.image_size = 5000;
+    assert_eq!(s.preprocess().size, 5000);
     let err = run(&s).unwrap_err().to_string();
-    assert!(err.contains("must equal the model's image size"), "{err}");
+    assert!(err.contains("5000") && err.contains("8..=4096"), "{err}");
 
     // An --out that cannot be a folder.
     let file = root.join("a-file");

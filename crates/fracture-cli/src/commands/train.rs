@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use fracture_train::data::{DecodeLimits, PreprocessConfig, ResizeMode};
+use fracture_train::data::{DecodeLimits, ResizeMode};
 use fracture_train::eval::ThresholdRule;
-use fracture_train::model::{ArchConfig, ModelConfig, describe_device};
+use fracture_train::model::{ArchConfig, describe_device};
 use fracture_train::{
-    AdamConfig, BestMetric, Event, LrSchedule, PRETRAINED_FILE, PosWeight, Preset, TrainConfig, TrainOutcome,
-    TrainSetup,
+    ArchKind, Artifact, BestMetric, Event, Overrides, PRETRAINED_FILE, PosWeight, Preset, ScheduleKind,
+    TrainOutcome, TrainSetup,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -207,37 +207,55 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         PresetArg::Radiograph => Preset::Radiograph,
         PresetArg::Finetune => Preset::Finetune,
     };
-    let recipe = preset.recipe();
-    let image_size = args.image_size.unwrap_or(recipe.preprocess.size);
-    let model = match args.arch {
-        None => ModelConfig {
-            image_size: image_size as usize,
-            ..recipe.model.clone()
-        },
-        Some(ArchArg::Seed) => ModelConfig::seed(image_size as usize),
-        Some(ArchArg::Resnet) => ModelConfig::resnet(image_size as usize),
-        Some(ArchArg::EfficientnetLite0) => match &recipe.model.arch {
-            ArchConfig::EfficientNetLite0(_) => ModelConfig {
-                image_size: image_size as usize,
-                ..recipe.model.clone()
+    let overrides = Overrides {
+        image_size: args.image_size.map(|s| s as usize),
+        arch: args.arch.map(|a| match a {
+            ArchArg::Seed => ArchKind::Seed,
+            ArchArg::Resnet => ArchKind::Resnet,
+            ArchArg::EfficientnetLite0 => ArchKind::EfficientNetLite0,
+        }),
+        resize: args.resize.map(|r| match r {
+            ResizeArg::Stretch => ResizeMode::Stretch,
+            ResizeArg::Letterbox => ResizeMode::Letterbox,
+        }),
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        min_lr: args.min_lr,
+        schedule: args.schedule.map(|s| match s {
+            ScheduleArg::Constant => ScheduleKind::Constant,
+            ScheduleArg::Step => ScheduleKind::Step {
+                every_epochs: args.step_every,
+                gamma: args.step_gamma,
             },
-            _ => ModelConfig::efficientnet_lite0(image_size as usize),
-        },
+            ScheduleArg::Cosine => ScheduleKind::Cosine,
+        }),
+        warmup_steps: args.warmup_steps,
+        seed: Some(args.seed),
+        pos_weight: args.pos_weight,
+        no_augment: args.no_augment,
+        patience: args.patience,
+        best_metric: Some(match args.best_metric {
+            MetricArg::RocAuc => BestMetric::RocAuc,
+            MetricArg::ValLoss => BestMetric::ValLoss,
+            MetricArg::BalancedAccuracy => BestMetric::BalancedAccuracy,
+            MetricArg::F1 => BestMetric::F1,
+        }),
+        val_fraction: Some(args.val_fraction),
+        threshold_rule: Some(match args.threshold_rule {
+            Some(RuleArg::Youden) => ThresholdRule::Youden,
+            Some(RuleArg::BestF1) => ThresholdRule::BestF1,
+            None => ThresholdRule::TargetSensitivity {
+                target: args.target_sensitivity,
+            },
+        }),
+        backbone_lr_scale: args.backbone_lr_scale,
+        freeze_batch_norm: args.freeze_batch_norm,
+        ema_decay: args.ema_decay,
     };
-    let efficientnet = matches!(model.arch, ArchConfig::EfficientNetLite0(_));
-    let mut preprocess = PreprocessConfig {
-        size: image_size,
-        resize: match args.resize {
-            None => recipe.preprocess.resize,
-            Some(ResizeArg::Stretch) => ResizeMode::Stretch,
-            Some(ResizeArg::Letterbox) => ResizeMode::Letterbox,
-        },
-        ..recipe.preprocess
-    };
-    if efficientnet {
-        // The input scaling the ImageNet weights were trained with.
-        preprocess.standardize = Preset::Finetune.recipe().preprocess.standardize;
-    }
+    let recipe = preset.recipe().with(&overrides);
+    let efficientnet = matches!(recipe.model.arch, ArchConfig::EfficientNetLite0(_));
     let pretrained = match (&args.pretrained, recipe.pretrained && efficientnet) {
         (Some(file), _) => Some(file.clone()),
         (None, true) if args.resume => None,
@@ -257,60 +275,6 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         }
         (None, false) => None,
     };
-    let base = recipe.train;
-    let min_lr = match (args.min_lr, base.schedule) {
-        (Some(v), _) => v,
-        (None, LrSchedule::Cosine { min_lr }) => min_lr,
-        (None, _) => 0.0,
-    };
-    let mut train = TrainConfig {
-        epochs: args.epochs.unwrap_or(base.epochs),
-        batch_size: args.batch_size.unwrap_or(base.batch_size),
-        schedule: match args.schedule {
-            None => match base.schedule {
-                LrSchedule::Cosine { .. } => LrSchedule::Cosine { min_lr },
-                other => other,
-            },
-            Some(ScheduleArg::Constant) => LrSchedule::Constant,
-            Some(ScheduleArg::Step) => LrSchedule::Step {
-                every_epochs: args.step_every,
-                gamma: args.step_gamma,
-            },
-            Some(ScheduleArg::Cosine) => LrSchedule::Cosine { min_lr },
-        },
-        warmup_steps: args.warmup_steps.unwrap_or(base.warmup_steps),
-        seed: args.seed,
-        pos_weight: args.pos_weight.unwrap_or(base.pos_weight),
-        augment: if args.no_augment { None } else { base.augment },
-        early_stopping_patience: args.patience,
-        best_metric: match args.best_metric {
-            MetricArg::RocAuc => BestMetric::RocAuc,
-            MetricArg::ValLoss => BestMetric::ValLoss,
-            MetricArg::BalancedAccuracy => BestMetric::BalancedAccuracy,
-            MetricArg::F1 => BestMetric::F1,
-        },
-        val_fraction: args.val_fraction,
-        threshold_rule: match args.threshold_rule {
-            Some(RuleArg::Youden) => ThresholdRule::Youden,
-            Some(RuleArg::BestF1) => ThresholdRule::BestF1,
-            None => ThresholdRule::TargetSensitivity {
-                target: args.target_sensitivity,
-            },
-        },
-        backbone_lr_scale: args.backbone_lr_scale.unwrap_or(base.backbone_lr_scale),
-        freeze_batch_norm: args.freeze_batch_norm || base.freeze_batch_norm,
-        ema_decay: match args.ema_decay {
-            Some(0.0) => None,
-            Some(d) => Some(d),
-            None => base.ema_decay,
-        },
-        ..TrainConfig::default()
-    };
-    train.adam = AdamConfig {
-        lr: args.lr.unwrap_or(base.adam.lr),
-        weight_decay: args.weight_decay.unwrap_or(base.adam.weight_decay),
-        ..base.adam
-    };
     let out = args
         .out
         .clone()
@@ -320,11 +284,6 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         None => crate::commands::download::ensure_dataset(&args.dataset, &args.data_dir, &args.base_url)?,
     };
     let setup = TrainSetup {
-        data,
-        out: out.clone(),
-        model,
-        preprocess,
-        train,
         resume: args.resume,
         cache_dir: args.cache_dir.clone(),
         limits: DecodeLimits {
@@ -340,7 +299,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             KernelsArg::Fast => fracture_train::model::Kernels::Fast,
             KernelsArg::Reference => fracture_train::model::Kernels::Reference,
         },
+        ..TrainSetup::new(&recipe, data, out.clone())
     };
+    let image_size = setup.model.image_size;
     println!(
         "training {} ({} preset) at {}×{} on {} → {}",
         setup.model.arch_name(),
@@ -443,7 +404,7 @@ impl Progress {
                 );
             }
             Event::Saved { what, path } => {
-                if what == "best model" {
+                if what == Artifact::BestModel {
                     self.println(&format!("  saved the best model so far: {}", path.display()));
                 }
             }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use candle_core::Device;
-use fracture_train::data::{DecodeLimits, PreprocessConfig};
+use fracture_train::data::DecodeLimits;
 use fracture_train::model::ModelConfig;
 use fracture_train::{TrainConfig, TrainSetup};
 
@@ -13,7 +13,7 @@ pub(crate) fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainS
         data: data.to_path_buf(),
         out: out.to_path_buf(),
         model: ModelConfig::seed(size as usize),
-        preprocess: PreprocessConfig::with_size(size),
+        fit: Default::default(),
         train: TrainConfig {
             epochs,
             batch_size: 16,

@@ -1,0 +1,203 @@
+//! What a run reads and where it writes: the run folder, the dataset (with extra training
+//! folders and the link check), loaded and counted.
+
+use std::path::{Path, PathBuf};
+
+use fracture_data::{
+    DatasetLayout, FolderDataset, Item, LoadOptions, PreprocessConfig, Split, SplitCounts, stratified_split,
+};
+
+use crate::checkpoint::DataCounts;
+use crate::{Error, Event, Result, TrainSetup};
+
+/// The loaded splits of a run.
+pub(crate) struct Data {
+    pub(crate) train: FolderDataset,
+    pub(crate) val: FolderDataset,
+    pub(crate) test: Option<FolderDataset>,
+    pub(crate) counts: DataCounts,
+}
+
+/// Checks that `out` can hold the run: a folder (created), writable, and holding a checkpoint
+/// exactly when resuming.
+pub(crate) fn prepare_out(out: &Path, checkpoint: &Path, resume: bool) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(Error::io(
+            out,
+            std::io::Error::other("--out exists and is not a folder"),
+        ));
+    }
+    let exists = checkpoint.is_file();
+    if resume && !exists {
+        return Err(Error::Checkpoint {
+            path: checkpoint.to_path_buf(),
+            reason: "nothing to resume: no checkpoint here (start without --resume)".into(),
+        });
+    }
+    if !resume && exists {
+        return Err(Error::Checkpoint {
+            path: checkpoint.to_path_buf(),
+            reason: "this folder already holds a run: pass --resume to continue it, or choose another --out"
+                .into(),
+        });
+    }
+    let dir = checkpoint.parent().unwrap_or(out);
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // Fail now, not after the first epoch, if the folder cannot be written.
+    let probe = out.join(".write-test");
+    std::fs::write(&probe, b"").map_err(|e| Error::io(out, e))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Refuses a layout with link problems unless [`TrainSetup::allow_link_problems`]; announces them
+/// otherwise.
+fn check_links(
+    setup: &TrainSetup,
+    layout: &DatasetLayout,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<()> {
+    let problems = &layout.link_problems;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = problems.iter().take(5).map(|p| format!("  {p}")).collect();
+    let more = match problems.len() {
+        n if n > 5 => format!("\n  … and {} more", n - 5),
+        _ => String::new(),
+    };
+    if !setup.allow_link_problems {
+        return Err(Error::Data(fracture_data::Error::Layout(format!(
+            "{}: {} symbolic link(s) change what this dataset means (they could relabel images or \
+             leak validation images into training):\n{}{more}\nremove them, or pass \
+             --allow-link-problems to train anyway",
+            layout.root.display(),
+            problems.len(),
+            shown.join("\n")
+        ))));
+    }
+    on_event(Event::Notice(&format!(
+        "training despite {} symbolic link problem(s) (--allow-link-problems):\n{}{more}",
+        problems.len(),
+        shown.join("\n")
+    )));
+    Ok(())
+}
+
+/// Discovers the dataset, checks its links, adds the extra training folders and loads every split
+/// with `preprocess`; both classes must be readable in train and val.
+pub(crate) fn load_data(
+    setup: &TrainSetup,
+    preprocess: &PreprocessConfig,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Data> {
+    let layout = DatasetLayout::discover(&setup.data)?;
+    check_links(setup, &layout, on_event)?;
+    let Some(train_items) = layout.split(Split::Train) else {
+        return Err(Error::Data(fracture_data::Error::Layout(format!(
+            "{}: no train split (expected a `train` folder holding the class folders)",
+            layout.root.display()
+        ))));
+    };
+    let (mut train_items, val_items): (Vec<Item>, Vec<Item>) = match layout.split(Split::Val) {
+        Some(val) => (train_items.to_vec(), val.to_vec()),
+        None => {
+            let (kept, held) = stratified_split(train_items, setup.train.val_fraction, setup.train.seed);
+            on_event(Event::Notice(&format!(
+                "no val split in {}: validating on a seeded stratified {:.0}% of train ({} images)",
+                layout.root.display(),
+                setup.train.val_fraction * 100.0,
+                held.len()
+            )));
+            (kept, held)
+        }
+    };
+    add_extra_train(setup, &layout, &val_items, &mut train_items, on_event)?;
+    let options = LoadOptions {
+        disk_cache: setup.cache_dir.clone(),
+        limits: setup.limits,
+    };
+    let mut summary = layout.summary();
+    let mut load = |split: Split, items: &[Item]| -> Result<FolderDataset> {
+        let ds = FolderDataset::load(items, preprocess, &options)?;
+        let [fractured, not_fractured] = ds.counts();
+        summary.update(
+            SplitCounts {
+                split,
+                fractured,
+                not_fractured,
+            },
+            ds.skipped(),
+        );
+        Ok(ds)
+    };
+    let train = load(Split::Train, &train_items)?;
+    let val = load(Split::Val, &val_items)?;
+    let test = layout
+        .split(Split::Test)
+        .map(|items| load(Split::Test, items))
+        .transpose()?;
+    on_event(Event::Dataset(&summary));
+    for (name, ds) in [("train", &train), ("val", &val)] {
+        if ds.counts().contains(&0) {
+            return Err(Error::Data(fracture_data::Error::Layout(format!(
+                "the {name} split needs readable images of both classes, found {:?} (fractured, not fractured)",
+                ds.counts()
+            ))));
+        }
+    }
+    let counts = DataCounts {
+        train: train.counts(),
+        val: val.counts(),
+    };
+    Ok(Data {
+        train,
+        val,
+        test,
+        counts,
+    })
+}
+
+/// Appends the `train` split of every [`TrainSetup::extra_train`] root to `train`, refusing a root
+/// without one and any file that is also one of `val`'s or the main dataset's test images.
+fn add_extra_train(
+    setup: &TrainSetup,
+    layout: &DatasetLayout,
+    val: &[Item],
+    train: &mut Vec<Item>,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<()> {
+    if setup.extra_train.is_empty() {
+        return Ok(());
+    }
+    let key = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let held: std::collections::HashSet<PathBuf> = val
+        .iter()
+        .chain(layout.split(Split::Test).unwrap_or(&[]))
+        .map(|i| key(&i.path))
+        .collect();
+    for root in &setup.extra_train {
+        let extra = DatasetLayout::discover(root)?;
+        check_links(setup, &extra, on_event)?;
+
+        let Some(items) = extra.split(Split::Train) else {
+            return Err(Error::Data(fracture_data::Error::Layout(format!(
+                "{}: extra training data needs a `train` folder holding the class folders",
+                extra.root.display()
+            ))));
+        };
+        if let Some(clash) = items.iter().find(|i| held.contains(&key(&i.path))) {
+            return Err(Error::Data(fracture_data::Error::Layout(format!(
+                "{}: an extra training image is also a validation or test image",
+                clash.path.display()
+            ))));
+        }
+        on_event(Event::Notice(&format!(
+            "adding {} training images from {}",
+            items.len(),
+            extra.root.display()
+        )));
+        train.extend_from_slice(items);
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! A run in progress: the network, its optimizer and moving average, and the state a checkpoint
+//! keeps; one epoch of steps, and validation.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::ModuleT;
+use fracture_data::{Augmenter, BatchAugment, FolderDataset, PreprocessConfig, epoch_order, make_batch};
+use fracture_eval::EvalReport;
+use fracture_model::Model;
+
+use crate::checkpoint::{CheckpointMeta, read_checkpoint, restore, resume_mismatch, save_checkpoint};
+use crate::ema::Ema;
+use crate::inputs::Data;
+use crate::{
+    Adam, Error, Event, PosWeight, Result, TrainSetup, batch_to_tensors, bce_with_logits, mean_loss,
+    predict_logits, sigmoid, truth,
+};
+
+/// Batches prepared ahead of the one being trained on.
+const PREFETCH: usize = 2;
+
+/// The network, its optimizer, its moving average and the run's state, from the first step to the
+/// last checkpoint.
+pub(crate) struct Session {
+    pub(crate) model: Model,
+    adam: Adam,
+    ema: Option<Ema>,
+    /// What the checkpoint records besides the tensors (epoch, step, best epoch, history).
+    pub(crate) meta: CheckpointMeta,
+    pos_weight: Option<f64>,
+}
+
+/// The training half of an epoch.
+pub(crate) struct EpochTraining {
+    /// Mean training loss over the epoch's images.
+    pub(crate) loss: f64,
+    /// Images trained on.
+    pub(crate) images: usize,
+    /// The learning rate of the last step.
+    pub(crate) lr: f64,
+    /// Wall time of the steps, seconds.
+    pub(crate) seconds: f64,
+}
+
+/// Validation of an epoch: P(fractured) per image, the truth, and the loss.
+pub(crate) struct Validation {
+    pub(crate) probabilities: Vec<f64>,
+    pub(crate) truth: Vec<bool>,
+    pub(crate) loss: f64,
+    /// Metrics at the default threshold 0.5.
+    pub(crate) report: EvalReport,
+}
+
+impl Session {
+    /// A fresh session (seeded initialisation, pretrained backbone when asked) or, when resuming,
+    /// the one the checkpoint at `checkpoint` holds (refused when its settings differ).
+    pub(crate) fn start(
+        setup: &TrainSetup,
+        preprocess: PreprocessConfig,
+        data: &Data,
+        checkpoint: &Path,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Session> {
+        let cfg = &setup.train;
+        let pos_weight = match cfg.pos_weight {
+            PosWeight::None => None,
+            PosWeight::Value(w) => Some(w),
+            PosWeight::Auto => {
+                let [pos, neg] = data.counts.train;
+                let w = neg as f64 / pos.max(1) as f64;
+                on_event(Event::Notice(&format!(
+                    "positive-class weight (auto): {neg} / {pos} = {w:.3}"
+                )));
+                Some(w)
+            }
+        };
+        let mut model = Model::new(&setup.model, cfg.seed, &setup.device)?;
+        model.net.set_kernels(setup.kernels);
+        model.net.set_frozen_batch_norm(cfg.freeze_batch_norm);
+        let pretrained = match &setup.pretrained {
+            Some(path) if !setup.resume => {
+                let weights = fracture_model::PretrainedWeights::read(path)?;
+                let origin = model.load_pretrained(&weights)?;
+                on_event(Event::Notice(&format!(
+                    "backbone from {} ({} tensors, sha256 {}…)",
+                    path.display(),
+                    origin.loaded,
+                    &origin.sha256[..12.min(origin.sha256.len())]
+                )));
+                Some(origin)
+            }
+            _ => None,
+        };
+        let mut adam = Adam::new(model.trainable_vars(), cfg.adam)?;
+        adam.set_lr_scales(|name| {
+            if name.starts_with("head.") {
+                1.0
+            } else {
+                cfg.backbone_lr_scale
+            }
+        });
+        let ema = cfg.ema_decay.map(|d| Ema::new(&model, d)).transpose()?;
+        let mut meta = CheckpointMeta {
+            format: 1,
+            epoch: 0,
+            step: 0,
+            model: setup.model.clone(),
+            preprocess,
+            train: cfg.clone(),
+            data: data.counts,
+            best: None,
+            epochs_since_best: 0,
+            history: Vec::new(),
+            pretrained,
+        };
+        if setup.resume {
+            let (old, mut tensors) = read_checkpoint(checkpoint, &setup.device)?;
+            if let Some(why) = resume_mismatch(&old, &setup.model, &preprocess, cfg, &data.counts) {
+                return Err(Error::Checkpoint {
+                    path: checkpoint.to_path_buf(),
+                    reason: format!("cannot resume: {why}; use the original settings or another --out"),
+                });
+            }
+            if old.epoch > cfg.epochs {
+                return Err(Error::Checkpoint {
+                    path: checkpoint.to_path_buf(),
+                    reason: format!(
+                        "cannot resume: the run has already trained {} epochs, more than the {} asked for; \
+                         pass --epochs {} or more to continue it",
+                        old.epoch,
+                        cfg.epochs,
+                        old.epoch + 1
+                    ),
+                });
+            }
+            if old.epoch == cfg.epochs {
+                on_event(Event::Notice(&format!(
+                    "the run has already trained all {} epochs: nothing to do (pass a larger --epochs to continue it)",
+                    cfg.epochs
+                )));
+            }
+            restore(
+                checkpoint,
+                &mut tensors,
+                &old,
+                &model,
+                &mut adam,
+                ema.as_ref().map(Ema::model),
+            )?;
+            meta = CheckpointMeta {
+                train: cfg.clone(),
+                ..old
+            };
+            on_event(Event::Notice(&format!(
+                "resuming after epoch {} (step {})",
+                meta.epoch, meta.step
+            )));
+        }
+        Ok(Session {
+            model,
+            adam,
+            ema,
+            meta,
+            pos_weight,
+        })
+    }
+
+    /// The weights that are validated and saved: the moving average when there is one.
+    pub(crate) fn eval_model(&self) -> &Model {
+        self.ema.as_ref().map_or(&self.model, Ema::model)
+    }
+
+    /// One epoch of optimizer steps over `train` in the seeded order of `epoch`, the next batch
+    /// decoded and augmented on another thread while this one trains. A non-finite loss stops it.
+    pub(crate) fn train_epoch(
+        &mut self,
+        setup: &TrainSetup,
+        train: &FolderDataset,
+        augmenter: Option<&Augmenter>,
+        epoch: usize,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<EpochTraining> {
+        let cfg = &setup.train;
+        let start = Instant::now();
+        let n_train = train.len();
+        let steps_per_epoch = n_train.div_ceil(cfg.batch_size) as u64;
+        let total_steps = steps_per_epoch * cfg.epochs as u64;
+        let order = epoch_order(n_train, cfg.seed, epoch as u64, true);
+        on_event(Event::EpochStart {
+            epoch,
+            epochs: cfg.epochs,
+            steps: steps_per_epoch as usize,
+            images: n_train,
+        });
+        let (mut loss_sum, mut seen, mut lr) = (0.0, 0usize, cfg.adam.lr);
+        let chunks: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
+        let augment = augmenter.map(|a| BatchAugment {
+            augment: a,
+            seed: cfg.seed,
+            epoch: epoch as u64,
+        });
+        std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(PREFETCH);
+            let chunks = &chunks;
+            scope.spawn(move || {
+                for chunk in chunks {
+                    if tx.send(make_batch(train, chunk, augment)).is_err() {
+                        break;
+                    }
+                }
+            });
+            for (i, batch) in rx.iter().enumerate() {
+                let (x, y) = batch_to_tensors(&batch, &setup.device)?;
+                self.model
+                    .net
+                    .set_dropout_seed(dropout_seed(cfg.seed, self.meta.step));
+                let logits = self.model.net.forward_t(&x, true)?;
+                let loss = bce_with_logits(&logits, &y, self.pos_weight)?;
+                let value = f64::from(loss.to_scalar::<f32>()?);
+                if !value.is_finite() {
+                    return Err(Error::NonFiniteLoss {
+                        epoch,
+                        step: i + 1,
+                        value,
+                    });
+                }
+                lr = cfg.lr_at(self.meta.step, steps_per_epoch, total_steps);
+                self.adam.backward_step(&loss, lr)?;
+                if let Some(ema) = &self.ema {
+                    ema.update(&self.model, self.meta.step)?;
+                }
+                self.meta.step += 1;
+                loss_sum += value * batch.len() as f64;
+                seen += batch.len();
+                on_event(Event::Step {
+                    epoch,
+                    step: i + 1,
+                    images: seen,
+                    loss: loss_sum / seen.max(1) as f64,
+                });
+            }
+            Ok(())
+        })?;
+        Ok(EpochTraining {
+            loss: loss_sum / seen.max(1) as f64,
+            images: seen,
+            lr,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Refuses weights that are no longer all finite after `epoch`, naming the first such parameter.
+    pub(crate) fn check_weights(&self, epoch: usize) -> Result<()> {
+        for (param, var) in self.model.named_vars() {
+            // 0·x is 0 for every finite x and NaN for NaN and ±∞, so the sum is 0 exactly when all are finite.
+            if var.as_tensor().affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+                return Err(Error::NonFiniteWeights { epoch, param });
+            }
+        }
+        Ok(())
+    }
+
+    /// Predicts the validation images with [`Session::eval_model`]; a non-finite output stops the run.
+    pub(crate) fn validate(
+        &self,
+        setup: &TrainSetup,
+        val: &FolderDataset,
+        epoch: usize,
+    ) -> Result<Validation> {
+        let logits = predict_logits(&self.eval_model().net, val, setup.train.batch_size, &setup.device)?;
+        if let Some(bad) = logits.iter().find(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteOutput {
+                epoch,
+                value: f64::from(*bad),
+            });
+        }
+        let probabilities: Vec<f64> = logits.iter().map(|&l| sigmoid(l)).collect();
+        let truth = truth(val);
+        let report = EvalReport::new(&probabilities, &truth, fracture_eval::DEFAULT_THRESHOLD)?;
+        Ok(Validation {
+            loss: mean_loss(&logits, val, self.pos_weight)?,
+            probabilities,
+            truth,
+            report,
+        })
+    }
+
+    /// Writes the checkpoint (weights, optimizer moments, moving average, [`Session::meta`]) atomically.
+    pub(crate) fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        save_checkpoint(
+            path,
+            &self.model,
+            &self.adam,
+            self.ema.as_ref().map(Ema::model),
+            &self.meta,
+        )
+    }
+}
+
+/// The dropout seed of a step: distinct per step, the same in a resumed run.
+fn dropout_seed(seed: u64, step: u64) -> u64 {
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step.wrapping_add(1).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+}
