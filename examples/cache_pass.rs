@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     let order = epoch_order(first.len(), 0, 0, true);
     let mut seen = 0;
     for chunk in order.chunks(32) {
-        seen += make_batch(&first, chunk, None).len();
+        seen += make_batch(&first, chunk, None)?.len();
     }
     let memory_s = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&cache);

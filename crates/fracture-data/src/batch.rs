@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::augment::sample_rng;
-use crate::{Augment, FolderDataset, Label};
+use crate::{Augment, Error, FolderDataset, Label, Result};
 
 /// A batch of samples ready to become a tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,14 +68,22 @@ impl std::fmt::Debug for BatchAugment<'_> {
     }
 }
 
-/// Builds the batch of the given dataset indices (in parallel). Indices out of range are left out.
-pub fn make_batch(dataset: &FolderDataset, indices: &[usize], augment: Option<BatchAugment<'_>>) -> Batch {
+/// Builds the batch of the given dataset indices (in parallel). An index past the dataset's end
+/// is an error naming it (once silently left out, which shrank batches without a word).
+pub fn make_batch(
+    dataset: &FolderDataset,
+    indices: &[usize],
+    augment: Option<BatchAugment<'_>>,
+) -> Result<Batch> {
     let side = dataset.config().size as usize;
-    let indices: Vec<usize> = indices
-        .iter()
-        .copied()
-        .filter(|&i| i < dataset.items().len())
-        .collect();
+    let len = dataset.items().len();
+    if let Some(bad) = indices.iter().find(|&&i| i >= len) {
+        return Err(Error::InvalidConfig {
+            field: "batch index",
+            reason: format!("{bad} is past the end of a dataset of {len} images"),
+        });
+    }
+    let indices = indices.to_vec();
     let mut images = Array3::<f32>::zeros((indices.len(), side, side));
     if let Some(flat) = images.as_slice_mut() {
         flat.par_chunks_mut(side * side)
@@ -96,11 +104,11 @@ pub fn make_batch(dataset: &FolderDataset, indices: &[usize], augment: Option<Ba
             });
     }
     let labels = indices.iter().filter_map(|&i| dataset.label(i)).collect();
-    Batch {
+    Ok(Batch {
         images,
         labels,
         indices,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -133,7 +141,9 @@ mod tests {
     #[test]
     fn batch_holds_the_requested_samples() {
         let ds = dataset(6);
-        let batch = make_batch(&ds, &[4, 1, 99], None);
+        let err = make_batch(&ds, &[4, 1, 99], None).unwrap_err().to_string();
+        assert!(err.contains("99") && err.contains("6 images"), "{err}");
+        let batch = make_batch(&ds, &[4, 1], None).unwrap();
         assert_eq!(batch.images.dim(), (2, 8, 8));
         assert_eq!(batch.indices, vec![4, 1]);
         assert_eq!(batch.labels, vec![Label::NotFractured, Label::NotFractured]);
@@ -150,13 +160,13 @@ mod tests {
             seed: 9,
             epoch: 2,
         };
-        let one = make_batch(&ds, &[3], Some(a));
-        let many = make_batch(&ds, &[0, 3, 5], Some(a));
+        let one = make_batch(&ds, &[3], Some(a)).unwrap();
+        let many = make_batch(&ds, &[0, 3, 5], Some(a)).unwrap();
         assert_eq!(
             one.images.index_axis(ndarray::Axis(0), 0),
             many.images.index_axis(ndarray::Axis(0), 1)
         );
-        let other_epoch = make_batch(&ds, &[3], Some(BatchAugment { epoch: 3, ..a }));
+        let other_epoch = make_batch(&ds, &[3], Some(BatchAugment { epoch: 3, ..a })).unwrap();
         assert_ne!(one.images, other_epoch.images);
     }
 }

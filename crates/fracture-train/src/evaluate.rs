@@ -20,7 +20,7 @@ pub fn predict_logits(
     let mut out = Vec::with_capacity(dataset.len());
     let indices: Vec<usize> = (0..dataset.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
-        let batch = make_batch(dataset, chunk, None);
+        let batch = make_batch(dataset, chunk, None)?;
         let (x, _) = batch_to_tensors(&batch, device)?;
         out.extend(net.forward_t(&x, false)?.to_vec1::<f32>()?);
     }
@@ -122,7 +122,7 @@ pub fn predict_dataset(
     let mut out = Vec::with_capacity(dataset.len());
     let indices: Vec<usize> = (0..dataset.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
-        let Batch { images, .. } = make_batch(dataset, chunk, None);
+        let Batch { images, .. } = make_batch(dataset, chunk, None)?;
         out.extend(predict_images(net, &images, tta, device)?);
     }
     Ok(out)

@@ -211,6 +211,7 @@ impl Session {
                 }
             });
             for (i, batch) in rx.iter().enumerate() {
+                let batch = batch?;
                 let (x, y) = batch_to_tensors(&batch, &setup.device)?;
                 self.model
                     .net
