@@ -13,7 +13,9 @@ use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fracture_model::kernels::{self, ConvSpec, Kernels};
 use fracture_model::{Model, ModelConfig};
-use fracture_train::{Adam, AdamConfig, bce_with_logits};
+use fracture_train::config::AdamConfig;
+use fracture_train::loss::bce_with_logits;
+use fracture_train::optim::Adam;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

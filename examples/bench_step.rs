@@ -14,8 +14,10 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use fracture_train::candle_core::{Device, ModuleT, Tensor};
+use fracture_train::config::AdamConfig;
+use fracture_train::loss::bce_with_logits;
 use fracture_train::model::{Kernels, Model, ModelConfig};
-use fracture_train::{Adam, AdamConfig, bce_with_logits};
+use fracture_train::optim::Adam;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -387,9 +387,9 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_checkpoint() {
     }
     let status = child.wait().unwrap();
     assert!(!status.success(), "the child should have been killed: {seen:?}");
-    let checkpoint = killed.join(fracture_train::CHECKPOINT_FILE);
+    let checkpoint = killed.join(fracture_train::run::CHECKPOINT_FILE);
     let dev = fracture_train::candle_core::Device::Cpu;
-    let (meta, _) = fracture_train::read_checkpoint(&checkpoint, &dev).unwrap();
+    let (meta, _) = fracture_train::checkpoint::read_checkpoint(&checkpoint, &dev).unwrap();
     assert_eq!(meta.epoch, 1, "the checkpoint of epoch 1 survives the kill");
 
     let resumed = fracture()
@@ -423,8 +423,10 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_checkpoint() {
         .output()
         .unwrap();
     assert!(straight.status.success());
-    let (_, a) = fracture_train::read_checkpoint(&whole.join(fracture_train::CHECKPOINT_FILE), &dev).unwrap();
-    let (meta_b, b) = fracture_train::read_checkpoint(&checkpoint, &dev).unwrap();
+    let (_, a) =
+        fracture_train::checkpoint::read_checkpoint(&whole.join(fracture_train::run::CHECKPOINT_FILE), &dev)
+            .unwrap();
+    let (meta_b, b) = fracture_train::checkpoint::read_checkpoint(&checkpoint, &dev).unwrap();
     assert_eq!(meta_b.epoch, 2);
     for (name, ta) in &a {
         let diff = (ta - &b[name])
@@ -1823,9 +1825,9 @@ fn the_bad_model_files_through_predict_eval_and_serve() {
     let (root, run) = trained_run("bad-models");
     let good = std::fs::read(run.join("model.safetensors")).unwrap();
     let keys = fracture_testkit::ModelKeys {
-        threshold: fracture_train::THRESHOLD_KEY,
+        threshold: fracture_train::bundle::THRESHOLD_KEY,
         config: fracture_train::model::CONFIG_KEY,
-        preprocess: fracture_train::PREPROCESS_KEY,
+        preprocess: fracture_train::bundle::PREPROCESS_KEY,
     };
     let bad = fracture_testkit::write_bad_models(&root.join("bad"), &good, keys).unwrap();
     let image = root.join("one.png");

@@ -8,6 +8,24 @@
 //!
 //! This crate knows nothing of tensors or models: it yields `ndarray` arrays and [`Label`]s. It never
 //! panics on a bad file: an unreadable image is skipped and reported with its path.
+//!
+//! A dataset folder in, augmented batches out:
+//!
+//! ```
+//! use fracture_data::{DatasetLayout, FolderDataset, LoadOptions, PreprocessConfig, Split, make_batch};
+//!
+//! let root = std::env::temp_dir().join(format!("fracture-data-doc-{}", std::process::id()));
+//! // <root>/{train,val}/{fractured,not fractured}/*.png
+//! fracture_testkit::write_synthetic_dataset(&root, &fracture_testkit::SyntheticSpec::train_val((3, 3), (1, 1)));
+//! let layout = DatasetLayout::discover(&root)?;
+//! let train = layout.split(Split::Train).expect("a train split");
+//! let data = FolderDataset::load(train, &PreprocessConfig::with_size(32), &LoadOptions::default())?;
+//! assert_eq!(data.counts(), [3, 3]); // fractured, not fractured
+//! let batch = make_batch(&data, &[0, 4], None)?;
+//! assert_eq!(batch.images.dim(), (2, 32, 32)); // (B, H, W) f32 in [0, 1]
+//! # std::fs::remove_dir_all(&root).ok();
+//! # Ok::<(), fracture_data::Error>(())
+//! ```
 #![warn(missing_docs)]
 
 mod augment;

@@ -6,6 +6,25 @@
 //!
 //! This crate does no I/O except weight files and knows nothing of image formats, datasets or
 //! training: it depends on no other fracture crate.
+//!
+//! Build a network, run it, and round-trip its weight file:
+//!
+//! ```
+//! use candle_core::{Device, ModuleT, Tensor};
+//! use fracture_model::{Model, ModelConfig};
+//!
+//! let config = ModelConfig::seed(32); // the original CNN at 32 × 32
+//! let model = Model::new(&config, 7, &Device::Cpu)?;
+//! let x = Tensor::zeros((2, 1, 32, 32), candle_core::DType::F32, &Device::Cpu)?; // (B, 1, H, W)
+//! let logits = model.net.forward_t(&x, false)?; // (B,)
+//! assert_eq!(logits.dims(), &[2]);
+//! let file = std::env::temp_dir().join(format!("fracture-model-doc-{}.safetensors", std::process::id()));
+//! model.save(&file, &Default::default())?;
+//! let again = Model::load(&file, &Device::Cpu)?;
+//! assert_eq!(again.config(), &config);
+//! # std::fs::remove_file(&file).ok();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
 
 mod config;

@@ -7,7 +7,7 @@ use crate::Result;
 
 /// The images of a batch as `(B, 1, H, W)` f32 and its targets as `(B,)` f32 (1.0 = fractured), on
 /// `device`.
-pub fn batch_to_tensors(batch: &Batch, device: &Device) -> Result<(Tensor, Tensor)> {
+pub(crate) fn batch_to_tensors(batch: &Batch, device: &Device) -> Result<(Tensor, Tensor)> {
     let (b, h, w) = batch.images.dim();
     let data: Vec<f32> = match batch.images.as_slice() {
         Some(s) => s.to_vec(),

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use fracture_testkit::{SyntheticSpec, fresh_dir, write_synthetic_dataset};
+use fracture_train::checkpoint::read_checkpoint;
+use fracture_train::config::LrSchedule;
 use fracture_train::data::{AugmentConfig, Split};
 use fracture_train::model::ModelConfig;
-use fracture_train::{
-    Error, Event, LrSchedule, Preset, TrainConfig, TrainOutcome, TrainSetup, read_checkpoint, train,
-};
+use fracture_train::{Error, Event, Preset, TrainConfig, TrainOutcome, TrainSetup, train};
 use sha2::Digest;
 
 mod common;
@@ -46,7 +46,7 @@ fn run(s: &TrainSetup) -> Result<TrainOutcome, Error> {
 }
 
 fn checkpoint_tensors(out: &Path) -> HashMap<String, Tensor> {
-    read_checkpoint(&out.join(fracture_train::CHECKPOINT_FILE), &Device::Cpu)
+    read_checkpoint(&out.join(fracture_train::run::CHECKPOINT_FILE), &Device::Cpu)
         .unwrap()
         .1
 }
@@ -196,7 +196,7 @@ fn the_residual_network_resumes_exactly() {
     let s = radiograph_setup(&root.join("data"), &root.join("whole"), 32, 2);
     check_resume_with(s, &root, 8);
     let (_, tensors) = read_checkpoint(
-        &root.join("whole").join(fracture_train::CHECKPOINT_FILE),
+        &root.join("whole").join(fracture_train::run::CHECKPOINT_FILE),
         &Device::Cpu,
     )
     .unwrap();
@@ -255,7 +255,7 @@ fn the_finetune_recipe_resumes_exactly_with_its_moving_average() {
     let file = s.pretrained.clone().unwrap();
     check_resume_with(s, &root, 8);
     let (_, tensors) = read_checkpoint(
-        &root.join("whole").join(fracture_train::CHECKPOINT_FILE),
+        &root.join("whole").join(fracture_train::run::CHECKPOINT_FILE),
         &Device::Cpu,
     )
     .unwrap();
@@ -279,7 +279,8 @@ fn with_a_moving_average_the_average_is_saved() {
     let s = finetune_setup(&root, 1);
     let outcome = run(&s).unwrap();
     assert_eq!(outcome.best_epoch, 1);
-    let (_, tensors) = read_checkpoint(&s.out.join(fracture_train::CHECKPOINT_FILE), &Device::Cpu).unwrap();
+    let (_, tensors) =
+        read_checkpoint(&s.out.join(fracture_train::run::CHECKPOINT_FILE), &Device::Cpu).unwrap();
     let saved = fracture_train::TrainedModel::load(&outcome.best_model, &Device::Cpu).unwrap();
     let mut differs_from_live = false;
     for (name, var) in saved.model.named_vars() {
@@ -354,7 +355,7 @@ fn the_radiograph_preset_runs_on_the_real_radiographs() {
     assert_eq!(*trained.preprocess(), s.preprocess());
     assert_eq!(
         trained.tta(),
-        fracture_train::Tta::Mirror,
+        fracture_train::evaluate::Tta::Mirror,
         "trained without vertical flips"
     );
 }
@@ -420,7 +421,7 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     };
     assert!(failed_epoch >= 2, "epoch 1 trains at a normal rate");
     let (meta, tensors) =
-        read_checkpoint(&s.out.join(fracture_train::CHECKPOINT_FILE), &Device::Cpu).unwrap();
+        read_checkpoint(&s.out.join(fracture_train::run::CHECKPOINT_FILE), &Device::Cpu).unwrap();
     assert_eq!(
         meta.epoch,
         failed_epoch - 1,
@@ -546,7 +547,7 @@ fn early_stopping_ends_a_run_that_stops_improving() {
     // A rate so small the weights cannot change in f32: validation loss never improves after epoch 1.
     s.train.adam.lr = 1e-30;
     s.train.augment = None;
-    s.train.best_metric = fracture_train::BestMetric::ValLoss;
+    s.train.best_metric = fracture_train::config::BestMetric::ValLoss;
     s.train.early_stopping_patience = Some(2);
     let mut notes = Vec::new();
     let outcome = train(&s, &mut |e| {
@@ -577,7 +578,7 @@ fn a_test_split_is_evaluated_and_auto_pos_weight_is_negatives_over_positives() {
     };
     write_synthetic_dataset(&root.join("data"), &spec);
     let mut s = setup(&root.join("data"), &root.join("run"), 24, 1);
-    s.train.pos_weight = fracture_train::PosWeight::Auto;
+    s.train.pos_weight = fracture_train::config::PosWeight::Auto;
     let mut notes = Vec::new();
     let outcome = train(&s, &mut |e| {
         if let Event::Notice(t) = e {
@@ -741,7 +742,7 @@ fn a_model_file_with_a_threshold_outside_zero_to_one_is_refused_at_load() {
         edited_meta.threshold = bad;
         assert!(edited_meta.to_metadata().is_err());
         let mut entries = model.meta.to_metadata().unwrap();
-        entries.insert(fracture_train::THRESHOLD_KEY.into(), bad.to_string());
+        entries.insert(fracture_train::bundle::THRESHOLD_KEY.into(), bad.to_string());
         let edited = root.join(format!("edited-{bad}.safetensors"));
         model.model.save(&edited, &entries).unwrap();
         let err = fracture_train::TrainedModel::load(&edited, &Device::Cpu)
@@ -794,9 +795,9 @@ fn every_bad_model_file_of_the_corpus_is_refused_with_its_name() {
     let outcome = run(&setup(&root.join("data"), &root.join("run"), 24, 1)).unwrap();
     let good = std::fs::read(&outcome.best_model).unwrap();
     let keys = fracture_testkit::ModelKeys {
-        threshold: fracture_train::THRESHOLD_KEY,
+        threshold: fracture_train::bundle::THRESHOLD_KEY,
         config: fracture_train::model::CONFIG_KEY,
-        preprocess: fracture_train::PREPROCESS_KEY,
+        preprocess: fracture_train::bundle::PREPROCESS_KEY,
     };
     let bad = fracture_testkit::write_bad_models(&root.join("bad"), &good, keys).unwrap();
     assert!(bad.len() >= 14, "{}", bad.len());
@@ -827,9 +828,12 @@ fn a_model_file_declaring_a_huge_input_is_refused_at_load() {
     let bytes = std::fs::read(&outcome.best_model).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let mut meta = header.metadata().clone().unwrap();
-    for key in [fracture_train::model::CONFIG_KEY, fracture_train::PREPROCESS_KEY] {
+    for key in [
+        fracture_train::model::CONFIG_KEY,
+        fracture_train::bundle::PREPROCESS_KEY,
+    ] {
         let mut v: serde_json::Value = serde_json::from_str(&meta[key]).unwrap();
-        let field = if key == fracture_train::PREPROCESS_KEY {
+        let field = if key == fracture_train::bundle::PREPROCESS_KEY {
             "size"
         } else {
             "image_size"

@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use fracture_train::TrainedModel;
 use fracture_train::data::{DatasetLayout, Item, LoadOptions, Split, discover_labelled_images};
 use fracture_train::eval::ThresholdRule;
-use fracture_train::{EvalSource, ThresholdChoice, TrainedModel, evaluate_items, write_evaluation};
+use fracture_train::outputs::{EvalSource, ThresholdChoice, evaluate_items, write_evaluation};
 
 use crate::commands::{fmt_ci, fmt_opt, pick_device};
 
@@ -81,7 +82,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             split.map_or("folder".to_string(), |s| s.name().to_string())
         ))
     });
-    let metrics = model_dir.join(fracture_train::METRICS_FILE);
+    let metrics = model_dir.join(fracture_train::run::METRICS_FILE);
     let source = EvalSource {
         model: &model.path,
         data: &args.data,
@@ -127,7 +128,7 @@ fn labelled_images(
     }
 }
 
-fn print_table(r: &fracture_train::EvalReport, split: Option<Split>, tta: bool) {
+fn print_table(r: &fracture_train::eval::EvalReport, split: Option<Split>, tta: bool) {
     let what = split.map_or("folder".to_string(), |s| s.name().to_string());
     println!(
         "{what}: {} images, {} fractured; threshold {:.4}{}",

@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use fracture_train::TrainedModel;
 use fracture_train::data::{DecodeLimits, Label, list_image_files, path_text};
-use fracture_train::{Prediction, TrainedModel, csv_field, predict_files};
+use fracture_train::outputs::{Prediction, csv_field, predict_files};
 
 use crate::commands::pick_device;
 

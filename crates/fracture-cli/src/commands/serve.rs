@@ -558,7 +558,7 @@ fn model_info(model: &TrainedModel) -> serde_json::Value {
             model
                 .path
                 .file_name()
-                .is_some_and(|f| f == fracture_train::MODEL_FILE)
+                .is_some_and(|f| f == fracture_train::bundle::MODEL_FILE)
         })
         .and_then(Path::file_name)
         .or_else(|| model.path.file_stem())

@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
+use fracture_train::config::{BestMetric, PosWeight};
 use fracture_train::data::{DecodeLimits, ResizeMode};
 use fracture_train::eval::ThresholdRule;
 use fracture_train::model::{ArchConfig, describe_device};
-use fracture_train::{
-    ArchKind, Artifact, BestMetric, Event, Overrides, PRETRAINED_FILE, PosWeight, Preset, ScheduleKind,
-    TrainOutcome, TrainSetup,
-};
+use fracture_train::recipe::{ArchKind, Overrides, PRETRAINED_FILE, ScheduleKind};
+use fracture_train::run::Artifact;
+use fracture_train::{Event, Preset, TrainOutcome, TrainSetup};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::commands::{ResizeArg, pick_device};
@@ -455,15 +455,15 @@ fn print_outcome(o: &TrainOutcome) {
     println!("model:      {}", o.best_model.display());
     println!(
         "checkpoint: {}",
-        o.out.join(fracture_train::CHECKPOINT_FILE).display()
+        o.out.join(fracture_train::run::CHECKPOINT_FILE).display()
     );
     println!(
         "metrics:    {}",
-        o.out.join(fracture_train::METRICS_FILE).display()
+        o.out.join(fracture_train::run::METRICS_FILE).display()
     );
     println!(
         "report:     {}",
-        o.out.join(fracture_train::REPORT_FILE).display()
+        o.out.join(fracture_train::run::REPORT_FILE).display()
     );
 }
 

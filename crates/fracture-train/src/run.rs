@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::{MODEL_FILE, ModelMeta, TrainedModel, json_pretty};
 use crate::checkpoint::{Best, CheckpointMeta};
 use crate::inputs::{Data, load_data, prepare_out};
-use crate::preset::Recipe;
+use crate::recipe::Recipe;
 use crate::selection::{improves, stop_early};
 use crate::session::{Session, Validation};
 use crate::{BestMetric, Error, Result, TrainConfig, evaluate};
