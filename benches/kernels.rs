@@ -18,19 +18,7 @@ use fracture_train::loss::bce_with_logits;
 use fracture_train::optim::Adam;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// As in the `fracture` binary: tells mimalloc to keep freed memory mapped instead of returning it to the OS 10 ms later: a
-/// training step frees and re-allocates the same tens of megabytes, and handing them back costs a
-/// page fault per 4 KiB on every step (about 8% of a 128 px step on 2 cores). Peak memory is
-/// unchanged; the resident size simply stays at the peak.
-#[allow(unsafe_code)]
-fn keep_freed_memory() {
-    // mimalloc's `mi_option_purge_delay` (milliseconds; -1 = never purge).
-    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: `mi_option_set` only stores an integer option; it is thread-safe and valid at any time.
-    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
-}
+static ALLOCATOR: fracture_alloc::MiMalloc = fracture_alloc::MiMalloc;
 
 const SEED_CONV: ConvSpec = ConvSpec {
     kernel: 3,
@@ -50,7 +38,7 @@ fn conv_flops(b: usize, cin: usize, cout: usize, h: usize) -> u64 {
 }
 
 fn layers(c: &mut Criterion) {
-    keep_freed_memory();
+    fracture_alloc::keep_freed_memory();
     let mut group = c.benchmark_group("kernels_128px_batch32");
     group.sample_size(10).measurement_time(Duration::from_secs(4));
     let (b, s) = (32usize, 128usize);
@@ -133,7 +121,7 @@ fn layers(c: &mut Criterion) {
 }
 
 fn steps(c: &mut Criterion) {
-    keep_freed_memory();
+    fracture_alloc::keep_freed_memory();
     let mut group = c.benchmark_group("seed_cnn_batch32");
     group.sample_size(10).measurement_time(Duration::from_secs(8));
     for size in [128usize, 224] {

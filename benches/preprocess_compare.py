@@ -41,7 +41,7 @@ def main():
         source = "generated 512x512 image (../shared absent)"
     data = open(out, "rb").read()
 
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "fracture-examples", "--example", "preprocess_rate"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "fracture-benches", "--example", "preprocess_rate"], cwd=ROOT, check=True)
     exe = os.path.join(ROOT, "target", "release", "examples", "preprocess_rate")
     res = subprocess.run([exe, out, str(SECONDS)], capture_output=True, text=True, check=True, env=dict(os.environ, RAYON_NUM_THREADS="1"))
     rates = {}

@@ -378,7 +378,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
             "--release",
             "-q",
             "-p",
-            "fracture-examples",
+            "fracture-benches",
             "--example",
             "bench_step",
         ]),

@@ -576,7 +576,7 @@ fn eval_writes_the_report_predictions_and_charts() {
     // predictions.csv: a header and one row per image, labels and decisions in words.
     let csv = std::fs::read_to_string(out_dir.join("predictions.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines[0], "path,label,p_fractured,predicted");
+    assert_eq!(lines[0], "path,truth,p_fractured,predicted");
     assert_eq!(lines.len(), 13);
     assert!(lines[1..].iter().all(|l| l.contains("fractured")));
     for chart in [
@@ -679,7 +679,7 @@ fn predict_reports_unreadable_files_and_fails_only_when_nothing_is_read() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
 
-    assert_eq!(stdout.lines().next(), Some("path,p_fractured,label"));
+    assert_eq!(stdout.lines().next(), Some("path,p_fractured,predicted"));
     assert_eq!(stdout.lines().count(), 13, "12 images and a header:\n{stdout}");
     assert!(
         stderr.contains("broken.jpg") && stderr.contains("empty.png"),

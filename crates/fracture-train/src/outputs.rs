@@ -153,17 +153,20 @@ pub fn write_evaluation(
     let json = crate::bundle::json_pretty(&file, "the evaluation report")?;
     written.push(write(&dir.join(REPORT_JSON), json.as_bytes())?);
 
-    let mut csv = String::from("path,label,p_fractured,predicted\n");
-    for (item, p) in eval.items.iter().zip(&eval.probabilities) {
-        let predicted =
-            fracture_data::Label::from_fractured(fracture_eval::is_fractured(*p, eval.report.threshold));
-        csv.push_str(&format!(
-            "{},{},{p:.6},{}\n",
-            csv_field(&fracture_data::path_text(&item.path)),
-            item.label,
-            predicted
-        ));
-    }
+    let rows = eval
+        .items
+        .iter()
+        .zip(&eval.probabilities)
+        .map(|(item, &p)| PredictionRow {
+            path: &item.path,
+            truth: Some(item.label),
+            p_fractured: p,
+            predicted: fracture_data::Label::from_fractured(fracture_eval::is_fractured(
+                p,
+                eval.report.threshold,
+            )),
+        });
+    let csv = predictions_csv(rows, true)?;
     written.push(write(&dir.join(PREDICTIONS_CSV), csv.as_bytes())?);
 
     let actual: Vec<bool> = eval.items.iter().map(|i| i.label.is_fractured()).collect();
@@ -212,36 +215,61 @@ pub fn write_evaluation(
     Ok(written)
 }
 
-/// One CSV cell (RFC 4180): quoted when it holds a comma, quote, CR or LF (quotes doubled); a cell
-/// that a spreadsheet would read as a formula (it starts with `=`, `+`, `-`, `@`, a tab or CR)
+/// A cell a spreadsheet would read as a formula (it starts with `=`, `+`, `-`, `@`, a tab or CR)
 /// gets a leading `'`, as spreadsheet vendors and OWASP recommend, so opening the file runs nothing.
-pub fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+pub fn spreadsheet_safe(s: &str) -> String {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{s}")
     } else {
         s.to_string()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::csv_field;
+/// One row of a predictions table.
+#[derive(Debug, Clone)]
+pub struct PredictionRow<'a> {
+    /// The image.
+    pub path: &'a Path,
+    /// Its class, when known (evaluation).
+    pub truth: Option<fracture_data::Label>,
+    /// P(fractured).
+    pub p_fractured: f64,
+    /// The decision at the threshold.
+    pub predicted: fracture_data::Label,
+}
 
-    #[test]
-    fn cells_are_quoted_and_formulas_neutralized() {
-        assert_eq!(csv_field("a/b.png"), "a/b.png");
-        assert_eq!(csv_field("a,b.png"), "\"a,b.png\"");
-        assert_eq!(csv_field("say \"hi\".png"), "\"say \"\"hi\"\".png\"");
-        assert_eq!(csv_field("two\nlines.png"), "\"two\nlines.png\"");
-        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
-        assert_eq!(csv_field("-2+3"), "'-2+3");
-        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+/// The predictions table as CSV (RFC 4180, written with the `csv` crate, so commas, quotes, CR and
+/// LF in a path are quoted): `path,truth,p_fractured,predicted` when `with_truth` (evaluation),
+/// `path,p_fractured,predicted` otherwise (prediction); the same names for the same facts in both.
+/// Paths are rendered with [`fracture_data::path_text`] and made [`spreadsheet_safe`].
+pub fn predictions_csv<'a>(
+    rows: impl IntoIterator<Item = PredictionRow<'a>>,
+    with_truth: bool,
+) -> Result<String> {
+    let mut out = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    let bad = |e: csv::Error| Error::InvalidConfig(format!("cannot write the predictions table: {e}"));
+    let header: &[&str] = if with_truth {
+        &["path", "truth", "p_fractured", "predicted"]
+    } else {
+        &["path", "p_fractured", "predicted"]
+    };
+    out.write_record(header).map_err(bad)?;
+    for row in rows {
+        let path = spreadsheet_safe(&fracture_data::path_text(row.path));
+        let p = format!("{:.6}", row.p_fractured);
+        let predicted = row.predicted.name();
+        if with_truth {
+            let truth = row.truth.map_or("", fracture_data::Label::name);
+            out.write_record([path.as_str(), truth, &p, predicted])
+                .map_err(bad)?;
+        } else {
+            out.write_record([path.as_str(), &p, predicted]).map_err(bad)?;
+        }
     }
+    let bytes = out.into_inner().map_err(|e| bad(e.into_error().into()))?;
+    String::from_utf8(bytes).map_err(|e| Error::InvalidConfig(e.to_string()))
 }
 
 fn epoch_point(r: &EpochReport) -> EpochPoint {
@@ -359,4 +387,59 @@ pub fn predict_files(
         }
     }
     Ok((out, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prediction_tables_quote_cells_and_neutralize_formulas() {
+        let names = [
+            "a/b.png",
+            "a,b.png",
+            "say \"hi\".png",
+            "two\nlines.png",
+            "=HYPERLINK(\"x\")",
+            "-2+3",
+            "@SUM(A1)",
+        ];
+        let paths: Vec<PathBuf> = names.iter().map(PathBuf::from).collect();
+        let rows = paths.iter().map(|p| PredictionRow {
+            path: p,
+            truth: Some(fracture_data::Label::Fractured),
+            p_fractured: 0.25,
+            predicted: fracture_data::Label::NotFractured,
+        });
+        let text = predictions_csv(rows, true).unwrap();
+        assert!(text.starts_with("path,truth,p_fractured,predicted\n"), "{text}");
+        assert!(
+            text.contains("\na/b.png,fractured,0.250000,not fractured\n"),
+            "{text}"
+        );
+        assert!(text.contains("\n\"a,b.png\","), "{text}");
+        assert!(text.contains("\n\"say \"\"hi\"\".png\","), "{text}");
+        assert!(text.contains("\n\"two\nlines.png\","), "{text}");
+        assert!(text.contains("\n\"'=HYPERLINK(\"\"x\"\")\","), "{text}");
+        assert!(
+            text.contains("\n'-2+3,") && text.contains("\n'@SUM(A1),"),
+            "{text}"
+        );
+        // A CSV reader gets every path back, formulas neutralized.
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let back: Vec<String> = reader.records().map(|r| r.unwrap()[0].to_string()).collect();
+        let expect: Vec<String> = names.iter().map(|n| spreadsheet_safe(n)).collect();
+        assert_eq!(back, expect);
+        let plain = predictions_csv(
+            [PredictionRow {
+                path: Path::new("x.png"),
+                truth: None,
+                p_fractured: 0.9,
+                predicted: fracture_data::Label::Fractured,
+            }],
+            false,
+        )
+        .unwrap();
+        assert_eq!(plain, "path,p_fractured,predicted\nx.png,0.900000,fractured\n");
+    }
 }

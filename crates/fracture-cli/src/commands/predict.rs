@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use fracture_train::TrainedModel;
 use fracture_train::data::{DecodeLimits, Label, list_image_files, path_text};
-use fracture_train::outputs::{Prediction, csv_field, predict_files};
+use fracture_train::outputs::{Prediction, PredictionRow, predict_files, predictions_csv};
 
 use crate::commands::pick_device;
 
@@ -96,15 +96,13 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         Format::Table => print_table(&predictions, model.threshold()),
         Format::Json => println!("{}", serde_json_lines(&predictions, model.threshold(), &partial)?),
         Format::Csv => {
-            println!("path,p_fractured,label");
-            for p in &predictions {
-                println!(
-                    "{},{:.6},{}",
-                    csv_field(&path_text(&p.path)),
-                    p.p_fractured,
-                    Label::from_fractured(p.fractured)
-                );
-            }
+            let rows = predictions.iter().map(|p| PredictionRow {
+                path: &p.path,
+                truth: None,
+                p_fractured: p.p_fractured,
+                predicted: Label::from_fractured(p.fractured),
+            });
+            print!("{}", predictions_csv(rows, false)?);
         }
     }
     if predictions.is_empty() {

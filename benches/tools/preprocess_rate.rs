@@ -3,7 +3,7 @@
 //! (decode to RGB, `to_luma8`, triangle resize) as a baseline.
 //!
 //! ```text
-//! cargo run --release -p fracture-examples --example preprocess_rate -- FILE.jpg [SECONDS]
+//! cargo run --release -p fracture-benches --example preprocess_rate -- FILE.jpg [SECONDS]
 //! ```
 //! Prints `RESULT impl=... img_per_s=...` lines; `benches/preprocess_compare.py` runs it beside PIL
 //! and OpenCV on the same file.

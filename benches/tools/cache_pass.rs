@@ -2,7 +2,7 @@
 //! then the same pass served from the on-disk cache, then an epoch of batches from memory.
 //!
 //! ```text
-//! cargo run --release -p fracture-examples --example cache_pass [-- --data DIR --image-size 128]
+//! cargo run --release -p fracture-benches --example cache_pass [-- --data DIR --image-size 128]
 //! ```
 //! Without `--data` it reads the FracAtlas radiographs at `../shared/data/fracatlas` (CC BY 4.0,
 //! Abedeen et al. 2023).

@@ -3,7 +3,7 @@
 //! PyTorch, and prints one `RESULT` line per measurement in the same format.
 //!
 //! ```text
-//! cargo run --release -p fracture-examples --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference] [--arch seed|resnet|efficientnet-lite0]
+//! cargo run --release -p fracture-benches --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference] [--arch seed|resnet|efficientnet-lite0]
 //! ```
 //! `--reference` uses candle's own operations instead of our CPU kernels; `--arch` picks the network
 //! (default `seed`; `--resnet` is short for `--arch resnet`). `cargo xtask bench-compare` runs this
@@ -20,19 +20,7 @@ use fracture_train::model::{Kernels, Model, ModelConfig};
 use fracture_train::optim::Adam;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// As in the `fracture` binary: tells mimalloc to keep freed memory mapped instead of returning it to the OS 10 ms later: a
-/// training step frees and re-allocates the same tens of megabytes, and handing them back costs a
-/// page fault per 4 KiB on every step (about 8% of a 128 px step on 2 cores). Peak memory is
-/// unchanged; the resident size simply stays at the peak.
-#[allow(unsafe_code)]
-fn keep_freed_memory() {
-    // mimalloc's `mi_option_purge_delay` (milliseconds; -1 = never purge).
-    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: `mi_option_set` only stores an integer option; it is thread-safe and valid at any time.
-    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
-}
+static ALLOCATOR: fracture_alloc::MiMalloc = fracture_alloc::MiMalloc;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -40,7 +28,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    keep_freed_memory();
+    fracture_alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reference = args.iter().any(|a| a == "--reference");
     let arch = match args.iter().position(|a| a == "--arch") {

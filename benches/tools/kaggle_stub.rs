@@ -2,7 +2,7 @@
 //! path (`cargo xtask download`, `fracture train` without `--data`) can be tried without internet.
 //!
 //! ```text
-//! cargo run -p fracture-examples --example kaggle_stub -- [--port 8765] [--per-class 20] [--size 128] [--seconds 600]
+//! cargo run -p fracture-benches --example kaggle_stub -- [--port 8765] [--per-class 20] [--size 128] [--seconds 600]
 //! FRACTURE_KAGGLE_BASE_URL=http://127.0.0.1:8765/api/v1 cargo run --release -p fracture-cli -- train
 //! ```
 //! The images are synthetic X-ray-like pictures (fractured ones carry a crack), not radiographs. The

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! fracture serve --model runs/seed128 --addr 127.0.0.1:8080 &
-//! cargo run --release -p fracture-examples --example load_check -- --url http://127.0.0.1:8080 \
+//! cargo run --release -p fracture-benches --example load_check -- --url http://127.0.0.1:8080 \
 //!     --image ../shared/data/fracatlas/val/fractured/IMG0000019.jpg [--requests 1000] [--concurrency 16] [--heatmap]
 //! ```
 //! Only loopback addresses are accepted: this is a check of our own server, not a load generator.

@@ -3,7 +3,7 @@
 //! milliseconds per block, so the expensive stages are visible.
 //!
 //! ```text
-//! cargo run --release -p fracture-examples --example bench_blocks -- [SIZE] [BATCH] [ITERS] [--reference]
+//! cargo run --release -p fracture-benches --example bench_blocks -- [SIZE] [BATCH] [ITERS] [--reference]
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -14,7 +14,7 @@ use fracture_train::candle_core::{Device, Tensor, Var};
 use fracture_train::model::kernels::{self, Kernels, MbConvSpec};
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: fracture_alloc::MiMalloc = fracture_alloc::MiMalloc;
 
 /// EfficientNet-Lite0's stages: (kernel, first stride, expansion, channels, blocks).
 const STAGES: [(usize, usize, usize, usize, usize); 7] = [
