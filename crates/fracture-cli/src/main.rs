@@ -33,6 +33,9 @@ enum Command {
     /// Serve a web page (and a JSON API) to upload X-rays and see P(fractured), the decision and a
     /// heatmap of the evidence.
     Serve(commands::serve::Args),
+    /// Download the Kaggle dataset (`--dataset`) into `--data-dir` when it is not there yet, and
+    /// print its folder.
+    Download(commands::download::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => commands::eval::run(&args),
         Command::Predict(args) => commands::predict::run(&args),
         Command::Serve(args) => commands::serve::run(&args),
+        Command::Download(args) => commands::download::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

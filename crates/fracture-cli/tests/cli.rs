@@ -846,6 +846,21 @@ fn train_without_data_downloads_the_dataset_first() {
         stdout.contains(&format!("report:     {}", run.join("report.json").display())),
         "{stdout}"
     );
+    // `fracture download` finds it too, and prints where it is.
+    let dl = fracture()
+        .arg("download")
+        .env("FRACTURE_KAGGLE_BASE_URL", &stub.base_url)
+        .env("FRACTURE_DATA_DIR", root.join("data"))
+        .output()
+        .unwrap();
+    assert!(dl.status.success(), "{}", String::from_utf8_lossy(&dl.stderr));
+    assert!(
+        String::from_utf8_lossy(&dl.stdout)
+            .lines()
+            .any(|l| l.starts_with("dataset: ") && l.ends_with("fracture-multi-region-x-ray-data")),
+        "{}",
+        String::from_utf8_lossy(&dl.stdout)
+    );
     // A second run finds the data and downloads nothing.
     let requests = stub.requests().len();
     let again = fracture()

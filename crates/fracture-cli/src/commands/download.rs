@@ -1,5 +1,5 @@
-//! Fetching the Kaggle dataset when `--data` is not given: one download path, shared with
-//! `cargo xtask download` (both call fracture-fetch).
+//! `fracture download`, and fetching the Kaggle dataset for `fracture train` when `--data` is not
+//! given: one download path, shared with `cargo xtask download` (all call fracture-fetch).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -8,8 +8,45 @@ use anyhow::Context;
 use fracture_fetch::{DatasetRef, Event, FetchOptions, fetch};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Where a Kaggle dataset comes from and where it is kept: `fracture download`'s arguments, and
+/// `fracture train`'s when it is given no `--data`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Source {
+    /// The Kaggle dataset (`owner/slug`).
+    #[arg(long, default_value = fracture_fetch::DEFAULT_DATASET)]
+    pub(crate) dataset: String,
+    /// Where downloaded datasets live (`<DATA_DIR>/<slug>`).
+    #[arg(long, env = "FRACTURE_DATA_DIR", default_value = "data")]
+    pub(crate) data_dir: PathBuf,
+    /// The Kaggle API base URL for downloads.
+    #[arg(long, env = "FRACTURE_KAGGLE_BASE_URL", default_value = fracture_fetch::DEFAULT_BASE_URL)]
+    pub(crate) base_url: String,
+}
+
+impl Source {
+    /// The dataset's folder, downloaded first when it is not there yet.
+    pub(crate) fn ensure(&self) -> anyhow::Result<PathBuf> {
+        ensure_dataset(&self.dataset, &self.data_dir, &self.base_url)
+    }
+}
+
+/// Arguments of `fracture download`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    source: Source,
+}
+
+/// `fracture download`: fetch the dataset (anonymously, then with Kaggle credentials; resumable,
+/// checked) and print where it is.
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let dir = args.source.ensure()?;
+    println!("dataset: {}", dir.display());
+    Ok(())
+}
+
 /// The dataset's folder under `data_dir`, downloaded first when it is not there yet.
-pub(crate) fn ensure_dataset(dataset: &str, data_dir: &Path, base_url: &str) -> anyhow::Result<PathBuf> {
+fn ensure_dataset(dataset: &str, data_dir: &Path, base_url: &str) -> anyhow::Result<PathBuf> {
     let dataset: DatasetRef = dataset.parse()?;
     let dest = data_dir.join(&dataset.slug);
     let options = FetchOptions {

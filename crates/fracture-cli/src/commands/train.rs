@@ -39,16 +39,9 @@ pub(crate) struct Args {
     #[arg(long)]
     allow_partial: bool,
 
-    /// The Kaggle dataset (`owner/slug`) to use when `--data` is not given.
-
-    #[arg(long, default_value = fracture_fetch::DEFAULT_DATASET)]
-    dataset: String,
-    /// Where downloaded datasets live (`<DATA_DIR>/<slug>`).
-    #[arg(long, env = "FRACTURE_DATA_DIR", default_value = "data")]
-    data_dir: PathBuf,
-    /// The Kaggle API base URL for downloads.
-    #[arg(long, env = "FRACTURE_KAGGLE_BASE_URL", default_value = fracture_fetch::DEFAULT_BASE_URL)]
-    base_url: String,
+    /// Where the Kaggle dataset comes from when `--data` is not given.
+    #[command(flatten)]
+    source: crate::commands::download::Source,
     /// Run folder for the model, checkpoints, metrics.csv and report.json [default: runs/<UTC time>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -260,7 +253,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         (Some(file), _) => Some(file.clone()),
         (None, true) if args.resume => None,
         (None, true) => {
-            let default = args.data_dir.join("pretrained").join(PRETRAINED_FILE);
+            let default = args.source.data_dir.join("pretrained").join(PRETRAINED_FILE);
             if !default.is_file() {
                 anyhow::bail!(
                     "the {} preset starts from ImageNet-pretrained EfficientNet-Lite0 weights, expected at {}: \
@@ -281,7 +274,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp()));
     let data = match &args.data {
         Some(d) => d.clone(),
-        None => crate::commands::download::ensure_dataset(&args.dataset, &args.data_dir, &args.base_url)?,
+        None => args.source.ensure()?,
     };
     let setup = TrainSetup {
         resume: args.resume,
@@ -469,27 +462,10 @@ fn print_outcome(o: &TrainOutcome) {
 
 /// `YYYYMMDD-HHMMSS` in UTC, from the system clock.
 fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    // RFC 3339 UTC to the second (`2026-12-01T03:19:47Z`), digits only: `20261201-031947`.
+    let rfc = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let digits: String = rfc.chars().filter(char::is_ascii_digit).collect();
+    format!("{}-{}", &digits[..8], &digits[8..14])
 }
 
 #[cfg(test)]
