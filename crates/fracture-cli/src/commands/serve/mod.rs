@@ -1,0 +1,321 @@
+//! `fracture serve`: a web page and a JSON API to upload X-rays and see P(fractured) and where the
+//! evidence lies.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use fracture_train::TrainedModel;
+use fracture_train::data::DecodeLimits;
+use fracture_train::model::CamMethod;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::commands::pick_device;
+
+mod http;
+mod upload;
+
+use http::{allowed_hosts, check_host, json_errors, serve_connections};
+use upload::read_upload;
+
+const INDEX_HTML: &str = include_str!("../../../web/index.html");
+const APP_JS: &str = include_str!("../../../web/app.js");
+const STYLE_CSS: &str = include_str!("../../../web/style.css");
+
+/// Arguments of `fracture serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// A trained model: a run folder (its model.safetensors) or a weight file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Largest accepted upload, in megabytes.
+    #[arg(long, default_value_t = 20.0)]
+    max_upload_mb: f64,
+    /// Seconds a connection may take to send a request's headers, and may stay idle between
+    /// requests; then it is closed.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout_secs: f64,
+    /// Seconds a request may take to send its body (the upload); then it is answered 408.
+    #[arg(long, default_value_t = 60.0)]
+    body_timeout_secs: f64,
+    /// Most connections open at once; further ones are closed at once until some end. Keep it
+    /// below the process's open-file limit (`ulimit -n`).
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// A host name (optionally with `:port`) the server answers to (repeatable). On a loopback
+    /// address only `localhost`, `127.0.0.1` and `[::1]` are accepted by default, so that a web page
+    /// elsewhere cannot reach the server through a rebound DNS name; on other addresses any host is
+    /// accepted unless this is given.
+    #[arg(long = "allowed-host", value_name = "HOST")]
+    allowed_hosts: Vec<String>,
+    /// Run on the CPU even in a GPU build.
+    #[arg(long)]
+    cpu: bool,
+}
+
+struct AppState {
+    model: TrainedModel,
+    info: serde_json::Value,
+    limits: DecodeLimits,
+    max_upload: usize,
+    /// Longest a request body may take to arrive.
+    body_timeout: Duration,
+    /// Host names (lower case, without port) requests may name; `None` accepts any.
+    allowed_hosts: Option<Vec<String>>,
+    /// Inference runs on blocking threads, at most this many at once (the rest queue), so the async
+    /// threads stay free to answer.
+    inference: Semaphore,
+}
+
+#[derive(Debug, Serialize)]
+struct Prediction {
+    p_fractured: f64,
+    label: &'static str,
+    threshold: f64,
+    ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heatmap_png_base64: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PredictQuery {
+    #[serde(default)]
+    heatmap: Option<String>,
+}
+
+/// A JSON error with its status.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let device = pick_device(args.cpu)?;
+    let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
+    let max_upload = (args.max_upload_mb * 1024.0 * 1024.0) as usize;
+    let seconds = |name: &str, v: f64| -> anyhow::Result<Duration> {
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+            anyhow::bail!("--{name} {v} must be a number of seconds in (0, 86400]");
+        }
+        Ok(Duration::from_secs_f64(v))
+    };
+    let header_timeout = seconds("header-timeout-secs", args.header_timeout_secs)?;
+    let body_timeout = seconds("body-timeout-secs", args.body_timeout_secs)?;
+    if args.max_connections == 0 {
+        anyhow::bail!("--max-connections must be at least 1");
+    }
+    let info = model_info(&model);
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let limits = DecodeLimits {
+        max_file_bytes: max_upload as u64,
+        ..DecodeLimits::default()
+    };
+    let state = Arc::new(AppState {
+        model,
+        info,
+        limits,
+        max_upload,
+        body_timeout,
+        allowed_hosts: allowed_hosts(args.addr, &args.allowed_hosts),
+        inference: Semaphore::new(workers.min(4)),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.addr))?;
+        let addr = listener.local_addr()?;
+        println!(
+            "serving {} at http://{addr}/ (Ctrl-C to stop)",
+            state.model.path.display()
+        );
+        serve_connections(
+            listener,
+            router(state),
+            header_timeout,
+            args.max_connections,
+            shutdown_signal(),
+        )
+        .await;
+        println!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+/// Accepts connections until `shutdown` resolves, each served by hyper with a header-read timeout
+/// (which also bounds how long a keep-alive connection may sit idle), at most `max_connections` at
+/// once; then waits up to ten seconds for requests in flight.
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE_CSS) }),
+        )
+        .route(
+            "/api/health",
+            get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route(
+            "/api/model",
+            get(|state: State<Arc<AppState>>| async move { axum::Json(state.info.clone()) }),
+        )
+        .route("/api/predict", post(predict))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such page or API route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method".into(),
+            )
+        })
+        // Limits are enforced while reading the body (see read_body), not by a layer.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
+        .layer(axum::middleware::from_fn(json_errors))
+        .with_state(state)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+async fn predict(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<PredictQuery>,
+    request: Request,
+) -> Response {
+    let want_heatmap = query
+        .heatmap
+        .as_deref()
+        .is_some_and(|v| matches!(v, "1" | "true" | "yes"));
+    let (bytes, name) = match read_upload(state.max_upload, state.body_timeout, request).await {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(_permit) = state.inference.acquire().await else {
+        return ApiError(StatusCode::SERVICE_UNAVAILABLE, "shutting down".into()).into_response();
+    };
+    let worker = state.clone();
+    let result =
+        tokio::task::spawn_blocking(move || infer(&worker, &bytes, Path::new(&name), want_heatmap)).await;
+    match result {
+        Ok(Ok(p)) => axum::Json(p).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("inference failed: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result<Prediction, ApiError> {
+    let start = Instant::now();
+    let bad_image = |e: fracture_train::Error| match e {
+        fracture_train::Error::Data(d) => {
+            ApiError(StatusCode::BAD_REQUEST, format!("not a readable image: {d}"))
+        }
+        other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    };
+    let model = &state.model;
+    let (p, heatmap_png_base64) = if heatmap {
+        let x = model
+            .explain_bytes(bytes, origin, &state.limits, CamMethod::default())
+            .map_err(bad_image)?;
+        let png = x.heatmap_png().map_err(bad_image)?;
+        (
+            x.p_fractured,
+            Some(base64::engine::general_purpose::STANDARD.encode(png)),
+        )
+    } else {
+        (
+            model
+                .predict_bytes(bytes, origin, &state.limits)
+                .map_err(bad_image)?,
+            None,
+        )
+    };
+    Ok(Prediction {
+        p_fractured: p,
+        label: model.decide(p).name(),
+        threshold: model.threshold(),
+        ms: start.elapsed().as_secs_f64() * 1000.0,
+        heatmap_png_base64,
+    })
+}
+
+/// What `/api/model` says: name, architecture, input, threshold and the training run's validation.
+fn model_info(model: &TrainedModel) -> serde_json::Value {
+    let meta = &model.meta;
+    let name = model
+        .path
+        .parent()
+        .filter(|_| {
+            model
+                .path
+                .file_name()
+                .is_some_and(|f| f == fracture_train::bundle::MODEL_FILE)
+        })
+        .and_then(Path::file_name)
+        .or_else(|| model.path.file_stem())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let val = meta.validation.as_ref().map(|v| &v.val);
+    let op = meta.operating_point.as_ref();
+    serde_json::json!({
+        "name": name,
+        "arch": model.model.config().arch_name(),
+        "config": model.model.config(),
+        "image_size": meta.preprocess.size,
+        "preprocess": meta.preprocess,
+        "threshold": meta.threshold,
+        "threshold_rule": meta.threshold_rule,
+        "validation": {
+            "epoch": meta.validation.as_ref().map(|v| v.epoch),
+            "roc_auc": val.and_then(|v| v.roc_auc),
+            "pr_auc": val.and_then(|v| v.pr_auc),
+            "n": val.map(|v| v.n),
+            "positives": val.map(|v| v.positives),
+            "sensitivity": op.and_then(|o| o.sensitivity),
+            "specificity": op.and_then(|o| o.specificity),
+            "ci95": op.map(|o| &o.ci95),
+        },
+        "train": meta.train,
+    })
+}
