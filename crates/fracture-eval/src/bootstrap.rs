@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::roc::check_scores;
+use crate::sweep::TieGroups;
 use crate::{Error, Result};
 
 /// A two-sided interval.
@@ -102,8 +103,8 @@ pub fn bootstrap_ci(
     }
     let pos: Vec<usize> = (0..actual.len()).filter(|&i| actual[i]).collect();
     let neg: Vec<usize> = (0..actual.len()).filter(|&i| !actual[i]).collect();
-    // Cases sorted by score, grouped into ties, for an O(n) AUC per replicate.
-    let (order, groups) = tie_groups(scores);
+    // Cases sorted by score, grouped into ties once, for an O(n) AUC and AP per replicate.
+    let ties = TieGroups::new(scores);
     let mut rng = SplitMix(seed ^ 0x5eed_b007_57a9_0000);
     let mut weight = vec![0u32; scores.len()];
     let (mut aucs, mut sens, mut spec, mut acc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -138,23 +139,10 @@ pub fn bootstrap_ci(
             // 2·TP / (2·TP + FP + FN); the denominator is at least the number of fractured cases.
             let (fp, fn_) = (n - tn as f64, p - tp as f64);
             f1s.push(2.0 * tp as f64 / (2.0 * tp as f64 + fp + fn_));
-            aps.push(weighted_average_precision(&order, &groups, &weight, actual, p));
+            aps.push(ties.average_precision(scores, actual, |i| f64::from(weight[i]), p));
         }
         if p > 0.0 && n > 0.0 {
-            let (mut wins, mut neg_below) = (0.0, 0.0);
-            for &(a, b) in &groups {
-                let (mut pw, mut nw) = (0.0, 0.0);
-                for &i in &order[a..b] {
-                    if actual[i] {
-                        pw += f64::from(weight[i]);
-                    } else {
-                        nw += f64::from(weight[i]);
-                    }
-                }
-                wins += pw * neg_below + 0.5 * pw * nw;
-                neg_below += nw;
-            }
-            aucs.push(wins / (p * n));
+            aucs.push(ties.auc(scores, actual, |i| f64::from(weight[i]), p, n));
         }
     }
     Ok(ConfidenceIntervals {
@@ -165,52 +153,6 @@ pub fn bootstrap_ci(
         pr_auc: interval(aps),
         f1: interval(f1s),
     })
-}
-
-/// The cases' indices sorted by ascending score, and the runs `(start, end)` of that order whose
-/// scores are tied.
-fn tie_groups(scores: &[f64]) -> (Vec<usize>, Vec<(usize, usize)>) {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let mut groups = Vec::new();
-    let mut start = 0;
-    for k in 1..=order.len() {
-        if k == order.len() || scores[order[k]] != scores[order[start]] {
-            groups.push((start, k));
-            start = k;
-        }
-    }
-    (order, groups)
-}
-
-/// Average precision of a replicate: case `i` counted `weight[i]` times. `order` sorts the cases by
-/// ascending score and `groups` are its runs of tied scores; the curve is walked from the highest
-/// score down, one point per tie group, as [`crate::average_precision`] does. `positives` is the
-/// weighted number of fractured cases (> 0).
-fn weighted_average_precision(
-    order: &[usize],
-    groups: &[(usize, usize)],
-    weight: &[u32],
-    actual: &[bool],
-    positives: f64,
-) -> f64 {
-    let (mut tp, mut fp, mut prev_recall, mut ap) = (0.0, 0.0, 0.0, 0.0);
-    for &(a, b) in groups.iter().rev() {
-        for &i in &order[a..b] {
-            let w = f64::from(weight[i]);
-            if actual[i] {
-                tp += w;
-            } else {
-                fp += w;
-            }
-        }
-        if tp + fp > 0.0 {
-            let recall = tp / positives;
-            ap += (recall - prev_recall) * tp / (tp + fp);
-            prev_recall = recall;
-        }
-    }
-    ap
 }
 
 #[cfg(test)]
@@ -245,20 +187,41 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// With every case counted once, the replicate formula is the plain average precision.
+        /// A replicate's weights are multiplicities: weighted AP and AUC equal those of the list
+        /// with each case repeated that many times, the AUC checked against its pairwise definition.
         #[test]
-        fn weighted_ap_with_unit_weights_is_average_precision(
-            pairs in proptest::collection::vec((0u8..12, proptest::bool::ANY), 1..60)
+        fn weighted_ap_and_auc_equal_those_of_the_repeated_cases(
+            cases in proptest::collection::vec((0u8..12, proptest::bool::ANY, 0u32..4), 1..40)
         ) {
-            let scores: Vec<f64> = pairs.iter().map(|p| f64::from(p.0) / 11.0).collect();
-            let actual: Vec<bool> = pairs.iter().map(|p| p.1).collect();
-            let positives = actual.iter().filter(|&&a| a).count();
-            proptest::prop_assume!(positives > 0);
-            let (order, groups) = tie_groups(&scores);
-            let ones = vec![1u32; scores.len()];
-            let ap = weighted_average_precision(&order, &groups, &ones, &actual, positives as f64);
-            let expected = crate::average_precision(&scores, &actual).unwrap().unwrap();
+            let scores: Vec<f64> = cases.iter().map(|c| f64::from(c.0) / 11.0).collect();
+            let actual: Vec<bool> = cases.iter().map(|c| c.1).collect();
+            let weight: Vec<u32> = cases.iter().map(|c| c.2).collect();
+            let (mut rs, mut ra) = (Vec::new(), Vec::new());
+            for (i, &w) in weight.iter().enumerate() {
+                for _ in 0..w {
+                    rs.push(scores[i]);
+                    ra.push(actual[i]);
+                }
+            }
+            let p = ra.iter().filter(|&&a| a).count() as f64;
+            let n = ra.len() as f64 - p;
+            proptest::prop_assume!(p > 0.0);
+            let ties = TieGroups::new(&scores);
+            let ap = ties.average_precision(&scores, &actual, |i| f64::from(weight[i]), p);
+            let expected = crate::average_precision(&rs, &ra).unwrap().unwrap();
             proptest::prop_assert!((ap - expected).abs() < 1e-12, "{} vs {}", ap, expected);
+            if n > 0.0 {
+                let auc = ties.auc(&scores, &actual, |i| f64::from(weight[i]), p, n);
+                let mut pairs = 0.0;
+                for (i, &si) in rs.iter().enumerate() {
+                    for (j, &sj) in rs.iter().enumerate() {
+                        if ra[i] && !ra[j] {
+                            pairs += if si > sj { 1.0 } else if si == sj { 0.5 } else { 0.0 };
+                        }
+                    }
+                }
+                proptest::prop_assert!((auc - pairs / (p * n)).abs() < 1e-12, "{} vs {}", auc, pairs / (p * n));
+            }
         }
     }
 

@@ -43,6 +43,7 @@ mod metrics;
 mod pr;
 mod report;
 mod roc;
+mod sweep;
 mod threshold;
 
 pub use bootstrap::{ConfidenceIntervals, Interval, bootstrap_ci};

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Result;
 use crate::roc::check_scores;
+use crate::sweep::TieGroups;
 
 /// One point of a precision-recall curve.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -24,27 +25,19 @@ pub fn pr_curve(scores: &[f64], actual: &[bool]) -> Result<Option<Vec<PrPoint>>>
     if n_pos == 0.0 {
         return Ok(None);
     }
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let mut points = Vec::new();
-    let (mut tp, mut fp) = (0.0, 0.0);
-    let mut i = 0;
-    while i < order.len() {
-        let s = scores[order[i]];
-        while i < order.len() && scores[order[i]] == s {
-            if actual[order[i]] {
-                tp += 1.0;
-            } else {
-                fp += 1.0;
-            }
-            i += 1;
-        }
-        points.push(PrPoint {
-            threshold: s,
-            recall: tp / n_pos,
-            precision: tp / (tp + fp),
-        });
-    }
+    TieGroups::new(scores).sweep(
+        scores,
+        actual,
+        |_| 1.0,
+        |s| {
+            points.push(PrPoint {
+                threshold: s.threshold,
+                recall: s.tp / n_pos,
+                precision: s.tp / (s.tp + s.fp),
+            });
+        },
+    );
     Ok(Some(points))
 }
 
@@ -59,15 +52,17 @@ pub fn pr_curve(scores: &[f64], actual: &[bool]) -> Result<Option<Vec<PrPoint>>>
 /// assert_eq!(average_precision(&[0.9, 0.8], &[false, true]).unwrap(), Some(0.5));
 /// ```
 pub fn average_precision(scores: &[f64], actual: &[bool]) -> Result<Option<f64>> {
-    Ok(pr_curve(scores, actual)?.map(|points| {
-        let mut prev_recall = 0.0;
-        let mut ap = 0.0;
-        for p in points {
-            ap += (p.recall - prev_recall) * p.precision;
-            prev_recall = p.recall;
-        }
-        ap
-    }))
+    check_scores(scores, actual)?;
+    let positives = actual.iter().filter(|&&a| a).count() as f64;
+    if positives == 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(TieGroups::new(scores).average_precision(
+        scores,
+        actual,
+        |_| 1.0,
+        positives,
+    )))
 }
 
 #[cfg(test)]

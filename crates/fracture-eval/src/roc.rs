@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::sweep::TieGroups;
 use crate::{Error, Result};
 
 /// Checks lengths and that no score is NaN.
@@ -39,22 +40,8 @@ pub fn roc_auc(scores: &[f64], actual: &[bool]) -> Result<Option<f64>> {
     if n_pos == 0 || n_neg == 0 {
         return Ok(None);
     }
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    // Sum of the (1-based, tie-averaged) ranks of the positives.
-    let mut rank_sum = 0.0;
-    let mut i = 0;
-    while i < order.len() {
-        let mut j = i;
-        while j + 1 < order.len() && scores[order[j + 1]] == scores[order[i]] {
-            j += 1;
-        }
-        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
-        rank_sum += avg_rank * order[i..=j].iter().filter(|&&k| actual[k]).count() as f64;
-        i = j + 1;
-    }
     let (p, n) = (n_pos as f64, n_neg as f64);
-    Ok(Some((rank_sum - p * (p + 1.0) / 2.0) / (p * n)))
+    Ok(Some(TieGroups::new(scores).auc(scores, actual, |_| 1.0, p, n)))
 }
 
 /// One point of a ROC curve.
@@ -77,31 +64,23 @@ pub fn roc_curve(scores: &[f64], actual: &[bool]) -> Result<Option<Vec<RocPoint>
     if n_pos == 0.0 || n_neg == 0.0 {
         return Ok(None);
     }
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let mut points = vec![RocPoint {
         threshold: f64::INFINITY,
         fpr: 0.0,
         tpr: 0.0,
     }];
-    let (mut tp, mut fp) = (0.0, 0.0);
-    let mut i = 0;
-    while i < order.len() {
-        let s = scores[order[i]];
-        while i < order.len() && scores[order[i]] == s {
-            if actual[order[i]] {
-                tp += 1.0;
-            } else {
-                fp += 1.0;
-            }
-            i += 1;
-        }
-        points.push(RocPoint {
-            threshold: s,
-            fpr: fp / n_neg,
-            tpr: tp / n_pos,
-        });
-    }
+    TieGroups::new(scores).sweep(
+        scores,
+        actual,
+        |_| 1.0,
+        |s| {
+            points.push(RocPoint {
+                threshold: s.threshold,
+                fpr: s.fp / n_neg,
+                tpr: s.tp / n_pos,
+            });
+        },
+    );
     Ok(Some(points))
 }
 
