@@ -233,6 +233,35 @@ pub(crate) fn image_runs(dx: &mut [f32], b: usize, per: usize, img: usize) -> Ve
     }
 }
 
+/// The parameter-gradient reduction of the convolution backward passes: each thread takes a run
+/// of `per` images ([`image_runs`]: the run index and its slice of `dx`) and adds its images'
+/// contributions into its own zeroed `dw` (`dw_len` floats) and `db` (`db_len`) through `run`;
+/// the per-thread sums are then added up in run order, so the result does not depend on timing.
+pub(crate) fn weight_grads_by_runs(
+    dx: &mut [f32],
+    b: usize,
+    per: usize,
+    img: usize,
+    (dw_len, db_len): (usize, usize),
+    run: impl Fn(usize, &mut [f32], &mut [f32], &mut [f32]) -> candle_core::Result<()> + Sync,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let partials: Vec<candle_core::Result<(Vec<f32>, Vec<f32>)>> = image_runs(dx, b, per, img)
+        .into_par_iter()
+        .map(|(t, dx_run)| {
+            let (mut dw, mut db) = (vec![0.0f32; dw_len], vec![0.0f32; db_len]);
+            run(t, dx_run, &mut dw, &mut db)?;
+            Ok((dw, db))
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0.0f32; dw_len], vec![0.0f32; db_len]);
+    for p in partials {
+        let (pw, pb) = p?;
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    Ok((dw, db))
+}
+
 fn forward(x: &[f32], w: &[f32], bias: &[f32], d: &Dims, s: &ConvSpec) -> candle_core::Result<Vec<f32>> {
     let (kk, n) = (d.k(s), d.n());
     let mut out = vec![0.0f32; d.b * d.cout * n];
@@ -287,12 +316,13 @@ fn backward(
         Vec::new()
     };
     // Each thread handles a run of images and keeps its own dw/db sums; they are added up after.
-    let chunks = image_runs(&mut dx, d.b, per, img);
-    let partials: Vec<candle_core::Result<(Vec<f32>, Vec<f32>)>> = chunks
-        .into_par_iter()
-        .map(|(t, dx_chunk)| {
-            let mut dw = vec![0.0f32; d.cout * kk];
-            let mut db = vec![0.0f32; d.cout];
+    let (dw, db) = weight_grads_by_runs(
+        &mut dx,
+        d.b,
+        per,
+        img,
+        (d.cout * kk, d.cout),
+        |t, dx_run, dw, db| {
             let mut dz = vec![0.0f32; d.cout * n];
             for (j, bi) in (t * per..((t + 1) * per).min(d.b)).enumerate() {
                 let g = &grad[bi * d.cout * n..(bi + 1) * d.cout * n];
@@ -307,7 +337,7 @@ fn backward(
                     im2col(&x[bi * img..(bi + 1) * img], d, s, col);
                     // dw += dz (cout × n) · colᵀ (n × kk)
                     sgemm(
-                        &mut dw,
+                        dw,
                         kk,
                         View::rows(&dz, d.cout, n),
                         View::transposed(col, kk, n),
@@ -326,21 +356,14 @@ fn backward(
                             false,
                             Threads::One,
                         )?;
-                        col2im(dcol, d, s, &mut dx_chunk[j * img..(j + 1) * img]);
+                        col2im(dcol, d, s, &mut dx_run[j * img..(j + 1) * img]);
                         candle_core::Result::Ok(())
                     })?;
                 }
             }
-            Ok((dw, db))
-        })
-        .collect();
-    let mut dw = vec![0.0f32; d.cout * kk];
-    let mut db = vec![0.0f32; d.cout];
-    for p in partials {
-        let (pw, pb) = p?;
-        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-    }
+            Ok(())
+        },
+    )?;
     Ok((need_dx.then_some(dx), dw, db))
 }
 

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{ConvSpec, Dims, col2im_band, im2col_row_band, image_runs, with_col, with_dcol};
+use super::conv::{ConvSpec, Dims, col2im_band, im2col_row_band, weight_grads_by_runs, with_col, with_dcol};
 use super::gemm::{Threads, View, sgemm};
 use super::{contiguous_f32, tensor_f32};
 
@@ -272,81 +272,66 @@ impl CustomOp3 for ConvReluPoolOp {
         let (dw, db) = {
             let (xs, ws, gs) = (tensor_f32(x)?, tensor_f32(w)?, tensor_f32(&grad)?);
             let (xv, wv, gv) = (xs.slice()?, ws.slice()?, gs.slice()?);
-            let chunks = image_runs(&mut dx, d.b, per, img);
-            let partials: Vec<candle_core::Result<(Vec<f32>, Vec<f32>)>> = chunks
-                .into_par_iter()
-                .map(|(t, dx_chunk)| {
-                    let mut dw = vec![0.0f32; d.cout * kk];
-                    let mut db = vec![0.0f32; d.cout];
-                    let mut dwt = vec![0.0f32; if kk < d.cout { kk * d.cout } else { 0 }];
-                    let mut dz = vec![0.0f32; d.cout * n];
-                    for (j, bi) in (t * per..((t + 1) * per).min(d.b)).enumerate() {
-                        let g = &gv[bi * per_image..(bi + 1) * per_image];
-                        let win = &winners[bi * per_image..(bi + 1) * per_image];
-                        let xb = &xv[bi * img..(bi + 1) * img];
-                        let dxb: &mut [f32] = if need_dx {
-                            &mut dx_chunk[j * img..(j + 1) * img]
-                        } else {
-                            &mut []
-                        };
-                        dxb.fill(0.0);
-                        // Bands of pooled rows, as in the forward pass, keep the unfolded block in cache.
-                        let mut p0 = 0;
-                        while p0 < ph {
-                            let p1 = (p0 + band).min(ph);
-                            let (oy0, oy1) = (2 * p0, 2 * p1);
-                            let nb = (oy1 - oy0) * d.ow;
-                            let dz = &mut dz[..d.cout * nb];
-                            for c in 0..d.cout {
-                                let rows = (c * ph + p0) * pw..(c * ph + p1) * pw;
-                                let dzc = &mut dz[c * nb..(c + 1) * nb];
-                                db[c] += unpool_plane(&g[rows.clone()], &win[rows], dzc, oy1 - oy0, d.ow, pw);
+            let dims = (d.cout * kk, d.cout);
+            weight_grads_by_runs(&mut dx, d.b, per, img, dims, |t, dx_chunk, dw, db| {
+                let mut dwt = vec![0.0f32; if kk < d.cout { kk * d.cout } else { 0 }];
+                let mut dz = vec![0.0f32; d.cout * n];
+                for (j, bi) in (t * per..((t + 1) * per).min(d.b)).enumerate() {
+                    let g = &gv[bi * per_image..(bi + 1) * per_image];
+                    let win = &winners[bi * per_image..(bi + 1) * per_image];
+                    let xb = &xv[bi * img..(bi + 1) * img];
+                    let dxb: &mut [f32] = if need_dx {
+                        &mut dx_chunk[j * img..(j + 1) * img]
+                    } else {
+                        &mut []
+                    };
+                    dxb.fill(0.0);
+                    // Bands of pooled rows, as in the forward pass, keep the unfolded block in cache.
+                    let mut p0 = 0;
+                    while p0 < ph {
+                        let p1 = (p0 + band).min(ph);
+                        let (oy0, oy1) = (2 * p0, 2 * p1);
+                        let nb = (oy1 - oy0) * d.ow;
+                        let dz = &mut dz[..d.cout * nb];
+                        for c in 0..d.cout {
+                            let rows = (c * ph + p0) * pw..(c * ph + p1) * pw;
+                            let dzc = &mut dz[c * nb..(c + 1) * nb];
+                            db[c] += unpool_plane(&g[rows.clone()], &win[rows], dzc, oy1 - oy0, d.ow, pw);
+                        }
+                        let dz = &*dz;
+                        with_col(kk * nb, |col| {
+                            for (r, row) in col.chunks_exact_mut(nb).enumerate() {
+                                im2col_row_band(xb, &d, &self.spec, r, oy0, oy1, row);
                             }
-                            let dz = &*dz;
-                            with_col(kk * nb, |col| {
-                                for (r, row) in col.chunks_exact_mut(nb).enumerate() {
-                                    im2col_row_band(xb, &d, &self.spec, r, oy0, oy1, row);
-                                }
-                                if kk < d.cout {
-                                    // Few taps (a first layer): dwᵀ (kk × cout) = col · dzᵀ suits the
-                                    // multiply's kernels better than the skinny dw = dz · colᵀ.
-                                    let (lhs, rhs) =
-                                        (View::rows(col, kk, nb), View::transposed(dz, d.cout, nb));
-                                    sgemm(&mut dwt, d.cout, lhs, rhs, true, Threads::One)
-                                } else {
-                                    let (lhs, rhs) =
-                                        (View::rows(dz, d.cout, nb), View::transposed(col, kk, nb));
-                                    sgemm(&mut dw, kk, lhs, rhs, true, Threads::One)
-                                }
+                            if kk < d.cout {
+                                // Few taps (a first layer): dwᵀ (kk × cout) = col · dzᵀ suits the
+                                // multiply's kernels better than the skinny dw = dz · colᵀ.
+                                let (lhs, rhs) = (View::rows(col, kk, nb), View::transposed(dz, d.cout, nb));
+                                sgemm(&mut dwt, d.cout, lhs, rhs, true, Threads::One)
+                            } else {
+                                let (lhs, rhs) = (View::rows(dz, d.cout, nb), View::transposed(col, kk, nb));
+                                sgemm(dw, kk, lhs, rhs, true, Threads::One)
+                            }
+                        })?;
+                        if need_dx {
+                            with_dcol(kk * nb, |dcol| {
+                                let (lhs, rhs) =
+                                    (View::transposed(wv, d.cout, kk), View::rows(dz, d.cout, nb));
+                                sgemm(dcol, nb, lhs, rhs, false, Threads::One)?;
+                                col2im_band(dcol, &d, &self.spec, oy0, oy1, dxb);
+                                candle_core::Result::Ok(())
                             })?;
-                            if need_dx {
-                                with_dcol(kk * nb, |dcol| {
-                                    let (lhs, rhs) =
-                                        (View::transposed(wv, d.cout, kk), View::rows(dz, d.cout, nb));
-                                    sgemm(dcol, nb, lhs, rhs, false, Threads::One)?;
-                                    col2im_band(dcol, &d, &self.spec, oy0, oy1, dxb);
-                                    candle_core::Result::Ok(())
-                                })?;
-                            }
-                            p0 = p1;
                         }
+                        p0 = p1;
                     }
-                    for (tap, row) in dwt.chunks(d.cout.max(1)).enumerate() {
-                        for (c, v) in row.iter().enumerate() {
-                            dw[c * kk + tap] += v;
-                        }
+                }
+                for (tap, row) in dwt.chunks(d.cout.max(1)).enumerate() {
+                    for (c, v) in row.iter().enumerate() {
+                        dw[c * kk + tap] += v;
                     }
-                    Ok((dw, db))
-                })
-                .collect();
-            let mut dw = vec![0.0f32; d.cout * kk];
-            let mut db = vec![0.0f32; d.cout];
-            for p in partials {
-                let (pw_, pb) = p?;
-                dw.iter_mut().zip(pw_).for_each(|(a, b)| *a += b);
-                db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-            }
-            (dw, db)
+                }
+                Ok(())
+            })?
         };
         let dev = x.device();
         let dx = if need_dx {

@@ -95,17 +95,15 @@ pub(crate) fn backward_into(
     };
     let img_in = d.cin * d.n;
     let need_dx = !dx.is_empty();
-    let runs = super::conv::image_runs(dx, d.b, per, img_in);
-    let partials: Vec<candle_core::Result<Vec<f32>>> = runs
-        .into_par_iter()
-        .map(|(t, dx_run)| {
-            let mut dw = vec![0.0f32; d.cout * d.cin];
+    // No bias: the helper's db is empty.
+    let (dw, _) =
+        super::conv::weight_grads_by_runs(dx, d.b, per, img_in, (d.cout * d.cin, 0), |t, dx_run, dw, _| {
             for (j, bi) in (t * per..((t + 1) * per).min(d.b)).enumerate() {
                 let g = &dy[bi * d.cout * d.n..][..d.cout * d.n];
                 let xb = &x[bi * img_in..][..img_in];
                 // dw (cout × cin) += dy_b (cout × n) · x_bᵀ (n × cin)
                 sgemm(
-                    &mut dw,
+                    dw,
                     d.cin,
                     View::rows(g, d.cout, d.n),
                     View::transposed(xb, d.cin, d.n),
@@ -124,13 +122,8 @@ pub(crate) fn backward_into(
                     )?;
                 }
             }
-            Ok(dw)
-        })
-        .collect();
-    let mut dw = vec![0.0f32; d.cout * d.cin];
-    for p in partials {
-        dw.iter_mut().zip(p?).for_each(|(a, b)| *a += b);
-    }
+            Ok(())
+        })?;
     Ok(dw)
 }
 
