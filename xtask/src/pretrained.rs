@@ -172,13 +172,7 @@ fn read_member(
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DynError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            format!("cannot write {}: {e}", path.display()).into()
-        })
+    fracture_fs::write_atomic(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()).into())
 }
 
 /// A Python with a working pip: the one given, else `python3`, else `python`.

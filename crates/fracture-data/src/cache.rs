@@ -6,7 +6,6 @@
 //! Entries are written to a temporary file and renamed, so a crash never leaves a torn entry.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
@@ -63,7 +62,6 @@ impl DiskCache {
     /// Stores `pixels` (`side × side`) under `key`, atomically.
     pub(crate) fn write(&self, key: &str, side: usize, pixels: &[u8]) -> std::io::Result<()> {
         let path = self.entry_path(key);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let side32 = u32::try_from(side).map_err(std::io::Error::other)?;
         let key_len = u32::try_from(key.len()).map_err(std::io::Error::other)?;
         let mut buf = Vec::with_capacity(MAGIC.len() + 12 + key.len() + pixels.len());
@@ -73,15 +71,7 @@ impl DiskCache {
         buf.extend_from_slice(&side32.to_le_bytes());
         buf.extend_from_slice(&side32.to_le_bytes());
         buf.extend_from_slice(pixels);
-        let result = (|| {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(&buf)?;
-            fs::rename(&tmp, &path)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        fracture_fs::write_atomic_unsynced(&path, &buf)
     }
 }
 

@@ -7,7 +7,6 @@
 //! file format.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -111,7 +110,7 @@ impl Model {
     /// the previous file intact.
     pub fn save(&self, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
         let bytes = self.to_safetensors(extra)?;
-        write_atomic(path, &bytes).map_err(|source| Error::Io {
+        fracture_fs::write_atomic(path, &bytes).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })
@@ -212,30 +211,4 @@ pub const MAX_IMAGE_BYTES: u64 = 2 << 30;
 /// Whether a variable name is a batch-norm running statistic rather than a trained parameter.
 fn is_running_stat(name: &str) -> bool {
     name.ends_with(".running_mean") || name.ends_with(".running_var")
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename, then a
-/// best-effort fsync of the folder. Readers see the old file or the new one, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }

@@ -11,7 +11,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use fracture_data::PreprocessConfig;
-use fracture_model::{Model, ModelConfig, write_atomic};
+use fracture_fs::write_atomic;
+use fracture_model::{Model, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::{Adam, EpochReport, Error, Result, TrainConfig};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use fracture_data::{DecodeLimits, FolderDataset, Item, LoadOptions, Skipped, Split};
 use fracture_eval::{EvalReport, ThresholdRule, calibration_bins, choose_threshold, pr_curve, roc_curve};
-use fracture_model::write_atomic;
+use fracture_fs::write_atomic;
 use fracture_plot::EpochPoint;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

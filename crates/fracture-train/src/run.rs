@@ -7,7 +7,8 @@ use std::time::Instant;
 use candle_core::Device;
 use fracture_data::{Augmenter, DatasetSummary, DecodeLimits, ImageFit, PreprocessConfig, Split};
 use fracture_eval::{EvalReport, choose_threshold};
-use fracture_model::{Model, ModelConfig, write_atomic};
+use fracture_fs::write_atomic;
+use fracture_model::{Model, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{MODEL_FILE, ModelMeta, TrainedModel, json_pretty};
