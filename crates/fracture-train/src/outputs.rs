@@ -290,16 +290,15 @@ pub fn write_training_curves(path: &Path, history: &[EpochReport]) -> Result<()>
     write(path, &png).map(|_| ())
 }
 
-/// Reads a run's `metrics.csv` (the columns [`crate::metrics_csv`] writes).
+/// Reads a run's `metrics.csv` (the columns [`crate::run::metrics_csv`] writes; others are ignored).
 pub fn read_metrics_csv(path: &Path) -> Result<Vec<EpochPoint>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let bad = |line: usize, why: &str| Error::InvalidConfig(format!("{}:{line}: {why}", path.display()));
-    let mut lines = text.lines().enumerate();
-    let header: Vec<&str> = lines
-        .next()
-        .map(|(_, h)| h.split(',').collect())
-        .unwrap_or_default();
-    let col = |name: &str| header.iter().position(|h| *h == name);
+    let bad = |line: u64, why: &str| Error::InvalidConfig(format!("{}:{line}: {why}", path.display()));
+    let mut reader = csv::Reader::from_path(path).map_err(|e| match e.into_kind() {
+        csv::ErrorKind::Io(io) => Error::io(path, io),
+        other => bad(1, &format!("{other:?}")),
+    })?;
+    let header = reader.headers().map_err(|e| bad(1, &e.to_string()))?.clone();
+    let col = |name: &str| header.iter().position(|h| h == name);
     let (Some(e), Some(tl), Some(vl), Some(auc), Some(sens), Some(spec)) = (
         col("epoch"),
         col("train_loss"),
@@ -311,13 +310,14 @@ pub fn read_metrics_csv(path: &Path) -> Result<Vec<EpochPoint>> {
         return Err(bad(1, "not a metrics.csv header"));
     };
     let mut out = Vec::new();
-    for (i, line) in lines {
-        let cells: Vec<&str> = line.split(',').collect();
-        let num = |k: usize| cells.get(k).and_then(|c| c.parse::<f64>().ok());
-        let epoch = cells
+    for record in reader.records() {
+        let record = record.map_err(|e| bad(e.position().map_or(0, |p| p.line()), &e.to_string()))?;
+        let line = record.position().map_or(0, |p| p.line());
+        let num = |k: usize| record.get(k).and_then(|c| c.parse::<f64>().ok());
+        let epoch = record
             .get(e)
             .and_then(|c| c.parse::<usize>().ok())
-            .ok_or_else(|| bad(i + 1, "bad epoch"))?;
+            .ok_or_else(|| bad(line, "bad epoch"))?;
         out.push(EpochPoint {
             epoch,
             train_loss: num(tl).unwrap_or(f64::NAN),

@@ -300,7 +300,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             session.meta.epochs_since_best += 1;
         }
         let metrics_path = setup.out.join(METRICS_FILE);
-        write_atomic(&metrics_path, metrics_csv(&session.meta.history).as_bytes())
+        write_atomic(&metrics_path, metrics_csv(&session.meta.history)?.as_bytes())
             .map_err(|e| Error::io(&metrics_path, e))?;
         session.save_checkpoint(&checkpoint)?;
         on_event(Event::Saved {
@@ -413,25 +413,43 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.6}")).unwrap_or_default()
 }
 
-/// The metrics table: one row per epoch.
-pub fn metrics_csv(history: &[EpochReport]) -> String {
-    let mut out = String::from(
-        "epoch,train_loss,val_loss,val_accuracy,val_sensitivity,val_specificity,val_roc_auc,lr,seconds,images_per_s\n",
-    );
+/// The columns of `metrics.csv`, in order.
+pub const METRICS_COLUMNS: [&str; 10] = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_sensitivity",
+    "val_specificity",
+    "val_roc_auc",
+    "lr",
+    "seconds",
+    "images_per_s",
+];
+
+/// The metrics table (written with the `csv` crate): one row per epoch, [`METRICS_COLUMNS`]; an
+/// undefined metric is an empty cell.
+pub fn metrics_csv(history: &[EpochReport]) -> Result<String> {
+    let bad = |e: csv::Error| Error::InvalidConfig(format!("cannot write the metrics table: {e}"));
+    let mut out = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    out.write_record(METRICS_COLUMNS).map_err(bad)?;
     for r in history {
-        out.push_str(&format!(
-            "{},{:.6},{:.6},{},{},{},{},{:e},{:.3},{:.2}\n",
-            r.epoch,
-            r.train_loss,
-            r.val_loss,
+        out.write_record([
+            r.epoch.to_string(),
+            format!("{:.6}", r.train_loss),
+            format!("{:.6}", r.val_loss),
             fmt_opt(r.val.accuracy),
             fmt_opt(r.val.sensitivity),
             fmt_opt(r.val.specificity),
             fmt_opt(r.val.roc_auc),
-            r.lr,
-            r.seconds,
-            r.images_per_s
-        ));
+            format!("{:e}", r.lr),
+            format!("{:.3}", r.seconds),
+            format!("{:.2}", r.images_per_s),
+        ])
+        .map_err(bad)?;
     }
-    out
+    let bytes = out.into_inner().map_err(|e| bad(e.into_error().into()))?;
+    String::from_utf8(bytes).map_err(|e| Error::InvalidConfig(e.to_string()))
 }
