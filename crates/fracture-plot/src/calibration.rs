@@ -4,32 +4,20 @@ use fracture_eval::CalibrationBin;
 use plotters::prelude::*;
 
 use crate::Result;
-use crate::scaffold::{FONT, GREEN, GREY, render};
+use crate::scaffold::{FONT, GREEN, GREY, render, unit_square_chart};
 
 /// The reliability diagram: observed share of fractures against mean predicted P(fractured) per bin
 /// (point size grows with the bin's count), the diagonal of perfect calibration, and the ECE.
 pub fn calibration_png(bins: &[CalibrationBin], ece: Option<f64>, title: &str) -> Result<Vec<u8>> {
     const C: &str = "calibration";
     render(C, |root| {
-        let mut chart = tryd!(
+        let mut chart = unit_square_chart(
             C,
-            ChartBuilder::on(root)
-                .caption(title, (FONT, 26))
-                .margin(20)
-                .x_label_area_size(50)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0f64..1f64, 0f64..1.001f64)
-        );
-        tryd!(
-            C,
-            chart
-                .configure_mesh()
-                .x_desc("mean predicted P(fractured)")
-                .y_desc("observed share fractured")
-                .label_style((FONT, 16))
-                .axis_desc_style((FONT, 18))
-                .draw()
-        );
+            root,
+            title,
+            "mean predicted P(fractured)",
+            "observed share fractured",
+        )?;
         tryd!(
             C,
             chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], GREY.stroke_width(1)))

@@ -4,7 +4,7 @@ use fracture_eval::PrPoint;
 use plotters::prelude::*;
 
 use crate::Result;
-use crate::scaffold::{FONT, GREY, ORANGE, RED, render};
+use crate::scaffold::{FONT, GREY, ORANGE, RED, render, unit_square_chart};
 
 /// The precision-recall curve with average precision in the legend, the prevalence line (a random
 /// classifier's precision) and the operating point `(recall, precision)` when given.
@@ -17,25 +17,7 @@ pub fn pr_png(
 ) -> Result<Vec<u8>> {
     const C: &str = "precision-recall";
     render(C, |root| {
-        let mut chart = tryd!(
-            C,
-            ChartBuilder::on(root)
-                .caption(title, (FONT, 26))
-                .margin(20)
-                .x_label_area_size(50)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0f64..1f64, 0f64..1.001f64)
-        );
-        tryd!(
-            C,
-            chart
-                .configure_mesh()
-                .x_desc("recall (sensitivity)")
-                .y_desc("precision (PPV)")
-                .label_style((FONT, 16))
-                .axis_desc_style((FONT, 18))
-                .draw()
-        );
+        let mut chart = unit_square_chart(C, root, title, "recall (sensitivity)", "precision (PPV)")?;
         tryd!(
             C,
             chart.draw_series(LineSeries::new(

@@ -4,7 +4,7 @@ use fracture_eval::RocPoint;
 use plotters::prelude::*;
 
 use crate::Result;
-use crate::scaffold::{BLUE, FONT, GREY, RED, render};
+use crate::scaffold::{BLUE, FONT, GREY, RED, render, unit_square_chart};
 
 /// The ROC curve with its AUC in the legend, the chance diagonal, and the operating point
 /// `(false-positive rate, sensitivity)` when given.
@@ -16,25 +16,13 @@ pub fn roc_png(
 ) -> Result<Vec<u8>> {
     const C: &str = "ROC";
     render(C, |root| {
-        let mut chart = tryd!(
+        let mut chart = unit_square_chart(
             C,
-            ChartBuilder::on(root)
-                .caption(title, (FONT, 26))
-                .margin(20)
-                .x_label_area_size(50)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0f64..1f64, 0f64..1.001f64)
-        );
-        tryd!(
-            C,
-            chart
-                .configure_mesh()
-                .x_desc("false-positive rate (1 − specificity)")
-                .y_desc("sensitivity")
-                .label_style((FONT, 16))
-                .axis_desc_style((FONT, 18))
-                .draw()
-        );
+            root,
+            title,
+            "false-positive rate (1 − specificity)",
+            "sensitivity",
+        )?;
         tryd!(
             C,
             chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], GREY.stroke_width(1)))

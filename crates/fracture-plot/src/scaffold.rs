@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -72,4 +73,30 @@ pub(crate) fn render(
     )
     .map_err(|e| draw_err(chart)(&e))?;
     Ok(png)
+}
+
+/// A chart on the unit square (both axes 0-1, for rates and probabilities) with its caption, axis
+/// descriptions and grid drawn: what the ROC, precision-recall and calibration charts start from.
+pub(crate) fn unit_square_chart<'a, 'b>(
+    chart: &'static str,
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+) -> Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut ctx = ChartBuilder::on(root)
+        .caption(title, (FONT, 26))
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..1f64, 0f64..1.001f64)
+        .map_err(|e| draw_err(chart)(&e))?;
+    ctx.configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style((FONT, 16))
+        .axis_desc_style((FONT, 18))
+        .draw()
+        .map_err(|e| draw_err(chart)(&e))?;
+    Ok(ctx)
 }
