@@ -736,6 +736,15 @@ fn a_model_file_with_a_threshold_outside_zero_to_one_is_refused_at_load() {
     let root = synthetic("bad-threshold", (4, 4), (3, 3));
     let outcome = run(&setup(&root.join("data"), &root.join("run"), 24, 1)).unwrap();
     let model = fracture_train::TrainedModel::load(&outcome.best_model, &Device::Cpu).unwrap();
+    // Saved again, it loads with the same metadata.
+    let copy = root.join("copy.safetensors");
+    model.save(&copy).unwrap();
+    assert_eq!(
+        fracture_train::TrainedModel::load(&copy, &Device::Cpu)
+            .unwrap()
+            .meta,
+        model.meta
+    );
     for bad in [1.5, -0.25] {
         // Saving refuses it too, so the edited file is written below the typed metadata.
         let mut edited_meta = model.meta.clone();
