@@ -15,7 +15,7 @@ use anyhow::bail;
 use fracture_train::TrainedModel;
 use fracture_train::candle_core::Device;
 use fracture_train::data::{DecodeLimits, Label, discover_labelled_images};
-use fracture_train::outputs::{PredictionRow, predict_files, predictions_csv};
+use fracture_train::outputs::{CsvColumns, PredictionRow, predict_files, predictions_csv};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,17 +36,26 @@ fn main() -> anyhow::Result<()> {
     // Every image below the folder (class folders or not); unreadable ones are reported, not fatal.
     let (items, _) = discover_labelled_images(&folder)?;
     let files: Vec<PathBuf> = items.into_iter().map(|i| i.path).collect();
-    let (predictions, unreadable) = predict_files(&model, &files, false, 32, &DecodeLimits::default())?;
+    // With evidence: each row also says where in the image the evidence lies (peak and box).
+    let (predictions, unreadable) = predict_files(&model, &files, false, true, 32, &DecodeLimits::default())?;
     for skipped in &unreadable {
         eprintln!("unreadable: {}: {}", skipped.path.display(), skipped.reason);
     }
-    let rows = predictions.iter().map(|p| PredictionRow {
-        path: &p.path,
-        truth: None,
-        p_fractured: p.p_fractured,
-        predicted: Label::from_fractured(p.fractured),
-    });
-    let table = predictions_csv(rows, false)?;
+    let rows: Vec<PredictionRow<'_>> = predictions
+        .iter()
+        .map(|p| PredictionRow {
+            path: &p.path,
+            truth: None,
+            p_fractured: p.p_fractured,
+            predicted: Label::from_fractured(p.fractured),
+            evidence: p.evidence,
+        })
+        .collect();
+    let columns = CsvColumns {
+        truth: false,
+        evidence: true,
+    };
+    let table = predictions_csv(&rows, columns)?;
     match out {
         Some(path) => std::fs::write(&path, &table)?,
         None => print!("{table}"),

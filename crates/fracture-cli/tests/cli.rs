@@ -341,6 +341,39 @@ fn the_finetune_preset_trains_evaluates_and_explains() {
     let json: serde_json::Value = serde_json::from_slice(&predict.stdout).unwrap();
     assert!(json.to_string().contains("p_fractured"), "{json}");
     assert_eq!(std::fs::read_dir(&heatmaps).unwrap().count(), 4);
+    // Each prediction says where its evidence lies: a peak inside its box, in the image's pixels.
+    let rows = json["predictions"].as_array().unwrap();
+    assert!(rows.iter().all(|r| r.get("evidence").is_some()), "{json}");
+    for row in rows.iter().filter(|r| !r["evidence"].is_null()) {
+        let e = &row["evidence"];
+        let num = |v: &serde_json::Value| v.as_f64().unwrap();
+        let (px, py) = (num(&e["peak"][0]), num(&e["peak"][1]));
+        let b: Vec<f64> = e["box"].as_array().unwrap().iter().map(num).collect();
+        assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] > 0.0 && b[3] > 0.0, "{row}");
+        assert!(
+            b[0] <= px && px <= b[0] + b[2] && b[1] <= py && py <= b[1] + b[3],
+            "{row}"
+        );
+    }
+    // The CSV carries the same as columns; --no-evidence leaves them out.
+    let csv = fracture()
+        .args(["predict", "--format", "csv", "--model"])
+        .arg(&run)
+        .arg(root.join("data/val/fractured"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&csv.stdout);
+    assert!(
+        text.starts_with("path,p_fractured,predicted,peak_x,peak_y,box_x,box_y,box_w,box_h\n"),
+        "{text}"
+    );
+    let plain = fracture()
+        .args(["predict", "--format", "csv", "--no-evidence", "--model"])
+        .arg(&run)
+        .arg(root.join("data/val/fractured"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&plain.stdout).starts_with("path,p_fractured,predicted\n"));
 }
 
 /// A training process killed with SIGKILL in the middle of epoch 2 resumes from its epoch-1
@@ -679,7 +712,10 @@ fn predict_reports_unreadable_files_and_fails_only_when_nothing_is_read() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
 
-    assert_eq!(stdout.lines().next(), Some("path,p_fractured,predicted"));
+    assert_eq!(
+        stdout.lines().next(),
+        Some("path,p_fractured,predicted,peak_x,peak_y,box_x,box_y,box_w,box_h")
+    );
     assert_eq!(stdout.lines().count(), 13, "12 images and a header:\n{stdout}");
     assert!(
         stderr.contains("broken.jpg") && stderr.contains("empty.png"),
@@ -1025,6 +1061,21 @@ fn the_api_predicts_explains_and_refuses_bad_uploads_clearly() {
     assert_eq!(body["label"], label);
     assert!(body["ms"].as_f64().unwrap() >= 0.0);
     assert!(body.get("heatmap_png_base64").is_none());
+    // Every answer says where the evidence lies, in the image's own pixels (64 × 48 here).
+    assert_eq!(body["image_size"], serde_json::json!([64, 48]), "{body}");
+    let peak = body["evidence"]["peak"].as_array().unwrap();
+    let bx = body["evidence"]["box"].as_array().unwrap();
+    let (px, py) = (peak[0].as_f64().unwrap(), peak[1].as_f64().unwrap());
+    let b: Vec<f64> = bx.iter().map(|v| v.as_f64().unwrap()).collect();
+    assert!((0.0..=64.0).contains(&px) && (0.0..=48.0).contains(&py), "{body}");
+    assert!(
+        b[0] <= px && px <= b[0] + b[2] && b[1] <= py && py <= b[1] + b[3],
+        "the peak lies in its box: {body}"
+    );
+    assert!(
+        b[0] >= 0.0 && b[1] >= 0.0 && b[0] + b[2] <= 64.0 + 1e-9 && b[1] + b[3] <= 48.0 + 1e-9,
+        "{body}"
+    );
     // Multipart with a heatmap: a PNG with the image's aspect at input resolution.
     let (ct, form) = multipart("hand.jpg", &image);
     let (status, body) = post(&format!("{base}/api/predict?heatmap=1"), &ct, &form);
@@ -1216,7 +1267,10 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
         const heat = card.querySelector('img.heatmap');
         return { state: card.dataset.state, p: card.querySelector('.p-fractured')?.textContent,
                  label: card.querySelector('.label')?.textContent, heatmap: heat && !heat.hidden && heat.complete ? heat.naturalWidth : 0,
-                 xray: card.querySelector('img.xray').naturalWidth, model: document.getElementById('model-info').textContent };"#;
+                 xray: card.querySelector('img.xray').naturalWidth, model: document.getElementById('model-info').textContent,
+                 box: (() => { const b = card.querySelector('.evidence-box'); if (!b) return null;
+                   const f = card.querySelector('.figure').getBoundingClientRect(), r = b.getBoundingClientRect();
+                   return { w: r.width, h: r.height, inside: r.left >= f.left - 1 && r.right <= f.right + 1 && r.top >= f.top - 1 && r.bottom <= f.bottom + 1 }; })() };"#;
     let mut result = serde_json::Value::Null;
     while std::time::Instant::now() < deadline + std::time::Duration::from_secs(20) {
         result = call(
@@ -1253,6 +1307,10 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
         "the heatmap PNG (input resolution) is shown: {result}"
     );
     assert_eq!(result["xray"], 640, "the radiograph itself is shown: {result}");
+    assert!(
+        result["box"]["w"].as_f64().unwrap_or(0.0) > 0.0 && result["box"]["inside"] == true,
+        "the evidence box is drawn over the radiograph: {result}"
+    );
     assert!(
         result["model"].as_str().unwrap().contains("threshold"),
         "{result}"
@@ -1353,7 +1411,7 @@ fn predict_survives_unusual_names_and_symlink_loops() {
         1 + names.len(),
         "each file once, loops walked once: {rows:?}"
     );
-    assert!(rows.iter().all(|r| r.len() == 3), "{rows:?}");
+    assert!(rows.iter().all(|r| r.len() == 9), "{rows:?}");
     let paths: Vec<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
     assert!(paths.iter().any(|p| p.ends_with("/a,b.png")), "{paths:?}");
     assert!(paths.iter().any(|p| p.ends_with("/two\nlines.png")), "{paths:?}");

@@ -78,6 +78,18 @@ async function analyse(file) {
       heat.src = "data:image/png;base64," + body.heatmap_png_base64;
       heat.hidden = false;
     }
+    if (body.evidence && body.image_size) {
+      // The region holding the evidence and its peak, in percent of the image (the API reports
+      // image pixels, so the marks follow the picture at any display size).
+      const [w, h] = body.image_size;
+      const [bx, by, bw, bh] = body.evidence.box;
+      const mark = el("div", { class: "evidence-box", title: "where the evidence lies" });
+      Object.assign(mark.style, { left: pct(bx / w), top: pct(by / h), width: pct(bw / w), height: pct(bh / h) });
+      const [px, py] = body.evidence.peak;
+      const peak = el("div", { class: "evidence-peak" });
+      Object.assign(peak.style, { left: pct(px / w), top: pct(py / h) });
+      c.querySelector(".figure").append(mark, peak);
+    }
     c.dataset.state = "done";
   } catch (e) {
     status.className = "error";

@@ -175,8 +175,15 @@ impl PreprocessConfig {
 
     /// Reads a file (within `limits.max_file_bytes`) and runs [`PreprocessConfig::load_bytes`].
     pub fn load_file(&self, path: &Path, limits: &DecodeLimits) -> Result<Array2<u8>> {
+        Ok(self.load_file_sized(path, limits)?.0)
+    }
+
+    /// [`PreprocessConfig::load_file`], also returning the decoded image's `(width, height)` in
+    /// pixels, so that results on the input can be mapped back into the image's own pixels.
+    pub fn load_file_sized(&self, path: &Path, limits: &DecodeLimits) -> Result<(Array2<u8>, (u32, u32))> {
         let bytes = read_file_limited(path, limits)?;
-        self.load_bytes(&bytes, path, limits)
+        let gray = decode_gray(&bytes, path, limits)?;
+        Ok((self.resize(&gray)?, gray.dimensions()))
     }
 
     /// Decodes bytes all the way to a network input, `(size, size)` f32 (in [0, 1] unless

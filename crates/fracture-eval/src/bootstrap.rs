@@ -73,6 +73,27 @@ fn interval(mut values: Vec<f64>) -> Option<Interval> {
     })
 }
 
+/// 95% percentile-bootstrap interval of the mean of `values` (images resampled with replacement,
+/// `resamples` replicates, seeded); `None` for no values.
+///
+/// ```
+/// use fracture_eval::mean_ci;
+/// let ci = mean_ci(&[0.0, 1.0, 1.0, 0.0, 1.0], 1000, 1).unwrap();
+/// assert!(ci.lower < 0.6 && 0.6 < ci.upper);
+/// assert!(mean_ci(&[], 10, 1).is_none());
+/// ```
+pub fn mean_ci(values: &[f64], resamples: usize, seed: u64) -> Option<Interval> {
+    if values.is_empty() || resamples == 0 {
+        return None;
+    }
+    let mut rng = SplitMix(seed ^ 0x6d65_616e_5f63_6900);
+    let n = values.len();
+    let means = (0..resamples)
+        .map(|_| (0..n).map(|_| values[rng.below(n)]).sum::<f64>() / n as f64)
+        .collect();
+    interval(means)
+}
+
 /// 95% confidence intervals by the stratified percentile bootstrap: each of `resamples` replicates
 /// draws the fractured and the intact cases separately, with replacement, keeping both counts (so
 /// prevalence is fixed and every replicate has both classes); the interval is the 2.5th to 97.5th

@@ -31,6 +31,7 @@ mod curves;
 mod pr;
 mod roc;
 mod scaffold;
+mod sheet;
 
 pub use calibration::calibration_png;
 pub use confusion::confusion_png;
@@ -38,6 +39,7 @@ pub use curves::{EpochPoint, training_curves_png};
 pub use pr::pr_png;
 pub use roc::roc_png;
 pub use scaffold::{Error, HEIGHT, Result, WIDTH};
+pub use sheet::{SheetTile, contact_sheet_png};
 
 #[cfg(test)]
 mod tests {

@@ -41,6 +41,23 @@ impl Explanation {
         (out, b.width, b.height)
     }
 
+    /// Where the evidence lies, in the image's own pixels (see [`crate::evidence`]); `None` when the
+    /// map is empty.
+    pub fn evidence(&self) -> Option<crate::evidence::Evidence> {
+        self.evidence_at(crate::evidence::EVIDENCE_LEVEL)
+    }
+
+    /// [`Explanation::evidence`] with the region drawn at `level` of the map's maximum.
+    pub fn evidence_at(&self, level: f32) -> Option<crate::evidence::Evidence> {
+        crate::evidence::locate(
+            &self.map,
+            self.size as usize,
+            self.content,
+            self.image.dimensions(),
+            level,
+        )
+    }
+
     /// [`Explanation::map_over_image`] as a colour-mapped RGBA PNG (transparent where there is no
     /// evidence).
     pub fn heatmap_png(&self) -> Result<Vec<u8>> {

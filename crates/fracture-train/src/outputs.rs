@@ -153,7 +153,7 @@ pub fn write_evaluation(
     let json = crate::bundle::json_pretty(&file, "the evaluation report")?;
     written.push(write(&dir.join(REPORT_JSON), json.as_bytes())?);
 
-    let rows = eval
+    let rows: Vec<PredictionRow<'_>> = eval
         .items
         .iter()
         .zip(&eval.probabilities)
@@ -165,8 +165,16 @@ pub fn write_evaluation(
                 p,
                 eval.report.threshold,
             )),
-        });
-    let csv = predictions_csv(rows, true)?;
+            evidence: None,
+        })
+        .collect();
+    let csv = predictions_csv(
+        &rows,
+        CsvColumns {
+            truth: true,
+            evidence: false,
+        },
+    )?;
     written.push(write(&dir.join(PREDICTIONS_CSV), csv.as_bytes())?);
 
     let actual: Vec<bool> = eval.items.iter().map(|i| i.label.is_fractured()).collect();
@@ -225,6 +233,15 @@ pub fn spreadsheet_safe(s: &str) -> String {
     }
 }
 
+/// Which optional columns a predictions table has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CsvColumns {
+    /// The true class (`truth`), for evaluations.
+    pub truth: bool,
+    /// Where the evidence lies (`peak_x` … `box_h`).
+    pub evidence: bool,
+}
+
 /// One row of a predictions table.
 #[derive(Debug, Clone)]
 pub struct PredictionRow<'a> {
@@ -236,37 +253,48 @@ pub struct PredictionRow<'a> {
     pub p_fractured: f64,
     /// The decision at the threshold.
     pub predicted: fracture_data::Label,
+    /// Where the evidence lies, when computed.
+    pub evidence: Option<crate::evidence::Evidence>,
 }
 
 /// The predictions table as CSV (RFC 4180, written with the `csv` crate, so commas, quotes, CR and
 /// LF in a path are quoted): `path,truth,p_fractured,predicted` when `with_truth` (evaluation),
 /// `path,p_fractured,predicted` otherwise (prediction); the same names for the same facts in both.
-/// Paths are rendered with [`fracture_data::path_text`] and made [`spreadsheet_safe`].
-pub fn predictions_csv<'a>(
-    rows: impl IntoIterator<Item = PredictionRow<'a>>,
-    with_truth: bool,
-) -> Result<String> {
+/// With `columns.evidence`, `peak_x,peak_y,box_x,box_y,box_w,box_h` follow (image pixels; empty
+/// cells for a row without evidence: an empty map). Paths are rendered with [`fracture_data::path_text`] and made
+/// [`spreadsheet_safe`].
+pub fn predictions_csv(rows: &[PredictionRow<'_>], columns: CsvColumns) -> Result<String> {
+    let CsvColumns {
+        truth: with_truth,
+        evidence: with_evidence,
+    } = columns;
     let mut out = csv::WriterBuilder::new()
         .terminator(csv::Terminator::Any(b'\n'))
         .from_writer(Vec::new());
     let bad = |e: csv::Error| Error::InvalidConfig(format!("cannot write the predictions table: {e}"));
-    let header: &[&str] = if with_truth {
-        &["path", "truth", "p_fractured", "predicted"]
-    } else {
-        &["path", "p_fractured", "predicted"]
-    };
-    out.write_record(header).map_err(bad)?;
+    let mut header = vec!["path"];
+    if with_truth {
+        header.push("truth");
+    }
+    header.extend(["p_fractured", "predicted"]);
+    if with_evidence {
+        header.extend(["peak_x", "peak_y", "box_x", "box_y", "box_w", "box_h"]);
+    }
+    out.write_record(&header).map_err(bad)?;
     for row in rows {
-        let path = spreadsheet_safe(&fracture_data::path_text(row.path));
-        let p = format!("{:.6}", row.p_fractured);
-        let predicted = row.predicted.name();
+        let mut cells = vec![spreadsheet_safe(&fracture_data::path_text(row.path))];
         if with_truth {
-            let truth = row.truth.map_or("", fracture_data::Label::name);
-            out.write_record([path.as_str(), truth, &p, predicted])
-                .map_err(bad)?;
-        } else {
-            out.write_record([path.as_str(), &p, predicted]).map_err(bad)?;
+            cells.push(row.truth.map_or("", fracture_data::Label::name).to_string());
         }
+        cells.push(format!("{:.6}", row.p_fractured));
+        cells.push(row.predicted.name().to_string());
+        if with_evidence {
+            match row.evidence {
+                Some(e) => cells.extend(e.peak.iter().chain(e.region.iter()).map(|v| format!("{v:.1}"))),
+                None => cells.extend(std::iter::repeat_n(String::new(), 6)),
+            }
+        }
+        out.write_record(&cells).map_err(bad)?;
     }
     let bytes = out.into_inner().map_err(|e| bad(e.into_error().into()))?;
     String::from_utf8(bytes).map_err(|e| Error::InvalidConfig(e.to_string()))
@@ -339,20 +367,28 @@ pub struct Prediction {
     pub p_fractured: f64,
     /// Whether `p_fractured >= threshold`.
     pub fractured: bool,
+    /// Where the evidence lies in the image's own pixels, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<crate::evidence::Evidence>,
 }
 
+type Decoded = (fracture_data::ndarray::Array2<u8>, (u32, u32));
+
 /// Predicts every file: decoded in parallel with the model's preprocessing, then run in batches.
-/// Returns the predictions (input order, unreadable files left out) and the unreadable files.
+/// With `with_evidence`, each prediction also carries its [`Evidence`](crate::evidence::Evidence)
+/// (the activation map of the plain image: one more pass per image). Returns the predictions
+/// (input order, unreadable files left out) and the unreadable files.
 pub fn predict_files(
     model: &TrainedModel,
     files: &[PathBuf],
     tta: bool,
+    with_evidence: bool,
     batch_size: usize,
     limits: &DecodeLimits,
 ) -> Result<(Vec<Prediction>, Vec<Skipped>)> {
-    let decoded: Vec<(PathBuf, fracture_data::Result<fracture_data::ndarray::Array2<u8>>)> = files
+    let decoded: Vec<(PathBuf, fracture_data::Result<Decoded>)> = files
         .par_iter()
-        .map(|p| (p.clone(), model.preprocess().load_file(p, limits)))
+        .map(|p| (p.clone(), model.preprocess().load_file_sized(p, limits)))
         .collect();
     let mut ok = Vec::new();
     let mut skipped = Vec::new();
@@ -372,17 +408,40 @@ pub fn predict_files(
     let mut out = Vec::with_capacity(ok.len());
     for chunk in ok.chunks(batch_size.max(1)) {
         let mut batch = fracture_data::ndarray::Array3::<f32>::zeros((chunk.len(), s, s));
-        for (k, (_, img)) in chunk.iter().enumerate() {
+        for (k, (_, (img, _))) in chunk.iter().enumerate() {
             batch
                 .index_axis_mut(fracture_data::ndarray::Axis(0), k)
                 .assign(&model.preprocess().to_input(img.view()));
         }
         let probs = predict_images(&model.model.net, &batch, views, &device)?;
-        for ((path, _), p) in chunk.iter().zip(probs) {
+        for (k, ((path, (_, dims)), p)) in chunk.iter().zip(probs).enumerate() {
+            let evidence = if with_evidence {
+                let plane: Vec<f32> = batch
+                    .index_axis(fracture_data::ndarray::Axis(0), k)
+                    .iter()
+                    .copied()
+                    .collect();
+                let x = candle_core::Tensor::from_vec(plane, (1, 1, s, s), &device)?;
+                let cam = model
+                    .model
+                    .net
+                    .grad_cam(&x, fracture_model::CamMethod::default())?;
+                let content = model.preprocess().content_box(dims.0, dims.1);
+                crate::evidence::locate(
+                    &cam.upsample(s),
+                    s,
+                    content,
+                    *dims,
+                    crate::evidence::EVIDENCE_LEVEL,
+                )
+            } else {
+                None
+            };
             out.push(Prediction {
                 path: path.clone(),
                 p_fractured: p,
                 fractured: model.decide(p).is_fractured(),
+                evidence,
             });
         }
     }
@@ -405,13 +464,24 @@ mod tests {
             "@SUM(A1)",
         ];
         let paths: Vec<PathBuf> = names.iter().map(PathBuf::from).collect();
-        let rows = paths.iter().map(|p| PredictionRow {
-            path: p,
-            truth: Some(fracture_data::Label::Fractured),
-            p_fractured: 0.25,
-            predicted: fracture_data::Label::NotFractured,
-        });
-        let text = predictions_csv(rows, true).unwrap();
+        let rows: Vec<PredictionRow<'_>> = paths
+            .iter()
+            .map(|p| PredictionRow {
+                path: p,
+                truth: Some(fracture_data::Label::Fractured),
+                p_fractured: 0.25,
+                predicted: fracture_data::Label::NotFractured,
+                evidence: None,
+            })
+            .collect();
+        let text = predictions_csv(
+            &rows,
+            CsvColumns {
+                truth: true,
+                evidence: false,
+            },
+        )
+        .unwrap();
         assert!(text.starts_with("path,truth,p_fractured,predicted\n"), "{text}");
         assert!(
             text.contains("\na/b.png,fractured,0.250000,not fractured\n"),
@@ -430,16 +500,34 @@ mod tests {
         let back: Vec<String> = reader.records().map(|r| r.unwrap()[0].to_string()).collect();
         let expect: Vec<String> = names.iter().map(|n| spreadsheet_safe(n)).collect();
         assert_eq!(back, expect);
-        let plain = predictions_csv(
-            [PredictionRow {
-                path: Path::new("x.png"),
-                truth: None,
-                p_fractured: 0.9,
-                predicted: fracture_data::Label::Fractured,
-            }],
-            false,
-        )
-        .unwrap();
+        let row = PredictionRow {
+            path: Path::new("x.png"),
+            truth: None,
+            p_fractured: 0.9,
+            predicted: fracture_data::Label::Fractured,
+            evidence: None,
+        };
+        let plain = predictions_csv(std::slice::from_ref(&row), CsvColumns::default()).unwrap();
         assert_eq!(plain, "path,p_fractured,predicted\nx.png,0.900000,fractured\n");
+        let located = PredictionRow {
+            evidence: Some(crate::evidence::Evidence {
+                peak: [10.0, 20.0],
+                region: [5.0, 6.0, 7.0, 8.5],
+            }),
+            ..row.clone()
+        };
+        assert_eq!(
+            predictions_csv(
+                &[located, row],
+                CsvColumns {
+                    truth: false,
+                    evidence: true
+                }
+            )
+            .unwrap(),
+            "path,p_fractured,predicted,peak_x,peak_y,box_x,box_y,box_w,box_h\n\
+             x.png,0.900000,fractured,10.0,20.0,5.0,6.0,7.0,8.5\n\
+             x.png,0.900000,fractured,,,,,,\n"
+        );
     }
 }

@@ -85,6 +85,11 @@ struct Prediction {
     label: &'static str,
     threshold: f64,
     ms: f64,
+    /// The image's own size, `[width, height]` pixels (the frame of `evidence`).
+    image_size: [u32; 2],
+    /// Where the evidence lies: `{"peak": [x, y], "box": [x, y, w, h]}` in the image's pixels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evidence: Option<fracture_train::evidence::Evidence>,
     #[serde(skip_serializing_if = "Option::is_none")]
     heatmap_png_base64: Option<String>,
 }
@@ -254,28 +259,24 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
         other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
     };
     let model = &state.model;
-    let (p, heatmap_png_base64) = if heatmap {
-        let x = model
-            .explain_bytes(bytes, origin, &state.limits, CamMethod::default())
-            .map_err(bad_image)?;
+    // The map costs one more pass through the head: every answer says where the evidence lies.
+    let x = model
+        .explain_bytes(bytes, origin, &state.limits, CamMethod::default())
+        .map_err(bad_image)?;
+    let heatmap_png_base64 = if heatmap {
         let png = x.heatmap_png().map_err(bad_image)?;
-        (
-            x.p_fractured,
-            Some(base64::engine::general_purpose::STANDARD.encode(png)),
-        )
+        Some(base64::engine::general_purpose::STANDARD.encode(png))
     } else {
-        (
-            model
-                .predict_bytes(bytes, origin, &state.limits)
-                .map_err(bad_image)?,
-            None,
-        )
+        None
     };
+    let p = x.p_fractured;
     Ok(Prediction {
         p_fractured: p,
         label: model.decide(p).name(),
         threshold: model.threshold(),
         ms: start.elapsed().as_secs_f64() * 1000.0,
+        image_size: [x.image.width(), x.image.height()],
+        evidence: x.evidence(),
         heatmap_png_base64,
     })
 }

@@ -1,0 +1,143 @@
+//! Contact sheets: radiographs in a grid with their ground-truth and evidence boxes drawn, so a
+//! person can judge localization by eye.
+
+use image::{GrayImage, Rgb, RgbImage};
+
+use crate::{Error, Result};
+
+/// Ground-truth boxes (green).
+const TRUTH: Rgb<u8> = Rgb([40, 200, 60]);
+/// The evidence box and its peak (red).
+const EVIDENCE: Rgb<u8> = Rgb([230, 40, 40]);
+
+/// One image of a contact sheet; boxes are `[x, y, width, height]` and points `[x, y]` in the
+/// image's own pixels.
+#[derive(Debug, Clone, Copy)]
+pub struct SheetTile<'a> {
+    /// The radiograph (8-bit gray).
+    pub image: &'a GrayImage,
+    /// The annotated boxes, drawn green.
+    pub truth: &'a [[f64; 4]],
+    /// The evidence box, drawn red.
+    pub evidence: Option<[f64; 4]>,
+    /// The map's peak, drawn as a red cross.
+    pub peak: Option<[f64; 2]>,
+}
+
+/// Lays `tiles` out row by row, `columns` per row, each image scaled to fit a `side × side` cell
+/// (aspect kept, on black), with its boxes drawn 2 px wide; returns the PNG bytes.
+pub fn contact_sheet_png(tiles: &[SheetTile<'_>], columns: usize, side: u32) -> Result<Vec<u8>> {
+    let columns = columns.max(1);
+    let rows = tiles.len().div_ceil(columns).max(1);
+    let gap = 4u32;
+    let width = columns as u32 * (side + gap) + gap;
+    let height = rows as u32 * (side + gap) + gap;
+    let mut canvas = RgbImage::from_pixel(width, height, Rgb([24, 24, 24]));
+    for (k, tile) in tiles.iter().enumerate() {
+        let (col, row) = ((k % columns) as u32, (k / columns) as u32);
+        let (ox, oy) = (gap + col * (side + gap), gap + row * (side + gap));
+        let (iw, ih) = tile.image.dimensions();
+        if iw == 0 || ih == 0 {
+            continue;
+        }
+        let scale = f64::from(side) / f64::from(iw.max(ih));
+        let (tw, th) = (
+            ((f64::from(iw) * scale).round() as u32).clamp(1, side),
+            ((f64::from(ih) * scale).round() as u32).clamp(1, side),
+        );
+        let small = image::imageops::resize(tile.image, tw, th, image::imageops::FilterType::Triangle);
+        let (px, py) = (ox + (side - tw) / 2, oy + (side - th) / 2);
+        for (x, y, p) in small.enumerate_pixels() {
+            let v = p.0[0];
+            canvas.put_pixel(px + x, py + y, Rgb([v, v, v]));
+        }
+        let to_canvas = |b: [f64; 4]| -> [i64; 4] {
+            [
+                px as i64 + (b[0] * scale).round() as i64,
+                py as i64 + (b[1] * scale).round() as i64,
+                px as i64 + ((b[0] + b[2]) * scale).round() as i64,
+                py as i64 + ((b[1] + b[3]) * scale).round() as i64,
+            ]
+        };
+        let clip = [px as i64, py as i64, (px + tw) as i64 - 1, (py + th) as i64 - 1];
+        for &b in tile.truth {
+            rectangle(&mut canvas, to_canvas(b), clip, TRUTH);
+        }
+        if let Some(b) = tile.evidence {
+            rectangle(&mut canvas, to_canvas(b), clip, EVIDENCE);
+        }
+        if let Some([x, y]) = tile.peak {
+            let (cx, cy) = (
+                px as i64 + (x * scale).round() as i64,
+                py as i64 + (y * scale).round() as i64,
+            );
+            for d in -5..=5 {
+                for t in 0..2 {
+                    put(&mut canvas, cx + d, cy + t, clip, EVIDENCE);
+                    put(&mut canvas, cx + t, cy + d, clip, EVIDENCE);
+                }
+            }
+        }
+    }
+    let mut png = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut png),
+        canvas.as_raw(),
+        width,
+        height,
+        image::ExtendedColorType::Rgb8,
+    )
+    .map_err(|e| Error::Draw {
+        chart: "contact sheet",
+        reason: e.to_string(),
+    })?;
+    Ok(png)
+}
+
+fn put(canvas: &mut RgbImage, x: i64, y: i64, clip: [i64; 4], color: Rgb<u8>) {
+    if x >= clip[0] && x <= clip[2] && y >= clip[1] && y <= clip[3] {
+        canvas.put_pixel(x as u32, y as u32, color);
+    }
+}
+
+/// A 2-px outline of `[x0, y0, x1, y1]`, clipped to `clip`.
+fn rectangle(canvas: &mut RgbImage, [x0, y0, x1, y1]: [i64; 4], clip: [i64; 4], color: Rgb<u8>) {
+    for t in 0..2 {
+        for x in x0..=x1 {
+            put(canvas, x, y0 + t, clip, color);
+            put(canvas, x, y1 - t, clip, color);
+        }
+        for y in y0..=y1 {
+            put(canvas, x0 + t, y, clip, color);
+            put(canvas, x1 - t, y, clip, color);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boxes_land_where_the_image_pixels_say() {
+        // A 100 × 50 image in a 100-px cell: scale 1, centred vertically (offset 25 + 4 gap).
+        let img = GrayImage::from_pixel(100, 50, image::Luma([128]));
+        let tile = SheetTile {
+            image: &img,
+            truth: &[[10.0, 10.0, 20.0, 20.0]],
+            evidence: Some([60.0, 5.0, 30.0, 30.0]),
+            peak: Some([75.0, 20.0]),
+        };
+        let png = contact_sheet_png(&[tile, tile, tile], 2, 100).unwrap();
+        let sheet = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(sheet.dimensions(), (2 * 104 + 4, 2 * 104 + 4));
+        let (ox, oy) = (4, 4 + 25);
+        assert_eq!(*sheet.get_pixel(ox + 10, oy + 10), TRUTH);
+        assert_eq!(*sheet.get_pixel(ox + 20, oy + 30), TRUTH);
+        assert_eq!(*sheet.get_pixel(ox + 60, oy + 20), EVIDENCE);
+        assert_eq!(*sheet.get_pixel(ox + 75, oy + 20), EVIDENCE, "the peak's cross");
+        assert_eq!(*sheet.get_pixel(ox + 40, oy + 40), Rgb([128, 128, 128]));
+        // The fourth cell is empty background.
+        assert_eq!(*sheet.get_pixel(104 + 50, 104 + 50), Rgb([24, 24, 24]));
+    }
+}

@@ -1,0 +1,174 @@
+//! Measured localization: the evidence of fractured images against radiologists' boxes (the
+//! pointing game and IoU), a box file reader, and the contact sheet.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use fracture_data::{DecodeLimits, Item, read_file_limited};
+use fracture_eval::{LocalizationReport, Localized, PixelBox};
+use fracture_model::CamMethod;
+use serde::{Deserialize, Serialize};
+
+use crate::evidence::{EVIDENCE_LEVEL, Evidence};
+use crate::{Error, Result, TrainedModel};
+
+/// The pointing game's tolerance: a peak within this share of the image's longer side of a box
+/// counts as inside it.
+pub const POINTING_MARGIN: f64 = 0.05;
+
+/// Replicates of the localization intervals.
+const RESAMPLES: usize = 2000;
+
+/// Annotated fracture boxes per image id (a file name without its extension), in the image's own
+/// pixels.
+pub type BoxIndex = HashMap<String, Vec<PixelBox>>;
+
+/// Reads a box file: a CSV with a header holding `id`, `x`, `y`, `w`, `h` (the format of
+/// FracAtlas's `fracatlas-boxes.csv`: top-left corner, width and height in pixels; other columns
+/// such as `split` are ignored; an image may have several rows). A bad row is an error naming its
+/// line.
+pub fn read_boxes(path: &Path) -> Result<BoxIndex> {
+    let bad = |line: u64, why: &str| Error::InvalidConfig(format!("{}:{line}: {why}", path.display()));
+    let mut reader = csv::Reader::from_path(path).map_err(|e| match e.into_kind() {
+        csv::ErrorKind::Io(io) => Error::io(path, io),
+        other => bad(1, &format!("{other:?}")),
+    })?;
+    let header = reader.headers().map_err(|e| bad(1, &e.to_string()))?.clone();
+    let col = |name: &str| header.iter().position(|h| h.trim() == name);
+    let (Some(id), Some(x), Some(y), Some(w), Some(h)) = (col("id"), col("x"), col("y"), col("w"), col("h"))
+    else {
+        return Err(bad(1, "the header needs the columns id, x, y, w and h"));
+    };
+    let mut out = BoxIndex::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| bad(e.position().map_or(0, |p| p.line()), &e.to_string()))?;
+        let line = record.position().map_or(0, |p| p.line());
+        let num = |k: usize| -> Result<f64> {
+            record
+                .get(k)
+                .and_then(|c| c.trim().parse::<f64>().ok())
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| {
+                    bad(
+                        line,
+                        &format!("column {} is not a number", header.get(k).unwrap_or("?")),
+                    )
+                })
+        };
+        let b = [num(x)?, num(y)?, num(w)?, num(h)?];
+        if b[2] < 0.0 || b[3] < 0.0 {
+            return Err(bad(line, "a box with a negative width or height"));
+        }
+        let key = record.get(id).unwrap_or_default().trim().to_string();
+        out.entry(key).or_default().push(b);
+    }
+    Ok(out)
+}
+
+/// The id a box file uses for an image: its file name without the extension.
+pub fn image_id(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// One localized image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalizedImage {
+    /// The file.
+    pub path: PathBuf,
+    /// P(fractured).
+    pub p_fractured: f64,
+    /// The evidence (`None` when the map is empty: a miss with IoU 0).
+    pub evidence: Option<Evidence>,
+    /// The annotated boxes.
+    pub boxes: Vec<PixelBox>,
+    /// The image's width and height.
+    pub size: [u32; 2],
+    /// The score.
+    pub score: Localized,
+}
+
+/// The localization of a set of images.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Localization {
+    /// Pointing game and mean IoU with intervals.
+    pub report: LocalizationReport,
+    /// The map level the evidence boxes were drawn at.
+    pub level: f32,
+    /// Fractured images without a box (left out of the report).
+    pub without_boxes: usize,
+    /// Per image.
+    pub images: Vec<LocalizedImage>,
+}
+
+/// Scores the evidence of every fractured image of `items` that has boxes in `boxes`: the map's
+/// peak against the boxes enlarged by [`POINTING_MARGIN`] of the image's longer side, and the IoU of
+/// the evidence box (region at `level` of the maximum) with the nearest box. An unreadable image
+/// is an error naming it.
+pub fn localize_items(
+    model: &TrainedModel,
+    items: &[Item],
+    boxes: &BoxIndex,
+    limits: &DecodeLimits,
+    method: CamMethod,
+    level: f32,
+) -> Result<Localization> {
+    let mut images = Vec::new();
+    let mut without_boxes = 0;
+    for item in items.iter().filter(|i| i.label.is_fractured()) {
+        let Some(truth) = boxes.get(&image_id(&item.path)).filter(|b| !b.is_empty()) else {
+            without_boxes += 1;
+            continue;
+        };
+        let bytes = read_file_limited(&item.path, limits)?;
+        let explained = model.explain_bytes(&bytes, &item.path, limits, method)?;
+        let (w, h) = explained.image.dimensions();
+        let evidence = explained.evidence_at(level);
+        let margin = POINTING_MARGIN * f64::from(w.max(h));
+        let score = match evidence {
+            Some(e) => Localized::score(e.peak, e.region, truth, margin),
+            None => Localized { hit: false, iou: 0.0 },
+        };
+        images.push(LocalizedImage {
+            path: item.path.clone(),
+            p_fractured: explained.p_fractured,
+            evidence,
+            boxes: truth.clone(),
+            size: [w, h],
+            score,
+        });
+    }
+    let scores: Vec<Localized> = images.iter().map(|i| i.score).collect();
+    Ok(Localization {
+        report: LocalizationReport::new(&scores, RESAMPLES, 0),
+        level,
+        without_boxes,
+        images,
+    })
+}
+
+/// The contact sheet of the first `count` localized images (6 per row): radiologists' boxes green,
+/// the evidence box and peak red. PNG bytes.
+pub fn contact_sheet(localization: &Localization, limits: &DecodeLimits, count: usize) -> Result<Vec<u8>> {
+    let mut decoded = Vec::new();
+    for img in localization.images.iter().take(count) {
+        let bytes = read_file_limited(&img.path, limits)?;
+        decoded.push(fracture_data::decode_gray(&bytes, &img.path, limits)?);
+    }
+    let tiles: Vec<fracture_plot::SheetTile<'_>> = localization
+        .images
+        .iter()
+        .zip(&decoded)
+        .map(|(img, gray)| fracture_plot::SheetTile {
+            image: gray,
+            truth: &img.boxes,
+            evidence: img.evidence.map(|e| e.region),
+            peak: img.evidence.map(|e| e.peak),
+        })
+        .collect();
+    Ok(fracture_plot::contact_sheet_png(&tiles, 6, 256)?)
+}
+
+/// The default level of evidence boxes, re-exported for callers choosing another.
+pub const DEFAULT_LEVEL: f32 = EVIDENCE_LEVEL;
