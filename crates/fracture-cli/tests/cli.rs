@@ -823,6 +823,54 @@ fn eval_on_the_real_radiographs_with_a_briefly_trained_model() {
         .unwrap();
     assert!(predict.status.success());
     assert_eq!(String::from_utf8_lossy(&predict.stdout).lines().count(), 89);
+
+    // Localization against the radiologists' boxes: all 88 fractured val images have boxes; the
+    // report, the per-image scores and the contact sheet agree with each other.
+    let boxes = data.join("../fracatlas-boxes.csv");
+    let out = fracture()
+        .args(["eval", "--split", "val", "--model"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&data)
+        .arg("--boxes")
+        .arg(&boxes)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("localization: 88 fractured images with boxes (0 without)"),
+        "{stdout}"
+    );
+    let found: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval-val/localization.json")).unwrap())
+            .unwrap();
+    let images = found["images"].as_array().unwrap();
+    assert_eq!((found["report"]["n"].as_u64(), images.len()), (Some(88), 88));
+    let hits = images.iter().filter(|i| i["score"]["hit"] == true).count();
+    let rate = found["report"]["pointing_game"].as_f64().unwrap();
+    assert!((rate - hits as f64 / 88.0).abs() < 1e-12, "{rate} vs {hits}");
+    for img in images {
+        // Every peak lies inside its own evidence box, inside the 640 × 640 image.
+        if let Some(e) = img["evidence"].as_object() {
+            let (p, b) = (&e["peak"], &e["box"]);
+            let v = |x: &serde_json::Value| x.as_f64().unwrap();
+            assert!(
+                v(&b[0]) <= v(&p[0]) && v(&p[0]) <= v(&b[0]) + v(&b[2]) && v(&b[0]) + v(&b[2]) <= 640.0,
+                "{img}"
+            );
+        }
+    }
+    let sheet = image::open(run.join("eval-val/contact_sheet.png")).unwrap();
+    assert_eq!(
+        (sheet.width(), sheet.height()),
+        (6 * 260 + 4, 4 * 260 + 4),
+        "24 tiles, 6 per row"
+    );
 }
 
 /// With no `--data`, `fracture train` downloads the dataset through fracture-fetch (here from a
