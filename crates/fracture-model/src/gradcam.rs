@@ -86,11 +86,21 @@ fn detached(layer: &candle_nn::Linear) -> candle_nn::Linear {
 impl FractureNet {
     /// The class activation map of the fracture logit for one image `(1, 1, S, S)`, in inference mode.
     pub fn grad_cam(&self, xs: &Tensor, method: CamMethod) -> candle_core::Result<GradCam> {
-        self.check_input(xs)?;
         if xs.dim(0)? != 1 {
             candle_core::bail!("grad_cam takes one image, got a batch of {}", xs.dim(0)?);
         }
-        let (features, offset, stride, logit) = match &self.inner {
+        self.grad_cams(xs, method)?
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("no map for the image".into()))
+    }
+
+    /// The class activation maps of a batch `(B, 1, S, S)`, one per image, from one forward pass in
+    /// inference mode (each image's logit comes with its map, so the map costs no second pass).
+    /// Images do not interact: every layer runs per image at inference (batch norm uses its running
+    /// statistics), so the summed logits' gradient is each image's own.
+    pub fn grad_cams(&self, xs: &Tensor, method: CamMethod) -> candle_core::Result<Vec<GradCam>> {
+        self.check_input(xs)?;
+        let (features, offset, stride, logits) = match &self.inner {
             Inner::Seed(net) => {
                 let a = self.features(net, xs)?;
                 // Make the feature map a leaf so the backward pass reports its gradient, and run the head
@@ -119,10 +129,10 @@ impl FractureNet {
                 (a, offset, stride, logit)
             }
         };
-        let grads = logit.sum_all()?.backward()?;
+        let grads = logits.sum_all()?.backward()?;
         let a = features.as_tensor();
-        let (_, _, h, w) = a.dims4()?;
-        let map = match grads.get(a) {
+        let (b, _, h, w) = a.dims4()?;
+        let maps = match grads.get(a) {
             Some(g) => {
                 let weighted = match method {
                     CamMethod::GradCam => a.broadcast_mul(&g.mean_keepdim(3)?.mean_keepdim(2)?)?,
@@ -130,35 +140,70 @@ impl FractureNet {
                 };
                 weighted.sum(1)?.relu()?.flatten_all()?.to_vec1::<f32>()?
             }
-            None => vec![0.0; h * w],
+            None => vec![0.0; b * h * w],
         };
-        let max = map.iter().copied().fold(0.0f32, f32::max);
-        let map = if max > 0.0 {
-            map.iter().map(|v| v / max).collect()
-        } else {
-            map
-        };
-        let logit = logit
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?
-            .first()
-            .copied()
-            .unwrap_or(0.0);
-        Ok(GradCam {
-            method,
-            logit,
-            map,
-            height: h,
-            width: w,
-            offset,
-            stride,
-        })
+        let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        Ok(maps
+            .chunks(h * w)
+            .zip(logits)
+            .map(|(map, logit)| {
+                let max = map.iter().copied().fold(0.0f32, f32::max);
+                let map = if max > 0.0 {
+                    map.iter().map(|v| v / max).collect()
+                } else {
+                    map.to_vec()
+                };
+                GradCam {
+                    method,
+                    logit,
+                    map,
+                    height: h,
+                    width: w,
+                    offset,
+                    stride,
+                }
+            })
+            .collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_gives_each_image_its_own_map() {
+        let device = candle_core::Device::Cpu;
+        for config in [
+            crate::ModelConfig::seed(24),
+            crate::ModelConfig::efficientnet_lite0(64),
+        ] {
+            let model = crate::Model::new(&config, 3, &device).unwrap();
+            let s = config.image_size;
+            let xs = Tensor::rand(0f32, 1f32, (3, 1, s, s), &device).unwrap();
+            let batch = model.net.grad_cams(&xs, CamMethod::HiResCam).unwrap();
+            assert_eq!(batch.len(), 3);
+            for (i, cam) in batch.iter().enumerate() {
+                let one = model
+                    .net
+                    .grad_cam(&xs.narrow(0, i, 1).unwrap(), CamMethod::HiResCam)
+                    .unwrap();
+                assert!(
+                    (one.logit - cam.logit).abs() < 1e-4,
+                    "{} vs {}",
+                    one.logit,
+                    cam.logit
+                );
+                let diff = one
+                    .map
+                    .iter()
+                    .zip(&cam.map)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(diff < 1e-4, "{}: map differs by {diff}", config.arch_name());
+            }
+        }
+    }
 
     #[test]
     fn upsampling_follows_the_layer_geometry() {

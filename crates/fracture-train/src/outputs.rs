@@ -10,7 +10,7 @@ use fracture_plot::EpochPoint;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::{EpochReport, Error, Result, TrainedModel, Tta, predict_dataset, predict_images, truth};
+use crate::{EpochReport, Error, Result, TrainedModel, Tta, predict_dataset, predict_images, sigmoid, truth};
 
 /// The evaluation report's file name.
 pub const REPORT_JSON: &str = "report.json";
@@ -413,30 +413,38 @@ pub fn predict_files(
                 .index_axis_mut(fracture_data::ndarray::Axis(0), k)
                 .assign(&model.preprocess().to_input(img.view()));
         }
-        let probs = predict_images(&model.model.net, &batch, views, &device)?;
-        for (k, ((path, (_, dims)), p)) in chunk.iter().zip(probs).enumerate() {
-            let evidence = if with_evidence {
-                let plane: Vec<f32> = batch
-                    .index_axis(fracture_data::ndarray::Axis(0), k)
-                    .iter()
-                    .copied()
-                    .collect();
-                let x = candle_core::Tensor::from_vec(plane, (1, 1, s, s), &device)?;
-                let cam = model
+        // With evidence, one pass gives every image its map and its logit; test-time augmentation
+        // adds its views on top.
+        let cams = if with_evidence {
+            let x = candle_core::Tensor::from_vec(
+                batch.iter().copied().collect::<Vec<f32>>(),
+                (chunk.len(), 1, s, s),
+                &device,
+            )?;
+            Some(
+                model
                     .model
                     .net
-                    .grad_cam(&x, fracture_model::CamMethod::default())?;
+                    .grad_cams(&x, fracture_model::CamMethod::default())?,
+            )
+        } else {
+            None
+        };
+        let probs = match (&cams, views) {
+            (Some(cams), Tta::Off) => cams.iter().map(|c| sigmoid(c.logit)).collect(),
+            _ => predict_images(&model.model.net, &batch, views, &device)?,
+        };
+        for (k, ((path, (_, dims)), p)) in chunk.iter().zip(probs).enumerate() {
+            let evidence = cams.as_ref().and_then(|cams| {
                 let content = model.preprocess().content_box(dims.0, dims.1);
                 crate::evidence::locate(
-                    &cam.upsample(s),
+                    &cams[k].upsample(s),
                     s,
                     content,
                     *dims,
                     crate::evidence::EVIDENCE_LEVEL,
                 )
-            } else {
-                None
-            };
+            });
             out.push(Prediction {
                 path: path.clone(),
                 p_fractured: p,
