@@ -29,6 +29,19 @@ pub const OPERATING_POINT_KEY: &str = "fracture.operating_point";
 /// [`PretrainedOrigin`](fracture_model::PretrainedOrigin): file name, SHA-256, format).
 pub const PRETRAINED_KEY: &str = "fracture.pretrained";
 
+/// Metadata key of the folders a run trained on (JSON [`TrainingData`]).
+pub const TRAINING_DATA_KEY: &str = "fracture.training_data";
+
+/// The folders a model was trained on: the dataset (its train split, and its val split for the
+/// checkpoint and threshold) and the extra training folders (their train splits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainingData {
+    /// The dataset root, as given.
+    pub data: String,
+    /// Extra training roots, as given (`--extra-train`).
+    pub extra_train: Vec<String>,
+}
+
 /// The file name of the best model inside a run folder.
 pub const MODEL_FILE: &str = "model.safetensors";
 
@@ -52,6 +65,8 @@ pub struct ModelMeta {
     pub operating_point: Option<EvalReport>,
     /// The pretrained weights the run started from.
     pub pretrained: Option<fracture_model::PretrainedOrigin>,
+    /// The folders the run trained on.
+    pub training_data: Option<TrainingData>,
 }
 
 impl ModelMeta {
@@ -65,6 +80,7 @@ impl ModelMeta {
             validation: None,
             operating_point: None,
             pretrained: None,
+            training_data: None,
         }
     }
 
@@ -108,6 +124,10 @@ impl ModelMeta {
             self.operating_point.as_ref().map(json).transpose()?,
         );
         optional(PRETRAINED_KEY, self.pretrained.as_ref().map(json).transpose()?);
+        optional(
+            TRAINING_DATA_KEY,
+            self.training_data.as_ref().map(json).transpose()?,
+        );
         Ok(out)
     }
 
@@ -133,6 +153,7 @@ impl ModelMeta {
             validation: read(metadata, VALIDATION_KEY)?,
             operating_point: read(metadata, OPERATING_POINT_KEY)?,
             pretrained: read(metadata, PRETRAINED_KEY)?,
+            training_data: read(metadata, TRAINING_DATA_KEY)?,
         };
         meta.validate()?;
         Ok(meta)

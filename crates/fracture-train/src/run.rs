@@ -90,6 +90,18 @@ impl TrainSetup {
         }
     }
 
+    /// The folders this setup trains on, as recorded in the model file and `report.json`.
+    pub fn training_data(&self) -> crate::bundle::TrainingData {
+        crate::bundle::TrainingData {
+            data: fracture_data::path_text(&self.data),
+            extra_train: self
+                .extra_train
+                .iter()
+                .map(|p| fracture_data::path_text(p))
+                .collect(),
+        }
+    }
+
     /// The preprocessing: [`TrainSetup::fit`] at the network's input size.
     pub fn preprocess(&self) -> PreprocessConfig {
         self.fit.at(self.model.image_size)
@@ -233,6 +245,9 @@ pub struct RunReport {
     pub threshold_rule: fracture_eval::ThresholdRule,
     /// Evaluation of the best model per split.
     pub splits: BTreeMap<Split, EvalReport>,
+    /// The folders the run trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_data: Option<crate::bundle::TrainingData>,
 }
 
 /// Trains a model as `setup` describes, reporting progress through `on_event`.
@@ -362,6 +377,7 @@ fn final_report(
         threshold: best.threshold(),
         threshold_rule: cfg.threshold_rule,
         splits: reports.clone(),
+        training_data: Some(setup.training_data()),
     };
     let report_path = setup.out.join(REPORT_FILE);
     write_atomic(
@@ -405,6 +421,7 @@ fn save_best(
         validation: Some(report.clone()),
         operating_point: Some(EvalReport::new(&val.probabilities, &val.truth, threshold)?),
         pretrained: pretrained.cloned(),
+        training_data: Some(setup.training_data()),
     };
     Ok(model.save(path, &meta.to_metadata()?)?)
 }

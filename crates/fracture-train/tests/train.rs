@@ -657,6 +657,19 @@ fn extra_training_data_joins_the_train_split_and_never_the_validation() {
         notes.iter().any(|n| n.contains("adding 8 training images")),
         "{notes:?}"
     );
+    // The model file and report.json record both folders.
+    let saved = fracture_train::TrainedModel::load(&outcome.best_model, &Device::Cpu).unwrap();
+    let recorded = saved.meta.training_data.unwrap();
+    assert_eq!(
+        recorded.extra_train,
+        vec![fracture_train::data::path_text(&root.join("extra"))]
+    );
+    assert_eq!(recorded.data, fracture_train::data::path_text(&s.data));
+    let report = std::fs::read_to_string(outcome.out.join("report.json")).unwrap();
+    assert!(
+        report.contains("\"extra_train\"") && report.contains("extra"),
+        "{report}"
+    );
     let val = &outcome.reports[&Split::Val];
     assert_eq!(
         (val.n, val.positives),
