@@ -184,6 +184,18 @@ impl EfficientNet {
 
     /// The last feature map `(B, 1280, ⌈S/32⌉, ⌈S/32⌉)` after the head's ReLU6.
     pub(crate) fn features(&self, xs: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
+        let mid = self.features_until(xs, stats, k, self.blocks.len())?;
+        self.features_after(&mid, stats, k, self.blocks.len())
+    }
+
+    /// The stem and the first `blocks` inverted bottlenecks.
+    pub(crate) fn features_until(
+        &self,
+        xs: &Tensor,
+        stats: Stats,
+        k: Kernels,
+        blocks: usize,
+    ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let p = Padding::same(h, w, 3, 2);
         let x = xs
@@ -198,7 +210,22 @@ impl EfficientNet {
         let zero = Tensor::zeros(STEM_CHANNELS, DType::F32, xs.device())?.to_dtype(xs.dtype())?;
         let x = kernels::conv2d(&x, &self.stem, &zero, spec, k)?;
         let mut x = self.stem_bn.forward(&x, stats, Activation::Relu6, k)?;
-        for block in &self.blocks {
+        for block in self.blocks.iter().take(blocks) {
+            x = block.forward(&x, stats, k)?;
+        }
+        Ok(x)
+    }
+
+    /// The bottlenecks from index `from` on and the head convolution (with its BN and ReLU6).
+    pub(crate) fn features_after(
+        &self,
+        x: &Tensor,
+        stats: Stats,
+        k: Kernels,
+        from: usize,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for block in self.blocks.iter().skip(from) {
             x = block.forward(&x, stats, k)?;
         }
         self.head_bn.forward(
@@ -209,10 +236,29 @@ impl EfficientNet {
         )
     }
 
+    /// The number of bottlenecks whose output has stride 16 at most: the end of the last
+    /// stride-16 stage (11 of 16 for Lite0).
+    pub(crate) fn stride16_blocks(&self) -> usize {
+        let mut stride = 2;
+        let mut last = 0;
+        for (i, b) in self.blocks.iter().enumerate() {
+            stride *= b.stride;
+            if stride <= 16 {
+                last = i + 1;
+            }
+        }
+        last
+    }
+
     /// Input pixel coordinate of feature `i` of the last map for an `image_size` input,
     /// `offset + stride · i`: the centre of its receptive field, composed over the strided layers
     /// with their "SAME" padding.
     pub(crate) fn geometry(&self, image_size: usize) -> (f32, f32) {
+        self.geometry_until(image_size, self.blocks.len())
+    }
+
+    /// [`EfficientNet::geometry`] of the map after the first `blocks` bottlenecks.
+    pub(crate) fn geometry_until(&self, image_size: usize, blocks: usize) -> (f32, f32) {
         let (mut offset, mut stride, mut n) = (0.0f32, 1.0f32, image_size);
         let mut layer = |kernel: usize, s: usize| {
             let before = Padding::same(n, n, kernel, s).top;
@@ -223,7 +269,7 @@ impl EfficientNet {
             n = n.div_ceil(s);
         };
         layer(3, 2);
-        for b in &self.blocks {
+        for b in self.blocks.iter().take(blocks) {
             layer(b.kernel, b.stride);
         }
         (offset, stride)

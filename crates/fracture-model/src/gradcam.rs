@@ -30,6 +30,18 @@ pub enum CamMethod {
     HiResCam,
 }
 
+/// Which feature map a class activation map is computed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CamLayer {
+    /// The last convolutional map (stride 32 for EfficientNet-Lite0): the map the logit is computed
+    /// from, so HiResCAM there is the logit's exact decomposition; the default.
+    #[default]
+    Last,
+    /// For EfficientNet-Lite0, the output of its last stride-16 stage (112 channels): twice as fine,
+    /// with the gradient taken through the remaining blocks. The other networks use their last map.
+    Stride16,
+}
+
 /// A class activation map at the resolution of the last convolutional feature map.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GradCam {
@@ -99,6 +111,16 @@ impl FractureNet {
     /// Images do not interact: every layer runs per image at inference (batch norm uses its running
     /// statistics), so the summed logits' gradient is each image's own.
     pub fn grad_cams(&self, xs: &Tensor, method: CamMethod) -> candle_core::Result<Vec<GradCam>> {
+        self.grad_cams_at(xs, method, CamLayer::Last)
+    }
+
+    /// [`FractureNet::grad_cams`] on the feature map `layer` names.
+    pub fn grad_cams_at(
+        &self,
+        xs: &Tensor,
+        method: CamMethod,
+        layer: CamLayer,
+    ) -> candle_core::Result<Vec<GradCam>> {
         self.check_input(xs)?;
         let (features, offset, stride, logits) = match &self.inner {
             Inner::Seed(net) => {
@@ -118,6 +140,18 @@ impl FractureNet {
                 let pooled = a.as_tensor().mean(3)?.mean(2)?;
                 let logit = dense(&detached(&net.fc), &pooled, false, self.kernels)?.squeeze(1)?;
                 let (offset, stride) = net.geometry();
+                (a, offset, stride, logit)
+            }
+            Inner::EfficientNet(net) if layer == CamLayer::Stride16 => {
+                let running = crate::layers::Stats::Running;
+                let split = net.stride16_blocks();
+                let a = net.features_until(xs, running, self.kernels, split)?;
+                let a = Var::from_tensor(&a.detach())?;
+                // The remaining blocks run on the leaf, so the backward pass reaches it through them.
+                let rest = net.features_after(a.as_tensor(), running, self.kernels, split)?;
+                let pooled = rest.mean(3)?.mean(2)?;
+                let logit = dense(&detached(&net.fc), &pooled, false, self.kernels)?.squeeze(1)?;
+                let (offset, stride) = net.geometry_until(self.config().image_size, split);
                 (a, offset, stride, logit)
             }
             Inner::EfficientNet(net) => {
@@ -202,6 +236,22 @@ mod tests {
                     .fold(0.0f32, f32::max);
                 assert!(diff < 1e-4, "{}: map differs by {diff}", config.arch_name());
             }
+        }
+    }
+
+    #[test]
+    fn the_stride16_map_of_efficientnet_is_twice_as_fine_with_the_same_logit() {
+        let device = candle_core::Device::Cpu;
+        let config = crate::ModelConfig::efficientnet_lite0(64);
+        let model = crate::Model::new(&config, 5, &device).unwrap();
+        let xs = Tensor::rand(0f32, 1f32, (2, 1, 64, 64), &device).unwrap();
+        let last = model.net.grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Last).unwrap();
+        let fine = model.net.grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Stride16).unwrap();
+        for (a, b) in last.iter().zip(&fine) {
+            assert_eq!((a.height, a.width, a.stride), (2, 2, 32.0));
+            assert_eq!((b.height, b.width, b.stride), (4, 4, 16.0));
+            assert!((a.logit - b.logit).abs() < 1e-4, "{} vs {}", a.logit, b.logit);
+            assert!(b.map.iter().all(|v| (0.0..=1.0).contains(v)));
         }
     }
 

@@ -42,7 +42,7 @@ mod weights;
 pub use config::{ArchConfig, EfficientNetConfig, ModelConfig, ResNetConfig, SeedConfig};
 pub use device::{compiled_backends, describe_device, device};
 pub use error::{Error, Result};
-pub use gradcam::{CamMethod, GradCam};
+pub use gradcam::{CamLayer, CamMethod, GradCam};
 pub use init::seeded_var_builder;
 pub use kernels::Kernels;
 pub use net::FractureNet;

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use fracture_data::image::GrayImage;
 use fracture_data::{ContentBox, DecodeLimits, decode_gray};
-use fracture_model::CamMethod;
+use fracture_model::{CamLayer, CamMethod};
 
 use crate::{Result, TrainedModel, sigmoid};
 
@@ -95,6 +95,18 @@ impl TrainedModel {
         limits: &DecodeLimits,
         method: CamMethod,
     ) -> Result<Explanation> {
+        self.explain_bytes_at(bytes, origin, limits, method, CamLayer::Last)
+    }
+
+    /// [`TrainedModel::explain_bytes`] with the map taken on the feature map `layer` names.
+    pub fn explain_bytes_at(
+        &self,
+        bytes: &[u8],
+        origin: &Path,
+        limits: &DecodeLimits,
+        method: CamMethod,
+        layer: CamLayer,
+    ) -> Result<Explanation> {
         let image = decode_gray(bytes, origin, limits)?;
         let input = self
             .preprocess()
@@ -105,7 +117,12 @@ impl TrainedModel {
             (1, 1, s, s),
             &self.device(),
         )?;
-        let cam = self.model.net.grad_cam(&x, method)?;
+        let cam = self
+            .model
+            .net
+            .grad_cams_at(&x, method, layer)?
+            .pop()
+            .ok_or_else(|| crate::Error::InvalidConfig("no activation map for the image".into()))?;
         let p = sigmoid(cam.logit);
         let content = self.preprocess().content_box(image.width(), image.height());
         Ok(Explanation {

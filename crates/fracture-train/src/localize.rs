@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use fracture_data::{DecodeLimits, Item, read_file_limited};
 use fracture_eval::{LocalizationReport, Localized, PixelBox};
-use fracture_model::CamMethod;
+use fracture_model::{CamLayer, CamMethod};
 use serde::{Deserialize, Serialize};
 
 use crate::evidence::{EVIDENCE_LEVEL, Evidence};
@@ -112,6 +112,7 @@ pub fn localize_items(
     boxes: &BoxIndex,
     limits: &DecodeLimits,
     method: CamMethod,
+    layer: CamLayer,
     level: f32,
 ) -> Result<Localization> {
     let mut images = Vec::new();
@@ -122,7 +123,7 @@ pub fn localize_items(
             continue;
         };
         let bytes = read_file_limited(&item.path, limits)?;
-        let explained = model.explain_bytes(&bytes, &item.path, limits, method)?;
+        let explained = model.explain_bytes_at(&bytes, &item.path, limits, method, layer)?;
         let (w, h) = explained.image.dimensions();
         let evidence = explained.evidence_at(level);
         let margin = POINTING_MARGIN * f64::from(w.max(h));

@@ -10,6 +10,12 @@ use fracture_train::outputs::{EvalSource, ThresholdChoice, evaluate_items, write
 
 use crate::commands::{fmt_ci, fmt_opt, pick_device};
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LayerArg {
+    Last,
+    Stride16,
+}
+
 /// Arguments of `fracture eval`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -51,6 +57,10 @@ pub(crate) struct Args {
     /// images that have boxes; writes localization.json and contact_sheet.png (the first 24).
     #[arg(long, value_name = "FILE.csv")]
     boxes: Option<PathBuf>,
+    /// The feature map the activation map is taken on (with `--boxes`): the last one, or for
+    /// EfficientNet-Lite0 the twice finer output of its last stride-16 stage.
+    #[arg(long, value_enum, default_value_t = LayerArg::Last)]
+    cam_layer: LayerArg,
     /// The share of the map's maximum that bounds the evidence box (with `--boxes`).
     #[arg(long, default_value_t = fracture_train::evidence::EVIDENCE_LEVEL)]
     evidence_level: f32,
@@ -107,7 +117,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     .context("cannot write the evaluation")?;
     print_table(&evaluation.report, split, args.tta);
     if let Some(boxes) = &args.boxes {
-        written.extend(localization(&model, &items, boxes, args.evidence_level, &out)?);
+        let layer = match args.cam_layer {
+            LayerArg::Last => fracture_train::model::CamLayer::Last,
+            LayerArg::Stride16 => fracture_train::model::CamLayer::Stride16,
+        };
+        written.extend(localization(
+            &model,
+            &items,
+            boxes,
+            layer,
+            args.evidence_level,
+            &out,
+        )?);
     }
     println!("wrote:");
     for f in written {
@@ -189,6 +210,7 @@ fn localization(
     model: &TrainedModel,
     items: &[Item],
     boxes: &Path,
+    layer: fracture_train::model::CamLayer,
     level: f32,
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
@@ -198,7 +220,7 @@ fn localization(
     }
     let index = read_boxes(boxes).context("cannot read the boxes")?;
     let limits = fracture_train::data::DecodeLimits::default();
-    let found = localize_items(model, items, &index, &limits, Default::default(), level)
+    let found = localize_items(model, items, &index, &limits, Default::default(), layer, level)
         .context("localization failed")?;
     let r = &found.report;
     println!(
