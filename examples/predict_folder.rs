@@ -37,7 +37,14 @@ fn main() -> anyhow::Result<()> {
     let (items, _) = discover_labelled_images(&folder)?;
     let files: Vec<PathBuf> = items.into_iter().map(|i| i.path).collect();
     // With evidence: each row also says where in the image the evidence lies (peak and box).
-    let (predictions, unreadable) = predict_files(&model, &files, false, true, 32, &DecodeLimits::default())?;
+    let (predictions, unreadable) = predict_files(
+        &model,
+        &files,
+        false,
+        Some(Default::default()),
+        32,
+        &DecodeLimits::default(),
+    )?;
     for skipped in &unreadable {
         eprintln!("unreadable: {}: {}", skipped.path.display(), skipped.reason);
     }

@@ -245,8 +245,14 @@ mod tests {
         let config = crate::ModelConfig::efficientnet_lite0(64);
         let model = crate::Model::new(&config, 5, &device).unwrap();
         let xs = Tensor::rand(0f32, 1f32, (2, 1, 64, 64), &device).unwrap();
-        let last = model.net.grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Last).unwrap();
-        let fine = model.net.grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Stride16).unwrap();
+        let last = model
+            .net
+            .grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Last)
+            .unwrap();
+        let fine = model
+            .net
+            .grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Stride16)
+            .unwrap();
         for (a, b) in last.iter().zip(&fine) {
             assert_eq!((a.height, a.width, a.stride), (2, 2, 32.0));
             assert_eq!((b.height, b.width, b.stride), (4, 4, 16.0));

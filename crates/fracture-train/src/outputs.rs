@@ -375,14 +375,15 @@ pub struct Prediction {
 type Decoded = (fracture_data::ndarray::Array2<u8>, (u32, u32));
 
 /// Predicts every file: decoded in parallel with the model's preprocessing, then run in batches.
-/// With `with_evidence`, each prediction also carries its [`Evidence`](crate::evidence::Evidence)
+/// With `evidence` (the feature map to take it on), each prediction also carries its
+/// [`Evidence`](crate::evidence::Evidence)
 /// (the activation map of the plain image: one more pass per image). Returns the predictions
 /// (input order, unreadable files left out) and the unreadable files.
 pub fn predict_files(
     model: &TrainedModel,
     files: &[PathBuf],
     tta: bool,
-    with_evidence: bool,
+    evidence: Option<fracture_model::CamLayer>,
     batch_size: usize,
     limits: &DecodeLimits,
 ) -> Result<(Vec<Prediction>, Vec<Skipped>)> {
@@ -415,7 +416,7 @@ pub fn predict_files(
         }
         // With evidence, one pass gives every image its map and its logit; test-time augmentation
         // adds its views on top.
-        let cams = if with_evidence {
+        let cams = if let Some(layer) = evidence {
             let x = candle_core::Tensor::from_vec(
                 batch.iter().copied().collect::<Vec<f32>>(),
                 (chunk.len(), 1, s, s),
@@ -425,7 +426,7 @@ pub fn predict_files(
                 model
                     .model
                     .net
-                    .grad_cams(&x, fracture_model::CamMethod::default())?,
+                    .grad_cams_at(&x, fracture_model::CamMethod::default(), layer)?,
             )
         } else {
             None

@@ -33,6 +33,10 @@ pub(crate) struct Args {
     /// the CSV, which cost one more pass through the network's head per image).
     #[arg(long)]
     no_evidence: bool,
+    /// The feature map the evidence is taken on: the last one, or for EfficientNet-Lite0 the twice
+    /// finer output of its last stride-16 stage.
+    #[arg(long, value_enum, default_value_t = LayerArg::Last)]
+    cam_layer: LayerArg,
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -48,6 +52,12 @@ pub(crate) struct Args {
     /// predicted and printed).
     #[arg(long)]
     keep_going: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LayerArg {
+    Last,
+    Stride16,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -81,8 +91,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         ..DecodeLimits::default()
     };
     let with_evidence = !args.no_evidence && !matches!(args.format, Format::Table);
-    let (predictions, skipped) =
-        predict_files(&model, &files, args.tta, with_evidence, args.batch_size, &limits)?;
+    let layer = match args.cam_layer {
+        LayerArg::Last => fracture_train::model::CamLayer::Last,
+        LayerArg::Stride16 => fracture_train::model::CamLayer::Stride16,
+    };
+    let (predictions, skipped) = predict_files(
+        &model,
+        &files,
+        args.tta,
+        with_evidence.then_some(layer),
+        args.batch_size,
+        &limits,
+    )?;
     for s in &skipped {
         eprintln!("error: {}", s.reason);
     }
