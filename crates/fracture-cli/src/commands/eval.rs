@@ -11,6 +11,12 @@ use fracture_train::outputs::{EvalSource, ThresholdChoice, evaluate_items, write
 use crate::commands::{fmt_ci, fmt_opt, pick_device};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    Hirescam,
+    Gradcam,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum LayerArg {
     Last,
     Stride16,
@@ -61,6 +67,10 @@ pub(crate) struct Args {
     /// EfficientNet-Lite0 the twice finer output of its last stride-16 stage.
     #[arg(long, value_enum, default_value_t = LayerArg::Last)]
     cam_layer: LayerArg,
+    /// How channel evidence is combined into the map (with `--boxes`): HiResCAM (gradient times
+    /// activation per position, the default) or Grad-CAM (channels weighted by their mean gradient).
+    #[arg(long, value_enum, default_value_t = MethodArg::Hirescam)]
+    cam_method: MethodArg,
     /// The share of the map's maximum that bounds the evidence box (with `--boxes`).
     #[arg(long, default_value_t = fracture_train::evidence::EVIDENCE_LEVEL)]
     evidence_level: f32,
@@ -121,11 +131,16 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             LayerArg::Last => fracture_train::model::CamLayer::Last,
             LayerArg::Stride16 => fracture_train::model::CamLayer::Stride16,
         };
+        let method = match args.cam_method {
+            MethodArg::Hirescam => fracture_train::model::CamMethod::HiResCam,
+            MethodArg::Gradcam => fracture_train::model::CamMethod::GradCam,
+        };
+        let cam = (method, layer);
         written.extend(localization(
             &model,
             &items,
             boxes,
-            layer,
+            cam,
             args.evidence_level,
             &out,
         )?);
@@ -210,7 +225,7 @@ fn localization(
     model: &TrainedModel,
     items: &[Item],
     boxes: &Path,
-    layer: fracture_train::model::CamLayer,
+    (method, layer): (fracture_train::model::CamMethod, fracture_train::model::CamLayer),
     level: f32,
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
@@ -220,8 +235,8 @@ fn localization(
     }
     let index = read_boxes(boxes).context("cannot read the boxes")?;
     let limits = fracture_train::data::DecodeLimits::default();
-    let found = localize_items(model, items, &index, &limits, Default::default(), layer, level)
-        .context("localization failed")?;
+    let found =
+        localize_items(model, items, &index, &limits, method, layer, level).context("localization failed")?;
     let r = &found.report;
     println!(
         "localization: {} fractured images with boxes ({} without), evidence boxes at {:.2} of the map's maximum",
