@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use anyhow::bail;
 use fracture_train::TrainedModel;
 use fracture_train::candle_core::Device;
-use fracture_train::data::{DecodeLimits, Label, discover_labelled_images};
-use fracture_train::outputs::{CsvColumns, PredictionRow, predict_files, predictions_csv};
+use fracture_train::data::{DecodeLimits, discover_labelled_images};
+use fracture_train::outputs::{CsvColumns, Prediction, predict_files, predictions_csv};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -48,16 +48,7 @@ fn main() -> anyhow::Result<()> {
     for skipped in &unreadable {
         eprintln!("unreadable: {}: {}", skipped.path.display(), skipped.reason);
     }
-    let rows: Vec<PredictionRow<'_>> = predictions
-        .iter()
-        .map(|p| PredictionRow {
-            path: &p.path,
-            truth: None,
-            p_fractured: p.p_fractured,
-            predicted: Label::from_fractured(p.fractured),
-            evidence: p.evidence,
-        })
-        .collect();
+    let rows: Vec<_> = predictions.iter().map(Prediction::row).collect();
     let columns = CsvColumns {
         truth: false,
         evidence: true,

@@ -87,46 +87,32 @@ fn fuzz(args: &[String]) -> Result<(), DynError> {
         return Err(format!("fuzz: --seconds {seconds} must be positive").into());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    status(
-        Command::new(&cargo)
-            .current_dir(project_root())
-            .env("FRACTURE_FUZZ_SECONDS", seconds.to_string())
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "fracture-data",
-                "-p",
-                "fracture-fetch",
-                "-p",
-                "fracture-train",
-                "--test",
-                "fuzz",
-                "--",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ]),
-    )?;
-    // The server's upload path lives in the binary, so its property is a unit test there.
-    status(
-        Command::new(&cargo)
-            .current_dir(project_root())
-            .env("FRACTURE_FUZZ_SECONDS", seconds.to_string())
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "fracture-cli",
-                "--bin",
-                "fracture",
-                "fuzz_",
-                "--",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ]),
-    )
+    // The library properties are the `fuzz` integration tests; the server's upload path lives in
+    // the binary, so its property is a unit test there (`fuzz_…`).
+    let targets: [&[&str]; 2] = [
+        &[
+            "-p",
+            "fracture-data",
+            "-p",
+            "fracture-fetch",
+            "-p",
+            "fracture-train",
+            "--test",
+            "fuzz",
+        ],
+        &["-p", "fracture-cli", "--bin", "fracture", "fuzz_"],
+    ];
+    for target in targets {
+        status(
+            Command::new(&cargo)
+                .current_dir(project_root())
+                .env("FRACTURE_FUZZ_SECONDS", seconds.to_string())
+                .args(["test", "--release"])
+                .args(target)
+                .args(["--", "--nocapture", "--test-threads", "1"]),
+        )?;
+    }
+    Ok(())
 }
 
 fn project_root() -> PathBuf {

@@ -9,8 +9,9 @@ use fracture_eval::{LocalizationReport, Localized, PixelBox};
 use fracture_model::{CamLayer, CamMethod};
 use serde::{Deserialize, Serialize};
 
-use crate::evidence::{EVIDENCE_LEVEL, Evidence};
-use crate::{Error, Result, TrainedModel};
+use crate::evidence::Evidence;
+use crate::outputs::{csv_error, open_csv};
+use crate::{Result, TrainedModel};
 
 /// The pointing game's tolerance: a peak within this share of the image's longer side of a box
 /// counts as inside it.
@@ -28,12 +29,8 @@ pub type BoxIndex = HashMap<String, Vec<PixelBox>>;
 /// such as `split` are ignored; an image may have several rows). A bad row is an error naming its
 /// line.
 pub fn read_boxes(path: &Path) -> Result<BoxIndex> {
-    let bad = |line: u64, why: &str| Error::InvalidConfig(format!("{}:{line}: {why}", path.display()));
-    let mut reader = csv::Reader::from_path(path).map_err(|e| match e.into_kind() {
-        csv::ErrorKind::Io(io) => Error::io(path, io),
-        other => bad(1, &format!("{other:?}")),
-    })?;
-    let header = reader.headers().map_err(|e| bad(1, &e.to_string()))?.clone();
+    let bad = |line: u64, why: &str| csv_error(path, line, why);
+    let (mut reader, header) = open_csv(path)?;
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
     let (Some(id), Some(x), Some(y), Some(w), Some(h)) = (col("id"), col("x"), col("y"), col("w"), col("h"))
     else {
@@ -170,6 +167,3 @@ pub fn contact_sheet(localization: &Localization, limits: &DecodeLimits, count: 
         .collect();
     Ok(fracture_plot::contact_sheet_png(&tiles, 6, 256)?)
 }
-
-/// The default level of evidence boxes, re-exported for callers choosing another.
-pub const DEFAULT_LEVEL: f32 = EVIDENCE_LEVEL;

@@ -318,14 +318,29 @@ pub fn write_training_curves(path: &Path, history: &[EpochReport]) -> Result<()>
     write(path, &png).map(|_| ())
 }
 
-/// Reads a run's `metrics.csv` (the columns [`crate::run::metrics_csv`] writes; others are ignored).
-pub fn read_metrics_csv(path: &Path) -> Result<Vec<EpochPoint>> {
-    let bad = |line: u64, why: &str| Error::InvalidConfig(format!("{}:{line}: {why}", path.display()));
+/// An error about line `line` of the CSV file `path`.
+pub(crate) fn csv_error(path: &Path, line: u64, why: &str) -> Error {
+    Error::InvalidConfig(format!("{}:{line}: {why}", path.display()))
+}
+
+/// Opens the CSV file `path` and reads its header row; a file that cannot be opened is an I/O error
+/// naming it, a header that cannot be read an error naming line 1.
+pub(crate) fn open_csv(path: &Path) -> Result<(csv::Reader<std::fs::File>, csv::StringRecord)> {
     let mut reader = csv::Reader::from_path(path).map_err(|e| match e.into_kind() {
         csv::ErrorKind::Io(io) => Error::io(path, io),
-        other => bad(1, &format!("{other:?}")),
+        other => csv_error(path, 1, &format!("{other:?}")),
     })?;
-    let header = reader.headers().map_err(|e| bad(1, &e.to_string()))?.clone();
+    let header = reader
+        .headers()
+        .map_err(|e| csv_error(path, 1, &e.to_string()))?
+        .clone();
+    Ok((reader, header))
+}
+
+/// Reads a run's `metrics.csv` (the columns [`crate::run::metrics_csv`] writes; others are ignored).
+pub fn read_metrics_csv(path: &Path) -> Result<Vec<EpochPoint>> {
+    let bad = |line: u64, why: &str| csv_error(path, line, why);
+    let (mut reader, header) = open_csv(path)?;
     let col = |name: &str| header.iter().position(|h| h == name);
     let (Some(e), Some(tl), Some(vl), Some(auc), Some(sens), Some(spec)) = (
         col("epoch"),
@@ -370,6 +385,19 @@ pub struct Prediction {
     /// Where the evidence lies in the image's own pixels, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<crate::evidence::Evidence>,
+}
+
+impl Prediction {
+    /// This prediction as a row of [`predictions_csv`] (no truth: a prediction does not know it).
+    pub fn row(&self) -> PredictionRow<'_> {
+        PredictionRow {
+            path: &self.path,
+            truth: None,
+            p_fractured: self.p_fractured,
+            predicted: fracture_data::Label::from_fractured(self.fractured),
+            evidence: self.evidence,
+        }
+    }
 }
 
 type Decoded = (fracture_data::ndarray::Array2<u8>, (u32, u32));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use fracture_train::TrainedModel;
 use fracture_train::data::{DecodeLimits, Label, list_image_files, path_text};
-use fracture_train::outputs::{CsvColumns, Prediction, PredictionRow, predict_files, predictions_csv};
+use fracture_train::outputs::{CsvColumns, Prediction, predict_files, predictions_csv};
 
 use crate::commands::pick_device;
 
@@ -125,16 +125,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             serde_json_lines(&predictions, with_evidence, model.threshold(), &partial)?
         ),
         Format::Csv => {
-            let rows: Vec<PredictionRow<'_>> = predictions
-                .iter()
-                .map(|p| PredictionRow {
-                    path: &p.path,
-                    truth: None,
-                    p_fractured: p.p_fractured,
-                    predicted: Label::from_fractured(p.fractured),
-                    evidence: p.evidence,
-                })
-                .collect();
+            let rows: Vec<_> = predictions.iter().map(Prediction::row).collect();
             let columns = CsvColumns {
                 truth: false,
                 evidence: with_evidence,
