@@ -158,14 +158,14 @@ impl Augmenter {
     }
 }
 
-impl Augment for Augmenter {
-    fn apply(&self, image: &mut Array2<f32>, rng: &mut dyn RngCore) {
+impl Augmenter {
+    /// The random values of one application, drawn from `rng` exactly as [`Augment::apply`] draws
+    /// them: from a generator in the same state, `apply` transforms the image by this draw. A
+    /// trainer uses it to move annotations (boxes) along with their image.
+    pub fn draw(&self, rng: &mut dyn RngCore) -> AugmentDraw {
         let c = &self.config;
-        if c.is_identity() {
-            return;
-        }
-        // Draw every random value in a fixed order so a sample's randomness does not depend on
-        // which other augmentations are switched on.
+        // Every random value in a fixed order, so a sample's randomness does not depend on which
+        // other augmentations are switched on.
         let hflip = rng.random_bool(0.5);
         let vflip = rng.random_bool(0.5);
         let angle: f32 = rng.random_range(-1.0..=1.0) * c.rotation_deg;
@@ -180,30 +180,123 @@ impl Augment for Augmenter {
         } else {
             1.0
         };
+        AugmentDraw {
+            hflip: c.horizontal_flip && hflip,
+            vflip: c.vertical_flip && vflip,
+            warp: c.has_warp().then_some(WarpDraw {
+                angle_deg: angle,
+                zoom,
+                shift: [dx, dy],
+            }),
+            bright,
+            contrast,
+            gamma,
+        }
+    }
+}
 
-        if c.horizontal_flip && hflip {
+/// The random values of one augmentation (see [`Augmenter::draw`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AugmentDraw {
+    /// Mirrored left-right.
+    pub hflip: bool,
+    /// Mirrored top-bottom (after the left-right mirror).
+    pub vflip: bool,
+    /// The affine warp, when one is switched on.
+    pub warp: Option<WarpDraw>,
+    bright: f32,
+    contrast: f32,
+    gamma: f32,
+}
+
+/// The warp of an [`AugmentDraw`]: rotation and zoom about the image centre, then a shift.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WarpDraw {
+    /// Rotation, degrees.
+    pub angle_deg: f32,
+    /// Scale factor (above 1 enlarges the content).
+    pub zoom: f32,
+    /// Translation `[x, y]` as a fraction of the width and height.
+    pub shift: [f32; 2],
+}
+
+impl WarpDraw {
+    fn on(&self, (h, w): (usize, usize)) -> Warp {
+        Warp {
+            angle_rad: self.angle_deg.to_radians(),
+            zoom: self.zoom,
+            shift_x: self.shift[0] * w as f32,
+            shift_y: self.shift[1] * h as f32,
+        }
+    }
+}
+
+impl AugmentDraw {
+    /// Where the point `(x, y)` of an `(h, w)` image lands in the augmented image, in continuous
+    /// pixel coordinates (pixel `i` spans `[i, i + 1)`): the flips, then the warp.
+    pub fn map_point(&self, (x, y): (f32, f32), (h, w): (usize, usize)) -> (f32, f32) {
+        let x = if self.hflip { w as f32 - x } else { x };
+        let y = if self.vflip { h as f32 - y } else { y };
+        match self.warp {
+            None => (x, y),
+            Some(warp) => {
+                let warp = warp.on((h, w));
+                // Pixel centres sit at i + 0.5; the warp works on centre indices.
+                let (px, py) = warp.forward(x - 0.5, y - 0.5, (h, w));
+                (px + 0.5, py + 0.5)
+            }
+        }
+    }
+
+    /// The axis-aligned box `[x, y, width, height]` around the augmented corners of `region` (a box
+    /// in an `(h, w)` image, pixels), clipped to the image; `None` when nothing of it stays inside.
+    pub fn map_box(&self, region: [f32; 4], (h, w): (usize, usize)) -> Option<[f32; 4]> {
+        let [x, y, bw, bh] = region;
+        let corners = [(x, y), (x + bw, y), (x, y + bh), (x + bw, y + bh)].map(|p| self.map_point(p, (h, w)));
+        let x0 = corners.iter().map(|c| c.0).fold(f32::INFINITY, f32::min).max(0.0);
+        let y0 = corners.iter().map(|c| c.1).fold(f32::INFINITY, f32::min).max(0.0);
+        let x1 = corners
+            .iter()
+            .map(|c| c.0)
+            .fold(f32::NEG_INFINITY, f32::max)
+            .min(w as f32);
+        let y1 = corners
+            .iter()
+            .map(|c| c.1)
+            .fold(f32::NEG_INFINITY, f32::max)
+            .min(h as f32);
+        (x1 > x0 && y1 > y0).then_some([x0, y0, x1 - x0, y1 - y0])
+    }
+
+    /// Applies this draw to `image` (as [`Augment::apply`] does with the same values).
+    pub fn apply(&self, image: &mut Array2<f32>, config: &AugmentConfig) {
+        if self.hflip {
             flip_horizontal(image);
         }
-        if c.vertical_flip && vflip {
+        if self.vflip {
             flip_vertical(image);
         }
-        if c.has_warp() {
-            let (h, w) = image.dim();
-            let warp = Warp {
-                angle_rad: angle.to_radians(),
-                zoom,
-                shift_x: dx * w as f32,
-                shift_y: dy * h as f32,
-            };
-            *image = warp.apply(image, c.fill);
+        if let Some(warp) = self.warp {
+            *image = warp.on(image.dim()).apply(image, config.fill);
         }
-        if c.brightness != 0.0 || c.contrast != 0.0 {
+        if config.brightness != 0.0 || config.contrast != 0.0 {
             let mean = image.mean().unwrap_or(0.0);
+            let (contrast, bright) = (self.contrast, self.bright);
             image.mapv_inplace(|v| ((v - mean) * contrast + mean + bright).clamp(0.0, 1.0));
         }
-        if gamma != 1.0 {
+        if self.gamma != 1.0 {
+            let gamma = self.gamma;
             image.mapv_inplace(|v| v.powf(gamma));
         }
+    }
+}
+
+impl Augment for Augmenter {
+    fn apply(&self, image: &mut Array2<f32>, rng: &mut dyn RngCore) {
+        if self.config.is_identity() {
+            return;
+        }
+        self.draw(rng).apply(image, &self.config);
     }
 }
 
@@ -233,6 +326,17 @@ struct Warp {
 }
 
 impl Warp {
+    /// Where centre-index point `(x, y)` of an `(h, w)` image goes: `c + t + zoom · R(angle) · (p − c)`.
+    fn forward(&self, x: f32, y: f32, (h, w): (usize, usize)) -> (f32, f32) {
+        let (cx, cy) = ((w as f32 - 1.0) * 0.5, (h as f32 - 1.0) * 0.5);
+        let (sin, cos) = self.angle_rad.sin_cos();
+        let (ux, uy) = (x - cx, y - cy);
+        (
+            cx + self.shift_x + self.zoom * (cos * ux - sin * uy),
+            cy + self.shift_y + self.zoom * (sin * ux + cos * uy),
+        )
+    }
+
     /// Resamples `src` through the inverse transform with bilinear interpolation.
     fn apply(&self, src: &Array2<f32>, fill: FillMode) -> Array2<f32> {
         let (h, w) = src.dim();
@@ -309,6 +413,73 @@ mod tests {
         prop_assert_eq!(img.dim(), (h, w));
         prop_assert!(img.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
         Ok(())
+    }
+
+    /// The box `[x, y, w, h]` around the pixels above 0.5.
+    fn bright_box(image: &Array2<f32>) -> Option<[f32; 4]> {
+        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+        for ((y, x), &v) in image.indexed_iter() {
+            if v > 0.5 {
+                (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1));
+            }
+        }
+        (x0 < x1).then(|| [x0 as f32, y0 as f32, (x1 - x0) as f32, (y1 - y0) as f32])
+    }
+
+    fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+        let ix = (a[0] + a[2]).min(b[0] + b[2]) - a[0].max(b[0]);
+        let iy = (a[1] + a[3]).min(b[1] + b[3]) - a[1].max(b[1]);
+        let inter = ix.max(0.0) * iy.max(0.0);
+        inter / (a[2] * a[3] + b[2] * b[3] - inter)
+    }
+
+    #[test]
+    fn a_box_moves_with_its_image() {
+        // A white rectangle on black, augmented with every geometric transform on and nothing else:
+        // the mapped box is the box around the rectangle's pixels in the augmented image.
+        let config = AugmentConfig {
+            brightness: 0.0,
+            contrast: 0.0,
+            fill: FillMode::Constant(0.0),
+            rotation_deg: 20.0,
+            zoom: [0.8, 1.2],
+            shift: 0.15,
+            ..AugmentConfig::default()
+        };
+        let aug = Augmenter::new(config).unwrap();
+        let (h, w) = (96, 80);
+        let region = [20.0f32, 50.0, 24.0, 16.0];
+        let mut image = Array2::<f32>::zeros((h, w));
+        for y in 50..66 {
+            for x in 20..44 {
+                image[[y, x]] = 1.0;
+            }
+        }
+        let (mut flips, mut checked) = (0, 0);
+        for seed in 0..60u64 {
+            let draw = aug.draw(&mut sample_rng(seed, 1, 2));
+            let mut moved = image.clone();
+            aug.apply(&mut moved, &mut sample_rng(seed, 1, 2));
+            let mut by_draw = image.clone();
+            draw.apply(&mut by_draw, aug.config());
+            assert_eq!(moved, by_draw, "seed {seed}: the draw is not the one apply used");
+            flips += usize::from(draw.hflip) + usize::from(draw.vflip);
+            let (Some(want), Some(got)) = (bright_box(&moved), draw.map_box(region, (h, w))) else {
+                continue;
+            };
+            checked += 1;
+            assert!(
+                iou(want, got) > 0.8,
+                "seed {seed}: {want:?} vs {got:?} ({draw:?})"
+            );
+        }
+        assert!(checked > 50 && flips > 30, "{checked} checked, {flips} flips");
+        // Without augmentation the box stays put; a box pushed outside is gone.
+        let none = Augmenter::new(AugmentConfig::none())
+            .unwrap()
+            .draw(&mut sample_rng(0, 0, 0));
+        assert_eq!(none.map_box(region, (h, w)), Some(region));
+        assert_eq!(none.map_box([90.0, 0.0, 5.0, 5.0], (h, w)), None);
     }
 
     proptest! {

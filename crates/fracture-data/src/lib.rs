@@ -41,7 +41,10 @@ mod preprocess;
 mod split;
 mod summary;
 
-pub use augment::{Augment, AugmentConfig, Augmenter, FillMode, flip_horizontal, flip_vertical, sample_rng};
+pub use augment::{
+    Augment, AugmentConfig, AugmentDraw, Augmenter, FillMode, WarpDraw, flip_horizontal, flip_vertical,
+    sample_rng,
+};
 pub use batch::{Batch, BatchAugment, epoch_order, make_batch};
 pub use dataset::{Dataset, FolderDataset, LoadOptions, LoadStats, Sample};
 pub use decode::{DecodeLimits, WINDOW_TAIL, decode_gray, read_file_limited, window16};

@@ -53,6 +53,11 @@ pub struct EfficientNetConfig {
     /// Weight of a batch's statistics in the batch norms' running statistics (PyTorch convention,
     /// `running = (1 − m)·running + m·batch`; default 0.01, as the ImageNet network).
     pub bn_momentum: f64,
+    /// A localization head on the last stride-16 stage (see [`crate::FractureNet::forward_with_map`]):
+    /// a map of fracture logits trained from annotated boxes, for the evidence of a prediction.
+    /// Off by default; model files written before it existed read as off.
+    #[serde(default)]
+    pub localization_head: bool,
 }
 
 impl Default for EfficientNetConfig {
@@ -60,6 +65,7 @@ impl Default for EfficientNetConfig {
         EfficientNetConfig {
             dropout: 0.2,
             bn_momentum: 0.01,
+            localization_head: false,
         }
     }
 }

@@ -53,6 +53,58 @@ pub(crate) struct EfficientNet {
     head_bn: BatchNorm,
     pub(crate) fc: Linear,
     pub(crate) p_dropout: f32,
+    /// The localization head, when the configuration asks for one.
+    pub(crate) loc: Option<LocHead>,
+}
+
+/// Channels of the localization head's hidden layer.
+const LOC_CHANNELS: usize = 64;
+/// The initial bias of the localization map's logits: sigmoid(−4) ≈ 0.018, about the share of a
+/// radiograph's cells a fracture covers, so training starts from the prior instead of 0.5 everywhere.
+const LOC_PRIOR_LOGIT: f64 = -4.0;
+
+/// The localization head: Conv 3×3 (112 → 64, padding 1) → ReLU → Conv 1×1 (64 → 1) on the output of
+/// the last stride-16 stage; parameters `head.loc.conv1.*`, `head.loc.conv2.*`.
+#[derive(Debug)]
+pub(crate) struct LocHead {
+    conv1_w: Tensor,
+    conv1_b: Tensor,
+    conv2_w: Tensor,
+    conv2_b: Tensor,
+}
+
+impl LocHead {
+    fn new(cin: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let vb1 = vb.pp("conv1");
+        let vb2 = vb.pp("conv2");
+        Ok(LocHead {
+            conv1_w: conv_weight((LOC_CHANNELS, cin, 3, 3), vb1.clone())?,
+            conv1_b: vb1.get_with_hints(LOC_CHANNELS, "bias", candle_nn::Init::Const(0.0))?,
+            conv2_w: vb2.get_with_hints(
+                (1, LOC_CHANNELS, 1, 1),
+                "weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.01,
+                },
+            )?,
+            conv2_b: vb2.get_with_hints(1, "bias", candle_nn::Init::Const(LOC_PRIOR_LOGIT))?,
+        })
+    }
+
+    /// The map's logits `(B, H, W)` from stride-16 features `(B, C, H, W)`.
+    pub(crate) fn forward(&self, a: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+        let spec = ConvSpec {
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            relu: true,
+        };
+        let h = kernels::conv2d(a, &self.conv1_w, &self.conv1_b, spec, k)?;
+        let m =
+            kernels::conv1x1(&h, &self.conv2_w, k)?.broadcast_add(&self.conv2_b.reshape((1, 1, 1, 1))?)?;
+        m.squeeze(1)
+    }
 }
 
 fn conv_weight(shape: (usize, usize, usize, usize), vb: VarBuilder<'_>) -> Result<Tensor> {
@@ -179,6 +231,11 @@ impl EfficientNet {
             head_bn: BatchNorm::new(HEAD_CHANNELS, 1.0, BN_EPS, m, vb.pp("_bn1"))?,
             fc: candle_nn::linear(HEAD_CHANNELS, 1, vb.pp("head.fc"))?,
             p_dropout: cfg.dropout,
+            loc: if cfg.localization_head {
+                Some(LocHead::new(LITE0_STAGES[4].3, vb.pp("head.loc"))?)
+            } else {
+                None
+            },
         })
     }
 

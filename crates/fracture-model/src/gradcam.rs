@@ -40,6 +40,11 @@ pub enum CamLayer {
     /// For EfficientNet-Lite0, the output of its last stride-16 stage (112 channels): twice as fine,
     /// with the gradient taken through the remaining blocks. The other networks use their last map.
     Stride16,
+    /// The localization head's map (EfficientNet-Lite0 trained with boxes, see
+    /// [`FractureNet::forward_with_map`]): `sigmoid` of its logits, scaled to [0, 1], from the
+    /// forward pass alone (no backward pass). An error for a network without the head; the
+    /// method does not apply.
+    Head,
 }
 
 /// A class activation map at the resolution of the last convolutional feature map.
@@ -122,6 +127,9 @@ impl FractureNet {
         layer: CamLayer,
     ) -> candle_core::Result<Vec<GradCam>> {
         self.check_input(xs)?;
+        if layer == CamLayer::Head {
+            return self.head_maps(xs, method);
+        }
         let (features, offset, stride, logits) = match &self.inner {
             Inner::Seed(net) => {
                 let a = self.features(net, xs)?;
@@ -176,29 +184,63 @@ impl FractureNet {
             }
             None => vec![0.0; b * h * w],
         };
-        let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        Ok(maps
-            .chunks(h * w)
-            .zip(logits)
-            .map(|(map, logit)| {
-                let max = map.iter().copied().fold(0.0f32, f32::max);
-                let map = if max > 0.0 {
-                    map.iter().map(|v| v / max).collect()
-                } else {
-                    map.to_vec()
-                };
-                GradCam {
-                    method,
-                    logit,
-                    map,
-                    height: h,
-                    width: w,
-                    offset,
-                    stride,
-                }
-            })
-            .collect())
+        scaled_maps(&maps, &logits, method, (h, w), (offset, stride))
     }
+
+    /// The layer [`FractureNet::grad_cams_at`] uses when none is asked for: the localization
+    /// head when the network has one, else the last map.
+    pub fn default_cam_layer(&self) -> CamLayer {
+        if self.has_localization_head() {
+            CamLayer::Head
+        } else {
+            CamLayer::Last
+        }
+    }
+
+    /// The localization head's maps ([`CamLayer::Head`]).
+    fn head_maps(&self, xs: &Tensor, method: CamMethod) -> candle_core::Result<Vec<GradCam>> {
+        let Inner::EfficientNet(net) = &self.inner else {
+            candle_core::bail!("this network has no localization head (it was trained without boxes)");
+        };
+        let (logits, map) = self.forward_with_map(xs, false)?;
+        let (_, h, w) = map.dims3()?;
+        let probabilities = candle_nn::ops::sigmoid(&map)?.flatten_all()?.to_vec1::<f32>()?;
+        let (offset, stride) = net.geometry_until(self.config().image_size, net.stride16_blocks());
+        scaled_maps(&probabilities, &logits, method, (h, w), (offset, stride))
+    }
+}
+
+/// One [`GradCam`] per image from row-major maps `(B, h, w)` (≥ 0) and the logits `(B,)`, each map
+/// scaled by its maximum.
+fn scaled_maps(
+    maps: &[f32],
+    logits: &Tensor,
+    method: CamMethod,
+    (h, w): (usize, usize),
+    (offset, stride): (f32, f32),
+) -> candle_core::Result<Vec<GradCam>> {
+    let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    Ok(maps
+        .chunks(h * w)
+        .zip(logits)
+        .map(|(map, logit)| {
+            let max = map.iter().copied().fold(0.0f32, f32::max);
+            let map = if max > 0.0 {
+                map.iter().map(|v| v / max).collect()
+            } else {
+                map.to_vec()
+            };
+            GradCam {
+                method,
+                logit,
+                map,
+                height: h,
+                width: w,
+                offset,
+                stride,
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -258,6 +300,120 @@ mod tests {
             assert_eq!((b.height, b.width, b.stride), (4, 4, 16.0));
             assert!((a.logit - b.logit).abs() < 1e-4, "{} vs {}", a.logit, b.logit);
             assert!(b.map.iter().all(|v| (0.0..=1.0).contains(v)));
+        }
+    }
+
+    fn lite0_with_head(size: usize, seed: u64) -> crate::Model {
+        let mut config = crate::ModelConfig::efficientnet_lite0(size);
+        if let crate::ArchConfig::EfficientNetLite0(e) = &mut config.arch {
+            e.localization_head = true;
+        }
+        crate::Model::new(&config, seed, &candle_core::Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn the_localization_head_maps_the_stride16_grid_from_the_forward_pass() {
+        let device = candle_core::Device::Cpu;
+        let model = lite0_with_head(64, 9);
+        assert!(model.net.has_localization_head());
+        assert_eq!(model.net.default_cam_layer(), CamLayer::Head);
+        let names: Vec<String> = model.named_vars().into_iter().map(|(n, _)| n).collect();
+        for want in [
+            "head.loc.conv1.weight",
+            "head.loc.conv1.bias",
+            "head.loc.conv2.weight",
+            "head.loc.conv2.bias",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} missing");
+        }
+        let xs = Tensor::rand(0f32, 1f32, (2, 1, 64, 64), &device).unwrap();
+        let (logits, map) = model.net.forward_with_map(&xs, false).unwrap();
+        assert_eq!(map.dims(), &[2, 4, 4]);
+        let plain = candle_core::ModuleT::forward_t(&model.net, &xs, false).unwrap();
+        let d = (logits - &plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "the head changes the logit by {d}");
+        // Untrained, the map starts near the prior sigmoid(−4).
+        let p = candle_nn::ops::sigmoid(&map)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((p - 0.018).abs() < 0.01, "{p}");
+        let cams = model
+            .net
+            .grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Head)
+            .unwrap();
+        for (cam, logit) in cams.iter().zip(plain.to_vec1::<f32>().unwrap()) {
+            assert_eq!((cam.height, cam.width, cam.stride), (4, 4, 16.0));
+            assert!((cam.logit - logit).abs() < 1e-5);
+            assert!(cam.map.iter().all(|v| (0.0..=1.0).contains(v)));
+            assert!(cam.map.iter().any(|&v| v == 1.0));
+        }
+        // A network without the head says so.
+        let plain_model = crate::Model::new(&crate::ModelConfig::efficientnet_lite0(64), 9, &device).unwrap();
+        assert_eq!(plain_model.net.default_cam_layer(), CamLayer::Last);
+        let err = plain_model
+            .net
+            .grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Head)
+            .unwrap_err();
+        assert!(err.to_string().contains("no localization head"), "{err}");
+        assert!(plain_model.net.forward_with_map(&xs, false).is_err());
+    }
+
+    #[test]
+    fn the_localization_heads_gradient_matches_finite_differences() {
+        let device = candle_core::Device::Cpu;
+        let model = lite0_with_head(32, 4);
+        let xs = Tensor::rand(0f32, 1f32, (2, 1, 32, 32), &device).unwrap();
+        let r = Tensor::rand(-1f32, 1f32, (2, 2, 2), &device).unwrap();
+        let vars = model.named_vars();
+        let objective = || -> f64 {
+            let (_, map) = model.net.forward_with_map(&xs, false).unwrap();
+            f64::from((map * &r).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        };
+        let (_, map) = model.net.forward_with_map(&xs, false).unwrap();
+        let grads = (map * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for name in [
+            "head.loc.conv1.weight",
+            "head.loc.conv2.weight",
+            "_blocks.10._project_conv.weight",
+        ] {
+            let var = &vars.iter().find(|(n, _)| n == name).unwrap().1;
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let values = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // The coordinate with the largest gradient, probed by central differences.
+            let i = (0..g.len())
+                .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+                .unwrap();
+            let eps = 1e-2f32;
+            let probe = |v: f32| {
+                let mut w = values.clone();
+                w[i] = v;
+                var.set(&Tensor::from_vec(w, var.as_tensor().shape(), &device).unwrap())
+                    .unwrap();
+                objective()
+            };
+            let numeric = (probe(values[i] + eps) - probe(values[i] - eps)) / (2.0 * f64::from(eps));
+            probe(values[i]);
+            let analytic = f64::from(g[i]);
+            assert!(
+                (numeric - analytic).abs() <= 0.05 * analytic.abs().max(1e-3),
+                "{name}[{i}]: analytic {analytic} vs numeric {numeric}"
+            );
         }
     }
 

@@ -135,6 +135,38 @@ impl FractureNet {
         }
     }
 
+    /// Whether the network has a localization head (EfficientNet-Lite0 with
+    /// `localization_head` set).
+    pub fn has_localization_head(&self) -> bool {
+        matches!(&self.inner, Inner::EfficientNet(net) if net.loc.is_some())
+    }
+
+    /// The fracture logits `(B,)` (as [`ModuleT::forward_t`]) and the localization head's map of
+    /// logits `(B, ⌈S/16⌉, ⌈S/16⌉)`, from one pass: the head reads the output of the last stride-16
+    /// stage, cell `(i, j)` centred on input pixel `offset + 16·(i, j)` (see
+    /// [`FractureNet::grad_cams_at`] with [`crate::CamLayer::Head`]). `sigmoid` of a cell is the
+    /// head's P(a fracture lies in it). An error for a network without the head.
+    pub fn forward_with_map(&self, xs: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
+        self.check_input(xs)?;
+        let Inner::EfficientNet(net) = &self.inner else {
+            candle_core::bail!(
+                "this network has no localization head (only EfficientNet-Lite0 can have one)"
+            );
+        };
+        let Some(loc) = &net.loc else {
+            candle_core::bail!("this network has no localization head (it was trained without boxes)");
+        };
+        let stats = self.bn_stats(train);
+        let split = net.stride16_blocks();
+        let mid = net.features_until(xs, stats, self.kernels, split)?;
+        let map = loc.forward(&mid, self.kernels)?;
+        let a = net.features_after(&mid, stats, self.kernels, split)?;
+        let pooled = a.mean(3)?.mean(2)?;
+        let x = self.dropout(&pooled, net.p_dropout, train)?;
+        let logits = dense(&net.fc, &x, false, self.kernels)?.squeeze(1)?;
+        Ok((logits, map))
+    }
+
     /// P(fractured) for each image, `(B,)`, in inference mode (no dropout).
     pub fn probabilities(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::sigmoid(&self.forward_t(xs, false)?)

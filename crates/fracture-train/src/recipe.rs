@@ -72,6 +72,7 @@ impl Preset {
                     arch: ArchConfig::EfficientNetLite0(EfficientNetConfig {
                         dropout: 0.2,
                         bn_momentum: 0.01,
+                        localization_head: false,
                     }),
                 },
                 fit: ImageFit {
