@@ -329,6 +329,8 @@ mod tests {
         let xs = Tensor::rand(0f32, 1f32, (2, 1, 64, 64), &device).unwrap();
         let (logits, map) = model.net.forward_with_map(&xs, false).unwrap();
         assert_eq!(map.dims(), &[2, 4, 4]);
+        let (cells, _, stride) = model.net.localization_grid().unwrap();
+        assert_eq!((cells, stride), (4, 16.0));
         let plain = candle_core::ModuleT::forward_t(&model.net, &xs, false).unwrap();
         let d = (logits - &plain)
             .unwrap()

@@ -141,6 +141,19 @@ impl FractureNet {
         matches!(&self.inner, Inner::EfficientNet(net) if net.loc.is_some())
     }
 
+    /// The localization head's grid for this network's input size: `(cells, offset, stride)`, a
+    /// `cells × cells` map whose cell `i` is centred on input pixel index `offset + stride · i`
+    /// (pixel centres at integers). `None` without the head.
+    pub fn localization_grid(&self) -> Option<(usize, f32, f32)> {
+        let Inner::EfficientNet(net) = &self.inner else {
+            return None;
+        };
+        net.loc.as_ref()?;
+        let size = self.config.image_size;
+        let (offset, stride) = net.geometry_until(size, net.stride16_blocks());
+        Some((size.div_ceil(stride as usize), offset, stride))
+    }
+
     /// The fracture logits `(B,)` (as [`ModuleT::forward_t`]) and the localization head's map of
     /// logits `(B, ⌈S/16⌉, ⌈S/16⌉)`, from one pass: the head reads the output of the last stride-16
     /// stage, cell `(i, j)` centred on input pixel `offset + 16·(i, j)` (see

@@ -40,6 +40,9 @@ pub struct TrainingData {
     pub data: String,
     /// Extra training roots, as given (`--extra-train`).
     pub extra_train: Vec<String>,
+    /// The box file whose boxes trained the localization head (`--boxes`), as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<String>,
 }
 
 /// The file name of the best model inside a run folder.

@@ -157,6 +157,11 @@ pub struct TrainConfig {
     /// validated and saved; `None` (the default) validates the weights as trained.
     #[serde(default)]
     pub ema_decay: Option<f64>,
+    /// Weight of the localization loss ([`crate::loss::localization_loss`]) beside the
+    /// classification loss, for a network with a localization head trained from annotated boxes
+    /// (`TrainSetup::boxes`); 0 (the default) without boxes.
+    #[serde(default)]
+    pub box_weight: f64,
 }
 
 fn one() -> f64 {
@@ -183,6 +188,7 @@ impl Default for TrainConfig {
             backbone_lr_scale: 1.0,
             freeze_batch_norm: false,
             ema_decay: None,
+            box_weight: 0.0,
         }
     }
 }
@@ -193,6 +199,9 @@ impl TrainConfig {
         let bad = |field: &str, why: String| Err(Error::InvalidConfig(format!("{field}: {why}")));
         if self.epochs == 0 {
             return bad("epochs", "must be at least 1".into());
+        }
+        if !(self.box_weight.is_finite() && (0.0..=100.0).contains(&self.box_weight)) {
+            return bad("box_weight", format!("{} is not in [0, 100]", self.box_weight));
         }
         if self.batch_size == 0 || self.batch_size > 65_536 {
             return bad("batch_size", format!("{} is outside 1..=65536", self.batch_size));

@@ -38,17 +38,29 @@ pub fn locate(
         return None;
     }
     let at = |x: usize, y: usize| map[(cy + y) * size + cx + x];
-    let (mut best, mut peak) = (0.0f32, (0, 0));
+    let mut best = 0.0f32;
     for y in 0..ch {
         for x in 0..cw {
-            if at(x, y) > best {
-                best = at(x, y);
-                peak = (x, y);
-            }
+            best = best.max(at(x, y));
         }
     }
     if best <= 0.0 {
         return None;
+    }
+    // An upsampled map holds its border cells' values flat out to the image edge, so a maximum can
+    // be a plateau; of its pixels the peak is the one nearest the image centre (for a border cell,
+    // the cell's own centre, where the plateau begins).
+    let centre = ((cw as f64 - 1.0) / 2.0, (ch as f64 - 1.0) / 2.0);
+    let distance = |(x, y): (usize, usize)| (x as f64 - centre.0).powi(2) + (y as f64 - centre.1).powi(2);
+    let mut peak = (0, 0);
+    let mut nearest = f64::INFINITY;
+    for y in 0..ch {
+        for x in 0..cw {
+            if at(x, y) == best && distance((x, y)) < nearest {
+                nearest = distance((x, y));
+                peak = (x, y);
+            }
+        }
     }
     // The connected region (4-neighbours) around the peak at or above the level.
     let floor = best * level;
@@ -118,6 +130,16 @@ mod tests {
         let tight = locate(&map, size, content, (400, 200), 0.7).unwrap();
         assert_eq!(tight.region, [260.0, 80.0, 20.0, 20.0]);
         assert!(locate(&vec![0.0; size * size], size, content, (400, 200), 0.5).is_none());
+        // A maximum held flat out to the image's left edge (a border cell, upsampled): the peak is
+        // where the plateau begins, nearest the centre, not at the edge.
+        let mut flat = vec![0.1f32; size * size];
+        for y in 10..=13 {
+            for x in 0..=4 {
+                flat[y * size + x] = 1.0;
+            }
+        }
+        let edge = locate(&flat, size, content, (400, 200), 0.5).unwrap();
+        assert_eq!(edge.peak, [4.5 * 20.0, 5.5 * 20.0]);
         let json = serde_json::to_string(&e).unwrap();
         assert!(json.contains("\"box\":[240.0,60.0,60.0,40.0]"), "{json}");
     }

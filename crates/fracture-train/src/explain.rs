@@ -86,8 +86,10 @@ impl Explanation {
 }
 
 impl TrainedModel {
-    /// Decodes one encoded image, predicts P(fractured) and computes its activation map (`method`,
-    /// HiResCAM by default; see `fracture_model::CamMethod`). `origin` names the image in errors.
+    /// Decodes one encoded image, predicts P(fractured) and computes its map: the localization
+    /// head's when the model has one (trained with boxes), else the activation map (`method`,
+    /// HiResCAM by default; see `fracture_model::CamMethod`) on the last feature map. `origin`
+    /// names the image in errors.
     pub fn explain_bytes(
         &self,
         bytes: &[u8],
@@ -95,7 +97,7 @@ impl TrainedModel {
         limits: &DecodeLimits,
         method: CamMethod,
     ) -> Result<Explanation> {
-        self.explain_bytes_at(bytes, origin, limits, method, CamLayer::Last)
+        self.explain_bytes_at(bytes, origin, limits, method, self.model.net.default_cam_layer())
     }
 
     /// [`TrainedModel::explain_bytes`] with the map taken on the feature map `layer` names.

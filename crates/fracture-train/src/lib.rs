@@ -64,6 +64,7 @@ pub mod recipe;
 pub mod run;
 mod selection;
 mod session;
+mod supervision;
 
 pub use bundle::TrainedModel;
 pub use config::TrainConfig;

@@ -205,6 +205,7 @@ impl Recipe {
                 Some(d) => Some(d),
                 None => base.ema_decay,
             },
+            box_weight: base.box_weight,
         };
         Recipe {
             model,

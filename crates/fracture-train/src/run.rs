@@ -17,6 +17,7 @@ use crate::inputs::{Data, load_data, prepare_out};
 use crate::recipe::Recipe;
 use crate::selection::{improves, stop_early};
 use crate::session::{Session, Validation};
+use crate::supervision::BoxTargets;
 use crate::{BestMetric, Error, Result, TrainConfig, evaluate};
 
 /// Where the last checkpoint of a run lives, relative to the run folder.
@@ -62,6 +63,10 @@ pub struct TrainSetup {
     /// splits are not read). Validation and threshold choice stay on `data`'s val split; a file
     /// that is also a validation or test image is refused.
     pub extra_train: Vec<PathBuf>,
+    /// Annotated fracture boxes (a CSV as `fracture eval --boxes` reads) that train the
+    /// localization head: set with [`TrainSetup::with_boxes`], which also gives the network its
+    /// head. Only the boxes of training images are read.
+    pub boxes: Option<PathBuf>,
     /// Train even when the dataset's symbolic links leave its root or put one image in two
     /// classes or splits ([`DatasetLayout::link_problems`]); otherwise that is an error.
     pub allow_link_problems: bool,
@@ -86,8 +91,20 @@ impl TrainSetup {
             stop_after_epochs: None,
             pretrained: None,
             extra_train: Vec::new(),
+            boxes: None,
             allow_link_problems: false,
         }
+    }
+
+    /// Trains a localization head (EfficientNet-Lite0 only) from the boxes in `path`, its loss
+    /// weighted by `weight` beside the classification loss (see [`TrainConfig::box_weight`]).
+    pub fn with_boxes(mut self, path: impl Into<PathBuf>, weight: f64) -> Self {
+        self.boxes = Some(path.into());
+        self.train.box_weight = weight;
+        if let fracture_model::ArchConfig::EfficientNetLite0(e) = &mut self.model.arch {
+            e.localization_head = true;
+        }
+        self
     }
 
     /// The folders this setup trains on, as recorded in the model file and `report.json`.
@@ -99,6 +116,7 @@ impl TrainSetup {
                 .iter()
                 .map(|p| fracture_data::path_text(p))
                 .collect(),
+            boxes: self.boxes.as_ref().map(|p| fracture_data::path_text(p)),
         }
     }
 
@@ -268,13 +286,21 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let data = load_data(setup, &preprocess, on_event)?;
     let mut session = Session::start(setup, preprocess, &data, &checkpoint, on_event)?;
     let augmenter = cfg.augment.map(Augmenter::new).transpose()?;
+    let boxes = box_targets(setup, &session, &data, &preprocess, on_event)?;
 
     let mut stopped_early = session.meta.best.is_some() && stop_early(cfg, &session.meta);
     let last_epoch = setup.stop_after_epochs.map_or(cfg.epochs, |k| k.min(cfg.epochs));
     while session.meta.epoch < last_epoch && !stopped_early {
         let epoch = session.meta.epoch + 1;
         let epoch_start = Instant::now();
-        let trained = session.train_epoch(setup, &data.train, augmenter.as_ref(), epoch, on_event)?;
+        let trained = session.train_epoch(
+            setup,
+            &data.train,
+            augmenter.as_ref(),
+            boxes.as_ref(),
+            epoch,
+            on_event,
+        )?;
         session.check_weights(epoch)?;
         on_event(Event::Validating { epoch });
         let val = session.validate(setup, &data.val, epoch)?;
@@ -345,6 +371,54 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         reports,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The localization targets of the training images when the setup trains a localization head:
+/// checks that boxes and head come together and that some training image has a box.
+fn box_targets(
+    setup: &TrainSetup,
+    session: &Session,
+    data: &crate::inputs::Data,
+    preprocess: &PreprocessConfig,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Option<BoxTargets>> {
+    let grid = session.model.net.localization_grid();
+    let (path, grid) = match (&setup.boxes, grid) {
+        (None, None) => return Ok(None),
+        (Some(path), Some(grid)) => (path, grid),
+        (Some(_), None) => {
+            return Err(Error::InvalidConfig(
+                "--boxes trains a localization head, which only the EfficientNet-Lite0 network has \
+                 (--preset finetune)"
+                    .into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(Error::InvalidConfig(
+                "the network has a localization head but no box file trains it (--boxes)".into(),
+            ));
+        }
+    };
+    if setup.train.box_weight <= 0.0 {
+        return Err(Error::InvalidConfig(
+            "box_weight: must be above 0 when boxes train the localization head".into(),
+        ));
+    }
+    let index = crate::localize::read_boxes(path)?;
+    let targets = BoxTargets::new(&data.train, &index, preprocess, &setup.limits, grid);
+    let c = targets.counts;
+    if c.boxed == 0 {
+        return Err(Error::InvalidConfig(format!(
+            "{}: no fractured training image has a box (ids are file names without extension)",
+            path.display()
+        )));
+    }
+    on_event(Event::Notice(&format!(
+        "localization head: {} boxes on {} fractured training images ({} fractured without boxes, \
+         {} not fractured), box weight {}",
+        c.boxes, c.boxed, c.unboxed, c.negatives, setup.train.box_weight
+    )));
+    Ok(Some(targets))
 }
 
 /// Evaluates the best model, read back from its file (what is reported is what was saved), on val

@@ -12,6 +12,8 @@ use fracture_model::Model;
 use crate::checkpoint::{CheckpointMeta, read_checkpoint, restore, resume_mismatch, save_checkpoint};
 use crate::ema::Ema;
 use crate::inputs::Data;
+use crate::loss::localization_loss;
+use crate::supervision::BoxTargets;
 use crate::{
     Adam, Error, Event, PosWeight, Result, TrainSetup, batch_to_tensors, bce_with_logits, mean_loss,
     predict_logits, sigmoid, truth,
@@ -94,6 +96,7 @@ impl Session {
         };
         let mut adam = Adam::new(model.trainable_vars(), cfg.adam)?;
         adam.set_lr_scales(|name| {
+            // The classification and localization heads (`head.*`) start from scratch.
             if name.starts_with("head.") {
                 1.0
             } else {
@@ -178,6 +181,7 @@ impl Session {
         setup: &TrainSetup,
         train: &FolderDataset,
         augmenter: Option<&Augmenter>,
+        boxes: Option<&BoxTargets>,
         epoch: usize,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<EpochTraining> {
@@ -194,6 +198,7 @@ impl Session {
             images: n_train,
         });
         let (mut loss_sum, mut seen, mut lr) = (0.0, 0usize, cfg.adam.lr);
+        let mut loc_sum = 0.0;
         let chunks: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
         let augment = augmenter.map(|a| BatchAugment {
             augment: a,
@@ -216,8 +221,20 @@ impl Session {
                 self.model
                     .net
                     .set_dropout_seed(dropout_seed(cfg.seed, self.meta.step));
-                let logits = self.model.net.forward_t(&x, true)?;
-                let loss = bce_with_logits(&logits, &y, self.pos_weight)?;
+                let loss = match boxes {
+                    None => bce_with_logits(&self.model.net.forward_t(&x, true)?, &y, self.pos_weight)?,
+                    Some(boxes) => {
+                        let (logits, map) = self.model.net.forward_with_map(&x, true)?;
+                        let t = boxes.batch(
+                            &batch.indices,
+                            augmenter.map(|a| (a, cfg.seed, epoch as u64)),
+                            &setup.device,
+                        )?;
+                        let loc = localization_loss(&map, &t.coverage, &t.cell_weight, &t.point_weight)?;
+                        loc_sum += f64::from(loc.to_scalar::<f32>()?) * batch.len() as f64;
+                        (bce_with_logits(&logits, &y, self.pos_weight)? + loc.affine(cfg.box_weight, 0.0)?)?
+                    }
+                };
                 let value = f64::from(loss.to_scalar::<f32>()?);
                 if !value.is_finite() {
                     return Err(Error::NonFiniteLoss {
@@ -243,6 +260,13 @@ impl Session {
             }
             Ok(())
         })?;
+        if boxes.is_some() {
+            on_event(Event::Notice(&format!(
+                "epoch {epoch}: localization loss {:.4} (included, weighted by {}, in the training loss)",
+                loc_sum / seen.max(1) as f64,
+                cfg.box_weight
+            )));
+        }
         Ok(EpochTraining {
             loss: loss_sum / seen.max(1) as f64,
             images: seen,

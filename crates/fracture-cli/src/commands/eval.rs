@@ -20,6 +20,7 @@ enum MethodArg {
 enum LayerArg {
     Last,
     Stride16,
+    Head,
 }
 
 /// Arguments of `fracture eval`.
@@ -63,10 +64,12 @@ pub(crate) struct Args {
     /// images that have boxes; writes localization.json and contact_sheet.png (the first 24).
     #[arg(long, value_name = "FILE.csv")]
     boxes: Option<PathBuf>,
-    /// The feature map the activation map is taken on (with `--boxes`): the last one, or for
-    /// EfficientNet-Lite0 the twice finer output of its last stride-16 stage.
-    #[arg(long, value_enum, default_value_t = LayerArg::Last)]
-    cam_layer: LayerArg,
+    /// The map the evidence is taken on: `head`, the localization head of a model trained with
+    /// boxes (the default for such a model); `last`, the activation map on the last feature map
+    /// (the default otherwise); `stride16`, for EfficientNet-Lite0 the activation map on the twice
+    /// finer output of its last stride-16 stage.
+    #[arg(long, value_enum)]
+    cam_layer: Option<LayerArg>,
     /// How channel evidence is combined into the map (with `--boxes`): HiResCAM (gradient times
     /// activation per position, the default) or Grad-CAM (channels weighted by their mean gradient).
     #[arg(long, value_enum, default_value_t = MethodArg::Hirescam)]
@@ -128,8 +131,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     print_table(&evaluation.report, split, args.tta);
     if let Some(boxes) = &args.boxes {
         let layer = match args.cam_layer {
-            LayerArg::Last => fracture_train::model::CamLayer::Last,
-            LayerArg::Stride16 => fracture_train::model::CamLayer::Stride16,
+            None => model.model.net.default_cam_layer(),
+            Some(LayerArg::Last) => fracture_train::model::CamLayer::Last,
+            Some(LayerArg::Stride16) => fracture_train::model::CamLayer::Stride16,
+            Some(LayerArg::Head) => fracture_train::model::CamLayer::Head,
         };
         let method = match args.cam_method {
             MethodArg::Hirescam => fracture_train::model::CamMethod::HiResCam,

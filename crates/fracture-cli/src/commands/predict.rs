@@ -33,10 +33,12 @@ pub(crate) struct Args {
     /// the CSV, which cost one more pass through the network's head per image).
     #[arg(long)]
     no_evidence: bool,
-    /// The feature map the evidence is taken on: the last one, or for EfficientNet-Lite0 the twice
+    /// The map the evidence is taken on: `head`, the localization head of a model trained with
+    /// boxes (the default for such a model); `last`, the activation map on the last feature map
+    /// (the default otherwise); `stride16`, for EfficientNet-Lite0 the activation map on the twice
     /// finer output of its last stride-16 stage.
-    #[arg(long, value_enum, default_value_t = LayerArg::Last)]
-    cam_layer: LayerArg,
+    #[arg(long, value_enum)]
+    cam_layer: Option<LayerArg>,
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -58,6 +60,7 @@ pub(crate) struct Args {
 enum LayerArg {
     Last,
     Stride16,
+    Head,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -92,8 +95,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     };
     let with_evidence = !args.no_evidence && !matches!(args.format, Format::Table);
     let layer = match args.cam_layer {
-        LayerArg::Last => fracture_train::model::CamLayer::Last,
-        LayerArg::Stride16 => fracture_train::model::CamLayer::Stride16,
+        None => model.model.net.default_cam_layer(),
+        Some(LayerArg::Last) => fracture_train::model::CamLayer::Last,
+        Some(LayerArg::Stride16) => fracture_train::model::CamLayer::Stride16,
+        Some(LayerArg::Head) => fracture_train::model::CamLayer::Head,
     };
     let (predictions, skipped) = predict_files(
         &model,

@@ -31,6 +31,15 @@ pub(crate) struct Args {
     /// (repeatable; its other splits are ignored). Validation stays on the main dataset's val split.
     #[arg(long = "extra-train", value_name = "DIR")]
     extra_train: Vec<PathBuf>,
+    /// Radiologists' fracture boxes (CSV `id,x,y,w,h`, ids = file names without extension, boxes
+    /// in the images' pixels) that train a localization head beside the classifier, whose map
+    /// then gives the evidence of every prediction (EfficientNet-Lite0, `--preset finetune`). Only
+    /// the boxes of training images are read.
+    #[arg(long, value_name = "FILE.csv")]
+    boxes: Option<PathBuf>,
+    /// Weight of the localization loss beside the classification loss (with `--boxes`).
+    #[arg(long, default_value_t = 1.0, requires = "boxes")]
+    box_weight: f64,
     /// Train even when symbolic links in the dataset leave its folder or put one image in two
     /// classes or splits (listed, and refused without this flag).
     #[arg(long)]
@@ -293,6 +302,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             KernelsArg::Reference => fracture_train::model::Kernels::Reference,
         },
         ..TrainSetup::new(&recipe, data, out.clone())
+    };
+    let setup = match &args.boxes {
+        Some(boxes) => setup.with_boxes(boxes, args.box_weight),
+        None => setup,
     };
     let image_size = setup.model.image_size;
     println!(

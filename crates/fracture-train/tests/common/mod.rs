@@ -26,6 +26,7 @@ pub(crate) fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainS
         stop_after_epochs: None,
         pretrained: None,
         extra_train: Vec::new(),
+        boxes: None,
         allow_link_problems: false,
         kernels: Default::default(),
     }

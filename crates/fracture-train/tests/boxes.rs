@@ -1,0 +1,189 @@
+//! Boxes as training signal: a localization head trained from annotated boxes points at what they
+//! annotate, and the run refuses boxes it cannot use.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use fracture_testkit::{Rng, fresh_dir};
+use fracture_train::data::image::{GrayImage, Luma};
+use fracture_train::model::{ArchConfig, CamLayer, CamMethod, ModelConfig};
+use fracture_train::{Event, Preset, TrainConfig, TrainSetup, TrainedModel, train};
+
+mod common;
+use common::setup;
+
+const SIZE: u32 = 64;
+/// Side of the planted "fracture", pixels.
+const SPOT: u32 = 16;
+
+fn base() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fracture-train-box-tests")
+}
+
+/// `<root>/data/{train,val}/{fractured,not fractured}/img_NNNN.png`: noisy gray images, the
+/// fractured ones with a bright square at a random place; `<root>/boxes.csv` holds every square.
+/// Returns the boxes of the val images (`(path, [x, y, w, h])`).
+fn write_dataset(root: &Path, train: usize, val: usize) -> Vec<(PathBuf, [f64; 4])> {
+    let mut rng = Rng::new(11);
+    let mut csv = String::from("id,split,x,y,w,h\n");
+    let mut val_boxes = Vec::new();
+    for (split, n) in [("train", train), ("val", val)] {
+        for (class, fractured) in [("fractured", true), ("not fractured", false)] {
+            let dir = root.join("data").join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                let x0 = 2 + (rng.unit() * (SIZE - SPOT - 4) as f32) as u32;
+                let y0 = 2 + (rng.unit() * (SIZE - SPOT - 4) as f32) as u32;
+                let noise: Vec<f32> = (0..SIZE * SIZE).map(|_| rng.unit()).collect();
+                let img = GrayImage::from_fn(SIZE, SIZE, |x, y| {
+                    let inside = fractured && (x0..x0 + SPOT).contains(&x) && (y0..y0 + SPOT).contains(&y);
+                    let v = if inside { 0.85 } else { 0.25 } + 0.1 * noise[(y * SIZE + x) as usize];
+                    Luma([(v * 255.0) as u8])
+                });
+                let name = format!("{split}{i:03}");
+                let path = dir.join(format!("{name}.png"));
+                img.save(&path).unwrap();
+                if fractured {
+                    csv.push_str(&format!("{name},{split},{x0},{y0},{SPOT},{SPOT}\n"));
+                    if split == "val" {
+                        val_boxes.push((path, [x0, y0, SPOT, SPOT].map(f64::from)));
+                    }
+                }
+            }
+        }
+    }
+    std::fs::write(root.join("boxes.csv"), csv).unwrap();
+    val_boxes
+}
+
+/// The fine-tuning recipe at 64 px from scratch, its batch norms' running statistics following
+/// the batches ten times faster than the pretrained network's (a short run from scratch would
+/// otherwise validate with statistics still near their initial values).
+fn lite0_setup(root: &Path, epochs: usize) -> TrainSetup {
+    let recipe = Preset::Finetune.recipe();
+    let mut model = ModelConfig {
+        image_size: SIZE as usize,
+        ..recipe.model.clone()
+    };
+    if let ArchConfig::EfficientNetLite0(e) = &mut model.arch {
+        e.bn_momentum = 0.1;
+    }
+    TrainSetup {
+        model,
+        fit: recipe.fit,
+        train: TrainConfig {
+            epochs,
+            batch_size: 8,
+            warmup_steps: 0,
+            // Classification is trivial here (ROC-AUC 1 after the first epoch), so choose the best
+            // epoch by the validation loss, which keeps improving with the features.
+            best_metric: fracture_train::config::BestMetric::ValLoss,
+            ..recipe.train
+        },
+        ..setup(&root.join("data"), &root.join("run"), SIZE, epochs)
+    }
+}
+
+#[test]
+fn a_head_trained_on_boxes_points_into_them() {
+    let root = fresh_dir(&base(), "learns");
+    let val_boxes = write_dataset(&root, 64, 12);
+    let s = lite0_setup(&root, 10).with_boxes(root.join("boxes.csv"), 1.0);
+    let mut notes = Vec::new();
+    let outcome = train(&s, &mut |e| {
+        if let Event::Notice(t) = e {
+            notes.push(t.to_string());
+        }
+    })
+    .unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains(
+            "64 boxes on 64 fractured training images (0 fractured without boxes, 64 not fractured)"
+        )),
+        "{notes:?}"
+    );
+    let losses: Vec<f64> = notes
+        .iter()
+        .filter_map(|n| {
+            n.split("localization loss ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(losses.len(), 10, "{notes:?}");
+    assert!(
+        losses[9] < 0.6 * losses[0],
+        "the localization loss does not fall: {losses:?}"
+    );
+
+    let model = TrainedModel::load(&outcome.best_model, &fracture_train::candle_core::Device::Cpu).unwrap();
+    assert!(model.model.net.has_localization_head());
+    assert_eq!(model.model.net.default_cam_layer(), CamLayer::Head);
+    assert_eq!(
+        model.meta.training_data.as_ref().and_then(|d| d.boxes.clone()),
+        Some(fracture_train::data::path_text(&root.join("boxes.csv")))
+    );
+    // The evidence of held-out fractured images: its peak falls in the planted square (a random
+    // point would, about one time in eight).
+    let margin = 0.05 * f64::from(SIZE);
+    let mut hits = 0;
+    for (path, b) in &val_boxes {
+        let bytes = std::fs::read(path).unwrap();
+        let e = model
+            .explain_bytes(&bytes, path, &Default::default(), CamMethod::default())
+            .unwrap();
+        let peak = e.evidence().unwrap().peak;
+        if peak[0] >= b[0] - margin
+            && peak[0] <= b[0] + b[2] + margin
+            && peak[1] >= b[1] - margin
+            && peak[1] <= b[1] + b[3] + margin
+        {
+            hits += 1;
+        }
+    }
+    assert!(hits >= 10, "{hits} of {} peaks in the box", val_boxes.len());
+}
+
+#[test]
+fn boxes_the_run_cannot_use_are_refused() {
+    let root = fresh_dir(&base(), "refused");
+    write_dataset(&root, 4, 2);
+    // The seed network has no localization head.
+    let seed = setup(&root.join("data"), &root.join("seed"), SIZE, 1).with_boxes(root.join("boxes.csv"), 1.0);
+    let err = train(&seed, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("only the EfficientNet-Lite0 network"), "{err}");
+    // A head without boxes.
+    let mut headless = lite0_setup(&root, 1);
+    if let ArchConfig::EfficientNetLite0(e) = &mut headless.model.arch {
+        e.localization_head = true;
+    }
+    let err = train(&headless, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("no box file trains it"), "{err}");
+    // Boxes of no training image.
+    std::fs::write(root.join("other.csv"), "id,x,y,w,h\nsomething_else,1,2,3,4\n").unwrap();
+    let mut s = lite0_setup(&root, 1).with_boxes(root.join("other.csv"), 1.0);
+    s.out = root.join("other");
+    let err = train(&s, &mut |_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("other.csv") && err.contains("no fractured training image has a box"),
+        "{err}"
+    );
+    // A zero weight, a missing file, a bad row: each named.
+    let mut s = lite0_setup(&root, 1).with_boxes(root.join("boxes.csv"), 0.0);
+    s.out = root.join("zero");
+    let err = train(&s, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("box_weight"), "{err}");
+    let mut s = lite0_setup(&root, 1).with_boxes(root.join("missing.csv"), 1.0);
+    s.out = root.join("missing");
+    let err = train(&s, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("missing.csv"), "{err}");
+    std::fs::write(root.join("bad.csv"), "id,x,y,w,h\ntrain000,1,2,three,4\n").unwrap();
+    let mut s = lite0_setup(&root, 1).with_boxes(root.join("bad.csv"), 1.0);
+    s.out = root.join("bad");
+    let err = train(&s, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("bad.csv:2:") && err.contains("column w"), "{err}");
+}
