@@ -251,11 +251,10 @@ fn the_finetune_preset_without_weights_says_how_to_get_them() {
 /// The finetune preset end to end at 32 px from a pretrained backbone file (a seeded network's,
 /// as safetensors): it trains, records the weights it started from, and `eval`, `predict` (with
 /// heatmaps) work on the model file.
-#[test]
-fn the_finetune_preset_trains_evaluates_and_explains() {
+/// A seeded EfficientNet-Lite0 backbone (no `head.*`) written as `<root>/lite0.safetensors`: a
+/// stand-in for the ImageNet weights that `--pretrained` reads.
+fn seeded_backbone(root: &std::path::Path) -> PathBuf {
     use fracture_train::model::{Model, ModelConfig};
-    let root = fresh_dir(&base(), "finetune");
-    write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((6, 10), (4, 4)));
     let backbone = Model::new(
         &ModelConfig::efficientnet_lite0(32),
         5,
@@ -270,6 +269,14 @@ fn the_finetune_preset_trains_evaluates_and_explains() {
         .collect();
     let weights = root.join("lite0.safetensors");
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &weights).unwrap();
+    weights
+}
+
+#[test]
+fn the_finetune_preset_trains_evaluates_and_explains() {
+    let root = fresh_dir(&base(), "finetune");
+    write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((6, 10), (4, 4)));
+    let weights = seeded_backbone(&root);
     let run = root.join("run");
     let out = fracture()
         .args([
@@ -374,6 +381,109 @@ fn the_finetune_preset_trains_evaluates_and_explains() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&plain.stdout).starts_with("path,p_fractured,predicted\n"));
+}
+
+/// `train --boxes` gives the finetune network a localization head, whose map is then the evidence
+/// of `predict` and of `eval --boxes`; boxes a run cannot use are refused before training.
+#[test]
+fn boxes_train_a_localization_head_that_gives_the_evidence() {
+    let root = fresh_dir(&base(), "boxes");
+    let data = root.join("data");
+    write_synthetic_dataset(&data, &SyntheticSpec::train_val((6, 6), (3, 3)));
+    // A box over the middle of every fractured image (48 px), in the `fracatlas-boxes.csv` format.
+    let mut csv = String::from("id,split,x,y,w,h\n");
+    for split in ["train", "val"] {
+        for entry in std::fs::read_dir(data.join(split).join("fractured")).unwrap() {
+            let path = entry.unwrap().path();
+            let id = path.file_stem().unwrap().to_string_lossy().into_owned();
+            csv.push_str(&format!("{id},{split},12,16,20,14\n"));
+        }
+    }
+    let boxes = root.join("boxes.csv");
+    std::fs::write(&boxes, csv).unwrap();
+    let run = root.join("run");
+    let train = |preset: &str, out: &std::path::Path, extra: &[&str]| {
+        fracture()
+            .args([
+                "train",
+                "--preset",
+                preset,
+                "--epochs",
+                "1",
+                "--image-size",
+                "32",
+                "--batch-size",
+                "6",
+            ])
+            .args(extra)
+            .arg("--data")
+            .arg(&data)
+            .arg("--boxes")
+            .arg(&boxes)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    // The original network has no head to train: refused, naming the preset that has one.
+    let refused = train("original", &root.join("seed"), &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("--preset finetune"),
+        "{stderr}"
+    );
+    // A weight without boxes is a usage error.
+    let usage = fracture().args(["train", "--box-weight", "2"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("--boxes"));
+    // The finetune preset, its backbone from a seeded network written as a weight file.
+    let weights = seeded_backbone(&root).to_string_lossy().into_owned();
+    let out = train("finetune", &run, &["--pretrained", &weights]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        format!("{stdout}{stderr}")
+            .contains("boxes on 6 fractured training images (0 fractured without boxes, 6 not fractured)"),
+        "{stdout}\n{stderr}"
+    );
+    let bytes = std::fs::read(run.join("model.safetensors")).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&bytes[8..8 + len]);
+    for needle in ["head.loc.conv1.weight", "localization_head", "boxes.csv"] {
+        assert!(header.contains(needle), "{needle} missing from the header");
+    }
+    let predict = fracture()
+        .args(["predict", "--format", "json", "--model"])
+        .arg(&run)
+        .arg(data.join("val/fractured"))
+        .output()
+        .unwrap();
+    assert!(
+        predict.status.success(),
+        "{}",
+        String::from_utf8_lossy(&predict.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&predict.stdout).unwrap();
+    let rows = json["predictions"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["evidence"]["peak"].is_array()), "{json}");
+    let eval_dir = root.join("eval");
+    let eval = fracture()
+        .args(["eval", "--split", "val", "--model"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&data)
+        .arg("--boxes")
+        .arg(&boxes)
+        .arg("--out")
+        .arg(&eval_dir)
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eval_dir.join("localization.json")).unwrap()).unwrap();
+    assert_eq!(report["report"]["n"].as_u64(), Some(3), "{report}");
+    assert_eq!(report["map"], "Head", "{report}");
 }
 
 /// A training process killed with SIGKILL in the middle of epoch 2 resumes from its epoch-1

@@ -91,6 +91,10 @@ pub struct LocalizedImage {
 pub struct Localization {
     /// Pointing game and mean IoU with intervals.
     pub report: LocalizationReport,
+    /// The map the evidence came from: `Head` (the localization head), or `Last` / `Stride16`
+    /// with the activation-map method (`Last HiResCam`).
+    #[serde(default)]
+    pub map: String,
     /// The map level the evidence boxes were drawn at.
     pub level: f32,
     /// Fractured images without a box (left out of the report).
@@ -140,6 +144,10 @@ pub fn localize_items(
     let scores: Vec<Localized> = images.iter().map(|i| i.score).collect();
     Ok(Localization {
         report: LocalizationReport::new(&scores, RESAMPLES, 0),
+        map: match layer {
+            CamLayer::Head => "Head".to_string(),
+            other => format!("{other:?} {method:?}"),
+        },
         level,
         without_boxes,
         images,

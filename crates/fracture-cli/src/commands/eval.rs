@@ -244,8 +244,8 @@ fn localization(
         localize_items(model, items, &index, &limits, method, layer, level).context("localization failed")?;
     let r = &found.report;
     println!(
-        "localization: {} fractured images with boxes ({} without), evidence boxes at {:.2} of the map's maximum",
-        r.n, found.without_boxes, level
+        "localization: {} fractured images with boxes ({} without), map {}, evidence boxes at {:.2} of its maximum",
+        r.n, found.without_boxes, found.map, level
     );
     println!(
         "  {:<18} {:>6}  {}",
