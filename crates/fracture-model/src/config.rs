@@ -58,6 +58,15 @@ pub struct EfficientNetConfig {
     /// Off by default; model files written before it existed read as off.
     #[serde(default)]
     pub localization_head: bool,
+    /// The localization map's stride, input pixels per cell: 16 (the head reads the last stride-16
+    /// stage) or 8 (it also reads the stride-8 stage, the stride-16 features upsampled onto it, for
+    /// a map twice as fine). Default 16, what model files written before it existed hold.
+    #[serde(default = "sixteen")]
+    pub localization_stride: usize,
+}
+
+fn sixteen() -> usize {
+    16
 }
 
 impl Default for EfficientNetConfig {
@@ -66,6 +75,7 @@ impl Default for EfficientNetConfig {
             dropout: 0.2,
             bn_momentum: 0.01,
             localization_head: false,
+            localization_stride: 16,
         }
     }
 }
@@ -346,6 +356,12 @@ impl ModelConfig {
                     return Err(Error::InvalidConfig(format!(
                         "arch.bn_momentum = {} is outside (0, 1]",
                         e.bn_momentum
+                    )));
+                }
+                if ![8, 16].contains(&e.localization_stride) {
+                    return Err(Error::InvalidConfig(format!(
+                        "arch.localization_stride = {} is neither 8 nor 16",
+                        e.localization_stride
                     )));
                 }
             }

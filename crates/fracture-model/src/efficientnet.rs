@@ -63,46 +63,89 @@ const LOC_CHANNELS: usize = 64;
 /// radiograph's cells a fracture covers, so training starts from the prior instead of 0.5 everywhere.
 const LOC_PRIOR_LOGIT: f64 = -4.0;
 
-/// The localization head: Conv 3×3 (112 → 64, padding 1) → ReLU → Conv 1×1 (64 → 1) on the output of
-/// the last stride-16 stage; parameters `head.loc.conv1.*`, `head.loc.conv2.*`.
+/// The localization head on the last stride-16 stage `a16` (112 channels): Conv 3×3 (→ 64, padding
+/// 1) → ReLU, then at stride 16 Conv 1×1 (→ 1). At stride 8 it also reads the last stride-8 stage
+/// `a8` (40 channels): the stride-16 features upsampled ×2 (nearest) plus Conv 1×1 of `a8` (→ 64)
+/// → ReLU → Conv 3×3 (→ 64, padding 1) → ReLU → Conv 1×1 (→ 1). Parameters `head.loc.conv1.*`,
+/// `head.loc.conv2.*` (the 1×1 to the map) and at stride 8 `head.loc.lateral.*`, `head.loc.conv3.*`.
 #[derive(Debug)]
 pub(crate) struct LocHead {
-    conv1_w: Tensor,
-    conv1_b: Tensor,
-    conv2_w: Tensor,
-    conv2_b: Tensor,
+    conv1: (Tensor, Tensor),
+    conv2: (Tensor, Tensor),
+    /// The stride-8 layers: the 1×1 on `a8` and the 3×3 after the sum.
+    fine: Option<((Tensor, Tensor), (Tensor, Tensor))>,
+}
+
+fn conv_with_bias(
+    shape: (usize, usize, usize, usize),
+    vb: VarBuilder<'_>,
+    bias: f64,
+) -> Result<(Tensor, Tensor)> {
+    Ok((
+        conv_weight(shape, vb.clone())?,
+        vb.get_with_hints(shape.0, "bias", candle_nn::Init::Const(bias))?,
+    ))
 }
 
 impl LocHead {
-    fn new(cin: usize, vb: VarBuilder<'_>) -> Result<Self> {
-        let vb1 = vb.pp("conv1");
+    fn new(c16: usize, c8: usize, stride: usize, vb: VarBuilder<'_>) -> Result<Self> {
         let vb2 = vb.pp("conv2");
         Ok(LocHead {
-            conv1_w: conv_weight((LOC_CHANNELS, cin, 3, 3), vb1.clone())?,
-            conv1_b: vb1.get_with_hints(LOC_CHANNELS, "bias", candle_nn::Init::Const(0.0))?,
-            conv2_w: vb2.get_with_hints(
-                (1, LOC_CHANNELS, 1, 1),
-                "weight",
-                candle_nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.01,
-                },
-            )?,
-            conv2_b: vb2.get_with_hints(1, "bias", candle_nn::Init::Const(LOC_PRIOR_LOGIT))?,
+            conv1: conv_with_bias((LOC_CHANNELS, c16, 3, 3), vb.pp("conv1"), 0.0)?,
+            conv2: (
+                vb2.get_with_hints(
+                    (1, LOC_CHANNELS, 1, 1),
+                    "weight",
+                    candle_nn::Init::Randn {
+                        mean: 0.0,
+                        stdev: 0.01,
+                    },
+                )?,
+                vb2.get_with_hints(1, "bias", candle_nn::Init::Const(LOC_PRIOR_LOGIT))?,
+            ),
+            fine: if stride == 8 {
+                Some((
+                    conv_with_bias((LOC_CHANNELS, c8, 1, 1), vb.pp("lateral"), 0.0)?,
+                    conv_with_bias((LOC_CHANNELS, LOC_CHANNELS, 3, 3), vb.pp("conv3"), 0.0)?,
+                ))
+            } else {
+                None
+            },
         })
     }
 
-    /// The map's logits `(B, H, W)` from stride-16 features `(B, C, H, W)`.
-    pub(crate) fn forward(&self, a: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
-        let spec = ConvSpec {
+    /// Whether the map has stride 8.
+    pub(crate) fn is_fine(&self) -> bool {
+        self.fine.is_some()
+    }
+
+    /// The map's logits `(B, H, W)` from the stride-16 features `a16 (B, 112, H16, W16)` and, at
+    /// stride 8, the stride-8 features `a8 (B, 40, H8, W8)`.
+    pub(crate) fn forward(&self, a8: &Tensor, a16: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+        let same3 = |relu| ConvSpec {
             kernel: 3,
             stride: 1,
             padding: 1,
-            relu: true,
+            relu,
         };
-        let h = kernels::conv2d(a, &self.conv1_w, &self.conv1_b, spec, k)?;
+        let mut h = kernels::conv2d(a16, &self.conv1.0, &self.conv1.1, same3(true), k)?;
+        if let Some((lateral, conv3)) = &self.fine {
+            let (b, c, h16, w16) = h.dims4()?;
+            let (_, _, h8, w8) = a8.dims4()?;
+            // Nearest ×2: every cell to a 2 × 2 block, cropped to the stride-8 grid ("SAME"
+            // padding rounds up at each stride, so 2·H16 can exceed H8 by one).
+            let up = h
+                .reshape((b, c, h16, 1, w16, 1))?
+                .broadcast_as((b, c, h16, 2, w16, 2))?
+                .reshape((b, c, 2 * h16, 2 * w16))?
+                .narrow(2, 0, h8)?
+                .narrow(3, 0, w8)?;
+            let side =
+                kernels::conv1x1(a8, &lateral.0, k)?.broadcast_add(&lateral.1.reshape((1, c, 1, 1))?)?;
+            h = kernels::conv2d(&(up + side)?.relu()?, &conv3.0, &conv3.1, same3(true), k)?;
+        }
         let m =
-            kernels::conv1x1(&h, &self.conv2_w, k)?.broadcast_add(&self.conv2_b.reshape((1, 1, 1, 1))?)?;
+            kernels::conv1x1(&h, &self.conv2.0, k)?.broadcast_add(&self.conv2.1.reshape((1, 1, 1, 1))?)?;
         m.squeeze(1)
     }
 }
@@ -232,7 +275,12 @@ impl EfficientNet {
             fc: candle_nn::linear(HEAD_CHANNELS, 1, vb.pp("head.fc"))?,
             p_dropout: cfg.dropout,
             loc: if cfg.localization_head {
-                Some(LocHead::new(LITE0_STAGES[4].3, vb.pp("head.loc"))?)
+                Some(LocHead::new(
+                    LITE0_STAGES[4].3,
+                    LITE0_STAGES[2].3,
+                    cfg.localization_stride,
+                    vb.pp("head.loc"),
+                )?)
             } else {
                 None
             },
@@ -293,18 +341,48 @@ impl EfficientNet {
         )
     }
 
-    /// The number of bottlenecks whose output has stride 16 at most: the end of the last
-    /// stride-16 stage (11 of 16 for Lite0).
-    pub(crate) fn stride16_blocks(&self) -> usize {
+    /// The bottlenecks from index `from` up to (not including) `to`.
+    pub(crate) fn blocks_between(
+        &self,
+        x: &Tensor,
+        stats: Stats,
+        k: Kernels,
+        (from, to): (usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for block in self.blocks.iter().take(to).skip(from) {
+            x = block.forward(&x, stats, k)?;
+        }
+        Ok(x)
+    }
+
+    /// The number of bottlenecks whose output has stride `max` at most (5 of 16 for Lite0 at 8,
+    /// 11 at 16).
+    pub(crate) fn blocks_up_to_stride(&self, max: usize) -> usize {
         let mut stride = 2;
         let mut last = 0;
         for (i, b) in self.blocks.iter().enumerate() {
             stride *= b.stride;
-            if stride <= 16 {
+            if stride <= max {
                 last = i + 1;
             }
         }
         last
+    }
+
+    /// The blocks before the localization map: those up to its stride.
+    pub(crate) fn localization_blocks(&self) -> usize {
+        let stride = match &self.loc {
+            Some(loc) if loc.is_fine() => 8,
+            _ => 16,
+        };
+        self.blocks_up_to_stride(stride)
+    }
+
+    /// The number of bottlenecks whose output has stride 16 at most: the end of the last
+    /// stride-16 stage (11 of 16 for Lite0).
+    pub(crate) fn stride16_blocks(&self) -> usize {
+        self.blocks_up_to_stride(16)
     }
 
     /// Input pixel coordinate of feature `i` of the last map for an `image_size` input,

@@ -41,9 +41,9 @@ pub enum CamLayer {
     /// with the gradient taken through the remaining blocks. The other networks use their last map.
     Stride16,
     /// The localization head's map (EfficientNet-Lite0 trained with boxes, see
-    /// [`FractureNet::forward_with_map`]): `sigmoid` of its logits, scaled to [0, 1], from the
-    /// forward pass alone (no backward pass). An error for a network without the head; the
-    /// method does not apply.
+    /// [`FractureNet::forward_with_map`]): `sigmoid` of its logits, each cell's probability of
+    /// lying inside a fracture, not rescaled, from the forward pass alone (no backward pass). An
+    /// error for a network without the head; the method does not apply.
     Head,
 }
 
@@ -54,7 +54,8 @@ pub struct GradCam {
     pub method: CamMethod,
     /// The fracture logit of the image (inference mode).
     pub logit: f32,
-    /// The map, row-major `height × width`, in [0, 1] (all zeros when no region raises the score).
+    /// The map, row-major `height × width`, in [0, 1]: scaled by its maximum (all zeros when no
+    /// region raises the score), or for [`CamLayer::Head`] each cell's probability as it is.
     pub map: Vec<f32>,
     /// Rows of the feature map.
     pub height: usize,
@@ -184,7 +185,7 @@ impl FractureNet {
             }
             None => vec![0.0; b * h * w],
         };
-        scaled_maps(&maps, &logits, method, (h, w), (offset, stride))
+        scaled_maps(&maps, &logits, method, (h, w), (offset, stride), true)
     }
 
     /// The layer [`FractureNet::grad_cams_at`] uses when none is asked for: the localization
@@ -205,19 +206,20 @@ impl FractureNet {
         let (logits, map) = self.forward_with_map(xs, false)?;
         let (_, h, w) = map.dims3()?;
         let probabilities = candle_nn::ops::sigmoid(&map)?.flatten_all()?.to_vec1::<f32>()?;
-        let (offset, stride) = net.geometry_until(self.config().image_size, net.stride16_blocks());
-        scaled_maps(&probabilities, &logits, method, (h, w), (offset, stride))
+        let (offset, stride) = net.geometry_until(self.config().image_size, net.localization_blocks());
+        scaled_maps(&probabilities, &logits, method, (h, w), (offset, stride), false)
     }
 }
 
 /// One [`GradCam`] per image from row-major maps `(B, h, w)` (≥ 0) and the logits `(B,)`, each map
-/// scaled by its maximum.
+/// scaled by its maximum when `rescale`.
 fn scaled_maps(
     maps: &[f32],
     logits: &Tensor,
     method: CamMethod,
     (h, w): (usize, usize),
     (offset, stride): (f32, f32),
+    rescale: bool,
 ) -> candle_core::Result<Vec<GradCam>> {
     let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
     Ok(maps
@@ -225,7 +227,7 @@ fn scaled_maps(
         .zip(logits)
         .map(|(map, logit)| {
             let max = map.iter().copied().fold(0.0f32, f32::max);
-            let map = if max > 0.0 {
+            let map = if rescale && max > 0.0 {
                 map.iter().map(|v| v / max).collect()
             } else {
                 map.to_vec()
@@ -303,10 +305,11 @@ mod tests {
         }
     }
 
-    fn lite0_with_head(size: usize, seed: u64) -> crate::Model {
+    fn lite0_with_head(size: usize, seed: u64, stride: usize) -> crate::Model {
         let mut config = crate::ModelConfig::efficientnet_lite0(size);
         if let crate::ArchConfig::EfficientNetLite0(e) = &mut config.arch {
             e.localization_head = true;
+            e.localization_stride = stride;
         }
         crate::Model::new(&config, seed, &candle_core::Device::Cpu).unwrap()
     }
@@ -314,7 +317,7 @@ mod tests {
     #[test]
     fn the_localization_head_maps_the_stride16_grid_from_the_forward_pass() {
         let device = candle_core::Device::Cpu;
-        let model = lite0_with_head(64, 9);
+        let model = lite0_with_head(64, 9, 16);
         assert!(model.net.has_localization_head());
         assert_eq!(model.net.default_cam_layer(), CamLayer::Head);
         let names: Vec<String> = model.named_vars().into_iter().map(|(n, _)| n).collect();
@@ -357,7 +360,8 @@ mod tests {
             assert_eq!((cam.height, cam.width, cam.stride), (4, 4, 16.0));
             assert!((cam.logit - logit).abs() < 1e-5);
             assert!(cam.map.iter().all(|v| (0.0..=1.0).contains(v)));
-            assert!(cam.map.iter().any(|&v| v == 1.0));
+            // Probabilities, not rescaled: untrained, every cell is near the prior.
+            assert!(cam.map.iter().all(|&v| (v - 0.018).abs() < 0.02), "{:?}", cam.map);
         }
         // A network without the head says so.
         let plain_model = crate::Model::new(&crate::ModelConfig::efficientnet_lite0(64), 9, &device).unwrap();
@@ -371,11 +375,64 @@ mod tests {
     }
 
     #[test]
-    fn the_localization_heads_gradient_matches_finite_differences() {
+    fn the_fine_localization_head_maps_the_stride8_grid() {
         let device = candle_core::Device::Cpu;
-        let model = lite0_with_head(32, 4);
+        let model = lite0_with_head(64, 9, 8);
+        assert_eq!(model.net.localization_grid(), Some((8, 7.0, 8.0)));
+        let xs = Tensor::rand(0f32, 1f32, (2, 1, 64, 64), &device).unwrap();
+        let (logits, map) = model.net.forward_with_map(&xs, false).unwrap();
+        assert_eq!(map.dims(), &[2, 8, 8]);
+        let plain = candle_core::ModuleT::forward_t(&model.net, &xs, false).unwrap();
+        let d = (logits - &plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "the head changes the logit by {d}");
+        let cams = model
+            .net
+            .grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Head)
+            .unwrap();
+        assert_eq!(
+            (cams[0].height, cams[0].width, cams[0].stride, cams[0].offset),
+            (8, 8, 8.0, 7.0)
+        );
+        // An odd size: "SAME" padding rounds up, and the upsampled stride-16 features are cropped.
+        let odd = lite0_with_head(72, 9, 8);
+        let xs = Tensor::rand(0f32, 1f32, (1, 1, 72, 72), &device).unwrap();
+        let (_, map) = odd.net.forward_with_map(&xs, false).unwrap();
+        assert_eq!(map.dims(), &[1, 9, 9]);
+        let bad = crate::ModelConfig {
+            arch: crate::ArchConfig::EfficientNetLite0(crate::EfficientNetConfig {
+                localization_stride: 4,
+                ..Default::default()
+            }),
+            ..crate::ModelConfig::efficientnet_lite0(64)
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("localization_stride")
+        );
+    }
+
+    #[test]
+    fn the_localization_heads_gradient_matches_finite_differences() {
+        for stride in [16, 8] {
+            check_head_gradient(stride);
+        }
+    }
+
+    fn check_head_gradient(stride: usize) {
+        let device = candle_core::Device::Cpu;
+        let model = lite0_with_head(32, 4, stride);
         let xs = Tensor::rand(0f32, 1f32, (2, 1, 32, 32), &device).unwrap();
-        let r = Tensor::rand(-1f32, 1f32, (2, 2, 2), &device).unwrap();
+        let cells = 32 / stride;
+        let r = Tensor::rand(-1f32, 1f32, (2, cells, cells), &device).unwrap();
         let vars = model.named_vars();
         let objective = || -> f64 {
             let (_, map) = model.net.forward_with_map(&xs, false).unwrap();

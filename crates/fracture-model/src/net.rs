@@ -150,13 +150,14 @@ impl FractureNet {
         };
         net.loc.as_ref()?;
         let size = self.config.image_size;
-        let (offset, stride) = net.geometry_until(size, net.stride16_blocks());
+        let (offset, stride) = net.geometry_until(size, net.localization_blocks());
         Some((size.div_ceil(stride as usize), offset, stride))
     }
 
     /// The fracture logits `(B,)` (as [`ModuleT::forward_t`]) and the localization head's map of
-    /// logits `(B, ⌈S/16⌉, ⌈S/16⌉)`, from one pass: the head reads the output of the last stride-16
-    /// stage, cell `(i, j)` centred on input pixel `offset + 16·(i, j)` (see
+    /// logits `(B, ⌈S/s⌉, ⌈S/s⌉)` for its stride `s` (16 or 8), from one pass: the head reads the
+    /// output of the last stride-16 stage (and at stride 8 the last stride-8 stage), cell `(i, j)`
+    /// centred on input pixel `offset + s·(i, j)` (see [`FractureNet::localization_grid`] and
     /// [`FractureNet::grad_cams_at`] with [`crate::CamLayer::Head`]). `sigmoid` of a cell is the
     /// head's P(a fracture lies in it). An error for a network without the head.
     pub fn forward_with_map(&self, xs: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
@@ -170,10 +171,11 @@ impl FractureNet {
             candle_core::bail!("this network has no localization head (it was trained without boxes)");
         };
         let stats = self.bn_stats(train);
-        let split = net.stride16_blocks();
-        let mid = net.features_until(xs, stats, self.kernels, split)?;
-        let map = loc.forward(&mid, self.kernels)?;
-        let a = net.features_after(&mid, stats, self.kernels, split)?;
+        let (s8, s16) = (net.blocks_up_to_stride(8), net.stride16_blocks());
+        let a8 = net.features_until(xs, stats, self.kernels, s8)?;
+        let a16 = net.blocks_between(&a8, stats, self.kernels, (s8, s16))?;
+        let map = loc.forward(&a8, &a16, self.kernels)?;
+        let a = net.features_after(&a16, stats, self.kernels, s16)?;
         let pooled = a.mean(3)?.mean(2)?;
         let x = self.dropout(&pooled, net.p_dropout, train)?;
         let logits = dense(&net.fc, &x, false, self.kernels)?.squeeze(1)?;

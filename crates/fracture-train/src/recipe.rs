@@ -73,6 +73,7 @@ impl Preset {
                         dropout: 0.2,
                         bn_momentum: 0.01,
                         localization_head: false,
+                        localization_stride: 16,
                     }),
                 },
                 fit: ImageFit {

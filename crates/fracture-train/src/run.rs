@@ -96,13 +96,15 @@ impl TrainSetup {
         }
     }
 
-    /// Trains a localization head (EfficientNet-Lite0 only) from the boxes in `path`, its loss
-    /// weighted by `weight` beside the classification loss (see [`TrainConfig::box_weight`]).
-    pub fn with_boxes(mut self, path: impl Into<PathBuf>, weight: f64) -> Self {
+    /// Trains a localization head (EfficientNet-Lite0 only) with a map of `stride` input pixels
+    /// per cell (8 or 16) from the boxes in `path`, its loss weighted by `weight` beside the
+    /// classification loss (see [`TrainConfig::box_weight`]).
+    pub fn with_boxes(mut self, path: impl Into<PathBuf>, weight: f64, stride: usize) -> Self {
         self.boxes = Some(path.into());
         self.train.box_weight = weight;
         if let fracture_model::ArchConfig::EfficientNetLite0(e) = &mut self.model.arch {
             e.localization_head = true;
+            e.localization_stride = stride;
         }
         self
     }

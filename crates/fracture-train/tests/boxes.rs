@@ -89,7 +89,7 @@ fn lite0_setup(root: &Path, epochs: usize) -> TrainSetup {
 fn a_head_trained_on_boxes_points_into_them() {
     let root = fresh_dir(&base(), "learns");
     let val_boxes = write_dataset(&root, 64, 12);
-    let s = lite0_setup(&root, 10).with_boxes(root.join("boxes.csv"), 1.0);
+    let s = lite0_setup(&root, 10).with_boxes(root.join("boxes.csv"), 1.0, 16);
     let mut notes = Vec::new();
     let outcome = train(&s, &mut |e| {
         if let Event::Notice(t) = e {
@@ -153,7 +153,8 @@ fn boxes_the_run_cannot_use_are_refused() {
     let root = fresh_dir(&base(), "refused");
     write_dataset(&root, 4, 2);
     // The seed network has no localization head.
-    let seed = setup(&root.join("data"), &root.join("seed"), SIZE, 1).with_boxes(root.join("boxes.csv"), 1.0);
+    let seed =
+        setup(&root.join("data"), &root.join("seed"), SIZE, 1).with_boxes(root.join("boxes.csv"), 1.0, 16);
     let err = train(&seed, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("only the EfficientNet-Lite0 network"), "{err}");
     // A head without boxes.
@@ -165,7 +166,7 @@ fn boxes_the_run_cannot_use_are_refused() {
     assert!(err.contains("no box file trains it"), "{err}");
     // Boxes of no training image.
     std::fs::write(root.join("other.csv"), "id,x,y,w,h\nsomething_else,1,2,3,4\n").unwrap();
-    let mut s = lite0_setup(&root, 1).with_boxes(root.join("other.csv"), 1.0);
+    let mut s = lite0_setup(&root, 1).with_boxes(root.join("other.csv"), 1.0, 16);
     s.out = root.join("other");
     let err = train(&s, &mut |_| {}).unwrap_err().to_string();
     assert!(
@@ -173,16 +174,16 @@ fn boxes_the_run_cannot_use_are_refused() {
         "{err}"
     );
     // A zero weight, a missing file, a bad row: each named.
-    let mut s = lite0_setup(&root, 1).with_boxes(root.join("boxes.csv"), 0.0);
+    let mut s = lite0_setup(&root, 1).with_boxes(root.join("boxes.csv"), 0.0, 16);
     s.out = root.join("zero");
     let err = train(&s, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("box_weight"), "{err}");
-    let mut s = lite0_setup(&root, 1).with_boxes(root.join("missing.csv"), 1.0);
+    let mut s = lite0_setup(&root, 1).with_boxes(root.join("missing.csv"), 1.0, 16);
     s.out = root.join("missing");
     let err = train(&s, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("missing.csv"), "{err}");
     std::fs::write(root.join("bad.csv"), "id,x,y,w,h\ntrain000,1,2,three,4\n").unwrap();
-    let mut s = lite0_setup(&root, 1).with_boxes(root.join("bad.csv"), 1.0);
+    let mut s = lite0_setup(&root, 1).with_boxes(root.join("bad.csv"), 1.0, 16);
     s.out = root.join("bad");
     let err = train(&s, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("bad.csv:2:") && err.contains("column w"), "{err}");

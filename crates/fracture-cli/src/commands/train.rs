@@ -16,6 +16,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::commands::{ResizeArg, pick_device};
 
+/// Input pixels per cell of the localization map.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BoxStride {
+    #[value(name = "8")]
+    Eight,
+    #[value(name = "16")]
+    Sixteen,
+}
+
 /// Arguments of `fracture train`. The defaults reproduce the original project: the seed CNN at
 /// 128 × 128, 10 epochs, Adam at 1e-3, binary cross-entropy, batch 32, dropout and augmentation.
 /// `--preset radiograph` switches to the recommended recipe; options given explicitly override the
@@ -40,6 +49,10 @@ pub(crate) struct Args {
     /// Weight of the localization loss beside the classification loss (with `--boxes`).
     #[arg(long, default_value_t = 1.0, requires = "boxes")]
     box_weight: f64,
+    /// Input pixels per cell of the localization head's map (with `--boxes`): 8 (the head also
+    /// reads the stride-8 stage) or 16.
+    #[arg(long, value_enum, default_value_t = BoxStride::Eight, requires = "boxes")]
+    box_stride: BoxStride,
     /// Train even when symbolic links in the dataset leave its folder or put one image in two
     /// classes or splits (listed, and refused without this flag).
     #[arg(long)]
@@ -304,7 +317,14 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         ..TrainSetup::new(&recipe, data, out.clone())
     };
     let setup = match &args.boxes {
-        Some(boxes) => setup.with_boxes(boxes, args.box_weight),
+        Some(boxes) => setup.with_boxes(
+            boxes,
+            args.box_weight,
+            match args.box_stride {
+                BoxStride::Eight => 8,
+                BoxStride::Sixteen => 16,
+            },
+        ),
         None => setup,
     };
     let image_size = setup.model.image_size;
