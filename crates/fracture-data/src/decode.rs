@@ -72,7 +72,8 @@ pub fn read_file_limited(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>> 
 /// `origin` names the file (or upload) in errors. 16-bit images are windowed to the values they
 /// hold (see [`window16`]), so that 10- or 12-bit radiographs stored in 16-bit words keep their
 /// contrast; an alpha channel is dropped. Formats: JPEG (baseline, progressive,
-/// grayscale, YCbCr, RGB, CMYK, YCCK), PNG, BMP, TIFF, WebP.
+/// grayscale, YCbCr, RGB, CMYK, YCCK), PNG, BMP, TIFF, WebP, and DICOM (recognised by its magic
+/// whatever the file's name; see [`crate::dicom`]).
 pub fn decode_gray(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<GrayImage> {
     if bytes.is_empty() {
         return Err(Error::EmptyFile {
@@ -90,6 +91,9 @@ pub fn decode_gray(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result
         path: origin.to_path_buf(),
         source,
     };
+    if crate::dicom::is_dicom(bytes) {
+        return Ok(crate::dicom::decode_dicom(bytes, origin, limits)?.0);
+    }
     let format = image::guess_format(bytes).map_err(decode_err)?;
     if format == ImageFormat::Jpeg {
         if limits.allow_partial {
@@ -282,7 +286,7 @@ fn rgb8_to_luma(rgb: &[u8]) -> Vec<u8> {
     rgb.chunks_exact(3).map(|p| luma8(p[0], p[1], p[2])).collect()
 }
 
-fn dynamic_to_luma(image: DynamicImage) -> GrayImage {
+pub(crate) fn dynamic_to_luma(image: DynamicImage) -> GrayImage {
     let (w, h) = (image.width(), image.height());
     let raw: Vec<u8> = match image {
         DynamicImage::ImageLuma8(g) => return g,

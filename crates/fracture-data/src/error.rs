@@ -36,8 +36,16 @@ pub enum Error {
         /// What the strict decoder found.
         reason: String,
     },
+    /// A DICOM file that cannot be read as an image: the reason names the attribute, transfer
+    /// syntax or limit.
+    #[error("{}: DICOM: {reason}", path.display())]
+    Dicom {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The file is empty.
-
     #[error("{}: file is empty (0 bytes)", path.display())]
     EmptyFile {
         /// The empty file.

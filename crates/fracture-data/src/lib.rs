@@ -33,6 +33,7 @@ mod batch;
 mod cache;
 mod dataset;
 mod decode;
+pub mod dicom;
 mod discover;
 mod error;
 mod label;
@@ -48,6 +49,7 @@ pub use augment::{
 pub use batch::{Batch, BatchAugment, epoch_order, make_batch};
 pub use dataset::{Dataset, FolderDataset, LoadOptions, LoadStats, Sample};
 pub use decode::{DecodeLimits, WINDOW_TAIL, decode_gray, read_file_limited, window16};
+pub use dicom::{DicomInfo, decode_dicom, is_dicom};
 pub use discover::{
     DatasetLayout, IMAGE_EXTENSIONS, Item, Skipped, discover_class_folders, discover_labelled_images,
     has_image_extension, list_image_files,

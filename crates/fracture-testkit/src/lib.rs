@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 
 mod corpus;
+pub mod dicom;
 mod fuzz;
 mod kaggle;
 mod models;

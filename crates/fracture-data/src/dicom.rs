@@ -1,0 +1,503 @@
+//! DICOM radiographs to 8-bit luma, through the display pipeline a radiologist's viewer applies.
+//!
+//! A file is DICOM when it holds the `DICM` magic after its 128-byte preamble (the extension does
+//! not matter). The first frame is decoded (uncompressed little endian with implicit or explicit
+//! VR, deflated, RLE, JPEG baseline, extended and lossless: the pure-Rust codecs of
+//! `dicom-pixeldata`); then, in this order:
+//!
+//! 1. **stored values**: each sample masked to Bits Stored, sign-extended when Pixel
+//!    Representation is 1;
+//! 2. **Modality LUT**: `v · Rescale Slope + Rescale Intercept` (1 and 0 when absent);
+//! 3. **VOI LUT**: the first VOI LUT Sequence item when present; else the first Window Center /
+//!    Width pair with the VOI LUT Function (`LINEAR`, the default, `LINEAR_EXACT` or `SIGMOID`, as
+//!    DICOM PS3.3 C.11.2.1.2 defines them); else a window from the image itself, its 0.5th to
+//!    99.5th percentile ([`crate::WINDOW_TAIL`], the rule 16-bit PNG and TIFF follow), with the
+//!    Pixel Padding Value left out — never the container's full range;
+//! 4. **MONOCHROME1** inverted (white = 0 there);
+//! 5. to 8 bits, rounded.
+//!
+//! Colour secondary captures (RGB, YBR) go to luma like other colour images. Header values are
+//! checked against [`DecodeLimits`] before anything is allocated for the pixels, and every
+//! failure is an [`Error::Dicom`] naming the file and the reason.
+
+use std::path::Path;
+
+use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_object::file::ReadPreamble;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_pixeldata::PixelDecoder;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use image::GrayImage;
+use serde::{Deserialize, Serialize};
+
+use crate::decode::{DecodeLimits, WINDOW_TAIL, dynamic_to_luma};
+use crate::{Error, Result};
+
+/// Whether `bytes` are a DICOM file: the `DICM` magic at offset 128.
+pub fn is_dicom(bytes: &[u8]) -> bool {
+    bytes.get(128..132) == Some(b"DICM")
+}
+
+/// The VOI transformation applied to a DICOM image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "from")]
+pub enum Window {
+    /// The file's first Window Center / Width pair, with its VOI LUT Function.
+    Tags {
+        /// Window Center, in modality units.
+        center: f64,
+        /// Window Width, in modality units.
+        width: f64,
+        /// `LINEAR`, `LINEAR_EXACT` or `SIGMOID`.
+        function: String,
+    },
+    /// The first item of the VOI LUT Sequence.
+    Lut {
+        /// Its entries.
+        entries: usize,
+    },
+    /// The image's own 0.5th-99.5th percentile (no windowing attributes).
+    Percentile {
+        /// Lower bound, modality units.
+        low: f64,
+        /// Upper bound, modality units.
+        high: f64,
+    },
+}
+
+/// The technical attributes of a decoded DICOM image (never a patient-identifying one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DicomInfo {
+    /// Modality (`CR`, `DX`, …), when present.
+    pub modality: Option<String>,
+    /// Body Part Examined, when present.
+    pub body_part: Option<String>,
+    /// Photometric Interpretation (`MONOCHROME1`, `MONOCHROME2`, `RGB`, …).
+    pub photometric: String,
+    /// Bits Stored.
+    pub bits_stored: u16,
+    /// Number of Frames (the first one is decoded).
+    pub frames: u32,
+    /// The transfer syntax, UID and name.
+    pub transfer_syntax: String,
+    /// The VOI transformation used (grayscale images).
+    pub window: Option<Window>,
+}
+
+/// A VOI LUT: the output for stored values from `first` on, `bits` bits deep.
+#[derive(Debug, Clone, PartialEq)]
+struct VoiLut {
+    first: f64,
+    data: Vec<f64>,
+    bits: u32,
+}
+
+/// The VOI step, ready to apply.
+#[derive(Debug, Clone, PartialEq)]
+enum Voi {
+    Linear { center: f64, width: f64 },
+    LinearExact { center: f64, width: f64 },
+    Sigmoid { center: f64, width: f64 },
+    Lut(VoiLut),
+}
+
+/// The DICOM linear VOI function (PS3.3 C.11.2.1.2.1) onto [0, 1]: 0 at or below
+/// `c − 0.5 − (w − 1)/2`, 1 above `c − 0.5 + (w − 1)/2`, linear between. `width` below 1 is taken
+/// as 1 (the standard requires at least 1).
+pub fn voi_linear(x: f64, center: f64, width: f64) -> f64 {
+    let w = width.max(1.0);
+    if w <= 1.0 {
+        return if x <= center - 0.5 { 0.0 } else { 1.0 };
+    }
+    let lo = center - 0.5 - (w - 1.0) / 2.0;
+    let hi = center - 0.5 + (w - 1.0) / 2.0;
+    if x <= lo {
+        0.0
+    } else if x > hi {
+        1.0
+    } else {
+        (x - (center - 0.5)) / (w - 1.0) + 0.5
+    }
+}
+
+/// `LINEAR_EXACT` (C.11.2.1.3.2) onto [0, 1]: `(x − c)/w + 0.5`, clamped.
+pub fn voi_linear_exact(x: f64, center: f64, width: f64) -> f64 {
+    if width <= 0.0 {
+        return if x <= center { 0.0 } else { 1.0 };
+    }
+    ((x - center) / width + 0.5).clamp(0.0, 1.0)
+}
+
+/// `SIGMOID` (C.11.2.1.3.1) onto (0, 1): `1 / (1 + exp(−4 (x − c) / w))`.
+pub fn voi_sigmoid(x: f64, center: f64, width: f64) -> f64 {
+    1.0 / (1.0 + (-4.0 * (x - center) / width.max(f64::MIN_POSITIVE)).exp())
+}
+
+/// A stored sample (`raw`, the bits of its container) masked to `bits_stored` and, when
+/// `signed`, sign-extended from its high bit.
+pub fn stored_value(raw: u32, bits_stored: u16, signed: bool) -> i64 {
+    let bits = u32::from(bits_stored.clamp(1, 32));
+    let mask = if bits == 32 { u32::MAX } else { (1u32 << bits) - 1 };
+    let v = i64::from(raw & mask);
+    if signed && v >= 1i64 << (bits - 1) {
+        v - (1i64 << bits)
+    } else {
+        v
+    }
+}
+
+impl Voi {
+    fn apply(&self, x: f64) -> f64 {
+        match self {
+            Voi::Linear { center, width } => voi_linear(x, *center, *width),
+            Voi::LinearExact { center, width } => voi_linear_exact(x, *center, *width),
+            Voi::Sigmoid { center, width } => voi_sigmoid(x, *center, *width),
+            Voi::Lut(lut) => {
+                let last = lut.data.len().saturating_sub(1);
+                let i = (x - lut.first).round().clamp(0.0, last as f64) as usize;
+                let top = f64::from((1u32 << lut.bits.clamp(1, 16)) - 1);
+                (lut.data.get(i).copied().unwrap_or(0.0) / top).clamp(0.0, 1.0)
+            }
+        }
+    }
+}
+
+/// The `[low, high]` window holding all but [`WINDOW_TAIL`] of `values` at each end (values equal
+/// to `padding` left out); `None` when nothing is left.
+fn percentile_window(values: &[f64], padding: Option<f64>) -> Option<(f64, f64)> {
+    let mut kept: Vec<f64> = values
+        .iter()
+        .copied()
+        .filter(|v| padding != Some(*v) && v.is_finite())
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    kept.sort_by(f64::total_cmp);
+    let n = kept.len();
+    let at = |fraction: f64| kept[((fraction * n as f64).floor() as usize).min(n - 1)];
+    Some((at(WINDOW_TAIL), at(1.0 - WINDOW_TAIL)))
+}
+
+/// Modality values to 8-bit display values: `voi`, then the MONOCHROME1 inversion.
+fn to_display(values: &[f64], voi: &Voi, monochrome1: bool) -> Vec<u8> {
+    values
+        .iter()
+        .map(|&v| {
+            let y = voi.apply(v);
+            let y = if monochrome1 { 1.0 - y } else { y };
+            (y * 255.0).round().clamp(0.0, 255.0) as u8
+        })
+        .collect()
+}
+
+fn dicom_error(origin: &Path, reason: impl Into<String>) -> Error {
+    Error::Dicom {
+        path: origin.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn text(obj: &DefaultDicomObject, tag: dicom_object::Tag) -> Option<String> {
+    let e = obj.element_opt(tag).ok()??;
+    let s = e.to_str().ok()?.trim().trim_end_matches('\0').to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+fn int(obj: &DefaultDicomObject, tag: dicom_object::Tag) -> Option<i64> {
+    obj.element_opt(tag).ok()??.to_int::<i64>().ok()
+}
+
+fn floats(obj: &DefaultDicomObject, tag: dicom_object::Tag) -> Option<Vec<f64>> {
+    obj.element_opt(tag).ok()??.to_multi_float64().ok()
+}
+
+/// Decodes the first frame of a DICOM file to 8-bit luma (see the module documentation), with
+/// the technical attributes that describe it. `origin` names the file in errors.
+pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<(GrayImage, DicomInfo)> {
+    if !is_dicom(bytes) {
+        return Err(dicom_error(origin, "no DICM magic after the 128-byte preamble"));
+    }
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
+        .from_reader(bytes)
+        .map_err(|e| dicom_error(origin, format!("cannot parse: {e}")))?;
+    let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+    if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
+        let what = if obj
+            .meta()
+            .media_storage_sop_class_uid()
+            .starts_with("1.2.840.10008.1.3.10")
+        {
+            "a DICOMDIR (a directory of other files), not an image"
+        } else {
+            "no pixel data (not an image object)"
+        };
+        return Err(dicom_error(origin, what));
+    }
+    let ts_name = TransferSyntaxRegistry
+        .get(&ts_uid)
+        .map(|ts| ts.name().to_string());
+    let Some(ts_name) = ts_name else {
+        return Err(dicom_error(origin, format!("unknown transfer syntax {ts_uid}")));
+    };
+    let supported = TransferSyntaxRegistry
+        .get(&ts_uid)
+        .is_some_and(|ts| ts.can_decode_all());
+    if !supported {
+        return Err(dicom_error(
+            origin,
+            format!("transfer syntax {ts_uid} ({ts_name}) is not supported"),
+        ));
+    }
+    let rows = int(&obj, tags::ROWS).ok_or_else(|| dicom_error(origin, "no Rows"))?;
+    let cols = int(&obj, tags::COLUMNS).ok_or_else(|| dicom_error(origin, "no Columns"))?;
+    let spp = int(&obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+    let bits_allocated = int(&obj, tags::BITS_ALLOCATED).unwrap_or(16);
+    let bits_stored = int(&obj, tags::BITS_STORED).unwrap_or(bits_allocated);
+    if rows <= 0 || cols <= 0 {
+        return Err(dicom_error(origin, format!("{cols} × {rows} pixels")));
+    }
+    if cols > i64::from(limits.max_width) || rows > i64::from(limits.max_height) {
+        return Err(dicom_error(
+            origin,
+            format!(
+                "{cols} × {rows} pixels, over the limit of {} × {}",
+                limits.max_width, limits.max_height
+            ),
+        ));
+    }
+    if ![1, 3].contains(&spp) || ![8, 16, 32].contains(&bits_allocated) {
+        return Err(dicom_error(
+            origin,
+            format!("{spp} samples per pixel of {bits_allocated} bits is not supported"),
+        ));
+    }
+    if !(1..=bits_allocated).contains(&bits_stored) {
+        return Err(dicom_error(
+            origin,
+            format!("Bits Stored {bits_stored} with Bits Allocated {bits_allocated}"),
+        ));
+    }
+    // Rows and columns fit in u32 here, so the product fits in u64.
+    let frame_bytes = (rows * cols * spp * bits_allocated / 8) as u64;
+    if frame_bytes.saturating_mul(9) > limits.max_alloc_bytes {
+        return Err(dicom_error(
+            origin,
+            format!(
+                "a frame of {frame_bytes} bytes needs more memory to decode than the limit of {} bytes",
+                limits.max_alloc_bytes
+            ),
+        ));
+    }
+    let frames = int(&obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32;
+    let photometric = text(&obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_else(|| "MONOCHROME2".into());
+    let decoded = obj
+        .decode_pixel_data_frame(0)
+        .map_err(|e| dicom_error(origin, format!("cannot decode the pixel data: {e}")))?;
+    let info = |window| DicomInfo {
+        modality: text(&obj, tags::MODALITY),
+        body_part: text(&obj, tags::BODY_PART_EXAMINED),
+        photometric: photometric.clone(),
+        bits_stored: bits_stored as u16,
+        frames,
+        transfer_syntax: format!("{ts_uid} ({ts_name})"),
+        window,
+    };
+    let (w, h) = (cols as u32, rows as u32);
+    if spp == 3 {
+        let image = decoded
+            .to_dynamic_image(0)
+            .map_err(|e| dicom_error(origin, format!("cannot convert the colour image: {e}")))?;
+        return Ok((dynamic_to_luma(image), info(None)));
+    }
+    let data = decoded.data();
+    let expected = frame_bytes as usize;
+    if data.len() < expected {
+        return Err(dicom_error(
+            origin,
+            format!(
+                "the pixel data holds {} bytes, fewer than the {expected} of {cols} × {rows} pixels of {bits_allocated} bits",
+                data.len()
+            ),
+        ));
+    }
+    let signed = int(&obj, tags::PIXEL_REPRESENTATION) == Some(1);
+    let slope = floats(&obj, tags::RESCALE_SLOPE)
+        .and_then(|v| v.first().copied())
+        .unwrap_or(1.0);
+    let intercept = floats(&obj, tags::RESCALE_INTERCEPT)
+        .and_then(|v| v.first().copied())
+        .unwrap_or(0.0);
+    let n = (rows * cols) as usize;
+    let stored: Vec<i64> = match bits_allocated {
+        8 => data[..n]
+            .iter()
+            .map(|&b| stored_value(u32::from(b), bits_stored as u16, signed))
+            .collect(),
+        16 => data[..2 * n]
+            .chunks_exact(2)
+            .map(|c| {
+                stored_value(
+                    u32::from(u16::from_le_bytes([c[0], c[1]])),
+                    bits_stored as u16,
+                    signed,
+                )
+            })
+            .collect(),
+        _ => data[..4 * n]
+            .chunks_exact(4)
+            .map(|c| {
+                stored_value(
+                    u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                    bits_stored as u16,
+                    signed,
+                )
+            })
+            .collect(),
+    };
+    let padding = int(&obj, tags::PIXEL_PADDING_VALUE).map(|p| {
+        // Stored in the sample's own representation: the same masking and sign rule.
+        stored_value(p as u32, bits_stored as u16, signed)
+    });
+    let values: Vec<f64> = stored.iter().map(|&v| v as f64 * slope + intercept).collect();
+    let padding_value = padding.map(|p| p as f64 * slope + intercept);
+    let (voi, window) = choose_voi(&obj, &values, padding_value, origin)?;
+    let pixels = to_display(&values, &voi, photometric == "MONOCHROME1");
+    let gray =
+        GrayImage::from_raw(w, h, pixels).ok_or_else(|| dicom_error(origin, "pixel count mismatch"))?;
+    Ok((gray, info(Some(window))))
+}
+
+/// The VOI step: the VOI LUT Sequence, the window attributes, or the image's own percentiles.
+fn choose_voi(
+    obj: &DefaultDicomObject,
+    values: &[f64],
+    padding: Option<f64>,
+    origin: &Path,
+) -> Result<(Voi, Window)> {
+    if let Some(lut) = voi_lut_sequence(obj) {
+        let entries = lut.data.len();
+        return Ok((Voi::Lut(lut), Window::Lut { entries }));
+    }
+    let center = floats(obj, tags::WINDOW_CENTER).and_then(|v| v.first().copied());
+    let width = floats(obj, tags::WINDOW_WIDTH).and_then(|v| v.first().copied());
+    if let (Some(center), Some(width)) = (center, width)
+        && center.is_finite()
+        && width.is_finite()
+        && width > 0.0
+    {
+        let function = text(obj, tags::VOILUT_FUNCTION).unwrap_or_else(|| "LINEAR".into());
+        let voi = match function.as_str() {
+            "LINEAR_EXACT" => Voi::LinearExact { center, width },
+            "SIGMOID" => Voi::Sigmoid { center, width },
+            _ => Voi::Linear { center, width },
+        };
+        return Ok((
+            voi,
+            Window::Tags {
+                center,
+                width,
+                function,
+            },
+        ));
+    }
+    let (low, high) = percentile_window(values, padding)
+        .ok_or_else(|| dicom_error(origin, "no pixel values outside the padding"))?;
+    // An exact window: low maps to 0 and high to 1 (a flat image keeps its level at mid-gray).
+    let width = (high - low).max(f64::MIN_POSITIVE);
+    let voi = Voi::LinearExact {
+        center: (low + high) / 2.0,
+        width,
+    };
+    Ok((voi, Window::Percentile { low, high }))
+}
+
+/// The first item of the VOI LUT Sequence, when present and well formed.
+fn voi_lut_sequence(obj: &DefaultDicomObject) -> Option<VoiLut> {
+    let seq = obj.element_opt(tags::VOILUT_SEQUENCE).ok()??;
+    let item = seq.items()?.first()?;
+    let descriptor = item
+        .element(tags::LUT_DESCRIPTOR)
+        .ok()?
+        .to_multi_int::<i64>()
+        .ok()?;
+    let [entries, first, bits] = descriptor.get(..3)?.try_into().ok()?;
+    let entries = if entries == 0 { 65_536 } else { entries as usize };
+    let data: Vec<f64> = item
+        .element(tags::LUT_DATA)
+        .ok()?
+        .to_multi_int::<i64>()
+        .ok()?
+        .into_iter()
+        .take(entries)
+        .map(|v| v as f64)
+        .collect();
+    (!data.is_empty()).then_some(VoiLut {
+        first: first as f64,
+        data,
+        bits: bits.clamp(1, 16) as u32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn the_linear_window_is_monotone_and_clamped(c in -5000.0f64..5000.0, w in 1.0f64..8000.0, a in -10000.0f64..10000.0, b in -10000.0f64..10000.0) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let (ya, yb) = (voi_linear(lo, c, w), voi_linear(hi, c, w));
+            prop_assert!(ya <= yb + 1e-12);
+            prop_assert!((0.0..=1.0).contains(&ya) && (0.0..=1.0).contains(&yb));
+            prop_assert_eq!(voi_linear(c - w, c, w), 0.0);
+            prop_assert_eq!(voi_linear(c + w, c, w), 1.0);
+            let (ea, eb) = (voi_linear_exact(lo, c, w), voi_linear_exact(hi, c, w));
+            prop_assert!(ea <= eb && (0.0..=1.0).contains(&ea) && (0.0..=1.0).contains(&eb));
+            let (sa, sb) = (voi_sigmoid(lo, c, w), voi_sigmoid(hi, c, w));
+            prop_assert!(sa <= sb && (0.0..=1.0).contains(&sa));
+        }
+
+        #[test]
+        fn monochrome1_inverts_exactly(values in proptest::collection::vec(-4096.0f64..4096.0, 1..64), c in -100.0f64..100.0, w in 1.0f64..5000.0) {
+            let voi = Voi::Linear { center: c, width: w };
+            let m2 = to_display(&values, &voi, false);
+            let m1 = to_display(&values, &voi, true);
+            for (a, b) in m2.iter().zip(&m1) {
+                prop_assert_eq!(u16::from(*a) + u16::from(*b), 255);
+            }
+        }
+
+        #[test]
+        fn stored_values_mask_and_sign_extend(v in 0u32..4096, junk in 0u32..16) {
+            // 12 bits stored in 16: the top four bits are junk and ignored.
+            let raw = v | (junk << 12);
+            prop_assert_eq!(stored_value(raw, 12, false), i64::from(v));
+            let signed = stored_value(raw, 12, true);
+            prop_assert_eq!(signed, if v >= 2048 { i64::from(v) - 4096 } else { i64::from(v) });
+        }
+    }
+
+    #[test]
+    fn the_linear_window_follows_the_standard() {
+        // PS3.3 C.11.2.1.2.1 with c = 2048, w = 4096: the full 12-bit range.
+        assert_eq!(voi_linear(0.0, 2048.0, 4096.0), 0.0);
+        assert_eq!(voi_linear(4095.0, 2048.0, 4096.0), 1.0);
+        assert!((voi_linear(2047.5, 2048.0, 4096.0) - 0.5).abs() < 1e-12);
+        // Width 1: a threshold at c − 0.5.
+        assert_eq!(voi_linear(9.4, 10.0, 1.0), 0.0);
+        assert_eq!(voi_linear(9.6, 10.0, 1.0), 1.0);
+    }
+
+    #[test]
+    fn the_percentile_window_leaves_out_the_padding() {
+        let mut values: Vec<f64> = (0..1000).map(f64::from).collect();
+        values.extend(std::iter::repeat_n(-2000.0, 5000));
+        let (lo, hi) = percentile_window(&values, Some(-2000.0)).unwrap();
+        assert_eq!((lo, hi), (5.0, 995.0));
+        assert_eq!(percentile_window(&[-2000.0], Some(-2000.0)), None);
+    }
+}

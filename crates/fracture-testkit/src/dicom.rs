@@ -1,0 +1,222 @@
+//! DICOM files written the way a scanner stores a radiograph, for tests: grayscale samples of 8 or
+//! 16 bits with the attributes a viewer reads (Bits Stored, Pixel Representation, Photometric
+//! Interpretation, Rescale, Window), uncompressed or as lossless JPEG (process 14, first-order
+//! prediction, written by [`jpeg_lossless`]).
+
+use dicom_core::value::PixelFragmentSequence;
+use dicom_core::{DataElement, DicomValue, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+
+/// Transfer syntax UIDs used by the tests.
+pub mod syntax {
+    /// Implicit VR Little Endian.
+    pub const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+    /// Explicit VR Little Endian.
+    pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+    /// JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14, Selection Value 1).
+    pub const JPEG_LOSSLESS_SV1: &str = "1.2.840.10008.1.2.4.70";
+    /// JPEG-LS Lossless (not decodable without a C library: refused).
+    pub const JPEG_LS_LOSSLESS: &str = "1.2.840.10008.1.2.4.80";
+}
+
+/// How a test DICOM file stores its samples.
+#[derive(Debug, Clone)]
+pub struct DicomSpec {
+    /// Columns and rows.
+    pub size: (u32, u32),
+    /// Bits Allocated (8 or 16) and Bits Stored.
+    pub bits: (u16, u16),
+    /// Pixel Representation 1 (two's complement).
+    pub signed: bool,
+    /// `MONOCHROME1` or `MONOCHROME2`.
+    pub photometric: &'static str,
+    /// Rescale Slope and Intercept, when written.
+    pub rescale: Option<(f64, f64)>,
+    /// Window Center and Width, when written.
+    pub window: Option<(f64, f64)>,
+    /// Pixel Padding Value, when written.
+    pub padding: Option<i32>,
+    /// Transfer syntax UID.
+    pub syntax: &'static str,
+    /// Number of Frames written (the samples are repeated per frame).
+    pub frames: u32,
+}
+
+impl DicomSpec {
+    /// A 12-bit MONOCHROME2 radiograph of `size`, uncompressed explicit VR, no windowing attributes.
+    pub fn twelve_bit(size: (u32, u32)) -> Self {
+        DicomSpec {
+            size,
+            bits: (16, 12),
+            signed: false,
+            photometric: "MONOCHROME2",
+            rescale: None,
+            window: None,
+            padding: None,
+            syntax: syntax::EXPLICIT_LE,
+            frames: 1,
+        }
+    }
+}
+
+/// The bytes of a DICOM file (preamble, meta group, data set) holding `samples` (row-major, one per
+/// pixel, the low `bits.1` bits of each written as stored; signed values in two's complement) as
+/// `spec` says, with a CR modality, a body part and fictitious patient attributes (a test checks
+/// they are never echoed).
+pub fn dicom_bytes(samples: &[i32], spec: &DicomSpec) -> Vec<u8> {
+    let (w, h) = spec.size;
+    assert_eq!(samples.len(), (w * h) as usize);
+    let us = |tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
+    let text = |tag, vr, v: &str| DataElement::new(tag, vr, PrimitiveValue::from(v));
+    let mut obj = InMemDicomObject::from_element_iter([
+        text(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.1"),
+        text(tags::SOP_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.2.1125.1.1"),
+        text(tags::PATIENT_NAME, VR::PN, "Doe^Jane"),
+        text(tags::PATIENT_ID, VR::LO, "PID-0042-SECRET"),
+        text(tags::PATIENT_BIRTH_DATE, VR::DA, "19700101"),
+        text(tags::ACCESSION_NUMBER, VR::SH, "ACC-77-SECRET"),
+        text(tags::MODALITY, VR::CS, "CR"),
+        text(tags::BODY_PART_EXAMINED, VR::CS, "HAND"),
+        us(tags::SAMPLES_PER_PIXEL, 1),
+        text(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, spec.photometric),
+        us(tags::ROWS, h as u16),
+        us(tags::COLUMNS, w as u16),
+        us(tags::BITS_ALLOCATED, spec.bits.0),
+        us(tags::BITS_STORED, spec.bits.1),
+        us(tags::HIGH_BIT, spec.bits.1 - 1),
+        us(tags::PIXEL_REPRESENTATION, u16::from(spec.signed)),
+    ]);
+    if spec.frames > 1 {
+        obj.put(text(tags::NUMBER_OF_FRAMES, VR::IS, &spec.frames.to_string()));
+    }
+    if let Some((slope, intercept)) = spec.rescale {
+        obj.put(text(tags::RESCALE_SLOPE, VR::DS, &slope.to_string()));
+        obj.put(text(tags::RESCALE_INTERCEPT, VR::DS, &intercept.to_string()));
+    }
+    if let Some((center, width)) = spec.window {
+        obj.put(text(tags::WINDOW_CENTER, VR::DS, &center.to_string()));
+        obj.put(text(tags::WINDOW_WIDTH, VR::DS, &width.to_string()));
+    }
+    if let Some(p) = spec.padding {
+        let vr = if spec.signed { VR::SS } else { VR::US };
+        let value = if spec.signed {
+            PrimitiveValue::from(p as i16)
+        } else {
+            PrimitiveValue::from(p as u16)
+        };
+        obj.put(DataElement::new(tags::PIXEL_PADDING_VALUE, vr, value));
+    }
+    let mask = (1u32 << spec.bits.1) - 1;
+    let stored: Vec<u32> = samples.iter().map(|&v| (v as u32) & mask).collect();
+    let frame: Vec<u8> = match spec.bits.0 {
+        8 => stored.iter().map(|&v| v as u8).collect(),
+        _ => stored.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect(),
+    };
+    if spec.syntax == syntax::JPEG_LOSSLESS_SV1 {
+        let fragments: Vec<Vec<u8>> = (0..spec.frames)
+            .map(|_| jpeg_lossless(&stored, w, h, spec.bits.1 as u8))
+            .collect();
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            DicomValue::PixelSequence(PixelFragmentSequence::new(Vec::<u32>::new(), fragments)),
+        ));
+    } else {
+        let all: Vec<u8> = (0..spec.frames).flat_map(|_| frame.iter().copied()).collect();
+        let vr = if spec.bits.0 == 8 { VR::OB } else { VR::OW };
+        obj.put(DataElement::new(tags::PIXEL_DATA, vr, PrimitiveValue::from(all)));
+    }
+    let file = obj
+        .with_meta(FileMetaTableBuilder::new().transfer_syntax(spec.syntax))
+        .unwrap();
+    let mut out = Vec::new();
+    file.write_all(&mut out).unwrap();
+    out
+}
+
+/// A lossless JPEG (ITU T.81 process 14: SOF3, one component, predictor 1, point transform 0) of
+/// `samples` (row-major, `precision` bits each), with one Huffman table giving every difference
+/// category 0..=16 a 5-bit code.
+pub fn jpeg_lossless(samples: &[u32], width: u32, height: u32, precision: u8) -> Vec<u8> {
+    let (w, h) = (width as usize, height as usize);
+    let mut out = vec![0xFF, 0xD8];
+    // SOF3: precision, lines, samples per line, one component (id 1, 1×1 sampling, table 0).
+    out.extend([0xFF, 0xC3, 0, 11, precision]);
+    out.extend((height as u16).to_be_bytes());
+    out.extend((width as u16).to_be_bytes());
+    out.extend([1, 1, 0x11, 0]);
+    // DHT: a DC table, 17 symbols of length 5.
+    let mut counts = [0u8; 16];
+    counts[4] = 17;
+    out.extend([0xFF, 0xC4, 0, (2 + 1 + 16 + 17) as u8, 0x00]);
+    out.extend(counts);
+    out.extend(0..=16u8);
+    // SOS: one component with table 0; Ss = predictor 1, Se = 0, Ah/Al = 0.
+    out.extend([0xFF, 0xDA, 0, 8, 1, 1, 0x00, 1, 0, 0]);
+    let mut bits = BitWriter::default();
+    let modulus = 1i64 << 16;
+    for y in 0..h {
+        for x in 0..w {
+            let v = i64::from(samples[y * w + x]);
+            let prediction = match (x, y) {
+                (0, 0) => 1i64 << (precision - 1),
+                (0, _) => i64::from(samples[(y - 1) * w]),
+                _ => i64::from(samples[y * w + x - 1]),
+            };
+            // The difference modulo 2^16, read as a signed 16-bit value.
+            let mut diff = (v - prediction).rem_euclid(modulus);
+            if diff >= 1 << 15 {
+                diff -= modulus;
+            }
+            let category = if diff == 0 {
+                0
+            } else {
+                64 - diff.unsigned_abs().leading_zeros()
+            };
+            bits.put(category, 5);
+            if (1..16).contains(&category) {
+                let extra = if diff > 0 { diff } else { diff - 1 };
+                bits.put((extra & ((1 << category) - 1)) as u32, category);
+            }
+        }
+    }
+    out.extend(bits.finish());
+    out.extend([0xFF, 0xD9]);
+    out
+}
+
+/// Entropy-coded bits, MSB first, with 0xFF bytes stuffed.
+#[derive(Default)]
+struct BitWriter {
+    bytes: Vec<u8>,
+    acc: u64,
+    n: u32,
+}
+
+impl BitWriter {
+    fn put(&mut self, value: u32, count: u32) {
+        if count == 0 {
+            return;
+        }
+        self.acc = (self.acc << count) | u64::from(value & ((1u32 << count) - 1));
+        self.n += count;
+        while self.n >= 8 {
+            self.n -= 8;
+            let byte = (self.acc >> self.n) as u8;
+            self.bytes.push(byte);
+            if byte == 0xFF {
+                self.bytes.push(0);
+            }
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.n > 0 {
+            // Pad with ones.
+            let pad = 8 - self.n;
+            self.put((1 << pad) - 1, pad);
+        }
+        self.bytes
+    }
+}
