@@ -1234,6 +1234,37 @@ fn the_api_predicts_explains_and_refuses_bad_uploads_clearly() {
         b[0] >= 0.0 && b[1] >= 0.0 && b[0] + b[2] <= 64.0 + 1e-9 && b[1] + b[3] <= 48.0 + 1e-9,
         "{body}"
     );
+    // A DICOM upload (12-bit, as a scanner writes it): answered like an image, with the windowed
+    // picture for the page to show, and not one patient attribute echoed.
+    let xray = fracture_testkit::synthetic_xray(64, 48, true, 5);
+    let samples: Vec<i32> = xray.as_raw().iter().map(|&v| i32::from(v) * 16).collect();
+    let dicom = fracture_testkit::dicom::dicom_bytes(
+        &samples,
+        &fracture_testkit::dicom::DicomSpec {
+            window: Some((2048.0, 4096.0)),
+            ..fracture_testkit::dicom::DicomSpec::twelve_bit((64, 48))
+        },
+    );
+    let (ct, form) = multipart("scan.dcm", &dicom);
+    let (status, body) = post(&format!("{base}/api/predict?heatmap=1"), &ct, &form);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["image_size"], serde_json::json!([64, 48]), "{body}");
+    use base64::Engine;
+    use image::GenericImageView;
+    let shown = base64::engine::general_purpose::STANDARD
+        .decode(body["image_png_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(image::load_from_memory(&shown).unwrap().dimensions(), (64, 48));
+    let text = body.to_string();
+    for secret in ["Doe", "Jane", "PID-0042-SECRET", "ACC-77-SECRET", "19700101"] {
+        assert!(!text.contains(secret), "{secret} echoed: {text}");
+    }
+    assert!(body.get("image_png_base64").is_some());
+    let (_, jpeg_body) = post(&format!("{base}/api/predict"), "image/jpeg", &image);
+    assert!(
+        jpeg_body.get("image_png_base64").is_none(),
+        "only DICOM uploads carry the picture"
+    );
     // Multipart with a heatmap: a PNG with the image's aspect at input resolution.
     let (ct, form) = multipart("hand.jpg", &image);
     let (status, body) = post(&format!("{base}/api/predict?heatmap=1"), &ct, &form);
@@ -1242,7 +1273,6 @@ fn the_api_predicts_explains_and_refuses_bad_uploads_clearly() {
         (body["p_fractured"].as_f64().unwrap() - p).abs() < 1e-9,
         "same image, same answer"
     );
-    use base64::Engine;
     let png = base64::engine::general_purpose::STANDARD
         .decode(body["heatmap_png_base64"].as_str().unwrap())
         .unwrap();

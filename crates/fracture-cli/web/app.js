@@ -74,6 +74,10 @@ async function analyse(file) {
         el("span", {}, "P(fractured) ", el("span", { class: "p-fractured", text: pct(body.p_fractured) }))),
       bar,
       el("div", { class: "small", text: `threshold ${pct(body.threshold)} · ${body.ms.toFixed(0)} ms` }));
+    if (body.image_png_base64) {
+      // A DICOM upload: the browser cannot draw the file, the server sends the windowed image.
+      c.querySelector(".xray").src = "data:image/png;base64," + body.image_png_base64;
+    }
     if (body.heatmap_png_base64) {
       heat.src = "data:image/png;base64," + body.heatmap_png_base64;
       heat.hidden = false;

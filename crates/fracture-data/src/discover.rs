@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Label, Result, Split};
 
 /// File extensions read as images, compared without regard to letter case.
-pub const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
+pub const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "dcm", "dicom"];
 
 /// How deep below the given folder the dataset root is searched for (the Kaggle zip nests it twice).
 const ROOT_SEARCH_DEPTH: usize = 4;
@@ -64,6 +64,22 @@ pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+/// Whether a file is read as an image: an image extension ([`IMAGE_EXTENSIONS`]), or no extension
+/// and the DICOM magic (`DICM` after a 128-byte preamble), as scanners and PACS exports often name
+/// files.
+pub fn is_image_file(path: &Path) -> bool {
+    if has_image_extension(path) {
+        return true;
+    }
+    if path.extension().is_some() {
+        return false;
+    }
+    let mut head = [0u8; 132];
+    fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok_and(|()| crate::dicom::is_dicom(&head))
 }
 
 /// The images of a dataset folder tree, per split, in a deterministic order.
@@ -396,14 +412,14 @@ pub fn list_image_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<Skipped>)> {
             )),
         }
     }
-    let (images, others): (Vec<_>, Vec<_>) = unique.into_iter().partition(|f| has_image_extension(f));
+    let (images, others): (Vec<_>, Vec<_>) = unique.into_iter().partition(|f| is_image_file(f));
     skipped.extend(others.into_iter().map(|f| Skipped::new(f, "not an image file")));
     Ok((images, skipped))
 }
 
 /// Checks that a listed file can be an image: an image extension and a non-zero size.
 fn check_file(path: &Path) -> Result<()> {
-    if !has_image_extension(path) {
+    if !is_image_file(path) {
         return Err(Error::NotAnImage {
             path: path.to_path_buf(),
         });

@@ -62,7 +62,7 @@ pub enum Error {
         limit: u64,
     },
     /// A file inside a class folder whose extension is not one of [`IMAGE_EXTENSIONS`](crate::IMAGE_EXTENSIONS).
-    #[error("{}: not an image file (supported extensions: jpg, jpeg, png, bmp, tif, tiff, webp)", path.display())]
+    #[error("{}: not an image file (supported extensions: jpg, jpeg, png, bmp, tif, tiff, webp, dcm, dicom; or DICOM without extension)", path.display())]
     NotAnImage {
         /// The file.
         path: PathBuf,

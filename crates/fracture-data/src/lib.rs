@@ -52,7 +52,7 @@ pub use decode::{DecodeLimits, WINDOW_TAIL, decode_gray, read_file_limited, wind
 pub use dicom::{DicomInfo, decode_dicom, is_dicom};
 pub use discover::{
     DatasetLayout, IMAGE_EXTENSIONS, Item, Skipped, discover_class_folders, discover_labelled_images,
-    has_image_extension, list_image_files,
+    has_image_extension, is_image_file, list_image_files,
 };
 pub use error::{Error, Result};
 pub use label::Label;

@@ -92,6 +92,10 @@ struct Prediction {
     evidence: Option<fracture_train::evidence::Evidence>,
     #[serde(skip_serializing_if = "Option::is_none")]
     heatmap_png_base64: Option<String>,
+    /// For a DICOM upload (which browsers cannot show): the windowed 8-bit image as a PNG, at
+    /// most 1,024 px on its longer side. Never any patient attribute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_png_base64: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +273,11 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
     } else {
         None
     };
+    let image_png_base64 = if fracture_train::data::is_dicom(bytes) {
+        Some(base64::engine::general_purpose::STANDARD.encode(display_png(&x.image).map_err(bad_image)?))
+    } else {
+        None
+    };
     let p = x.p_fractured;
     Ok(Prediction {
         p_fractured: p,
@@ -278,7 +287,26 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
         image_size: [x.image.width(), x.image.height()],
         evidence: x.evidence(),
         heatmap_png_base64,
+        image_png_base64,
     })
+}
+
+/// A gray image as PNG bytes, scaled down so its longer side is at most 1,024 px.
+fn display_png(image: &fracture_train::data::image::GrayImage) -> Result<Vec<u8>, fracture_train::Error> {
+    use fracture_train::data::image::{ImageFormat, imageops};
+    let (w, h) = image.dimensions();
+    let scale = (1024.0 / f64::from(w.max(h))).min(1.0);
+    let small = imageops::resize(
+        image,
+        ((f64::from(w) * scale).round() as u32).max(1),
+        ((f64::from(h) * scale).round() as u32).max(1),
+        imageops::FilterType::Triangle,
+    );
+    let mut out = std::io::Cursor::new(Vec::new());
+    small
+        .write_to(&mut out, ImageFormat::Png)
+        .map_err(|e| fracture_train::Error::InvalidConfig(format!("cannot encode the image: {e}")))?;
+    Ok(out.into_inner())
 }
 
 /// What `/api/model` says: name, architecture, input, threshold and the training run's validation.
