@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use fracture_data::{DecodeLimits, decode_dicom, decode_gray, window16};
-use fracture_testkit::dicom::{DicomSpec, dicom_bytes, syntax};
+use fracture_testkit::dicom::{DicomSpec, dicom_bytes, scanner_variants, syntax, to_twelve_bits};
 
 /// The first `n` val radiographs of the shared FracAtlas copy, as 8-bit luma.
 fn radiographs(n: usize) -> Option<Vec<(PathBuf, image::GrayImage)>> {
@@ -39,11 +39,6 @@ fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
         / a.len() as f64
 }
 
-/// 8-bit values onto 0..=4095 (12 bits).
-fn twelve(s: u8) -> i32 {
-    (f64::from(s) * 4095.0 / 255.0).round() as i32
-}
-
 fn decode(bytes: &[u8]) -> (image::GrayImage, fracture_data::DicomInfo) {
     decode_dicom(bytes, Path::new("scan.dcm"), &DecodeLimits::default()).unwrap()
 }
@@ -54,61 +49,8 @@ fn radiographs_written_as_dicom_decode_to_the_source_picture() {
     for (path, gray) in &sources {
         let size = gray.dimensions();
         let s = gray.as_raw();
-        let v12: Vec<i32> = s.iter().map(|&x| twelve(x)).collect();
-        let full = Some((2048.0, 4096.0));
-        let cases: Vec<(&str, Vec<i32>, DicomSpec)> = vec![
-            (
-                "12-bit MONOCHROME2, window tags",
-                v12.clone(),
-                DicomSpec {
-                    window: full,
-                    ..DicomSpec::twelve_bit(size)
-                },
-            ),
-            (
-                "12-bit MONOCHROME1, window tags",
-                v12.iter().map(|v| 4095 - v).collect(),
-                DicomSpec {
-                    window: full,
-                    photometric: "MONOCHROME1",
-                    ..DicomSpec::twelve_bit(size)
-                },
-            ),
-            (
-                "16-bit signed, rescale, window in modality units",
-                s.iter()
-                    .map(|&x| (f64::from(x) * 65535.0 / 255.0).round() as i32 - 32768)
-                    .collect(),
-                DicomSpec {
-                    bits: (16, 16),
-                    signed: true,
-                    rescale: Some((1.0, 32768.0)),
-                    window: Some((32768.0, 65536.0)),
-                    ..DicomSpec::twelve_bit(size)
-                },
-            ),
-            (
-                "12-bit, lossless JPEG",
-                v12.clone(),
-                DicomSpec {
-                    window: full,
-                    syntax: syntax::JPEG_LOSSLESS_SV1,
-                    ..DicomSpec::twelve_bit(size)
-                },
-            ),
-            (
-                "12-bit, implicit VR, two frames",
-                v12.clone(),
-                DicomSpec {
-                    window: full,
-                    syntax: syntax::IMPLICIT_LE,
-                    frames: 2,
-                    ..DicomSpec::twelve_bit(size)
-                },
-            ),
-        ];
-        for (name, samples, spec) in cases {
-            let bytes = dicom_bytes(&samples, &spec);
+        let v12: Vec<i32> = s.iter().map(|&x| to_twelve_bits(x)).collect();
+        for (name, spec, bytes) in scanner_variants(size.0, size.1, s) {
             let (decoded, info) = decode(&bytes);
             let mad = mean_abs_diff(decoded.as_raw(), s);
             assert!(

@@ -220,3 +220,76 @@ impl BitWriter {
         self.bytes
     }
 }
+
+/// 8-bit values onto 0..=4095 (12 bits), rounded.
+pub fn to_twelve_bits(s: u8) -> i32 {
+    (f64::from(s) * 4095.0 / 255.0).round() as i32
+}
+
+/// An 8-bit radiograph as a scanner would store it, in the ways the tests check: 12-bit
+/// MONOCHROME2 and MONOCHROME1 with window tags spanning 0..=4095, 16-bit signed with a rescale
+/// and a window in modality units, 12-bit lossless JPEG, and implicit VR with two frames. Each
+/// displays (window applied, MONOCHROME1 inverted) as the source picture: `(name, spec, bytes)`.
+pub fn scanner_variants(width: u32, height: u32, luma: &[u8]) -> Vec<(&'static str, DicomSpec, Vec<u8>)> {
+    let size = (width, height);
+    let v12: Vec<i32> = luma.iter().map(|&x| to_twelve_bits(x)).collect();
+    let full = Some((2048.0, 4096.0));
+    let cases: Vec<(&'static str, Vec<i32>, DicomSpec)> = vec![
+        (
+            "12-bit MONOCHROME2, window tags",
+            v12.clone(),
+            DicomSpec {
+                window: full,
+                ..DicomSpec::twelve_bit(size)
+            },
+        ),
+        (
+            "12-bit MONOCHROME1, window tags",
+            v12.iter().map(|v| 4095 - v).collect(),
+            DicomSpec {
+                window: full,
+                photometric: "MONOCHROME1",
+                ..DicomSpec::twelve_bit(size)
+            },
+        ),
+        (
+            "16-bit signed, rescale, window in modality units",
+            luma.iter()
+                .map(|&x| (f64::from(x) * 65535.0 / 255.0).round() as i32 - 32768)
+                .collect(),
+            DicomSpec {
+                bits: (16, 16),
+                signed: true,
+                rescale: Some((1.0, 32768.0)),
+                window: Some((32768.0, 65536.0)),
+                ..DicomSpec::twelve_bit(size)
+            },
+        ),
+        (
+            "12-bit, lossless JPEG",
+            v12.clone(),
+            DicomSpec {
+                window: full,
+                syntax: syntax::JPEG_LOSSLESS_SV1,
+                ..DicomSpec::twelve_bit(size)
+            },
+        ),
+        (
+            "12-bit, implicit VR, two frames",
+            v12,
+            DicomSpec {
+                window: full,
+                syntax: syntax::IMPLICIT_LE,
+                frames: 2,
+                ..DicomSpec::twelve_bit(size)
+            },
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, samples, spec)| {
+            let bytes = dicom_bytes(&samples, &spec);
+            (name, spec, bytes)
+        })
+        .collect()
+}
