@@ -21,18 +21,6 @@ pub struct Evidence {
     pub region: [f64; 4],
 }
 
-/// How the evidence box is drawn around the region that holds the peak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BoxRule {
-    /// The box around the region (an activation map's values say where, not how much).
-    #[default]
-    Region,
-    /// The map holds each pixel's probability of lying inside a fracture (the localization head):
-    /// a box of the area those probabilities add up to over the region, centred on their weighted
-    /// centroid, its sides in the ratio of their spread along each axis.
-    Coverage,
-}
-
 /// The evidence of a `size × size` map over the network input (row-major, ≥ 0), of which `content`
 /// is the image's area, for an image of `image` = `(width, height)` pixels; regions hold the pixels
 /// at or above `level` × the maximum. `None` when the map is zero over the image (no region raises
@@ -43,28 +31,6 @@ pub fn locate(
     content: ContentBox,
     image: (u32, u32),
     level: f32,
-) -> Option<Evidence> {
-    locate_with(map, size, content, image, level, BoxRule::Region)
-}
-
-impl BoxRule {
-    /// The rule for a map taken on `layer`: coverage for the localization head, else region.
-    pub fn of(layer: fracture_model::CamLayer) -> BoxRule {
-        match layer {
-            fracture_model::CamLayer::Head => BoxRule::Coverage,
-            _ => BoxRule::Region,
-        }
-    }
-}
-
-/// [`locate`] with the box drawn by `rule`.
-pub fn locate_with(
-    map: &[f32],
-    size: usize,
-    content: ContentBox,
-    image: (u32, u32),
-    level: f32,
-    rule: BoxRule,
 ) -> Option<Evidence> {
     let (cx, cy) = (content.x as usize, content.y as usize);
     let (cw, ch) = (content.width as usize, content.height as usize);
@@ -96,22 +62,14 @@ pub fn locate_with(
             }
         }
     }
-    // The connected region (4-neighbours) around the peak at or above the level, with its bounds
-    // and the value-weighted moments of its pixels (pixel centres at i + 0.5).
+    // The connected region (4-neighbours) around the peak at or above the level.
     let floor = best * level;
     let mut seen = vec![false; cw * ch];
     let mut stack = vec![peak];
     seen[peak.1 * cw + peak.0] = true;
     let (mut x0, mut y0, mut x1, mut y1) = (peak.0, peak.1, peak.0, peak.1);
-    let (mut mass, mut mx, mut my, mut mxx, mut myy) = (0.0f64, 0.0, 0.0, 0.0, 0.0);
     while let Some((x, y)) = stack.pop() {
         (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-        let (v, px, py) = (f64::from(at(x, y)), x as f64 + 0.5, y as f64 + 0.5);
-        mass += v;
-        mx += v * px;
-        my += v * py;
-        mxx += v * px * px;
-        myy += v * py * py;
         let neighbours = [
             (x.wrapping_sub(1), y),
             (x + 1, y),
@@ -125,29 +83,16 @@ pub fn locate_with(
             }
         }
     }
-    // Input pixels of the content box → image pixels.
     let sx = f64::from(image.0) / cw as f64;
     let sy = f64::from(image.1) / ch as f64;
-    let region = match rule {
-        BoxRule::Region => [x0 as f64, y0 as f64, (x1 - x0 + 1) as f64, (y1 - y0 + 1) as f64],
-        BoxRule::Coverage => {
-            let (gx, gy) = (mx / mass, my / mass);
-            // A uniform box of side w has variance w²/12 along it.
-            let spread_x = ((mxx / mass - gx * gx).max(0.0) * 12.0).sqrt().max(1.0);
-            let spread_y = ((myy / mass - gy * gy).max(0.0) * 12.0).sqrt().max(1.0);
-            let scale = (mass / (spread_x * spread_y)).sqrt();
-            let (w, h) = (
-                (spread_x * scale).clamp(1.0, cw as f64),
-                (spread_y * scale).clamp(1.0, ch as f64),
-            );
-            let left = (gx - w / 2.0).clamp(0.0, cw as f64 - w);
-            let top = (gy - h / 2.0).clamp(0.0, ch as f64 - h);
-            [left, top, w, h]
-        }
-    };
     Some(Evidence {
         peak: [(peak.0 as f64 + 0.5) * sx, (peak.1 as f64 + 0.5) * sy],
-        region: [region[0] * sx, region[1] * sy, region[2] * sx, region[3] * sy],
+        region: [
+            x0 as f64 * sx,
+            y0 as f64 * sy,
+            (x1 - x0 + 1) as f64 * sx,
+            (y1 - y0 + 1) as f64 * sy,
+        ],
     })
 }
 
@@ -195,41 +140,6 @@ mod tests {
         }
         let edge = locate(&flat, size, content, (400, 200), 0.5).unwrap();
         assert_eq!(edge.peak, [4.5 * 20.0, 5.5 * 20.0]);
-    }
-
-    #[test]
-    fn a_coverage_map_gives_a_box_of_the_area_it_adds_up_to() {
-        // A 40 × 40 input, all image. The head says a 6 × 4 block at columns 10..16, rows 20..24 is
-        // half covered (0.5 each): 12 px² of fracture, spread 6 wide and 4 high.
-        let size = 40;
-        let content = ContentBox {
-            x: 0,
-            y: 0,
-            width: 40,
-            height: 40,
-        };
-        let mut map = vec![0.0f32; size * size];
-        for y in 20..24 {
-            for x in 10..16 {
-                map[y * size + x] = 0.5;
-            }
-        }
-        let region = locate_with(&map, size, content, (400, 400), 0.5, BoxRule::Region).unwrap();
-        assert_eq!(region.region, [100.0, 200.0, 60.0, 40.0]);
-        let e = locate_with(&map, size, content, (400, 400), 0.5, BoxRule::Coverage).unwrap();
-        let [x, y, w, h] = e.region;
-        // Area 12 input px² (1,200 image px²), aspect 6:4, centred on (13, 22).
-        assert!((w * h - 1200.0).abs() < 1.0, "{:?}", e.region);
-        assert!((w / h - 1.5).abs() < 1e-6, "{:?}", e.region);
-        assert!((x + w / 2.0 - 130.0).abs() < 1e-6 && (y + h / 2.0 - 220.0).abs() < 1e-6);
-        // Fully covered, the box is the block itself.
-        for v in map.iter_mut().filter(|v| **v > 0.0) {
-            *v = 1.0;
-        }
-        let full = locate_with(&map, size, content, (400, 400), 0.5, BoxRule::Coverage).unwrap();
-        for (a, b) in full.region.iter().zip([100.0, 200.0, 60.0, 40.0]) {
-            assert!((a - b).abs() < 1e-6, "{:?}", full.region);
-        }
         let json = serde_json::to_string(&e).unwrap();
         assert!(json.contains("\"box\":[240.0,60.0,60.0,40.0]"), "{json}");
     }

@@ -8,8 +8,6 @@ use fracture_data::image::GrayImage;
 use fracture_data::{ContentBox, DecodeLimits, decode_gray};
 use fracture_model::{CamLayer, CamMethod};
 
-use crate::evidence::BoxRule;
-
 use crate::{Result, TrainedModel, sigmoid};
 
 /// A prediction with its activation map.
@@ -27,9 +25,6 @@ pub struct Explanation {
     pub size: u32,
     /// Where the image lies in the input (all of it for stretch, the centre for letterbox).
     pub content: ContentBox,
-    /// How the evidence box is drawn: [`BoxRule::Coverage`] for the localization head's map (each
-    /// value a probability of lying inside a fracture), [`BoxRule::Region`] for activation maps.
-    pub box_rule: BoxRule,
 }
 
 impl Explanation {
@@ -54,13 +49,12 @@ impl Explanation {
 
     /// [`Explanation::evidence`] with the region drawn at `level` of the map's maximum.
     pub fn evidence_at(&self, level: f32) -> Option<crate::evidence::Evidence> {
-        crate::evidence::locate_with(
+        crate::evidence::locate(
             &self.map,
             self.size as usize,
             self.content,
             self.image.dimensions(),
             level,
-            self.box_rule,
         )
     }
 
@@ -140,7 +134,6 @@ impl TrainedModel {
             map: cam.upsample(s),
             size: self.preprocess().size,
             content,
-            box_rule: BoxRule::of(layer),
         })
     }
 }

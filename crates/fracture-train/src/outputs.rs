@@ -466,13 +466,12 @@ pub fn predict_files(
         for (k, ((path, (_, dims)), p)) in chunk.iter().zip(probs).enumerate() {
             let evidence = cams.as_ref().and_then(|cams| {
                 let content = model.preprocess().content_box(dims.0, dims.1);
-                crate::evidence::locate_with(
+                crate::evidence::locate(
                     &cams[k].upsample(s),
                     s,
                     content,
                     *dims,
                     crate::evidence::EVIDENCE_LEVEL,
-                    evidence.map_or(crate::evidence::BoxRule::Region, crate::evidence::BoxRule::of),
                 )
             });
             out.push(Prediction {
