@@ -63,11 +63,12 @@ const LOC_CHANNELS: usize = 64;
 /// radiograph's cells a fracture covers, so training starts from the prior instead of 0.5 everywhere.
 const LOC_PRIOR_LOGIT: f64 = -4.0;
 
-/// The localization head on the last stride-16 stage `a16` (112 channels): Conv 3×3 (→ 64, padding
-/// 1) → ReLU, then at stride 16 Conv 1×1 (→ 1). At stride 8 it also reads the last stride-8 stage
-/// `a8` (40 channels): the stride-16 features upsampled ×2 (nearest) plus Conv 1×1 of `a8` (→ 64)
-/// → ReLU → Conv 3×3 (→ 64, padding 1) → ReLU → Conv 1×1 (→ 1). Parameters `head.loc.conv1.*`,
-/// `head.loc.conv2.*` (the 1×1 to the map) and at stride 8 `head.loc.lateral.*`, `head.loc.conv3.*`.
+/// The localization head on the last stride-16 stage `a16` (112 channels): Conv 3×3 to 64
+/// channels (padding 1), ReLU, then at stride 16 a Conv 1×1 to the map. At stride 8 it also reads
+/// the last stride-8 stage `a8` (40 channels): the stride-16 features upsampled ×2 (nearest) plus a
+/// Conv 1×1 of `a8` to 64 channels, ReLU, Conv 3×3 to 64 channels (padding 1), ReLU, then the
+/// Conv 1×1 to the map. Parameters `head.loc.conv1.*`, `head.loc.conv2.*` (the 1×1 to the map) and
+/// at stride 8 `head.loc.lateral.*`, `head.loc.conv3.*`.
 #[derive(Debug)]
 pub(crate) struct LocHead {
     conv1: (Tensor, Tensor),
