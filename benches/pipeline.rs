@@ -1,6 +1,8 @@
 //! Benchmarks of the pipeline's stages on one thread unless stated:
 //! preprocessing one 512 × 512 JPEG (ours vs the plain `image` crate), augmentation of a 128 × 128
-//! image, a CPU forward pass of the seed CNN on a batch of 8, and metrics on 100k predictions.
+//! image, a CPU forward pass of the seed CNN on a batch of 8, metrics on 100k predictions, and
+//! decoding a 2,000 × 2,500 12-bit radiograph as DICOM (uncompressed and lossless JPEG) against the
+//! same samples as a 16-bit PNG.
 //!
 //! `cargo bench -p fracture-benches --bench pipeline`. The JPEG is a FracAtlas radiograph (CC BY 4.0)
 //! resized to 512 × 512 when `../shared/data/fracatlas` exists, otherwise a generated X-ray.
@@ -16,8 +18,10 @@ use fracture_eval::{BinaryMetrics, ConfusionMatrix};
 use fracture_model::{Model, ModelConfig};
 use image::imageops::FilterType;
 
-fn jpeg_512() -> Vec<u8> {
-    let gray = match fracture_testkit::fracatlas() {
+/// A FracAtlas radiograph (the first fractured training image) when the shared data exists,
+/// otherwise a generated X-ray.
+fn radiograph() -> image::GrayImage {
+    match fracture_testkit::fracatlas() {
         Some(root) => {
             let dir = root.join("train/fractured");
             let first = std::fs::read_dir(&dir)
@@ -29,7 +33,11 @@ fn jpeg_512() -> Vec<u8> {
             image::open(&first).unwrap().to_luma8()
         }
         None => fracture_testkit::synthetic_xray(640, 640, true, 1),
-    };
+    }
+}
+
+fn jpeg_512() -> Vec<u8> {
+    let gray = radiograph();
     let resized = image::imageops::resize(&gray, 512, 512, FilterType::Triangle);
     let mut out = std::io::Cursor::new(Vec::new());
     image::DynamicImage::ImageLuma8(resized)
@@ -55,6 +63,48 @@ fn preprocess(c: &mut Criterion) {
             image::imageops::resize(&gray, 128, 128, FilterType::Triangle)
         })
     });
+    group.finish();
+}
+
+/// Decoding a 2,000 × 2,500 12-bit radiograph to 8-bit luma: as DICOM (uncompressed, and lossless
+/// JPEG) and as a 16-bit PNG of the same samples, in the same run.
+fn dicom(c: &mut Criterion) {
+    use fracture_testkit::dicom::{DicomSpec, dicom_bytes, syntax, to_twelve_bits};
+    let (w, h) = (2000u32, 2500u32);
+    let big = image::imageops::resize(&radiograph(), w, h, FilterType::Triangle);
+    let samples: Vec<i32> = big.as_raw().iter().map(|&v| to_twelve_bits(v)).collect();
+    let spec = DicomSpec {
+        window: Some((2048.0, 4096.0)),
+        ..DicomSpec::twelve_bit((w, h))
+    };
+    let plain = dicom_bytes(&samples, &spec);
+    let lossless = dicom_bytes(
+        &samples,
+        &DicomSpec {
+            syntax: syntax::JPEG_LOSSLESS_SV1,
+            ..spec.clone()
+        },
+    );
+    let png16 = {
+        let img: image::ImageBuffer<image::Luma<u16>, Vec<u16>> =
+            image::ImageBuffer::from_raw(w, h, samples.iter().map(|&v| v as u16).collect()).unwrap();
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    let limits = DecodeLimits::default();
+    let mut group = c.benchmark_group("decode_2000x2500_12bit");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(1));
+    for (name, bytes) in [
+        ("dicom", &plain),
+        ("dicom_jpeg_lossless", &lossless),
+        ("png16", &png16),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| fracture_data::decode_gray(black_box(bytes), Path::new("bench"), &limits).unwrap())
+        });
+    }
     group.finish();
 }
 
@@ -102,5 +152,5 @@ fn metrics(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, preprocess, augment, forward, metrics);
+criterion_group!(benches, preprocess, dicom, augment, forward, metrics);
 criterion_main!(benches);

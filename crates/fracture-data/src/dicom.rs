@@ -163,21 +163,39 @@ impl Voi {
     }
 }
 
-/// The `[low, high]` window holding all but [`WINDOW_TAIL`] of `values` at each end (values equal
-/// to `padding` left out); `None` when nothing is left.
-fn percentile_window(values: &[f64], padding: Option<f64>) -> Option<(f64, f64)> {
-    let mut kept: Vec<f64> = values
-        .iter()
-        .copied()
-        .filter(|v| padding != Some(*v) && v.is_finite())
-        .collect();
-    if kept.is_empty() {
+/// The `[low, high]` stored values holding all but [`WINDOW_TAIL`] of `stored` at each end (values
+/// equal to `padding` left out), by a histogram over the values' range; `None` when nothing is
+/// left.
+fn percentile_window(stored: &[i64], padding: Option<i64>) -> Option<(i64, i64)> {
+    let kept = || stored.iter().copied().filter(|v| padding != Some(*v));
+    let (lo, hi) = kept().fold((i64::MAX, i64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+    if lo > hi {
         return None;
     }
-    kept.sort_by(f64::total_cmp);
-    let n = kept.len();
-    let at = |fraction: f64| kept[((fraction * n as f64).floor() as usize).min(n - 1)];
-    Some((at(WINDOW_TAIL), at(1.0 - WINDOW_TAIL)))
+    let n = kept().count();
+    let rank = |fraction: f64| ((fraction * n as f64).floor() as usize).min(n - 1);
+    let (r_lo, r_hi) = (rank(WINDOW_TAIL), rank(1.0 - WINDOW_TAIL));
+    // Stored values span at most 32 bits; a histogram over their range is the common case.
+    if hi - lo < 1 << 24 {
+        let mut histogram = vec![0u32; (hi - lo + 1) as usize];
+        for v in kept() {
+            histogram[(v - lo) as usize] += 1;
+        }
+        let quantile = |r: usize| -> i64 {
+            let mut seen = 0usize;
+            for (i, &c) in histogram.iter().enumerate() {
+                seen += c as usize;
+                if seen > r {
+                    return lo + i as i64;
+                }
+            }
+            hi
+        };
+        return Some((quantile(r_lo), quantile(r_hi)));
+    }
+    let mut sorted: Vec<i64> = kept().collect();
+    sorted.sort_unstable();
+    Some((sorted[r_lo], sorted[r_hi]))
 }
 
 /// Modality values to 8-bit display values: `voi`, then the MONOCHROME1 inversion.
@@ -361,10 +379,24 @@ pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Resul
         // Stored in the sample's own representation: the same masking and sign rule.
         stored_value(p as u32, bits_stored as u16, signed)
     });
-    let values: Vec<f64> = stored.iter().map(|&v| v as f64 * slope + intercept).collect();
-    let padding_value = padding.map(|p| p as f64 * slope + intercept);
-    let (voi, window) = choose_voi(&obj, &values, padding_value, origin)?;
-    let pixels = to_display(&values, &voi, photometric == "MONOCHROME1");
+    let modality = |v: i64| v as f64 * slope + intercept;
+    let (voi, window) = choose_voi(&obj, &stored, padding, modality, origin)?;
+    let monochrome1 = photometric == "MONOCHROME1";
+    let (lo, hi) = stored
+        .iter()
+        .fold((i64::MAX, i64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let pixels = if hi - lo < 1 << 20 {
+        // One display value per stored value in the image's range: the pipeline runs once per
+        // distinct value, not once per pixel.
+        let lut = to_display(&(lo..=hi).map(modality).collect::<Vec<f64>>(), &voi, monochrome1);
+        stored.iter().map(|&v| lut[(v - lo) as usize]).collect()
+    } else {
+        to_display(
+            &stored.iter().map(|&v| modality(v)).collect::<Vec<f64>>(),
+            &voi,
+            monochrome1,
+        )
+    };
     let gray =
         GrayImage::from_raw(w, h, pixels).ok_or_else(|| dicom_error(origin, "pixel count mismatch"))?;
     Ok((gray, info(Some(window))))
@@ -373,8 +405,9 @@ pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Resul
 /// The VOI step: the VOI LUT Sequence, the window attributes, or the image's own percentiles.
 fn choose_voi(
     obj: &DefaultDicomObject,
-    values: &[f64],
-    padding: Option<f64>,
+    stored: &[i64],
+    padding: Option<i64>,
+    modality: impl Fn(i64) -> f64,
     origin: &Path,
 ) -> Result<(Voi, Window)> {
     if let Some(lut) = voi_lut_sequence(obj) {
@@ -403,7 +436,12 @@ fn choose_voi(
             },
         ));
     }
-    let (low, high) = percentile_window(values, padding)
+    let (low, high) = percentile_window(stored, padding)
+        .map(|(a, b)| {
+            // The Modality LUT is linear: a negative slope swaps the ends.
+            let (a, b) = (modality(a), modality(b));
+            (a.min(b), a.max(b))
+        })
         .ok_or_else(|| dicom_error(origin, "no pixel values outside the padding"))?;
     // An exact window: low maps to 0 and high to 1 (a flat image keeps its level at mid-gray).
     let width = (high - low).max(f64::MIN_POSITIVE);
@@ -494,10 +532,13 @@ mod tests {
 
     #[test]
     fn the_percentile_window_leaves_out_the_padding() {
-        let mut values: Vec<f64> = (0..1000).map(f64::from).collect();
-        values.extend(std::iter::repeat_n(-2000.0, 5000));
-        let (lo, hi) = percentile_window(&values, Some(-2000.0)).unwrap();
-        assert_eq!((lo, hi), (5.0, 995.0));
-        assert_eq!(percentile_window(&[-2000.0], Some(-2000.0)), None);
+        let mut values: Vec<i64> = (0..1000).collect();
+        values.extend(std::iter::repeat_n(-2000, 5000));
+        assert_eq!(percentile_window(&values, Some(-2000)), Some((5, 995)));
+        assert_eq!(percentile_window(&[-2000], Some(-2000)), None);
+        // A range too wide for a histogram gives the same answer by sorting.
+        let mut wide: Vec<i64> = (0..1000).map(|v| v << 20).collect();
+        wide.push(-2000);
+        assert_eq!(percentile_window(&wide, Some(-2000)), Some((5 << 20, 995 << 20)));
     }
 }
