@@ -254,16 +254,11 @@ pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Resul
         };
         return Err(dicom_error(origin, what));
     }
-    let ts_name = TransferSyntaxRegistry
-        .get(&ts_uid)
-        .map(|ts| ts.name().to_string());
-    let Some(ts_name) = ts_name else {
+    let Some(ts) = TransferSyntaxRegistry.get(&ts_uid) else {
         return Err(dicom_error(origin, format!("unknown transfer syntax {ts_uid}")));
     };
-    let supported = TransferSyntaxRegistry
-        .get(&ts_uid)
-        .is_some_and(|ts| ts.can_decode_all());
-    if !supported {
+    let ts_name = ts.name().to_string();
+    if !ts.can_decode_all() {
         return Err(dicom_error(
             origin,
             format!("transfer syntax {ts_uid} ({ts_name}) is not supported"),

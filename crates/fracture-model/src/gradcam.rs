@@ -200,13 +200,12 @@ impl FractureNet {
 
     /// The localization head's maps ([`CamLayer::Head`]).
     fn head_maps(&self, xs: &Tensor, method: CamMethod) -> candle_core::Result<Vec<GradCam>> {
-        let Inner::EfficientNet(net) = &self.inner else {
+        let Some((_, offset, stride)) = self.localization_grid() else {
             candle_core::bail!("this network has no localization head (it was trained without boxes)");
         };
         let (logits, map) = self.forward_with_map(xs, false)?;
         let (_, h, w) = map.dims3()?;
         let probabilities = candle_nn::ops::sigmoid(&map)?.flatten_all()?.to_vec1::<f32>()?;
-        let (offset, stride) = net.geometry_until(self.config().image_size, net.localization_blocks());
         scaled_maps(&probabilities, &logits, method, (h, w), (offset, stride), false)
     }
 }
@@ -314,6 +313,21 @@ mod tests {
         crate::Model::new(&config, seed, &candle_core::Device::Cpu).unwrap()
     }
 
+    /// The plain forward pass's logits, checked equal to `logits` (the head must not change them).
+    fn assert_same_logits(model: &crate::Model, xs: &Tensor, logits: &Tensor) -> Tensor {
+        let plain = candle_core::ModuleT::forward_t(&model.net, xs, false).unwrap();
+        let d = (logits - &plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "the head changes the logit by {d}");
+        plain
+    }
+
     #[test]
     fn the_localization_head_maps_the_stride16_grid_from_the_forward_pass() {
         let device = candle_core::Device::Cpu;
@@ -334,16 +348,7 @@ mod tests {
         assert_eq!(map.dims(), &[2, 4, 4]);
         let (cells, _, stride) = model.net.localization_grid().unwrap();
         assert_eq!((cells, stride), (4, 16.0));
-        let plain = candle_core::ModuleT::forward_t(&model.net, &xs, false).unwrap();
-        let d = (logits - &plain)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-5, "the head changes the logit by {d}");
+        let plain = assert_same_logits(&model, &xs, &logits);
         // Untrained, the map starts near the prior sigmoid(−4).
         let p = candle_nn::ops::sigmoid(&map)
             .unwrap()
@@ -382,16 +387,7 @@ mod tests {
         let xs = Tensor::rand(0f32, 1f32, (2, 1, 64, 64), &device).unwrap();
         let (logits, map) = model.net.forward_with_map(&xs, false).unwrap();
         assert_eq!(map.dims(), &[2, 8, 8]);
-        let plain = candle_core::ModuleT::forward_t(&model.net, &xs, false).unwrap();
-        let d = (logits - &plain)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-5, "the head changes the logit by {d}");
+        assert_same_logits(&model, &xs, &logits);
         let cams = model
             .net
             .grad_cams_at(&xs, CamMethod::HiResCam, CamLayer::Head)

@@ -14,7 +14,7 @@ use crate::Result;
 /// finite for any finite logit (candle's `binary_cross_entropy_with_logit` overflows to NaN), and its
 /// gradient is `(sigmoid(x)·(1 + (w − 1)·y) − w·y) / B`, exact also at `x = 0`.
 pub fn bce_with_logits(logits: &Tensor, targets: &Tensor, pos_weight: Option<f64>) -> Result<Tensor> {
-    let softplus = (logits.relu()? + logits.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
+    let softplus = softplus(logits)?;
     let loss = match pos_weight {
         None => (softplus - (logits * targets)?)?,
         Some(w) => {
@@ -45,8 +45,7 @@ pub fn localization_loss(
     let (b, h, w) = logits.dims3()?;
     let x = logits.reshape((b, h * w))?;
     let t = coverage.reshape((b, h * w))?;
-    let softplus = (x.relu()? + x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
-    let per_cell = (softplus - (&x * &t)?)?.mean(1)?;
+    let per_cell = (softplus(&x)? - (&x * &t)?)?.mean(1)?;
     let cells = scalar(&cell_weight.sum_all()?)?;
     let cell_term = (per_cell * cell_weight)?
         .sum_all()?
@@ -60,6 +59,12 @@ pub fn localization_loss(
         .sum_all()?
         .affine(1.0 / points.max(1.0), 0.0)?;
     Ok(((cell_term + point_term)? * 0.5)?)
+}
+
+/// `softplus(x) = max(x, 0) + ln(1 + e^(−|x|))`, finite for every finite `x`: both losses' one
+/// stable `−ln sigmoid(−x)`.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?)
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
