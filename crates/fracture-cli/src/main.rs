@@ -22,6 +22,9 @@ enum Command {
     /// Find and decode every image of a dataset; print images per split and class, skipped files and
     /// the decoding rate.
     Inspect(commands::inspect::Args),
+    /// Find exact and near duplicates (flipped, rotated, cropped, resized, re-encoded copies) within
+    /// and across the splits of a dataset; writes audit.json, duplicates.csv and contact sheets.
+    Audit(commands::audit::Args),
     /// Train a classifier on a dataset folder; writes the best model, checkpoints, metrics.csv and
     /// report.json to a run folder.
     Train(Box<commands::train::Args>),
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
 
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(&args),
+        Command::Audit(args) => commands::audit::run(&args),
         Command::Train(args) => commands::train::run(&args),
         Command::Eval(args) => commands::eval::run(&args),
         Command::Predict(args) => commands::predict::run(&args),

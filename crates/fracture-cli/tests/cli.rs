@@ -851,6 +851,46 @@ fn predict_reports_unreadable_files_and_fails_only_when_nothing_is_read() {
             "not fractured"
         };
         assert_eq!(p["label"], label);
+        assert!(p.get("dicom").is_none(), "no DICOM attributes for a PNG: {p}");
+    }
+
+    // A DICOM file: its technical attributes in the JSON, and no patient attribute anywhere.
+    let scans = root.join("scans");
+    std::fs::create_dir_all(&scans).unwrap();
+    let samples: Vec<i32> = (0..64 * 48).map(|i| (i * 7) % 4096).collect();
+    let spec = fracture_testkit::dicom::DicomSpec {
+        window: Some((2048.0, 4096.0)),
+        photometric: "MONOCHROME1",
+        ..fracture_testkit::dicom::DicomSpec::twelve_bit((64, 48))
+    };
+    std::fs::write(
+        scans.join("scan.dcm"),
+        fracture_testkit::dicom::dicom_bytes(&samples, &spec),
+    )
+    .unwrap();
+    let json = fracture()
+        .args(["predict", "--format", "json", "--model"])
+        .arg(&run)
+        .arg(&scans)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&json.stdout);
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let dicom = &value["predictions"][0]["dicom"];
+    assert_eq!(dicom["modality"], "CR", "{text}");
+    assert_eq!(dicom["body_part"], "HAND");
+    assert_eq!(dicom["bits_stored"], 12);
+    assert_eq!(dicom["photometric"], "MONOCHROME1");
+    assert!(
+        dicom["transfer_syntax"]
+            .as_str()
+            .unwrap()
+            .starts_with("1.2.840.10008.1.2.1")
+    );
+    assert!(dicom["window"].is_object(), "{text}");
+    for secret in ["Doe", "PID-0042", "19700101", "ACC-77"] {
+        assert!(!text.contains(secret), "{secret} echoed: {text}");
     }
 
     let table = fracture()

@@ -28,6 +28,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod audit;
 mod augment;
 mod batch;
 mod cache;

@@ -59,6 +59,11 @@ fn radiographs_written_as_dicom_decode_to_the_source_picture() {
                 path.display()
             );
             assert_eq!(info.frames, spec.frames);
+            assert!(
+                info.transfer_syntax.starts_with(spec.syntax),
+                "{name}: read as {}",
+                info.transfer_syntax
+            );
             assert_eq!(info.modality.as_deref(), Some("CR"));
             // The same bytes through the general decoder, as every command reads files.
             assert_eq!(

@@ -1,7 +1,8 @@
 //! DICOM files written the way a scanner stores a radiograph, for tests: grayscale samples of 8 or
 //! 16 bits with the attributes a viewer reads (Bits Stored, Pixel Representation, Photometric
-//! Interpretation, Rescale, Window), uncompressed or as lossless JPEG (process 14, first-order
-//! prediction, written by [`jpeg_lossless`]).
+//! Interpretation, Rescale, Window), uncompressed, deflated, or encapsulated as lossless JPEG
+//! (process 14, first-order prediction, written by [`jpeg_lossless`]), RLE ([`rle_lossless`]) or
+//! baseline JPEG ([`jpeg_baseline`]).
 
 use dicom_core::value::PixelFragmentSequence;
 use dicom_core::{DataElement, DicomValue, PrimitiveValue, VR};
@@ -18,6 +19,12 @@ pub mod syntax {
     pub const JPEG_LOSSLESS_SV1: &str = "1.2.840.10008.1.2.4.70";
     /// JPEG-LS Lossless (not decodable without a C library: refused).
     pub const JPEG_LS_LOSSLESS: &str = "1.2.840.10008.1.2.4.80";
+    /// Deflated Explicit VR Little Endian (the whole data set zlib-deflated).
+    pub const DEFLATED_LE: &str = "1.2.840.10008.1.2.1.99";
+    /// RLE Lossless (DICOM PS3.5 annex G: one PackBits segment per byte plane).
+    pub const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+    /// JPEG Baseline (Process 1): 8-bit lossy JPEG.
+    pub const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
 }
 
 /// How a test DICOM file stores its samples.
@@ -113,10 +120,16 @@ pub fn dicom_bytes(samples: &[i32], spec: &DicomSpec) -> Vec<u8> {
         8 => stored.iter().map(|&v| v as u8).collect(),
         _ => stored.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect(),
     };
-    if spec.syntax == syntax::JPEG_LOSSLESS_SV1 {
-        let fragments: Vec<Vec<u8>> = (0..spec.frames)
-            .map(|_| jpeg_lossless(&stored, w, h, spec.bits.1 as u8))
-            .collect();
+    let encoded = |frame: &dyn Fn() -> Vec<u8>| -> Option<Vec<Vec<u8>>> {
+        Some((0..spec.frames).map(|_| frame()).collect())
+    };
+    let fragments = match spec.syntax {
+        syntax::JPEG_LOSSLESS_SV1 => encoded(&|| jpeg_lossless(&stored, w, h, spec.bits.1 as u8)),
+        syntax::RLE_LOSSLESS => encoded(&|| rle_lossless(&frame, spec.bits.0)),
+        syntax::JPEG_BASELINE => encoded(&|| jpeg_baseline(&frame, w, h)),
+        _ => None,
+    };
+    if let Some(fragments) = fragments {
         obj.put(DataElement::new(
             tags::PIXEL_DATA,
             VR::OB,
@@ -186,6 +199,79 @@ pub fn jpeg_lossless(samples: &[u32], width: u32, height: u32, precision: u8) ->
     out
 }
 
+/// One frame as DICOM RLE Lossless (PS3.5 annex G): a 64-byte header (segment count and offsets),
+/// then one PackBits segment per byte plane, most significant plane first, each of even length.
+/// `frame` holds the samples as stored (little endian when `bits_allocated` is 16).
+pub fn rle_lossless(frame: &[u8], bits_allocated: u16) -> Vec<u8> {
+    let planes = usize::from(bits_allocated / 8);
+    let segments: Vec<Vec<u8>> = (0..planes)
+        .rev()
+        .map(|plane| {
+            let bytes: Vec<u8> = frame.iter().skip(plane).step_by(planes).copied().collect();
+            let mut segment = packbits(&bytes);
+            if segment.len() % 2 == 1 {
+                segment.push(0x80); // a no-op code pads the segment to an even length
+            }
+            segment
+        })
+        .collect();
+    let mut header = [0u32; 16];
+    header[0] = segments.len() as u32;
+    let mut offset = 64u32;
+    for (i, segment) in segments.iter().enumerate() {
+        header[i + 1] = offset;
+        offset += segment.len() as u32;
+    }
+    let mut out: Vec<u8> = header.iter().flat_map(|v| v.to_le_bytes()).collect();
+    for segment in segments {
+        out.extend(segment);
+    }
+    out
+}
+
+/// PackBits: runs of 3 to 128 equal bytes as `(1 - n, byte)`, everything else as literal blocks of at
+/// most 128 bytes, `(n - 1, bytes…)`.
+fn packbits(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut literal: Vec<u8> = Vec::new();
+    let flush = |out: &mut Vec<u8>, literal: &mut Vec<u8>| {
+        for chunk in literal.chunks(128) {
+            out.push((chunk.len() - 1) as u8);
+            out.extend_from_slice(chunk);
+        }
+        literal.clear();
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        let run = bytes[i..]
+            .iter()
+            .take(128)
+            .take_while(|&&b| b == bytes[i])
+            .count();
+        if run >= 3 {
+            flush(&mut out, &mut literal);
+            out.push((1 - run as i32) as i8 as u8);
+            out.push(bytes[i]);
+            i += run;
+        } else {
+            literal.push(bytes[i]);
+            i += 1;
+        }
+    }
+    flush(&mut out, &mut literal);
+    out
+}
+
+/// One 8-bit frame as a baseline JPEG (quality 95, one gray component), as JPEG Baseline DICOM
+/// files carry it.
+pub fn jpeg_baseline(frame: &[u8], width: u32, height: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95)
+        .encode(frame, width, height, image::ExtendedColorType::L8)
+        .expect("an 8-bit frame of the stated size encodes as JPEG");
+    out
+}
+
 /// Entropy-coded bits, MSB first, with 0xFF bytes stuffed.
 #[derive(Default)]
 struct BitWriter {
@@ -228,7 +314,8 @@ pub fn to_twelve_bits(s: u8) -> i32 {
 
 /// An 8-bit radiograph as a scanner would store it, in the ways the tests check: 12-bit
 /// MONOCHROME2 and MONOCHROME1 with window tags spanning 0..=4095, 16-bit signed with a rescale
-/// and a window in modality units, 12-bit lossless JPEG, and implicit VR with two frames. Each
+/// and a window in modality units, 12-bit lossless JPEG, RLE lossless and deflated, 8-bit baseline
+/// JPEG (quality 95), and implicit VR with two frames. Each
 /// displays (window applied, MONOCHROME1 inverted) as the source picture: `(name, spec, bytes)`.
 pub fn scanner_variants(width: u32, height: u32, luma: &[u8]) -> Vec<(&'static str, DicomSpec, Vec<u8>)> {
     let size = (width, height);
@@ -271,6 +358,34 @@ pub fn scanner_variants(width: u32, height: u32, luma: &[u8]) -> Vec<(&'static s
             DicomSpec {
                 window: full,
                 syntax: syntax::JPEG_LOSSLESS_SV1,
+                ..DicomSpec::twelve_bit(size)
+            },
+        ),
+        (
+            "12-bit, RLE lossless",
+            v12.clone(),
+            DicomSpec {
+                window: full,
+                syntax: syntax::RLE_LOSSLESS,
+                ..DicomSpec::twelve_bit(size)
+            },
+        ),
+        (
+            "12-bit, deflated explicit VR",
+            v12.clone(),
+            DicomSpec {
+                window: full,
+                syntax: syntax::DEFLATED_LE,
+                ..DicomSpec::twelve_bit(size)
+            },
+        ),
+        (
+            "8-bit, JPEG baseline (quality 95)",
+            luma.iter().map(|&x| i32::from(x)).collect(),
+            DicomSpec {
+                bits: (8, 8),
+                window: Some((128.0, 256.0)),
+                syntax: syntax::JPEG_BASELINE,
                 ..DicomSpec::twelve_bit(size)
             },
         ),

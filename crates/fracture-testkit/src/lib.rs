@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod copies;
 mod corpus;
 pub mod dicom;
 mod fuzz;

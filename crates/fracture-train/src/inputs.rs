@@ -16,6 +16,8 @@ pub(crate) struct Data {
     pub(crate) val: FolderDataset,
     pub(crate) test: Option<FolderDataset>,
     pub(crate) counts: DataCounts,
+    /// Fingerprints of the training images (see [`crate::audit::FINGERPRINTS_FILE`]).
+    pub(crate) fingerprints: Vec<u64>,
 }
 
 /// Checks that `out` can hold the run: a folder (created), writable, and holding a checkpoint
@@ -113,6 +115,16 @@ pub(crate) fn load_data(
         }
     };
     add_extra_train(setup, &layout, &val_items, &mut train_items, on_event)?;
+    let fingerprints = crate::audit::screen_training(
+        &mut train_items,
+        &[
+            ("val", &val_items),
+            ("test", layout.split(Split::Test).unwrap_or(&[])),
+        ],
+        setup.exclude_leaks,
+        &setup.limits,
+        on_event,
+    );
     let options = LoadOptions {
         disk_cache: setup.cache_dir.clone(),
         limits: setup.limits,
@@ -155,6 +167,7 @@ pub(crate) fn load_data(
         val,
         test,
         counts,
+        fingerprints,
     })
 }
 

@@ -46,6 +46,7 @@
 //! It re-exports the crates it joins, so the command line depends on this crate alone.
 #![warn(missing_docs)]
 
+pub mod audit;
 mod batcher;
 pub mod bundle;
 pub mod checkpoint;

@@ -70,6 +70,9 @@ pub struct TrainSetup {
     /// Train even when the dataset's symbolic links leave its root or put one image in two
     /// classes or splits ([`DatasetLayout::link_problems`]); otherwise that is an error.
     pub allow_link_problems: bool,
+    /// Leave out training images that have a near duplicate in val or test (see
+    /// [`fracture_data::audit`]), with a notice saying how many.
+    pub exclude_leaks: bool,
 }
 
 impl TrainSetup {
@@ -93,6 +96,7 @@ impl TrainSetup {
             extra_train: Vec::new(),
             boxes: None,
             allow_link_problems: false,
+            exclude_leaks: false,
         }
     }
 
@@ -286,6 +290,12 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let checkpoint = setup.out.join(CHECKPOINT_FILE);
     prepare_out(&setup.out, &checkpoint, setup.resume)?;
     let data = load_data(setup, &preprocess, on_event)?;
+    let fingerprints_path = setup.out.join(crate::audit::FINGERPRINTS_FILE);
+    fracture_fs::write_atomic(
+        &fingerprints_path,
+        &fracture_data::audit::fingerprints_to_bytes(&data.fingerprints),
+    )
+    .map_err(|e| Error::io(&fingerprints_path, e))?;
     let mut session = Session::start(setup, preprocess, &data, &checkpoint, on_event)?;
     let augmenter = cfg.augment.map(Augmenter::new).transpose()?;
     let boxes = box_targets(setup, &session, &data, &preprocess, on_event)?;

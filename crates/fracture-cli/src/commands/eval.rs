@@ -79,6 +79,44 @@ pub(crate) struct Args {
     evidence_level: f32,
 }
 
+/// Warns when evaluated images have near duplicates among the model's training images (from the
+/// fingerprints stored with the run): such metrics overstate performance on new patients.
+fn warn_of_leaks(model: &std::path::Path, items: &[fracture_train::data::Item]) {
+    match fracture_train::audit::training_fingerprints(model) {
+        Ok(Some((file, known))) => {
+            let files: Vec<std::path::PathBuf> = items.iter().map(|i| i.path.clone()).collect();
+            let near = fracture_train::audit::near_training_images(
+                &known,
+                &files,
+                &fracture_train::data::DecodeLimits::default(),
+            );
+            if near.is_empty() {
+                eprintln!(
+                    "note: none of the {} images is a near duplicate of the model's {} training images ({})",
+                    files.len(),
+                    known.len(),
+                    file.display()
+                );
+                return;
+            }
+            eprintln!(
+                "warning: {} of the {} evaluated images have a near duplicate among the model's training \
+                 images ({}): these metrics overstate performance on new patients; `fracture audit` lists them",
+                near.len(),
+                files.len(),
+                file.display()
+            );
+            for (path, d) in near.iter().take(5) {
+                eprintln!("  {} (distance {d})", fracture_train::data::path_text(path));
+            }
+        }
+        Ok(None) => eprintln!(
+            "note: the model has no training fingerprints: leakage into these images is not checked"
+        ),
+        Err(e) => eprintln!("warning: {e}: leakage into these images is not checked"),
+    }
+}
+
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = pick_device(args.cpu)?;
     let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
@@ -86,6 +124,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     for s in &skipped {
         eprintln!("warning: skipped {s}");
     }
+    warn_of_leaks(&args.model, &items);
     let choice = match (args.threshold, args.target_sensitivity) {
         (Some(value), _) => ThresholdChoice::Fixed { value },
         (None, Some(target)) => {

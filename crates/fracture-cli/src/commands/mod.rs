@@ -1,5 +1,6 @@
 //! One module per subcommand, and what they share.
 
+pub(crate) mod audit;
 pub(crate) mod download;
 pub(crate) mod eval;
 pub(crate) mod inspect;

@@ -217,6 +217,19 @@ fn partial_files(predictions: &[Prediction]) -> std::collections::HashSet<PathBu
         .collect()
 }
 
+/// The technical attributes of a DICOM file (decoded again: only for DICOM files, only for the JSON
+/// output); `None` for other formats and for files that no longer decode.
+fn dicom_info(path: &std::path::Path) -> Option<fracture_train::data::DicomInfo> {
+    let limits = DecodeLimits::default();
+    let bytes = fracture_train::data::read_file_limited(path, &limits).ok()?;
+    if !fracture_train::data::is_dicom(&bytes) {
+        return None;
+    }
+    fracture_train::data::decode_dicom(&bytes, path, &limits)
+        .ok()
+        .map(|(_, info)| info)
+}
+
 fn serde_json_lines(
     predictions: &[Prediction],
     with_evidence: bool,
@@ -238,6 +251,10 @@ fn serde_json_lines(
         evidence: Option<Option<fracture_train::evidence::Evidence>>,
         #[serde(skip_serializing_if = "Option::is_none")]
         warning: Option<&'static str>,
+        /// A DICOM file's technical attributes (modality, body part, bits stored, photometric
+        /// interpretation, transfer syntax, frames, the window used); never a patient attribute.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dicom: Option<fracture_train::data::DicomInfo>,
     }
     let out = Out {
         threshold,
@@ -251,6 +268,7 @@ fn serde_json_lines(
                 warning: partial
                     .contains(&p.path)
                     .then_some("the image is truncated or damaged: only part of it was decoded"),
+                dicom: dicom_info(&p.path),
             })
             .collect(),
     };

@@ -57,6 +57,10 @@ pub(crate) struct Args {
     /// classes or splits (listed, and refused without this flag).
     #[arg(long)]
     allow_link_problems: bool,
+    /// Leave out training images that have a near duplicate (a flipped, rotated, cropped, resized or
+    /// re-encoded copy) in val or test, as `fracture audit` finds them; says how many.
+    #[arg(long)]
+    exclude_leaks: bool,
     /// Train on JPEGs that decode only in part (truncated or damaged) instead of skipping them.
     #[arg(long)]
     allow_partial: bool,
@@ -310,6 +314,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         pretrained,
         extra_train: args.extra_train.clone(),
         allow_link_problems: args.allow_link_problems,
+        exclude_leaks: args.exclude_leaks,
         kernels: match args.kernels {
             KernelsArg::Fast => fracture_train::model::Kernels::Fast,
             KernelsArg::Reference => fracture_train::model::Kernels::Reference,

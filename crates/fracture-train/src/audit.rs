@@ -1,0 +1,305 @@
+//! What an audit writes (`audit.json`, `duplicates.csv`, one contact sheet per cross-split group) and
+//! what training does with it (`--exclude-leaks`, the training fingerprints kept with a run).
+
+use std::path::{Path, PathBuf};
+
+use fracture_data::audit::{AuditReport, DuplicateGroup};
+use fracture_data::{DecodeLimits, path_text};
+use serde::Serialize;
+
+use crate::outputs::spreadsheet_safe;
+use crate::{Error, Result};
+
+/// File name of the audit summary.
+pub const AUDIT_JSON: &str = "audit.json";
+/// File name of the duplicates table.
+pub const DUPLICATES_CSV: &str = "duplicates.csv";
+/// File name of a run's training fingerprints (see [`fracture_data::audit::fingerprints_to_bytes`]).
+pub const FINGERPRINTS_FILE: &str = "training-fingerprints.bin";
+
+/// The counts of an audit, as `audit.json` states them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditCounts {
+    /// Images read.
+    pub images: usize,
+    /// Files that could not be read.
+    pub unreadable: usize,
+    /// Groups of byte-identical files.
+    pub exact_groups: usize,
+    /// Near-duplicate groups (exact copies included).
+    pub groups: usize,
+    /// Groups within one split.
+    pub within_split_groups: usize,
+    /// Groups spanning splits.
+    pub cross_split_groups: usize,
+    /// Groups whose members disagree on the label.
+    pub label_conflicts: usize,
+    /// Images that have a near duplicate in another split.
+    pub images_in_cross_split_groups: usize,
+}
+
+impl AuditCounts {
+    /// The counts of `report`.
+    pub fn of(report: &AuditReport) -> Self {
+        let cross: Vec<&DuplicateGroup> = report.cross_split_groups().collect();
+        AuditCounts {
+            images: report.images.len(),
+            unreadable: report.unreadable.len(),
+            exact_groups: report.exact_groups.len(),
+            groups: report.groups.len(),
+            within_split_groups: report.groups.len() - cross.len(),
+            cross_split_groups: cross.len(),
+            label_conflicts: report.label_conflicts().count(),
+            images_in_cross_split_groups: cross.iter().map(|g| g.members.len()).sum(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonMember {
+    split: String,
+    class: &'static str,
+    path: String,
+    distance: u32,
+    exact: bool,
+}
+
+#[derive(Serialize)]
+struct JsonGroup {
+    group: usize,
+    splits: Vec<String>,
+    label_conflict: bool,
+    members: Vec<JsonMember>,
+}
+
+#[derive(Serialize)]
+struct AuditJson<'a> {
+    threshold_bits: u32,
+    hash_bits: u32,
+    counts: AuditCounts,
+    split_pairs: Vec<(String, String, usize)>,
+    notes: &'a [String],
+    unreadable: Vec<String>,
+    groups: Vec<JsonGroup>,
+}
+
+fn members(report: &AuditReport, g: &DuplicateGroup) -> Vec<JsonMember> {
+    g.members
+        .iter()
+        .map(|m| {
+            let image = &report.images[m.image];
+            JsonMember {
+                split: image.split.clone(),
+                class: image.label.name(),
+                path: path_text(&image.path),
+                distance: m.distance,
+                exact: m.exact,
+            }
+        })
+        .collect()
+}
+
+/// Writes `audit.json` (counts, split pairs, notes, unreadable files, every group),
+/// `duplicates.csv` (`group,split,class,path,distance,exact`: one row per member of every group)
+/// and, for the first `sheets` cross-split groups, `sheets/group-NNNN.png` (the members side by
+/// side, in the CSV's order) into `dir`. Returns the files written.
+pub fn write_audit(
+    report: &AuditReport,
+    dir: &Path,
+    sheets: usize,
+    limits: &DecodeLimits,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let write = |path: PathBuf, bytes: &[u8]| -> Result<PathBuf> {
+        fracture_fs::write_atomic(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        Ok(path)
+    };
+    let groups: Vec<JsonGroup> = report
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| JsonGroup {
+            group: i + 1,
+            splits: g.splits.clone(),
+            label_conflict: g.label_conflict,
+            members: members(report, g),
+        })
+        .collect();
+    let mut csv = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    let bad = |e: csv::Error| Error::InvalidConfig(format!("cannot write the duplicates table: {e}"));
+    csv.write_record(["group", "split", "class", "path", "distance", "exact"])
+        .map_err(bad)?;
+    for g in &groups {
+        for m in &g.members {
+            csv.write_record([
+                g.group.to_string(),
+                spreadsheet_safe(&m.split),
+                m.class.to_string(),
+                spreadsheet_safe(&m.path),
+                m.distance.to_string(),
+                m.exact.to_string(),
+            ])
+            .map_err(bad)?;
+        }
+    }
+    let csv = csv
+        .into_inner()
+        .map_err(|e| Error::InvalidConfig(format!("cannot write the duplicates table: {e}")))?;
+    let json = AuditJson {
+        threshold_bits: report.threshold,
+        hash_bits: fracture_data::audit::HASH_BITS,
+        counts: AuditCounts::of(report),
+        split_pairs: report.split_pairs(),
+        notes: &report.notes,
+        unreadable: report.unreadable.iter().map(|s| s.to_string()).collect(),
+        groups,
+    };
+    let mut written = vec![
+        write(
+            dir.join(AUDIT_JSON),
+            serde_json::to_string_pretty(&json)
+                .map_err(|source| Error::Serialize {
+                    what: "the audit",
+                    source,
+                })?
+                .as_bytes(),
+        )?,
+        write(dir.join(DUPLICATES_CSV), &csv)?,
+    ];
+    let sheet_dir = dir.join("sheets");
+    for (i, g) in report
+        .groups
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.crosses_splits())
+        .take(sheets)
+    {
+        let images: Vec<fracture_data::image::GrayImage> = g
+            .members
+            .iter()
+            .filter_map(|m| {
+                let path = &report.images[m.image].path;
+                let bytes = fracture_data::read_file_limited(path, limits).ok()?;
+                fracture_data::decode_gray(&bytes, path, limits).ok()
+            })
+            .collect();
+        let tiles: Vec<fracture_plot::SheetTile<'_>> = images
+            .iter()
+            .map(|image| fracture_plot::SheetTile {
+                image,
+                truth: &[],
+                evidence: None,
+                peak: None,
+            })
+            .collect();
+        let png = fracture_plot::contact_sheet_png(&tiles, tiles.len().clamp(1, 6), 256)?;
+        std::fs::create_dir_all(&sheet_dir).map_err(|e| Error::io(&sheet_dir, e))?;
+        written.push(write(sheet_dir.join(format!("group-{:04}.png", i + 1)), &png)?);
+    }
+    Ok(written)
+}
+
+/// The training images' fingerprints (unreadable files left out: loading reports them) and, with
+/// `exclude_leaks`, the training images that have a near duplicate (within `threshold` bits) in
+/// `held_out` (val and test) removed from `train`, with a notice naming how many and a few of them.
+pub(crate) fn screen_training(
+    train: &mut Vec<fracture_data::Item>,
+    held_out: &[(&str, &[fracture_data::Item])],
+    exclude_leaks: bool,
+    limits: &DecodeLimits,
+    on_event: &mut dyn FnMut(crate::Event<'_>),
+) -> Vec<u64> {
+    use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, group, signatures};
+    let mut images: Vec<AuditImage> = train
+        .iter()
+        .map(|i| AuditImage::new(i.path.clone(), "train", i.label))
+        .collect();
+    if exclude_leaks {
+        for (split, items) in held_out {
+            images.extend(
+                items
+                    .iter()
+                    .map(|i| AuditImage::new(i.path.clone(), *split, i.label)),
+            );
+        }
+    }
+    let mut readable = Vec::new();
+    let mut sigs = Vec::new();
+    for (image, sig) in images.iter().zip(signatures(&images, limits)) {
+        if let Ok(sig) = sig {
+            readable.push(image.clone());
+            sigs.push(sig);
+        }
+    }
+    if !exclude_leaks {
+        return sigs.iter().map(|s| s.fingerprint).collect();
+    }
+    let report = group(readable, &sigs, DEFAULT_THRESHOLD);
+    let leaked: std::collections::HashSet<&Path> = report
+        .leaked_from("train")
+        .into_iter()
+        .map(|i| report.images[i].path.as_path())
+        .collect();
+    let before = train.len();
+    let shown: Vec<String> = train
+        .iter()
+        .filter(|i| leaked.contains(i.path.as_path()))
+        .take(5)
+        .map(|i| format!("  {}", path_text(&i.path)))
+        .collect();
+    train.retain(|i| !leaked.contains(i.path.as_path()));
+    on_event(crate::Event::Notice(&format!(
+        "--exclude-leaks: {} of {before} training images have a near duplicate in val or test \
+         (threshold {DEFAULT_THRESHOLD} bits) and are left out{}{}",
+        before - train.len(),
+        if shown.is_empty() { "" } else { ":\n" },
+        shown.join("\n")
+    )));
+    report
+        .images
+        .iter()
+        .zip(&report.fingerprints)
+        .filter(|(image, _)| image.split == "train" && !leaked.contains(image.path.as_path()))
+        .map(|(_, &f)| f)
+        .collect()
+}
+
+/// The training fingerprints stored beside a model: `training-fingerprints.bin` in the model's
+/// folder (a run folder, or the folder of a model file). `Ok(None)` when there is none.
+pub fn training_fingerprints(model: &Path) -> Result<Option<(PathBuf, Vec<u64>)>> {
+    let dir = if model.is_dir() {
+        model
+    } else {
+        model.parent().unwrap_or(Path::new("."))
+    };
+    let path = dir.join(FINGERPRINTS_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let fingerprints = fracture_data::audit::fingerprints_from_bytes(&bytes, &path)?;
+    Ok(Some((path, fingerprints)))
+}
+
+/// Which of `files` have a near duplicate (within the default threshold) among `known` training
+/// fingerprints: `(file, distance)` for each, in the order given. Unreadable files are left out.
+pub fn near_training_images(known: &[u64], files: &[PathBuf], limits: &DecodeLimits) -> Vec<(PathBuf, u32)> {
+    use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, matches_in, signatures};
+    let images: Vec<AuditImage> = files
+        .iter()
+        .map(|p| AuditImage::new(p.clone(), "eval", fracture_data::Label::Fractured))
+        .collect();
+    let (paths, sigs): (Vec<PathBuf>, Vec<_>) = files
+        .iter()
+        .zip(signatures(&images, limits))
+        .filter_map(|(p, s)| Some((p.clone(), s.ok()?)))
+        .unzip();
+    paths
+        .into_iter()
+        .zip(matches_in(known, &sigs, DEFAULT_THRESHOLD))
+        .filter_map(|(p, d)| Some((p, d?)))
+        .collect()
+}
