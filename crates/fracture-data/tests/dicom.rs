@@ -167,16 +167,15 @@ fn bad_dicom_files_are_named_errors() {
         e.contains("scan.dcm: DICOM:") && (e.contains("fewer than") || e.contains("decode")),
         "{e}"
     );
-    // An unsupported transfer syntax is named.
-    let ls = DicomSpec {
-        syntax: syntax::JPEG_LS_LOSSLESS,
-        ..spec.clone()
-    };
-    let e = err(&dicom_bytes(&samples, &ls), &limits);
-    assert!(
-        e.contains("1.2.840.10008.1.2.4.80") && e.contains("not supported"),
-        "{e}"
-    );
+    // An unsupported transfer syntax (JPEG-LS, JPEG 2000) is named.
+    for uid in [syntax::JPEG_LS_LOSSLESS, "1.2.840.10008.1.2.4.90"] {
+        let unsupported = DicomSpec {
+            syntax: uid,
+            ..spec.clone()
+        };
+        let e = err(&dicom_bytes(&samples, &unsupported), &limits);
+        assert!(e.contains(uid) && e.contains("not supported"), "{e}");
+    }
     // No pixel data.
     let mut no_pixels = good.clone();
     let at = find_element(&no_pixels, 0x7FE0, 0x0010) - 12;

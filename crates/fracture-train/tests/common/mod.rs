@@ -28,6 +28,7 @@ pub(crate) fn setup(data: &Path, out: &Path, size: u32, epochs: usize) -> TrainS
         extra_train: Vec::new(),
         boxes: None,
         allow_link_problems: false,
+        exclude_leaks: false,
         kernels: Default::default(),
     }
 }
