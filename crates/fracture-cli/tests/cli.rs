@@ -2232,3 +2232,105 @@ fn the_bad_input_corpus_through_the_server() {
         .unwrap();
     assert_eq!(health["status"], "ok", "the server is still up");
 }
+
+#[test]
+fn audit_finds_a_planted_leak_and_training_can_leave_it_out() {
+    let root = fresh_dir(&base(), "audit");
+    let data = root.join("data");
+    write_synthetic_dataset(&data, &SyntheticSpec::train_val((12, 12), (6, 6)));
+    // A val radiograph copied into train, mirrored and re-encoded as JPEG: a leak.
+    let original = data.join("val/fractured/img_0002.png");
+    let mirrored = image::imageops::flip_horizontal(&image::open(&original).unwrap().to_luma8());
+    mirrored.save(data.join("train/fractured/leak.jpg")).unwrap();
+    std::fs::write(data.join("train/not fractured/broken.png"), b"\x89PNG not really").unwrap();
+
+    let out = root.join("audit");
+    let run = fracture()
+        .args(["audit", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "an unreadable file is reported, not fatal: {stderr}"
+    );
+    assert!(stderr.contains("broken.png"), "{stderr}");
+    assert!(stdout.contains("train ↔ val"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("audit.json")).unwrap()).unwrap();
+    assert_eq!(report["counts"]["unreadable"], 1);
+    let leak = report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g.to_string().contains("leak.jpg"))
+        .unwrap_or_else(|| panic!("the leak is in no group: {report}"));
+    assert!(leak.to_string().contains("img_0002.png"), "{leak}");
+    assert_eq!(leak["splits"], serde_json::json!(["train", "val"]));
+    let csv = std::fs::read_to_string(out.join("duplicates.csv")).unwrap();
+    assert!(
+        csv.starts_with("group,split,class,path,distance,exact\n"),
+        "{csv}"
+    );
+    assert!(csv.contains("leak.jpg"));
+    assert!(out.join("sheets/group-0001.png").is_file());
+
+    // Training acts on it: --exclude-leaks leaves the copy out and says so; the run keeps the
+    // training fingerprints, and eval on val warns when a model trained on the copy meets the original.
+    let train = |name: &str, exclude: bool| {
+        let mut cmd = fracture();
+        cmd.args([
+            "train",
+            "--epochs",
+            "1",
+            "--image-size",
+            "24",
+            "--batch-size",
+            "8",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--out")
+        .arg(root.join(name));
+        if exclude {
+            cmd.arg("--exclude-leaks");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // 26 listed: 24 images, the copy and the unreadable file (skipped when loading).
+    let stdout = train("clean", true);
+    assert!(
+        stdout.contains("--exclude-leaks: 1 of 26 training images"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("leak.jpg"), "{stdout}");
+    train("leaky", false);
+    assert!(root.join("leaky/training-fingerprints.bin").is_file());
+    let eval = |run: &str| {
+        let out = fracture()
+            .args(["eval", "--split", "val", "--model"])
+            .arg(root.join(run))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(root.join(format!("{run}-eval")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let leaky = eval("leaky");
+    assert!(
+        leaky.contains("1 of the 12 evaluated images have a near duplicate")
+            && leaky.contains("img_0002.png"),
+        "{leaky}"
+    );
+    let clean = eval("clean");
+    assert!(clean.contains("none of the 12 images"), "{clean}");
+}
