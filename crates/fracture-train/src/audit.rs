@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fracture_data::audit::{AuditReport, DuplicateGroup};
+use fracture_data::audit::{AuditReport, Detail, DuplicateGroup};
 use fracture_data::{DecodeLimits, path_text};
 use serde::Serialize;
 
@@ -26,6 +26,10 @@ pub struct AuditCounts {
     pub unreadable: usize,
     /// Groups of byte-identical files.
     pub exact_groups: usize,
+    /// Confirmed near-duplicate pairs (exact copies included).
+    pub pairs: usize,
+    /// Those whose images lie in different splits.
+    pub cross_split_pairs: usize,
     /// Near-duplicate groups (exact copies included).
     pub groups: usize,
     /// Groups within one split.
@@ -46,6 +50,12 @@ impl AuditCounts {
             images: report.images.len(),
             unreadable: report.unreadable.len(),
             exact_groups: report.exact_groups.len(),
+            pairs: report.pairs.len(),
+            cross_split_pairs: report
+                .pairs
+                .iter()
+                .filter(|(i, j, _)| report.images[*i].split != report.images[*j].split)
+                .count(),
             groups: report.groups.len(),
             within_split_groups: report.groups.len() - cross.len(),
             cross_split_groups: cross.len(),
@@ -210,7 +220,7 @@ pub(crate) fn screen_training(
     exclude_leaks: bool,
     limits: &DecodeLimits,
     on_event: &mut dyn FnMut(crate::Event<'_>),
-) -> Vec<u64> {
+) -> Vec<(u64, Detail)> {
     use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, group, signatures};
     let mut images: Vec<AuditImage> = train
         .iter()
@@ -234,7 +244,7 @@ pub(crate) fn screen_training(
         }
     }
     if !exclude_leaks {
-        return sigs.iter().map(|s| s.fingerprint).collect();
+        return sigs.iter().map(|s| (s.fingerprint, s.detail)).collect();
     }
     let report = group(readable, &sigs, DEFAULT_THRESHOLD);
     let leaked: std::collections::HashSet<&Path> = report
@@ -260,15 +270,15 @@ pub(crate) fn screen_training(
     report
         .images
         .iter()
-        .zip(&report.fingerprints)
+        .zip(&sigs)
         .filter(|(image, _)| image.split == "train" && !leaked.contains(image.path.as_path()))
-        .map(|(_, &f)| f)
+        .map(|(_, s)| (s.fingerprint, s.detail))
         .collect()
 }
 
 /// The training fingerprints stored beside a model: `training-fingerprints.bin` in the model's
 /// folder (a run folder, or the folder of a model file). `Ok(None)` when there is none.
-pub fn training_fingerprints(model: &Path) -> Result<Option<(PathBuf, Vec<u64>)>> {
+pub fn training_fingerprints(model: &Path) -> Result<Option<(PathBuf, Vec<(u64, Detail)>)>> {
     let dir = if model.is_dir() {
         model
     } else {
@@ -286,7 +296,11 @@ pub fn training_fingerprints(model: &Path) -> Result<Option<(PathBuf, Vec<u64>)>
 
 /// Which of `files` have a near duplicate (within the default threshold) among `known` training
 /// fingerprints: `(file, distance)` for each, in the order given. Unreadable files are left out.
-pub fn near_training_images(known: &[u64], files: &[PathBuf], limits: &DecodeLimits) -> Vec<(PathBuf, u32)> {
+pub fn near_training_images(
+    known: &[(u64, Detail)],
+    files: &[PathBuf],
+    limits: &DecodeLimits,
+) -> Vec<(PathBuf, u32)> {
     use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, matches_in, signatures};
     let images: Vec<AuditImage> = files
         .iter()

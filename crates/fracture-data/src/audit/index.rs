@@ -5,6 +5,8 @@
 //! value. Two hashes at most 7 bits apart differ in at most one bit in some chunk (four chunks of two
 //! or more differing bits make 8), so looking up each chunk's value and its 16 one-bit neighbours finds
 //! them all: 68 buckets per probe instead of the whole list.
+//!
+//! Probes and fingerprints are 63-bit perceptual hashes ([`super::signature`]).
 
 use rayon::prelude::*;
 
@@ -68,16 +70,16 @@ impl FingerprintIndex {
         self.fingerprints.is_empty()
     }
 
-    /// Every indexed fingerprint within `radius` (at most [`MAX_RADIUS`]) of any of `probes`, as
-    /// `(position, smallest distance)`, sorted by position. `seen` is scratch space of the index's
-    /// length (reused across queries: pass the same vector, zeroed once).
-    pub fn query(&self, probes: &[u64], radius: u32, seen: &mut Vec<u32>) -> Vec<(u32, u32)> {
+    /// Every indexed fingerprint within `radius` (at most [`MAX_RADIUS`]) of any of `probes`, with
+    /// the smallest distance and the first probe that reaches it, sorted by position. `seen` is
+    /// scratch space of the index's length (reused across queries: pass the same vector).
+    pub fn query(&self, probes: &[u64], radius: u32, seen: &mut Vec<u32>) -> Vec<Match> {
         let radius = radius.min(MAX_RADIUS);
         if seen.len() != self.len() {
             *seen = vec![u32::MAX; self.len()];
         }
-        let mut found: Vec<(u32, u32)> = Vec::new();
-        for &probe in probes {
+        let mut found: Vec<Match> = Vec::new();
+        for (p, &probe) in probes.iter().enumerate() {
             for c in 0..CHUNKS {
                 let key = chunk(probe, c);
                 for flip in 0..=16 {
@@ -91,55 +93,58 @@ impl FingerprintIndex {
                         let slot = &mut seen[id as usize];
                         if *slot == u32::MAX {
                             *slot = found.len() as u32;
-                            found.push((id, d));
+                            found.push(Match {
+                                target: id,
+                                distance: d,
+                                probe: p as u32,
+                            });
                         } else {
                             let entry = &mut found[*slot as usize];
-                            entry.1 = entry.1.min(d);
+                            if d < entry.distance || (d == entry.distance && (p as u32) < entry.probe) {
+                                entry.distance = d;
+                                entry.probe = p as u32;
+                            }
                         }
                     }
                 }
             }
         }
-        for &(id, _) in &found {
-            seen[id as usize] = u32::MAX;
+        for m in &found {
+            seen[m.target as usize] = u32::MAX;
         }
-        found.sort_unstable();
+        found.sort_unstable_by_key(|m| m.target);
         found
     }
 }
 
-/// Every pair `(i, j, distance)`, `i < j`, where some probe of `i` lies within `radius` of `j`'s
-/// fingerprint or some probe of `j` within `radius` of `i`'s, with the smaller distance; in
-/// parallel over the images, sorted.
-pub fn near_pairs(fingerprints: &[u64], probes: &[Vec<u64>], radius: u32) -> Vec<(u32, u32, u32)> {
+/// A fingerprint found by a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Match {
+    /// Its position in the index.
+    pub target: u32,
+    /// The smallest Hamming distance of a probe to it.
+    pub distance: u32,
+    /// The first probe at that distance (its position in the query's probes).
+    pub probe: u32,
+}
+
+/// For every image `i`, the fingerprints of other images within `radius` of one of `probes[i]`:
+/// `(i, match)`, in parallel over the images, sorted by `i`, then target.
+pub fn candidates(fingerprints: &[u64], probes: &[Vec<u64>], radius: u32) -> Vec<(u32, Match)> {
     let index = FingerprintIndex::new(fingerprints);
-    let mut pairs: Vec<(u32, u32, u32)> = probes
+    probes
         .par_iter()
         .enumerate()
         .map_init(Vec::new, |seen, (i, p)| {
             index
                 .query(p, radius, seen)
                 .into_iter()
-                .filter(|&(j, _)| j as usize != i)
-                .map(|(j, d)| {
-                    let i = i as u32;
-                    (i.min(j), i.max(j), d)
-                })
+                .filter(|m| m.target as usize != i)
+                .map(|m| (i as u32, m))
                 .collect::<Vec<_>>()
         })
         .flatten()
-        .collect();
-    pairs.sort_unstable();
-    // Both directions may have found a pair: keep the smaller distance once.
-    pairs.dedup_by(|later, earlier| {
-        if later.0 == earlier.0 && later.1 == earlier.1 {
-            earlier.2 = earlier.2.min(later.2);
-            true
-        } else {
-            false
-        }
-    });
-    pairs
+        .collect()
 }
 
 #[cfg(test)]
@@ -171,22 +176,49 @@ mod tests {
                         (d <= radius).then_some((i as u32, d))
                     })
                     .collect();
-                assert_eq!(
-                    index.query(&probes, radius, &mut seen),
-                    expected,
-                    "radius {radius}, query {q}"
-                );
+                let got: Vec<(u32, u32)> = index
+                    .query(&probes, radius, &mut seen)
+                    .iter()
+                    .map(|m| (m.target, m.distance))
+                    .collect();
+                assert_eq!(got, expected, "radius {radius}, query {q}");
             }
         }
     }
 
     #[test]
-    fn pairs_are_found_from_either_side_once() {
-        let fingerprints = vec![0u64, 0b111, u64::MAX, 0b1];
-        let probes: Vec<Vec<u64>> = fingerprints.iter().map(|&f| vec![f]).collect();
+    fn candidates_leave_out_the_image_itself_and_name_the_probe() {
+        let fingerprints = vec![0u64, 0b111, u64::MAX];
+        let probes: Vec<Vec<u64>> = vec![vec![u64::MAX, 0], vec![0b111], vec![u64::MAX]];
+        let found = candidates(&fingerprints, &probes, 3);
         assert_eq!(
-            near_pairs(&fingerprints, &probes, 3),
-            vec![(0, 1, 3), (0, 3, 1), (1, 3, 2)]
+            found,
+            vec![
+                (
+                    0,
+                    Match {
+                        target: 1,
+                        distance: 3,
+                        probe: 1
+                    }
+                ),
+                (
+                    0,
+                    Match {
+                        target: 2,
+                        distance: 0,
+                        probe: 0
+                    }
+                ),
+                (
+                    1,
+                    Match {
+                        target: 0,
+                        distance: 3,
+                        probe: 0
+                    }
+                ),
+            ]
         );
     }
 }

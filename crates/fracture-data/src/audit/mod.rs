@@ -7,7 +7,10 @@
 //! JPEG re-encoding, brightness, contrast and gamma barely move the hash). Two images are near
 //! duplicates when a probe of one lies within the threshold ([`DEFAULT_THRESHOLD`] bits) of the
 //! other's fingerprint, found through a multi-index hash ([`FingerprintIndex`]) rather than by
-//! comparing every pair; near-duplicate pairs are joined into groups (connected components).
+//! comparing every pair, and the 255-bit detail hash of the matching view confirms it
+//! ([`DETAIL_THRESHOLD`]). Confirmed pairs are kept ([`AuditReport::pairs`]) and gathered into
+//! groups around the images with the most duplicates, so that a chain of look-alikes never
+//! becomes one giant group.
 //!
 //! ```
 //! use fracture_data::audit::{AuditImage, AuditOptions, audit_images};
@@ -37,14 +40,22 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use index::{FingerprintIndex, MAX_RADIUS, near_pairs};
-pub use signature::{HASH_BITS, Signature, THUMBNAIL_SIDE, hamming, signature, signature_of_image};
+pub use index::{FingerprintIndex, MAX_RADIUS, Match, candidates};
+pub use signature::{
+    DETAIL_BITS, Detail, HASH_BITS, Signature, THUMBNAIL_SIDE, detail_distance, hamming, signature,
+    signature_of_image,
+};
 
 use crate::{DatasetLayout, DecodeLimits, Label, Skipped, Split, read_file_limited};
 
 /// The default near-duplicate threshold: at most this many of the 63 hash bits differ. Measured on
 /// FracAtlas radiographs with planted copies (README, "Auditing a dataset").
 pub const DEFAULT_THRESHOLD: u32 = 5;
+
+/// A match by the 63-bit hash is confirmed when the matching probe's 255-bit detail hash differs
+/// from the other image's in at most this many bits. Distinct radiographs that pass the coarse test
+/// differ in 38 or more; planted copies mostly in under 30.
+pub const DETAIL_THRESHOLD: u32 = 36;
 
 /// One image to audit: its file, the split (or other set) it belongs to, and its label.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,8 +102,8 @@ impl Default for AuditOptions {
 pub struct GroupMember {
     /// Position in [`AuditReport::images`].
     pub image: usize,
-    /// Hash distance to the group's first member (0 for the first; a chain of near duplicates can
-    /// put a member further than the threshold from the first).
+    /// Hash distance to the group's first member, its centre (0 for the centre itself; a member
+    /// joined through another member can be further than the threshold).
     pub distance: u32,
     /// Whether its bytes equal another member's.
     pub exact: bool,
@@ -129,6 +140,8 @@ pub struct AuditReport {
     pub threshold: u32,
     /// Groups of byte-identical files (positions), each sorted.
     pub exact_groups: Vec<Vec<usize>>,
+    /// Every confirmed near-duplicate pair `(i, j, distance)`, `i < j`, sorted.
+    pub pairs: Vec<(usize, usize, u32)>,
     /// Near-duplicate groups, cross-split groups first, then by size.
     pub groups: Vec<DuplicateGroup>,
     /// Things the caller should know (one split only, an empty class, …).
@@ -149,8 +162,10 @@ impl AuditReport {
     /// Images of `split` that have a near duplicate in another split (positions, sorted).
     pub fn leaked_from(&self, split: &str) -> Vec<usize> {
         let mut out: Vec<usize> = self
-            .cross_split_groups()
-            .flat_map(|g| g.members.iter().map(|m| m.image))
+            .pairs
+            .iter()
+            .filter(|(i, j, _)| self.images[*i].split != self.images[*j].split)
+            .flat_map(|&(i, j, _)| [i, j])
             .filter(|&i| self.images[i].split == split)
             .collect();
         out.sort_unstable();
@@ -273,16 +288,46 @@ pub fn audit_images(images: Vec<AuditImage>, options: &AuditOptions) -> AuditRep
     report
 }
 
-/// Groups images by their signatures (`signatures[i]` belongs to `images[i]`).
+/// The confirmed near-duplicate pairs among `signatures`: `(i, j, distance)`, `i < j`, sorted; the
+/// distance is the smaller 63-bit one of the two directions that confirmed the pair.
+pub fn confirmed_pairs(signatures: &[Signature], threshold: u32) -> Vec<(usize, usize, u32)> {
+    let fingerprints: Vec<u64> = signatures.iter().map(|s| s.fingerprint).collect();
+    let probes: Vec<Vec<u64>> = signatures.iter().map(|s| s.probes.clone()).collect();
+    let mut pairs: Vec<(usize, usize, u32)> = candidates(&fingerprints, &probes, threshold.min(MAX_RADIUS))
+        .into_iter()
+        .filter(|(i, m)| {
+            let query = &signatures[*i as usize];
+            detail_distance(
+                &query.probe_detail(m.probe as usize),
+                &signatures[m.target as usize].detail,
+            ) <= DETAIL_THRESHOLD
+        })
+        .map(|(i, m)| {
+            let (i, j) = (i as usize, m.target as usize);
+            (i.min(j), i.max(j), m.distance)
+        })
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup_by(|later, earlier| {
+        if (later.0, later.1) == (earlier.0, earlier.1) {
+            earlier.2 = earlier.2.min(later.2);
+            true
+        } else {
+            false
+        }
+    });
+    pairs
+}
+
+/// Groups images by their signatures (`signatures[i]` belongs to `images[i]`): byte-identical files
+/// and confirmed near-duplicate pairs. An image with the most duplicates not yet grouped becomes a
+/// group's centre with its duplicates; an image left over whose duplicates are all grouped joins
+/// the group of its nearest one.
 pub fn group(images: Vec<AuditImage>, signatures: &[Signature], threshold: u32) -> AuditReport {
     let threshold = threshold.min(MAX_RADIUS);
     let n = images.len();
     let fingerprints: Vec<u64> = signatures.iter().map(|s| s.fingerprint).collect();
-    let probes: Vec<Vec<u64>> = signatures.iter().map(|s| s.probes.clone()).collect();
-    let mut sets = DisjointSets::new(n);
-    for (i, j, _) in near_pairs(&fingerprints, &probes, threshold) {
-        sets.join(i as usize, j as usize);
-    }
+    let mut pairs = confirmed_pairs(signatures, threshold);
     // Exact copies: equal SHA-256 (a zero hash means none was taken).
     let mut by_hash: Vec<(usize, [u8; 32])> = signatures
         .iter()
@@ -295,41 +340,80 @@ pub fn group(images: Vec<AuditImage>, signatures: &[Signature], threshold: u32) 
     let mut exact = vec![false; n];
     for run in by_hash.chunk_by(|a, b| a.1 == b.1).filter(|r| r.len() > 1) {
         let members: Vec<usize> = run.iter().map(|(i, _)| *i).collect();
-        for w in members.windows(2) {
-            sets.join(w[0], w[1]);
-        }
-        for &m in &members {
-            exact[m] = true;
+        for (k, &a) in members.iter().enumerate() {
+            exact[a] = true;
+            for &b in &members[k + 1..] {
+                pairs.push((a.min(b), a.max(b), 0));
+            }
         }
         exact_groups.push(members);
     }
-    let mut components: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-    for i in 0..n {
-        components.entry(sets.root(i)).or_default().push(i);
+    pairs.sort_unstable();
+    pairs.dedup_by(|later, earlier| (later.0, later.1) == (earlier.0, earlier.1));
+    let mut neighbours: Vec<Vec<(usize, u32)>> = vec![Vec::new(); n];
+    for &(i, j, d) in &pairs {
+        neighbours[i].push((j, d));
+        neighbours[j].push((i, d));
     }
-    let mut groups: Vec<DuplicateGroup> = components
-        .into_values()
-        .filter(|members| members.len() > 1)
-        .map(|mut members| {
-            members.sort_by(|&a, &b| {
+    let mut order: Vec<usize> = (0..n).filter(|&i| !neighbours[i].is_empty()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(neighbours[i].len()), i));
+    let mut group_of: Vec<Option<usize>> = vec![None; n];
+    let mut members_of: Vec<Vec<(usize, u32)>> = Vec::new();
+    for &centre in &order {
+        if group_of[centre].is_some() {
+            continue;
+        }
+        let free: Vec<(usize, u32)> = neighbours[centre]
+            .iter()
+            .copied()
+            .filter(|(j, _)| group_of[*j].is_none())
+            .collect();
+        if free.is_empty() {
+            continue;
+        }
+        let g = members_of.len();
+        group_of[centre] = Some(g);
+        let mut members = vec![(centre, 0)];
+        for (j, d) in free {
+            group_of[j] = Some(g);
+            members.push((j, d));
+        }
+        members_of.push(members);
+    }
+    for &i in &order {
+        if group_of[i].is_none()
+            && let Some(&(j, d)) = neighbours[i].iter().min_by_key(|(j, d)| (*d, *j))
+            && let Some(g) = group_of[j]
+        {
+            group_of[i] = Some(g);
+            let via = members_of[g]
+                .iter()
+                .find(|(m, _)| *m == j)
+                .map_or(0, |(_, dj)| *dj);
+            members_of[g].push((i, via + d));
+        }
+    }
+    let mut groups: Vec<DuplicateGroup> = members_of
+        .into_iter()
+        .map(|members| {
+            let centre = members[0].0;
+            let mut rest = members[1..].to_vec();
+            rest.sort_by(|&(a, _), &(b, _)| {
                 (&images[a].split, &images[a].path).cmp(&(&images[b].split, &images[b].path))
             });
-            let first = &signatures[members[0]];
-            let members_out = members
-                .iter()
-                .map(|&m| {
-                    let other = &signatures[m];
-                    let forward = first.probes.iter().map(|&p| hamming(p, other.fingerprint)).min();
-                    let backward = other.probes.iter().map(|&p| hamming(p, first.fingerprint)).min();
-                    GroupMember {
-                        image: m,
-                        distance: forward.into_iter().chain(backward).min().unwrap_or(0),
-                        exact: exact[m],
-                    }
+            let members_out: Vec<GroupMember> = std::iter::once(members[0])
+                .chain(rest)
+                .map(|(m, distance)| GroupMember {
+                    image: m,
+                    distance: if m == centre { 0 } else { distance },
+                    exact: exact[m],
                 })
                 .collect();
-            let splits: BTreeSet<String> = members.iter().map(|&m| images[m].split.clone()).collect();
-            let labels: BTreeSet<Label> = members.iter().map(|&m| images[m].label).collect();
+            let splits: BTreeSet<String> = members_out
+                .iter()
+                .map(|m| images[m.image].split.clone())
+                .collect();
+            let labels: BTreeSet<Label> = members_out.iter().map(|m| images[m.image].label).collect();
             DuplicateGroup {
                 members: members_out,
                 splits: splits.into_iter().collect(),
@@ -344,76 +428,66 @@ pub fn group(images: Vec<AuditImage>, signatures: &[Signature], threshold: u32) 
         unreadable: Vec::new(),
         threshold,
         exact_groups,
+        pairs,
         groups,
         notes: Vec::new(),
     }
 }
 
-/// Union-find with path halving.
-struct DisjointSets(Vec<usize>);
-
-impl DisjointSets {
-    fn new(n: usize) -> Self {
-        DisjointSets((0..n).collect())
-    }
-
-    fn root(&mut self, mut i: usize) -> usize {
-        while self.0[i] != i {
-            self.0[i] = self.0[self.0[i]];
-            i = self.0[i];
-        }
-        i
-    }
-
-    fn join(&mut self, a: usize, b: usize) {
-        let (ra, rb) = (self.root(a), self.root(b));
-        if ra != rb {
-            self.0[ra.max(rb)] = ra.min(rb);
-        }
-    }
-}
-
 /// The magic line that opens a fingerprint file.
-const FINGERPRINT_MAGIC: &[u8; 8] = b"FRFP1\n\0\0";
+const FINGERPRINT_MAGIC: &[u8; 8] = b"FRFP2\n\0\0";
+/// Bytes per entry: the fingerprint and the detail hash.
+const ENTRY_BYTES: usize = 40;
 
-/// A compact list of fingerprints (a model's training images, say): 8 bytes of magic, then each
-/// fingerprint as 8 little-endian bytes. No image and no path is stored.
-pub fn fingerprints_to_bytes(fingerprints: &[u64]) -> Vec<u8> {
+/// A compact list of image fingerprints (a model's training images, say): 8 bytes of magic, then
+/// per image its fingerprint and detail hash as five little-endian u64. No image and no path is
+/// stored.
+pub fn fingerprints_to_bytes(signatures: &[(u64, Detail)]) -> Vec<u8> {
     let mut out = FINGERPRINT_MAGIC.to_vec();
-    for f in fingerprints {
+    for (f, d) in signatures {
         out.extend(f.to_le_bytes());
+        for word in d {
+            out.extend(word.to_le_bytes());
+        }
     }
     out
 }
 
 /// Reads what [`fingerprints_to_bytes`] wrote; `origin` names the file in errors.
-pub fn fingerprints_from_bytes(bytes: &[u8], origin: &Path) -> crate::Result<Vec<u64>> {
+pub fn fingerprints_from_bytes(bytes: &[u8], origin: &Path) -> crate::Result<Vec<(u64, Detail)>> {
     let bad = |reason: &str| crate::Error::Layout(format!("{}: {reason}", origin.display()));
     let Some(body) = bytes.strip_prefix(FINGERPRINT_MAGIC.as_slice()) else {
-        return Err(bad("not a fingerprint file (no FRFP1 magic)"));
+        return Err(bad("not a fingerprint file (no FRFP2 magic)"));
     };
-    if body.len() % 8 != 0 {
+    if body.len() % ENTRY_BYTES != 0 {
         return Err(bad(
-            "truncated fingerprint file (not a whole number of 8-byte entries)",
+            "truncated fingerprint file (not a whole number of 40-byte entries)",
         ));
     }
+    let word = |c: &[u8], k: usize| u64::from_le_bytes(c[8 * k..8 * k + 8].try_into().unwrap_or_default());
     Ok(body
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .chunks_exact(ENTRY_BYTES)
+        .map(|c| (word(c, 0), [word(c, 1), word(c, 2), word(c, 3), word(c, 4)]))
         .collect())
 }
 
-/// For each of `signatures`, the smallest distance to any of `known` within `threshold`, or `None`:
-/// which images (of a test set, say) have near duplicates among `known` (a model's training images).
-pub fn matches_in(known: &[u64], signatures: &[Signature], threshold: u32) -> Vec<Option<u32>> {
-    let index = FingerprintIndex::new(known);
+/// For each of `signatures`, the smallest distance to one of `known` (fingerprints with their
+/// detail hashes) within `threshold` and confirmed by the detail hash, or `None`: which images (of
+/// a test set, say) have near duplicates among `known` (a model's training images).
+pub fn matches_in(known: &[(u64, Detail)], signatures: &[Signature], threshold: u32) -> Vec<Option<u32>> {
+    let fingerprints: Vec<u64> = known.iter().map(|k| k.0).collect();
+    let index = FingerprintIndex::new(&fingerprints);
     signatures
         .par_iter()
         .map_init(Vec::new, |seen, s| {
             index
                 .query(&s.probes, threshold, seen)
                 .into_iter()
-                .map(|(_, d)| d)
+                .filter(|m| {
+                    detail_distance(&s.probe_detail(m.probe as usize), &known[m.target as usize].1)
+                        <= DETAIL_THRESHOLD
+                })
+                .map(|m| m.distance)
                 .min()
         })
         .collect()
@@ -425,7 +499,7 @@ mod tests {
 
     #[test]
     fn fingerprint_files_round_trip_and_refuse_other_bytes() {
-        let f = vec![1u64, u64::MAX, 0x1234_5678_9abc];
+        let f = vec![(1u64, [2, 3, 4, 5]), (u64::MAX, [0, 0, 0, u64::MAX])];
         let bytes = fingerprints_to_bytes(&f);
         assert_eq!(fingerprints_from_bytes(&bytes, Path::new("f")).unwrap(), f);
         let err = fingerprints_from_bytes(&bytes[..bytes.len() - 3], Path::new("run/f.bin")).unwrap_err();
@@ -434,33 +508,47 @@ mod tests {
     }
 
     #[test]
-    fn groups_join_chains_and_flag_splits_and_labels() {
+    fn groups_gather_around_centres_and_flag_splits_and_labels() {
         let sig = |f: u64| Signature {
             sha256: [0; 32],
             fingerprint: f,
+            detail: [0; 4],
             probes: vec![f],
+            view_details: vec![[0; 4]],
         };
         let images = vec![
             AuditImage::new("a", "train", Label::Fractured),
             AuditImage::new("b", "val", Label::NotFractured),
             AuditImage::new("c", "train", Label::Fractured),
             AuditImage::new("d", "train", Label::Fractured),
+            AuditImage::new("e", "test", Label::Fractured),
         ];
-        // a–b 3 bits apart, b–c 3 more: one group by the chain; d far from all.
-        let sigs = vec![sig(0), sig(0b111), sig(0b111_111), sig(u64::MAX)];
+        // A chain a – b – c – e (3 bits a step): b, with two duplicates, is a centre; e joins c's
+        // group through c; d is far from all.
+        let sigs = vec![
+            sig(0),
+            sig(0b111),
+            sig(0b111_111),
+            sig(u64::MAX),
+            sig(0b111_111_111),
+        ];
         let report = group(images, &sigs, 3);
+        assert_eq!(report.pairs, vec![(0, 1, 3), (1, 2, 3), (2, 4, 3)]);
         assert_eq!(report.groups.len(), 1);
         let g = &report.groups[0];
         assert!(g.crosses_splits() && g.label_conflict);
-        assert_eq!(
-            g.members.iter().map(|m| m.image).collect::<Vec<_>>(),
-            vec![0, 2, 1]
-        );
-        assert_eq!(
-            g.members[1].distance, 6,
-            "a chain member is further than the threshold"
-        );
+        let ids: Vec<usize> = g.members.iter().map(|m| m.image).collect();
+        assert_eq!(ids, vec![1, 4, 0, 2], "centre first, then by split and path");
+        assert_eq!(g.members[1].distance, 6, "joined through a member");
         assert_eq!(report.leaked_from("val"), vec![1]);
-        assert_eq!(report.split_pairs(), vec![("train".into(), "val".into(), 1)]);
+        assert_eq!(report.leaked_from("train"), vec![0, 2]);
+        assert_eq!(
+            report.split_pairs(),
+            vec![
+                ("test".into(), "train".into(), 1),
+                ("test".into(), "val".into(), 1),
+                ("train".into(), "val".into(), 1)
+            ]
+        );
     }
 }

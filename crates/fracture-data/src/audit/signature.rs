@@ -15,6 +15,8 @@ pub const THUMBNAIL_SIDE: u32 = 96;
 const VIEW: usize = 32;
 /// The hash keeps the signs of the lowest `LOW × LOW` DCT coefficients, less the DC term: 63 bits.
 const LOW: usize = 8;
+/// The detail hash, which confirms a match, keeps the lowest `DETAIL × DETAIL`: 255 bits.
+const DETAIL: usize = 16;
 /// The share of the thumbnail's side the stored view covers (its centre): crops and rotations up to
 /// ±10° keep this part of the picture.
 const BASE_VIEW: f64 = 0.8;
@@ -25,18 +27,38 @@ const PROBE_CROPS: [f64; 3] = [1.0, 0.9, 0.8];
 
 /// Number of hash bits.
 pub const HASH_BITS: u32 = (LOW * LOW - 1) as u32;
+/// Number of detail-hash bits.
+pub const DETAIL_BITS: u32 = (DETAIL * DETAIL - 1) as u32;
+/// Views per signature: the plain crops and the rotations the probes undo.
+const GEOMETRIES: usize = PROBE_CROPS.len() + PROBE_ANGLES.len();
 
-/// An image's signature: its fingerprint (the stored hash) and the probes that look for copies of
-/// it among other fingerprints.
+/// The 255-bit detail hash of a view: the signs of its lowest 16 × 16 DCT coefficients but the DC
+/// term, row-major (bit `v·16 + u − 1` of the 256).
+pub type Detail = [u64; 4];
+
+/// An image's signature: its fingerprint (the stored hash), its detail hash, and the probes that
+/// look for copies of it among other fingerprints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signature {
     /// SHA-256 of the file's bytes: equal only for byte-identical files.
     pub sha256: [u8; 32],
     /// The 63-bit hash of the central view ([`HASH_BITS`] low bits used).
     pub fingerprint: u64,
-    /// The hashes of the views a flipped, turned, slightly rotated or cropped copy would show,
-    /// deduplicated; the fingerprint's own view is among them.
+    /// The 255-bit detail hash of the same view: a match found by the fingerprint is confirmed
+    /// when the matching probe's detail is close to this.
+    pub detail: Detail,
+    /// The hashes of the views a flipped, turned, slightly rotated or cropped copy would show:
+    /// probe `g·8 + n` is flip/turn `n` of view `g`; the fingerprint's own view is probe 0.
     pub probes: Vec<u64>,
+    /// The detail hash of each view (before flips and turns).
+    pub view_details: Vec<Detail>,
+}
+
+impl Signature {
+    /// The detail hash of probe `k` (see [`Signature::probes`]).
+    pub fn probe_detail(&self, k: usize) -> Detail {
+        dihedral_bits(&self.view_details[k / 8], k % 8)
+    }
 }
 
 /// Hamming distance between two hashes.
@@ -44,27 +66,25 @@ pub fn hamming(a: u64, b: u64) -> u32 {
     (a ^ b).count_ones()
 }
 
+/// Hamming distance between two detail hashes.
+pub fn detail_distance(a: &Detail, b: &Detail) -> u32 {
+    a.iter().zip(b).map(|(x, y)| hamming(*x, *y)).sum()
+}
+
 /// The signature of an image file's bytes: decoded as every other path decodes it (JPEG, PNG, TIFF,
 /// DICOM, …, to 8-bit luma), resized to the [`THUMBNAIL_SIDE`] thumbnail, then hashed.
 pub fn signature(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<Signature> {
     let thumbnail = PreprocessConfig::with_size(THUMBNAIL_SIDE).load_bytes(bytes, origin, limits)?;
-    let (fingerprint, probes) = hashes(&thumbnail);
     Ok(Signature {
         sha256: sha256(bytes),
-        fingerprint,
-        probes,
+        ..hashes(&thumbnail)
     })
 }
 
 /// The signature of a decoded image (no byte hash: all zeros).
 pub fn signature_of_image(gray: &GrayImage) -> Result<Signature> {
     let thumbnail = PreprocessConfig::with_size(THUMBNAIL_SIDE).resize(gray)?;
-    let (fingerprint, probes) = hashes(&thumbnail);
-    Ok(Signature {
-        sha256: [0; 32],
-        fingerprint,
-        probes,
-    })
+    Ok(hashes(&thumbnail))
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -72,24 +92,31 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(bytes).into()
 }
 
-/// The fingerprint and the probes of a `(side, side)` thumbnail.
-fn hashes(thumbnail: &Array2<u8>) -> (u64, Vec<u64>) {
+/// The signature of a `(side, side)` thumbnail (no byte hash).
+fn hashes(thumbnail: &Array2<u8>) -> Signature {
     let dct = DctBasis::new();
-    let fingerprint = sign_hash(&dct.low(&view(thumbnail, 0.0, BASE_VIEW)));
     let mut geometries: Vec<(f64, f64)> = PROBE_CROPS.iter().map(|&c| (0.0, BASE_VIEW * c)).collect();
     for angle in PROBE_ANGLES {
         let rad = angle.abs().to_radians();
         // A square rotated by `angle` keeps no black corner inside its central 1 / (cos + sin).
         geometries.push((angle, BASE_VIEW / (rad.cos() + rad.sin())));
     }
-    let mut probes = Vec::with_capacity(geometries.len() * 8);
-    for (angle, share) in geometries {
-        let coefficients = dct.low(&view(thumbnail, angle, share));
-        probes.extend(dihedral(&coefficients).iter().map(sign_hash));
+    debug_assert_eq!(geometries.len(), GEOMETRIES);
+    let view_details: Vec<Detail> = geometries
+        .into_iter()
+        .map(|(angle, share)| sign_bits(&dct.low(&view(thumbnail, angle, share))))
+        .collect();
+    let probes = view_details
+        .iter()
+        .flat_map(|d| (0..8).map(move |n| coarse(&dihedral_bits(d, n))))
+        .collect();
+    Signature {
+        sha256: [0; 32],
+        fingerprint: coarse(&view_details[0]),
+        detail: view_details[0],
+        probes,
+        view_details,
     }
-    probes.sort_unstable();
-    probes.dedup();
-    (fingerprint, probes)
 }
 
 /// The central `share` of the thumbnail rotated by `degrees` about its centre, sampled onto
@@ -124,12 +151,12 @@ fn view(thumbnail: &Array2<u8>, degrees: f64, share: f64) -> [f32; VIEW * VIEW] 
     out
 }
 
-/// The DCT-II basis rows `0..LOW` over `VIEW` samples (unnormalised: only signs are kept).
-struct DctBasis([[f32; VIEW]; LOW]);
+/// The DCT-II basis rows `0..DETAIL` over `VIEW` samples (unnormalised: only signs are kept).
+struct DctBasis([[f32; VIEW]; DETAIL]);
 
 impl DctBasis {
     fn new() -> Self {
-        let mut rows = [[0f32; VIEW]; LOW];
+        let mut rows = [[0f32; VIEW]; DETAIL];
         for (k, row) in rows.iter_mut().enumerate() {
             for (n, value) in row.iter_mut().enumerate() {
                 *value =
@@ -139,17 +166,17 @@ impl DctBasis {
         DctBasis(rows)
     }
 
-    /// The `LOW × LOW` lowest coefficients `c[v][u]` (vertical frequency `v`, horizontal `u`).
-    fn low(&self, x: &[f32; VIEW * VIEW]) -> [[f32; LOW]; LOW] {
+    /// The `DETAIL × DETAIL` lowest coefficients `c[v][u]` (vertical frequency `v`, horizontal `u`).
+    fn low(&self, x: &[f32; VIEW * VIEW]) -> [[f32; DETAIL]; DETAIL] {
         // Rows first: r[y][u] = Σx x[y][x] d[u][x]; then columns: c[v][u] = Σy d[v][y] r[y][u].
-        let mut rows = [[0f32; LOW]; VIEW];
+        let mut rows = [[0f32; DETAIL]; VIEW];
         for (y, r) in rows.iter_mut().enumerate() {
             let line = &x[y * VIEW..(y + 1) * VIEW];
             for (u, value) in r.iter_mut().enumerate() {
                 *value = line.iter().zip(&self.0[u]).map(|(a, b)| a * b).sum();
             }
         }
-        let mut c = [[0f32; LOW]; LOW];
+        let mut c = [[0f32; DETAIL]; DETAIL];
         for (v, out) in c.iter_mut().enumerate() {
             for (u, value) in out.iter_mut().enumerate() {
                 *value = (0..VIEW).map(|y| self.0[v][y] * rows[y][u]).sum();
@@ -159,30 +186,58 @@ impl DctBasis {
     }
 }
 
-/// The coefficients of the eight flips and quarter turns of a view, from its own: mirroring the
-/// columns multiplies `c[v][u]` by `(−1)^u`, the rows by `(−1)^v`, and transposing swaps `u` and `v`
-/// (exact for the DCT-II).
-fn dihedral(c: &[[f32; LOW]; LOW]) -> [[[f32; LOW]; LOW]; 8] {
-    let sign = |k: usize, flip: bool| if flip && k % 2 == 1 { -1.0 } else { 1.0 };
-    let mut out = [[[0f32; LOW]; LOW]; 8];
-    for (n, variant) in out.iter_mut().enumerate() {
-        let (transpose, flip_x, flip_y) = (n & 4 != 0, n & 2 != 0, n & 1 != 0);
-        for (v, row) in variant.iter_mut().enumerate() {
-            for (u, value) in row.iter_mut().enumerate() {
-                let source = if transpose { c[u][v] } else { c[v][u] };
-                *value = source * sign(u, flip_x) * sign(v, flip_y);
+/// One bit per coefficient but the DC term, row-major: set where the coefficient is positive.
+fn sign_bits(c: &[[f32; DETAIL]; DETAIL]) -> Detail {
+    let mut bits = [0u64; 4];
+    for (i, value) in c.iter().flatten().skip(1).enumerate() {
+        if *value > 0.0 {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+    }
+    bits
+}
+
+fn bit(d: &Detail, v: usize, u: usize) -> bool {
+    let i = v * DETAIL + u - 1;
+    d[i / 64] >> (i % 64) & 1 == 1
+}
+
+/// The detail hash of flip/turn `n` of a view from the view's own (`n`: bit 2 transpose, bit 1
+/// mirror the columns, bit 0 mirror the rows). Mirroring the columns multiplies `c[v][u]` by
+/// `(−1)^u`, the rows by `(−1)^v`, and transposing swaps `u` and `v`: exact for the DCT-II, so a
+/// sign bit is copied and, for an odd frequency, inverted.
+fn dihedral_bits(d: &Detail, n: usize) -> Detail {
+    let (transpose, flip_x, flip_y) = (n & 4 != 0, n & 2 != 0, n & 1 != 0);
+    let mut out = [0u64; 4];
+    for v in 0..DETAIL {
+        for u in 0..DETAIL {
+            if u == 0 && v == 0 {
+                continue;
+            }
+            let source = if transpose { bit(d, u, v) } else { bit(d, v, u) };
+            let invert = (flip_x && u % 2 == 1) ^ (flip_y && v % 2 == 1);
+            if source ^ invert {
+                let i = v * DETAIL + u - 1;
+                out[i / 64] |= 1 << (i % 64);
             }
         }
     }
     out
 }
 
-/// One bit per coefficient but the DC term, row-major: set where the coefficient is positive.
-fn sign_hash(c: &[[f32; LOW]; LOW]) -> u64 {
+/// The 63-bit hash: the detail bits of the lowest `LOW × LOW` coefficients.
+fn coarse(d: &Detail) -> u64 {
     let mut hash = 0u64;
-    for (i, value) in c.iter().flatten().skip(1).enumerate() {
-        if *value > 0.0 {
-            hash |= 1 << i;
+    let mut k = 0;
+    for v in 0..LOW {
+        for u in 0..LOW {
+            if u == 0 && v == 0 {
+                continue;
+            }
+            if bit(d, v, u) {
+                hash |= 1 << k;
+            }
+            k += 1;
         }
     }
     hash
@@ -198,36 +253,37 @@ mod tests {
         })
     }
 
+    /// The pixels of flip/turn `n` of a view (as [`dihedral_bits`] numbers them).
+    fn transform(base: &[f32; VIEW * VIEW], n: usize) -> [f32; VIEW * VIEW] {
+        let side = VIEW;
+        let mut out = [0f32; VIEW * VIEW];
+        for y in 0..side {
+            for x in 0..side {
+                let (mut sx, mut sy) = (x, y);
+                if n & 1 != 0 {
+                    sy = side - 1 - sy;
+                }
+                if n & 2 != 0 {
+                    sx = side - 1 - sx;
+                }
+                let (ty, tx) = if n & 4 != 0 { (sx, sy) } else { (sy, sx) };
+                out[y * side + x] = base[ty * side + tx];
+            }
+        }
+        out
+    }
+
     #[test]
-    fn the_dihedral_coefficients_are_those_of_the_flipped_views() {
+    fn the_flipped_detail_bits_are_those_of_the_flipped_views() {
         let t = thumbnail(|y, x| ((x * 7 + y * y * 3 + (x * y) % 11) % 251) as u8);
         let dct = DctBasis::new();
         let base = view(&t, 0.0, 1.0);
-        let c = dct.low(&base);
-        let variants = dihedral(&c);
-        let side = VIEW;
-        let transform = |n: usize| -> [f32; VIEW * VIEW] {
-            let mut out = [0f32; VIEW * VIEW];
-            for y in 0..side {
-                for x in 0..side {
-                    let (mut sx, mut sy) = (x, y);
-                    if n & 1 != 0 {
-                        sy = side - 1 - sy;
-                    }
-                    if n & 2 != 0 {
-                        sx = side - 1 - sx;
-                    }
-                    let (ty, tx) = if n & 4 != 0 { (sx, sy) } else { (sy, sx) };
-                    out[y * side + x] = base[ty * side + tx];
-                }
-            }
-            out
-        };
-        for (n, variant) in variants.iter().enumerate() {
-            let direct = dct.low(&transform(n));
-            for (a, b) in direct.iter().flatten().zip(variant.iter().flatten()) {
-                assert!((a - b).abs() < 1e-2 * (1.0 + a.abs()), "variant {n}: {a} vs {b}");
-            }
+        let bits = sign_bits(&dct.low(&base));
+        for n in 0..8 {
+            let direct = sign_bits(&dct.low(&transform(&base, n)));
+            let derived = dihedral_bits(&bits, n);
+            // Coefficients within rounding of zero may differ in sign: allow a few bits.
+            assert!(detail_distance(&direct, &derived) <= 3, "variant {n}");
         }
     }
 
@@ -237,16 +293,22 @@ mod tests {
             (40 + (x * 3 + y * 2) % 120 + if (x / 12 + y / 9) % 2 == 0 { 30 } else { 0 }) as u8
         });
         let brighter = t.mapv(|v| (f64::from(v) * 1.3 + 10.0) as u8);
-        assert_eq!(hashes(&t).0, hashes(&brighter).0);
+        assert_eq!(hashes(&t).fingerprint, hashes(&brighter).fingerprint);
     }
 
     #[test]
-    fn probes_hold_the_fingerprint_of_a_mirrored_copy() {
+    fn probes_hold_the_fingerprint_and_detail_of_a_mirrored_copy() {
         let t = thumbnail(|y, x| ((x * x + 5 * y) % 200) as u8);
         let mut mirrored = t.clone();
         mirrored.invert_axis(ndarray::Axis(1));
-        let (_, probes) = hashes(&t);
-        let (fingerprint, _) = hashes(&mirrored);
-        assert!(probes.contains(&fingerprint));
+        let original = hashes(&t);
+        let copy = hashes(&mirrored);
+        let k = original
+            .probes
+            .iter()
+            .position(|&p| p == copy.fingerprint)
+            .unwrap();
+        assert!(detail_distance(&original.probe_detail(k), &copy.detail) <= 3);
+        assert_eq!(original.probes[0], original.fingerprint);
     }
 }
