@@ -10,7 +10,7 @@ use ndarray::Array2;
 use crate::{DecodeLimits, PreprocessConfig, Result};
 
 /// Side of the square thumbnail every view is sampled from, in pixels.
-pub const THUMBNAIL_SIDE: u32 = 96;
+pub const THUMBNAIL_SIDE: u32 = 48;
 /// Side of one view, the input of the DCT, in pixels.
 const VIEW: usize = 32;
 /// The hash keeps the signs of the lowest `LOW × LOW` DCT coefficients, less the DC term: 63 bits.
@@ -108,7 +108,10 @@ fn hashes(thumbnail: &Array2<u8>) -> Signature {
         .collect();
     let probes = view_details
         .iter()
-        .flat_map(|d| (0..8).map(move |n| coarse(&dihedral_bits(d, n))))
+        .flat_map(|d| {
+            let transposed = transpose_bits(d);
+            (0..8).map(move |n| coarse(&flipped(if n & 4 != 0 { &transposed } else { d }, n)))
+        })
         .collect();
     Signature {
         sha256: [0; 32],
@@ -120,32 +123,35 @@ fn hashes(thumbnail: &Array2<u8>) -> Signature {
 }
 
 /// The central `share` of the thumbnail rotated by `degrees` about its centre, sampled onto
-/// `VIEW × VIEW` pixels (2 × 2 bilinear samples per pixel, edges clamped).
+/// `VIEW × VIEW` pixels (bilinear, edges clamped). The thumbnail is antialiased and the view covers
+/// at least 0.64 of its side, so one sample per pixel does not alias.
 fn view(thumbnail: &Array2<u8>, degrees: f64, share: f64) -> [f32; VIEW * VIEW] {
     let (h, w) = thumbnail.dim();
+    let pixels = thumbnail
+        .as_slice()
+        .map(<[u8]>::to_vec)
+        .unwrap_or_else(|| thumbnail.iter().copied().collect());
     let (sin, cos) = degrees.to_radians().sin_cos();
-    let at = |x: f64, y: f64| -> f64 {
-        let x = x.clamp(0.0, (w - 1) as f64);
-        let y = y.clamp(0.0, (h - 1) as f64);
-        let (x0, y0) = (x.floor() as usize, y.floor() as usize);
+    let (sin, cos, share) = (sin as f32, cos as f32, share as f32);
+    let (wf, hf) = (w as f32, h as f32);
+    let at = |x: f32, y: f32| -> f32 {
+        let x = x.clamp(0.0, wf - 1.0);
+        let y = y.clamp(0.0, hf - 1.0);
+        let (x0, y0) = (x as usize, y as usize);
         let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
-        let (fx, fy) = (x - x0 as f64, y - y0 as f64);
-        let p = |yy: usize, xx: usize| f64::from(thumbnail[[yy, xx]]);
+        let (fx, fy) = (x - x0 as f32, y - y0 as f32);
+        let p = |yy: usize, xx: usize| f32::from(pixels[yy * w + xx]);
         (p(y0, x0) * (1.0 - fx) + p(y0, x1) * fx) * (1.0 - fy)
             + (p(y1, x0) * (1.0 - fx) + p(y1, x1) * fx) * fy
     };
     let mut out = [0f32; VIEW * VIEW];
     for i in 0..VIEW {
+        // Position in the view, in units of the thumbnail's side, about its centre.
+        let v = ((i as f32 + 0.5) / VIEW as f32 - 0.5) * share;
         for j in 0..VIEW {
-            let mut sum = 0.0;
-            for (si, sj) in [(0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)] {
-                // Position in the view, in units of the thumbnail's side, about its centre.
-                let u = ((j as f64 + sj) / VIEW as f64 - 0.5) * share;
-                let v = ((i as f64 + si) / VIEW as f64 - 0.5) * share;
-                let (x, y) = (u * cos - v * sin, u * sin + v * cos);
-                sum += at((x + 0.5) * w as f64 - 0.5, (y + 0.5) * h as f64 - 0.5);
-            }
-            out[i * VIEW + j] = (sum / 4.0) as f32;
+            let u = ((j as f32 + 0.5) / VIEW as f32 - 0.5) * share;
+            let (x, y) = (u * cos - v * sin, u * sin + v * cos);
+            out[i * VIEW + j] = at((x + 0.5) * wf - 0.5, (y + 0.5) * hf - 0.5);
         }
     }
     out
@@ -168,18 +174,30 @@ impl DctBasis {
 
     /// The `DETAIL × DETAIL` lowest coefficients `c[v][u]` (vertical frequency `v`, horizontal `u`).
     fn low(&self, x: &[f32; VIEW * VIEW]) -> [[f32; DETAIL]; DETAIL] {
-        // Rows first: r[y][u] = Σx x[y][x] d[u][x]; then columns: c[v][u] = Σy d[v][y] r[y][u].
+        // Rows first, r[y][u] = Σx x[y][x] d[u][x], then columns, c[v][u] = Σy d[v][y] r[y][u]; the
+        // inner loops run over `u`, contiguous and independent, so they vectorise.
+        let mut transposed = [[0f32; DETAIL]; VIEW];
+        for (u, row) in self.0.iter().enumerate() {
+            for (n, &value) in row.iter().enumerate() {
+                transposed[n][u] = value;
+            }
+        }
         let mut rows = [[0f32; DETAIL]; VIEW];
         for (y, r) in rows.iter_mut().enumerate() {
-            let line = &x[y * VIEW..(y + 1) * VIEW];
-            for (u, value) in r.iter_mut().enumerate() {
-                *value = line.iter().zip(&self.0[u]).map(|(a, b)| a * b).sum();
+            for (xi, basis) in transposed.iter().enumerate() {
+                let value = x[y * VIEW + xi];
+                for (acc, b) in r.iter_mut().zip(basis) {
+                    *acc += value * b;
+                }
             }
         }
         let mut c = [[0f32; DETAIL]; DETAIL];
         for (v, out) in c.iter_mut().enumerate() {
-            for (u, value) in out.iter_mut().enumerate() {
-                *value = (0..VIEW).map(|y| self.0[v][y] * rows[y][u]).sum();
+            for (y, r) in rows.iter().enumerate() {
+                let weight = self.0[v][y];
+                for (acc, value) in out.iter_mut().zip(r) {
+                    *acc += weight * value;
+                }
             }
         }
         c
@@ -202,24 +220,56 @@ fn bit(d: &Detail, v: usize, u: usize) -> bool {
     d[i / 64] >> (i % 64) & 1 == 1
 }
 
-/// The detail hash of flip/turn `n` of a view from the view's own (`n`: bit 2 transpose, bit 1
-/// mirror the columns, bit 0 mirror the rows). Mirroring the columns multiplies `c[v][u]` by
-/// `(−1)^u`, the rows by `(−1)^v`, and transposing swaps `u` and `v`: exact for the DCT-II, so a
-/// sign bit is copied and, for an odd frequency, inverted.
-fn dihedral_bits(d: &Detail, n: usize) -> Detail {
-    let (transpose, flip_x, flip_y) = (n & 4 != 0, n & 2 != 0, n & 1 != 0);
+/// The detail bits of the coefficients whose horizontal (`U`) or vertical (`V`) frequency is odd.
+const ODD_U: Detail = odd_mask(true);
+const ODD_V: Detail = odd_mask(false);
+
+const fn odd_mask(horizontal: bool) -> Detail {
+    let mut out = [0u64; 4];
+    let mut i = 0;
+    while i < DETAIL * DETAIL - 1 {
+        let (v, u) = ((i + 1) / DETAIL, (i + 1) % DETAIL);
+        let odd = if horizontal { u % 2 == 1 } else { v % 2 == 1 };
+        if odd {
+            out[i / 64] |= 1 << (i % 64);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The detail bits with `u` and `v` swapped (the transposed view).
+fn transpose_bits(d: &Detail) -> Detail {
     let mut out = [0u64; 4];
     for v in 0..DETAIL {
         for u in 0..DETAIL {
-            if u == 0 && v == 0 {
-                continue;
-            }
-            let source = if transpose { bit(d, u, v) } else { bit(d, v, u) };
-            let invert = (flip_x && u % 2 == 1) ^ (flip_y && v % 2 == 1);
-            if source ^ invert {
+            if (u, v) != (0, 0) && bit(d, u, v) {
                 let i = v * DETAIL + u - 1;
                 out[i / 64] |= 1 << (i % 64);
             }
+        }
+    }
+    out
+}
+
+/// The detail hash of flip/turn `n` of a view from the view's own (`n`: bit 2 transpose, bit 1
+/// mirror the columns, bit 0 mirror the rows). Mirroring the columns multiplies `c[v][u]` by
+/// `(−1)^u`, the rows by `(−1)^v`, and transposing swaps `u` and `v`: exact for the DCT-II, so a
+/// sign bit is moved and, for an odd frequency, inverted.
+fn dihedral_bits(d: &Detail, n: usize) -> Detail {
+    let base = if n & 4 != 0 { transpose_bits(d) } else { *d };
+    flipped(&base, n)
+}
+
+/// `base` (already transposed where `n` says so) with the mirrorings of `n` applied.
+fn flipped(base: &Detail, n: usize) -> Detail {
+    let mut out = *base;
+    for k in 0..4 {
+        if n & 2 != 0 {
+            out[k] ^= ODD_U[k];
+        }
+        if n & 1 != 0 {
+            out[k] ^= ODD_V[k];
         }
     }
     out
