@@ -5,6 +5,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod default_model;
 mod pretrained;
 mod soak;
 
@@ -38,6 +39,11 @@ commands:
                              allocator) in one run: ../shared/bench/torch_seed_cnn.py (seed CNN, the
                              default) or torch_effnet_lite.py beside `bench_step`; prints the table with
                              ratios. --reference adds candle's own ops
+  default-model [--check-only] [--shared DIR]
+                             the ready model of models/: trains it from ../shared (FracAtlas train + extra,
+                             leaks excluded, box supervision, seed 42; about 30 min on 2 cores), writes it in
+                             half precision, reports the largest P(fractured) change against F32 on val, and
+                             checks models/README.md against a fresh evaluation. --check-only skips training
   setup-torch                create target/torch-ref, a Python venv with PyTorch (about 3 GB, from PyPI)
   setup-python               create target/pyref, a Python venv with Pillow, OpenCV and NumPy (from PyPI)
   bench-preprocess [--seconds S] [--python PATH]
@@ -65,6 +71,7 @@ fn run() -> Result<(), DynError> {
         Some("bench-preprocess") => bench_preprocess(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("soak") => soak::run(&args[1..], &project_root()),
+        Some("default-model") => default_model::run(&args[1..], &project_root()),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())

@@ -39,6 +39,9 @@ enum Command {
     /// Download the Kaggle dataset (`--dataset`) into `--data-dir` when it is not there yet, and
     /// print its folder.
     Download(commands::download::Args),
+    /// Write a trained model as one compact file (half-precision weights) with its training
+    /// fingerprints beside it, as `models/` holds the ready model.
+    Export(commands::export::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Predict(args) => commands::predict::run(&args),
         Command::Serve(args) => commands::serve::run(&args),
         Command::Download(args) => commands::download::run(&args),
+        Command::Export(args) => commands::export::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1147,10 +1147,22 @@ struct Server {
 
 impl Server {
     fn start(model: &std::path::Path, extra: &[&str]) -> Server {
+        Server::spawn(Some(model), extra)
+    }
+
+    /// The server with the model built into the binary (no `--model`).
+    fn bundled() -> Server {
+        Server::spawn(None, &[])
+    }
+
+    fn spawn(model: Option<&std::path::Path>, extra: &[&str]) -> Server {
         use std::io::{BufRead, BufReader};
-        let mut child = fracture()
-            .args(["serve", "--addr", "127.0.0.1:0", "--model"])
-            .arg(model)
+        let mut cmd = fracture();
+        cmd.args(["serve", "--addr", "127.0.0.1:0"]);
+        if let Some(model) = model {
+            cmd.arg("--model").arg(model);
+        }
+        let mut child = cmd
             .args(extra)
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -1405,8 +1417,9 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
     let Some(data) = fracture_testkit::fracatlas() else {
         return;
     };
-    let (root, run) = trained_run("serve-browser");
-    let server = Server::start(&run, &[]);
+    // The ready model the binary carries: what a fresh clone serves.
+    let root = fresh_dir(&base(), "serve-browser");
+    let server = Server::bundled();
     let radiograph = data
         .join("val/fractured")
         .read_dir()
@@ -1531,8 +1544,12 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
         "{result}"
     );
     assert_eq!(
-        result["heatmap"], 24,
-        "the heatmap PNG (input resolution) is shown: {result}"
+        result["heatmap"], 256,
+        "the heatmap PNG (the model's input resolution) is shown: {result}"
+    );
+    assert!(
+        result["model"].as_str().unwrap().contains("fracture-lite0"),
+        "the page names the built-in model: {result}"
     );
     assert_eq!(result["xray"], 640, "the radiograph itself is shown: {result}");
     assert!(

@@ -87,6 +87,17 @@ impl Model {
 
     /// The weight file's bytes: every parameter plus [`FORMAT_KEY`], [`CONFIG_KEY`] and `extra`.
     pub fn to_safetensors(&self, extra: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+        self.to_safetensors_as(extra, DType::F32)
+    }
+
+    /// Like [`Model::to_safetensors`], with every tensor stored as `dtype` (`F16` halves the file;
+    /// [`Model::load`] reads any float type back into F32). Only F32, F16 and BF16 are accepted.
+    pub fn to_safetensors_as(&self, extra: &BTreeMap<String, String>, dtype: DType) -> Result<Vec<u8>> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::InvalidConfig(format!(
+                "weights are stored as F32, F16 or BF16, not {dtype:?}"
+            )));
+        }
         let mut metadata: HashMap<String, String> = extra.clone().into_iter().collect();
         metadata.insert(FORMAT_KEY.into(), FORMAT_VERSION.into());
         let config = serde_json::to_string(self.config())
@@ -95,12 +106,7 @@ impl Model {
         let tensors: Vec<(String, Tensor)> = self
             .named_vars()
             .into_iter()
-            .map(|(name, var)| {
-                Ok((
-                    name,
-                    var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
-                ))
-            })
+            .map(|(name, var)| Ok((name, var.as_tensor().to_dtype(dtype)?.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
         safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
             .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("safetensors: {e}"))))
@@ -109,7 +115,12 @@ impl Model {
     /// Writes the weight file atomically (temporary file, fsync, rename): an interrupted save leaves
     /// the previous file intact.
     pub fn save(&self, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
-        let bytes = self.to_safetensors(extra)?;
+        self.save_as(path, extra, DType::F32)
+    }
+
+    /// [`Model::save`] with the tensors stored as `dtype` (see [`Model::to_safetensors_as`]).
+    pub fn save_as(&self, path: &Path, extra: &BTreeMap<String, String>, dtype: DType) -> Result<()> {
+        let bytes = self.to_safetensors_as(extra, dtype)?;
         fracture_fs::write_atomic(path, &bytes).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,

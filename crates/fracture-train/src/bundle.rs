@@ -185,6 +185,11 @@ impl TrainedModel {
             path.to_path_buf()
         };
         let model = Model::load(&file, device)?;
+        Self::from_model(model, file)
+    }
+
+    /// Checks a loaded network's metadata and wraps it.
+    fn from_model(model: Model, file: PathBuf) -> Result<Self> {
         let bad = |reason: String| {
             Error::Model(fracture_model::Error::BadWeights {
                 path: file.clone(),
@@ -209,6 +214,22 @@ impl TrainedModel {
     /// Writes the model atomically with its metadata ([`TrainedModel::meta`], validated first).
     pub fn save(&self, path: &Path) -> Result<()> {
         Ok(self.model.save(path, &self.meta.to_metadata()?)?)
+    }
+
+    /// Writes the model with its weights stored in half precision (F16): half the file, read back
+    /// into F32 by [`TrainedModel::load`]. How much the predictions move is measured by
+    /// `cargo xtask default-model` for the bundled model.
+    pub fn save_half(&self, path: &Path) -> Result<()> {
+        Ok(self
+            .model
+            .save_as(path, &self.meta.to_metadata()?, candle_core::DType::F16)?)
+    }
+
+    /// Loads a model from the bytes of a weight file (a model compiled into a program, say);
+    /// `origin` names it in errors and becomes [`TrainedModel::path`].
+    pub fn from_bytes(bytes: &[u8], origin: &Path, device: &Device) -> Result<Self> {
+        let model = Model::from_safetensors(bytes, origin, device)?;
+        Self::from_model(model, origin.to_path_buf())
     }
 
     /// The preprocessing the model was trained with.

@@ -26,9 +26,10 @@ enum LayerArg {
 /// Arguments of `fracture eval`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// A trained model: a run folder (its model.safetensors) or a weight file.
+    /// A trained model: a run folder (its model.safetensors) or a weight file. Without it, the
+    /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Labelled images: a dataset root (`<DATA>/<split>/<class>/…`, see `--split`) or a folder whose
     /// children are the class folders.
     #[arg(long)]
@@ -81,8 +82,8 @@ pub(crate) struct Args {
 
 /// Warns when evaluated images have near duplicates among the model's training images (from the
 /// fingerprints stored with the run): such metrics overstate performance on new patients.
-fn warn_of_leaks(model: &std::path::Path, items: &[fracture_train::data::Item]) {
-    match fracture_train::audit::training_fingerprints(model) {
+fn warn_of_leaks(model: Option<&std::path::Path>, items: &[fracture_train::data::Item]) {
+    match crate::commands::model_fingerprints(model) {
         Ok(Some((file, known))) => {
             let files: Vec<std::path::PathBuf> = items.iter().map(|i| i.path.clone()).collect();
             let near = fracture_train::audit::near_training_images(
@@ -95,7 +96,7 @@ fn warn_of_leaks(model: &std::path::Path, items: &[fracture_train::data::Item]) 
                     "note: none of the {} images is a near duplicate of the model's {} training images ({})",
                     files.len(),
                     known.len(),
-                    file.display()
+                    file
                 );
                 return;
             }
@@ -104,7 +105,7 @@ fn warn_of_leaks(model: &std::path::Path, items: &[fracture_train::data::Item]) 
                  images ({}): these metrics overstate performance on new patients; `fracture audit` lists them",
                 near.len(),
                 files.len(),
-                file.display()
+                file
             );
             for (path, d) in near.iter().take(5) {
                 eprintln!("  {} (distance {d})", fracture_train::data::path_text(path));
@@ -119,12 +120,12 @@ fn warn_of_leaks(model: &std::path::Path, items: &[fracture_train::data::Item]) 
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = pick_device(args.cpu)?;
-    let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
+    let model = crate::commands::load_model(args.model.as_deref(), &device)?;
     let (items, split, skipped) = labelled_images(&args.data, args.split)?;
     for s in &skipped {
         eprintln!("warning: skipped {s}");
     }
-    warn_of_leaks(&args.model, &items);
+    warn_of_leaks(args.model.as_deref(), &items);
     let choice = match (args.threshold, args.target_sensitivity) {
         (Some(value), _) => ThresholdChoice::Fixed { value },
         (None, Some(target)) => {

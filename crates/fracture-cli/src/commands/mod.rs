@@ -3,6 +3,7 @@
 pub(crate) mod audit;
 pub(crate) mod download;
 pub(crate) mod eval;
+pub(crate) mod export;
 pub(crate) mod inspect;
 pub(crate) mod predict;
 pub(crate) mod serve;
@@ -34,4 +35,53 @@ pub(crate) fn fmt_opt(v: Option<f64>) -> String {
 pub(crate) fn fmt_ci(i: Option<fracture_train::eval::Interval>) -> String {
     i.map(|i| format!("(95% CI {:.3}-{:.3})", i.lower, i.upper))
         .unwrap_or_default()
+}
+
+/// The model compiled into this binary (feature `bundled-model`, on by default): the repository's
+/// `models/fracture-lite0.safetensors` and its training fingerprints.
+#[cfg(feature = "bundled-model")]
+const BUNDLED: Option<(&[u8], &[u8])> = Some((
+    include_bytes!("../../../../models/fracture-lite0.safetensors"),
+    include_bytes!("../../../../models/training-fingerprints.bin"),
+));
+#[cfg(not(feature = "bundled-model"))]
+const BUNDLED: Option<(&[u8], &[u8])> = None;
+
+/// The name the bundled model goes by in messages and reports.
+pub(crate) const BUNDLED_NAME: &str = "models/fracture-lite0.safetensors (built in)";
+
+/// The model a command uses: `--model` when given (a run folder or a weight file), else the model
+/// compiled into the binary.
+pub(crate) fn load_model(
+    model: Option<&std::path::Path>,
+    device: &Device,
+) -> anyhow::Result<fracture_train::TrainedModel> {
+    use anyhow::Context;
+    match (model, BUNDLED) {
+        (Some(path), _) => fracture_train::TrainedModel::load(path, device).context("cannot load the model"),
+        (None, Some((bytes, _))) => {
+            fracture_train::TrainedModel::from_bytes(bytes, std::path::Path::new(BUNDLED_NAME), device)
+                .context("cannot load the built-in model")
+        }
+        (None, None) => anyhow::bail!(
+            "no --model given, and this binary was built without the bundled model (feature `bundled-model`)"
+        ),
+    }
+}
+
+/// The training fingerprints that go with `model` (see [`load_model`]): beside a model file or in a
+/// run folder, or the bundled model's. `Ok(None)` when there are none.
+pub(crate) fn model_fingerprints(
+    model: Option<&std::path::Path>,
+) -> anyhow::Result<Option<(String, Vec<(u64, fracture_train::data::audit::Detail)>)>> {
+    match (model, BUNDLED) {
+        (Some(path), _) => Ok(fracture_train::audit::training_fingerprints(path)?
+            .map(|(file, known)| (file.display().to_string(), known))),
+        (None, Some((_, bytes))) => {
+            let origin = std::path::Path::new("models/training-fingerprints.bin (built in)");
+            let known = fracture_train::data::audit::fingerprints_from_bytes(bytes, origin)?;
+            Ok(Some((origin.display().to_string(), known)))
+        }
+        (None, None) => Ok(None),
+    }
 }

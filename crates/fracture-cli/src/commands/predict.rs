@@ -12,9 +12,10 @@ use crate::commands::pick_device;
 /// Arguments of `fracture predict`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// A trained model: a run folder (its model.safetensors) or a weight file.
+    /// A trained model: a run folder (its model.safetensors) or a weight file. Without it, the
+    /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Image files or folders (searched recursively).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -72,7 +73,7 @@ enum Format {
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = pick_device(args.cpu)?;
-    let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
+    let model = crate::commands::load_model(args.model.as_deref(), &device)?;
     let mut files = Vec::new();
     let mut unreadable = 0usize;
     for path in &args.paths {

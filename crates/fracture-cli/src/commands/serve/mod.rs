@@ -34,9 +34,10 @@ const STYLE_CSS: &str = include_str!("../../../web/style.css");
 /// Arguments of `fracture serve`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// A trained model: a run folder (its model.safetensors) or a weight file.
+    /// A trained model: a run folder (its model.safetensors) or a weight file. Without it, the
+    /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
@@ -115,7 +116,7 @@ impl IntoResponse for ApiError {
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = pick_device(args.cpu)?;
-    let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
+    let model = crate::commands::load_model(args.model.as_deref(), &device)?;
     let max_upload = (args.max_upload_mb * 1024.0 * 1024.0) as usize;
     let seconds = |name: &str, v: f64| -> anyhow::Result<Duration> {
         if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {

@@ -1,0 +1,56 @@
+//! `fracture export`: a trained model as one compact file (half-precision weights), with its
+//! training fingerprints beside it.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use fracture_train::TrainedModel;
+use fracture_train::audit::FINGERPRINTS_FILE;
+
+/// Arguments of `fracture export`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The trained model: a run folder (its model.safetensors) or a weight file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The file to write (`.safetensors`). The run's training fingerprints, when it has them, are
+    /// copied beside it as `training-fingerprints.bin`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep the weights in single precision (F32) instead of half (F16, half the size).
+    #[arg(long)]
+    full_precision: bool,
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let device = fracture_train::candle_core::Device::Cpu;
+    let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if args.full_precision {
+        model.save(&args.out)?;
+    } else {
+        model.save_half(&args.out)?;
+    }
+    let size = std::fs::metadata(&args.out)?.len();
+    println!(
+        "wrote {} ({:.2} MB, {} weights)",
+        args.out.display(),
+        size as f64 / 1e6,
+        if args.full_precision { "F32" } else { "F16" }
+    );
+    if let Some((file, _)) = fracture_train::audit::training_fingerprints(&args.model)? {
+        let dest = args
+            .out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from(FINGERPRINTS_FILE), |d| d.join(FINGERPRINTS_FILE));
+        if dest != file {
+            std::fs::copy(&file, &dest)
+                .with_context(|| format!("cannot copy {} to {}", file.display(), dest.display()))?;
+            println!("wrote {}", dest.display());
+        }
+    }
+    Ok(())
+}
