@@ -89,13 +89,41 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         std::fs::create_dir_all(&work)?;
         println!("training: fracture {}", train_args(&shared, &run_dir).join(" "));
         status(Command::new(&fracture).args(train_args(&shared, &run_dir)))?;
-        status(
-            Command::new(&fracture)
-                .args(["export", "--model"])
+        let export = |threshold: Option<String>| -> Result<(), DynError> {
+            let mut cmd = Command::new(&fracture);
+            cmd.args(["export", "--model"])
                 .arg(&run_dir)
                 .arg("--out")
-                .arg(&model),
+                .arg(&model);
+            if let Some(t) = threshold {
+                cmd.args(["--threshold", &t]);
+            }
+            status(&mut cmd)
+        };
+        export(None)?;
+        // The stored threshold sits on a val score of the F32 weights; choose it again, by the
+        // same rule, on the val scores of the weights that ship.
+        let rule = std::fs::read_to_string(run_dir.join("report.json"))?;
+        let rule: serde_json::Value = serde_json::from_str(&rule)?;
+        let target = rule["threshold_rule"]["target"]
+            .as_f64()
+            .ok_or("the run's report.json has no target-sensitivity threshold rule")?;
+        let chosen = work.join("threshold-f16");
+        status(
+            Command::new(&fracture)
+                .args(["eval", "--split", "val", "--model"])
+                .arg(&model)
+                .arg("--data")
+                .arg(shared.join("data/fracatlas"))
+                .args(["--target-sensitivity", &target.to_string(), "--out"])
+                .arg(&chosen),
         )?;
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(chosen.join("report.json"))?)?;
+        let threshold = report["threshold"]
+            .as_f64()
+            .ok_or("no threshold in the val report")?;
+        println!("threshold chosen again on val with the F16 weights: {threshold}");
+        export(Some(threshold.to_string()))?;
     }
     let evaluate = |model: &Path, name: &str| -> Result<(serde_json::Value, Vec<f64>), DynError> {
         let out = work.join(name);
@@ -120,7 +148,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
                     .ok_or_else(|| format!("unreadable row in predictions.csv: {l}"))
             })
             .collect::<Result<Vec<f64>, String>>()?;
-        Ok((report["splits"]["val"].clone(), p))
+        Ok((report, p))
     };
     let (half, p_half) = evaluate(&model, "eval-f16")?;
     let size = std::fs::metadata(&model)?.len();

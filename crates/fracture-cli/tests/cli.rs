@@ -2351,3 +2351,59 @@ fn audit_finds_a_planted_leak_and_training_can_leave_it_out() {
     let clean = eval("clean");
     assert!(clean.contains("none of the 12 images"), "{clean}");
 }
+
+/// The first number of the model card's table row `| {row} | number …`.
+fn card_value(card: &str, row: &str) -> Option<f64> {
+    let prefix = format!("| {row} |");
+    let line = card.lines().find(|l| l.starts_with(&prefix))?;
+    line[prefix.len()..]
+        .split('|')
+        .next()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn the_built_in_model_reproduces_its_model_card() {
+    let models = fracture_testkit::workspace_root().join("models");
+    let size = std::fs::metadata(models.join("fracture-lite0.safetensors"))
+        .unwrap()
+        .len();
+    assert!(size <= 10_000_000, "the ready model is {size} bytes, over 10 MB");
+    let Some(data) = fracture_testkit::fracatlas() else {
+        return;
+    };
+    let root = fresh_dir(&base(), "built-in-model");
+    // No --model: the model compiled into the binary, which is the committed file.
+    let out = fracture()
+        .args(["eval", "--split", "val", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(root.join("eval"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("none of the 512 images is a near duplicate"),
+        "the ready model was trained without near copies of val: {stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("eval/report.json")).unwrap()).unwrap();
+    let val = &report["splits"]["val"];
+    let card = std::fs::read_to_string(models.join("README.md")).unwrap();
+    for (row, key) in [
+        ("ROC-AUC", "roc_auc"),
+        ("Sensitivity", "sensitivity"),
+        ("Specificity", "specificity"),
+    ] {
+        let stated = card_value(&card, row).unwrap_or_else(|| panic!("the card has no `| {row} |` row"));
+        let fresh = val[key].as_f64().unwrap();
+        assert!(
+            (stated - fresh).abs() <= 0.002,
+            "{row}: the card says {stated}, a fresh evaluation {fresh}"
+        );
+    }
+}

@@ -20,11 +20,24 @@ pub(crate) struct Args {
     /// Keep the weights in single precision (F32) instead of half (F16, half the size).
     #[arg(long)]
     full_precision: bool,
+    /// A new operating threshold on P(fractured), in [0, 1], for when the stored one was chosen on
+    /// the F32 scores and half precision moves a validation image across it (`cargo xtask
+    /// default-model` chooses it again on val with the exported weights). The stored validation
+    /// report at the old threshold is dropped.
+    #[arg(long)]
+    threshold: Option<f64>,
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = fracture_train::candle_core::Device::Cpu;
-    let model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
+    let mut model = TrainedModel::load(&args.model, &device).context("cannot load the model")?;
+    if let Some(t) = args.threshold {
+        if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
+            anyhow::bail!("--threshold {t} is not a probability in [0, 1]");
+        }
+        model.meta.threshold = t;
+        model.meta.operating_point = None;
+    }
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
