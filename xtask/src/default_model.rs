@@ -200,7 +200,6 @@ pub(crate) fn card_value(card: &str, row: &str) -> Option<f64> {
     line[prefix.len()..]
         .split('|')
         .next()?
-        .trim()
         .split_whitespace()
         .next()?
         .parse()

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fracture_data::audit::{AuditReport, Detail, DuplicateGroup};
+use fracture_data::audit::{AuditReport, DuplicateGroup, Known};
 use fracture_data::{DecodeLimits, path_text};
 use serde::Serialize;
 
@@ -220,7 +220,7 @@ pub(crate) fn screen_training(
     exclude_leaks: bool,
     limits: &DecodeLimits,
     on_event: &mut dyn FnMut(crate::Event<'_>),
-) -> Vec<(u64, Detail)> {
+) -> Vec<Known> {
     use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, group, signatures};
     let mut images: Vec<AuditImage> = train
         .iter()
@@ -278,7 +278,7 @@ pub(crate) fn screen_training(
 
 /// The training fingerprints stored beside a model: `training-fingerprints.bin` in the model's
 /// folder (a run folder, or the folder of a model file). `Ok(None)` when there is none.
-pub fn training_fingerprints(model: &Path) -> Result<Option<(PathBuf, Vec<(u64, Detail)>)>> {
+pub fn training_fingerprints(model: &Path) -> Result<Option<(PathBuf, Vec<Known>)>> {
     let dir = if model.is_dir() {
         model
     } else {
@@ -297,7 +297,7 @@ pub fn training_fingerprints(model: &Path) -> Result<Option<(PathBuf, Vec<(u64, 
 /// Which of `files` have a near duplicate (within the default threshold) among `known` training
 /// fingerprints: `(file, distance)` for each, in the order given. Unreadable files are left out.
 pub fn near_training_images(
-    known: &[(u64, Detail)],
+    known: &[Known],
     files: &[PathBuf],
     limits: &DecodeLimits,
 ) -> Vec<(PathBuf, u32)> {

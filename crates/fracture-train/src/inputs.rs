@@ -17,7 +17,7 @@ pub(crate) struct Data {
     pub(crate) test: Option<FolderDataset>,
     pub(crate) counts: DataCounts,
     /// Fingerprints of the training images (see [`crate::audit::FINGERPRINTS_FILE`]).
-    pub(crate) fingerprints: Vec<(u64, fracture_data::audit::Detail)>,
+    pub(crate) fingerprints: Vec<fracture_data::audit::Known>,
 }
 
 /// Checks that `out` can hold the run: a folder (created), writable, and holding a checkpoint

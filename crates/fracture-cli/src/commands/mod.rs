@@ -73,7 +73,7 @@ pub(crate) fn load_model(
 /// run folder, or the bundled model's. `Ok(None)` when there are none.
 pub(crate) fn model_fingerprints(
     model: Option<&std::path::Path>,
-) -> anyhow::Result<Option<(String, Vec<(u64, fracture_train::data::audit::Detail)>)>> {
+) -> anyhow::Result<Option<(String, Vec<fracture_train::data::audit::Known>)>> {
     match (model, BUNDLED) {
         (Some(path), _) => Ok(fracture_train::audit::training_fingerprints(path)?
             .map(|(file, known)| (file.display().to_string(), known))),

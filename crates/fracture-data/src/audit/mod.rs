@@ -434,6 +434,9 @@ pub fn group(images: Vec<AuditImage>, signatures: &[Signature], threshold: u32) 
     }
 }
 
+/// What a fingerprint file keeps of an image: its fingerprint and its detail hash.
+pub type Known = (u64, Detail);
+
 /// The magic line that opens a fingerprint file.
 const FINGERPRINT_MAGIC: &[u8; 8] = b"FRFP2\n\0\0";
 /// Bytes per entry: the fingerprint and the detail hash.
@@ -442,7 +445,7 @@ const ENTRY_BYTES: usize = 40;
 /// A compact list of image fingerprints (a model's training images, say): 8 bytes of magic, then
 /// per image its fingerprint and detail hash as five little-endian u64. No image and no path is
 /// stored.
-pub fn fingerprints_to_bytes(signatures: &[(u64, Detail)]) -> Vec<u8> {
+pub fn fingerprints_to_bytes(signatures: &[Known]) -> Vec<u8> {
     let mut out = FINGERPRINT_MAGIC.to_vec();
     for (f, d) in signatures {
         out.extend(f.to_le_bytes());
@@ -454,7 +457,7 @@ pub fn fingerprints_to_bytes(signatures: &[(u64, Detail)]) -> Vec<u8> {
 }
 
 /// Reads what [`fingerprints_to_bytes`] wrote; `origin` names the file in errors.
-pub fn fingerprints_from_bytes(bytes: &[u8], origin: &Path) -> crate::Result<Vec<(u64, Detail)>> {
+pub fn fingerprints_from_bytes(bytes: &[u8], origin: &Path) -> crate::Result<Vec<Known>> {
     let bad = |reason: &str| crate::Error::Layout(format!("{}: {reason}", origin.display()));
     let Some(body) = bytes.strip_prefix(FINGERPRINT_MAGIC.as_slice()) else {
         return Err(bad("not a fingerprint file (no FRFP2 magic)"));
@@ -474,7 +477,7 @@ pub fn fingerprints_from_bytes(bytes: &[u8], origin: &Path) -> crate::Result<Vec
 /// For each of `signatures`, the smallest distance to one of `known` (fingerprints with their
 /// detail hashes) within `threshold` and confirmed by the detail hash, or `None`: which images (of
 /// a test set, say) have near duplicates among `known` (a model's training images).
-pub fn matches_in(known: &[(u64, Detail)], signatures: &[Signature], threshold: u32) -> Vec<Option<u32>> {
+pub fn matches_in(known: &[Known], signatures: &[Signature], threshold: u32) -> Vec<Option<u32>> {
     let fingerprints: Vec<u64> = known.iter().map(|k| k.0).collect();
     let index = FingerprintIndex::new(&fingerprints);
     signatures
