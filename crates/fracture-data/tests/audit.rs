@@ -181,3 +181,31 @@ fn planted_copies_are_found_and_distinct_radiographs_are_not_joined() {
     );
     assert!(report.cross_split_groups().count() >= planted * 9 / 10);
 }
+
+#[test]
+fn one_split_and_an_empty_class_are_noted_not_fatal() {
+    let dir = fracture_testkit::fresh_dir(&std::env::temp_dir().join("fracture-audit-test"), "one-split");
+    let fractured = dir.join("train/fractured");
+    std::fs::create_dir_all(&fractured).unwrap();
+    std::fs::create_dir_all(dir.join("train/not fractured")).unwrap();
+    let a = fracture_testkit::synthetic_xray(64, 64, true, 1);
+    a.save(fractured.join("a.png")).unwrap();
+    image::imageops::rotate90(&a)
+        .save(fractured.join("a-turned.png"))
+        .unwrap();
+    fracture_testkit::synthetic_xray(64, 64, true, 2)
+        .save(fractured.join("b.png"))
+        .unwrap();
+    let (images, _, notes) = collect_dataset(&dir).unwrap();
+    assert_eq!(images.len(), 3);
+    let text = notes.join("\n");
+    assert!(text.contains("not fractured") || text.contains("empty"), "{text}");
+    assert!(text.contains("only train split"), "{text}");
+    let report = audit_images(images, &AuditOptions::default());
+    assert_eq!(
+        report.groups.len(),
+        1,
+        "the turned copy is found within the split"
+    );
+    assert_eq!(report.cross_split_groups().count(), 0);
+}
