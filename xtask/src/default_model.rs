@@ -48,7 +48,9 @@ pub(crate) fn train_args(shared: &Path, out: &Path) -> Vec<String> {
 
 pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     let mut check_only = false;
-    let mut shared = root.join("../shared");
+    // Relative to the project root, where every command below runs, so that the model file records
+    // `../shared/...` and not a path of this machine.
+    let mut shared = PathBuf::from("../shared");
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -62,7 +64,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
             }
         }
     }
-    if !shared.join("data/fracatlas").is_dir() {
+    if !root.join(&shared).join("data/fracatlas").is_dir() {
         return Err(format!(
             "the FracAtlas radiographs are not at {}/data/fracatlas",
             shared.display()
@@ -88,10 +90,15 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         }
         std::fs::create_dir_all(&work)?;
         println!("training: fracture {}", train_args(&shared, &run_dir).join(" "));
-        status(Command::new(&fracture).args(train_args(&shared, &run_dir)))?;
+        status(
+            Command::new(&fracture)
+                .current_dir(root)
+                .args(train_args(&shared, &run_dir)),
+        )?;
         let export = |threshold: Option<String>| -> Result<(), DynError> {
             let mut cmd = Command::new(&fracture);
-            cmd.args(["export", "--model"])
+            cmd.current_dir(root)
+                .args(["export", "--model"])
                 .arg(&run_dir)
                 .arg("--out")
                 .arg(&model);
@@ -111,6 +118,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         let chosen = work.join("threshold-f16");
         status(
             Command::new(&fracture)
+                .current_dir(root)
                 .args(["eval", "--split", "val", "--model"])
                 .arg(&model)
                 .arg("--data")
@@ -129,6 +137,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         let out = work.join(name);
         status(
             Command::new(&fracture)
+                .current_dir(root)
                 .args(["eval", "--split", "val", "--model"])
                 .arg(model)
                 .arg("--data")
