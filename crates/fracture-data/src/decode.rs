@@ -257,21 +257,8 @@ pub fn window16(samples: &[u16]) -> Vec<u8> {
     for &v in samples {
         histogram[usize::from(v)] += 1;
     }
-    let n = samples.len() as f64;
-    // The smallest value with more than `fraction` of the samples at or below it.
-    let quantile = |fraction: f64| -> u16 {
-        let rank = (fraction * n).floor() as u64;
-        let mut seen = 0u64;
-        for (value, &count) in histogram.iter().enumerate() {
-            seen += u64::from(count);
-            if seen > rank {
-                return value as u16;
-            }
-        }
-        u16::MAX
-    };
-    let lo = quantile(WINDOW_TAIL);
-    let hi = quantile(1.0 - WINDOW_TAIL);
+    let (lo, hi) = histogram_window(&histogram, samples.len());
+    let (lo, hi) = (lo as u16, hi as u16);
     if hi <= lo {
         return samples.iter().map(|&v| to8(v)).collect();
     }
@@ -280,6 +267,26 @@ pub fn window16(samples: &[u16]) -> Vec<u8> {
         .iter()
         .map(|&v| ((f64::from(v) - lo) / span * 255.0).round().clamp(0.0, 255.0) as u8)
         .collect()
+}
+
+/// The percentile window of `n` samples counted in `histogram` (bin `i` counts the value `i` above
+/// the histogram's origin): the bins of the samples at ranks `⌊WINDOW_TAIL · n⌋` and
+/// `⌊(1 − WINDOW_TAIL) · n⌋` (each the smallest value with more samples at or below it than its
+/// rank). The one rule behind [`window16`] and DICOM files without windowing attributes.
+pub(crate) fn histogram_window(histogram: &[u32], n: usize) -> (usize, usize) {
+    let last = histogram.len().saturating_sub(1);
+    let quantile = |fraction: f64| -> usize {
+        let rank = ((fraction * n as f64).floor() as usize).min(n.saturating_sub(1));
+        let mut seen = 0usize;
+        for (value, &count) in histogram.iter().enumerate() {
+            seen += count as usize;
+            if seen > rank {
+                return value;
+            }
+        }
+        last
+    };
+    (quantile(WINDOW_TAIL), quantile(1.0 - WINDOW_TAIL))
 }
 
 fn rgb8_to_luma(rgb: &[u8]) -> Vec<u8> {

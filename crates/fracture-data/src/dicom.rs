@@ -173,29 +173,19 @@ fn percentile_window(stored: &[i64], padding: Option<i64>) -> Option<(i64, i64)>
         return None;
     }
     let n = kept().count();
-    let rank = |fraction: f64| ((fraction * n as f64).floor() as usize).min(n - 1);
-    let (r_lo, r_hi) = (rank(WINDOW_TAIL), rank(1.0 - WINDOW_TAIL));
     // Stored values span at most 32 bits; a histogram over their range is the common case.
     if hi - lo < 1 << 24 {
         let mut histogram = vec![0u32; (hi - lo + 1) as usize];
         for v in kept() {
             histogram[(v - lo) as usize] += 1;
         }
-        let quantile = |r: usize| -> i64 {
-            let mut seen = 0usize;
-            for (i, &c) in histogram.iter().enumerate() {
-                seen += c as usize;
-                if seen > r {
-                    return lo + i as i64;
-                }
-            }
-            hi
-        };
-        return Some((quantile(r_lo), quantile(r_hi)));
+        let (a, b) = crate::decode::histogram_window(&histogram, n);
+        return Some((lo + a as i64, lo + b as i64));
     }
+    let rank = |fraction: f64| ((fraction * n as f64).floor() as usize).min(n - 1);
     let mut sorted: Vec<i64> = kept().collect();
     sorted.sort_unstable();
-    Some((sorted[r_lo], sorted[r_hi]))
+    Some((sorted[rank(WINDOW_TAIL)], sorted[rank(1.0 - WINDOW_TAIL)]))
 }
 
 /// Modality values to 8-bit display values: `voi`, then the MONOCHROME1 inversion.
