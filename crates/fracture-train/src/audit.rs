@@ -221,7 +221,7 @@ pub(crate) fn screen_training(
     limits: &DecodeLimits,
     on_event: &mut dyn FnMut(crate::Event<'_>),
 ) -> Vec<Known> {
-    use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, group, signatures};
+    use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, group, readable_signatures};
     let mut images: Vec<AuditImage> = train
         .iter()
         .map(|i| AuditImage::new(i.path.clone(), "train", i.label))
@@ -235,14 +235,7 @@ pub(crate) fn screen_training(
             );
         }
     }
-    let mut readable = Vec::new();
-    let mut sigs = Vec::new();
-    for (image, sig) in images.iter().zip(signatures(&images, limits)) {
-        if let Ok(sig) = sig {
-            readable.push(image.clone());
-            sigs.push(sig);
-        }
-    }
+    let (readable, sigs, _) = readable_signatures(&images, limits);
     if !exclude_leaks {
         return sigs.iter().map(|s| (s.fingerprint, s.detail)).collect();
     }
@@ -301,16 +294,8 @@ pub fn near_training_images(
     files: &[PathBuf],
     limits: &DecodeLimits,
 ) -> Vec<(PathBuf, u32)> {
-    use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, matches_in, signatures};
-    let images: Vec<AuditImage> = files
-        .iter()
-        .map(|p| AuditImage::new(p.clone(), "eval", fracture_data::Label::Fractured))
-        .collect();
-    let (paths, sigs): (Vec<PathBuf>, Vec<_>) = files
-        .iter()
-        .zip(signatures(&images, limits))
-        .filter_map(|(p, s)| Some((p.clone(), s.ok()?)))
-        .unzip();
+    use fracture_data::audit::{DEFAULT_THRESHOLD, matches_in, readable_signatures};
+    let (paths, sigs, _) = readable_signatures(files, limits);
     paths
         .into_iter()
         .zip(matches_in(known, &sigs, DEFAULT_THRESHOLD))

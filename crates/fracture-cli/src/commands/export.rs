@@ -38,7 +38,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         model.meta.threshold = t;
         model.meta.operating_point = None;
     }
-    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let dir = args.out.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     if args.full_precision {
@@ -54,11 +55,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         if args.full_precision { "F32" } else { "F16" }
     );
     if let Some((file, _)) = fracture_train::audit::training_fingerprints(&args.model)? {
-        let dest = args
-            .out
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from(FINGERPRINTS_FILE), |d| d.join(FINGERPRINTS_FILE));
+        let dest = dir.map_or_else(|| PathBuf::from(FINGERPRINTS_FILE), |d| d.join(FINGERPRINTS_FILE));
         if dest != file {
             std::fs::copy(&file, &dest)
                 .with_context(|| format!("cannot copy {} to {}", file.display(), dest.display()))?;

@@ -130,14 +130,18 @@ pub struct Match {
 
 /// For every image `i`, the fingerprints of other images within `radius` of one of `probes[i]`:
 /// `(i, match)`, in parallel over the images, sorted by `i`, then target.
-pub fn candidates(fingerprints: &[u64], probes: &[Vec<u64>], radius: u32) -> Vec<(u32, Match)> {
+pub fn candidates<P: AsRef<[u64]> + Sync>(
+    fingerprints: &[u64],
+    probes: &[P],
+    radius: u32,
+) -> Vec<(u32, Match)> {
     let index = FingerprintIndex::new(fingerprints);
     probes
         .par_iter()
         .enumerate()
         .map_init(Vec::new, |seen, (i, p)| {
             index
-                .query(p, radius, seen)
+                .query(p.as_ref(), radius, seen)
                 .into_iter()
                 .filter(|m| m.target as usize != i)
                 .map(|m| (i as u32, m))

@@ -253,37 +253,58 @@ pub fn collect_dataset(root: &Path) -> crate::Result<(Vec<AuditImage>, Vec<Skipp
     Ok((images, skipped, notes))
 }
 
-/// Signatures of `images`, in parallel; an unreadable file becomes an error entry naming it.
-pub fn signatures(images: &[AuditImage], limits: &DecodeLimits) -> Vec<Result<Signature, Skipped>> {
-    images
+/// Signatures of `files`, in parallel, in the order given; an unreadable file becomes an error
+/// entry naming it.
+pub fn signatures<P: AsRef<Path> + Sync>(
+    files: &[P],
+    limits: &DecodeLimits,
+) -> Vec<Result<Signature, Skipped>> {
+    files
         .par_iter()
-        .map(|image| {
-            read_file_limited(&image.path, limits)
-                .and_then(|bytes| signature(&bytes, &image.path, limits))
+        .map(|file| {
+            let path = file.as_ref();
+            read_file_limited(path, limits)
+                .and_then(|bytes| signature(&bytes, path, limits))
                 .map_err(|e| Skipped {
-                    path: image.path.clone(),
+                    path: path.to_path_buf(),
                     reason: e.to_string(),
                 })
         })
         .collect()
 }
 
-/// Audits `images`: signatures, exact and near duplicates, groups. Unreadable files are reported in
-/// [`AuditReport::unreadable`], never fatal.
-pub fn audit_images(images: Vec<AuditImage>, options: &AuditOptions) -> AuditReport {
-    let mut readable = Vec::with_capacity(images.len());
-    let mut signatures_ok = Vec::with_capacity(images.len());
+/// The readable ones among `items` with their signatures (in the order given), and the unreadable
+/// files with the reason.
+pub fn readable_signatures<T: AsRef<Path> + Clone + Sync>(
+    items: &[T],
+    limits: &DecodeLimits,
+) -> (Vec<T>, Vec<Signature>, Vec<Skipped>) {
+    let mut readable = Vec::with_capacity(items.len());
+    let mut signed = Vec::with_capacity(items.len());
     let mut unreadable = Vec::new();
-    for (image, sig) in images.iter().zip(signatures(&images, &options.limits)) {
+    for (item, sig) in items.iter().zip(signatures(items, limits)) {
         match sig {
             Ok(sig) => {
-                readable.push(image.clone());
-                signatures_ok.push(sig);
+                readable.push(item.clone());
+                signed.push(sig);
             }
             Err(skipped) => unreadable.push(skipped),
         }
     }
-    let mut report = group(readable, &signatures_ok, options.threshold);
+    (readable, signed, unreadable)
+}
+
+impl AsRef<Path> for AuditImage {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Audits `images`: signatures, exact and near duplicates, groups. Unreadable files are reported in
+/// [`AuditReport::unreadable`], never fatal.
+pub fn audit_images(images: Vec<AuditImage>, options: &AuditOptions) -> AuditReport {
+    let (readable, signed, unreadable) = readable_signatures(&images, &options.limits);
+    let mut report = group(readable, &signed, options.threshold);
     report.unreadable = unreadable;
     report
 }
@@ -292,7 +313,7 @@ pub fn audit_images(images: Vec<AuditImage>, options: &AuditOptions) -> AuditRep
 /// distance is the smaller 63-bit one of the two directions that confirmed the pair.
 pub fn confirmed_pairs(signatures: &[Signature], threshold: u32) -> Vec<(usize, usize, u32)> {
     let fingerprints: Vec<u64> = signatures.iter().map(|s| s.fingerprint).collect();
-    let probes: Vec<Vec<u64>> = signatures.iter().map(|s| s.probes.clone()).collect();
+    let probes: Vec<&[u64]> = signatures.iter().map(|s| s.probes.as_slice()).collect();
     let mut pairs: Vec<(usize, usize, u32)> = candidates(&fingerprints, &probes, threshold.min(MAX_RADIUS))
         .into_iter()
         .filter(|(i, m)| {
