@@ -37,10 +37,10 @@ pub struct ConfidenceIntervals {
 }
 
 /// SplitMix64: a tiny, well-mixed generator, enough for resampling indices.
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -49,7 +49,7 @@ impl SplitMix {
     }
 
     /// Uniform in `0..n` (n > 0), by Lemire's multiply-shift (bias below 2⁻³² for our sizes).
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         ((u128::from(self.next()) * n as u128) >> 64) as usize
     }
 }
@@ -62,7 +62,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
-fn interval(mut values: Vec<f64>) -> Option<Interval> {
+pub(crate) fn interval(mut values: Vec<f64>) -> Option<Interval> {
     if values.is_empty() {
         return None;
     }

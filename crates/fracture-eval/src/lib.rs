@@ -7,7 +7,11 @@
 //!   [`pr_curve`] and [`average_precision`].
 //! - Calibration: [`brier_score`], [`calibration_bins`], [`expected_calibration_error`].
 //! - Uncertainty: [`bootstrap_ci`], seeded stratified percentile-bootstrap 95% intervals.
-//! - Operating points: [`choose_threshold`] by target sensitivity, Youden's J or best F1.
+//! - Operating points: [`choose_threshold`] by target sensitivity, Youden's J or best F1;
+//!   [`choose_stable_threshold`], the target-sensitivity cut placed between two scores, with its
+//!   bootstrap interval.
+//! - Calibration maps: [`Platt`] scaling and its honest estimate, [`cross_fitted_platt`].
+//! - Subgroups: [`group_report`], the metrics on one subset, with too few cases said so.
 //!
 //! Every ratio is an `Option<f64>`: `None` when it is undefined (0/0), never NaN.
 //!
@@ -39,6 +43,7 @@ mod bootstrap;
 mod calibration;
 mod confusion;
 mod error;
+mod groups;
 mod localization;
 mod metrics;
 mod pr;
@@ -48,15 +53,20 @@ mod sweep;
 mod threshold;
 
 pub use bootstrap::{ConfidenceIntervals, Interval, bootstrap_ci, mean_ci};
-pub use calibration::{CalibrationBin, brier_score, calibration_bins, expected_calibration_error};
+pub use calibration::{
+    CalibrationBin, Platt, brier_score, calibration_bins, cross_fitted_platt, expected_calibration_error, logit,
+};
 pub use confusion::ConfusionMatrix;
 pub use error::{Error, Result};
+pub use groups::{GroupReport, MIN_GROUP_CASES, group_report};
 pub use localization::{LocalizationReport, Localized, PixelBox, iou, points_inside};
 pub use metrics::BinaryMetrics;
 pub use pr::{PrPoint, average_precision, pr_curve};
 pub use report::{DEFAULT_RESAMPLES, ECE_BINS, EvalReport};
 pub use roc::{RocPoint, roc_auc, roc_curve};
-pub use threshold::{DEFAULT_THRESHOLD, ThresholdRule, choose_threshold, decide, is_fractured};
+pub use threshold::{
+    DEFAULT_THRESHOLD, StableThreshold, ThresholdRule, choose_stable_threshold, choose_threshold, decide, is_fractured,
+};
 
 #[cfg(test)]
 mod tests {

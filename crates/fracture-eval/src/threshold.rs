@@ -114,6 +114,116 @@ pub fn choose_threshold(scores: &[f64], actual: &[bool], rule: ThresholdRule) ->
     Ok(chosen)
 }
 
+/// An operating threshold for a target sensitivity that does not sit on one image's score, with
+/// its uncertainty (see [`choose_stable_threshold`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StableThreshold {
+    /// The threshold to store: midway (on the logit scale) between the lowest score the target
+    /// needs and the next lower score, so that a small change of any score (half precision, another
+    /// machine's summation order) cannot move an image across it.
+    pub threshold: f64,
+    /// The highest threshold that reaches the target on these images ([`choose_threshold`]).
+    pub point: f64,
+    /// The required sensitivity.
+    pub target: f64,
+    /// 2.5th to 97.5th percentile of the thresholds the rule picks on stratified bootstrap
+    /// replicates of the images: how far the cut moves when the 88 or so fractures change.
+    pub interval: Option<crate::Interval>,
+    /// The share of replicates in which [`StableThreshold::threshold`] reaches the target
+    /// sensitivity (about one half means the target holds on the average case, not with margin).
+    pub holds_in: f64,
+    /// Bootstrap replicates drawn.
+    pub resamples: usize,
+}
+
+fn logit_clamped(p: f64) -> f64 {
+    let p = p.clamp(1e-12, 1.0 - 1e-12);
+    (p / (1.0 - p)).ln()
+}
+
+/// Chooses the threshold for `target` sensitivity as [`StableThreshold`] describes, with
+/// `resamples` seeded stratified bootstrap replicates for its interval. `None` when a class is
+/// absent. Scores are probabilities in [0, 1].
+///
+/// ```
+/// use fracture_eval::choose_stable_threshold;
+/// let scores = [0.9, 0.8, 0.7, 0.5, 0.3, 0.2, 0.1];
+/// let actual = [true, true, false, true, false, false, false];
+/// let t = choose_stable_threshold(&scores, &actual, 1.0, 200, 0).unwrap().unwrap();
+/// assert_eq!(t.point, 0.5);
+/// // Between 0.5 and the next score, 0.3, on the logit scale: every fracture is still found.
+/// assert!(0.3 < t.threshold && t.threshold < 0.5);
+/// ```
+pub fn choose_stable_threshold(
+    scores: &[f64],
+    actual: &[bool],
+    target: f64,
+    resamples: usize,
+    seed: u64,
+) -> Result<Option<StableThreshold>> {
+    let rule = ThresholdRule::TargetSensitivity { target };
+    let Some(point) = choose_threshold(scores, actual, rule)? else {
+        return Ok(None);
+    };
+    if let Some((i, &s)) = scores.iter().enumerate().find(|(_, s)| !(0.0..=1.0).contains(*s)) {
+        return Err(Error::InvalidValue {
+            what: format!("probability {i}"),
+            value: s,
+        });
+    }
+    let below = scores
+        .iter()
+        .copied()
+        .filter(|&s| s < point)
+        .max_by(f64::total_cmp);
+    let threshold = match below {
+        Some(b) => {
+            let mid = 0.5 * (logit_clamped(point) + logit_clamped(b));
+            (1.0 / (1.0 + (-mid).exp())).clamp(b, point)
+        }
+        None => point,
+    };
+    let pos: Vec<usize> = (0..actual.len()).filter(|&i| actual[i]).collect();
+    let neg: Vec<usize> = (0..actual.len()).filter(|&i| !actual[i]).collect();
+    let mut rng = crate::bootstrap::SplitMix(seed ^ 0x7468_7265_7368_0000);
+    let (mut picked, mut holds) = (Vec::with_capacity(resamples), 0usize);
+    let (mut s, mut a) = (Vec::new(), Vec::new());
+    for _ in 0..resamples {
+        s.clear();
+        a.clear();
+        for class in [&pos, &neg] {
+            for _ in 0..class.len() {
+                let i = class[rng.below(class.len())];
+                s.push(scores[i]);
+                a.push(actual[i]);
+            }
+        }
+        if let Some(t) = choose_threshold(&s, &a, rule)? {
+            picked.push(t);
+        }
+        let found = s
+            .iter()
+            .zip(&a)
+            .filter(|(v, a)| **a && is_fractured(**v, threshold))
+            .count();
+        if found as f64 >= target * pos.len() as f64 - 1e-9 {
+            holds += 1;
+        }
+    }
+    Ok(Some(StableThreshold {
+        threshold,
+        point,
+        target,
+        interval: crate::bootstrap::interval(picked),
+        holds_in: if resamples > 0 {
+            holds as f64 / resamples as f64
+        } else {
+            0.0
+        },
+        resamples,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +267,29 @@ mod tests {
         );
         let bad = choose_threshold(&scores, &actual, ThresholdRule::TargetSensitivity { target: 1.5 });
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn the_stable_threshold_keeps_the_target_and_reports_its_spread() {
+        let scores: Vec<f64> = (0..200).map(|i| f64::from((i * 61) % 200) / 200.0).collect();
+        let actual: Vec<bool> = (0..200).map(|i| (i * 61) % 200 > 60 && i % 3 != 0).collect();
+        let t = choose_stable_threshold(&scores, &actual, 0.9, 300, 4).unwrap().unwrap();
+        let sens = |th: f64| {
+            BinaryMetrics::from_confusion(&ConfusionMatrix::from_scores(&scores, &actual, th).unwrap())
+                .recall
+                .unwrap()
+        };
+        assert!(t.threshold <= t.point && sens(t.threshold) >= 0.9);
+        assert_eq!(sens(t.threshold), sens(t.point));
+        // No score lies between the stored threshold and the point.
+        assert!(!scores.iter().any(|&s| s >= t.threshold && s < t.point));
+        let i = t.interval.unwrap();
+        assert!(i.lower <= t.point && t.point <= i.upper, "{i:?} vs {}", t.point);
+        assert!((0.0..=1.0).contains(&t.holds_in));
+        assert_eq!(
+            choose_stable_threshold(&scores, &[false; 200], 0.9, 10, 0).unwrap(),
+            None
+        );
+        assert!(choose_stable_threshold(&[1.5, 0.2], &[true, false], 0.9, 10, 0).is_err());
     }
 }
