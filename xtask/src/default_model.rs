@@ -1,6 +1,6 @@
 //! `cargo xtask default-model`: trains the ready model of `models/` from the shared data with the
-//! recorded command and seed, stores it in half precision, measures what half precision changes,
-//! and checks the model card's numbers against a fresh evaluation of the committed file.
+//! recorded command and seed, stores it in half precision, fits its calibration and threshold on
+//! val with the weights that ship, measures what half precision changes, and checks the model card's numbers against a fresh evaluation of the committed file.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -95,43 +95,31 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
                 .current_dir(root)
                 .args(train_args(&shared, &run_dir)),
         )?;
-        let export = |threshold: Option<String>| -> Result<(), DynError> {
-            let mut cmd = Command::new(&fracture);
-            cmd.current_dir(root)
+        status(
+            Command::new(&fracture)
+                .current_dir(root)
                 .args(["export", "--model"])
                 .arg(&run_dir)
                 .arg("--out")
-                .arg(&model);
-            if let Some(t) = threshold {
-                cmd.args(["--threshold", &t]);
-            }
-            status(&mut cmd)
-        };
-        export(None)?;
-        // The stored threshold sits on a val score of the F32 weights; choose it again, by the
-        // same rule, on the val scores of the weights that ship.
+                .arg(&model),
+        )?;
+        // Training fitted the calibration and chose the threshold on the val scores of the F32
+        // weights; fit both again, by the same rule, on the val scores of the weights that ship.
         let rule = std::fs::read_to_string(run_dir.join("report.json"))?;
         let rule: serde_json::Value = serde_json::from_str(&rule)?;
         let target = rule["threshold_rule"]["target"]
             .as_f64()
             .ok_or("the run's report.json has no target-sensitivity threshold rule")?;
-        let chosen = work.join("threshold-f16");
         status(
             Command::new(&fracture)
                 .current_dir(root)
-                .args(["eval", "--split", "val", "--model"])
+                .args(["calibrate", "--split", "val", "--model"])
                 .arg(&model)
                 .arg("--data")
                 .arg(shared.join("data/fracatlas"))
                 .args(["--target-sensitivity", &target.to_string(), "--out"])
-                .arg(&chosen),
+                .arg(&model),
         )?;
-        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(chosen.join("report.json"))?)?;
-        let threshold = report["threshold"]
-            .as_f64()
-            .ok_or("no threshold in the val report")?;
-        println!("threshold chosen again on val with the F16 weights: {threshold}");
-        export(Some(threshold.to_string()))?;
     }
     let evaluate = |model: &Path, name: &str| -> Result<(serde_json::Value, Vec<f64>), DynError> {
         let out = work.join(name);

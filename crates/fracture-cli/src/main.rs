@@ -42,6 +42,9 @@ enum Command {
     /// Write a trained model as one compact file (half-precision weights) with its training
     /// fingerprints beside it, as `models/` holds the ready model.
     Export(commands::export::Args),
+    /// Fit a model's probability calibration (Platt scaling) and its operating threshold on labelled
+    /// validation images, and write the model with them.
+    Calibrate(commands::calibrate::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +65,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => commands::serve::run(&args),
         Command::Download(args) => commands::download::run(&args),
         Command::Export(args) => commands::export::run(&args),
+        Command::Calibrate(args) => commands::calibrate::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

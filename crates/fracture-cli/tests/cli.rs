@@ -2406,3 +2406,101 @@ fn the_built_in_model_reproduces_its_model_card() {
         );
     }
 }
+
+/// A small real validation subset: the first `fractured` fractured and `intact` intact val
+/// radiographs (sorted by name), copied into `<dir>/{fractured,not fractured}`.
+fn val_subset(data: &std::path::Path, dir: &std::path::Path, fractured: usize, intact: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (class, count) in [("fractured", fractured), ("not fractured", intact)] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(data.join("val").join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for f in files.into_iter().take(count) {
+            std::fs::copy(&f, dir.join(class).join(f.file_name().unwrap())).unwrap();
+            ids.push(f.file_stem().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    ids
+}
+
+#[test]
+fn eval_reports_subgroups_and_acquisition_shifts_on_real_radiographs() {
+    let Some(data) = fracture_testkit::fracatlas() else {
+        return;
+    };
+    let meta = data.parent().unwrap().join("fracatlas-meta.csv");
+    assert!(meta.is_file(), "{} is missing", meta.display());
+    let root = fresh_dir(&base(), "groups-shifts");
+    let subset = root.join("val");
+    let ids = val_subset(&data, &subset, 16, 32);
+    let out = fracture()
+        .args(["eval", "--shifts", "--groups"])
+        .arg(&meta)
+        .arg("--data")
+        .arg(&subset)
+        .arg("--out")
+        .arg(root.join("eval"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("eval/report.json")).unwrap()).unwrap();
+    // Group sizes as the metadata file says, counted here independently.
+    let text = std::fs::read_to_string(&meta).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let hand = header.iter().position(|h| *h == "hand").unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let hands = rows
+        .iter()
+        .filter(|r| ids.iter().any(|id| id == r[0]) && r[hand] == "1")
+        .count();
+    let groups = report["groups"]["groups"].as_array().unwrap();
+    let names: Vec<&str> = groups.iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"hand") && names.contains(&"leg"), "{names:?}");
+    assert!(!names.contains(&"fractured") && !names.contains(&"split"), "{names:?}");
+    let g = groups.iter().find(|g| g["name"] == "hand").unwrap();
+    assert_eq!(g["n"].as_u64().unwrap() as usize, hands);
+    assert_eq!(report["groups"]["unmatched"], 0);
+    // A group with too few cases says so rather than printing noise.
+    let thin = groups
+        .iter()
+        .find(|g| g["positives"].as_u64().unwrap() < 5)
+        .expect("some group of 48 images has fewer than 5 fractures");
+    assert!(thin["roc_auc"].is_null() && thin["note"].as_str().unwrap().contains("too few"));
+    assert!(stdout.contains("subgroups") && stdout.contains("too few cases"), "{stdout}");
+    // Every shift of the suite, each on all 48 images, with its change of ROC-AUC.
+    let shifts = report["shifts"].as_array().unwrap();
+    assert_eq!(shifts.len(), 12);
+    let base_auc = report["roc_auc"].as_f64().unwrap();
+    for s in shifts {
+        assert_eq!(s["n"], 48, "{s}");
+        let auc = s["roc_auc"].as_f64().unwrap();
+        let delta = s["delta_roc_auc"].as_f64().unwrap();
+        assert!((auc - base_auc - delta).abs() < 1e-12);
+    }
+    let names: Vec<&str> = shifts.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"zoom in 60%") && names.contains(&"JPEG q30"), "{names:?}");
+    // The shifts change what the model sees: the mean P(fractured) of the fractures moves.
+    let means: Vec<f64> = shifts
+        .iter()
+        .map(|s| s["mean_p_fractured"].as_f64().unwrap())
+        .collect();
+    assert!(
+        means.iter().any(|m| (m - means[0]).abs() > 1e-3),
+        "{means:?}"
+    );
+    assert!(stdout.contains("acquisition shifts") && stdout.contains("zoom out 1.5x"), "{stdout}");
+    assert_png(&root.join("eval/groups.png"));
+    assert_png(&root.join("eval/shifts.png"));
+    // The built-in model reports calibrated probabilities.
+    assert!(stdout.contains("probabilities calibrated"), "{stdout}");
+}

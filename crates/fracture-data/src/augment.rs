@@ -53,6 +53,22 @@ pub struct AugmentConfig {
     /// What fills the area outside the source after a geometric transform.
     #[serde(default)]
     pub fill: FillMode,
+    /// Acquisition: with probability 0.5, a Gaussian blur of standard deviation drawn uniformly
+    /// from `[0, blur]` pixels of the network input (0 = off).
+    #[serde(default)]
+    pub blur: f32,
+    /// Acquisition: with probability 0.5, Gaussian noise of standard deviation drawn uniformly from
+    /// `[0, noise]` (share of the full range; 0 = off).
+    #[serde(default)]
+    pub noise: f32,
+    /// Acquisition: with probability 0.5, JPEG re-encoding at a quality drawn uniformly from
+    /// `[jpeg_quality, 95]` (0 = off).
+    #[serde(default)]
+    pub jpeg_quality: u8,
+    /// Acquisition: with probability 0.5, the image scaled down to a factor drawn uniformly from
+    /// `[resolution, 1]` of its side and back up (0 = off): a lower-resolution detector.
+    #[serde(default)]
+    pub resolution: f32,
 }
 
 impl Default for AugmentConfig {
@@ -69,6 +85,10 @@ impl Default for AugmentConfig {
             contrast: 0.1,
             gamma: 0.0,
             fill: FillMode::Nearest,
+            blur: 0.0,
+            noise: 0.0,
+            jpeg_quality: 0,
+            resolution: 0.0,
         }
     }
 }
@@ -86,6 +106,10 @@ impl AugmentConfig {
             contrast: 0.0,
             gamma: 0.0,
             fill: FillMode::Nearest,
+            blur: 0.0,
+            noise: 0.0,
+            jpeg_quality: 0,
+            resolution: 0.0,
         }
     }
 
@@ -97,6 +121,11 @@ impl AugmentConfig {
             && self.brightness == 0.0
             && self.contrast == 0.0
             && self.gamma == 0.0
+            && !self.has_acquisition()
+    }
+
+    fn has_acquisition(&self) -> bool {
+        self.blur != 0.0 || self.noise != 0.0 || self.jpeg_quality != 0 || self.resolution != 0.0
     }
 
     fn has_warp(&self) -> bool {
@@ -124,10 +153,19 @@ impl AugmentConfig {
             ("augment.brightness", self.brightness, 1.0),
             ("augment.contrast", self.contrast, 1.0),
             ("augment.gamma", self.gamma, 2.0),
+            ("augment.blur", self.blur, 10.0),
+            ("augment.noise", self.noise, 0.5),
+            ("augment.resolution", self.resolution, 1.0),
         ] {
             if !(v.is_finite() && (0.0..=max).contains(&v)) {
                 return bad(field, format!("{v} is not in [0, {max}]"));
             }
+        }
+        if self.jpeg_quality > 95 {
+            return bad(
+                "augment.jpeg_quality",
+                format!("{} is not in 1..=95 (0 = off)", self.jpeg_quality),
+            );
         }
         if let FillMode::Constant(v) = self.fill
             && !(v.is_finite() && (0.0..=1.0).contains(&v))
@@ -135,6 +173,87 @@ impl AugmentConfig {
             return bad("augment.fill", format!("constant {v} is not in [0, 1]"));
         }
         Ok(())
+    }
+
+    /// This configuration with the settings of `spec` changed: comma-separated `key=value` pairs
+    /// with the keys `rotation` (degrees), `hflip` and `vflip` (`true`/`false`), `zoom` (`MIN:MAX`),
+    /// `shift`, `fill` (`nearest`, or a constant value in [0, 1]: 0 = black), `brightness`,
+    /// `contrast`, `gamma`, `blur` (pixels), `noise`, `jpeg` (minimum quality, 0 = off) and
+    /// `resolution` (smallest scale factor, 0 = off); e.g.
+    /// `zoom=0.75:1.6,blur=1.2,jpeg=30`. The result is validated; an error names the key.
+    ///
+    /// ```
+    /// use fracture_data::AugmentConfig;
+    /// let a = AugmentConfig::none().with_overrides("zoom=0.8:1.5, noise=0.02").unwrap();
+    /// assert_eq!((a.zoom, a.noise), ([0.8, 1.5], 0.02));
+    /// assert!(AugmentConfig::none().with_overrides("zoom=2").is_err());
+    /// ```
+    pub fn with_overrides(mut self, spec: &str) -> Result<Self> {
+        let bad = |field: &'static str, reason: String| Error::InvalidConfig { field, reason };
+        for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| bad("augment", format!("`{pair}` is not KEY=VALUE")))?;
+            let (key, value) = (key.trim(), value.trim());
+            let number = |field: &'static str| {
+                value
+                    .parse::<f32>()
+                    .map_err(|_| bad(field, format!("`{value}` is not a number")))
+            };
+            let flag = |field: &'static str| {
+                value
+                    .parse::<bool>()
+                    .map_err(|_| bad(field, format!("`{value}` is not true or false")))
+            };
+            match key {
+                "rotation" => self.rotation_deg = number("augment.rotation_deg")?,
+                "hflip" => self.horizontal_flip = flag("augment.horizontal_flip")?,
+                "vflip" => self.vertical_flip = flag("augment.vertical_flip")?,
+                "zoom" => {
+                    let (lo, hi) = value
+                        .split_once(':')
+                        .ok_or_else(|| bad("augment.zoom", format!("`{value}` is not MIN:MAX")))?;
+                    let parse = |v: &str| {
+                        v.trim()
+                            .parse::<f32>()
+                            .map_err(|_| bad("augment.zoom", format!("`{v}` is not a number")))
+                    };
+                    self.zoom = [parse(lo)?, parse(hi)?];
+                }
+                "shift" => self.shift = number("augment.shift")?,
+                "fill" => {
+                    self.fill = match value {
+                        "nearest" => FillMode::Nearest,
+                        v => FillMode::Constant(
+                            v.parse::<f32>()
+                                .map_err(|_| bad("augment.fill", format!("`{v}` is not `nearest` or a value in [0, 1]")))?,
+                        ),
+                    }
+                }
+                "brightness" => self.brightness = number("augment.brightness")?,
+                "contrast" => self.contrast = number("augment.contrast")?,
+                "gamma" => self.gamma = number("augment.gamma")?,
+                "blur" => self.blur = number("augment.blur")?,
+                "noise" => self.noise = number("augment.noise")?,
+                "resolution" => self.resolution = number("augment.resolution")?,
+                "jpeg" => {
+                    self.jpeg_quality = value
+                        .parse::<u8>()
+                        .map_err(|_| bad("augment.jpeg_quality", format!("`{value}` is not 0-95")))?
+                }
+                other => {
+                    return Err(bad(
+                        "augment",
+                        format!(
+                            "unknown key `{other}` (known: rotation, hflip, vflip, zoom, shift, fill, brightness, \
+                             contrast, gamma, blur, noise, jpeg, resolution)"
+                        ),
+                    ));
+                }
+            }
+        }
+        self.validate()?;
+        Ok(self)
     }
 }
 
@@ -180,7 +299,26 @@ impl Augmenter {
         } else {
             1.0
         };
+        // Acquisition draws, each only when switched on (same reason as gamma).
+        let maybe = |on: bool, rng: &mut dyn RngCore| -> Option<f32> {
+            if on {
+                let apply = rng.random_bool(0.5);
+                let t: f32 = rng.random();
+                apply.then_some(t)
+            } else {
+                None
+            }
+        };
+        let resolution = maybe(c.resolution > 0.0, rng).map(|t| lerp(c.resolution, 1.0, t));
+        let blur = maybe(c.blur > 0.0, rng).map(|t| t * c.blur);
+        let noise = maybe(c.noise > 0.0, rng).map(|t| (t * c.noise, rng.next_u64()));
+        let jpeg = maybe(c.jpeg_quality > 0, rng)
+            .map(|t| lerp(f32::from(c.jpeg_quality), 95.0, t).round().clamp(1.0, 95.0) as u8);
         AugmentDraw {
+            resolution,
+            blur,
+            noise,
+            jpeg,
             hflip: c.horizontal_flip && hflip,
             vflip: c.vertical_flip && vflip,
             warp: c.has_warp().then_some(WarpDraw {
@@ -207,6 +345,10 @@ pub struct AugmentDraw {
     bright: f32,
     contrast: f32,
     gamma: f32,
+    resolution: Option<f32>,
+    blur: Option<f32>,
+    noise: Option<(f32, u64)>,
+    jpeg: Option<u8>,
 }
 
 /// The warp of an [`AugmentDraw`]: rotation and zoom about the image centre, then a shift.
@@ -287,6 +429,20 @@ impl AugmentDraw {
         if self.gamma != 1.0 {
             let gamma = self.gamma;
             image.mapv_inplace(|v| v.powf(gamma));
+        }
+        if let Some(factor) = self.resolution {
+            crate::acquisition::resolution_round_trip(image, factor);
+        }
+        if let Some(sigma) = self.blur {
+            crate::acquisition::gaussian_blur(image, sigma);
+        }
+        if let Some((sigma, seed)) = self.noise {
+            crate::acquisition::add_noise(image, sigma, seed);
+        }
+        if let Some(quality) = self.jpeg {
+            // Re-encoding an in-memory gray image fails only on an encoder bug; the image is
+            // written only after a successful decode, so it is then left as it was.
+            let _ = crate::acquisition::jpeg_round_trip(image, quality);
         }
     }
 }
@@ -625,5 +781,41 @@ mod tests {
             ..AugmentConfig::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("augment.shift"));
+    }
+
+    #[test]
+    fn acquisition_augmentation_changes_images_within_range_and_keeps_older_streams() {
+        let base = AugmentConfig::default();
+        let acq = base
+            .with_overrides("blur=1.5, noise=0.05, jpeg=30, resolution=0.4")
+            .unwrap();
+        let (plain, acquired) = (Augmenter::new(base).unwrap(), Augmenter::new(acq).unwrap());
+        let mut changed = 0;
+        for seed in 0..24u64 {
+            let a = plain.draw(&mut sample_rng(seed, 0, 1));
+            let b = acquired.draw(&mut sample_rng(seed, 0, 1));
+            // The draws of the older settings come first and are the same.
+            assert_eq!((a.hflip, a.vflip, a.warp), (b.hflip, b.vflip, b.warp));
+            assert_eq!((a.bright, a.contrast, a.gamma), (b.bright, b.contrast, b.gamma));
+            assert!(a.blur.is_none() && a.noise.is_none() && a.jpeg.is_none() && a.resolution.is_none());
+            let mut x = ramp(40, 48);
+            let mut y = x.clone();
+            a.apply(&mut x, plain.config());
+            b.apply(&mut y, acquired.config());
+            assert!(y.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
+            changed += usize::from(x != y);
+            if let Some(q) = b.jpeg {
+                assert!((30..=95).contains(&q));
+            }
+            if let Some(f) = b.resolution {
+                assert!((0.4..=1.0).contains(&f));
+            }
+        }
+        // Each acquisition step runs with probability 0.5: nearly every image gets at least one.
+        assert!(changed >= 18, "{changed} of 24 changed");
+        let err = base.with_overrides("blurr=1").unwrap_err().to_string();
+        assert!(err.contains("blurr"), "{err}");
+        assert!(base.with_overrides("jpeg=120").is_err());
+        assert!(base.with_overrides("noise=x").unwrap_err().to_string().contains("augment.noise"));
     }
 }

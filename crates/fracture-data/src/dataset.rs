@@ -40,6 +40,9 @@ pub struct LoadOptions {
     pub disk_cache: Option<PathBuf>,
     /// Decoding limits.
     pub limits: DecodeLimits,
+    /// An acquisition shift applied to every decoded image before preprocessing (the evaluation's
+    /// shift suite); noise is seeded by the file's path. Shifted images bypass the disk cache.
+    pub shift: Option<crate::Shift>,
 }
 
 /// What a load did and how long it took.
@@ -309,6 +312,19 @@ fn load_one(
     dst: &mut [u8],
 ) -> Outcome {
     let side = config.size as usize;
+    if let Some(shift) = options.shift {
+        return match load_shifted(item, config, options, shift) {
+            Ok(image) => {
+                for (d, s) in dst.iter_mut().zip(image.iter()) {
+                    *d = *s;
+                }
+                Outcome::Decoded {
+                    cache_write_failed: false,
+                }
+            }
+            Err(e) => Outcome::Failed(Skipped::new(&item.path, skip_reason(&e))),
+        };
+    }
     let key = cache.and_then(|_| DiskCache::key(&item.path, preprocess_key));
     if let (Some(cache), Some(key)) = (cache, &key)
         && let Some(pixels) = cache.read(key, side)
@@ -333,6 +349,24 @@ fn load_one(
         }
         Err(e) => Outcome::Failed(Skipped::new(&item.path, skip_reason(&e))),
     }
+}
+
+/// Decodes `item`, applies `shift` with a seed derived from its path, and resizes.
+fn load_shifted(
+    item: &Item,
+    config: &PreprocessConfig,
+    options: &LoadOptions,
+    shift: crate::Shift,
+) -> Result<Array2<u8>> {
+    let bytes = crate::read_file_limited(&item.path, &options.limits)?;
+    let gray = crate::decode_gray(&bytes, &item.path, &options.limits)?;
+    // FNV-1a of the path: a per-image noise seed that does not depend on load order.
+    let seed = crate::path_text(&item.path)
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    config.resize(&shift.apply(&gray, seed)?)
 }
 
 /// The error text without the leading path (the [`Skipped`] entry carries it).

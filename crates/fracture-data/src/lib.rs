@@ -28,6 +28,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod acquisition;
 pub mod audit;
 mod augment;
 mod batch;
@@ -43,6 +44,7 @@ mod preprocess;
 mod split;
 mod summary;
 
+pub use acquisition::Shift;
 pub use augment::{
     Augment, AugmentConfig, AugmentDraw, Augmenter, FillMode, WarpDraw, flip_horizontal, flip_vertical,
     sample_rng,

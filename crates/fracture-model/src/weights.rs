@@ -127,6 +127,34 @@ impl Model {
         })
     }
 
+    /// The precision the tensors of a weight file are stored in (F32, F16 or BF16; the first
+    /// tensor's, as [`Model::save_as`] writes them all alike), read from the header alone, so that a
+    /// tool rewriting the file's metadata can keep its weights bit for bit.
+    pub fn stored_dtype(path: &Path) -> Result<DType> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |reason: String| Error::BadWeights {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let tensors = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a safetensors weight file: {e}")))?;
+        let first = tensors
+            .tensors()
+            .into_iter()
+            .map(|(_, view)| view.dtype())
+            .next()
+            .ok_or_else(|| bad("the file holds no tensor".into()))?;
+        match first {
+            safetensors::Dtype::F32 => Ok(DType::F32),
+            safetensors::Dtype::F16 => Ok(DType::F16),
+            safetensors::Dtype::BF16 => Ok(DType::BF16),
+            other => Err(bad(format!("tensors stored as {other:?}, not F32, F16 or BF16"))),
+        }
+    }
+
     /// Reads a weight file written by [`Model::save`] and rebuilds the network on `device`.
     ///
     /// Errors name the file and what is wrong: not a safetensors file, no fracture metadata, an

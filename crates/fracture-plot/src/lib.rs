@@ -28,6 +28,7 @@ macro_rules! tryd {
 mod calibration;
 mod confusion;
 mod curves;
+mod forest;
 mod pr;
 mod roc;
 mod scaffold;
@@ -36,6 +37,7 @@ mod sheet;
 pub use calibration::calibration_png;
 pub use confusion::confusion_png;
 pub use curves::{EpochPoint, training_curves_png};
+pub use forest::{ForestCell, ForestRow, forest_png};
 pub use pr::pr_png;
 pub use roc::roc_png;
 pub use scaffold::{Error, HEIGHT, Result, WIDTH};
@@ -89,6 +91,33 @@ mod tests {
             pr_png(&pr, Some(0.7), 0.5, Some((0.75, 0.75)), "PR").unwrap(),
             calibration_png(&bins, Some(0.1), "calibration").unwrap(),
             training_curves_png(&epochs, "training").unwrap(),
+            forest_png(
+                "subgroups",
+                &["ROC-AUC", "sensitivity", "specificity"],
+                &[Some(0.9), Some(0.91), None],
+                &[None, Some(0.85), None],
+                &[
+                    ForestRow {
+                        label: "hand (n 120, 30 fractured)".into(),
+                        cells: vec![
+                            Some(ForestCell {
+                                value: 0.9,
+                                interval: Some(fracture_eval::Interval { lower: 0.85, upper: 0.95 }),
+                            }),
+                            Some(ForestCell {
+                                value: 0.8,
+                                interval: None,
+                            }),
+                            None,
+                        ],
+                    },
+                    ForestRow {
+                        label: "hip (n 9)".into(),
+                        cells: vec![None, None, None],
+                    },
+                ],
+            )
+            .unwrap(),
         ];
         for png in &charts {
             assert!(is_png_of_the_chart_size(png));

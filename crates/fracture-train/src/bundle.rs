@@ -32,6 +32,14 @@ pub const PRETRAINED_KEY: &str = "fracture.pretrained";
 /// Metadata key of the folders a run trained on (JSON [`TrainingData`]).
 pub const TRAINING_DATA_KEY: &str = "fracture.training_data";
 
+/// Metadata key of the calibration map and its validation figures (JSON
+/// [`Calibration`](crate::calibrate::Calibration)).
+pub const CALIBRATION_KEY: &str = "fracture.calibration";
+
+/// Metadata key of the threshold's bootstrap interval and margin (JSON
+/// [`StableThreshold`](fracture_eval::StableThreshold)).
+pub const THRESHOLD_STABILITY_KEY: &str = "fracture.threshold_stability";
+
 /// The folders a model was trained on: the dataset (its train split, and its val split for the
 /// checkpoint and threshold) and the extra training folders (their train splits).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +64,8 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub struct ModelMeta {
     /// The preprocessing the model was trained with (its size equals the network's input size).
     pub preprocess: PreprocessConfig,
-    /// The operating threshold on P(fractured), in [0, 1]: fractured when `p >= threshold`.
+    /// The operating threshold on P(fractured) as the model reports it (calibrated when
+    /// [`ModelMeta::calibration`] is set), in [0, 1]: fractured when `p >= threshold`.
     pub threshold: f64,
     /// The rule that chose the threshold on the validation images.
     pub threshold_rule: Option<ThresholdRule>,
@@ -70,6 +79,11 @@ pub struct ModelMeta {
     pub pretrained: Option<fracture_model::PretrainedOrigin>,
     /// The folders the run trained on.
     pub training_data: Option<TrainingData>,
+    /// The calibration applied to every probability the model reports (see
+    /// [`TrainedModel::probability`]); `None` for an uncalibrated model.
+    pub calibration: Option<crate::calibrate::Calibration>,
+    /// How steady the threshold is: its bootstrap interval on the validation images.
+    pub threshold_stability: Option<fracture_eval::StableThreshold>,
 }
 
 impl ModelMeta {
@@ -84,6 +98,8 @@ impl ModelMeta {
             operating_point: None,
             pretrained: None,
             training_data: None,
+            calibration: None,
+            threshold_stability: None,
         }
     }
 
@@ -101,6 +117,14 @@ impl ModelMeta {
         }
         if let Some(train) = &self.train {
             train.validate().map_err(|e| format!("`{TRAIN_KEY}`: {e}"))?;
+        }
+        if let Some(c) = &self.calibration {
+            let fracture_eval::Platt { a, b } = c.platt;
+            if !(a.is_finite() && a > 0.0 && b.is_finite()) {
+                return Err(format!(
+                    "`{CALIBRATION_KEY}`: a = {a}, b = {b}: the slope must be finite and positive, the offset finite"
+                ));
+            }
         }
         Ok(())
     }
@@ -131,6 +155,11 @@ impl ModelMeta {
             TRAINING_DATA_KEY,
             self.training_data.as_ref().map(json).transpose()?,
         );
+        optional(CALIBRATION_KEY, self.calibration.as_ref().map(json).transpose()?);
+        optional(
+            THRESHOLD_STABILITY_KEY,
+            self.threshold_stability.as_ref().map(json).transpose()?,
+        );
         Ok(out)
     }
 
@@ -157,6 +186,8 @@ impl ModelMeta {
             operating_point: read(metadata, OPERATING_POINT_KEY)?,
             pretrained: read(metadata, PRETRAINED_KEY)?,
             training_data: read(metadata, TRAINING_DATA_KEY)?,
+            calibration: read(metadata, CALIBRATION_KEY)?,
+            threshold_stability: read(metadata, THRESHOLD_STABILITY_KEY)?,
         };
         meta.validate()?;
         Ok(meta)
@@ -225,6 +256,11 @@ impl TrainedModel {
             .save_as(path, &self.meta.to_metadata()?, candle_core::DType::F16)?)
     }
 
+    /// Writes the model with its weights stored as `dtype` (F32, F16 or BF16).
+    pub fn save_as(&self, path: &Path, dtype: candle_core::DType) -> Result<()> {
+        Ok(self.model.save_as(path, &self.meta.to_metadata()?, dtype)?)
+    }
+
     /// Loads a model from the bytes of a weight file (a model compiled into a program, say);
     /// `origin` names it in errors and becomes [`TrainedModel::path`].
     pub fn from_bytes(bytes: &[u8], origin: &Path, device: &Device) -> Result<Self> {
@@ -242,12 +278,23 @@ impl TrainedModel {
         self.meta.threshold
     }
 
+    /// The probability the model reports for an uncalibrated one (the sigmoid of the network's
+    /// logit, or the mean of such over test-time views): the stored calibration applied, or `raw`
+    /// itself for an uncalibrated model. Every P(fractured) shown passes through here.
+    pub fn probability(&self, raw: f64) -> f64 {
+        match &self.meta.calibration {
+            Some(c) => c.platt.apply(raw),
+            None => raw,
+        }
+    }
+
     /// The decision at the stored operating point: fractured when `p_fractured >= threshold`.
     pub fn decide(&self, p_fractured: f64) -> Label {
         Label::from_fractured(fracture_eval::is_fractured(p_fractured, self.meta.threshold))
     }
 
-    /// P(fractured) of one encoded image (any supported format); `origin` names it in errors.
+    /// P(fractured) of one encoded image (any supported format), calibrated; `origin` names it in
+    /// errors.
     pub fn predict_bytes(&self, bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<f64> {
         let input = self.meta.preprocess.preprocess_bytes(bytes, origin, limits)?;
         let s = self.meta.preprocess.size as usize;
@@ -262,7 +309,7 @@ impl TrainedModel {
                 value: f64::from(logit),
             });
         }
-        Ok(crate::sigmoid(logit))
+        Ok(self.probability(crate::sigmoid(logit)))
     }
 
     /// The test-time augmentation that matches the flips the model was trained with (see

@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+
+/// The sensitivity the stored operating threshold must reach on the validation images unless told
+/// otherwise: a missed fracture is the costliest error.
+pub const DEFAULT_TARGET_SENSITIVITY: f64 = 0.9;
 /// Adam's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,7 +188,9 @@ impl Default for TrainConfig {
             early_stopping_patience: None,
             best_metric: BestMetric::RocAuc,
             val_fraction: 0.2,
-            threshold_rule: ThresholdRule::TargetSensitivity { target: 0.9 },
+            threshold_rule: ThresholdRule::TargetSensitivity {
+                target: DEFAULT_TARGET_SENSITIVITY,
+            },
             backbone_lr_scale: 1.0,
             freeze_batch_norm: false,
             ema_decay: None,

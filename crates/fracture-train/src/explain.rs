@@ -125,7 +125,7 @@ impl TrainedModel {
             .grad_cams_at(&x, method, layer)?
             .pop()
             .ok_or_else(|| crate::Error::InvalidConfig("no activation map for the image".into()))?;
-        let p = sigmoid(cam.logit);
+        let p = self.probability(sigmoid(cam.logit));
         let content = self.preprocess().content_box(image.width(), image.height());
         Ok(Explanation {
             p_fractured: p,

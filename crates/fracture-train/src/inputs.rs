@@ -128,6 +128,7 @@ pub(crate) fn load_data(
     let options = LoadOptions {
         disk_cache: setup.cache_dir.clone(),
         limits: setup.limits,
+        shift: None,
     };
     let mut summary = layout.summary();
     let mut load = |split: Split, items: &[Item]| -> Result<FolderDataset> {

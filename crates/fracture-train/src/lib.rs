@@ -49,6 +49,7 @@
 pub mod audit;
 mod batcher;
 pub mod bundle;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod config;
 mod ema;
@@ -62,6 +63,7 @@ pub mod loss;
 pub mod optim;
 pub mod outputs;
 pub mod recipe;
+pub mod robustness;
 pub mod run;
 mod selection;
 mod session;
@@ -81,7 +83,7 @@ pub use {
 pub(crate) use batcher::batch_to_tensors;
 pub(crate) use config::{AdamConfig, BestMetric, LrSchedule, PosWeight};
 pub(crate) use evaluate::{
-    Tta, evaluate, mean_loss, predict_dataset, predict_images, predict_logits, sigmoid, truth,
+    Tta, mean_loss, predict_dataset, predict_images, predict_logits, sigmoid, truth,
 };
 pub(crate) use loss::bce_with_logits;
 pub(crate) use optim::Adam;

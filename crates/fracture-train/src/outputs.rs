@@ -18,6 +18,13 @@ pub const REPORT_JSON: &str = "report.json";
 pub const PREDICTIONS_CSV: &str = "predictions.csv";
 /// Charts written by [`write_evaluation`].
 pub const CHART_FILES: [&str; 4] = ["confusion.png", "roc.png", "pr.png", "calibration.png"];
+/// The forest plot of `eval --groups`.
+pub const GROUPS_CHART: &str = "groups.png";
+/// The chart of `eval --shifts`.
+pub const SHIFTS_CHART: &str = "shifts.png";
+/// The sensitivity every acquisition shift should keep at the stored threshold (drawn as the red
+/// line of the shift chart).
+pub const SHIFT_SENSITIVITY_FLOOR: f64 = 0.85;
 /// The training-curves chart of a run.
 pub const TRAINING_CURVES_FILE: &str = "training_curves.png";
 
@@ -54,6 +61,9 @@ pub struct Evaluation {
     pub probabilities: Vec<f64>,
     /// Files that could not be read.
     pub skipped: Vec<Skipped>,
+    /// Per-group and per-shift results, when asked for (see [`crate::robustness`]); written into
+    /// `report.json` and charted by [`write_evaluation`].
+    pub robustness: crate::robustness::Robustness,
 }
 
 /// Evaluates `model` on labelled images: loads them with the model's own preprocessing, predicts
@@ -75,7 +85,10 @@ pub fn evaluate_items(
     }
     let device = model.device();
     let views = if tta { model.tta() } else { Tta::Off };
-    let probabilities = predict_dataset(&model.model.net, &dataset, batch_size, views, &device)?;
+    let probabilities: Vec<f64> = predict_dataset(&model.model.net, &dataset, batch_size, views, &device)?
+        .into_iter()
+        .map(|p| model.probability(p))
+        .collect();
     let actual = truth(&dataset);
     let threshold = match choice {
         ThresholdChoice::Stored => model.threshold(),
@@ -98,6 +111,7 @@ pub fn evaluate_items(
         items: dataset.items().to_vec(),
         probabilities,
         skipped: dataset.skipped().to_vec(),
+        robustness: Default::default(),
     })
 }
 
@@ -112,6 +126,8 @@ struct ReportFile<'a> {
     tta: bool,
     threshold_choice: ThresholdChoice,
     skipped: usize,
+    #[serde(flatten)]
+    robustness: &'a crate::robustness::Robustness,
 }
 
 /// Where an evaluation's inputs came from, for `report.json`.
@@ -149,6 +165,7 @@ pub fn write_evaluation(
         tta: eval.tta,
         threshold_choice: eval.threshold_choice,
         skipped: eval.skipped.len(),
+        robustness: &eval.robustness,
     };
     let json = crate::bundle::json_pretty(&file, "the evaluation report")?;
     written.push(write(&dir.join(REPORT_JSON), json.as_bytes())?);
@@ -215,6 +232,19 @@ pub fn write_evaluation(
         ),
     )?;
     written.push(write(&dir.join(CHART_FILES[3]), &cal)?);
+    if let Some(groups) = &eval.robustness.groups {
+        let png = crate::robustness::groups_png(groups, r, &format!("Subgroups ({title})"))?;
+        written.push(write(&dir.join(GROUPS_CHART), &png)?);
+    }
+    if let Some(shifts) = &eval.robustness.shifts {
+        let png = crate::robustness::shifts_png(
+            shifts,
+            r,
+            SHIFT_SENSITIVITY_FLOOR,
+            &format!("Acquisition shifts ({title})"),
+        )?;
+        written.push(write(&dir.join(SHIFTS_CHART), &png)?);
+    }
     if let Some(csv) = metrics_csv {
         let points = read_metrics_csv(csv)?;
         let png = fracture_plot::training_curves_png(&points, "Training curves")?;
@@ -459,10 +489,11 @@ pub fn predict_files(
         } else {
             None
         };
-        let probs = match (&cams, views) {
+        let raw = match (&cams, views) {
             (Some(cams), Tta::Off) => cams.iter().map(|c| sigmoid(c.logit)).collect(),
             _ => predict_images(&model.model.net, &batch, views, &device)?,
         };
+        let probs = raw.into_iter().map(|p| model.probability(p));
         for (k, ((path, (_, dims)), p)) in chunk.iter().zip(probs).enumerate() {
             let evidence = cams.as_ref().and_then(|cams| {
                 let content = model.preprocess().content_box(dims.0, dims.1);

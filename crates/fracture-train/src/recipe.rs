@@ -194,7 +194,11 @@ impl Recipe {
             warmup_steps: o.warmup_steps.unwrap_or(base.warmup_steps),
             seed: o.seed.unwrap_or(base.seed),
             pos_weight: o.pos_weight.unwrap_or(base.pos_weight),
-            augment: if o.no_augment { None } else { base.augment },
+            augment: if o.no_augment {
+                None
+            } else {
+                o.augment.or(base.augment)
+            },
             early_stopping_patience: o.patience.or(base.early_stopping_patience),
             best_metric: o.best_metric.unwrap_or(base.best_metric),
             val_fraction: o.val_fraction.unwrap_or(base.val_fraction),
@@ -299,6 +303,8 @@ pub struct Overrides {
     pub freeze_batch_norm: bool,
     /// Decay of the weights' moving average (0 turns it off).
     pub ema_decay: Option<f64>,
+    /// The augmentation settings instead of the preset's (ignored with `no_augment`).
+    pub augment: Option<AugmentConfig>,
 }
 
 /// Augmentation for radiographs: rotation ±10°, left-right mirroring only (radiographs are not

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use fracture_data::{Augmenter, DatasetSummary, DecodeLimits, ImageFit, PreprocessConfig, Split};
-use fracture_eval::{EvalReport, choose_threshold};
+use fracture_eval::EvalReport;
 use fracture_fs::write_atomic;
 use fracture_model::{Model, ModelConfig};
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ use crate::recipe::Recipe;
 use crate::selection::{improves, stop_early};
 use crate::session::{Session, Validation};
 use crate::supervision::BoxTargets;
-use crate::{BestMetric, Error, Result, TrainConfig, evaluate};
+use crate::{BestMetric, Error, Result, TrainConfig, Tta, predict_dataset, truth};
 
 /// Where the last checkpoint of a run lives, relative to the run folder.
 pub const CHECKPOINT_FILE: &str = "checkpoints/last.safetensors";
@@ -446,13 +446,9 @@ fn final_report(
     let mut reports = BTreeMap::new();
     for (split, dataset) in [(Split::Val, Some(&data.val)), (Split::Test, data.test.as_ref())] {
         if let Some(dataset) = dataset {
-            let (_, report) = evaluate(
-                &best.model.net,
-                dataset,
-                best.threshold(),
-                cfg.batch_size,
-                &setup.device,
-            )?;
+            let raw = predict_dataset(&best.model.net, dataset, cfg.batch_size, Tta::Off, &setup.device)?;
+            let probabilities: Vec<f64> = raw.into_iter().map(|p| best.probability(p)).collect();
+            let report = EvalReport::new(&probabilities, &truth(dataset), best.threshold())?;
             reports.insert(split, report);
         }
     }
@@ -484,8 +480,9 @@ fn final_report(
     Ok(reports)
 }
 
-/// Saves the epoch's weights as the best model, with the threshold `setup.train.threshold_rule`
-/// chooses on the validation images and the report at that threshold.
+/// Saves the epoch's weights as the best model, with the calibration fitted on the validation
+/// images, the threshold `setup.train.threshold_rule` chooses on the calibrated probabilities (see
+/// [`crate::calibrate::operating_point`]) and the report at that threshold.
 fn save_best(
     model: &Model,
     setup: &TrainSetup,
@@ -496,18 +493,18 @@ fn save_best(
 ) -> Result<()> {
     let rule = setup.train.threshold_rule;
     // The val split holds both classes (checked when loading), so a threshold always exists.
-    let threshold = choose_threshold(&val.probabilities, &val.truth, rule)?.ok_or_else(|| {
-        Error::InvalidConfig("choosing a threshold needs validation images of both classes".into())
-    })?;
+    let op = crate::calibrate::operating_point(&val.probabilities, &val.truth, rule)?;
     let meta = ModelMeta {
         preprocess: setup.preprocess(),
-        threshold,
+        threshold: op.threshold,
         threshold_rule: Some(rule),
         train: Some(setup.train.clone()),
         validation: Some(report.clone()),
-        operating_point: Some(EvalReport::new(&val.probabilities, &val.truth, threshold)?),
+        operating_point: Some(op.report),
         pretrained: pretrained.cloned(),
         training_data: Some(setup.training_data()),
+        calibration: op.calibration,
+        threshold_stability: op.stability,
     };
     Ok(model.save(path, &meta.to_metadata()?)?)
 }

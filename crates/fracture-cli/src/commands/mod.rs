@@ -1,6 +1,7 @@
 //! One module per subcommand, and what they share.
 
 pub(crate) mod audit;
+pub(crate) mod calibrate;
 pub(crate) mod download;
 pub(crate) mod eval;
 pub(crate) mod export;

@@ -152,6 +152,14 @@ pub(crate) struct Args {
     /// contrast; the radiograph preset adds gamma and keeps images upright).
     #[arg(long)]
     no_augment: bool,
+    /// Change the preset's augmentation: comma-separated KEY=VALUE pairs, keys `rotation`
+    /// (degrees), `hflip`, `vflip` (true/false), `zoom` (MIN:MAX), `shift`, `fill` (`nearest` or a
+    /// value in [0, 1] for what a zoom-out or shift uncovers; 0 = black), `brightness`,
+    /// `contrast`, `gamma`, and the acquisition steps (each applied to half the images) `blur`
+    /// (largest σ in input pixels), `noise` (largest σ, share of the range), `jpeg` (lowest
+    /// quality) and `resolution` (smallest scale factor); e.g. `zoom=0.75:1.6,blur=1.2,jpeg=30`.
+    #[arg(long, value_name = "SPEC", conflicts_with = "no_augment")]
+    augment: Option<String>,
     /// Continue the run in `--out` from its last checkpoint (same settings; `--epochs` may grow).
     #[arg(long)]
     resume: bool,
@@ -162,7 +170,7 @@ pub(crate) struct Args {
     #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// Store with the model the highest threshold that reaches this sensitivity on the validation images.
-    #[arg(long, default_value_t = 0.9, conflicts_with = "threshold_rule")]
+    #[arg(long, default_value_t = fracture_train::config::DEFAULT_TARGET_SENSITIVITY, conflicts_with = "threshold_rule")]
     target_sensitivity: f64,
     /// Choose the stored threshold by another rule on the validation images instead.
     #[arg(long, value_enum)]
@@ -272,6 +280,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         backbone_lr_scale: args.backbone_lr_scale,
         freeze_batch_norm: args.freeze_batch_norm,
         ema_decay: args.ema_decay,
+        augment: match &args.augment {
+            Some(spec) => Some(
+                preset
+                    .recipe()
+                    .train
+                    .augment
+                    .unwrap_or_default()
+                    .with_overrides(spec)
+                    .context("--augment")?,
+            ),
+            None => None,
+        },
     };
     let recipe = preset.recipe().with(&overrides);
     let efficientnet = matches!(recipe.model.arch, ArchConfig::EfficientNetLite0(_));
