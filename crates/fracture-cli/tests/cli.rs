@@ -2466,7 +2466,10 @@ fn eval_reports_subgroups_and_acquisition_shifts_on_real_radiographs() {
     let groups = report["groups"]["groups"].as_array().unwrap();
     let names: Vec<&str> = groups.iter().map(|g| g["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"hand") && names.contains(&"leg"), "{names:?}");
-    assert!(!names.contains(&"fractured") && !names.contains(&"split"), "{names:?}");
+    assert!(
+        !names.contains(&"fractured") && !names.contains(&"split"),
+        "{names:?}"
+    );
     let g = groups.iter().find(|g| g["name"] == "hand").unwrap();
     assert_eq!(g["n"].as_u64().unwrap() as usize, hands);
     assert_eq!(report["groups"]["unmatched"], 0);
@@ -2476,7 +2479,10 @@ fn eval_reports_subgroups_and_acquisition_shifts_on_real_radiographs() {
         .find(|g| g["positives"].as_u64().unwrap() < 5)
         .expect("some group of 48 images has fewer than 5 fractures");
     assert!(thin["roc_auc"].is_null() && thin["note"].as_str().unwrap().contains("too few"));
-    assert!(stdout.contains("subgroups") && stdout.contains("too few cases"), "{stdout}");
+    assert!(
+        stdout.contains("subgroups") && stdout.contains("too few cases"),
+        "{stdout}"
+    );
     // Every shift of the suite, each on all 48 images, with its change of ROC-AUC.
     let shifts = report["shifts"].as_array().unwrap();
     assert_eq!(shifts.len(), 12);
@@ -2488,19 +2494,90 @@ fn eval_reports_subgroups_and_acquisition_shifts_on_real_radiographs() {
         assert!((auc - base_auc - delta).abs() < 1e-12);
     }
     let names: Vec<&str> = shifts.iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"zoom in 60%") && names.contains(&"JPEG q30"), "{names:?}");
+    assert!(
+        names.contains(&"zoom in 60%") && names.contains(&"JPEG q30"),
+        "{names:?}"
+    );
     // The shifts change what the model sees: the mean P(fractured) of the fractures moves.
     let means: Vec<f64> = shifts
         .iter()
         .map(|s| s["mean_p_fractured"].as_f64().unwrap())
         .collect();
+    assert!(means.iter().any(|m| (m - means[0]).abs() > 1e-3), "{means:?}");
     assert!(
-        means.iter().any(|m| (m - means[0]).abs() > 1e-3),
-        "{means:?}"
+        stdout.contains("acquisition shifts") && stdout.contains("zoom out 1.5x"),
+        "{stdout}"
     );
-    assert!(stdout.contains("acquisition shifts") && stdout.contains("zoom out 1.5x"), "{stdout}");
     assert_png(&root.join("eval/groups.png"));
     assert_png(&root.join("eval/shifts.png"));
     // The built-in model reports calibrated probabilities.
     assert!(stdout.contains("probabilities calibrated"), "{stdout}");
+}
+
+#[test]
+fn calibrate_refits_the_probabilities_and_threshold_on_real_radiographs() {
+    let Some(data) = fracture_testkit::fracatlas() else {
+        return;
+    };
+    let root = fresh_dir(&base(), "calibrate");
+    let subset = root.join("val");
+    val_subset(&data, &subset, 20, 60);
+    let model = root.join("calibrated.safetensors");
+    let out = fracture()
+        .args(["calibrate", "--target-sensitivity", "0.9", "--data"])
+        .arg(&subset)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("calibrated on 80 images (20 fractured)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("cross-fitted") && stdout.contains("F16 weights"),
+        "{stdout}"
+    );
+    // The weights are the built-in model's, bit for bit: the file keeps their half precision.
+    let built_in = fracture_testkit::workspace_root().join("models/fracture-lite0.safetensors");
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len() as i64;
+    assert!(
+        (size(&model) - size(&built_in)).abs() < 20_000,
+        "{} vs {}",
+        size(&model),
+        size(&built_in)
+    );
+    let out = fracture()
+        .args(["eval", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&subset)
+        .arg("--out")
+        .arg(root.join("eval"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("eval/report.json")).unwrap()).unwrap();
+    // On the images it was fitted on, the stored threshold keeps the target sensitivity.
+    assert!(report["sensitivity"].as_f64().unwrap() >= 0.9, "{report}");
+    // Fractures only: nothing to calibrate against, a clear refusal, no file written.
+    let tiny = root.join("tiny");
+    val_subset(&data, &tiny, 3, 0);
+    let out = fracture()
+        .args(["calibrate", "--data"])
+        .arg(&tiny)
+        .arg("--out")
+        .arg(root.join("tiny.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
+    assert!(!root.join("tiny.safetensors").exists());
 }

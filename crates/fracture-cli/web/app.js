@@ -36,6 +36,7 @@ async function loadModel() {
     if (v.sensitivity != null) items.push(["val sensitivity", v.sensitivity.toFixed(3)]);
     if (v.specificity != null) items.push(["val specificity", v.specificity.toFixed(3)]);
     if (v.n != null) items.push(["val images", `${v.n} (${v.positives} fractured)`]);
+    items.push(["probabilities", m.calibration ? "calibrated on val (Platt)" : "uncalibrated scores"]);
     box.replaceChildren(...items.map(([k, val]) => el("div", {}, el("dt", { text: k }), el("dd", { text: String(val) }))));
   } catch (e) {
     box.replaceChildren(el("dt", { text: "model" }), el("dd", { class: "error", text: "unavailable: " + e }));

@@ -303,7 +303,9 @@ impl Shift {
                 let mean = mean as f32;
                 let mut out = gray.clone();
                 out.pixels_mut().for_each(|p| {
-                    p[0] = ((f32::from(p[0]) - mean) * factor + mean).round().clamp(0.0, 255.0) as u8;
+                    p[0] = ((f32::from(p[0]) - mean) * factor + mean)
+                        .round()
+                        .clamp(0.0, 255.0) as u8;
                 });
                 out
             }
@@ -333,13 +335,19 @@ mod tests {
     #[test]
     fn geometric_shifts_change_the_size_as_documented() {
         let g = ramp(100, 80);
-        assert_eq!(Shift::ZoomIn { keep: 0.6 }.apply(&g, 0).unwrap().dimensions(), (60, 48));
+        assert_eq!(
+            Shift::ZoomIn { keep: 0.6 }.apply(&g, 0).unwrap().dimensions(),
+            (60, 48)
+        );
         let out = Shift::ZoomOut { pad: 1.5 }.apply(&g, 0).unwrap();
         assert_eq!(out.dimensions(), (150, 120));
         // The original sits in the middle of a black canvas.
         assert_eq!(out.get_pixel(0, 0)[0], 0);
         assert_eq!(out.get_pixel(25 + 10, 20 + 7)[0], g.get_pixel(10, 7)[0]);
-        assert_eq!(Shift::Aspect { ratio: 0.75 }.apply(&g, 0).unwrap().dimensions(), (75, 80));
+        assert_eq!(
+            Shift::Aspect { ratio: 0.75 }.apply(&g, 0).unwrap().dimensions(),
+            (75, 80)
+        );
         for s in Shift::suite() {
             let out = s.apply(&g, 3).unwrap();
             assert!(out.width() > 0 && out.height() > 0, "{}", s.name());

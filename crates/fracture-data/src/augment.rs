@@ -224,10 +224,12 @@ impl AugmentConfig {
                 "fill" => {
                     self.fill = match value {
                         "nearest" => FillMode::Nearest,
-                        v => FillMode::Constant(
-                            v.parse::<f32>()
-                                .map_err(|_| bad("augment.fill", format!("`{v}` is not `nearest` or a value in [0, 1]")))?,
-                        ),
+                        v => FillMode::Constant(v.parse::<f32>().map_err(|_| {
+                            bad(
+                                "augment.fill",
+                                format!("`{v}` is not `nearest` or a value in [0, 1]"),
+                            )
+                        })?),
                     }
                 }
                 "brightness" => self.brightness = number("augment.brightness")?,
@@ -816,6 +818,11 @@ mod tests {
         let err = base.with_overrides("blurr=1").unwrap_err().to_string();
         assert!(err.contains("blurr"), "{err}");
         assert!(base.with_overrides("jpeg=120").is_err());
-        assert!(base.with_overrides("noise=x").unwrap_err().to_string().contains("augment.noise"));
+        assert!(
+            base.with_overrides("noise=x")
+                .unwrap_err()
+                .to_string()
+                .contains("augment.noise")
+        );
     }
 }

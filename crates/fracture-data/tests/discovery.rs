@@ -315,6 +315,24 @@ fn the_disk_cache_serves_a_second_load_and_notices_changes() {
     let third = FolderDataset::load(&items, &cfg, &options).unwrap();
     assert_eq!((third.stats().decoded, third.stats().from_disk_cache), (1, 5));
     assert_ne!(third.image_u8(0), first.image_u8(0));
+    // A shifted load decodes every file again, bypasses the cache and changes the pixels; an
+    // unreadable file is still skipped and named.
+    std::fs::write(root.join("train/fractured/bad.png"), b"not a png").unwrap();
+    items.push(fracture_data::Item::new(
+        root.join("train/fractured/bad.png"),
+        Label::Fractured,
+    ));
+    let shifted = LoadOptions {
+        shift: Some(fracture_data::Shift::ZoomOut { pad: 1.5 }),
+        ..options.clone()
+    };
+    let padded = FolderDataset::load(&items, &cfg, &shifted).unwrap();
+    assert_eq!((padded.stats().decoded, padded.stats().from_disk_cache), (6, 0));
+    assert_eq!(padded.skipped().len(), 1);
+    assert_ne!(padded.image_u8(1), third.image_u8(1));
+    // The padding is black: the corner of a padded image is darker than the unpadded one's.
+    let corner = |d: &FolderDataset| d.image_u8(1).unwrap()[[0, 0]];
+    assert!(corner(&padded) <= corner(&third));
 }
 
 #[test]

@@ -255,7 +255,12 @@ impl Platt {
 /// let after = expected_calibration_error(&cal, &truth, 10).unwrap().unwrap();
 /// assert!(after < before / 2.0, "{after} vs {before}");
 /// ```
-pub fn cross_fitted_platt(logits: &[f64], actual: &[bool], folds: usize, seed: u64) -> Result<Option<Vec<f64>>> {
+pub fn cross_fitted_platt(
+    logits: &[f64],
+    actual: &[bool],
+    folds: usize,
+    seed: u64,
+) -> Result<Option<Vec<f64>>> {
     if logits.len() != actual.len() {
         return Err(Error::LengthMismatch {
             predictions: logits.len(),
@@ -324,7 +329,9 @@ mod tests {
         // Truth drawn from sigmoid(z); the model reports 2.5·z + 1.5.
         let mut state = 17u64;
         let mut uniform = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 11) as f64 / (1u64 << 53) as f64
         };
         let z: Vec<f64> = (0..4000).map(|i| (i as f64 / 4000.0) * 8.0 - 4.0).collect();

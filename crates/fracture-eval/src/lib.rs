@@ -54,7 +54,8 @@ mod threshold;
 
 pub use bootstrap::{ConfidenceIntervals, Interval, bootstrap_ci, mean_ci};
 pub use calibration::{
-    CalibrationBin, Platt, brier_score, calibration_bins, cross_fitted_platt, expected_calibration_error, logit,
+    CalibrationBin, Platt, brier_score, calibration_bins, cross_fitted_platt, expected_calibration_error,
+    logit,
 };
 pub use confusion::ConfusionMatrix;
 pub use error::{Error, Result};
@@ -65,7 +66,8 @@ pub use pr::{PrPoint, average_precision, pr_curve};
 pub use report::{DEFAULT_RESAMPLES, ECE_BINS, EvalReport};
 pub use roc::{RocPoint, roc_auc, roc_curve};
 pub use threshold::{
-    DEFAULT_THRESHOLD, StableThreshold, ThresholdRule, choose_stable_threshold, choose_threshold, decide, is_fractured,
+    DEFAULT_THRESHOLD, StableThreshold, ThresholdRule, choose_stable_threshold, choose_threshold, decide,
+    is_fractured,
 };
 
 #[cfg(test)]

@@ -273,7 +273,9 @@ mod tests {
     fn the_stable_threshold_keeps_the_target_and_reports_its_spread() {
         let scores: Vec<f64> = (0..200).map(|i| f64::from((i * 61) % 200) / 200.0).collect();
         let actual: Vec<bool> = (0..200).map(|i| (i * 61) % 200 > 60 && i % 3 != 0).collect();
-        let t = choose_stable_threshold(&scores, &actual, 0.9, 300, 4).unwrap().unwrap();
+        let t = choose_stable_threshold(&scores, &actual, 0.9, 300, 4)
+            .unwrap()
+            .unwrap();
         let sens = |th: f64| {
             BinaryMetrics::from_confusion(&ConfusionMatrix::from_scores(&scores, &actual, th).unwrap())
                 .recall

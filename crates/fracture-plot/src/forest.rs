@@ -39,14 +39,20 @@ pub fn forest_png(
 ) -> Result<Vec<u8>> {
     const C: &str = "forest";
     render(C, |root| {
-        let root = root.titled(title, (FONT, 24)).map_err(|e| crate::scaffold::draw_err(C)(&e))?;
+        let root = root
+            .titled(title, (FONT, 24))
+            .map_err(|e| crate::scaffold::draw_err(C)(&e))?;
         let (labels, plots) = root.split_horizontally(230);
         let areas = plots.split_evenly((1, panels.len().max(1)));
         let n = rows.len().max(1) as f64;
         let mut label_pixels: Vec<i32> = Vec::new();
         for (p, (area, name)) in areas.iter().zip(panels).enumerate() {
             let lows = rows.iter().filter_map(|r| {
-                r.cells.get(p).copied().flatten().map(|c| c.interval.map_or(c.value, |i| i.lower))
+                r.cells
+                    .get(p)
+                    .copied()
+                    .flatten()
+                    .map(|c| c.interval.map_or(c.value, |i| i.lower))
             });
             let low = lows
                 .chain(reference.get(p).copied().flatten())
@@ -87,7 +93,10 @@ pub fn forest_png(
             if let Some(f) = floors.get(p).copied().flatten() {
                 tryd!(
                     C,
-                    chart.draw_series(LineSeries::new([(f, -0.5), (f, n - 0.5)], RED.mix(0.4).stroke_width(1)))
+                    chart.draw_series(LineSeries::new(
+                        [(f, -0.5), (f, n - 0.5)],
+                        RED.mix(0.4).stroke_width(1)
+                    ))
                 );
             }
             for (k, row) in rows.iter().enumerate() {

@@ -102,7 +102,10 @@ mod tests {
                         cells: vec![
                             Some(ForestCell {
                                 value: 0.9,
-                                interval: Some(fracture_eval::Interval { lower: 0.85, upper: 0.95 }),
+                                interval: Some(fracture_eval::Interval {
+                                    lower: 0.85,
+                                    upper: 0.95,
+                                }),
                             }),
                             Some(ForestCell {
                                 value: 0.8,

@@ -380,4 +380,33 @@ mod tests {
                 .contains("not a probability")
         );
     }
+
+    #[test]
+    fn a_calibration_round_trips_and_a_decreasing_one_is_refused() {
+        let cal = crate::calibrate::Calibration {
+            platt: fracture_eval::Platt { a: 0.9, b: -1.7 },
+            images: 512,
+            positives: 88,
+            ece_uncalibrated: Some(0.13),
+            ece_cross_fitted: Some(0.03),
+            brier_cross_fitted: None,
+        };
+        let m = ModelMeta {
+            calibration: Some(cal),
+            ..meta()
+        };
+        let entries = m.to_metadata().unwrap();
+        assert_eq!(ModelMeta::from_metadata(&entries).unwrap(), m);
+        let mut entries = entries;
+        entries.insert(
+            CALIBRATION_KEY.into(),
+            json(&crate::calibrate::Calibration {
+                platt: fracture_eval::Platt { a: -1.0, b: 0.0 },
+                ..cal
+            })
+            .unwrap(),
+        );
+        let err = ModelMeta::from_metadata(&entries).unwrap_err();
+        assert!(err.contains(CALIBRATION_KEY) && err.contains("positive"), "{err}");
+    }
 }

@@ -8,8 +8,8 @@
 //! shows calibrated probabilities ([`TrainedModel::probability`](crate::TrainedModel::probability)).
 
 use fracture_eval::{
-    EvalReport, Platt, StableThreshold, ThresholdRule, brier_score, choose_stable_threshold, choose_threshold,
-    cross_fitted_platt, expected_calibration_error, logit,
+    EvalReport, Platt, StableThreshold, ThresholdRule, brier_score, choose_stable_threshold,
+    choose_threshold, cross_fitted_platt, expected_calibration_error, logit,
 };
 use serde::{Deserialize, Serialize};
 

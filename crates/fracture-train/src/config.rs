@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-
 /// The sensitivity the stored operating threshold must reach on the validation images unless told
 /// otherwise: a missed fracture is the costliest error.
 pub const DEFAULT_TARGET_SENSITIVITY: f64 = 0.9;

@@ -82,9 +82,7 @@ pub use {
 // Shortcuts for the crate's own modules.
 pub(crate) use batcher::batch_to_tensors;
 pub(crate) use config::{AdamConfig, BestMetric, LrSchedule, PosWeight};
-pub(crate) use evaluate::{
-    Tta, mean_loss, predict_dataset, predict_images, predict_logits, sigmoid, truth,
-};
+pub(crate) use evaluate::{Tta, mean_loss, predict_dataset, predict_images, predict_logits, sigmoid, truth};
 pub(crate) use loss::bce_with_logits;
 pub(crate) use optim::Adam;
 pub(crate) use outputs::{TRAINING_CURVES_FILE, write_training_curves};

@@ -37,7 +37,10 @@ pub fn read_groups(path: &Path) -> Result<GroupTable> {
     let (mut reader, header) = open_csv(path)?;
     let names: Vec<String> = header.iter().map(|h| h.trim().to_string()).collect();
     let Some(id) = names.iter().position(|h| h == "id") else {
-        return Err(bad(1, "the header needs an `id` column (file names without extension)"));
+        return Err(bad(
+            1,
+            "the header needs an `id` column (file names without extension)",
+        ));
     };
     let mut rows: Vec<(u64, String, Vec<String>)> = Vec::new();
     for record in reader.records() {
@@ -46,7 +49,10 @@ pub fn read_groups(path: &Path) -> Result<GroupTable> {
         let cells: Vec<String> = record.iter().map(|c| c.trim().to_string()).collect();
         rows.push((line, cells.get(id).cloned().unwrap_or_default(), cells));
     }
-    let is_flag = |c: usize| rows.iter().all(|(_, _, cells)| matches!(cells.get(c).map(String::as_str), Some("0" | "1")));
+    let is_flag = |c: usize| {
+        rows.iter()
+            .all(|(_, _, cells)| matches!(cells.get(c).map(String::as_str), Some("0" | "1")))
+    };
     let (mut groups, mut columns, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
     for (c, name) in names.iter().enumerate() {
         if c == id {
@@ -102,10 +108,7 @@ pub fn evaluate_groups(eval: &Evaluation, table: &GroupTable, file: &Path) -> Re
     let unmatched = rows.iter().filter(|r| r.is_none()).count();
     let mut groups = Vec::with_capacity(table.groups.len());
     for (g, name) in table.groups.iter().enumerate() {
-        let members: Vec<bool> = rows
-            .iter()
-            .map(|r| r.is_some_and(|flags| flags[g]))
-            .collect();
+        let members: Vec<bool> = rows.iter().map(|r| r.is_some_and(|flags| flags[g])).collect();
         groups.push(group_report(
             name,
             &eval.probabilities,
@@ -174,10 +177,11 @@ pub fn evaluate_shifts(
             ..options.clone()
         };
         let dataset = FolderDataset::load(items, model.preprocess(), &opts)?;
-        let probabilities: Vec<f64> = predict_dataset(&model.model.net, &dataset, batch_size, views, &device)?
-            .into_iter()
-            .map(|p| model.probability(p))
-            .collect();
+        let probabilities: Vec<f64> =
+            predict_dataset(&model.model.net, &dataset, batch_size, views, &device)?
+                .into_iter()
+                .map(|p| model.probability(p))
+                .collect();
         let actual = truth(&dataset);
         let r = EvalReport::new(&probabilities, &actual, base.threshold)?;
         let fractured: Vec<f64> = probabilities

@@ -165,7 +165,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(file) = &args.groups {
         let table = fracture_train::robustness::read_groups(file).context("cannot read the groups file")?;
         if table.groups.is_empty() {
-            bail!("{}: no 0/1 group column (columns: id, {})", file.display(), table.ignored.join(", "));
+            bail!(
+                "{}: no 0/1 group column (columns: id, {})",
+                file.display(),
+                table.ignored.join(", ")
+            );
         }
         evaluation.robustness.groups = Some(
             fracture_train::robustness::evaluate_groups(&evaluation, &table, file)
@@ -174,7 +178,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     }
     if args.shifts {
         let suite = fracture_train::data::Shift::suite();
-        eprintln!("acquisition shifts: {} evaluations of {} images", suite.len(), evaluation.items.len());
+        eprintln!(
+            "acquisition shifts: {} evaluations of {} images",
+            suite.len(),
+            evaluation.items.len()
+        );
         let results = fracture_train::robustness::evaluate_shifts(
             &model,
             &evaluation.items,

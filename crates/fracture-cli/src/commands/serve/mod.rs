@@ -336,6 +336,8 @@ fn model_info(model: &TrainedModel) -> serde_json::Value {
         "preprocess": meta.preprocess,
         "threshold": meta.threshold,
         "threshold_rule": meta.threshold_rule,
+        "threshold_stability": meta.threshold_stability,
+        "calibration": meta.calibration,
         "validation": {
             "epoch": meta.validation.as_ref().map(|v| v.epoch),
             "roc_auc": val.and_then(|v| v.roc_auc),
