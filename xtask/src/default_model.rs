@@ -21,6 +21,10 @@ const CARD_ROWS: [(&str, &str); 5] = [
 /// Largest allowed difference between a card number and the fresh evaluation.
 const TOLERANCE: f64 = 0.002;
 
+/// The augmentation overrides of the ready model's recipe (`fracture train --augment`).
+pub(crate) const RECIPE_AUGMENT: &str =
+    "zoom=0.65:1.7,shift=0.1,fill=0,noise=0.04,blur=1.0,jpeg=40,resolution=0.5";
+
 /// The training command's arguments after `fracture`, with `shared` the shared folder.
 pub(crate) fn train_args(shared: &Path, out: &Path) -> Vec<String> {
     let s = |p: &str| shared.join(p).display().to_string();
@@ -41,6 +45,10 @@ pub(crate) fn train_args(shared: &Path, out: &Path) -> Vec<String> {
         s("pretrained/efficientnet-lite0-57934424.pth"),
         "--seed".into(),
         "42".into(),
+        // Wider zoom and the acquisition shifts (noise, blur, JPEG, resolution) in training, so the
+        // model holds up when the framing or the scanner changes.
+        "--augment".into(),
+        RECIPE_AUGMENT.into(),
         "--out".into(),
         out.display().to_string(),
     ]

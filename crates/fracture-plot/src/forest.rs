@@ -75,6 +75,7 @@ pub fn forest_png(
                     .configure_mesh()
                     .disable_y_mesh()
                     .disable_y_axis()
+                    .light_line_style(WHITE)
                     .x_labels(5)
                     .label_style((FONT, 14))
                     .draw()

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use fracture_data::{FolderDataset, Item, LoadOptions, Shift};
+use fracture_data::{FolderDataset, LoadOptions, Shift};
 use fracture_eval::{EvalReport, GroupReport, Interval, group_report};
 use serde::{Deserialize, Serialize};
 
@@ -153,19 +153,20 @@ pub struct ShiftResult {
     pub mean_p_fractured: Option<f64>,
 }
 
-/// Evaluates `model` on `items` under each of `shifts` (decoded, shifted, then preprocessed as
-/// usual), at the threshold of `base` (the unshifted evaluation), reporting each shift's ROC-AUC
-/// change against it. `progress(done, total)` is called after each shift.
+/// Evaluates `model` on the images of `base` (an unshifted evaluation) under each of `shifts`
+/// (decoded, shifted, then preprocessed as usual), with the same flips as `base` and at its
+/// threshold, reporting each shift's ROC-AUC change against it. `progress(done, total)` is called
+/// after each shift.
 pub fn evaluate_shifts(
     model: &TrainedModel,
-    items: &[Item],
-    base: &EvalReport,
+    base: &Evaluation,
     shifts: &[Shift],
-    tta: bool,
     batch_size: usize,
     options: &LoadOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<ShiftResult>> {
+    let (items, tta) = (&base.items, base.tta);
+    let base = &base.report;
     let device = model.device();
     let views = if tta { model.tta() } else { Tta::Off };
     let mut out = Vec::with_capacity(shifts.len());

@@ -185,10 +185,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         );
         let results = fracture_train::robustness::evaluate_shifts(
             &model,
-            &evaluation.items,
-            &evaluation.report,
+            &evaluation,
             &suite,
-            args.tta,
             args.batch_size,
             &LoadOptions::default(),
             &mut |done, total| eprintln!("  shift {done}/{total} done"),
