@@ -78,7 +78,7 @@ mod tests {
             let scores: Vec<f64> = pairs.iter().map(|p| p.0).collect();
             let actual: Vec<bool> = pairs.iter().map(|p| p.1).collect();
             if let Some(ap) = average_precision(&scores, &actual).unwrap() {
-                prop_assert!((0.0..=1.0 + 1e-12).contains(&ap));
+                prop_assert!((0.0..=1.0).contains(&ap));
             }
             let perfect: Vec<f64> = actual.iter().map(|&a| if a { 1.0 } else { 0.0 }).collect();
             if actual.iter().any(|&a| a) {

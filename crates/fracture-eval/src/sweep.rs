@@ -107,6 +107,7 @@ impl TieGroups {
                 prev_recall = recall;
             }
         });
-        ap
+        // The recall steps sum to 1 only up to rounding; keep the area in [0, 1].
+        ap.clamp(0.0, 1.0)
     }
 }
