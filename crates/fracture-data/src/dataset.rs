@@ -80,7 +80,7 @@ impl LoadStats {
 /// let dir = std::env::temp_dir().join(format!("fracture-doc-{}", std::process::id()));
 /// std::fs::create_dir_all(&dir).unwrap();
 /// let good = dir.join("good.png");
-/// image::GrayImage::from_pixel(40, 30, image::Luma([200])).save(&good).unwrap();
+/// image::GrayImage::from_fn(40, 30, |x, y| image::Luma([(x * 5 + y) as u8])).save(&good).unwrap();
 /// let bad = dir.join("bad.png");
 /// std::fs::write(&bad, b"not a png").unwrap();
 /// let items = [Item::new(&good, Label::Fractured), Item::new(&bad, Label::NotFractured)];

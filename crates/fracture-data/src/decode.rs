@@ -95,26 +95,52 @@ pub fn decode_gray(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result
         return Ok(crate::dicom::decode_dicom(bytes, origin, limits)?.0);
     }
     let format = image::guess_format(bytes).map_err(decode_err)?;
-    if format == ImageFormat::Jpeg {
+    let gray = if format == ImageFormat::Jpeg {
         if limits.allow_partial {
-            return decode_jpeg(bytes, limits, false).map_err(decode_err);
+            decode_jpeg(bytes, limits, false).map_err(decode_err)?
+        } else {
+            decode_jpeg_checked(bytes, origin, limits)?
         }
-        return match decode_jpeg(bytes, limits, true) {
-            Ok(gray) => Ok(gray),
-            // The strict decoder stops at the first damage; the lenient one fills in gray. When only
-            // the lenient one succeeds, the picture is partial, unless the strict complaint was
-            // about harmless padding between headers.
-            Err(strict) => match decode_jpeg(bytes, limits, false) {
-                Ok(gray) if strict.to_string().contains("Extra bytes between headers") => Ok(gray),
-                Ok(_) => Err(Error::Partial {
-                    path: origin.to_path_buf(),
-                    reason: strict.to_string(),
-                }),
-                Err(e) => Err(decode_err(e)),
-            },
-        };
+    } else {
+        decode_other(bytes, format, limits).map_err(decode_err)?
+    };
+    refuse_constant(gray, origin)
+}
+
+/// `gray` unless every pixel has one value: such an image carries nothing to classify (a blank
+/// scan, all-zero pixel data, a header that scales every value onto one), and a score for it
+/// would be a silent wrong result.
+pub(crate) fn refuse_constant(gray: GrayImage, origin: &Path) -> Result<GrayImage> {
+    let raw = gray.as_raw();
+    match raw.first() {
+        Some(&first) if raw.iter().all(|&v| v == first) => Err(Error::Constant {
+            path: origin.to_path_buf(),
+            value: first,
+        }),
+        _ => Ok(gray),
     }
-    decode_other(bytes, format, limits).map_err(decode_err)
+}
+
+/// A JPEG decoded strictly, or an [`Error::Partial`] when only the lenient decoder reads it.
+fn decode_jpeg_checked(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<GrayImage> {
+    let decode_err = |source: ImageError| Error::Decode {
+        path: origin.to_path_buf(),
+        source,
+    };
+    match decode_jpeg(bytes, limits, true) {
+        Ok(gray) => Ok(gray),
+        // The strict decoder stops at the first damage; the lenient one fills in gray. When only
+        // the lenient one succeeds, the picture is partial, unless the strict complaint was
+        // about harmless padding between headers.
+        Err(strict) => match decode_jpeg(bytes, limits, false) {
+            Ok(gray) if strict.to_string().contains("Extra bytes between headers") => Ok(gray),
+            Ok(_) => Err(Error::Partial {
+                path: origin.to_path_buf(),
+                reason: strict.to_string(),
+            }),
+            Err(e) => Err(decode_err(e)),
+        },
+    }
 }
 
 fn limit_error(kind: LimitErrorKind) -> ImageError {

@@ -20,7 +20,11 @@
 //! checked against [`DecodeLimits`] before anything is allocated for the pixels, and every
 //! failure is an [`Error::Dicom`] naming the file and the reason.
 
+use std::cell::Cell;
+use std::io::Read;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::Once;
 
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
@@ -31,7 +35,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use image::GrayImage;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{DecodeLimits, WINDOW_TAIL, dynamic_to_luma};
+use crate::decode::{DecodeLimits, WINDOW_TAIL, dynamic_to_luma, refuse_constant};
 use crate::{Error, Result};
 
 /// Whether `bytes` are a DICOM file: the `DICM` magic at offset 128.
@@ -221,16 +225,233 @@ fn floats(obj: &DefaultDicomObject, tag: dicom_object::Tag) -> Option<Vec<f64>> 
     obj.element_opt(tag).ok()??.to_multi_float64().ok()
 }
 
+/// Deflated Image Frame Compression: each frame's fragment is deflated on its own.
+const DEFLATED_FRAMES: &str = "1.2.840.10008.1.2.8.1";
+/// RLE Lossless.
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+/// The JPEG transfer syntaxes the registry decodes: baseline, extended, lossless (processes 14).
+const JPEG_SYNTAXES: [&str; 4] = [
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+];
+
+thread_local! {
+    /// How many [`contain`] calls are running on this thread (their panics are not printed).
+    static CONTAINED: Cell<u32> = const { Cell::new(0) };
+}
+static QUIET_HOOK: Once = Once::new();
+
+/// Runs third-party decoding code, turning a panic inside it into `Err(message)`, so that a codec
+/// bug on one crafted file is an error naming that file, not the end of the whole command. The
+/// panic message is not printed for contained panics (the error carries it); every other panic
+/// still reaches the previous hook.
+pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CONTAINED.with(Cell::get) == 0 {
+                previous(info);
+            }
+        }));
+    });
+    CONTAINED.with(|c| c.set(c.get() + 1));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    CONTAINED.with(|c| c.set(c.get() - 1));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into())
+    })
+}
+
+/// Where the data set starts (after the preamble, the `DICM` magic and the group-2 meta elements,
+/// always explicit VR little endian) and the Transfer Syntax UID the meta group names. `None`
+/// when the meta group runs past the end of `bytes`.
+fn meta_group(bytes: &[u8]) -> Option<(usize, Option<String>)> {
+    let mut at = 132usize;
+    let mut syntax = None;
+    loop {
+        let Some(head) = bytes.get(at..at + 8) else {
+            return (at == bytes.len()).then_some((at, syntax));
+        };
+        if u16::from_le_bytes([head[0], head[1]]) != 0x0002 {
+            return Some((at, syntax));
+        }
+        let long = matches!(
+            &head[4..6],
+            b"OB"
+                | b"OD"
+                | b"OF"
+                | b"OL"
+                | b"OV"
+                | b"OW"
+                | b"SQ"
+                | b"SV"
+                | b"UC"
+                | b"UN"
+                | b"UR"
+                | b"UT"
+                | b"UV"
+        );
+        let (header, len) = if long {
+            let l = bytes.get(at + 8..at + 12)?;
+            (12usize, u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
+        } else {
+            (8usize, usize::from(u16::from_le_bytes([head[6], head[7]])))
+        };
+        let end = at.checked_add(header)?.checked_add(len)?;
+        let value = bytes.get(at + header..end)?;
+        if u16::from_le_bytes([head[2], head[3]]) == 0x0010 {
+            let uid = String::from_utf8_lossy(value);
+            syntax = Some(uid.trim_end_matches(['\0', ' ']).to_string());
+        }
+        at = end;
+    }
+}
+
+/// How many bytes raw-deflated `data` inflates to, counting without keeping them and stopping
+/// at `cap + 1`; `None` when the stream is damaged before that.
+fn inflated_len(data: &[u8], cap: u64) -> Option<u64> {
+    let decoder = flate2::read::DeflateDecoder::new(data);
+    std::io::copy(&mut decoder.take(cap.saturating_add(1)), &mut std::io::sink()).ok()
+}
+
+/// Columns, rows and components of the first frame header (SOF) of a JPEG stream.
+fn jpeg_frame_header(jpeg: &[u8]) -> std::result::Result<(u16, u16, u8), &'static str> {
+    if jpeg.get(..2) != Some(&[0xFF, 0xD8][..]) {
+        return Err("the JPEG fragment does not start with a JPEG start-of-image marker");
+    }
+    let mut at = 2usize;
+    while let Some(&byte) = jpeg.get(at) {
+        if byte != 0xFF {
+            at += 1;
+            continue;
+        }
+        let Some(&marker) = jpeg.get(at + 1) else { break };
+        match marker {
+            0xFF | 0x00 | 0x01 | 0xD0..=0xD8 => at += if marker == 0xFF { 1 } else { 2 },
+            0xDA | 0xD9 => return Err("the JPEG stream has no frame header before its scan"),
+            _ => {
+                let Some(len) = jpeg.get(at + 2..at + 4) else {
+                    break;
+                };
+                let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+                let sof = matches!(marker, 0xC0..=0xCF) && ![0xC4, 0xC8, 0xCC].contains(&marker);
+                if sof {
+                    let Some(f) = jpeg.get(at + 4..at + 10) else { break };
+                    let rows = u16::from_be_bytes([f[1], f[2]]);
+                    let cols = u16::from_be_bytes([f[3], f[4]]);
+                    return Ok((cols, rows, f[5]));
+                }
+                at += 2 + len;
+            }
+        }
+    }
+    Err("the JPEG stream ends before its frame header")
+}
+
+/// Checks the encapsulated first frame against the header's geometry before any codec reads it:
+/// a JPEG's size and component count, an RLE header's segment count and offsets, a deflated
+/// frame's inflated size. The codecs trust the header and slice by it.
+fn check_encapsulated(
+    obj: &DefaultDicomObject,
+    ts_uid: &str,
+    geometry: (i64, i64, i64, i64),
+    frame_bytes: u64,
+    origin: &Path,
+) -> Result<()> {
+    let (cols, rows, spp, bits_allocated) = geometry;
+    let Some(fragments) = obj
+        .element_opt(tags::PIXEL_DATA)
+        .ok()
+        .flatten()
+        .and_then(|e| e.value().fragments())
+    else {
+        return Ok(());
+    };
+    let Some(first) = fragments.iter().find(|f| !f.is_empty()) else {
+        return Err(dicom_error(
+            origin,
+            "the encapsulated pixel data holds no fragment",
+        ));
+    };
+    if JPEG_SYNTAXES.contains(&ts_uid) {
+        let (w, h, components) = jpeg_frame_header(first).map_err(|e| dicom_error(origin, e))?;
+        if i64::from(components) != spp {
+            return Err(dicom_error(
+                origin,
+                format!("the header says {spp} samples per pixel, its JPEG holds {components} components"),
+            ));
+        }
+        if i64::from(w) != cols || (h != 0 && i64::from(h) != rows) {
+            return Err(dicom_error(
+                origin,
+                format!("the header says {cols} × {rows} pixels, its JPEG holds {w} × {h}"),
+            ));
+        }
+    } else if ts_uid == RLE_LOSSLESS {
+        let word = |i: usize| {
+            first
+                .get(4 * i..4 * i + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let segments = word(0).ok_or_else(|| dicom_error(origin, "the RLE header is cut short"))?;
+        let expected = (spp * bits_allocated / 8) as usize;
+        if segments != expected {
+            return Err(dicom_error(
+                origin,
+                format!(
+                    "the RLE header declares {segments} segments, {spp} samples of {bits_allocated} bits need {expected}"
+                ),
+            ));
+        }
+        let mut previous = 63usize;
+        for i in 1..=segments {
+            let offset = word(i).ok_or_else(|| dicom_error(origin, "the RLE header is cut short"))?;
+            if offset <= previous || offset >= first.len() {
+                return Err(dicom_error(
+                    origin,
+                    format!(
+                        "RLE segment {i} starts at byte {offset}, outside the {}-byte fragment or before the previous one",
+                        first.len()
+                    ),
+                ));
+            }
+            previous = offset;
+        }
+    } else if ts_uid == DEFLATED_FRAMES {
+        match inflated_len(first, frame_bytes) {
+            Some(n) if n > frame_bytes => {
+                return Err(dicom_error(
+                    origin,
+                    format!("the deflated frame inflates past the {frame_bytes} bytes its header declares"),
+                ));
+            }
+            Some(_) => {}
+            None => return Err(dicom_error(origin, "the deflated frame is damaged")),
+        }
+    }
+    Ok(())
+}
+
 /// Decodes the first frame of a DICOM file to 8-bit luma (see the module documentation), with
 /// the technical attributes that describe it. `origin` names the file in errors.
 pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<(GrayImage, DicomInfo)> {
     if !is_dicom(bytes) {
         return Err(dicom_error(origin, "no DICM magic after the 128-byte preamble"));
     }
-    let obj = OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Always)
-        .from_reader(bytes)
-        .map_err(|e| dicom_error(origin, format!("cannot parse: {e}")))?;
+    check_deflated_data_set(bytes, origin, limits)?;
+    let obj = contain(|| {
+        OpenFileOptions::new()
+            .read_preamble(ReadPreamble::Always)
+            .from_reader(bytes)
+    })
+    .map_err(|panic| dicom_error(origin, format!("the DICOM parser failed: {panic}")))?
+    .map_err(|e| dicom_error(origin, format!("cannot parse: {e}")))?;
     let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         let what = if obj
@@ -296,8 +517,16 @@ pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Resul
     }
     let frames = int(&obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32;
     let photometric = text(&obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_else(|| "MONOCHROME2".into());
-    let decoded = obj
-        .decode_pixel_data_frame(0)
+    check_photometric(&obj, &photometric, spp, origin)?;
+    check_encapsulated(
+        &obj,
+        &ts_uid,
+        (cols, rows, spp, bits_allocated),
+        frame_bytes,
+        origin,
+    )?;
+    let decoded = contain(|| obj.decode_pixel_data_frame(0))
+        .map_err(|panic| dicom_error(origin, format!("the pixel decoder failed: {panic}")))?
         .map_err(|e| dicom_error(origin, format!("cannot decode the pixel data: {e}")))?;
     let info = |window| DicomInfo {
         modality: text(&obj, tags::MODALITY),
@@ -309,11 +538,22 @@ pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Resul
         window,
     };
     let (w, h) = (cols as u32, rows as u32);
-    if spp == 3 {
-        let image = decoded
-            .to_dynamic_image(0)
+    if decoded.rows() != rows as u32 || decoded.columns() != cols as u32 {
+        return Err(dicom_error(
+            origin,
+            format!(
+                "the header says {cols} × {rows} pixels, the decoder produced {} × {}",
+                decoded.columns(),
+                decoded.rows()
+            ),
+        ));
+    }
+    if spp == 3 || photometric == "PALETTE COLOR" {
+        let image = contain(|| decoded.to_dynamic_image(0))
+            .map_err(|panic| dicom_error(origin, format!("the colour conversion failed: {panic}")))?
             .map_err(|e| dicom_error(origin, format!("cannot convert the colour image: {e}")))?;
-        return Ok((dynamic_to_luma(image), info(None)));
+        let gray = refuse_constant(dynamic_to_luma(image), origin)?;
+        return Ok((gray, info(None)));
     }
     let data = decoded.data();
     let expected = frame_bytes as usize;
@@ -333,6 +573,14 @@ pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Resul
     let intercept = floats(&obj, tags::RESCALE_INTERCEPT)
         .and_then(|v| v.first().copied())
         .unwrap_or(0.0);
+    if slope == 0.0 || !slope.is_finite() || !intercept.is_finite() {
+        return Err(dicom_error(
+            origin,
+            format!(
+                "Rescale Slope {slope} and Intercept {intercept} do not map stored values to distinct finite values"
+            ),
+        ));
+    }
     let n = (rows * cols) as usize;
     let stored: Vec<i64> = match bits_allocated {
         8 => data[..n]
@@ -384,7 +632,7 @@ pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Resul
     };
     let gray =
         GrayImage::from_raw(w, h, pixels).ok_or_else(|| dicom_error(origin, "pixel count mismatch"))?;
-    Ok((gray, info(Some(window))))
+    Ok((refuse_constant(gray, origin)?, info(Some(window))))
 }
 
 /// The VOI step: the VOI LUT Sequence, the window attributes, or the image's own percentiles.
@@ -395,7 +643,7 @@ fn choose_voi(
     modality: impl Fn(i64) -> f64,
     origin: &Path,
 ) -> Result<(Voi, Window)> {
-    if let Some(lut) = voi_lut_sequence(obj) {
+    if let Some(lut) = voi_lut_sequence(obj, origin)? {
         let entries = lut.data.len();
         return Ok((Voi::Lut(lut), Window::Lut { entries }));
     }
@@ -437,31 +685,110 @@ fn choose_voi(
     Ok((voi, Window::Percentile { low, high }))
 }
 
-/// The first item of the VOI LUT Sequence, when present and well formed.
-fn voi_lut_sequence(obj: &DefaultDicomObject) -> Option<VoiLut> {
-    let seq = obj.element_opt(tags::VOILUT_SEQUENCE).ok()??;
-    let item = seq.items()?.first()?;
+/// The first item of the VOI LUT Sequence, when present; an error when its descriptor and its
+/// data disagree (fewer entries than declared, or none).
+fn voi_lut_sequence(obj: &DefaultDicomObject, origin: &Path) -> Result<Option<VoiLut>> {
+    let Some(item) = obj
+        .element_opt(tags::VOILUT_SEQUENCE)
+        .ok()
+        .flatten()
+        .and_then(|seq| seq.items().and_then(|items| items.first()))
+    else {
+        return Ok(None);
+    };
+    let bad = |reason: String| dicom_error(origin, format!("VOI LUT Sequence: {reason}"));
     let descriptor = item
         .element(tags::LUT_DESCRIPTOR)
-        .ok()?
-        .to_multi_int::<i64>()
-        .ok()?;
-    let [entries, first, bits] = descriptor.get(..3)?.try_into().ok()?;
+        .ok()
+        .and_then(|e| e.to_multi_int::<i64>().ok())
+        .ok_or_else(|| bad("no readable LUT Descriptor".into()))?;
+    let Some(&[entries, first, bits]) = descriptor.get(..3) else {
+        return Err(bad(format!(
+            "the LUT Descriptor has {} values, not 3",
+            descriptor.len()
+        )));
+    };
     let entries = if entries == 0 { 65_536 } else { entries as usize };
+    if !(1..=16).contains(&bits) {
+        return Err(bad(format!("the LUT Descriptor says {bits} bits per entry")));
+    }
     let data: Vec<f64> = item
         .element(tags::LUT_DATA)
-        .ok()?
-        .to_multi_int::<i64>()
-        .ok()?
+        .ok()
+        .and_then(|e| e.to_multi_int::<i64>().ok())
+        .ok_or_else(|| bad("no readable LUT Data".into()))?
         .into_iter()
         .take(entries)
         .map(|v| v as f64)
         .collect();
-    (!data.is_empty()).then_some(VoiLut {
+    if data.len() < entries {
+        return Err(bad(format!(
+            "the LUT Descriptor declares {entries} entries, the LUT Data holds {}",
+            data.len()
+        )));
+    }
+    Ok(Some(VoiLut {
         first: first as f64,
         data,
-        bits: bits.clamp(1, 16) as u32,
-    })
+        bits: bits as u32,
+    }))
+}
+
+/// Refuses a Photometric Interpretation that does not fit the samples per pixel, and a
+/// PALETTE COLOR image without its palette.
+fn check_photometric(obj: &DefaultDicomObject, photometric: &str, spp: i64, origin: &Path) -> Result<()> {
+    let monochrome = matches!(photometric, "MONOCHROME1" | "MONOCHROME2");
+    let fits = match (spp, photometric) {
+        (1, "PALETTE COLOR") => {
+            let has = |tag| obj.element_opt(tag).ok().flatten().is_some();
+            if !(has(tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR)
+                && has(tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR)
+                && has(tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR))
+            {
+                return Err(dicom_error(
+                    origin,
+                    "PALETTE COLOR without its palette (no Red, Green and Blue Palette Color Lookup Table Descriptors)",
+                ));
+            }
+            true
+        }
+        (1, _) => monochrome,
+        _ => !monochrome && photometric != "PALETTE COLOR",
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(dicom_error(
+            origin,
+            format!("Photometric Interpretation {photometric} does not fit {spp} samples per pixel"),
+        ))
+    }
+}
+
+/// For a data set deflated as a whole, checks before parsing that it inflates to no more than
+/// [`DecodeLimits::max_file_bytes`]: the parser would otherwise allocate whatever a few megabytes
+/// of zeros inflate to.
+fn check_deflated_data_set(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<()> {
+    let Some((start, syntax)) = meta_group(bytes) else {
+        return Err(dicom_error(
+            origin,
+            "the file meta group runs past the end of the file",
+        ));
+    };
+    let deflated = syntax
+        .and_then(|uid| TransferSyntaxRegistry.get(&uid))
+        .is_some_and(|ts| matches!(ts.codec(), dicom_encoding::transfer_syntax::Codec::Dataset(_)));
+    if !deflated {
+        return Ok(());
+    }
+    let cap = limits.max_file_bytes;
+    match inflated_len(&bytes[start..], cap) {
+        Some(n) if n > cap => Err(dicom_error(
+            origin,
+            format!("the deflated data set inflates to more than the limit of {cap} bytes"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -502,6 +829,21 @@ mod tests {
             let signed = stored_value(raw, 12, true);
             prop_assert_eq!(signed, if v >= 2048 { i64::from(v) - 4096 } else { i64::from(v) });
         }
+    }
+
+    #[test]
+    fn a_panic_inside_a_contained_decoder_is_an_error_with_its_message() {
+        assert_eq!(contain(|| 7), Ok(7));
+        let e = contain(|| -> u8 { panic!("codec bug at byte {}", 12) }).unwrap_err();
+        assert_eq!(e, "codec bug at byte 12");
+        let short: Vec<u8> = vec![1, 2];
+        let e = contain(|| short[..std::hint::black_box(5)].len()).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        // Nested containment unwinds only to the inner boundary.
+        assert_eq!(
+            contain(|| contain(|| -> u8 { panic!("inner") }).is_err()),
+            Ok(true)
+        );
     }
 
     #[test]

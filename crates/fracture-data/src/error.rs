@@ -45,6 +45,18 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The image decodes to one gray level everywhere: it carries no information to classify
+    /// (a blank, all-zero or wrongly scaled file), so it is refused rather than given a score.
+    #[error(
+        "{}: the image decodes to a constant image (every pixel is {value} of 255), nothing to classify",
+        path.display()
+    )]
+    Constant {
+        /// The file (or upload name).
+        path: PathBuf,
+        /// The one 8-bit level every pixel has.
+        value: u8,
+    },
     /// The file is empty.
     #[error("{}: file is empty (0 bytes)", path.display())]
     EmptyFile {

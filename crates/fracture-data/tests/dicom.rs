@@ -202,3 +202,86 @@ fn find_element(bytes: &[u8], group: u16, element: u16) -> usize {
     let at = bytes.windows(4).rposition(|w| w == needle.as_slice()).unwrap();
     if group == 0x7FE0 { at + 12 } else { at + 8 }
 }
+
+/// What each crafted file's error must say (beside the file's name).
+fn expected_reason(kind: &str) -> &'static str {
+    match kind {
+        k if k.contains("3-component JPEG") => "its JPEG holds 3 components",
+        k if k.contains("RLE declaring") => "declares 2 segments",
+        k if k.contains("Rows and Columns 4000") => "4000 × 4000 pixels, its JPEG holds",
+        k if k.contains("Rescale") => "do not map stored values",
+        k if k.contains("VOI LUT") => "declares 65536 entries, the LUT Data holds 10",
+        k if k.contains("all-zero") => "decodes to a constant image",
+        k if k.contains("PALETTE COLOR") => "PALETTE COLOR without its palette",
+        k if k.contains("deflated data set") => "inflates to more than the limit",
+        k => panic!("no expectation for {k}"),
+    }
+}
+
+#[test]
+fn crafted_dicom_files_are_refused_with_their_reason_never_decoded_or_panicking() {
+    let mut sources = vec![(
+        "synthetic".to_string(),
+        fracture_testkit::synthetic_xray(96, 80, true, 5),
+    )];
+    if let Some(real) = radiographs(1) {
+        // A real radiograph, shrunk so the crafted files stay small.
+        let (path, gray) = &real[0];
+        let small = image::imageops::resize(gray, 160, 128, image::imageops::FilterType::Triangle);
+        sources.push((path.display().to_string(), small));
+    }
+    for (source, gray) in sources {
+        let cases = fracture_testkit::dicom::crafted_dicoms(gray.width(), gray.height(), gray.as_raw());
+        assert!(cases.len() >= 10);
+        for (kind, bytes) in cases {
+            let started = std::time::Instant::now();
+            let e = decode_gray(&bytes, Path::new("crafted.dcm"), &DecodeLimits::default())
+                .expect_err(kind)
+                .to_string();
+            assert!(e.starts_with("crafted.dcm:"), "{source}, {kind}: {e}");
+            assert!(e.contains(expected_reason(kind)), "{source}, {kind}: {e}");
+            // The bomb is refused by counting, not by inflating 300 MB into memory.
+            assert!(started.elapsed().as_secs() < 20, "{kind}");
+        }
+    }
+}
+
+#[test]
+fn a_deflated_bomb_is_refused_under_tight_limits_and_an_honest_deflated_file_still_decodes() {
+    let bomb = fracture_testkit::dicom::deflated_bomb(40 << 20);
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    let tight = DecodeLimits {
+        max_file_bytes: 16 << 20,
+        ..DecodeLimits::default()
+    };
+    let e = decode_gray(&bomb, Path::new("bomb.dcm"), &tight)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("inflates to more than the limit of 16777216 bytes"),
+        "{e}"
+    );
+    let gray = fracture_testkit::synthetic_xray(64, 48, false, 3);
+    let samples: Vec<i32> = gray.as_raw().iter().map(|&v| to_twelve_bits(v)).collect();
+    let deflated = DicomSpec {
+        syntax: syntax::DEFLATED_LE,
+        ..DicomSpec::twelve_bit((64, 48))
+    };
+    assert!(decode_gray(&dicom_bytes(&samples, &deflated), Path::new("ok.dcm"), &tight).is_ok());
+}
+
+#[test]
+fn a_constant_picture_in_any_format_is_refused_naming_why() {
+    let flat = image::GrayImage::from_pixel(40, 30, image::Luma([90]));
+    let mut png = Vec::new();
+    image::DynamicImage::ImageLuma8(flat)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let e = decode_gray(&png, Path::new("flat.png"), &DecodeLimits::default())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "flat.png: the image decodes to a constant image (every pixel is 90 of 255), nothing to classify"
+    );
+}

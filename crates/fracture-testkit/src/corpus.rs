@@ -191,19 +191,49 @@ pub fn write_bad_inputs(dir: &Path, valid: &image::GrayImage) -> std::io::Result
         Readable,
     )?;
     let one: ImageBuffer<Rgba<u8>, Vec<u8>> = ImageBuffer::from_pixel(1, 1, Rgba([200, 200, 200, 255]));
+    // One pixel, or one gray level everywhere: nothing to classify.
     put(
-        "1×1 PNG",
+        "1×1 PNG (constant)",
         "one-pixel.png",
         &encode(&DynamicImage::ImageRgba8(one), ImageFormat::Png),
-        Readable,
+        Unreadable,
     )?;
-    let tall = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 3000, Luma([90])));
+    let flat = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 3000, Luma([90])));
+    put(
+        "4×3000 PNG of one gray level",
+        "flat-tall.png",
+        &encode(&flat, ImageFormat::Png),
+        Unreadable,
+    )?;
+    let tall = DynamicImage::ImageLuma8(image::GrayImage::from_fn(4, 3000, |x, y| {
+        Luma([((x + y) % 200) as u8])
+    }));
     put(
         "4×3000 PNG",
         "tall.png",
         &encode(&tall, ImageFormat::Png),
         Readable,
     )?;
+    let small = image::imageops::resize(valid, 48, 40, image::imageops::FilterType::Triangle);
+    put(
+        "DICOM, 12-bit",
+        "plain.dcm",
+        &crate::dicom::dicom_bytes(
+            &small
+                .as_raw()
+                .iter()
+                .map(|&v| crate::dicom::to_twelve_bits(v))
+                .collect::<Vec<_>>(),
+            &crate::dicom::DicomSpec::twelve_bit((48, 40)),
+        ),
+        Readable,
+    )?;
+    for (i, (kind, bytes)) in crate::dicom::crafted_dicoms(48, 40, small.as_raw())
+        .into_iter()
+        .enumerate()
+    {
+        put(kind, &format!("crafted-{i}.dcm"), &bytes, Unreadable)?;
+    }
     put("TIFF", "plain.tif", &encode(&gray, ImageFormat::Tiff), Readable)?;
     put("WebP", "plain.webp", &encode(&gray, ImageFormat::WebP), Readable)?;
     put("BMP", "plain.bmp", &encode(&gray, ImageFormat::Bmp), Readable)?;

@@ -7,6 +7,8 @@
 use dicom_core::value::PixelFragmentSequence;
 use dicom_core::{DataElement, DicomValue, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
+use std::io::Read;
+
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 
 /// Transfer syntax UIDs used by the tests.
@@ -407,4 +409,193 @@ pub fn scanner_variants(width: u32, height: u32, luma: &[u8]) -> Vec<(&'static s
             (name, spec, bytes)
         })
         .collect()
+}
+
+/// `bytes` (a DICOM file) reopened, changed by `edit` and written again with the same transfer
+/// syntax: how a test crafts a file whose header and pixel data disagree.
+pub fn edit_dicom(bytes: &[u8], edit: impl FnOnce(&mut InMemDicomObject)) -> Vec<u8> {
+    let mut obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(bytes)
+        .unwrap();
+    edit(&mut obj);
+    let mut out = Vec::new();
+    obj.write_all(&mut out).unwrap();
+    out
+}
+
+fn fragment(bytes: Vec<u8>) -> DataElement<InMemDicomObject> {
+    DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        DicomValue::PixelSequence(PixelFragmentSequence::new(Vec::<u32>::new(), vec![bytes])),
+    )
+}
+
+/// A deflated-data-set DICOM file whose data set inflates to more than `inflated_bytes` (a
+/// Pixel Data element of that many zeros), built by streaming the zeros into the deflater: the
+/// file is about a thousandth of the inflated size and never exists inflated in memory here.
+pub fn deflated_bomb(inflated_bytes: u32) -> Vec<u8> {
+    use std::io::Write;
+    let small = dicom_bytes(
+        &[100; 4],
+        &DicomSpec {
+            syntax: syntax::DEFLATED_LE,
+            bits: (8, 8),
+            ..DicomSpec::twelve_bit((2, 2))
+        },
+    );
+    // The meta group (explicit VR little endian, group 0002) ends where group 0008 starts.
+    let mut at = 132;
+    while small[at..at + 2] == [2, 0] {
+        let long = matches!(&small[at + 4..at + 6], b"OB" | b"UN" | b"SQ" | b"UT" | b"OW");
+        at += if long {
+            12 + u32::from_le_bytes(small[at + 8..at + 12].try_into().unwrap()) as usize
+        } else {
+            8 + usize::from(u16::from_le_bytes([small[at + 6], small[at + 7]]))
+        };
+    }
+    let mut data_set = Vec::new();
+    flate2::read::DeflateDecoder::new(&small[at..])
+        .read_to_end(&mut data_set)
+        .unwrap();
+    let pixel_data = data_set
+        .windows(4)
+        .rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00])
+        .unwrap();
+    data_set.truncate(pixel_data);
+    data_set.extend([0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+    data_set.extend(inflated_bytes.to_le_bytes());
+    let mut out = small[..at].to_vec();
+    let mut deflater = flate2::write::DeflateEncoder::new(&mut out, flate2::Compression::fast());
+    deflater.write_all(&data_set).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = inflated_bytes as usize;
+    while left > 0 {
+        let n = left.min(zeros.len());
+        deflater.write_all(&zeros[..n]).unwrap();
+        left -= n;
+    }
+    deflater.finish().unwrap();
+    out
+}
+
+/// DICOM files whose header and pixel data disagree, or that decode to nothing a model could
+/// classify, each of which a reader must refuse with an error naming the file: `(kind, bytes)`.
+/// `luma` is a `width × height` radiograph (at least 16 × 16) the files start from. Every kind
+/// was once decoded silently into a wrong picture, or panicked inside a codec.
+pub fn crafted_dicoms(width: u32, height: u32, luma: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let size = (width, height);
+    let v12: Vec<i32> = luma.iter().map(|&x| to_twelve_bits(x)).collect();
+    let v8: Vec<i32> = luma.iter().map(|&x| i32::from(x)).collect();
+    let plain = dicom_bytes(&v12, &DicomSpec::twelve_bit(size));
+    let eight = DicomSpec {
+        bits: (8, 8),
+        ..DicomSpec::twelve_bit(size)
+    };
+    let baseline = dicom_bytes(
+        &v8,
+        &DicomSpec {
+            syntax: syntax::JPEG_BASELINE,
+            ..eight.clone()
+        },
+    );
+    let rle = dicom_bytes(
+        &v8,
+        &DicomSpec {
+            syntax: syntax::RLE_LOSSLESS,
+            ..eight.clone()
+        },
+    );
+    let ds = |tag, v: &str| DataElement::new(tag, VR::DS, PrimitiveValue::from(v));
+    let us = |tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
+    let rgb: Vec<u8> = luma.iter().flat_map(|&v| [v, v / 2, 255 - v]).collect();
+    let mut colour_jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut colour_jpeg, 90)
+        .encode(&rgb, width, height, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let mut cases = vec![
+        (
+            "DICOM: 1 sample per pixel declared, a 3-component JPEG inside",
+            edit_dicom(&baseline, |o| {
+                o.put(fragment(colour_jpeg));
+            }),
+        ),
+        (
+            "DICOM: RLE declaring 2 segments for 8-bit samples, holding 1",
+            edit_dicom(&rle, |o| {
+                let mut frame = rle_lossless(&v8.iter().map(|&v| v as u8).collect::<Vec<_>>(), 8);
+                frame[0] = 2;
+                let past_the_end = frame.len() as u32 + 1000;
+                frame[8..12].copy_from_slice(&past_the_end.to_le_bytes());
+                o.put(fragment(frame));
+            }),
+        ),
+        (
+            "DICOM: Rows and Columns 4000 around a smaller JPEG",
+            edit_dicom(&baseline, |o| {
+                o.put(us(tags::ROWS, 4000));
+                o.put(us(tags::COLUMNS, 4000));
+            }),
+        ),
+        (
+            "DICOM: Rescale Slope 0",
+            edit_dicom(&plain, |o| {
+                o.put(ds(tags::RESCALE_SLOPE, "0"));
+            }),
+        ),
+        (
+            "DICOM: Rescale Slope NaN",
+            edit_dicom(&plain, |o| {
+                o.put(ds(tags::RESCALE_SLOPE, "NaN"));
+            }),
+        ),
+        (
+            "DICOM: Rescale Intercept inf",
+            edit_dicom(&plain, |o| {
+                o.put(ds(tags::RESCALE_INTERCEPT, "inf"));
+            }),
+        ),
+        (
+            "DICOM: VOI LUT declaring 65536 entries, holding 10",
+            edit_dicom(&plain, |o| {
+                let item = InMemDicomObject::from_element_iter([
+                    DataElement::new(
+                        tags::LUT_DESCRIPTOR,
+                        VR::US,
+                        PrimitiveValue::U16([0u16, 0, 16].into_iter().collect()),
+                    ),
+                    DataElement::new(
+                        tags::LUT_DATA,
+                        VR::OW,
+                        PrimitiveValue::U16((0..10u16).map(|v| v * 6000).collect()),
+                    ),
+                ]);
+                o.put(DataElement::new(
+                    tags::VOILUT_SEQUENCE,
+                    VR::SQ,
+                    DicomValue::new_sequence(vec![item], dicom_core::Length::UNDEFINED),
+                ));
+            }),
+        ),
+        (
+            "DICOM: all-zero pixel data",
+            dicom_bytes(&vec![0; luma.len()], &DicomSpec::twelve_bit(size)),
+        ),
+        (
+            "DICOM: PALETTE COLOR without a palette",
+            dicom_bytes(
+                &v8,
+                &DicomSpec {
+                    photometric: "PALETTE COLOR",
+                    ..eight.clone()
+                },
+            ),
+        ),
+    ];
+    cases.push((
+        "DICOM: deflated data set inflating to 300 MB",
+        deflated_bomb(300 << 20),
+    ));
+    cases
 }
