@@ -2350,6 +2350,38 @@ fn audit_finds_a_planted_leak_and_training_can_leave_it_out() {
     );
     let clean = eval("clean");
     assert!(clean.contains("none of the 12 images"), "{clean}");
+
+    // Both exported into one folder: each keeps its own fingerprints, tied to it by their digest,
+    // so eval of the leaky export still sees the leak (it once read the clean run's file).
+    let exports = root.join("exports");
+    for run in ["leaky", "clean"] {
+        let out = fracture()
+            .args(["export", "--model"])
+            .arg(root.join(run))
+            .arg("--out")
+            .arg(exports.join(format!("{run}.safetensors")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(exports.join(format!("{run}.fingerprints.bin")).is_file());
+    }
+    let leaky = eval("exports/leaky.safetensors");
+    assert!(
+        leaky.contains("1 of the 12 evaluated images have a near duplicate"),
+        "{leaky}"
+    );
+    // A fingerprints file swapped for another model's is refused by name, not trusted.
+    std::fs::copy(
+        exports.join("clean.fingerprints.bin"),
+        exports.join("leaky.fingerprints.bin"),
+    )
+    .unwrap();
+    let swapped = eval("exports/leaky.safetensors");
+    assert!(
+        swapped.contains("belong to another model")
+            && swapped.contains("leakage into these images is not checked"),
+        "{swapped}"
+    );
 }
 
 /// The first number of the model card's table row `| {row} | number …`.
@@ -2580,4 +2612,102 @@ fn calibrate_refits_the_probabilities_and_threshold_on_real_radiographs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
     assert!(!root.join("tiny.safetensors").exists());
+}
+
+#[test]
+fn the_server_refuses_cross_site_posts_and_forged_hosts_and_sends_hardening_headers() {
+    let (_root, run) = trained_run("serve-hardening");
+    let server = Server::start(&run, &[]);
+    let wait = std::time::Duration::from_secs(8);
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    let body = jpeg(true, 3);
+    let post_with = |extra: &str, target: &str| {
+        let head = format!(
+            "POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Content-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let mut request = head.into_bytes();
+        request.extend_from_slice(&body);
+        raw_exchange(&server.url, &request, wait).0
+    };
+    // The page's own origin, and a client that sends none (curl), are served.
+    let own = post_with(&format!("Origin: http://127.0.0.1:{port}\r\n"), "/api/predict");
+    assert!(own.starts_with("HTTP/1.1 200"), "{own}");
+    let plain = post_with("", "/api/predict");
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    let same = post_with("Sec-Fetch-Site: same-origin\r\n", "/api/predict");
+    assert!(same.starts_with("HTTP/1.1 200"), "{same}");
+    // Another site's page posting through the browser is refused, by Origin or by Sec-Fetch-Site.
+    for extra in [
+        "Origin: http://evil.example\r\n",
+        "Origin: null\r\n",
+        &format!("Origin: http://localhost.evil.example:{port}\r\n"),
+        "Sec-Fetch-Site: cross-site\r\n",
+        "Sec-Fetch-Site: same-site\r\n",
+    ] {
+        let answer = post_with(extra, "/api/predict");
+        assert!(answer.starts_with("HTTP/1.1 403"), "{extra}: {answer}");
+        assert!(answer.contains("cross-origin requests are refused"), "{answer}");
+    }
+    // An absolute-form target naming another host than Host.
+    let answer = post_with("", "http://evil.com/api/predict");
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Two Host headers: localhost, then another.
+    let request = format!(
+        "GET /api/health HTTP/1.1\r\nHost: localhost:{port}\r\nHost: evil.com\r\nConnection: close\r\n\r\n"
+    );
+    let (answer, _) = raw_exchange(&server.url, request.as_bytes(), wait);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // Every answer carries the hardening headers, the page included.
+    let request = format!("GET / HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n");
+    let (page, _) = raw_exchange(&server.url, request.as_bytes(), wait);
+    let lower = page.to_ascii_lowercase();
+    for header in [
+        "content-security-policy: default-src 'self'",
+        "x-content-type-options: nosniff",
+        "x-frame-options: deny",
+        "referrer-policy: no-referrer",
+    ] {
+        assert!(lower.contains(header), "{header} missing: {page}");
+    }
+}
+
+#[test]
+fn uploads_beyond_the_queue_are_answered_503_before_their_bodies_are_read() {
+    use std::io::Write;
+    let (_root, run) = trained_run("serve-queue");
+    let server = Server::start(&run, &["--max-queued-uploads", "1"]);
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    // One upload holds the only slot: its headers announce 5 MB, its body trickles.
+    let mut held = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    held.write_all(
+        format!(
+            "POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\nContent-Length: 5000000\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    held.write_all(&[0u8; 1000]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let body = jpeg(false, 4);
+    let request = |len: usize| {
+        format!(
+            "POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes()
+    };
+    // A second one is refused at once, without the server waiting for its 19 MB body.
+    let (answer, took) = raw_exchange(&server.url, &request(19 << 20), std::time::Duration::from_secs(8));
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("retry-after: 2"), "{answer}");
+    assert!(answer.contains("busy"), "{answer}");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    // Once the first upload ends, the slot is free again.
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut full = request(body.len());
+    full.extend_from_slice(&body);
+    let (answer, _) = raw_exchange(&server.url, &full, std::time::Duration::from_secs(30));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

@@ -60,7 +60,10 @@ pub use discover::{
 pub use error::{Error, Result};
 pub use label::Label;
 pub use paths::path_text;
-pub use preprocess::{ContentBox, ImageFit, PreprocessConfig, ResizeMode, SIZE_RANGE, Standardize, to_unit};
+pub use preprocess::{
+    ContentBox, ImageFit, PreprocessConfig, ResizeMode, SIZE_RANGE, STANDARDIZE_MEAN_RANGE,
+    STANDARDIZE_STD_RANGE, Standardize, to_unit,
+};
 pub use split::{Split, stratified_split};
 pub use summary::{DatasetSummary, SplitCounts};
 

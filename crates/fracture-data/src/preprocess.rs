@@ -38,6 +38,12 @@ pub struct Standardize {
     pub std: f32,
 }
 
+/// The standardization means [`PreprocessConfig::validate`] accepts: pixels are in [0, 1], so a
+/// mean outside this range is a damaged or crafted file, not a choice.
+pub const STANDARDIZE_MEAN_RANGE: std::ops::RangeInclusive<f32> = -1.0..=2.0;
+/// The standardization standard deviations [`PreprocessConfig::validate`] accepts.
+pub const STANDARDIZE_STD_RANGE: std::ops::RangeInclusive<f32> = 0.001..=10.0;
+
 /// Settings that turn an image file into a network input. Saved with every model, so that a model
 /// is always served with the preprocessing it was trained with.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -140,11 +146,14 @@ impl PreprocessConfig {
             });
         }
         if let Some(s) = self.standardize
-            && !(s.mean.is_finite() && s.std.is_finite() && s.std > 0.0)
+            && !(STANDARDIZE_MEAN_RANGE.contains(&s.mean) && STANDARDIZE_STD_RANGE.contains(&s.std))
         {
             return Err(Error::InvalidConfig {
                 field: "preprocess.standardize",
-                reason: format!("mean {} and std {} must be finite, std positive", s.mean, s.std),
+                reason: format!(
+                    "mean {} must lie in {:?} and std {} in {:?} (pixels are in [0, 1])",
+                    s.mean, STANDARDIZE_MEAN_RANGE, s.std, STANDARDIZE_STD_RANGE
+                ),
             });
         }
         Ok(())

@@ -47,7 +47,9 @@ pub use init::seeded_var_builder;
 pub use kernels::Kernels;
 pub use net::FractureNet;
 pub use pretrained::{PretrainedOrigin, PretrainedWeights};
-pub use weights::{CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, MAX_IMAGE_BYTES, Model};
+pub use weights::{
+    CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, MAX_IMAGE_BYTES, Model, TENSORS_SHA256_KEY, tensors_sha256,
+};
 
 pub use candle_core;
 pub use candle_nn;

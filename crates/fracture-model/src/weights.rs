@@ -5,6 +5,11 @@
 //! [`ModelConfig`] as JSON) and whatever the caller adds (fracture-train adds the preprocessing
 //! settings and the operating threshold). Renaming a layer field breaks old files: the names are a
 //! file format.
+//!
+//! Every file this build writes also carries [`TENSORS_SHA256_KEY`], a SHA-256 of the tensors as
+//! stored (see [`tensors_sha256`]); loading recomputes it and refuses a file whose weights changed
+//! since (one flipped bit in one weight moves predictions silently otherwise). Files written
+//! before the digest existed have none and load as before.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -18,6 +23,8 @@ use crate::{Error, FractureNet, ModelConfig, Result, seeded_var_builder};
 pub const FORMAT_KEY: &str = "fracture.format";
 /// Metadata key of the model configuration (JSON).
 pub const CONFIG_KEY: &str = "fracture.model_config";
+/// Metadata key of the SHA-256 of the stored tensors (lower-case hex; see [`tensors_sha256`]).
+pub const TENSORS_SHA256_KEY: &str = "fracture.tensors_sha256";
 /// The file-format version this build writes and reads.
 pub const FORMAT_VERSION: &str = "1";
 
@@ -108,8 +115,17 @@ impl Model {
             .into_iter()
             .map(|(name, var)| Ok((name, var.as_tensor().to_dtype(dtype)?.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
-        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-            .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("safetensors: {e}"))))
+        let serialize = |metadata: HashMap<String, String>| {
+            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+                .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("safetensors: {e}"))))
+        };
+        // The digest is of the tensors exactly as stored, so it is taken from a first serialisation.
+        metadata.remove(TENSORS_SHA256_KEY);
+        let first = serialize(metadata.clone())?;
+        let stored = safetensors::SafeTensors::deserialize(&first)
+            .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("safetensors: {e}"))))?;
+        metadata.insert(TENSORS_SHA256_KEY.into(), tensors_sha256(&stored));
+        serialize(metadata)
     }
 
     /// Writes the weight file atomically (temporary file, fsync, rename): an interrupted save leaves
@@ -237,9 +253,43 @@ impl Model {
                 config.arch_name()
             )));
         }
+        if let Some(expected) = metadata.get(TENSORS_SHA256_KEY) {
+            let stored = safetensors::SafeTensors::deserialize(bytes)
+                .map_err(|e| bad(format!("not a safetensors weight file: {e}")))?;
+            let actual = tensors_sha256(&stored);
+            if !actual.eq_ignore_ascii_case(expected.trim()) {
+                return Err(bad(format!(
+                    "the weights do not match the SHA-256 recorded when the file was written \
+                     (recorded {expected}, found {actual}): the file was altered or damaged"
+                )));
+            }
+        }
         model.metadata = metadata;
         Ok(model)
     }
+}
+
+/// SHA-256 (lower-case hex) of a weight file's tensors as stored: for each tensor in name order,
+/// its name, a zero byte, its dtype's name, its shape (each dimension as 8 little-endian bytes,
+/// then a zero byte) and its raw bytes. The metadata is not part of it, so a tool may rewrite the
+/// metadata (threshold, calibration) without touching the weights.
+pub fn tensors_sha256(tensors: &safetensors::SafeTensors<'_>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut names = tensors.names();
+    names.sort();
+    let mut hasher = Sha256::new();
+    for name in names {
+        let Ok(view) = tensors.tensor(name) else { continue };
+        hasher.update(name.as_bytes());
+        hasher.update([0u8]);
+        hasher.update(format!("{:?}", view.dtype()).as_bytes());
+        for &d in view.shape() {
+            hasher.update((d as u64).to_le_bytes());
+        }
+        hasher.update([0u8]);
+        hasher.update(view.data());
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The most memory the declared input size of a loaded model may imply for one image (2 GiB; see

@@ -86,8 +86,9 @@ fn first_matrix(header: &serde_json::Map<String, Value>) -> Option<String> {
 /// Writes damaged and edited copies of the valid model file `good` (its bytes) into `dir`
 /// (created): zero bytes, random bytes, truncated, an impossible header length, a garbled header,
 /// a tensor with swapped dimensions, a tensor with a wrong dtype, a NaN weight, a threshold of 1.5,
-/// a non-numeric threshold, a missing network configuration, a 4096-pixel input size, an image
-/// renamed as a model, and a folder without a model file.
+/// a flipped bit in one weight, a weight set to 65504, preprocessing std 1e-30 and mean 1e38,
+/// a threshold of 1.5, a non-numeric threshold, a missing network configuration, a 4096-pixel
+/// input size, an image renamed as a model, and a folder without a model file.
 pub fn write_bad_models(dir: &Path, good: &[u8], keys: ModelKeys<'_>) -> std::io::Result<Vec<BadModel>> {
     std::fs::create_dir_all(dir)?;
     let mut out = Vec::new();
@@ -143,7 +144,51 @@ pub fn write_bad_models(dir: &Path, good: &[u8], keys: ModelKeys<'_>) -> std::io
             w.copy_from_slice(&f32::NAN.to_le_bytes());
         }
         put("NaN weight", "nan-weight.safetensors", join(&header, &nan))?;
+        // Finite but altered weights: only the tensors' recorded digest can tell.
+        let mut flipped = data.to_vec();
+        if let Some(b) = flipped.get_mut(start + 1) {
+            *b ^= 0x40;
+        }
+        put(
+            "one flipped bit in one weight",
+            "flipped-bit.safetensors",
+            join(&header, &flipped),
+        )?;
+        let mut large = data.to_vec();
+        let value: Vec<u8> = if header[&name]["dtype"] == "F16" {
+            vec![0xFF, 0x7B]
+        } else {
+            65504f32.to_le_bytes().to_vec()
+        };
+        if let Some(w) = large.get_mut(start..start + value.len()) {
+            w.copy_from_slice(&value);
+        }
+        put(
+            "one weight set to 65504",
+            "large-weight.safetensors",
+            join(&header, &large),
+        )?;
     }
+    put(
+        "preprocessing std 1e-30",
+        "tiny-std.safetensors",
+        edit_metadata_field(
+            good,
+            keys.preprocess,
+            "standardize",
+            serde_json::json!({"mean": 0.5, "std": 1e-30}),
+        ),
+    )?;
+    put(
+        "preprocessing mean 1e38",
+        "huge-mean.safetensors",
+        edit_metadata_field(
+            good,
+            keys.preprocess,
+            "standardize",
+            serde_json::json!({"mean": 1e38, "std": 0.25}),
+        ),
+    )?;
     put(
         "threshold 1.5",
         "threshold.safetensors",

@@ -269,22 +269,59 @@ pub(crate) fn screen_training(
         .collect()
 }
 
-/// The training fingerprints stored beside a model: `training-fingerprints.bin` in the model's
-/// folder (a run folder, or the folder of a model file). `Ok(None)` when there is none.
-pub fn training_fingerprints(model: &Path) -> Result<Option<(PathBuf, Vec<Known>)>> {
-    let dir = if model.is_dir() {
-        model
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The file name of an exported model's training fingerprints: `<stem>.fingerprints.bin` beside
+/// `model` (a model file), so that two models in one folder keep their own.
+pub fn fingerprints_file_for(model: &Path) -> PathBuf {
+    let stem = model
+        .file_stem()
+        .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());
+    model.with_file_name(format!("{stem}.fingerprints.bin"))
+}
+
+/// The training fingerprints of a model: `<stem>.fingerprints.bin` beside a model file, or
+/// `training-fingerprints.bin` in a run folder (or beside the model file). `recorded` is the
+/// SHA-256 the model's metadata records for them ([`crate::ModelMeta::training_fingerprints`]):
+/// when given, only a file with exactly that digest is taken, and a candidate with another digest
+/// is an error (fingerprints of another model would make a leak check report no leak). Without a
+/// recorded digest (a model from before), the first candidate is taken. `Ok(None)` when there is
+/// no candidate.
+pub fn training_fingerprints(model: &Path, recorded: Option<&str>) -> Result<Option<(PathBuf, Vec<Known>)>> {
+    let candidates = if model.is_dir() {
+        vec![model.join(FINGERPRINTS_FILE)]
     } else {
-        model.parent().unwrap_or(Path::new("."))
+        let dir = model.parent().unwrap_or(Path::new("."));
+        vec![fingerprints_file_for(model), dir.join(FINGERPRINTS_FILE)]
     };
-    let path = dir.join(FINGERPRINTS_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&path, e)),
-    };
-    let fingerprints = fracture_data::audit::fingerprints_from_bytes(&bytes, &path)?;
-    Ok(Some((path, fingerprints)))
+    let mut mismatched = None;
+    for path in candidates {
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        if let Some(expected) = recorded
+            && !sha256_hex(&bytes).eq_ignore_ascii_case(expected)
+        {
+            mismatched.get_or_insert(path);
+            continue;
+        }
+        let fingerprints = fracture_data::audit::fingerprints_from_bytes(&bytes, &path)?;
+        return Ok(Some((path, fingerprints)));
+    }
+    match mismatched {
+        Some(path) => Err(Error::InvalidConfig(format!(
+            "{}: these training fingerprints belong to another model (their SHA-256 is not the one {} records)",
+            path.display(),
+            model.display()
+        ))),
+        None => Ok(None),
+    }
 }
 
 /// Which of `files` have a near duplicate (within the default threshold) among `known` training

@@ -40,6 +40,10 @@ pub const CALIBRATION_KEY: &str = "fracture.calibration";
 /// [`StableThreshold`](fracture_eval::StableThreshold)).
 pub const THRESHOLD_STABILITY_KEY: &str = "fracture.threshold_stability";
 
+/// Metadata key of the SHA-256 (hex, JSON string) of the model's training fingerprints file (see
+/// [`crate::audit::training_fingerprints`]): what ties a fingerprints file to its model.
+pub const TRAINING_FINGERPRINTS_KEY: &str = "fracture.training_fingerprints_sha256";
+
 /// The folders a model was trained on: the dataset (its train split, and its val split for the
 /// checkpoint and threshold) and the extra training folders (their train splits).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +88,10 @@ pub struct ModelMeta {
     pub calibration: Option<crate::calibrate::Calibration>,
     /// How steady the threshold is: its bootstrap interval on the validation images.
     pub threshold_stability: Option<fracture_eval::StableThreshold>,
+    /// SHA-256 (lower-case hex) of the bytes of this model's training fingerprints file; `None`
+    /// for a model written before fingerprints were tied to their model.
+    #[serde(default)]
+    pub training_fingerprints: Option<String>,
 }
 
 impl ModelMeta {
@@ -100,6 +108,7 @@ impl ModelMeta {
             training_data: None,
             calibration: None,
             threshold_stability: None,
+            training_fingerprints: None,
         }
     }
 
@@ -160,6 +169,10 @@ impl ModelMeta {
             THRESHOLD_STABILITY_KEY,
             self.threshold_stability.as_ref().map(json).transpose()?,
         );
+        optional(
+            TRAINING_FINGERPRINTS_KEY,
+            self.training_fingerprints.as_ref().map(json).transpose()?,
+        );
         Ok(out)
     }
 
@@ -188,6 +201,7 @@ impl ModelMeta {
             training_data: read(metadata, TRAINING_DATA_KEY)?,
             calibration: read(metadata, CALIBRATION_KEY)?,
             threshold_stability: read(metadata, THRESHOLD_STABILITY_KEY)?,
+            training_fingerprints: read(metadata, TRAINING_FINGERPRINTS_KEY)?,
         };
         meta.validate()?;
         Ok(meta)

@@ -291,11 +291,10 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     prepare_out(&setup.out, &checkpoint, setup.resume)?;
     let data = load_data(setup, &preprocess, on_event)?;
     let fingerprints_path = setup.out.join(crate::audit::FINGERPRINTS_FILE);
-    fracture_fs::write_atomic(
-        &fingerprints_path,
-        &fracture_data::audit::fingerprints_to_bytes(&data.fingerprints),
-    )
-    .map_err(|e| Error::io(&fingerprints_path, e))?;
+    let fingerprint_bytes = fracture_data::audit::fingerprints_to_bytes(&data.fingerprints);
+    fracture_fs::write_atomic(&fingerprints_path, &fingerprint_bytes)
+        .map_err(|e| Error::io(&fingerprints_path, e))?;
+    let fingerprints_sha256 = crate::audit::sha256_hex(&fingerprint_bytes);
     let mut session = Session::start(setup, preprocess, &data, &checkpoint, on_event)?;
     let augmenter = cfg.augment.map(Augmenter::new).transpose()?;
     let boxes = box_targets(setup, &session, &data, &preprocess, on_event)?;
@@ -343,6 +342,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
                 &report,
                 &val,
                 session.meta.pretrained.as_ref(),
+                &fingerprints_sha256,
                 &path,
             )?;
             on_event(Event::Saved {
@@ -489,6 +489,7 @@ fn save_best(
     report: &EpochReport,
     val: &Validation,
     pretrained: Option<&fracture_model::PretrainedOrigin>,
+    fingerprints_sha256: &str,
     path: &Path,
 ) -> Result<()> {
     let rule = setup.train.threshold_rule;
@@ -505,6 +506,7 @@ fn save_best(
         training_data: Some(setup.training_data()),
         calibration: op.calibration,
         threshold_stability: op.stability,
+        training_fingerprints: Some(fingerprints_sha256.to_string()),
     };
     Ok(model.save(path, &meta.to_metadata()?)?)
 }

@@ -96,8 +96,12 @@ pub(crate) struct Args {
 
 /// Warns when evaluated images have near duplicates among the model's training images (from the
 /// fingerprints stored with the run): such metrics overstate performance on new patients.
-fn warn_of_leaks(model: Option<&std::path::Path>, items: &[fracture_train::data::Item]) {
-    match crate::commands::model_fingerprints(model) {
+fn warn_of_leaks(
+    model: Option<&std::path::Path>,
+    recorded: Option<&str>,
+    items: &[fracture_train::data::Item],
+) {
+    match crate::commands::model_fingerprints(model, recorded) {
         Ok(Some((file, known))) => {
             let files: Vec<std::path::PathBuf> = items.iter().map(|i| i.path.clone()).collect();
             let near = fracture_train::audit::near_training_images(
@@ -139,7 +143,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     for s in &skipped {
         eprintln!("warning: skipped {s}");
     }
-    warn_of_leaks(args.model.as_deref(), &items);
+    warn_of_leaks(
+        args.model.as_deref(),
+        model.meta.training_fingerprints.as_deref(),
+        &items,
+    );
     let choice = match (args.threshold, args.target_sensitivity) {
         (Some(value), _) => ThresholdChoice::Fixed { value },
         (None, Some(target)) => {

@@ -1,11 +1,11 @@
 //! `fracture export`: a trained model as one compact file (half-precision weights), with its
-//! training fingerprints beside it.
+//! training fingerprints beside it, named after it (`<stem>.fingerprints.bin`) and tied to it by
+//! their SHA-256 in the model's metadata.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use fracture_train::TrainedModel;
-use fracture_train::audit::FINGERPRINTS_FILE;
 
 /// Arguments of `fracture export`.
 #[derive(Debug, clap::Args)]
@@ -14,7 +14,7 @@ pub(crate) struct Args {
     #[arg(long)]
     model: PathBuf,
     /// The file to write (`.safetensors`). The run's training fingerprints, when it has them, are
-    /// copied beside it as `training-fingerprints.bin`.
+    /// copied beside it as `<stem>.fingerprints.bin`, their SHA-256 recorded in the model.
     #[arg(long)]
     out: PathBuf,
     /// Keep the weights in single precision (F32) instead of half (F16, half the size).
@@ -42,6 +42,19 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let fingerprints = fracture_train::audit::training_fingerprints(
+        &args.model,
+        model.meta.training_fingerprints.as_deref(),
+    )?;
+    let fingerprint_bytes = match &fingerprints {
+        Some((file, _)) => {
+            Some(std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?)
+        }
+        None => None,
+    };
+    if let Some(bytes) = &fingerprint_bytes {
+        model.meta.training_fingerprints = Some(fracture_train::audit::sha256_hex(bytes));
+    }
     if args.full_precision {
         model.save(&args.out)?;
     } else {
@@ -54,13 +67,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         size as f64 / 1e6,
         if args.full_precision { "F32" } else { "F16" }
     );
-    if let Some((file, _)) = fracture_train::audit::training_fingerprints(&args.model)? {
-        let dest = dir.map_or_else(|| PathBuf::from(FINGERPRINTS_FILE), |d| d.join(FINGERPRINTS_FILE));
-        if dest != file {
-            std::fs::copy(&file, &dest)
-                .with_context(|| format!("cannot copy {} to {}", file.display(), dest.display()))?;
-            println!("wrote {}", dest.display());
-        }
+    if let Some(bytes) = fingerprint_bytes {
+        let dest = fracture_train::audit::fingerprints_file_for(&args.out);
+        fracture_fs::write_atomic(&dest, &bytes)
+            .with_context(|| format!("cannot write {}", dest.display()))?;
+        println!("wrote {}", dest.display());
     }
     Ok(())
 }

@@ -70,16 +70,24 @@ pub(crate) fn load_model(
     }
 }
 
-/// The training fingerprints that go with `model` (see [`load_model`]): beside a model file or in a
-/// run folder, or the bundled model's. `Ok(None)` when there are none.
+/// The training fingerprints that go with `model` (see [`load_model`]): the ones tied to it beside
+/// a model file or in a run folder (see `fracture_train::audit::training_fingerprints`), or the
+/// bundled model's. `recorded` is the SHA-256 the model's metadata records for them. `Ok(None)`
+/// when there are none.
 pub(crate) fn model_fingerprints(
     model: Option<&std::path::Path>,
+    recorded: Option<&str>,
 ) -> anyhow::Result<Option<(String, Vec<fracture_train::data::audit::Known>)>> {
     match (model, BUNDLED) {
-        (Some(path), _) => Ok(fracture_train::audit::training_fingerprints(path)?
+        (Some(path), _) => Ok(fracture_train::audit::training_fingerprints(path, recorded)?
             .map(|(file, known)| (file.display().to_string(), known))),
         (None, Some((_, bytes))) => {
             let origin = std::path::Path::new("models/training-fingerprints.bin (built in)");
+            if let Some(expected) = recorded
+                && fracture_train::audit::sha256_hex(bytes) != expected
+            {
+                anyhow::bail!("{}: not the fingerprints of the built-in model", origin.display());
+            }
             let known = fracture_train::data::audit::fingerprints_from_bytes(bytes, origin)?;
             Ok(Some((origin.display().to_string(), known)))
         }

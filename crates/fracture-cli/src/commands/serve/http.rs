@@ -86,26 +86,107 @@ fn host_name(host: &str) -> String {
     }
 }
 
-/// Refuses (421) a request whose `Host` names a host the server does not answer to.
+/// Refuses a request that could come from another site or be misrouted, before its body is read:
+/// two `Host` headers (400); an absolute-form target whose host differs from `Host` (400); a
+/// `Host` the server does not answer to (421); and a state-changing request (any method but GET,
+/// HEAD and OPTIONS) that a browser marks as cross-site, by `Sec-Fetch-Site` or by an `Origin`
+/// other than the server's own (403). A page on another site can post a form or a no-cors fetch
+/// to a local server without a preflight; this is what stops it.
 pub(super) async fn check_host(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let (Some(allowed), Some(host)) = (&state.allowed_hosts, request.headers().get(header::HOST)) {
-        let name = host_name(host.to_str().unwrap_or_default());
-        if !allowed.contains(&name) {
-            return ApiError(
-                StatusCode::MISDIRECTED_REQUEST,
-                format!(
-                    "this server does not answer to the host `{name}` (allowed: {}; add one with --allowed-host)",
-                    allowed.join(", ")
-                ),
-            )
-            .into_response();
+    match refusal(&state, &request) {
+        Some(e) => e.into_response(),
+        None => next.run(request).await,
+    }
+}
+
+fn refusal(state: &AppState, request: &Request) -> Option<ApiError> {
+    let headers = request.headers();
+    let bad = |text: String| Some(ApiError(StatusCode::BAD_REQUEST, text));
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return bad("the request has more than one Host header".into());
+    }
+    let host = headers
+        .get(header::HOST)
+        .map(|h| host_name(h.to_str().unwrap_or_default()));
+    if let Some(authority) = request.uri().authority() {
+        let target = host_name(authority.as_str());
+        if host.as_ref().is_some_and(|h| *h != target) {
+            return bad(format!(
+                "the request target names the host `{target}`, its Host header another"
+            ));
         }
     }
-    next.run(request).await
+    let name = host.or_else(|| request.uri().authority().map(|a| host_name(a.as_str())));
+    if let (Some(allowed), Some(name)) = (&state.allowed_hosts, &name)
+        && !allowed.contains(name)
+    {
+        return Some(ApiError(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this server does not answer to the host `{name}` (allowed: {}; add one with --allowed-host)",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    let safe = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if safe {
+        return None;
+    }
+    let forbidden = |why: String| {
+        Some(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("cross-origin requests are refused: {why}"),
+        ))
+    };
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
+        && !matches!(site, "same-origin" | "none")
+    {
+        return forbidden(format!("Sec-Fetch-Site is `{site}`"));
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default().trim().to_ascii_lowercase();
+        let origin_host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .map(|rest| rest.split('/').next().unwrap_or_default().to_string());
+        let own = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| h.trim().to_ascii_lowercase());
+        if origin_host.is_none() || origin_host != own {
+            return forbidden(format!("Origin `{origin}` is not this server"));
+        }
+    }
+    None
+}
+
+/// The Content-Security-Policy of every answer: the page's own script, style and API only;
+/// images from the page, `data:` (heatmaps) and `blob:` (the chosen file); no framing.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; \
+     form-action 'self'; frame-ancestors 'none'";
+
+/// Adds the browser-hardening headers to every answer: Content-Security-Policy,
+/// `X-Content-Type-Options: nosniff`, `X-Frame-Options: DENY`, `Referrer-Policy: no-referrer`.
+pub(super) async fn security_headers(request: Request, next: axum::middleware::Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, header::HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// Longest request target (path and query) answered; a longer one gets a JSON 414.

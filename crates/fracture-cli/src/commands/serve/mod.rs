@@ -24,7 +24,7 @@ use crate::commands::pick_device;
 mod http;
 mod upload;
 
-use http::{allowed_hosts, check_host, json_errors, serve_connections};
+use http::{allowed_hosts, check_host, json_errors, security_headers, serve_connections};
 use upload::read_upload;
 
 const INDEX_HTML: &str = include_str!("../../../web/index.html");
@@ -55,6 +55,11 @@ pub(crate) struct Args {
     /// below the process's open-file limit (`ulimit -n`).
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most uploads admitted at once (being received, waiting for inference, or inferring); a
+    /// further one is answered 503 with `Retry-After` before its body is read, so memory stays
+    /// bounded by about this many times `--max-upload-mb` whatever the number of connections.
+    #[arg(long, default_value_t = 8)]
+    max_queued_uploads: usize,
     /// A host name (optionally with `:port`) the server answers to (repeatable). On a loopback
     /// address only `localhost`, `127.0.0.1` and `[::1]` are accepted by default, so that a web page
     /// elsewhere cannot reach the server through a rebound DNS name; on other addresses any host is
@@ -78,6 +83,10 @@ struct AppState {
     /// Inference runs on blocking threads, at most this many at once (the rest queue), so the async
     /// threads stay free to answer.
     inference: Semaphore,
+    /// Uploads admitted at once, from the first byte of the body to the answer.
+    uploads: Semaphore,
+    /// Its size, for the 503 message.
+    max_queued_uploads: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -129,6 +138,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if args.max_connections == 0 {
         anyhow::bail!("--max-connections must be at least 1");
     }
+    if args.max_queued_uploads == 0 {
+        anyhow::bail!("--max-queued-uploads must be at least 1");
+    }
     let info = model_info(&model);
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let limits = DecodeLimits {
@@ -143,6 +155,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         body_timeout,
         allowed_hosts: allowed_hosts(args.addr, &args.allowed_hosts),
         inference: Semaphore::new(workers.min(4)),
+        uploads: Semaphore::new(args.max_queued_uploads),
+        max_queued_uploads: args.max_queued_uploads,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -204,6 +218,7 @@ fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)
 }
 
@@ -234,6 +249,21 @@ async fn predict(
         .heatmap
         .as_deref()
         .is_some_and(|v| matches!(v, "1" | "true" | "yes"));
+    // Admission before a byte of the body is read: the bytes in flight are bounded by the queue,
+    // not by the number of connections.
+    let Ok(_admitted) = state.uploads.try_acquire() else {
+        let mut busy = ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the server is busy ({} uploads in progress); try again in a moment",
+                state.max_queued_uploads
+            ),
+        )
+        .into_response();
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+        return busy;
+    };
     let (bytes, name) = match read_upload(state.max_upload, state.body_timeout, request).await {
         Ok(x) => x,
         Err(e) => return e.into_response(),
