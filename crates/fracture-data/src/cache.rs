@@ -4,12 +4,33 @@
 //! collision or a stale entry reads as a miss. The key combines the canonical path, the file's size
 //! and modification time, and [`PreprocessConfig::cache_key`](crate::PreprocessConfig::cache_key).
 //! Entries are written to a temporary file and renamed, so a crash never leaves a torn entry.
+//! Each entry ends with a SHA-256 of everything before it: an entry whose pixels were changed on
+//! disk (zeroed, bit rot) is [`CacheRead::Corrupt`], rebuilt from its image and counted, never
+//! trained on.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-const MAGIC: &[u8; 16] = b"FRACTURE-CACHE1\n";
+const MAGIC: &[u8; 16] = b"FRACTURE-CACHE2\n";
+/// Bytes of the trailing SHA-256.
+const CHECKSUM_BYTES: usize = 32;
+
+/// What reading one entry found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CacheRead {
+    /// The entry, checksum verified.
+    Hit(Vec<u8>),
+    /// No entry for this key (absent, another key, another size, an older format).
+    Miss,
+    /// An entry for this key whose checksum does not match its contents.
+    Corrupt,
+}
+
+fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_BYTES] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).into()
+}
 
 #[derive(Debug, Clone)]
 pub(crate) struct DiskCache {
@@ -42,21 +63,35 @@ impl DiskCache {
         self.dir.join(format!("{:016x}.fcache", fnv1a64(key.as_bytes())))
     }
 
-    /// The cached `side × side` pixels for `key`, or `None` on any mismatch or read error.
-    pub(crate) fn read(&self, key: &str, side: usize) -> Option<Vec<u8>> {
-        let bytes = fs::read(self.entry_path(key)).ok()?;
-        let rest = bytes.strip_prefix(MAGIC.as_slice())?;
-        let (len, rest) = split_u32(rest)?;
-        let (stored_key, rest) = rest.split_at_checked(len as usize)?;
-        if stored_key != key.as_bytes() {
-            return None;
+    /// The cached `side × side` pixels for `key`: a hit, a miss on any mismatch or read error, or
+    /// corrupt when the entry is this key's but its checksum fails.
+    pub(crate) fn read(&self, key: &str, side: usize) -> CacheRead {
+        let Ok(bytes) = fs::read(self.entry_path(key)) else {
+            return CacheRead::Miss;
+        };
+        let parsed = (|| {
+            let rest = bytes.strip_prefix(MAGIC.as_slice())?;
+            let (len, rest) = split_u32(rest)?;
+            let (stored_key, rest) = rest.split_at_checked(len as usize)?;
+            (stored_key == key.as_bytes()).then_some(rest)
+        })();
+        let Some(rest) = parsed else {
+            return CacheRead::Miss;
+        };
+        let body = bytes.len().saturating_sub(CHECKSUM_BYTES);
+        if bytes.len() < CHECKSUM_BYTES || checksum(&bytes[..body]) != bytes[body..] {
+            return CacheRead::Corrupt;
         }
-        let (w, rest) = split_u32(rest)?;
-        let (h, rest) = split_u32(rest)?;
-        if w as usize != side || h as usize != side || rest.len() != side * side {
-            return None;
+        let rest = &rest[..rest.len() - CHECKSUM_BYTES];
+        let sized = (|| {
+            let (w, rest) = split_u32(rest)?;
+            let (h, rest) = split_u32(rest)?;
+            (w as usize == side && h as usize == side && rest.len() == side * side).then_some(rest)
+        })();
+        match sized {
+            Some(pixels) => CacheRead::Hit(pixels.to_vec()),
+            None => CacheRead::Miss,
         }
-        Some(rest.to_vec())
     }
 
     /// Stores `pixels` (`side × side`) under `key`, atomically.
@@ -71,6 +106,8 @@ impl DiskCache {
         buf.extend_from_slice(&side32.to_le_bytes());
         buf.extend_from_slice(&side32.to_le_bytes());
         buf.extend_from_slice(pixels);
+        let sum = checksum(&buf);
+        buf.extend_from_slice(&sum);
         fracture_fs::write_atomic_unsynced(&path, &buf)
     }
 }
@@ -106,12 +143,19 @@ mod tests {
         let cache = DiskCache::new(&dir).unwrap();
         let pixels: Vec<u8> = (0..16).collect();
         cache.write("k1", 4, &pixels).unwrap();
-        assert_eq!(cache.read("k1", 4), Some(pixels.clone()));
-        assert_eq!(cache.read("k1", 3), None, "wrong side");
-        assert_eq!(cache.read("k2", 4), None, "other key");
+        assert_eq!(cache.read("k1", 4), CacheRead::Hit(pixels.clone()));
+        assert_eq!(cache.read("k1", 3), CacheRead::Miss, "wrong side");
+        assert_eq!(cache.read("k2", 4), CacheRead::Miss, "other key");
+        // Pixels zeroed on disk, header intact: corrupt, not a hit of black pixels.
+        let path = cache.entry_path("k1");
+        let mut bytes = fs::read(&path).unwrap();
+        let start = bytes.len() - CHECKSUM_BYTES - 16;
+        bytes[start..start + 16].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(cache.read("k1", 4), CacheRead::Corrupt);
         // A torn or foreign file is a miss, not an error.
         fs::write(cache.entry_path("k1"), b"garbage").unwrap();
-        assert_eq!(cache.read("k1", 4), None);
+        assert_eq!(cache.read("k1", 4), CacheRead::Miss);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -8,7 +8,7 @@ use ndarray::{Array2, ArrayView2};
 use rand::RngCore;
 use rayon::prelude::*;
 
-use crate::cache::DiskCache;
+use crate::cache::{CacheRead, DiskCache};
 use crate::preprocess::to_unit;
 use crate::{Augment, DecodeLimits, Error, Item, Label, PreprocessConfig, Result, Skipped};
 
@@ -56,6 +56,8 @@ pub struct LoadStats {
     pub skipped: usize,
     /// Cache entries that could not be written (the images themselves loaded fine).
     pub cache_write_failures: usize,
+    /// Cache entries whose checksum failed (changed on disk): rebuilt from their images.
+    pub cache_corrupt: usize,
     /// Wall time of the load in seconds.
     pub seconds: f64,
 }
@@ -101,7 +103,12 @@ pub struct FolderDataset {
 }
 
 enum Outcome {
-    Decoded { cache_write_failed: bool },
+    /// Decoded from its file; whether writing the cache entry failed, and whether the entry it
+    /// replaces was corrupt.
+    Decoded {
+        cache_write_failed: bool,
+        corrupt: bool,
+    },
     Cached,
     Failed(Skipped),
 }
@@ -159,9 +166,13 @@ impl FolderDataset {
                     continue;
                 }
                 Outcome::Cached => stats.from_disk_cache += 1,
-                Outcome::Decoded { cache_write_failed } => {
+                Outcome::Decoded {
+                    cache_write_failed,
+                    corrupt,
+                } => {
                     stats.decoded += 1;
                     stats.cache_write_failures += usize::from(cache_write_failed);
+                    stats.cache_corrupt += usize::from(corrupt);
                 }
             }
             if write != i {
@@ -320,17 +331,23 @@ fn load_one(
                 }
                 Outcome::Decoded {
                     cache_write_failed: false,
+                    corrupt: false,
                 }
             }
             Err(e) => Outcome::Failed(Skipped::new(&item.path, skip_reason(&e))),
         };
     }
     let key = cache.and_then(|_| DiskCache::key(&item.path, preprocess_key));
-    if let (Some(cache), Some(key)) = (cache, &key)
-        && let Some(pixels) = cache.read(key, side)
-    {
-        dst.copy_from_slice(&pixels);
-        return Outcome::Cached;
+    let mut corrupt = false;
+    if let (Some(cache), Some(key)) = (cache, &key) {
+        match cache.read(key, side) {
+            CacheRead::Hit(pixels) => {
+                dst.copy_from_slice(&pixels);
+                return Outcome::Cached;
+            }
+            CacheRead::Corrupt => corrupt = true,
+            CacheRead::Miss => {}
+        }
     }
     match config.load_file(&item.path, &options.limits) {
         Ok(image) => {
@@ -345,7 +362,10 @@ fn load_one(
                 (Some(cache), Some(key)) => cache.write(key, side, dst).is_err(),
                 _ => false,
             };
-            Outcome::Decoded { cache_write_failed }
+            Outcome::Decoded {
+                cache_write_failed,
+                corrupt,
+            }
         }
         Err(e) => Outcome::Failed(Skipped::new(&item.path, skip_reason(&e))),
     }

@@ -315,6 +315,30 @@ fn the_disk_cache_serves_a_second_load_and_notices_changes() {
     let third = FolderDataset::load(&items, &cfg, &options).unwrap();
     assert_eq!((third.stats().decoded, third.stats().from_disk_cache), (1, 5));
     assert_ne!(third.image_u8(0), first.image_u8(0));
+    // Entries whose pixels were zeroed on disk (headers intact) are rebuilt, counted, and never
+    // served as black images.
+    let mut zeroed = 0;
+    for entry in std::fs::read_dir(&cache_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The pixels sit before the 32-byte checksum.
+        let end = bytes.len() - 32;
+        bytes[end - 400..end].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        zeroed += 1;
+    }
+    assert!(zeroed >= 6);
+    let rebuilt = FolderDataset::load(&items, &cfg, &options).unwrap();
+    assert_eq!(rebuilt.stats().cache_corrupt, 6);
+    assert_eq!(rebuilt.stats().decoded, 6);
+    for i in 0..6 {
+        assert_eq!(rebuilt.image_u8(i), third.image_u8(i));
+    }
+    let after = FolderDataset::load(&items, &cfg, &options).unwrap();
+    assert_eq!(
+        (after.stats().from_disk_cache, after.stats().cache_corrupt),
+        (6, 0)
+    );
     // A shifted load decodes every file again, bypasses the cache and changes the pixels; an
     // unreadable file is still skipped and named.
     std::fs::write(root.join("train/fractured/bad.png"), b"not a png").unwrap();

@@ -131,8 +131,10 @@ pub(crate) fn load_data(
         shift: None,
     };
     let mut summary = layout.summary();
+    let mut corrupt = 0;
     let mut load = |split: Split, items: &[Item]| -> Result<FolderDataset> {
         let ds = FolderDataset::load(items, preprocess, &options)?;
+        corrupt += ds.stats().cache_corrupt;
         let [fractured, not_fractured] = ds.counts();
         summary.update(
             SplitCounts {
@@ -150,6 +152,12 @@ pub(crate) fn load_data(
         .split(Split::Test)
         .map(|items| load(Split::Test, items))
         .transpose()?;
+    if corrupt > 0 {
+        on_event(Event::Notice(&format!(
+            "warning: {corrupt} preprocessing cache entries failed their checksum (changed on disk) \
+             and were rebuilt from their images"
+        )));
+    }
     on_event(Event::Dataset(&summary));
     for (name, ds) in [("train", &train), ("val", &val)] {
         if ds.counts().contains(&0) {

@@ -65,6 +65,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 stats.cache_write_failures
             );
         }
+        if stats.cache_corrupt > 0 {
+            eprintln!(
+                "warning: {} cache entries failed their checksum (changed on disk) and were rebuilt",
+                stats.cache_corrupt
+            );
+        }
         let [fractured, not_fractured] = ds.counts();
         summary.update(
             SplitCounts {
