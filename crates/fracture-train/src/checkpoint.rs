@@ -20,6 +20,109 @@ use crate::{Adam, EpochReport, Error, Result, TrainConfig};
 const META_KEY: &str = "fracture.checkpoint";
 const FORMAT: u32 = 1;
 
+/// Exactly what a run trains and validates on, so that resuming on anything else is refused
+/// naming what changed: one short digest per image (of its path, label and size in bytes), the
+/// box file's digest, and the data-shaping options that are not training settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DataSetFingerprint {
+    /// Training images: the first 16 hex digits of SHA-256 of `path \0 label \0 size`, sorted.
+    pub train: Vec<String>,
+    /// Validation images, the same way.
+    pub val: Vec<String>,
+    /// SHA-256 of the `--boxes` file, when one trains the localization head.
+    pub boxes: Option<String>,
+    /// Data-shaping options, `(name, value)`: extra training folders, partial images, leak
+    /// exclusion.
+    pub options: Vec<(String, String)>,
+}
+
+fn image_digest(item: &fracture_data::Item) -> String {
+    use sha2::{Digest, Sha256};
+    let size = std::fs::metadata(&item.path).map_or(0, |m| m.len());
+    let mut h = Sha256::new();
+    h.update(item.path.to_string_lossy().as_bytes());
+    h.update([0u8]);
+    h.update(item.label.name().as_bytes());
+    h.update([0u8]);
+    h.update(size.to_le_bytes());
+    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl DataSetFingerprint {
+    /// The fingerprint of the loaded splits (readable images only) with `boxes` (the box file's
+    /// bytes' SHA-256) and `options`.
+    pub(crate) fn of(
+        train: &[fracture_data::Item],
+        val: &[fracture_data::Item],
+        boxes: Option<String>,
+        options: Vec<(String, String)>,
+    ) -> Self {
+        let digests = |items: &[fracture_data::Item]| {
+            let mut d: Vec<String> = items.iter().map(image_digest).collect();
+            d.sort();
+            d
+        };
+        DataSetFingerprint {
+            train: digests(train),
+            val: digests(val),
+            boxes,
+            options,
+        }
+    }
+
+    /// Why `now` is not the data set this fingerprint was taken of, naming the first difference
+    /// (`now_items` name the new images); `None` when it is the same.
+    pub(crate) fn mismatch(
+        &self,
+        now: &DataSetFingerprint,
+        now_items: (&[fracture_data::Item], &[fracture_data::Item]),
+    ) -> Option<String> {
+        for (name, old, new, items) in [
+            ("training", &self.train, &now.train, now_items.0),
+            ("validation", &self.val, &now.val, now_items.1),
+        ] {
+            if old == new {
+                continue;
+            }
+            let old_set: std::collections::BTreeSet<&String> = old.iter().collect();
+            let new_set: std::collections::BTreeSet<&String> = new.iter().collect();
+            let added: Vec<&fracture_data::Item> = items
+                .iter()
+                .filter(|i| !old_set.contains(&image_digest(i)))
+                .collect();
+            let gone = old_set.difference(&new_set).count();
+            let examples: Vec<String> = added
+                .iter()
+                .take(3)
+                .map(|i| format!("{} ({})", fracture_data::path_text(&i.path), i.label.name()))
+                .collect();
+            return Some(format!(
+                "the {name} images differ from the checkpoint's: {} new or changed (path, label or size{}{}), {gone} no longer there",
+                added.len(),
+                if examples.is_empty() { "" } else { "; e.g. " },
+                examples.join(", ")
+            ));
+        }
+        if self.boxes != now.boxes {
+            return Some(format!(
+                "the box file differs (checkpoint: {}; now: {})",
+                self.boxes.as_deref().unwrap_or("none"),
+                now.boxes.as_deref().unwrap_or("none")
+            ));
+        }
+        let old: BTreeMap<&String, &String> = self.options.iter().map(|(k, v)| (k, v)).collect();
+        for (k, v) in &now.options {
+            if old.get(k) != Some(&v) {
+                return Some(format!(
+                    "data option `{k}` differs (checkpoint: {}; now: {v})",
+                    old.get(k).map_or("unset", |s| s.as_str())
+                ));
+            }
+        }
+        None
+    }
+}
+
 /// Images per class of the splits a run trains and validates on, to notice a changed dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataCounts {
@@ -65,6 +168,10 @@ pub struct CheckpointMeta {
     /// The pretrained weights the run started from.
     #[serde(default)]
     pub pretrained: Option<fracture_model::PretrainedOrigin>,
+    /// Exactly what the run trains on (absent in checkpoints from before it was recorded, which
+    /// resume on per-class counts alone).
+    #[serde(default)]
+    pub data_set: Option<DataSetFingerprint>,
 }
 
 /// Writes a checkpoint atomically.

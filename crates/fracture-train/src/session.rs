@@ -9,7 +9,9 @@ use fracture_data::{Augmenter, BatchAugment, FolderDataset, PreprocessConfig, ep
 use fracture_eval::EvalReport;
 use fracture_model::Model;
 
-use crate::checkpoint::{CheckpointMeta, read_checkpoint, restore, resume_mismatch, save_checkpoint};
+use crate::checkpoint::{
+    CheckpointMeta, DataSetFingerprint, read_checkpoint, restore, resume_mismatch, save_checkpoint,
+};
 use crate::ema::Ema;
 use crate::inputs::Data;
 use crate::loss::localization_loss;
@@ -116,10 +118,18 @@ impl Session {
             epochs_since_best: 0,
             history: Vec::new(),
             pretrained,
+            data_set: None,
         };
+        let data_set = data_set_fingerprint(setup, data)?;
+        meta.data_set = Some(data_set.clone());
         if setup.resume {
             let (old, mut tensors) = read_checkpoint(checkpoint, &setup.device)?;
-            if let Some(why) = resume_mismatch(&old, &setup.model, &preprocess, cfg, &data.counts) {
+            let why = resume_mismatch(&old, &setup.model, &preprocess, cfg, &data.counts).or_else(|| {
+                old.data_set
+                    .as_ref()
+                    .and_then(|recorded| recorded.mismatch(&data_set, (data.train.items(), data.val.items())))
+            });
+            if let Some(why) = why {
                 return Err(Error::Checkpoint {
                     path: checkpoint.to_path_buf(),
                     reason: format!("cannot resume: {why}; use the original settings or another --out"),
@@ -153,6 +163,7 @@ impl Session {
             )?;
             meta = CheckpointMeta {
                 train: cfg.clone(),
+                data_set: Some(data_set),
                 ..old
             };
             on_event(Event::Notice(&format!(
@@ -321,6 +332,37 @@ impl Session {
             &self.meta,
         )
     }
+}
+
+/// What the run trains on exactly (see [`DataSetFingerprint`]): the loaded images, the box file's
+/// SHA-256 and the data-shaping options.
+fn data_set_fingerprint(setup: &TrainSetup, data: &Data) -> Result<DataSetFingerprint> {
+    let boxes = match &setup.boxes {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            Some(crate::audit::sha256_hex(&bytes))
+        }
+        None => None,
+    };
+    let extra: Vec<String> = setup
+        .extra_train
+        .iter()
+        .map(|p| fracture_data::path_text(p))
+        .collect();
+    let options = vec![
+        ("extra_train".to_string(), extra.join(", ")),
+        (
+            "allow_partial".to_string(),
+            setup.limits.allow_partial.to_string(),
+        ),
+        ("exclude_leaks".to_string(), setup.exclude_leaks.to_string()),
+    ];
+    Ok(DataSetFingerprint::of(
+        data.train.items(),
+        data.val.items(),
+        boxes,
+        options,
+    ))
 }
 
 /// The dropout seed of a step: distinct per step, the same in a resumed run.

@@ -188,3 +188,37 @@ fn boxes_the_run_cannot_use_are_refused() {
     let err = train(&s, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("bad.csv:2:") && err.contains("column w"), "{err}");
 }
+
+#[test]
+fn resuming_with_another_box_file_is_refused_naming_it() {
+    let root = fresh_dir(&base(), "resume-boxes");
+    write_dataset(&root, 6, 3);
+    let mut s = lite0_setup(&root, 2).with_boxes(root.join("boxes.csv"), 1.0, 16);
+    s.stop_after_epochs = Some(1);
+    train(&s, &mut |_| {}).unwrap();
+    // The same boxes, one moved by a pixel: another file.
+    let text = std::fs::read_to_string(root.join("boxes.csv")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let fields: Vec<&str> = lines[1].split(',').collect();
+    let moved = format!(
+        "{},{},{},{},{},{}",
+        fields[0],
+        fields[1],
+        fields[2].parse::<u32>().unwrap() + 1,
+        fields[3],
+        fields[4],
+        fields[5]
+    );
+    lines[1] = moved;
+    std::fs::write(root.join("moved.csv"), lines.join("\n") + "\n").unwrap();
+    let mut resumed = s.clone().with_boxes(root.join("moved.csv"), 1.0, 16);
+    resumed.resume = true;
+    resumed.stop_after_epochs = None;
+    let err = train(&resumed, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("cannot resume: the box file differs"), "{err}");
+    // With the original file it resumes.
+    let mut same = s.clone();
+    same.resume = true;
+    same.stop_after_epochs = None;
+    train(&same, &mut |_| {}).unwrap();
+}

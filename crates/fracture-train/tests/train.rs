@@ -880,3 +880,40 @@ fn a_model_file_declaring_a_huge_input_is_refused_at_load() {
         "{err}"
     );
 }
+
+#[test]
+fn resuming_on_images_swapped_between_classes_is_refused_naming_them() {
+    let root = synthetic("resume-swapped", (5, 5), (3, 3));
+    let data = root.join("data");
+    let mut s = setup(&data, &root.join("run"), 24, 2);
+    s.stop_after_epochs = Some(1);
+    run(&s).unwrap();
+    // Two images trade classes: the per-class counts stay the same.
+    let files = |class: &str| {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(data.join("train").join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    let (f, n) = (files("fractured")[0].clone(), files("not fractured")[0].clone());
+    let f_to = data.join("train/not fractured/swapped-f.png");
+    let n_to = data.join("train/fractured/swapped-n.png");
+    std::fs::rename(&f, &f_to).unwrap();
+    std::fs::rename(&n, &n_to).unwrap();
+    let mut resumed = s.clone();
+    resumed.resume = true;
+    resumed.stop_after_epochs = None;
+    let err = run(&resumed).unwrap_err().to_string();
+    assert!(
+        err.contains("cannot resume: the training images differ")
+            && err.contains("2 new or changed")
+            && err.contains("2 no longer there"),
+        "{err}"
+    );
+    // Put back, it resumes.
+    std::fs::rename(&f_to, &f).unwrap();
+    std::fs::rename(&n_to, &n).unwrap();
+    run(&resumed).unwrap();
+}
