@@ -54,6 +54,7 @@ fn main() -> std::process::ExitCode {
         fracture_alloc::return_freed_memory();
     } else {
         fracture_alloc::keep_freed_memory();
+        end_quietly_on_a_closed_pipe();
     }
 
     let result = match cli.command {
@@ -73,6 +74,20 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {}", error_text(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// A command whose output is piped into a reader that stops early (`fracture audit | head -1`)
+/// ends as every Unix filter does, by the broken-pipe signal, instead of panicking in `println!`.
+/// Commands write their files before they print, so nothing is lost. Not for the server, whose
+/// sockets must see a closed peer as an error, not a signal.
+fn end_quietly_on_a_closed_pipe() {
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    // SAFETY: setting a signal's disposition to SIG_DFL at start-up, before any other thread
+    // exists, has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -12,7 +12,7 @@
 #![warn(missing_docs)]
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` atomically and durably: a temporary file in the same folder, fsync,
 /// rename, then a best-effort fsync of the folder. Readers see the old file or the new one, never
@@ -53,6 +53,132 @@ fn write_via_temporary(path: &Path, bytes: &[u8], durable: bool) -> std::io::Res
     result
 }
 
+/// Whether process `pid` is running. On Linux, whether `/proc/<pid>` exists; elsewhere every
+/// other process is assumed to be running (a lock or temporary is then never taken as stale).
+pub fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
+/// The process id in the name of a temporary [`write_atomic`] writes (`.NAME.tmp-PID`).
+fn temporary_owner(name: &str) -> Option<u32> {
+    let (_, pid) = name.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    pid.parse().ok()
+}
+
+/// Removes from `dir` the temporaries [`write_atomic`] left behind (`.NAME.tmp-PID`) when their
+/// process ended mid-write (killed, or stopped by a file-size limit), and returns them. A
+/// temporary of a running process is kept; a missing folder has none.
+pub fn remove_stale_temporaries(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temporary_owner) else {
+            continue;
+        };
+        if !process_alive(pid) && entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
+}
+
+/// File name of a folder's lock (see [`FolderLock`]).
+pub const LOCK_FILE: &str = ".lock";
+
+/// An advisory lock on a folder, so that two processes never write one run folder at once:
+/// `<dir>/.lock`, created exclusively, holding the owner's process id. A lock whose process is no
+/// longer running is taken over. Removed when dropped.
+#[derive(Debug)]
+pub struct FolderLock {
+    path: PathBuf,
+}
+
+/// Why a [`FolderLock`] could not be taken.
+#[derive(Debug)]
+pub enum LockError {
+    /// Another running process holds the lock.
+    Held {
+        /// Its process id.
+        pid: u32,
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The lock file could not be created or read.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for LockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockError::Held { pid, path } => write!(
+                f,
+                "the folder is in use by process {pid} (lock file {}); wait for it to end, or remove the \
+                 lock file if that process is not a fracture run",
+                path.display()
+            ),
+            LockError::Io(e) => write!(f, "cannot take the folder's lock: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for LockError {}
+
+impl FolderLock {
+    /// Takes the lock of `dir` (which must exist).
+    pub fn acquire(dir: &Path) -> Result<FolderLock, LockError> {
+        let path = dir.join(LOCK_FILE);
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut file) => {
+                    file.write_all(std::process::id().to_string().as_bytes())
+                        .map_err(LockError::Io)?;
+                    return Ok(FolderLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    match text.trim().parse::<u32>() {
+                        Ok(pid) if process_alive(pid) => return Err(LockError::Held { pid, path }),
+                        // A lock of a process that ended without removing it (killed): stale.
+                        _ => match std::fs::remove_file(&path) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(LockError::Io(e)),
+                        },
+                    }
+                }
+                Err(e) => return Err(LockError::Io(e)),
+            }
+        }
+        Err(LockError::Io(std::io::Error::other(
+            "the lock file keeps reappearing (another process is taking it)",
+        )))
+    }
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +202,49 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left.len(), 2, "{left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stale_temporaries_go_and_live_ones_stay() {
+        let dir = std::env::temp_dir().join(format!("fracture-fs-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // No process has id 4294967295 (above Linux's pid_max).
+        let dead = dir.join(".last.safetensors.tmp-4294967295");
+        let live = dir.join(format!(".last.safetensors.tmp-{}", std::process::id()));
+        let other = dir.join("last.safetensors");
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let removed = remove_stale_temporaries(&dir).unwrap();
+        if cfg!(target_os = "linux") {
+            assert_eq!(removed, vec![dead.clone()]);
+            assert!(!dead.exists());
+        }
+        assert!(live.exists() && other.exists());
+        assert!(remove_stale_temporaries(&dir.join("missing")).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_folder_lock_is_exclusive_while_held_and_taken_over_when_stale() {
+        let dir = std::env::temp_dir().join(format!("fracture-fs-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = FolderLock::acquire(&dir).unwrap();
+        let held = FolderLock::acquire(&dir).unwrap_err().to_string();
+        assert!(
+            held.contains(&format!("in use by process {}", std::process::id())),
+            "{held}"
+        );
+        drop(lock);
+        assert!(!dir.join(LOCK_FILE).exists());
+        if cfg!(target_os = "linux") {
+            std::fs::write(dir.join(LOCK_FILE), b"4294967295").unwrap();
+            let taken = FolderLock::acquire(&dir).unwrap();
+            drop(taken);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

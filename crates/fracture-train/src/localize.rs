@@ -17,6 +17,10 @@ use crate::{Result, TrainedModel};
 /// counts as inside it.
 pub const POINTING_MARGIN: f64 = 0.05;
 
+/// The largest coordinate or side a box may have, in pixels: the largest image the decoder accepts
+/// ([`DecodeLimits::default`]).
+pub const MAX_BOX_PIXELS: f64 = 16_384.0;
+
 /// Replicates of the localization intervals.
 const RESAMPLES: usize = 2000;
 
@@ -53,8 +57,17 @@ pub fn read_boxes(path: &Path) -> Result<BoxIndex> {
                 })
         };
         let b = [num(x)?, num(y)?, num(w)?, num(h)?];
-        if b[2] < 0.0 || b[3] < 0.0 {
-            return Err(bad(line, "a box with a negative width or height"));
+        if b[0] < 0.0 || b[1] < 0.0 {
+            return Err(bad(line, "a box whose corner lies left of or above the image"));
+        }
+        if b[2] <= 0.0 || b[3] <= 0.0 {
+            return Err(bad(line, "a box of zero or negative width or height"));
+        }
+        if b.iter().any(|&v| v > MAX_BOX_PIXELS) {
+            return Err(bad(
+                line,
+                &format!("a box reaching beyond {MAX_BOX_PIXELS} pixels, larger than any accepted image"),
+            ));
         }
         let key = record.get(id).unwrap_or_default().trim().to_string();
         out.entry(key).or_default().push(b);
@@ -126,6 +139,22 @@ pub fn localize_items(
         let bytes = read_file_limited(&item.path, limits)?;
         let explained = model.explain_bytes_at(&bytes, &item.path, limits, method, layer)?;
         let (w, h) = explained.image.dimensions();
+        // A box must lie in its image (a pixel and 1% of slack for rounding in the annotation).
+        let (wf, hf) = (f64::from(w), f64::from(h));
+        if let Some(b) = truth
+            .iter()
+            .find(|b| b[0] + b[2] > wf * 1.01 + 1.0 || b[1] + b[3] > hf * 1.01 + 1.0)
+        {
+            return Err(crate::Error::InvalidConfig(format!(
+                "{}: its box [x {}, y {}, w {}, h {}] (id `{}` in the box file) lies outside the image of {w} × {h} pixels",
+                fracture_data::path_text(&item.path),
+                b[0],
+                b[1],
+                b[2],
+                b[3],
+                image_id(&item.path)
+            )));
+        }
         let evidence = explained.evidence_at(level);
         let margin = POINTING_MARGIN * f64::from(w.max(h));
         let score = match evidence {

@@ -289,6 +289,18 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     setup.model.validate()?;
     let checkpoint = setup.out.join(CHECKPOINT_FILE);
     prepare_out(&setup.out, &checkpoint, setup.resume)?;
+    // One run per folder: a second process on the same --out is refused, naming the first.
+    let _lock = fracture_fs::FolderLock::acquire(&setup.out)
+        .map_err(|e| Error::io(&setup.out, std::io::Error::other(e.to_string())))?;
+    for dir in [setup.out.clone(), setup.out.join("checkpoints")] {
+        let removed = fracture_fs::remove_stale_temporaries(&dir).map_err(|e| Error::io(&dir, e))?;
+        for path in removed {
+            on_event(Event::Notice(&format!(
+                "removed {}, a partial file left by an interrupted run",
+                fracture_data::path_text(&path)
+            )));
+        }
+    }
     let data = load_data(setup, &preprocess, on_event)?;
     let fingerprints_path = setup.out.join(crate::audit::FINGERPRINTS_FILE);
     let fingerprint_bytes = fracture_data::audit::fingerprints_to_bytes(&data.fingerprints);

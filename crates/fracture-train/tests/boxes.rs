@@ -222,3 +222,50 @@ fn resuming_with_another_box_file_is_refused_naming_it() {
     same.stop_after_epochs = None;
     train(&same, &mut |_| {}).unwrap();
 }
+
+#[test]
+fn impossible_boxes_are_errors_naming_their_line_or_image() {
+    use fracture_train::localize::{localize_items, read_boxes};
+    let root = fresh_dir(&base(), "impossible");
+    write_dataset(&root, 4, 2);
+    for (name, row, reason) in [
+        ("outside", "val000,val,100000,2,3,4", "beyond 16384 pixels"),
+        ("zero", "val000,val,1,2,0,4", "zero or negative width"),
+        ("huge", "val000,val,0,0,1e308,1e308", "beyond 16384 pixels"),
+        ("negative", "val000,val,-5,2,3,4", "left of or above"),
+    ] {
+        let path = root.join(format!("{name}.csv"));
+        std::fs::write(&path, format!("id,split,x,y,w,h\nval001,val,1,1,2,2\n{row}\n")).unwrap();
+        let err = read_boxes(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("{name}.csv:3:")) && err.contains(reason),
+            "{err}"
+        );
+    }
+    // Within the limits but outside its 64-pixel image: named when the image is measured.
+    let mut s = lite0_setup(&root, 1);
+    s.out = root.join("model");
+    let outcome = train(&s, &mut |_| {}).unwrap();
+    let model = TrainedModel::load(&outcome.best_model, &fracture_train::candle_core::Device::Cpu).unwrap();
+    let layout = fracture_train::data::DatasetLayout::discover(&root.join("data")).unwrap();
+    let val = layout.split(fracture_train::data::Split::Val).unwrap().to_vec();
+    let fractured = val.iter().find(|i| i.label.is_fractured()).unwrap();
+    let id = fracture_train::localize::image_id(&fractured.path);
+    std::fs::write(root.join("far.csv"), format!("id,x,y,w,h\n{id},60,60,500,500\n")).unwrap();
+    let boxes = read_boxes(&root.join("far.csv")).unwrap();
+    let err = localize_items(
+        &model,
+        &val,
+        &boxes,
+        &fracture_train::data::DecodeLimits::default(),
+        CamMethod::default(),
+        model.model.net.default_cam_layer(),
+        0.5,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("lies outside the image of 64 × 64 pixels") && err.contains(&id),
+        "{err}"
+    );
+}

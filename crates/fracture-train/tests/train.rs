@@ -917,3 +917,41 @@ fn resuming_on_images_swapped_between_classes_is_refused_naming_them() {
     std::fs::rename(&n_to, &n).unwrap();
     run(&resumed).unwrap();
 }
+
+#[test]
+fn a_run_folder_in_use_is_refused_and_partial_files_of_dead_runs_are_cleaned() {
+    let root = synthetic("locked", (4, 4), (3, 3));
+    let out = root.join("run");
+    let s = setup(&root.join("data"), &out, 24, 1);
+    std::fs::create_dir_all(out.join("checkpoints")).unwrap();
+    {
+        // Another run holds the folder (here: a lock in this process's name).
+        let _held = fracture_fs::FolderLock::acquire(&out).unwrap();
+        let err = run(&s).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("in use by process {}", std::process::id())),
+            "{err}"
+        );
+    }
+    // A temporary left by a process that no longer runs (pid above Linux's maximum) is removed
+    // and named; the lock is gone after the run.
+    let stale = out.join("checkpoints/.last.safetensors.tmp-4294967295");
+    std::fs::write(&stale, b"partial").unwrap();
+    let mut notes = Vec::new();
+    fracture_train::train(&s, &mut |e| {
+        if let Event::Notice(t) = e {
+            notes.push(t.to_string());
+        }
+    })
+    .unwrap();
+    if cfg!(target_os = "linux") {
+        assert!(!stale.exists());
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("removed") && n.contains(".last.safetensors.tmp-4294967295")),
+            "{notes:?}"
+        );
+    }
+    assert!(!out.join(fracture_fs::LOCK_FILE).exists());
+}

@@ -33,6 +33,15 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    // The output folder is checked before the audit runs, not after.
+    if args.out.exists() && !args.out.is_dir() {
+        anyhow::bail!(
+            "--out {}: exists and is not a folder (the audit writes a folder of files)",
+            args.out.display()
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create --out {}", args.out.display()))?;
     let (mut images, skipped, mut notes) = collect_dataset(&args.data)
         .with_context(|| format!("cannot read the dataset {}", args.data.display()))?;
     for dir in &args.extra_train {
@@ -68,6 +77,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     for s in &report.unreadable {
         eprintln!("warning: unreadable, left out: {s}");
     }
+    // The files first: printing may end early (a closed pipe) and must not lose them.
+    let written = write_audit(&report, &args.out, args.sheets, &options.limits)?;
     let counts = AuditCounts::of(&report);
     let seconds = started.elapsed().as_secs_f64();
     println!(
@@ -122,7 +133,6 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             );
         }
     }
-    let written = write_audit(&report, &args.out, args.sheets, &options.limits)?;
     println!(
         "wrote {} files to {} ({}, {}, sheets/)",
         written.len(),
