@@ -1697,6 +1697,22 @@ fn predict_survives_unusual_names_and_symlink_loops() {
     let unique: std::collections::HashSet<&str> = preds.iter().map(|p| p["path"].as_str().unwrap()).collect();
     assert_eq!(unique.len(), names.len(), "distinct files render distinctly");
     assert_eq!(std::fs::read_dir(&heatmaps).unwrap().count(), names.len());
+
+    // The table is for people: a newline in a name is shown escaped and cannot forge a row.
+    let table = fracture()
+        .args(["predict", "--format", "table", "--model"])
+        .arg(&run)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(text.lines().count(), names.len() + 1, "{text}");
+    assert!(text.contains("two\\nlines.png"), "{text}");
 }
 
 #[test]
@@ -2710,4 +2726,61 @@ fn uploads_beyond_the_queue_are_answered_503_before_their_bodies_are_read() {
     full.extend_from_slice(&body);
     let (answer, _) = raw_exchange(&server.url, &full, std::time::Duration::from_secs(30));
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[cfg(unix)]
+#[test]
+fn special_files_closed_pipes_and_a_file_as_audit_out_are_named_clearly() {
+    let root = fresh_dir(&base(), "special-files");
+    // A FIFO and a device given to predict: said what they are, never "Not a directory".
+    let fifo = root.join("pipe.jpg");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let out = fracture()
+        .arg("predict")
+        .arg(&fifo)
+        .arg("/dev/zero")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pipe.jpg: a named pipe (FIFO), neither an image file nor a folder"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("/dev/zero: a device"), "{stderr}");
+    assert!(!stderr.contains("os error 20"), "{stderr}");
+
+    let data = root.join("data");
+    write_synthetic_dataset(&data, &SyntheticSpec::train_val((6, 6), (3, 3)));
+    // --out naming a file fails before the audit runs.
+    let file = root.join("taken.txt");
+    std::fs::write(&file, b"x").unwrap();
+    let out = fracture()
+        .args(["audit", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("exists and is not a folder"), "{stderr}");
+    assert!(out.stdout.is_empty(), "the audit did not run");
+    // Its output piped into a reader that has gone: no panic, and the files are written.
+    let dest = root.join("audit");
+    let mut child = fracture()
+        .args(["audit", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&dest)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(done.status.code(), Some(101), "{stderr}");
+    assert!(dest.join("audit.json").is_file());
 }

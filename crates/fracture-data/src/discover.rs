@@ -55,7 +55,7 @@ impl Skipped {
 
 impl std::fmt::Display for Skipped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.reason)
+        write!(f, "{}: {}", crate::path_shown(&self.path), self.reason)
     }
 }
 
@@ -385,6 +385,15 @@ pub fn list_image_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<Skipped>)> {
     if meta.is_file() {
         return Ok((vec![path.to_path_buf()], Vec::new()));
     }
+    if !meta.is_dir() {
+        return Err(Error::io(
+            path,
+            std::io::Error::other(format!(
+                "{}, neither an image file nor a folder: skipped",
+                special_file_kind(&meta)
+            )),
+        ));
+    }
     let mut files = Vec::new();
     let mut skipped = Vec::new();
     let mut problems = Vec::new();
@@ -415,6 +424,26 @@ pub fn list_image_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<Skipped>)> {
     let (images, others): (Vec<_>, Vec<_>) = unique.into_iter().partition(|f| is_image_file(f));
     skipped.extend(others.into_iter().map(|f| Skipped::new(f, "not an image file")));
     Ok((images, skipped))
+}
+
+/// What a path that is neither a regular file nor a folder is, in words.
+fn special_file_kind(meta: &fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a named pipe (FIFO)";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    let _ = meta;
+    "a special file"
 }
 
 /// Checks that a listed file can be an image: an image extension and a non-zero size.
@@ -555,7 +584,12 @@ fn walk_files(
         }
         if entry.is_dir() {
             if depth == 0 {
-                skipped.push(Skipped::new(&entry, "folder nested too deep"));
+                skipped.push(Skipped::new(
+                    &entry,
+                    format!(
+                        "folder nested too deep: images are searched at most {CLASS_WALK_DEPTH} folders below a class folder or a given folder"
+                    ),
+                ));
             } else {
                 walk_files(&entry, depth - 1, files, skipped, walk)?;
             }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file or folder could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}", crate::path_shown(path))]
     Io {
         /// The file or folder involved.
         path: PathBuf,
@@ -15,7 +15,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The bytes are not a readable image (corrupt, truncated, unsupported, or over a decoding limit).
-    #[error("{}: cannot decode image: {source}", path.display())]
+    #[error("{}: cannot decode image: {source}", crate::path_shown(path))]
     Decode {
         /// The file (or upload name) that failed to decode.
         path: PathBuf,
@@ -28,7 +28,7 @@ pub enum Error {
     #[error(
         "{}: the image is truncated or damaged, only part of it decodes ({reason}); \
          pass --allow-partial to accept such images",
-        path.display()
+        crate::path_shown(path)
     )]
     Partial {
         /// The file (or upload name).
@@ -38,7 +38,7 @@ pub enum Error {
     },
     /// A DICOM file that cannot be read as an image: the reason names the attribute, transfer
     /// syntax or limit.
-    #[error("{}: DICOM: {reason}", path.display())]
+    #[error("{}: DICOM: {reason}", crate::path_shown(path))]
     Dicom {
         /// The file.
         path: PathBuf,
@@ -49,7 +49,7 @@ pub enum Error {
     /// (a blank, all-zero or wrongly scaled file), so it is refused rather than given a score.
     #[error(
         "{}: the image decodes to a constant image (every pixel is {value} of 255), nothing to classify",
-        path.display()
+        crate::path_shown(path)
     )]
     Constant {
         /// The file (or upload name).
@@ -58,13 +58,16 @@ pub enum Error {
         value: u8,
     },
     /// The file is empty.
-    #[error("{}: file is empty (0 bytes)", path.display())]
+    #[error("{}: file is empty (0 bytes)", crate::path_shown(path))]
     EmptyFile {
         /// The empty file.
         path: PathBuf,
     },
     /// The file is larger than [`DecodeLimits::max_file_bytes`](crate::DecodeLimits::max_file_bytes).
-    #[error("{}: file is {bytes} bytes, over the limit of {limit} bytes", path.display())]
+    #[error(
+        "{}: file is {bytes} bytes, over the limit of {limit} bytes",
+        crate::path_shown(path)
+    )]
     FileTooLarge {
         /// The file.
         path: PathBuf,
@@ -74,13 +77,16 @@ pub enum Error {
         limit: u64,
     },
     /// A file inside a class folder whose extension is not one of [`IMAGE_EXTENSIONS`](crate::IMAGE_EXTENSIONS).
-    #[error("{}: not an image file (supported extensions: jpg, jpeg, png, bmp, tif, tiff, webp, dcm, dicom; or DICOM without extension)", path.display())]
+    #[error(
+        "{}: not an image file (supported extensions: jpg, jpeg, png, bmp, tif, tiff, webp, dcm, dicom; or DICOM without extension)",
+        crate::path_shown(path)
+    )]
     NotAnImage {
         /// The file.
         path: PathBuf,
     },
     /// The dataset root does not exist or is not a folder.
-    #[error("{}: dataset folder not found", path.display())]
+    #[error("{}: dataset folder not found", crate::path_shown(path))]
     MissingRoot {
         /// The path that was given.
         path: PathBuf,
@@ -88,14 +94,14 @@ pub enum Error {
     /// A split folder (or a flat class-folder root) holds no recognised class folder.
     #[error(
         "{}: no class folders found (expected `fractured` and `not fractured`, or an alias such as `positive`/`negative`)",
-        path.display()
+        crate::path_shown(path)
     )]
     NoClassFolders {
         /// The folder that should hold the class folders.
         path: PathBuf,
     },
     /// A class has no usable image in a split.
-    #[error("{}: class `{class}` has no images", path.display())]
+    #[error("{}: class `{class}` has no images", crate::path_shown(path))]
     EmptyClass {
         /// The class name, `fractured` or `not fractured`.
         class: &'static str,

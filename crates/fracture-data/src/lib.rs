@@ -59,7 +59,7 @@ pub use discover::{
 };
 pub use error::{Error, Result};
 pub use label::Label;
-pub use paths::path_text;
+pub use paths::{escape_controls, path_shown, path_text};
 pub use preprocess::{
     ContentBox, ImageFit, PreprocessConfig, ResizeMode, SIZE_RANGE, STANDARDIZE_MEAN_RANGE,
     STANDARDIZE_STD_RANGE, Standardize, to_unit,

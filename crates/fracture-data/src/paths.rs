@@ -26,9 +26,41 @@ pub fn path_text(path: &Path) -> String {
     }
 }
 
+/// `text` with every control character escaped (`\n`, `\r`, `\t`, else `\u{HH}`), so that a
+/// file name holding a newline cannot forge a row of a table or a line of a report.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:02X}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `path` for human-readable output (tables, warnings, errors): [`path_text`] with control
+/// characters escaped ([`escape_controls`]). Machine formats (JSON, CSV) quote names instead and
+/// use [`path_text`].
+pub fn path_shown(path: &Path) -> String {
+    escape_controls(&path_text(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_display() {
+        assert_eq!(
+            path_shown(Path::new("a/two\nlines\r\t\u{1b}[31m.jpg")),
+            "a/two\\nlines\\r\\t\\u{1B}[31m.jpg"
+        );
+        assert_eq!(path_shown(Path::new("plain ü.png")), "plain ü.png");
+    }
 
     #[test]
     fn valid_names_are_unchanged() {

@@ -129,7 +129,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 image.label.name(),
                 m.distance,
                 if m.exact { " exact" } else { "" },
-                path_text(&image.path)
+                fracture_train::data::path_shown(&image.path)
             );
         }
     }

@@ -126,7 +126,7 @@ fn warn_of_leaks(
                 file
             );
             for (path, d) in near.iter().take(5) {
-                eprintln!("  {} (distance {d})", fracture_train::data::path_text(path));
+                eprintln!("  {} (distance {d})", fracture_train::data::path_shown(path));
             }
         }
         Ok(None) => eprintln!(

@@ -198,7 +198,7 @@ fn print_table(predictions: &[Prediction], threshold: f64) {
             "{:>11.4}  {:<13}  {}",
             p.p_fractured,
             Label::from_fractured(p.fractured).name(),
-            path_text(&p.path)
+            fracture_train::data::path_shown(&p.path)
         );
     }
 }
