@@ -305,12 +305,178 @@ fn meta_group(bytes: &[u8]) -> Option<(usize, Option<String>)> {
         };
         let end = at.checked_add(header)?.checked_add(len)?;
         let value = bytes.get(at + header..end)?;
-        if u16::from_le_bytes([head[2], head[3]]) == 0x0010 {
+        let element = u16::from_le_bytes([head[2], head[3]]);
+        // The group length: the parser reads that many bytes as the meta group.
+        if element == 0x0000
+            && value.len() == 4
+            && u32::from_le_bytes([value[0], value[1], value[2], value[3]]) as usize > bytes.len() - end
+        {
+            return None;
+        }
+        if element == 0x0010 {
             let uid = String::from_utf8_lossy(value);
             syntax = Some(uid.trim_end_matches(['\0', ' ']).to_string());
         }
         at = end;
     }
+}
+
+/// How the data set's elements are encoded, for [`check_declared_lengths`].
+#[derive(Clone, Copy)]
+struct Encoding {
+    explicit: bool,
+    little: bool,
+}
+
+/// The deepest nesting of sequences [`check_declared_lengths`] follows.
+const MAX_NESTING: usize = 16;
+
+impl Encoding {
+    fn u16(self, b: &[u8], at: usize) -> Option<u16> {
+        let v = b.get(at..at + 2)?;
+        Some(if self.little {
+            u16::from_le_bytes([v[0], v[1]])
+        } else {
+            u16::from_be_bytes([v[0], v[1]])
+        })
+    }
+
+    fn u32(self, b: &[u8], at: usize) -> Option<u32> {
+        let v = b.get(at..at + 4)?;
+        Some(if self.little {
+            u32::from_le_bytes([v[0], v[1], v[2], v[3]])
+        } else {
+            u32::from_be_bytes([v[0], v[1], v[2], v[3]])
+        })
+    }
+}
+
+/// Whether an element of `tag` holds a sequence: its VR when explicit, else the dictionary's.
+fn is_sequence(tag: (u16, u16), vr: Option<&[u8]>) -> bool {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    match vr {
+        Some(vr) => vr == b"SQ",
+        None => dicom_dictionary_std::StandardDataDictionary
+            .by_tag(dicom_object::Tag(tag.0, tag.1))
+            .is_some_and(|e| e.vr().relaxed() == dicom_core::VR::SQ),
+    }
+}
+
+/// Walks the elements in `b[at..end]` (nested sequences and items included) and refuses any that
+/// declares more bytes than remain: the parser allocates (and zero-fills) a declared length
+/// before it reads a byte, so a 1 KB file declaring a 4 GB element would cost 4 GB. Returns where
+/// the walk stopped (after an item delimiter, or at `end`).
+fn check_elements(
+    b: &[u8],
+    mut at: usize,
+    end: usize,
+    enc: Encoding,
+    depth: usize,
+) -> std::result::Result<usize, String> {
+    if depth > MAX_NESTING {
+        return Err(format!("sequences nested deeper than {MAX_NESTING} levels"));
+    }
+    while at + 8 <= end {
+        let (Some(group), Some(element)) = (enc.u16(b, at), enc.u16(b, at + 2)) else {
+            break;
+        };
+        if group == 0xFFFE && matches!(element, 0xE00D | 0xE0DD) {
+            return Ok(at + 8);
+        }
+        let vr = (enc.explicit && group != 0xFFFE).then(|| &b[at + 4..at + 6]);
+        let long = vr.is_none_or(|vr| {
+            matches!(
+                vr,
+                b"OB"
+                    | b"OD"
+                    | b"OF"
+                    | b"OL"
+                    | b"OV"
+                    | b"OW"
+                    | b"SQ"
+                    | b"SV"
+                    | b"UC"
+                    | b"UN"
+                    | b"UR"
+                    | b"UT"
+                    | b"UV"
+            )
+        });
+        let (header, len) = match (vr, long) {
+            (Some(_), true) => (12, enc.u32(b, at + 8).ok_or("an element header is cut short")?),
+            (Some(_), false) => (
+                8,
+                u32::from(enc.u16(b, at + 6).ok_or("an element header is cut short")?),
+            ),
+            (None, _) => (8, enc.u32(b, at + 4).ok_or("an element header is cut short")?),
+        };
+        at += header;
+        let tag = (group, element);
+        if len == u32::MAX {
+            let pixels = tag == (0x7FE0, 0x0010);
+            at = check_items(b, at, end, enc, pixels, depth + 1)?;
+            continue;
+        }
+        let len = len as usize;
+        if len > end.saturating_sub(at) {
+            return Err(format!(
+                "element ({group:04X},{element:04X}) declares {len} bytes, only {} remain",
+                end.saturating_sub(at)
+            ));
+        }
+        if is_sequence(tag, vr) {
+            check_items(b, at, at + len, enc, false, depth + 1)?;
+        }
+        at += len;
+    }
+    Ok(at)
+}
+
+/// Walks the items (or, for encapsulated pixel data, the fragments) of a sequence in `b[at..end]`
+/// until its delimiter or `end`; see [`check_elements`].
+fn check_items(
+    b: &[u8],
+    mut at: usize,
+    end: usize,
+    enc: Encoding,
+    pixels: bool,
+    depth: usize,
+) -> std::result::Result<usize, String> {
+    while at + 8 <= end {
+        let (Some(group), Some(element), Some(len)) =
+            (enc.u16(b, at), enc.u16(b, at + 2), enc.u32(b, at + 4))
+        else {
+            break;
+        };
+        at += 8;
+        if (group, element) == (0xFFFE, 0xE0DD) {
+            return Ok(at);
+        }
+        if (group, element) != (0xFFFE, 0xE000) {
+            return Err(format!(
+                "({group:04X},{element:04X}) where a sequence item should be"
+            ));
+        }
+        if len == u32::MAX {
+            if pixels {
+                return Err("a pixel data fragment of undefined length".into());
+            }
+            at = check_elements(b, at, end, enc, depth + 1)?;
+            continue;
+        }
+        let len = len as usize;
+        if len > end.saturating_sub(at) {
+            return Err(format!(
+                "a sequence item declares {len} bytes, only {} remain",
+                end.saturating_sub(at)
+            ));
+        }
+        if !pixels {
+            check_elements(b, at, at + len, enc, depth + 1)?;
+        }
+        at += len;
+    }
+    Ok(at)
 }
 
 /// How many bytes raw-deflated `data` inflates to, counting without keeping them and stopping
@@ -444,7 +610,7 @@ pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Resul
     if !is_dicom(bytes) {
         return Err(dicom_error(origin, "no DICM magic after the 128-byte preamble"));
     }
-    check_deflated_data_set(bytes, origin, limits)?;
+    check_data_set(bytes, origin, limits)?;
     let obj = contain(|| {
         OpenFileOptions::new()
             .read_preamble(ReadPreamble::Always)
@@ -765,21 +931,31 @@ fn check_photometric(obj: &DefaultDicomObject, photometric: &str, spp: i64, orig
     }
 }
 
-/// For a data set deflated as a whole, checks before parsing that it inflates to no more than
-/// [`DecodeLimits::max_file_bytes`]: the parser would otherwise allocate whatever a few megabytes
-/// of zeros inflate to.
-fn check_deflated_data_set(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<()> {
+/// Checks the data set before the parser sees it: a deflated one must inflate to no more than
+/// [`DecodeLimits::max_file_bytes`] (counted first, without keeping the bytes), and no element
+/// may declare more bytes than the data set holds (see [`check_elements`]).
+fn check_data_set(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<()> {
     let Some((start, syntax)) = meta_group(bytes) else {
         return Err(dicom_error(
             origin,
             "the file meta group runs past the end of the file",
         ));
     };
-    let deflated = syntax
-        .and_then(|uid| TransferSyntaxRegistry.get(&uid))
-        .is_some_and(|ts| matches!(ts.codec(), dicom_encoding::transfer_syntax::Codec::Dataset(_)));
+    let ts = syntax.as_deref().and_then(|uid| TransferSyntaxRegistry.get(uid));
+    let deflated =
+        ts.is_some_and(|ts| matches!(ts.codec(), dicom_encoding::transfer_syntax::Codec::Dataset(_)));
+    let enc = Encoding {
+        // Implicit VR Little Endian is the one syntax without VRs in the data set.
+        explicit: syntax.as_deref() != Some("1.2.840.10008.1.2"),
+        little: ts.is_none_or(|ts| ts.endianness() == dicom_encoding::transfer_syntax::Endianness::Little),
+    };
+    let walk = |data: &[u8]| {
+        check_elements(data, 0, data.len(), enc, 0)
+            .map(|_| ())
+            .map_err(|why| dicom_error(origin, format!("{why}: a damaged or crafted file")))
+    };
     if !deflated {
-        return Ok(());
+        return walk(&bytes[start..]);
     }
     let cap = limits.max_file_bytes;
     match inflated_len(&bytes[start..], cap) {
@@ -787,7 +963,14 @@ fn check_deflated_data_set(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -
             origin,
             format!("the deflated data set inflates to more than the limit of {cap} bytes"),
         )),
-        _ => Ok(()),
+        Some(n) => {
+            let mut inflated = Vec::with_capacity(n as usize);
+            let _ = flate2::read::DeflateDecoder::new(&bytes[start..])
+                .take(cap)
+                .read_to_end(&mut inflated);
+            walk(&inflated)
+        }
+        None => Ok(()),
     }
 }
 

@@ -84,3 +84,61 @@ fn every_corpus_entry_preprocesses_or_fails_naming_the_file() {
         }
     }
 }
+
+#[test]
+fn decoding_mutated_dicom_files_never_panics() {
+    use fracture_testkit::dicom::{crafted_dicoms, scanner_variants};
+    // Seeds: a radiograph (a real one when the shared copy is here) written the ways scanners do
+    // (uncompressed 8/12/16-bit, MONOCHROME1, rescale, lossless and baseline JPEG, RLE, deflated,
+    // several frames), and the crafted kinds that once crashed or decoded wrongly (the deflated
+    // bomb left out: mutating it only re-tests the inflation cap, slowly).
+    let gray = match fracture_testkit::fracatlas() {
+        Some(root) => {
+            let dir = root.join("val/fractured");
+            let mut files: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            let bytes = std::fs::read(&files[0]).unwrap();
+            let full = decode_gray(&bytes, &files[0], &DecodeLimits::default()).unwrap();
+            fracture_data::image::imageops::resize(
+                &full,
+                64,
+                48,
+                fracture_data::image::imageops::FilterType::Triangle,
+            )
+        }
+        None => synthetic_xray(64, 48, true, 9),
+    };
+    let mut seeds: Vec<Vec<u8>> = scanner_variants(64, 48, gray.as_raw())
+        .into_iter()
+        .map(|(_, _, bytes)| bytes)
+        .collect();
+    seeds.extend(
+        crafted_dicoms(64, 48, gray.as_raw())
+            .into_iter()
+            .filter(|(kind, _)| !kind.contains("deflated data set"))
+            .map(|(_, bytes)| bytes),
+    );
+    let limits = DecodeLimits {
+        max_width: 4096,
+        max_height: 4096,
+        max_alloc_bytes: 64 << 20,
+        max_file_bytes: 8 << 20,
+        ..DecodeLimits::default()
+    };
+    let origin = std::path::Path::new("fuzz.dcm");
+    let cases = fuzz_bytes("dicom", 20261203, &seeds, |bytes| {
+        match decode_gray(bytes, origin, &limits) {
+            Ok(img) => {
+                assert!(img.width() <= 4096 && img.height() <= 4096);
+                // Never a constant picture: that is refused.
+                let first = img.as_raw()[0];
+                assert!(img.as_raw().iter().any(|&v| v != first));
+            }
+            Err(e) => assert!(e.to_string().starts_with("fuzz.dcm"), "{e}"),
+        }
+    });
+    assert!(cases > 0);
+}

@@ -593,6 +593,15 @@ pub fn crafted_dicoms(width: u32, height: u32, luma: &[u8]) -> Vec<(&'static str
             ),
         ),
     ];
+    // An element declaring 4 GB in a small file: the parser would allocate it before reading.
+    let mut huge = plain.clone();
+    let at = huge
+        .windows(4)
+        .position(|w| w == [0x08, 0x00, 0x60, 0x00])
+        .expect("a Modality element");
+    // (0008,0060) CS has a short explicit-VR header: rewritten as UN with a 4-byte length.
+    huge.splice(at + 4..at + 8, [b'U', b'N', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF]);
+    cases.push(("DICOM: an element declaring 4 GB in a small file", huge));
     cases.push((
         "DICOM: deflated data set inflating to 300 MB",
         deflated_bomb(300 << 20),
