@@ -26,12 +26,13 @@ commands:
                              X-ray Data) into DIR (default data/<slug>), then print images per split and class.
                              Credentials, when the dataset needs them: KAGGLE_API_TOKEN, ~/.kaggle/access_token,
                              kaggle.json, or KAGGLE_USERNAME + KAGGLE_KEY
-  soak --model RUN [--idle N] [--seconds S] [--image FILE]
+  soak --model RUN [--idle N] [--seconds S] [--image FILE] [--uploads U]
                              `fracture serve` on loopback holding N idle connections (default 10000) while
                              two clients predict for S seconds (default 30): /api/health must answer every
-                             0.1 s in under 100 ms and the server's memory come back within 20% of its start
+                             0.1 s in under 100 ms and the server's memory come back within 20% of its start;
+                             then U uploads of 19 MB at once (default 100): the server must stay under 1 GB
   fuzz [--seconds N]          the fuzz properties of `cargo test` (mutated and random bytes through image
-                             decoding, model-file loading, zip extraction and the server's upload
+                             decoding, DICOM decoding, model-file loading, zip extraction and the server's upload
                              reader with its form parser) for N seconds each
                              (default 60) in a release build; prints how many cases ran clean
   bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference]

@@ -1,6 +1,9 @@
 //! `cargo xtask soak`: `fracture serve` holding many idle connections under a steady prediction load,
 //! on loopback. It checks that `/api/health` keeps answering quickly throughout and that the
-//! server's memory comes back near its start once the load is gone.
+//! server's memory comes back near its start once the load is gone; then it sends many large
+//! uploads at once (`--uploads`, 100 of 19 MB by default) and checks that the server's memory
+//! stays under 1 GB (uploads beyond the admission queue are answered 503 before their bodies are
+//! read).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -24,6 +27,35 @@ fn request(addr: &str, head: &str, body: &[u8]) -> Result<u16, DynError> {
     Ok(line.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0))
 }
 
+/// One upload on a fresh connection, sent in 64 KB pieces; the status code of the answer, which
+/// may come before the body is all sent (a 503 to an upload that was not admitted), so a failed
+/// write still reads the answer.
+fn upload(addr: &str, head: &str, body: &[u8]) -> u16 {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+    if s.write_all(head.as_bytes()).is_ok() {
+        for piece in body.chunks(64 << 10) {
+            if s.write_all(piece).is_err() {
+                break;
+            }
+        }
+    }
+    let mut answer = [0u8; 12];
+    let mut got = 0;
+    while got < answer.len() {
+        match s.read(&mut answer[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    String::from_utf8_lossy(&answer[..got])
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Resident memory of a process, in MB (Linux `/proc`).
 fn rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -33,6 +65,7 @@ fn rss_mb(pid: u32) -> Option<f64> {
 }
 
 pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
+    let mut uploads = 100usize;
     let (mut model, mut idle, mut seconds, mut image) = (
         None::<PathBuf>,
         10_000usize,
@@ -47,6 +80,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
             "--idle" => idle = value()?.parse()?,
             "--seconds" => seconds = value()?.parse()?,
             "--image" => image = PathBuf::from(value()?),
+            "--uploads" => uploads = value()?.parse()?,
             other => return Err(format!("soak: unknown option `{other}`").into()),
         }
     }
@@ -150,6 +184,32 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     drop(held);
     std::thread::sleep(Duration::from_secs(3));
     let end_mb = rss_mb(pid).unwrap_or(0.0);
+
+    // Many large uploads at once: the image padded to 19 MB (under the 20 MB upload limit).
+    let mut big = body.clone();
+    big.resize(19 << 20, 0);
+    let big = Arc::new(big);
+    let big_head = format!(
+        "POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    );
+    let before_uploads_mb = rss_mb(pid).unwrap_or(0.0);
+    let burst: Vec<_> = (0..uploads)
+        .map(|_| {
+            let (addr, head, big) = (addr.clone(), big_head.clone(), big.clone());
+            std::thread::spawn(move || upload(&addr, &head, &big))
+        })
+        .collect();
+    let mut upload_peak_mb = before_uploads_mb;
+    while !burst.iter().all(std::thread::JoinHandle::is_finished) {
+        upload_peak_mb = upload_peak_mb.max(rss_mb(pid).unwrap_or(0.0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let statuses: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap_or(0)).collect();
+    let count = |f: &dyn Fn(u16) -> bool| statuses.iter().filter(|&&c| f(c)).count();
+    let answered = count(&|c| c == 200 || c == 400);
+    let busy = count(&|c| c == 503);
+    let other = statuses.len() - answered - busy;
     let _ = server.kill();
     let _ = server.wait();
 
@@ -178,7 +238,18 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         "| server memory (RSS) | {start_mb:.0} MB at start, {peak_mb:.0} MB peak, {end_mb:.0} MB after ({:+.0}%) |",
         (end_mb / start_mb - 1.0) * 100.0
     );
+    println!(
+        "| {uploads} concurrent 19 MB uploads | {answered} admitted and answered, {busy} answered 503 (busy), {other} other; server RSS {before_uploads_mb:.0} MB before, {upload_peak_mb:.0} MB peak |"
+    );
     let mut problems = Vec::new();
+    if upload_peak_mb >= 1024.0 {
+        problems.push(format!(
+            "{uploads} concurrent uploads took the server to {upload_peak_mb:.0} MB (target: under 1 GB)"
+        ));
+    }
+    if other > 0 {
+        problems.push(format!("{other} uploads got no answer or an unexpected one"));
+    }
     if health_failures > 0 || max.is_nan() || max >= 100.0 {
         problems.push(format!(
             "/api/health: {health_failures} failures, max {max:.1} ms (target: none, < 100 ms)"
