@@ -1512,15 +1512,45 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
                  box: (() => { const b = card.querySelector('.evidence-box'); if (!b) return null;
                    const f = card.querySelector('.figure').getBoundingClientRect(), r = b.getBoundingClientRect();
                    return { w: r.width, h: r.height, inside: r.left >= f.left - 1 && r.right <= f.right + 1 && r.top >= f.top - 1 && r.bottom <= f.bottom + 1 }; })() };"#;
-    let mut result = serde_json::Value::Null;
-    while std::time::Instant::now() < deadline + std::time::Duration::from_secs(20) {
-        result = call(
-            "POST",
-            &format!("{s}/execute/sync"),
-            serde_json::json!({"script": script, "args": []}),
-        )["value"]
-            .clone();
-        if result["state"] == "error" || result["heatmap"].as_u64().unwrap_or(0) > 0 {
+    // The newest card is the first: poll it until its answer is drawn.
+    let settle = |until: std::time::Instant| {
+        let mut result = serde_json::Value::Null;
+        while std::time::Instant::now() < until {
+            result = call(
+                "POST",
+                &format!("{s}/execute/sync"),
+                serde_json::json!({"script": script, "args": []}),
+            )["value"]
+                .clone();
+            if result["state"] == "error" || result["heatmap"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        result
+    };
+    let result = settle(deadline + std::time::Duration::from_secs(20));
+    // An intact radiograph next: an evidence box only when the call is "fractured".
+    let intact = data
+        .join("val/not fractured")
+        .read_dir()
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .min()
+        .unwrap()
+        .canonicalize()
+        .unwrap();
+    call(
+        "POST",
+        &format!("{s}/element/{element}/value"),
+        serde_json::json!({ "text": intact.to_str().unwrap() }),
+    );
+    let mut second = serde_json::Value::Null;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    while std::time::Instant::now() < until {
+        second = settle(until);
+        if second["state"] == "done" && second["p"] != result["p"] {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -1555,6 +1585,12 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
     assert!(
         result["box"]["w"].as_f64().unwrap_or(0.0) > 0.0 && result["box"]["inside"] == true,
         "the evidence box is drawn over the radiograph: {result}"
+    );
+    assert_eq!(second["state"], "done", "{second}");
+    assert_eq!(
+        second["box"].is_null(),
+        second["label"] != "fractured",
+        "an evidence box only on a fractured call: {second}"
     );
     assert!(
         result["model"].as_str().unwrap().contains("threshold"),

@@ -83,7 +83,10 @@ async function analyse(file) {
       heat.src = "data:image/png;base64," + body.heatmap_png_base64;
       heat.hidden = false;
     }
-    if (body.evidence && body.image_size) {
+    if (!fractured) {
+      // Below the threshold there is no fracture to point at: no box, which would read as one.
+      c.querySelector(".meta").append(el("div", { class: "small no-evidence", text: "no evidence box: below the threshold" }));
+    } else if (body.evidence && body.image_size) {
       // The region holding the evidence and its peak, in percent of the image (the API reports
       // image pixels, so the marks follow the picture at any display size).
       const [w, h] = body.image_size;

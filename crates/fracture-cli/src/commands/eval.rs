@@ -45,7 +45,8 @@ pub(crate) struct Args {
     /// then no longer an independent test).
     #[arg(long)]
     target_sensitivity: Option<f64>,
-    /// Folder for report.json, predictions.csv and the charts [default: eval-<split> beside the model].
+    /// Folder for report.json, predictions.csv and the charts [default: eval-<split> beside the
+    /// model given with --model, or in the current folder for the built-in model].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Test-time augmentation: average P(fractured) over the image and the flips the model was trained
@@ -203,11 +204,15 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         evaluation.robustness.shifts = Some(results);
     }
     let model_dir = model.path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let out = args.out.clone().unwrap_or_else(|| {
-        model_dir.join(format!(
-            "eval-{}",
-            split.map_or("folder".to_string(), |s| s.name().to_string())
-        ))
+    let default_name = format!(
+        "eval-{}",
+        split.map_or("folder".to_string(), |s| s.name().to_string())
+    );
+    // Beside a trained model (its run folder); for the built-in model, in the current folder,
+    // never next to the repository's `models/`.
+    let out = args.out.clone().unwrap_or_else(|| match &args.model {
+        Some(_) => model_dir.join(&default_name),
+        None => PathBuf::from(&default_name),
     });
     let metrics = model_dir.join(fracture_train::run::METRICS_FILE);
     let source = EvalSource {
