@@ -2820,3 +2820,29 @@ fn special_files_closed_pipes_and_a_file_as_audit_out_are_named_clearly() {
     assert_ne!(done.status.code(), Some(101), "{stderr}");
     assert!(dest.join("audit.json").is_file());
 }
+
+#[test]
+fn eval_of_the_built_in_model_writes_into_the_current_folder_never_into_models() {
+    let root = fresh_dir(&base(), "eval-built-in-cwd");
+    let data = root.join("data");
+    write_synthetic_dataset(&data, &SyntheticSpec::train_val((2, 2), (3, 3)));
+    let models = fracture_testkit::workspace_root().join("models");
+    let before: Vec<_> = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let out = fracture()
+        .current_dir(&root)
+        .args(["eval", "--split", "val", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(root.join("eval-val/report.json").is_file());
+    let after: Vec<_> = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after, "nothing written next to the built-in model");
+    assert!(!root.join("models").exists());
+}

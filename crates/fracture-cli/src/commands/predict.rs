@@ -190,12 +190,12 @@ fn write_heatmaps(
 
 fn print_table(predictions: &[Prediction], threshold: f64) {
     println!(
-        "{:>11}  {:<13}  path   (threshold {threshold:.4})",
-        "P(fracture)", "label"
+        "{:>12}  {:<13}  path   (threshold {threshold:.4})",
+        "P(fractured)", "label"
     );
     for p in predictions {
         println!(
-            "{:>11.4}  {:<13}  {}",
+            "{:>12.4}  {:<13}  {}",
             p.p_fractured,
             Label::from_fractured(p.fractured).name(),
             fracture_train::data::path_shown(&p.path)
