@@ -21,7 +21,7 @@ const IMAGES: usize = 64;
 const SIGNATURES: usize = 100_000;
 
 fn jpegs() -> Vec<Vec<u8>> {
-    let grays: Vec<image::GrayImage> = match fracture_testkit::fracatlas() {
+    let grays: Vec<image::GrayImage> = match fracture_testkit::fracatlas_optional() {
         Some(root) => {
             let mut files: Vec<_> = std::fs::read_dir(root.join("val/not fractured"))
                 .unwrap()

@@ -21,7 +21,7 @@ use image::imageops::FilterType;
 /// A FracAtlas radiograph (the first fractured training image) when the shared data exists,
 /// otherwise a generated X-ray.
 fn radiograph() -> image::GrayImage {
-    match fracture_testkit::fracatlas() {
+    match fracture_testkit::fracatlas_optional() {
         Some(root) => {
             let dir = root.join("train/fractured");
             let first = std::fs::read_dir(&dir)

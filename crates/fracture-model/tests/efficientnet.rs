@@ -44,10 +44,9 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
 }
 
 #[test]
+#[ignore = "needs the pretrained weights at ../shared/pretrained; `cargo test -- --include-ignored` runs it"]
 fn imagenet_weights_reproduce_the_known_answers() {
-    let Some(dir) = fracture_testkit::pretrained() else {
-        return;
-    };
+    let dir = fracture_testkit::pretrained();
     let weights = PretrainedWeights::read(&dir.join("efficientnet-lite0-57934424.pth")).unwrap();
     assert_eq!(weights.format, "pytorch-legacy");
     assert_eq!(

@@ -1,9 +1,10 @@
 //! Test support shared by the workspace's tests, examples and benches (a dev-dependency only).
 //!
 //! - [`fracatlas`] finds the real radiographs at `../shared/data/fracatlas` (beside the checkout) or
-//!   at `$FRACTURE_SHARED_DIR/data/fracatlas`. When they are absent it says so and returns `None`, so
-//!   `cargo test` passes anywhere; with `FRACTURE_REQUIRE_SHARED=1` (set by `.ci/run`) absence fails
-//!   the test instead, so CI never skips them silently.
+//!   at `$FRACTURE_SHARED_DIR/data/fracatlas`. The tests that need them are `#[ignore]`d with the
+//!   reason ([`NEEDS_FRACATLAS`]), so `cargo test` anywhere lists them as ignored, and `cargo test --
+//!   --include-ignored` (what `.ci/run` runs) runs them, failing when the data is missing.
+//!   [`fracatlas_optional`] serves tests that use a real radiograph when there is one.
 //! - [`synthetic_xray`] and [`write_synthetic_dataset`] generate small X-ray-like images in which the
 //!   fractured class carries a visible crack, so a model can learn them in seconds. Fixtures are
 //!   generated, never committed.
@@ -48,46 +49,51 @@ pub fn shared_required() -> bool {
     std::env::var("FRACTURE_REQUIRE_SHARED").is_ok_and(|v| v == "1")
 }
 
-/// The FracAtlas radiographs (`<shared>/data/fracatlas`, CC BY 4.0, Abedeen et al. 2023), or `None`
-/// after printing why the calling test is skipped. Panics when they are missing and
-/// `FRACTURE_REQUIRE_SHARED=1`.
-pub fn fracatlas() -> Option<PathBuf> {
+/// Why a test that needs the FracAtlas radiographs is ignored by default (`#[ignore = …]` takes a
+/// literal, so the tests repeat this text).
+pub const NEEDS_FRACATLAS: &str =
+    "needs the FracAtlas radiographs at ../shared/data/fracatlas; `cargo test -- --include-ignored` runs it";
+
+/// The FracAtlas radiographs (`<shared>/data/fracatlas`, CC BY 4.0, Abedeen et al. 2023) for a test
+/// that needs them. Such tests are `#[ignore]`d, so they run only when asked for (`cargo test --
+/// --include-ignored`, as `.ci/run` does); asked for without the data, this panics naming where
+/// it looked, never a silent pass.
+pub fn fracatlas() -> PathBuf {
+    fracatlas_optional().unwrap_or_else(|| {
+        panic!(
+            "the FracAtlas radiographs are not at {} (set FRACTURE_SHARED_DIR, or run without --include-ignored)",
+            shared_dir().join("data/fracatlas").display()
+        )
+    })
+}
+
+/// The FracAtlas radiographs when they are here, for a test that runs either way and uses a real
+/// radiograph when it can (a generated one otherwise). Panics when they are missing and
+/// `FRACTURE_REQUIRE_SHARED=1` (set by `.ci/run`).
+pub fn fracatlas_optional() -> Option<PathBuf> {
     let dir = shared_dir().join("data/fracatlas");
     if dir.join("train").is_dir() {
         return Some(dir);
     }
-    if shared_required() {
-        panic!(
-            "FRACTURE_REQUIRE_SHARED=1 but the FracAtlas radiographs are not at {}",
-            dir.display()
-        );
-    }
-    eprintln!(
-        "skipped: the FracAtlas radiographs are not at {} (set FRACTURE_SHARED_DIR)",
+    assert!(
+        !shared_required(),
+        "FRACTURE_REQUIRE_SHARED=1 but the FracAtlas radiographs are not at {}",
         dir.display()
     );
     None
 }
 
 /// The ImageNet-pretrained EfficientNet-Lite0 files (`<shared>/pretrained`: the PyTorch file, its
-/// safetensors copy, the known answers; Apache-2.0), or `None` after printing why the calling test
-/// is skipped. Panics when they are missing and `FRACTURE_REQUIRE_SHARED=1`.
-pub fn pretrained() -> Option<PathBuf> {
+/// safetensors copy, the known answers; Apache-2.0) for a test that needs them (ignored by
+/// default, like [`fracatlas`]); panics when they are missing.
+pub fn pretrained() -> PathBuf {
     let dir = shared_dir().join("pretrained");
-    if dir.join("reference-outputs.json").is_file() {
-        return Some(dir);
-    }
-    if shared_required() {
-        panic!(
-            "FRACTURE_REQUIRE_SHARED=1 but the pretrained weights are not at {}",
-            dir.display()
-        );
-    }
-    eprintln!(
-        "skipped: the pretrained weights are not at {} (set FRACTURE_SHARED_DIR)",
+    assert!(
+        dir.join("reference-outputs.json").is_file(),
+        "the pretrained weights are not at {} (set FRACTURE_SHARED_DIR, or run without --include-ignored)",
         dir.display()
     );
-    None
+    dir
 }
 
 /// An empty folder `<base>/<name>`, removed first if it exists.
