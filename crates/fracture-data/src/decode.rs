@@ -8,7 +8,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use image::error::{DecodingError, ImageFormatHint, LimitError, LimitErrorKind};
+use image::error::{DecodingError, ImageFormatHint};
 use image::metadata::Orientation;
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 use serde::{Deserialize, Serialize};
@@ -143,21 +143,26 @@ fn decode_jpeg_checked(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Re
     }
 }
 
-fn limit_error(kind: LimitErrorKind) -> ImageError {
-    ImageError::Limits(LimitError::from_kind(kind))
-}
-
 fn check_dimensions(
     width: u64,
     height: u64,
     bytes_per_pixel: u64,
     limits: &DecodeLimits,
 ) -> Result<(), ImageError> {
+    // The sizes in the message: "image too large" alone leaves the user guessing which limit.
+    let over = |what: String| ImageError::Decoding(DecodingError::new(ImageFormatHint::Unknown, what));
     if width > u64::from(limits.max_width) || height > u64::from(limits.max_height) {
-        return Err(limit_error(LimitErrorKind::DimensionError));
+        return Err(over(format!(
+            "{width} × {height} pixels, over the limit of {} × {}",
+            limits.max_width, limits.max_height
+        )));
     }
-    if width.saturating_mul(height).saturating_mul(bytes_per_pixel) > limits.max_alloc_bytes {
-        return Err(limit_error(LimitErrorKind::InsufficientMemory));
+    let bytes = width.saturating_mul(height).saturating_mul(bytes_per_pixel);
+    if bytes > limits.max_alloc_bytes {
+        return Err(over(format!(
+            "{width} × {height} pixels need {bytes} bytes to decode, over the limit of {} bytes",
+            limits.max_alloc_bytes
+        )));
     }
     Ok(())
 }
@@ -223,7 +228,25 @@ fn decode_other(bytes: &[u8], format: ImageFormat, limits: &DecodeLimits) -> Res
     image_limits.max_image_height = Some(limits.max_height);
     image_limits.max_alloc = Some(limits.max_alloc_bytes);
     reader.limits(image_limits);
-    let mut decoder = reader.into_decoder()?;
+    let mut decoder = match reader.into_decoder() {
+        Ok(decoder) => decoder,
+        // Say the image's size and the limit, which the decoder's own message leaves out.
+        Err(ImageError::Limits(e)) => {
+            let mut probe = ImageReader::with_format(Cursor::new(bytes), format);
+            probe.no_limits();
+            if let Ok((w, h)) = probe.into_dimensions() {
+                check_dimensions(u64::from(w), u64::from(h), 1, limits)?;
+            }
+            return Err(ImageError::Decoding(DecodingError::new(
+                ImageFormatHint::Exact(format),
+                format!(
+                    "{e}: the limits are {} × {} pixels and {} bytes to decode",
+                    limits.max_width, limits.max_height, limits.max_alloc_bytes
+                ),
+            )));
+        }
+        Err(e) => return Err(e),
+    };
     let (w, h) = decoder.dimensions();
     check_dimensions(
         u64::from(w),

@@ -287,3 +287,18 @@ fn a_constant_picture_in_any_format_is_refused_naming_why() {
         "flat.png: the image decodes to a constant image (every pixel is 90 of 255), nothing to classify"
     );
 }
+
+#[test]
+fn an_oversized_image_names_its_size_and_the_limit() {
+    let bomb = fracture_testkit::png_bomb_header(30_000, 30_000);
+    let e = decode_gray(&bomb, Path::new("huge.png"), &DecodeLimits::default())
+        .unwrap_err()
+        .to_string();
+    // A header alone: the size cannot always be read back, the limits are always said.
+    assert!(
+        e.contains("huge.png")
+            && (e.contains("30000 × 30000 pixels, over the limit of 16384 × 16384")
+                || e.contains("the limits are 16384 × 16384 pixels")),
+        "{e}"
+    );
+}
