@@ -129,6 +129,12 @@ fn warn_of_leaks(
             for (path, d) in near.iter().take(5) {
                 eprintln!("  {} (distance {d})", fracture_train::data::path_shown(path));
             }
+            if near.len() > 5 {
+                eprintln!(
+                    "  … and {} more (`fracture audit` lists every pair)",
+                    near.len() - 5
+                );
+            }
         }
         Ok(None) => eprintln!(
             "note: the model has no training fingerprints: leakage into these images is not checked"
