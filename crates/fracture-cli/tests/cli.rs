@@ -1597,29 +1597,42 @@ fn predict_writes_heatmap_overlays() {
     let (root, run) = trained_run("predict-heatmap");
     let dir = root.join("heatmaps");
     let out = fracture()
-        .args(["predict", "--model"])
+        .args(["predict", "--format", "csv", "--model"])
         .arg(&run)
         .arg(root.join("data/test/fractured"))
+        .arg(root.join("data/test/not fractured"))
         .arg("--heatmap")
         .arg(&dir)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = parse_csv(&String::from_utf8_lossy(&out.stdout));
+    let label_col = rows[0].iter().position(|c| c == "predicted").unwrap();
+    let fractured_calls = rows[1..].iter().filter(|r| r[label_col] == "fractured").count();
     let written: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .collect();
-    assert_eq!(written.len(), 5, "{written:?}");
-    for png in written {
+    assert_eq!(written.len(), rows.len() - 1, "{written:?}");
+    let mut boxed = 0;
+    for png in &written {
         assert!(png.to_string_lossy().ends_with(".heatmap.png"));
-        let img = image::open(&png).unwrap();
+        let img = image::open(png).unwrap().to_rgb8();
         assert_eq!(
-            (img.width(), img.height()),
+            img.dimensions(),
             (48, 48),
             "the overlay keeps the image's own size"
         );
+        let red = img.pixels().filter(|p| p.0 == [230, 40, 40]).count();
+        boxed += usize::from(red >= 8);
     }
+    // One outlined box per fractured call, none on the others (and both kinds occur here).
+    assert!(
+        fractured_calls > 0 && fractured_calls < rows.len() - 1,
+        "{rows:?}"
+    );
+    assert_eq!(boxed, fractured_calls, "{rows:?}");
 }
 
 /// Rows of RFC 4180 CSV text (quoted cells with doubled quotes and line breaks).

@@ -70,8 +70,16 @@ pub fn heatmap_rgba_png(map: &[f32], w: u32, h: u32) -> Result<Vec<u8>> {
 }
 
 /// The gray image `w × h` with the map (same size, values in [0, 1]) blended over it at `opacity`
-/// (0-1, scaled by the map's value), as an RGB PNG.
-pub fn overlay_png(gray: &[u8], map: &[f32], w: u32, h: u32, opacity: f32) -> Result<Vec<u8>> {
+/// (0-1, scaled by the map's value), and `mark` (an evidence box `[x, y, width, height]` in the
+/// same pixels, when given) outlined in red, 2 px, as an RGB PNG.
+pub fn overlay_png(
+    gray: &[u8],
+    map: &[f32],
+    w: u32,
+    h: u32,
+    opacity: f32,
+    mark: Option<[f64; 4]>,
+) -> Result<Vec<u8>> {
     let n = (w * h) as usize;
     let mut rgb = Vec::with_capacity(n * 3);
     for i in 0..n {
@@ -85,6 +93,22 @@ pub fn overlay_png(gray: &[u8], map: &[f32], w: u32, h: u32, opacity: f32) -> Re
         let a = opacity.clamp(0.0, 1.0) * v.powf(0.6);
         let c = colormap(v);
         rgb.extend(c.map(|c| (g * (1.0 - a) + f32::from(c) * a).round() as u8));
+    }
+    if let Some([bx, by, bw, bh]) = mark.filter(|m| m.iter().all(|v| v.is_finite())) {
+        let clamp = |v: f64, hi: u32| v.round().clamp(0.0, f64::from(hi.saturating_sub(1))) as u32;
+        let (x0, y0) = (clamp(bx, w), clamp(by, h));
+        let (x1, y1) = (clamp(bx + bw, w), clamp(by + bh, h));
+        for y in y0..=y1 {
+            for x in x0..=x1 {
+                let edge = x < x0 + 2 || x + 2 > x1 || y < y0 + 2 || y + 2 > y1;
+                if edge {
+                    let i = (y * w + x) as usize * 3;
+                    if let Some(px) = rgb.get_mut(i..i + 3) {
+                        px.copy_from_slice(&[230, 40, 40]);
+                    }
+                }
+            }
+        }
     }
     encode(&rgb, w, h, image::ExtendedColorType::Rgb8)
 }
@@ -123,10 +147,21 @@ mod tests {
         assert_eq!(rgba.get_pixel(0, 0).0[3], 0, "no evidence: transparent");
         assert!(rgba.get_pixel(7, 7).0[3] > 200);
         let gray = vec![100u8; 64];
-        let over = image::load_from_memory(&overlay_png(&gray, &map, 8, 8, 0.8).unwrap())
+        let over = image::load_from_memory(&overlay_png(&gray, &map, 8, 8, 0.8, None).unwrap())
             .unwrap()
             .to_rgb8();
         assert_eq!(over.get_pixel(0, 0).0, [100, 100, 100]);
         assert_ne!(over.get_pixel(7, 7).0, [100, 100, 100]);
+        // A mark is outlined in red; inside it the overlay is unchanged.
+        let zero = vec![0.0f32; 64];
+        let marked = image::load_from_memory(
+            &overlay_png(&gray, &zero, 8, 8, 0.8, Some([1.0, 1.0, 5.0, 5.0])).unwrap(),
+        )
+        .unwrap()
+        .to_rgb8();
+        assert_eq!(marked.get_pixel(1, 1).0, [230, 40, 40]);
+        assert_eq!(marked.get_pixel(6, 3).0, [230, 40, 40]);
+        assert_eq!(marked.get_pixel(3, 3).0, [100, 100, 100]);
+        assert_eq!(marked.get_pixel(0, 0).0, [100, 100, 100]);
     }
 }

@@ -65,8 +65,10 @@ impl Explanation {
         Ok(fracture_plot::heatmap_rgba_png(&map, w, h)?)
     }
 
-    /// The image (scaled so its longer side is at most `max_side`) with the map blended over it.
-    pub fn overlay_png(&self, max_side: u32, opacity: f32) -> Result<Vec<u8>> {
+    /// The image (scaled so its longer side is at most `max_side`) with the map blended over it,
+    /// and, when `with_box` (a fractured call: below the threshold a box would read as a fracture),
+    /// the evidence box outlined in red.
+    pub fn overlay_png(&self, max_side: u32, opacity: f32, with_box: bool) -> Result<Vec<u8>> {
         let (w, h) = self.image.dimensions();
         let scale = (f64::from(max_side) / f64::from(w.max(h))).min(1.0);
         let (ow, oh) = (
@@ -81,7 +83,18 @@ impl Explanation {
         );
         let (map, mw, mh) = self.map_over_image();
         let map = fracture_plot::resample(&map, mw as usize, mh as usize, ow as usize, oh as usize);
-        Ok(fracture_plot::overlay_png(base.as_raw(), &map, ow, oh, opacity)?)
+        let mark = with_box
+            .then(|| self.evidence())
+            .flatten()
+            .map(|e| e.region.map(|v| v * scale));
+        Ok(fracture_plot::overlay_png(
+            base.as_raw(),
+            &map,
+            ow,
+            oh,
+            opacity,
+            mark,
+        )?)
     }
 }
 

@@ -181,7 +181,8 @@ fn write_heatmaps(
             name = format!("{stem}-{k}.heatmap.png");
         }
         let out = dir.join(&name);
-        std::fs::write(&out, explained.overlay_png(768, 0.6)?)
+        // The evidence box only on a fractured call, as on the page.
+        std::fs::write(&out, explained.overlay_png(768, 0.6, p.fractured)?)
             .with_context(|| format!("cannot write {}", out.display()))?;
     }
     eprintln!("wrote {} heatmaps to {}", predictions.len(), dir.display());
