@@ -1413,16 +1413,20 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
     // The ready model the binary carries: what a fresh clone serves.
     let root = fresh_dir(&base(), "serve-browser");
     let server = Server::bundled();
-    let radiograph = data
-        .join("val/fractured")
-        .read_dir()
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .min()
-        .unwrap()
-        .canonicalize()
-        .unwrap();
+    // The first file of a val class folder, by name.
+    let first = |class: &str| {
+        data.join("val")
+            .join(class)
+            .read_dir()
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .min()
+            .unwrap()
+            .canonicalize()
+            .unwrap()
+    };
+    let radiograph = first("fractured");
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1524,16 +1528,7 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
     };
     let result = settle(deadline + std::time::Duration::from_secs(20));
     // An intact radiograph next: an evidence box only when the call is "fractured".
-    let intact = data
-        .join("val/not fractured")
-        .read_dir()
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .min()
-        .unwrap()
-        .canonicalize()
-        .unwrap();
+    let intact = first("not fractured");
     call(
         "POST",
         &format!("{s}/element/{element}/value"),

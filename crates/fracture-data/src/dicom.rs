@@ -268,6 +268,15 @@ pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String
     })
 }
 
+/// Whether an explicit VR has the long header (2 reserved bytes, then a 4-byte length) rather
+/// than a 2-byte length (PS3.5 7.1.2).
+fn has_long_length(vr: &[u8]) -> bool {
+    matches!(
+        vr,
+        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV"
+    )
+}
+
 /// Where the data set starts (after the preamble, the `DICM` magic and the group-2 meta elements,
 /// always explicit VR little endian) and the Transfer Syntax UID the meta group names. `None`
 /// when the meta group runs past the end of `bytes`.
@@ -281,22 +290,7 @@ fn meta_group(bytes: &[u8]) -> Option<(usize, Option<String>)> {
         if u16::from_le_bytes([head[0], head[1]]) != 0x0002 {
             return Some((at, syntax));
         }
-        let long = matches!(
-            &head[4..6],
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        );
+        let long = has_long_length(&head[4..6]);
         let (header, len) = if long {
             let l = bytes.get(at + 8..at + 12)?;
             (12usize, u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
@@ -384,24 +378,7 @@ fn check_elements(
             return Ok(at + 8);
         }
         let vr = (enc.explicit && group != 0xFFFE).then(|| &b[at + 4..at + 6]);
-        let long = vr.is_none_or(|vr| {
-            matches!(
-                vr,
-                b"OB"
-                    | b"OD"
-                    | b"OF"
-                    | b"OL"
-                    | b"OV"
-                    | b"OW"
-                    | b"SQ"
-                    | b"SV"
-                    | b"UC"
-                    | b"UN"
-                    | b"UR"
-                    | b"UT"
-                    | b"UV"
-            )
-        });
+        let long = vr.is_none_or(has_long_length);
         let (header, len) = match (vr, long) {
             (Some(_), true) => (12, enc.u32(b, at + 8).ok_or("an element header is cut short")?),
             (Some(_), false) => (

@@ -183,11 +183,17 @@ impl Drop for FolderLock {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_failed_write_leaves_the_old_file_and_no_temporary() {
-        let dir = std::env::temp_dir().join(format!("fracture-fs-test-{}", std::process::id()));
+    /// An empty folder for one test, under the system's temporary folder.
+    fn fresh(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fracture-fs-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_file_and_no_temporary() {
+        let dir = fresh("test");
         let file = dir.join("a.txt");
         write_atomic(&file, b"old").unwrap();
         write_atomic_unsynced(&file, b"new").unwrap();
@@ -207,9 +213,7 @@ mod tests {
 
     #[test]
     fn stale_temporaries_go_and_live_ones_stay() {
-        let dir = std::env::temp_dir().join(format!("fracture-fs-stale-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh("stale");
         // No process has id 4294967295 (above Linux's pid_max).
         let dead = dir.join(".last.safetensors.tmp-4294967295");
         let live = dir.join(format!(".last.safetensors.tmp-{}", std::process::id()));
@@ -229,9 +233,7 @@ mod tests {
 
     #[test]
     fn a_folder_lock_is_exclusive_while_held_and_taken_over_when_stale() {
-        let dir = std::env::temp_dir().join(format!("fracture-fs-lock-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh("lock");
         let lock = FolderLock::acquire(&dir).unwrap();
         let held = FolderLock::acquire(&dir).unwrap_err().to_string();
         assert!(

@@ -284,14 +284,17 @@ pub fn fingerprints_file_for(model: &Path) -> PathBuf {
     model.with_file_name(format!("{stem}.fingerprints.bin"))
 }
 
-/// The training fingerprints of a model: `<stem>.fingerprints.bin` beside a model file, or
-/// `training-fingerprints.bin` in a run folder (or beside the model file). `recorded` is the
-/// SHA-256 the model's metadata records for them ([`crate::ModelMeta::training_fingerprints`]):
-/// when given, only a file with exactly that digest is taken, and a candidate with another digest
-/// is an error (fingerprints of another model would make a leak check report no leak). Without a
-/// recorded digest (a model from before), the first candidate is taken. `Ok(None)` when there is
-/// no candidate.
-pub fn training_fingerprints(model: &Path, recorded: Option<&str>) -> Result<Option<(PathBuf, Vec<Known>)>> {
+/// The training fingerprints file of a model and its bytes: `<stem>.fingerprints.bin` beside a
+/// model file, or `training-fingerprints.bin` in a run folder (or beside the model file).
+/// `recorded` is the SHA-256 the model's metadata records for them
+/// ([`crate::ModelMeta::training_fingerprints`]): when given, only a file with exactly that digest
+/// is taken, and a candidate with another digest is an error (fingerprints of another model would
+/// make a leak check report no leak). Without a recorded digest (a model from before), the first
+/// candidate is taken. `Ok(None)` when there is no candidate.
+pub fn training_fingerprints_file(
+    model: &Path,
+    recorded: Option<&str>,
+) -> Result<Option<(PathBuf, Vec<u8>)>> {
     let candidates = if model.is_dir() {
         vec![model.join(FINGERPRINTS_FILE)]
     } else {
@@ -311,8 +314,7 @@ pub fn training_fingerprints(model: &Path, recorded: Option<&str>) -> Result<Opt
             mismatched.get_or_insert(path);
             continue;
         }
-        let fingerprints = fracture_data::audit::fingerprints_from_bytes(&bytes, &path)?;
-        return Ok(Some((path, fingerprints)));
+        return Ok(Some((path, bytes)));
     }
     match mismatched {
         Some(path) => Err(Error::InvalidConfig(format!(
@@ -320,6 +322,17 @@ pub fn training_fingerprints(model: &Path, recorded: Option<&str>) -> Result<Opt
             path.display(),
             model.display()
         ))),
+        None => Ok(None),
+    }
+}
+
+/// The training fingerprints of a model, parsed: see [`training_fingerprints_file`].
+pub fn training_fingerprints(model: &Path, recorded: Option<&str>) -> Result<Option<(PathBuf, Vec<Known>)>> {
+    match training_fingerprints_file(model, recorded)? {
+        Some((path, bytes)) => {
+            let fingerprints = fracture_data::audit::fingerprints_from_bytes(&bytes, &path)?;
+            Ok(Some((path, fingerprints)))
+        }
         None => Ok(None),
     }
 }

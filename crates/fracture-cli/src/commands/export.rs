@@ -42,16 +42,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let fingerprints = fracture_train::audit::training_fingerprints(
+    // The bytes themselves: they are hashed into the model and copied beside it, not parsed.
+    let fingerprint_bytes = fracture_train::audit::training_fingerprints_file(
         &args.model,
         model.meta.training_fingerprints.as_deref(),
-    )?;
-    let fingerprint_bytes = match &fingerprints {
-        Some((file, _)) => {
-            Some(std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?)
-        }
-        None => None,
-    };
+    )?
+    .map(|(_, bytes)| bytes);
     if let Some(bytes) = &fingerprint_bytes {
         model.meta.training_fingerprints = Some(fracture_train::audit::sha256_hex(bytes));
     }
