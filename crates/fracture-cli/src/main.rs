@@ -36,8 +36,8 @@ enum Command {
     /// Serve a web page (and a JSON API) to upload X-rays and see P(fractured), the decision and a
     /// heatmap of the evidence.
     Serve(commands::serve::Args),
-    /// Download the Kaggle dataset (`--dataset`) into `--data-dir` when it is not there yet, and
-    /// print its folder.
+    /// Download a data set into `--data-dir` when it is not there yet, and print its folder: the
+    /// Kaggle dataset `--dataset owner/slug`, or the FracAtlas release with `--dataset fracatlas`.
     Download(commands::download::Args),
     /// Write a trained model as one compact file (half-precision weights) with its training
     /// fingerprints beside it, as `models/` holds the ready model.

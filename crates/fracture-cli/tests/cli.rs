@@ -1106,6 +1106,96 @@ fn train_without_data_downloads_the_dataset_first() {
     assert_eq!(stub.requests().len(), requests);
 }
 
+/// `fracture download --dataset fracatlas` fetches the release (here from a figshare stand-in on
+/// loopback), splits it per class and says how to train on it; `train` then reads that folder and
+/// evaluates on its test split.
+#[test]
+fn download_fracatlas_lays_out_a_split_that_train_reads() {
+    use fracture_testkit::{KaggleStub, StubOptions, fracatlas_shaped_zip};
+    let stub = KaggleStub::start(StubOptions {
+        datasets: vec![("figshare/22363012".into(), fracatlas_shaped_zip(20, 60, 32))],
+        ..StubOptions::default()
+    })
+    .unwrap();
+    let root = fresh_dir(&base(), "download-fracatlas");
+    let data = root.join("data");
+    let out = fracture()
+        .args([
+            "download",
+            "--dataset",
+            "fracatlas",
+            "--figshare-url",
+            &stub.figshare_base_url,
+        ])
+        .env("FRACTURE_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dest = data.join("fracatlas");
+    for line in [
+        "CC BY 4.0",
+        "split with seed 2023",
+        "train          14             42",
+        "test            3              9",
+        "(20 rows)",
+        &format!("dataset: {}", dest.display()),
+        &format!("fracture train --data {}", dest.display()),
+    ] {
+        assert!(stdout.contains(line), "`{line}` missing from:\n{stdout}");
+    }
+    let run = root.join("run");
+    let trained = fracture()
+        .args([
+            "train",
+            "--epochs",
+            "1",
+            "--image-size",
+            "24",
+            "--batch-size",
+            "8",
+            "--data",
+        ])
+        .arg(&dest)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&trained.stdout);
+    assert!(
+        trained.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    let test_row = stdout
+        .lines()
+        .find(|l| l.starts_with("test "))
+        .unwrap_or_default();
+    assert!(
+        test_row.contains(" 12 "),
+        "evaluated on the 12 test images: {stdout}"
+    );
+    // Asked again, nothing is downloaded.
+    let requests = stub.requests().len();
+    let again = fracture()
+        .args([
+            "download",
+            "--dataset",
+            "fracatlas",
+            "--figshare-url",
+            &stub.figshare_base_url,
+        ])
+        .env("FRACTURE_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(stub.requests().len(), requests);
+}
+
 #[test]
 fn train_without_data_offline_fails_fast_naming_the_alternative() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

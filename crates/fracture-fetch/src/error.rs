@@ -84,6 +84,14 @@ pub enum Error {
         /// The folder.
         path: PathBuf,
     },
+    /// A downloaded release does not have the layout its reader expects.
+    #[error("{}: {reason}", path.display())]
+    Release {
+        /// The file or folder that is not as expected.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A local file operation failed.
     #[error("{}: {source}", path.display())]
     Io {

@@ -179,6 +179,59 @@ impl Client {
         Err((ureq::Error::TooManyRedirects, current))
     }
 
+    /// GETs a small document (an API answer) of at most `max_bytes`, retrying server errors and
+    /// dropped connections; an unreachable server fails at once.
+    pub(crate) fn get_small(&self, url: &str, max_bytes: u64) -> crate::Result<Vec<u8>> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let reason = match self.get(url, None, 0) {
+                Err((e, at)) if unreachable(&e) || attempt >= 2 => {
+                    return Err(Error::Unreachable {
+                        url: at,
+                        reason: e.to_string(),
+                    });
+                }
+                Err((e, _)) => e.to_string(),
+                Ok((mut resp, at)) => match resp.status().as_u16() {
+                    200 => {
+                        let mut body = Vec::new();
+                        match resp
+                            .body_mut()
+                            .as_reader()
+                            .take(max_bytes + 1)
+                            .read_to_end(&mut body)
+                        {
+                            Ok(_) if body.len() as u64 > max_bytes => {
+                                return Err(Error::GaveUp {
+                                    url: at,
+                                    attempts: attempt,
+                                    reason: format!("the answer is larger than {max_bytes} bytes"),
+                                });
+                            }
+                            Ok(_) => return Ok(body),
+                            Err(e) => format!("the connection dropped ({e})"),
+                        }
+                    }
+                    status @ (500..=599 | 408 | 429) => format!("HTTP {status} from {at}"),
+                    status => return Err(Error::Http { url: at, status }),
+                },
+            };
+            if attempt > self.retries {
+                return Err(Error::GaveUp {
+                    url: url.to_string(),
+                    attempts: attempt,
+                    reason,
+                });
+            }
+            let wait = self
+                .backoff
+                .saturating_mul(1 << (attempt - 1).min(5))
+                .min(Duration::from_secs(30));
+            std::thread::sleep(wait);
+        }
+    }
+
     /// Downloads `url` into `part` (resuming from its current length), retrying server errors and
     /// dropped connections. Returns the checksums the file server announced.
     pub(crate) fn download(

@@ -1,4 +1,5 @@
-//! Downloading a Kaggle dataset: the only fracture crate that touches the network.
+//! Downloading a Kaggle dataset, or the FracAtlas release from figshare ([`fetch_fracatlas`]): the
+//! only fracture crate that touches the network.
 //!
 //! [`fetch`] downloads `https://www.kaggle.com/api/v1/datasets/download/{owner}/{slug}` (the base URL
 //! is overridable, see [`BASE_URL_ENV`]), anonymously first and then with the credentials Kaggle's own
@@ -34,6 +35,7 @@ mod dataset;
 mod error;
 mod extract;
 mod fetch;
+mod fracatlas;
 mod http;
 
 pub use credentials::{Credential, CredentialLookup, Found};
@@ -42,4 +44,8 @@ pub use error::{Error, Result};
 pub use extract::{ExtractLimits, Extracted, extract_zip};
 pub use fetch::{
     BASE_URL_ENV, DEFAULT_BASE_URL, Event, FetchOptions, Fetched, MARKER_FILE, base_url_from_env, fetch,
+};
+pub use fracatlas::{
+    CLASS_FOLDERS, DEFAULT_FIGSHARE_API, FIGSHARE_API_ENV, FRACATLAS_ARTICLE, FracAtlasFetched,
+    FracAtlasOptions, META_COLUMNS, SPLITS, SplitPlan, fetch_fracatlas, figshare_api_from_env,
 };

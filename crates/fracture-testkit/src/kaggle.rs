@@ -4,6 +4,10 @@
 //! The API listens on 127.0.0.1 and answers `GET /api/v1/datasets/download/{owner}/{slug}` with a
 //! redirect to the storage host on 127.0.0.2 (another origin, as on kaggle.com), which serves the zip
 //! with `Content-Length`, `Range` support and an `x-goog-hash: md5=` header. Every request is logged.
+//!
+//! The same API listener stands in for figshare's: `GET /v2/articles/{id}` lists the dataset named
+//! `figshare/{id}` as one zip file with its size, hexadecimal MD5 and a download address on the
+//! storage host ([`KaggleStub::figshare_base_url`]).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -65,6 +69,8 @@ pub struct StubOptions {
 pub struct KaggleStub {
     /// The API base URL to pass as `--base-url` / `FRACTURE_KAGGLE_BASE_URL`.
     pub base_url: String,
+    /// The figshare API base URL to pass as `--figshare-url` / `FRACTURE_FIGSHARE_BASE_URL`.
+    pub figshare_base_url: String,
     log: Arc<Mutex<Vec<StubRequest>>>,
     stop: Arc<AtomicBool>,
     addrs: Vec<SocketAddr>,
@@ -117,6 +123,7 @@ impl KaggleStub {
         }
         Ok(KaggleStub {
             base_url: format!("http://{api_addr}/api/v1"),
+            figshare_base_url: format!("http://{api_addr}/v2"),
             log,
             stop,
             addrs: vec![api_addr, storage_addr],
@@ -198,6 +205,9 @@ fn serve_api(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         return Ok(());
     };
     log(shared, "api", &path, &headers);
+    if let Some(article) = path.strip_prefix("/v2/articles/") {
+        return serve_figshare_article(&mut stream, shared, article);
+    }
     let Some(dataset) = path.strip_prefix("/api/v1/datasets/download/") else {
         return respond(&mut stream, "404 Not Found", &[], b"{\"message\":\"not found\"}");
     };
@@ -225,6 +235,43 @@ fn serve_api(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         dataset.replace('/', "_")
     );
     respond(&mut stream, "302 Found", &[("Location", location)], b"")
+}
+
+fn serve_figshare_article(stream: &mut TcpStream, shared: &Shared, article: &str) -> std::io::Result<()> {
+    let name = format!("figshare/{article}");
+    let Some((_, zip)) = shared.options.datasets.iter().find(|(d, _)| *d == name) else {
+        return respond(
+            stream,
+            "404 Not Found",
+            &[],
+            b"{\"message\":\"Entity not found: article\"}",
+        );
+    };
+    let digest = match shared.options.announce {
+        Announce::Wrong => Md5::digest(b"something else"),
+        _ => Md5::digest(zip),
+    };
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let md5 = match shared.options.announce {
+        Announce::Nothing => serde_json::Value::Null,
+        _ => serde_json::Value::String(hex),
+    };
+    let body = serde_json::json!({
+        "id": article.parse::<u64>().unwrap_or(0),
+        "title": "stand-in article",
+        "files": [
+            {"name": "README.txt", "size": 10, "computed_md5": null,
+             "download_url": format!("{}/storage/none", shared.storage_base)},
+            {"name": "FracAtlas.zip", "size": zip.len(), "computed_md5": md5,
+             "download_url": format!("{}/storage/figshare_{article}.zip", shared.storage_base)}
+        ]
+    });
+    respond(
+        stream,
+        "200 OK",
+        &[("Content-Type", "application/json".into())],
+        body.to_string().as_bytes(),
+    )
 }
 
 fn serve_storage(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
@@ -333,6 +380,61 @@ pub fn kaggle_shaped_zip(per_class: usize, size: u32) -> Vec<u8> {
             }
         }
     }
+    let refs: Vec<(&str, &[u8])> = entries.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    zip_of(&refs)
+}
+
+/// A zip shaped like the FracAtlas release on figshare: `FracAtlas/images/{Fractured,Non_fractured}/IMG*.jpg`
+/// (generated X-ray-like JPEGs of `size` pixels, ids from `IMG0000000`), `FracAtlas/dataset.csv`
+/// (label and flags, with the release's header) and `FracAtlas/Annotations/COCO JSON/COCO_fracture_masks.json`
+/// (one box per fractured image, at `[8, 8, size/2, size/4]`).
+pub fn fracatlas_shaped_zip(fractured: usize, intact: usize, size: u32) -> Vec<u8> {
+    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut csv = String::from(
+        "image_id,hand,leg,hip,shoulder,mixed,hardware,multiscan,fractured,fracture_count,frontal,lateral,oblique\n",
+    );
+    let mut images = Vec::new();
+    let mut annotations = Vec::new();
+    for i in 0..fractured + intact {
+        let is_fractured = i < fractured;
+        let id = format!("IMG{i:07}");
+        let img = crate::synthetic_xray(size, size, is_fractured, 5000 + i as u64);
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageLuma8(img)
+            .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+            .unwrap();
+        let folder = if is_fractured {
+            "Fractured"
+        } else {
+            "Non_fractured"
+        };
+        entries.push((format!("FracAtlas/images/{folder}/{id}.jpg"), jpeg.into_inner()));
+        let f = u8::from(is_fractured);
+        csv.push_str(
+            &format!(
+                "{id}.jpg,{},{},0,0,0,0,0,{f},{f},1,{},0\n",
+                i % 2,
+                (i + 1) % 2,
+                i % 3 == 0
+            )
+            .replace("true", "1")
+            .replace("false", "0"),
+        );
+        if is_fractured {
+            images.push(
+                serde_json::json!({"id": i, "file_name": format!("{id}.jpg"), "width": size, "height": size}),
+            );
+            annotations.push(serde_json::json!({"id": i, "image_id": i, "category_id": 1,
+                "bbox": [8.0, 8.0, f64::from(size) / 2.0, f64::from(size) / 4.0], "segmentation": [[]]}));
+        }
+    }
+    entries.push(("FracAtlas/dataset.csv".into(), csv.into_bytes()));
+    let coco = serde_json::json!({"images": images, "annotations": annotations,
+        "categories": [{"id": 1, "name": "fractured"}]});
+    entries.push((
+        "FracAtlas/Annotations/COCO JSON/COCO_fracture_masks.json".into(),
+        coco.to_string().into_bytes(),
+    ));
     let refs: Vec<(&str, &[u8])> = entries.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
     zip_of(&refs)
 }

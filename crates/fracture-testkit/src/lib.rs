@@ -23,7 +23,9 @@ mod kaggle;
 mod models;
 pub use corpus::{BadInput, Expect, png_bomb_header, write_bad_inputs};
 pub use fuzz::{DEFAULT_CASES, fuzz_bytes};
-pub use kaggle::{Announce, KaggleStub, StubOptions, StubRequest, kaggle_shaped_zip, zip_of};
+pub use kaggle::{
+    Announce, KaggleStub, StubOptions, StubRequest, fracatlas_shaped_zip, kaggle_shaped_zip, zip_of,
+};
 pub use models::{BadModel, ModelKeys, write_bad_models};
 
 use image::{GrayImage, Luma};
