@@ -849,7 +849,7 @@ fn predict_reports_unreadable_files_and_fails_only_when_nothing_is_read() {
         } else {
             "not fractured"
         };
-        assert_eq!(p["label"], label);
+        assert_eq!(p["predicted"], label);
         assert!(p.get("dicom").is_none(), "no DICOM attributes for a PNG: {p}");
     }
 
@@ -1356,7 +1356,7 @@ fn the_api_predicts_explains_and_refuses_bad_uploads_clearly() {
     } else {
         "not fractured"
     };
-    assert_eq!(body["label"], label);
+    assert_eq!(body["predicted"], label);
     assert!(body["ms"].as_f64().unwrap() >= 0.0);
     assert!(body.get("heatmap_png_base64").is_none());
     // Every answer says where the evidence lies, in the image's own pixels (64 × 48 here).
@@ -1594,8 +1594,9 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
         if (card.dataset.state === 'pending') return { state: 'pending', status: card.querySelector('.status')?.textContent };
         const heat = card.querySelector('img.heatmap');
         return { state: card.dataset.state, p: card.querySelector('.p-fractured')?.textContent,
-                 label: card.querySelector('.label')?.textContent, heatmap: heat && !heat.hidden && heat.complete ? heat.naturalWidth : 0,
-                 xray: card.querySelector('img.xray').naturalWidth, model: document.getElementById('model-info').textContent,
+                 predicted: card.querySelector('.label')?.textContent, heatmap: heat && !heat.hidden && heat.complete ? heat.naturalWidth : 0,
+                 xray: card.querySelector('img.xray').naturalWidth,
+                 xray_shown: getComputedStyle(card.querySelector('img.xray')).display !== 'none', model: document.getElementById('model-info').textContent,
                  box: (() => { const b = card.querySelector('.evidence-box'); if (!b) return null;
                    const f = card.querySelector('.figure').getBoundingClientRect(), r = b.getBoundingClientRect();
                    return { w: r.width, h: r.height, inside: r.left >= f.left - 1 && r.right <= f.right + 1 && r.top >= f.top - 1 && r.bottom <= f.bottom + 1 }; })() };"#;
@@ -1634,6 +1635,23 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let shot = call("GET", &format!("{s}/screenshot"), serde_json::Value::Null);
+    // A file that is no image: an error card that says so, with no broken-image icon.
+    let broken = root.join("not-an-xray.jpg");
+    std::fs::write(&broken, b"these bytes are not a JPEG").unwrap();
+    call(
+        "POST",
+        &format!("{s}/element/{element}/value"),
+        serde_json::json!({ "text": broken.to_str().unwrap() }),
+    );
+    let mut third = serde_json::Value::Null;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < until {
+        third = settle(until);
+        if third["state"] == "error" && third["xray_shown"] == false {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     use base64::Engine;
     let png = base64::engine::general_purpose::STANDARD
         .decode(shot["value"].as_str().unwrap())
@@ -1648,7 +1666,7 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
         "{result}"
     );
     assert!(
-        ["fractured", "not fractured"].contains(&result["label"].as_str().unwrap()),
+        ["fractured", "not fractured"].contains(&result["predicted"].as_str().unwrap()),
         "{result}"
     );
     assert_eq!(
@@ -1659,15 +1677,26 @@ fn the_page_shows_probability_and_heatmap_in_a_real_browser() {
         result["model"].as_str().unwrap().contains("fracture-lite0"),
         "the page names the built-in model: {result}"
     );
+    for figure in ["val sensitivity", "val specificity", "val ROC-AUC"] {
+        assert!(
+            result["model"].as_str().unwrap().contains(figure),
+            "the page's header states the model's {figure}: {result}"
+        );
+    }
     assert_eq!(result["xray"], 640, "the radiograph itself is shown: {result}");
     assert!(
         result["box"]["w"].as_f64().unwrap_or(0.0) > 0.0 && result["box"]["inside"] == true,
         "the evidence box is drawn over the radiograph: {result}"
     );
+    assert_eq!(third["state"], "error", "{third}");
+    assert_eq!(
+        third["xray_shown"], false,
+        "no broken-image icon on an error card: {third}"
+    );
     assert_eq!(second["state"], "done", "{second}");
     assert_eq!(
         second["box"].is_null(),
-        second["label"] != "fractured",
+        second["predicted"] != "fractured",
         "an evidence box only on a fractured call: {second}"
     );
     assert!(
@@ -1706,8 +1735,8 @@ fn predict_writes_heatmap_overlays() {
         let img = image::open(png).unwrap().to_rgb8();
         assert_eq!(
             img.dimensions(),
-            (48, 48),
-            "the overlay keeps the image's own size"
+            (48, 48 + fracture_plot::LEGEND_HEIGHT),
+            "the overlay keeps the image's own size, with the legend band below"
         );
         let red = img.pixels().filter(|p| p.0 == [230, 40, 40]).count();
         boxed += usize::from(red >= 8);

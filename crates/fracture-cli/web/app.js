@@ -45,6 +45,10 @@ async function loadModel() {
 
 function card(file) {
   const img = el("img", { class: "xray", alt: file.name });
+  // A file the browser cannot draw (DICOM, or not an image at all) shows "no preview", never a
+  // broken-image icon; a DICOM gets the server's rendering once it is analysed.
+  img.addEventListener("error", () => img.classList.add("unshown"));
+  img.addEventListener("load", () => img.classList.remove("unshown"));
   img.src = URL.createObjectURL(file);
   const heat = el("img", { class: "heatmap", alt: "" });
   heat.style.opacity = opacity.value / 100;
@@ -65,13 +69,16 @@ async function analyse(file) {
     const r = await fetch("/api/predict?heatmap=1", { method: "POST", body: form });
     const body = await r.json();
     if (!r.ok) throw new Error(body.error || `HTTP ${r.status}`);
-    const fractured = body.label === "fractured";
+    const fractured = body.predicted === "fractured";
     const bar = el("div", { class: "bar" }, el("div", { class: "fill" }), el("div", { class: "threshold" }));
     bar.firstChild.style.width = pct(body.p_fractured);
+    // The colour scale spans the whole bar whatever the fill's length: a 3% fill shows the scale's
+    // first 3%, not the whole scale squeezed.
+    bar.firstChild.style.backgroundSize = `${100 / Math.max(body.p_fractured, 0.001)}% 100%`;
     bar.lastChild.style.left = pct(body.threshold);
     status.replaceWith(
       el("div", { class: "verdict" },
-        el("span", { class: "label " + (fractured ? "fractured" : "not-fractured"), text: body.label }),
+        el("span", { class: "label " + (fractured ? "fractured" : "not-fractured"), text: body.predicted }),
         el("span", {}, "P(fractured) ", el("span", { class: "p-fractured", text: pct(body.p_fractured) }))),
       bar,
       el("div", { class: "small", text: `threshold ${pct(body.threshold)} · ${body.ms.toFixed(0)} ms` }));
@@ -103,6 +110,7 @@ async function analyse(file) {
     status.className = "error";
     status.textContent = "could not analyse: " + e.message;
     c.dataset.state = "error";
+    heat.remove();
   }
 }
 

@@ -25,14 +25,15 @@ pub fn resample(src: &[f32], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<
     out
 }
 
-/// A perceptually ordered colour for `v` in [0, 1]: dark blue → cyan → green → yellow → red.
+/// The colour for `v` in [0, 1] (a map's value relative to its maximum): blue → green → yellow →
+/// red, the order people read heatmaps in (red = strongest evidence).
 pub fn colormap(v: f32) -> [u8; 3] {
     const STOPS: [(f32, [f32; 3]); 5] = [
-        (0.0, [48.0, 18.0, 59.0]),
-        (0.25, [40.0, 160.0, 230.0]),
-        (0.5, [60.0, 220.0, 110.0]),
-        (0.75, [250.0, 200.0, 40.0]),
-        (1.0, [220.0, 30.0, 20.0]),
+        (0.0, [30.0, 60.0, 200.0]),
+        (0.3, [30.0, 150.0, 255.0]),
+        (0.55, [50.0, 215.0, 100.0]),
+        (0.78, [255.0, 215.0, 30.0]),
+        (1.0, [235.0, 35.0, 20.0]),
     ];
     let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
     let k = STOPS
@@ -44,6 +45,20 @@ pub fn colormap(v: f32) -> [u8; 3] {
     let t = (v - a.0) / (b.0 - a.0);
     [0, 1, 2].map(|c| (a.1[c] + (b.1[c] - a.1[c]) * t).round() as u8)
 }
+
+/// How opaque the map is drawn at `v` (times the chosen opacity): nothing below [`HEATMAP_FLOOR`], so
+/// the weak background of every map leaves the radiograph clear, then rising to full at 0.7.
+pub fn heatmap_alpha(v: f32) -> f32 {
+    let v = if v.is_finite() { v } else { 0.0 };
+    let t = ((v - HEATMAP_FLOOR) / (0.7 - HEATMAP_FLOOR)).clamp(0.0, 1.0);
+    t * t * (3.0 - 2.0 * t)
+}
+
+/// The share of a map's maximum below which nothing is drawn.
+pub const HEATMAP_FLOOR: f32 = 0.2;
+
+/// Height in pixels of the legend band that [`overlay_png`] adds below the image.
+pub const LEGEND_HEIGHT: u32 = 30;
 
 fn encode(pixels: &[u8], w: u32, h: u32, color: image::ExtendedColorType) -> Result<Vec<u8>> {
     let mut png = Vec::new();
@@ -63,15 +78,17 @@ pub fn heatmap_rgba_png(map: &[f32], w: u32, h: u32) -> Result<Vec<u8>> {
     for &v in map.iter().take(n) {
         let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
         let [r, g, b] = colormap(v);
-        rgba.extend([r, g, b, (v.powf(0.6) * 230.0).round() as u8]);
+        rgba.extend([r, g, b, (heatmap_alpha(v) * 255.0).round() as u8]);
     }
     rgba.resize(n * 4, 0);
     encode(&rgba, w, h, image::ExtendedColorType::Rgba8)
 }
 
 /// The gray image `w × h` with the map (same size, values in [0, 1]) blended over it at `opacity`
-/// (0-1, scaled by the map's value), and `mark` (an evidence box `[x, y, width, height]` in the
-/// same pixels, when given) outlined in red, 2 px, as an RGB PNG.
+/// (0-1, scaled by [`heatmap_alpha`]), and `mark` (an evidence box `[x, y, width, height]` in the
+/// same pixels, when given) outlined in red, 2 px, as an RGB PNG of `w × (h + LEGEND_HEIGHT)`:
+/// below the image, a legend band shows the colour scale ("evidence for fractured", low to high;
+/// words only where the image is wide enough for them).
 pub fn overlay_png(
     gray: &[u8],
     map: &[f32],
@@ -90,7 +107,7 @@ pub fn overlay_png(
             .filter(|v| v.is_finite())
             .unwrap_or(0.0)
             .clamp(0.0, 1.0);
-        let a = opacity.clamp(0.0, 1.0) * v.powf(0.6);
+        let a = opacity.clamp(0.0, 1.0) * heatmap_alpha(v);
         let c = colormap(v);
         rgb.extend(c.map(|c| (g * (1.0 - a) + f32::from(c) * a).round() as u8));
     }
@@ -110,7 +127,68 @@ pub fn overlay_png(
             }
         }
     }
-    encode(&rgb, w, h, image::ExtendedColorType::Rgb8)
+    let mut canvas = image::RgbImage::from_raw(w, h, rgb).ok_or_else(|| Error::Draw {
+        chart: "heatmap",
+        reason: "the image and its size disagree".into(),
+    })?;
+    canvas = with_legend(canvas, opacity)?;
+    let (cw, ch) = canvas.dimensions();
+    encode(canvas.as_raw(), cw, ch, image::ExtendedColorType::Rgb8)
+}
+
+/// `canvas` with the legend band below it: a colour bar from [`HEATMAP_FLOOR`] to 1 as drawn over
+/// mid gray at `opacity`, with "evidence for fractured: low … high" when the width allows.
+fn with_legend(canvas: image::RgbImage, opacity: f32) -> Result<image::RgbImage> {
+    let (w, h) = canvas.dimensions();
+    let mut out = image::RgbImage::from_pixel(w, h + LEGEND_HEIGHT, image::Rgb([250, 250, 250]));
+    image::imageops::replace(&mut out, &canvas, 0, 0);
+    let title = "evidence for fractured:";
+    let size = 14.0;
+    let text = crate::scaffold::GREY;
+    let ink = plotters::style::RGBColor(60, 60, 60);
+    let (title_w, low_w, high_w) = (
+        crate::scaffold::text_width(title, size),
+        crate::scaffold::text_width("low", size),
+        crate::scaffold::text_width("high", size),
+    );
+    let words = w >= title_w + low_w + high_w + 80;
+    let (bar_x0, bar_x1) = if words {
+        (title_w + low_w + 16, w - high_w - 8)
+    } else {
+        (2.min(w), w.saturating_sub(2))
+    };
+    let (bar_y0, bar_y1) = (h + 8, h + LEGEND_HEIGHT - 8);
+    let a = opacity.clamp(0.0, 1.0).max(0.6);
+    for x in bar_x0..bar_x1 {
+        let v = HEATMAP_FLOOR + (1.0 - HEATMAP_FLOOR) * (x - bar_x0) as f32 / (bar_x1 - bar_x0).max(1) as f32;
+        let c = colormap(v);
+        let alpha = a * heatmap_alpha(v).max(0.35);
+        let px = image::Rgb(c.map(|c| (128.0 * (1.0 - alpha) + f32::from(c) * alpha).round() as u8));
+        for y in bar_y0..bar_y1 {
+            out.put_pixel(x, y, px);
+        }
+    }
+    if words {
+        let y = (h + LEGEND_HEIGHT / 2) as i32 - 8;
+        crate::scaffold::draw_text("heatmap legend", &mut out, (4, y), title, size, ink)?;
+        crate::scaffold::draw_text(
+            "heatmap legend",
+            &mut out,
+            ((title_w + 10) as i32, y),
+            "low",
+            size,
+            text,
+        )?;
+        crate::scaffold::draw_text(
+            "heatmap legend",
+            &mut out,
+            ((bar_x1 + 4) as i32, y),
+            "high",
+            size,
+            text,
+        )?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -135,6 +213,56 @@ mod tests {
         let hot = colormap(1.0);
         assert!(cold[2] > cold[0] && hot[0] > hot[2]);
         assert_eq!(colormap(f32::NAN), colormap(0.0));
+    }
+
+    #[test]
+    fn weak_evidence_leaves_the_radiograph_clear_and_strong_evidence_is_plain_at_the_default_opacity() {
+        let gray = vec![128u8; 4];
+        let map = [0.1f32, 0.5, 0.8, 1.0];
+        let over = image::load_from_memory(&overlay_png(&gray, &map, 4, 1, 0.6, None).unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(
+            over.dimensions(),
+            (4, 1 + LEGEND_HEIGHT),
+            "the legend band lies below"
+        );
+        assert_eq!(
+            over.get_pixel(0, 0).0,
+            [128, 128, 128],
+            "below the floor: untouched"
+        );
+        let shift = |x: u32| {
+            over.get_pixel(x, 0)
+                .0
+                .iter()
+                .map(|&c| (i32::from(c) - 128).abs())
+                .max()
+                .unwrap_or(0)
+        };
+        assert!(shift(1) > 15 && shift(2) > 50 && shift(3) > 60, "{over:?}");
+        // The strongest evidence reads as red, not as a cyan tint.
+        let hot = over.get_pixel(3, 0).0;
+        assert!(hot[0] > hot[1] && hot[0] > hot[2], "{hot:?}");
+    }
+
+    #[test]
+    fn a_wide_overlay_has_worded_legend() {
+        let (w, h) = (400u32, 20u32);
+        let gray = vec![128u8; (w * h) as usize];
+        let map = vec![0.0f32; (w * h) as usize];
+        let over = image::load_from_memory(&overlay_png(&gray, &map, w, h, 0.6, None).unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(over.dimensions(), (w, h + LEGEND_HEIGHT));
+        // Dark text pixels at the left of the band (the words), coloured ones at its right (the bar).
+        let dark = (0..120)
+            .flat_map(|x| (h..h + LEGEND_HEIGHT).map(move |y| (x, y)))
+            .filter(|&(x, y)| over.get_pixel(x, y).0.iter().all(|&c| c < 120))
+            .count();
+        assert!(dark > 20, "the words are drawn");
+        let bar = over.get_pixel(w - 60, h + LEGEND_HEIGHT / 2).0;
+        assert!(bar[0] > bar[2], "the bar's high end is warm: {bar:?}");
     }
 
     #[test]

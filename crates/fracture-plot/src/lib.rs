@@ -16,7 +16,9 @@
 #![warn(missing_docs)]
 
 mod heatmap;
-pub use heatmap::{colormap, heatmap_rgba_png, overlay_png, resample};
+pub use heatmap::{
+    HEATMAP_FLOOR, LEGEND_HEIGHT, colormap, heatmap_alpha, heatmap_rgba_png, overlay_png, resample,
+};
 
 /// `?` for plotters' results: the error becomes [`Error::Draw`] naming the chart.
 macro_rules! tryd {

@@ -100,3 +100,28 @@ pub(crate) fn unit_square_chart<'a, 'b>(
         .map_err(|e| draw_err(chart)(&e))?;
     Ok(ctx)
 }
+
+/// Writes `text` into an RGB image with its top-left corner at `(x, y)`, `size` px high, in `color`.
+pub(crate) fn draw_text(
+    chart: &'static str,
+    canvas: &mut image::RgbImage,
+    (x, y): (i32, i32),
+    text: &str,
+    size: f64,
+    color: RGBColor,
+) -> Result<()> {
+    register_fonts();
+    let (w, h) = canvas.dimensions();
+    let area = BitMapBackend::with_buffer(canvas.as_mut(), (w, h)).into_drawing_area();
+    let style = TextStyle::from((FONT, size).into_font()).color(&color);
+    tryd!(chart, area.draw_text(text, &style, (x, y)));
+    tryd!(chart, area.present());
+    Ok(())
+}
+
+/// The width in pixels that `text` takes at `size` px.
+pub(crate) fn text_width(text: &str, size: f64) -> u32 {
+    register_fonts();
+    let font = (FONT, size).into_font();
+    font.box_size(text).map_or(0, |(w, _)| w)
+}

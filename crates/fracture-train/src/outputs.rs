@@ -294,40 +294,68 @@ pub struct PredictionRow<'a> {
 /// cells for a row without evidence: an empty map). Paths are rendered with [`fracture_data::path_text`] and made
 /// [`spreadsheet_safe`].
 pub fn predictions_csv(rows: &[PredictionRow<'_>], columns: CsvColumns) -> Result<String> {
-    let CsvColumns {
-        truth: with_truth,
-        evidence: with_evidence,
-    } = columns;
-    let mut out = csv::WriterBuilder::new()
-        .terminator(csv::Terminator::Any(b'\n'))
-        .from_writer(Vec::new());
-    let bad = |e: csv::Error| Error::InvalidConfig(format!("cannot write the predictions table: {e}"));
-    let mut header = vec!["path"];
-    if with_truth {
-        header.push("truth");
-    }
-    header.extend(["p_fractured", "predicted"]);
-    if with_evidence {
-        header.extend(["peak_x", "peak_y", "box_x", "box_y", "box_w", "box_h"]);
-    }
-    out.write_record(&header).map_err(bad)?;
+    let mut out = PredictionsCsv::new(Vec::new(), columns)?;
     for row in rows {
+        out.write(row)?;
+    }
+    let bytes = out.finish()?;
+    String::from_utf8(bytes).map_err(|e| Error::InvalidConfig(e.to_string()))
+}
+
+/// [`predictions_csv`] one row at a time, into any writer: the header when made, then each row
+/// as it is written (flushed with it, so a reader of a pipe or a crash loses nothing written).
+#[derive(Debug)]
+pub struct PredictionsCsv<W: std::io::Write> {
+    out: csv::Writer<W>,
+    columns: CsvColumns,
+}
+
+fn csv_failed(e: csv::Error) -> Error {
+    Error::InvalidConfig(format!("cannot write the predictions table: {e}"))
+}
+
+impl<W: std::io::Write> PredictionsCsv<W> {
+    /// Writes the header for `columns` into `writer`.
+    pub fn new(writer: W, columns: CsvColumns) -> Result<Self> {
+        let mut out = csv::WriterBuilder::new()
+            .terminator(csv::Terminator::Any(b'\n'))
+            .from_writer(writer);
+        let mut header = vec!["path"];
+        if columns.truth {
+            header.push("truth");
+        }
+        header.extend(["p_fractured", "predicted"]);
+        if columns.evidence {
+            header.extend(["peak_x", "peak_y", "box_x", "box_y", "box_w", "box_h"]);
+        }
+        out.write_record(&header).map_err(csv_failed)?;
+        Ok(PredictionsCsv { out, columns })
+    }
+
+    /// Writes and flushes one row.
+    pub fn write(&mut self, row: &PredictionRow<'_>) -> Result<()> {
         let mut cells = vec![spreadsheet_safe(&fracture_data::path_text(row.path))];
-        if with_truth {
+        if self.columns.truth {
             cells.push(row.truth.map_or("", fracture_data::Label::name).to_string());
         }
         cells.push(format!("{:.6}", row.p_fractured));
         cells.push(row.predicted.name().to_string());
-        if with_evidence {
+        if self.columns.evidence {
             match row.evidence {
                 Some(e) => cells.extend(e.peak.iter().chain(e.region.iter()).map(|v| format!("{v:.1}"))),
                 None => cells.extend(std::iter::repeat_n(String::new(), 6)),
             }
         }
-        out.write_record(&cells).map_err(bad)?;
+        self.out.write_record(&cells).map_err(csv_failed)?;
+        self.out.flush().map_err(|e| csv_failed(e.into()))
     }
-    let bytes = out.into_inner().map_err(|e| bad(e.into_error().into()))?;
-    String::from_utf8(bytes).map_err(|e| Error::InvalidConfig(e.to_string()))
+
+    /// Flushes and hands the writer back.
+    pub fn finish(self) -> Result<W> {
+        self.out
+            .into_inner()
+            .map_err(|e| csv_failed(e.into_error().into()))
+    }
 }
 
 fn epoch_point(r: &EpochReport) -> EpochPoint {
@@ -432,11 +460,17 @@ impl Prediction {
 
 type Decoded = (fracture_data::ndarray::Array2<u8>, (u32, u32));
 
+/// Images per activation-map pass when evidence is asked for: the backward pass through the
+/// network holds every activation of the batch, so these passes are kept small whatever the batch
+/// size (memory stays bounded; throughput on the CPU barely changes).
+pub const EVIDENCE_BATCH: usize = 8;
+
 /// Predicts every file: decoded in parallel with the model's preprocessing, then run in batches.
 /// With `evidence` (the feature map to take it on), each prediction also carries its
 /// [`Evidence`](crate::evidence::Evidence)
 /// (the activation map of the plain image: one more pass per image). Returns the predictions
-/// (input order, unreadable files left out) and the unreadable files.
+/// (input order, unreadable files left out) and the unreadable files. Holds every prediction in
+/// memory: for many files, [`predict_files_each`] streams them.
 pub fn predict_files(
     model: &TrainedModel,
     files: &[PathBuf],
@@ -445,75 +479,135 @@ pub fn predict_files(
     batch_size: usize,
     limits: &DecodeLimits,
 ) -> Result<(Vec<Prediction>, Vec<Skipped>)> {
-    let decoded: Vec<(PathBuf, fracture_data::Result<Decoded>)> = files
-        .par_iter()
-        .map(|p| (p.clone(), model.preprocess().load_file_sized(p, limits)))
-        .collect();
-    let mut ok = Vec::new();
+    let mut out = Vec::with_capacity(files.len());
     let mut skipped = Vec::new();
-    for (path, result) in decoded {
-        match result {
-            Ok(img) => ok.push((path, img)),
-            Err(e) => skipped.push(Skipped {
-                reason: e.to_string(),
-                path,
-            }),
+    predict_files_each(model, files, tta, evidence, batch_size, limits, &mut |r| {
+        match r {
+            Ok(p) => out.push(p),
+            Err(s) => skipped.push(s),
         }
-    }
+        Ok(())
+    })?;
+    Ok((out, skipped))
+}
+
+/// [`predict_files`] in bounded memory: `batch_size` files at a time are decoded (in parallel) and
+/// predicted, and each result goes to `each` in input order as soon as its batch is done (a
+/// prediction, or the file that could not be read). Memory does not grow with the number of files.
+/// An error returned by `each` stops the run and is returned.
+pub fn predict_files_each(
+    model: &TrainedModel,
+    files: &[PathBuf],
+    tta: bool,
+    evidence: Option<fracture_model::CamLayer>,
+    batch_size: usize,
+    limits: &DecodeLimits,
+    each: &mut dyn FnMut(std::result::Result<Prediction, Skipped>) -> Result<()>,
+) -> Result<()> {
     let s = model.preprocess().size as usize;
     let device = model.device();
     // Read once: the model's training settings are parsed from its metadata.
     let views = if tta { model.tta() } else { Tta::Off };
-    let mut out = Vec::with_capacity(ok.len());
-    for chunk in ok.chunks(batch_size.max(1)) {
-        let mut batch = fracture_data::ndarray::Array3::<f32>::zeros((chunk.len(), s, s));
-        for (k, (_, (img, _))) in chunk.iter().enumerate() {
-            batch
-                .index_axis_mut(fracture_data::ndarray::Axis(0), k)
-                .assign(&model.preprocess().to_input(img.view()));
+    for files in files.chunks(batch_size.max(1)) {
+        let decoded: Vec<fracture_data::Result<Decoded>> = files
+            .par_iter()
+            .map(|p| model.preprocess().load_file_sized(p, limits))
+            .collect();
+        let mut chunk = Vec::with_capacity(files.len());
+        let mut results: Vec<Option<std::result::Result<Prediction, Skipped>>> = Vec::new();
+        for (path, result) in files.iter().zip(decoded) {
+            match result {
+                Ok(img) => {
+                    chunk.push((path, img));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(Skipped {
+                    reason: e.to_string(),
+                    path: path.clone(),
+                }))),
+            }
         }
-        // With evidence, one pass gives every image its map and its logit; test-time augmentation
-        // adds its views on top.
-        let cams = if let Some(layer) = evidence {
+        let mut predicted = predict_decoded(model, &chunk, views, evidence, s, &device)?.into_iter();
+        for slot in results {
+            match slot {
+                Some(skipped) => each(skipped)?,
+                None => {
+                    if let Some(p) = predicted.next() {
+                        each(Ok(p))?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Predicts one batch of decoded images.
+fn predict_decoded(
+    model: &TrainedModel,
+    chunk: &[(&PathBuf, Decoded)],
+    views: Tta,
+    evidence: Option<fracture_model::CamLayer>,
+    s: usize,
+    device: &candle_core::Device,
+) -> Result<Vec<Prediction>> {
+    if chunk.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut batch = fracture_data::ndarray::Array3::<f32>::zeros((chunk.len(), s, s));
+    for (k, (_, (img, _))) in chunk.iter().enumerate() {
+        batch
+            .index_axis_mut(fracture_data::ndarray::Axis(0), k)
+            .assign(&model.preprocess().to_input(img.view()));
+    }
+    // With evidence, one pass gives every image its map and its logit; test-time augmentation
+    // adds its views on top. The maps are taken EVIDENCE_BATCH images at a time.
+    let cams = if let Some(layer) = evidence {
+        let mut cams = Vec::with_capacity(chunk.len());
+        for start in (0..chunk.len()).step_by(EVIDENCE_BATCH) {
+            let n = EVIDENCE_BATCH.min(chunk.len() - start);
+            let part = batch.slice(fracture_data::ndarray::s![start..start + n, .., ..]);
             let x = candle_core::Tensor::from_vec(
-                batch.iter().copied().collect::<Vec<f32>>(),
-                (chunk.len(), 1, s, s),
-                &device,
+                part.iter().copied().collect::<Vec<f32>>(),
+                (n, 1, s, s),
+                device,
             )?;
-            Some(
+            cams.extend(
                 model
                     .model
                     .net
                     .grad_cams_at(&x, fracture_model::CamMethod::default(), layer)?,
-            )
-        } else {
-            None
-        };
-        let raw = match (&cams, views) {
-            (Some(cams), Tta::Off) => cams.iter().map(|c| sigmoid(c.logit)).collect(),
-            _ => predict_images(&model.model.net, &batch, views, &device)?,
-        };
-        let probs = raw.into_iter().map(|p| model.probability(p));
-        for (k, ((path, (_, dims)), p)) in chunk.iter().zip(probs).enumerate() {
-            let evidence = cams.as_ref().and_then(|cams| {
-                let content = model.preprocess().content_box(dims.0, dims.1);
-                crate::evidence::locate(
-                    &cams[k].upsample(s),
-                    s,
-                    content,
-                    *dims,
-                    crate::evidence::EVIDENCE_LEVEL,
-                )
-            });
-            out.push(Prediction {
-                path: path.clone(),
-                p_fractured: p,
-                fractured: model.decide(p).is_fractured(),
-                evidence,
-            });
+            );
         }
+        Some(cams)
+    } else {
+        None
+    };
+    let raw = match (&cams, views) {
+        (Some(cams), Tta::Off) => cams.iter().map(|c| sigmoid(c.logit)).collect(),
+        _ => predict_images(&model.model.net, &batch, views, device)?,
+    };
+    let probs = raw.into_iter().map(|p| model.probability(p));
+    let mut out = Vec::with_capacity(chunk.len());
+    for (k, ((path, (_, dims)), p)) in chunk.iter().zip(probs).enumerate() {
+        let evidence = cams.as_ref().and_then(|cams| {
+            let content = model.preprocess().content_box(dims.0, dims.1);
+            crate::evidence::locate(
+                &cams[k].upsample(s),
+                s,
+                content,
+                *dims,
+                crate::evidence::EVIDENCE_LEVEL,
+            )
+        });
+        out.push(Prediction {
+            path: (*path).clone(),
+            p_fractured: p,
+            fractured: model.decide(p).is_fractured(),
+            evidence,
+        });
     }
-    Ok((out, skipped))
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 //! `fracture predict`: P(fractured) and the label for image files and folders.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use fracture_train::TrainedModel;
 use fracture_train::data::{DecodeLimits, Label, list_image_files, path_text};
-use fracture_train::outputs::{CsvColumns, Prediction, predict_files, predictions_csv};
+use fracture_train::outputs::{CsvColumns, Prediction, PredictionsCsv, predict_files_each};
 
 use crate::commands::pick_device;
 
@@ -101,52 +102,57 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         Some(LayerArg::Stride16) => fracture_train::model::CamLayer::Stride16,
         Some(LayerArg::Head) => fracture_train::model::CamLayer::Head,
     };
-    let (predictions, skipped) = predict_files(
+    if let Some(dir) = &args.heatmap {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // Results leave as they come, a batch at a time: memory stays bounded whatever the number of
+    // files, and a reader of the output sees rows before the last image is done.
+    let stdout = std::io::stdout();
+    let mut sink = Sink::new(args.format, stdout.lock(), with_evidence, model.threshold())?;
+    let mut heatmaps = HeatmapNames::default();
+    let mut predicted = 0usize;
+    predict_files_each(
         &model,
         &files,
         args.tta,
         with_evidence.then_some(layer),
         args.batch_size,
         &limits,
-    )?;
-    for s in &skipped {
-        eprintln!("error: {}", s.reason);
-    }
-    unreadable += skipped.len();
-    let partial = if args.allow_partial {
-        partial_files(&predictions)
-    } else {
-        Default::default()
-    };
-    for p in predictions.iter().filter(|p| partial.contains(&p.path)) {
-        eprintln!(
-            "warning: {}: truncated or damaged, predicted from the part that decodes (--allow-partial)",
-            path_text(&p.path)
-        );
-    }
-    match args.format {
-        Format::Table => print_table(&predictions, model.threshold()),
-        Format::Json => println!(
-            "{}",
-            serde_json_lines(&predictions, with_evidence, model.threshold(), &partial)?
-        ),
-        Format::Csv => {
-            let rows: Vec<_> = predictions.iter().map(Prediction::row).collect();
-            let columns = CsvColumns {
-                truth: false,
-                evidence: with_evidence,
+        &mut |result| {
+            let p = match result {
+                Ok(p) => p,
+                Err(skipped) => {
+                    eprintln!("error: {}", skipped.reason);
+                    unreadable += 1;
+                    return Ok(());
+                }
             };
-            print!("{}", predictions_csv(&rows, columns)?);
-        }
-    }
-    if predictions.is_empty() {
+            let partial = args.allow_partial && is_partial(&p.path);
+            if partial {
+                eprintln!(
+                    "warning: {}: truncated or damaged, predicted from the part that decodes (--allow-partial)",
+                    path_text(&p.path)
+                );
+            }
+            sink.write(&p, partial)
+                .map_err(|e| fracture_train::Error::InvalidConfig(format!("cannot write the output: {e}")))?;
+            if let Some(dir) = &args.heatmap {
+                write_heatmap(&model, &p, dir, &mut heatmaps, &limits)
+                    .map_err(|e| fracture_train::Error::InvalidConfig(format!("{e:#}")))?;
+            }
+            predicted += 1;
+            Ok(())
+        },
+    )?;
+    sink.finish()?;
+    if predicted == 0 {
         bail!("no image could be read ({unreadable} unreadable)");
     }
     if let Some(dir) = &args.heatmap {
-        write_heatmaps(&model, &predictions, dir, &limits)?;
+        eprintln!("wrote {predicted} heatmaps to {}", dir.display());
     }
     if unreadable > 0 {
-        eprintln!("{} predicted, {unreadable} unreadable", predictions.len());
+        eprintln!("{predicted} predicted, {unreadable} unreadable");
         if !args.keep_going {
             bail!(
                 "{unreadable} input(s) could not be read (pass --keep-going to exit 0 when some images were predicted)"
@@ -156,67 +162,132 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One overlay PNG per predicted image; names collide-free within a run.
-fn write_heatmaps(
+/// Where predictions are written, in the chosen format, one at a time (each flushed).
+enum Sink<W: Write> {
+    Table(W),
+    Json {
+        out: W,
+        first: bool,
+        with_evidence: bool,
+    },
+    Csv(Box<PredictionsCsv<W>>),
+}
+
+impl<W: Write> Sink<W> {
+    fn new(format: Format, mut out: W, with_evidence: bool, threshold: f64) -> anyhow::Result<Self> {
+        Ok(match format {
+            Format::Table => {
+                writeln!(
+                    out,
+                    "{:>12}  {:<13}  path   (threshold {threshold:.4})",
+                    "P(fractured)", "predicted"
+                )?;
+                Sink::Table(out)
+            }
+            Format::Json => {
+                write!(
+                    out,
+                    "{{\n  \"threshold\": {},\n  \"predictions\": [",
+                    serde_json::to_string(&threshold)?
+                )?;
+                Sink::Json {
+                    out,
+                    first: true,
+                    with_evidence,
+                }
+            }
+            Format::Csv => Sink::Csv(Box::new(PredictionsCsv::new(
+                out,
+                CsvColumns {
+                    truth: false,
+                    evidence: with_evidence,
+                },
+            )?)),
+        })
+    }
+
+    fn write(&mut self, p: &Prediction, partial: bool) -> anyhow::Result<()> {
+        match self {
+            Sink::Table(out) => {
+                writeln!(
+                    out,
+                    "{:>12.4}  {:<13}  {}",
+                    p.p_fractured,
+                    Label::from_fractured(p.fractured).name(),
+                    fracture_train::data::path_shown(&p.path)
+                )?;
+                out.flush()?;
+            }
+            Sink::Json {
+                out,
+                first,
+                with_evidence,
+            } => {
+                let row = json_row(p, *with_evidence, partial);
+                let text = serde_json::to_string_pretty(&row)?;
+                let indented: Vec<String> = text.lines().map(|l| format!("    {l}")).collect();
+                write!(out, "{}\n{}", if *first { "" } else { "," }, indented.join("\n"))?;
+                *first = false;
+                out.flush()?;
+            }
+            Sink::Csv(csv) => csv.write(&p.row())?,
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Sink::Table(mut out) => out.flush()?,
+            Sink::Json { mut out, first, .. } => {
+                writeln!(out, "{}]\n}}", if first { "" } else { "\n  " })?;
+                out.flush()?;
+            }
+            Sink::Csv(csv) => {
+                csv.finish()?.flush()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Heatmap file names already used in this run (`<stem>.heatmap.png`, then `<stem>-2…`).
+#[derive(Default)]
+struct HeatmapNames(std::collections::HashSet<String>);
+
+/// The overlay PNG of one predicted image, named collision-free within the run.
+fn write_heatmap(
     model: &TrainedModel,
-    predictions: &[Prediction],
+    p: &Prediction,
     dir: &std::path::Path,
+    used: &mut HeatmapNames,
     limits: &DecodeLimits,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut used = std::collections::HashSet::new();
-    for p in predictions {
-        let bytes = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
-        let explained = model.explain_bytes(&bytes, &p.path, limits, Default::default())?;
-
-        let stem = p
-            .path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image".into());
-        let mut name = format!("{stem}.heatmap.png");
-        let mut k = 1;
-        while !used.insert(name.clone()) {
-            k += 1;
-            name = format!("{stem}-{k}.heatmap.png");
-        }
-        let out = dir.join(&name);
-        // The evidence box only on a fractured call, as on the page.
-        std::fs::write(&out, explained.overlay_png(768, 0.6, p.fractured)?)
-            .with_context(|| format!("cannot write {}", out.display()))?;
+    let bytes = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
+    let explained = model.explain_bytes(&bytes, &p.path, limits, Default::default())?;
+    let stem = p
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let mut name = format!("{stem}.heatmap.png");
+    let mut k = 1;
+    while !used.0.insert(name.clone()) {
+        k += 1;
+        name = format!("{stem}-{k}.heatmap.png");
     }
-    eprintln!("wrote {} heatmaps to {}", predictions.len(), dir.display());
-    Ok(())
+    let out = dir.join(&name);
+    // The evidence box only on a fractured call, as on the page.
+    std::fs::write(&out, explained.overlay_png(768, 0.6, p.fractured)?)
+        .with_context(|| format!("cannot write {}", out.display()))
 }
 
-fn print_table(predictions: &[Prediction], threshold: f64) {
-    println!(
-        "{:>12}  {:<13}  path   (threshold {threshold:.4})",
-        "P(fractured)", "label"
-    );
-    for p in predictions {
-        println!(
-            "{:>12.4}  {:<13}  {}",
-            p.p_fractured,
-            Label::from_fractured(p.fractured).name(),
-            fracture_train::data::path_shown(&p.path)
-        );
-    }
-}
-
-/// The files among `predictions` that decode only in part (checked again strictly; only asked for
-/// with `--allow-partial`, where such files are predicted).
-fn partial_files(predictions: &[Prediction]) -> std::collections::HashSet<PathBuf> {
+/// Whether `path` decodes only in part (checked again strictly; only asked with `--allow-partial`,
+/// where such files are predicted).
+fn is_partial(path: &std::path::Path) -> bool {
     let strict = DecodeLimits::default();
-    predictions
-        .iter()
-        .filter(|p| {
-            fracture_train::data::read_file_limited(&p.path, &strict)
-                .and_then(|bytes| fracture_train::data::decode_gray(&bytes, &p.path, &strict))
-                .is_err_and(|e| matches!(e, fracture_train::data::Error::Partial { .. }))
-        })
-        .map(|p| p.path.clone())
-        .collect()
+    fracture_train::data::read_file_limited(path, &strict)
+        .and_then(|bytes| fracture_train::data::decode_gray(&bytes, path, &strict))
+        .is_err_and(|e| matches!(e, fracture_train::data::Error::Partial { .. }))
 }
 
 /// The technical attributes of a DICOM file (decoded again: only for DICOM files, only for the JSON
@@ -232,47 +303,31 @@ fn dicom_info(path: &std::path::Path) -> Option<fracture_train::data::DicomInfo>
         .map(|(_, info)| info)
 }
 
-fn serde_json_lines(
-    predictions: &[Prediction],
-    with_evidence: bool,
-    threshold: f64,
-    partial: &std::collections::HashSet<PathBuf>,
-) -> anyhow::Result<String> {
-    #[derive(serde::Serialize)]
-    struct Out {
-        threshold: f64,
-        predictions: Vec<Row>,
+/// One prediction of the JSON output.
+#[derive(serde::Serialize)]
+struct JsonRow {
+    path: String,
+    p_fractured: f64,
+    /// The decision at the threshold (`fractured` or `not fractured`), named as in the CSV.
+    predicted: &'static str,
+    /// `null` when the map is empty (no region raises the score); absent with `--no-evidence`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evidence: Option<Option<fracture_train::evidence::Evidence>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<&'static str>,
+    /// A DICOM file's technical attributes (modality, body part, bits stored, photometric
+    /// interpretation, transfer syntax, frames, the window used); never a patient attribute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dicom: Option<fracture_train::data::DicomInfo>,
+}
+
+fn json_row(p: &Prediction, with_evidence: bool, partial: bool) -> JsonRow {
+    JsonRow {
+        path: path_text(&p.path),
+        p_fractured: p.p_fractured,
+        predicted: Label::from_fractured(p.fractured).name(),
+        evidence: with_evidence.then_some(p.evidence),
+        warning: partial.then_some("the image is truncated or damaged: only part of it was decoded"),
+        dicom: dicom_info(&p.path),
     }
-    #[derive(serde::Serialize)]
-    struct Row {
-        path: String,
-        p_fractured: f64,
-        label: &'static str,
-        /// `null` when the map is empty (no region raises the score); absent with `--no-evidence`.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        evidence: Option<Option<fracture_train::evidence::Evidence>>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        warning: Option<&'static str>,
-        /// A DICOM file's technical attributes (modality, body part, bits stored, photometric
-        /// interpretation, transfer syntax, frames, the window used); never a patient attribute.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        dicom: Option<fracture_train::data::DicomInfo>,
-    }
-    let out = Out {
-        threshold,
-        predictions: predictions
-            .iter()
-            .map(|p| Row {
-                path: path_text(&p.path),
-                p_fractured: p.p_fractured,
-                label: Label::from_fractured(p.fractured).name(),
-                evidence: with_evidence.then_some(p.evidence),
-                warning: partial
-                    .contains(&p.path)
-                    .then_some("the image is truncated or damaged: only part of it was decoded"),
-                dicom: dicom_info(&p.path),
-            })
-            .collect(),
-    };
-    Ok(serde_json::to_string_pretty(&out)?)
 }

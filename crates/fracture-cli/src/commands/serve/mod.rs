@@ -92,7 +92,7 @@ struct AppState {
 #[derive(Debug, Serialize)]
 struct Prediction {
     p_fractured: f64,
-    label: &'static str,
+    predicted: &'static str,
     threshold: f64,
     ms: f64,
     /// The image's own size, `[width, height]` pixels (the frame of `evidence`).
@@ -312,7 +312,7 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
     let p = x.p_fractured;
     Ok(Prediction {
         p_fractured: p,
-        label: model.decide(p).name(),
+        predicted: model.decide(p).name(),
         threshold: model.threshold(),
         ms: start.elapsed().as_secs_f64() * 1000.0,
         image_size: [x.image.width(), x.image.height()],
