@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod default_model;
+mod docs;
 mod pretrained;
 mod soak;
 
@@ -28,6 +29,8 @@ commands:
                              70/15/15 per class into data/fracatlas, with boxes.csv and meta.csv.
                              Credentials, when the dataset needs them: KAGGLE_API_TOKEN, ~/.kaggle/access_token,
                              kaggle.json, or KAGGLE_USERNAME + KAGGLE_KEY
+  docs                       build the book in docs/ with mdBook (`cargo install mdbook --no-default-features`;
+                             MDBOOK names another binary) into docs/book and check every link inside it
   soak --model RUN [--idle N] [--seconds S] [--image FILE] [--uploads U]
                              `fracture serve` on loopback holding N idle connections (default 10000) while
                              two clients predict for S seconds (default 30): /api/health must answer every
@@ -74,6 +77,7 @@ fn run() -> Result<(), DynError> {
         Some("bench-preprocess") => bench_preprocess(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("soak") => soak::run(&args[1..], &project_root()),
+        Some("docs") => docs::run(&project_root()),
         Some("default-model") => default_model::run(&args[1..], &project_root()),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");

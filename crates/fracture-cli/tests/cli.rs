@@ -46,6 +46,34 @@ fn inspect_prints_counts_and_names_skipped_files() {
 }
 
 #[test]
+fn inspect_applies_the_models_preprocessing_unless_told_otherwise() {
+    let root = fresh_dir(&base(), "inspect-model");
+    write_synthetic_dataset(&root, &SyntheticSpec::train_val((1, 1), (1, 1)));
+    let out = fracture()
+        .args(["inspect", "--data"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("preprocessing: 256×256") && stdout.contains("(the model's)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ready at 256×256"), "{stdout}");
+    let out = fracture()
+        .args(["inspect", "--image-size", "64", "--data"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("preprocessing: 64×64") && !stdout.contains("the model's"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn inspect_on_a_missing_folder_fails_with_a_clear_message() {
     let out = fracture()
         .args(["inspect", "--data", "/definitely/not/here"])
@@ -1016,8 +1044,8 @@ fn eval_on_the_real_radiographs_with_a_briefly_trained_model() {
     let sheet = image::open(run.join("eval-val/contact_sheet.png")).unwrap();
     assert_eq!(
         (sheet.width(), sheet.height()),
-        (6 * 260 + 4, 4 * 260 + 4),
-        "24 tiles, 6 per row"
+        (6 * 260 + 4, 4 * (260 + fracture_plot::CAPTION_HEIGHT) + 4),
+        "24 tiles, 6 per row, each with its file name below"
     );
 }
 
@@ -2962,4 +2990,42 @@ fn eval_of_the_built_in_model_writes_into_the_current_folder_never_into_models()
         .collect();
     assert_eq!(before, after, "nothing written next to the built-in model");
     assert!(!root.join("models").exists());
+}
+
+/// Images the built-in model was trained on are recognised from its fingerprints: the warning
+/// shows five and says how many more, and the evaluation folder lists them all.
+#[test]
+#[ignore = "needs the FracAtlas radiographs at ../shared/data/fracatlas; `cargo test -- --include-ignored` runs it"]
+fn eval_lists_every_training_image_it_recognises_in_a_file() {
+    let shared = fracture_testkit::fracatlas();
+    let root = fresh_dir(&base(), "eval-near-duplicates");
+    let data = root.join("data");
+    for (class, n) in [("fractured", 3), ("not fractured", 4)] {
+        let dir = data.join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(shared.join("train").join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files.iter().take(n) {
+            std::fs::copy(f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let out = fracture()
+        .current_dir(&root)
+        .args(["eval", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("7 of the 7 evaluated images"), "{stderr}");
+    assert!(
+        stderr.contains("… and 2 more (all 7 are listed in near-duplicates.csv"),
+        "{stderr}"
+    );
+    let listed = std::fs::read_to_string(root.join("eval-folder/near-duplicates.csv")).unwrap();
+    assert_eq!(listed.lines().count(), 8, "{listed}");
+    assert!(listed.starts_with("path,distance\n"));
 }

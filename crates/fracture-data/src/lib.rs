@@ -15,8 +15,19 @@
 //! use fracture_data::{DatasetLayout, FolderDataset, LoadOptions, PreprocessConfig, Split, make_batch};
 //!
 //! let root = std::env::temp_dir().join(format!("fracture-data-doc-{}", std::process::id()));
-//! // <root>/{train,val}/{fractured,not fractured}/*.png
-//! fracture_testkit::write_synthetic_dataset(&root, &fracture_testkit::SyntheticSpec::train_val((3, 3), (1, 1)));
+//! // <root>/{train,val}/{fractured,not fractured}/*.png: here 3 + 3 and 1 + 1 gray gradients.
+//! for (split, n) in [("train", 3), ("val", 1)] {
+//!     for class in ["fractured", "not fractured"] {
+//!         let dir = root.join(split).join(class);
+//!         std::fs::create_dir_all(&dir)?;
+//!         for i in 0..n {
+//!             let img = fracture_data::image::GrayImage::from_fn(48, 40, |x, y| {
+//!                 fracture_data::image::Luma([(x * 4 + y * 2 + i * 9) as u8])
+//!             });
+//!             img.save(dir.join(format!("{i}.png"))).expect("a PNG");
+//!         }
+//!     }
+//! }
 //! let layout = DatasetLayout::discover(&root)?;
 //! let train = layout.split(Split::Train).expect("a train split");
 //! let data = FolderDataset::load(train, &PreprocessConfig::with_size(32), &LoadOptions::default())?;
@@ -24,7 +35,7 @@
 //! let batch = make_batch(&data, &[0, 4], None)?;
 //! assert_eq!(batch.images.dim(), (2, 32, 32)); // (B, H, W) f32 in [0, 1]
 //! # std::fs::remove_dir_all(&root).ok();
-//! # Ok::<(), fracture_data::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![warn(missing_docs)]
 

@@ -43,7 +43,7 @@ pub use forest::{ForestCell, ForestRow, forest_png};
 pub use pr::pr_png;
 pub use roc::roc_png;
 pub use scaffold::{Error, HEIGHT, Result, WIDTH};
-pub use sheet::{SheetTile, contact_sheet_png};
+pub use sheet::{CAPTION_HEIGHT, SheetTile, contact_sheet_png};
 
 #[cfg(test)]
 mod tests {

@@ -54,9 +54,11 @@ pub fn pr_png(
             C,
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                // Lower left: a precision-recall curve runs high at low recall and falls towards
+                // the prevalence at recall 1, so this corner is the one it leaves free.
+                .position(SeriesLabelPosition::LowerLeft)
                 .label_font((FONT, 18))
-                .background_style(WHITE.mix(0.9))
+                .background_style(WHITE.mix(0.75))
                 .border_style(BLACK)
                 .draw()
         );

@@ -186,22 +186,37 @@ pub fn write_audit(
         .filter(|(_, g)| g.crosses_splits())
         .take(sheets)
     {
-        let images: Vec<fracture_data::image::GrayImage> = g
+        // Each tile captioned with its split, class, hash distance to the group's first member
+        // (d, in bits of the 64-bit signature; 0 = the same signature) and file name.
+        let images: Vec<(fracture_data::image::GrayImage, String)> = g
             .members
             .iter()
             .filter_map(|m| {
-                let path = &report.images[m.image].path;
-                let bytes = fracture_data::read_file_limited(path, limits).ok()?;
-                fracture_data::decode_gray(&bytes, path, limits).ok()
+                let image = &report.images[m.image];
+                let bytes = fracture_data::read_file_limited(&image.path, limits).ok()?;
+                let gray = fracture_data::decode_gray(&bytes, &image.path, limits).ok()?;
+                let name = image
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let caption = format!(
+                    "{} · {} · d={} · {name}",
+                    image.split,
+                    image.label.name(),
+                    m.distance
+                );
+                Some((gray, caption))
             })
             .collect();
         let tiles: Vec<fracture_plot::SheetTile<'_>> = images
             .iter()
-            .map(|image| fracture_plot::SheetTile {
+            .map(|(image, caption)| fracture_plot::SheetTile {
                 image,
                 truth: &[],
                 evidence: None,
                 peak: None,
+                caption: Some(caption),
             })
             .collect();
         let png = fracture_plot::contact_sheet_png(&tiles, tiles.len().clamp(1, 6), 256)?;

@@ -233,8 +233,9 @@ impl TrainedModel {
         Self::from_model(model, file)
     }
 
-    /// Checks a loaded network's metadata and wraps it.
-    fn from_model(model: Model, file: PathBuf) -> Result<Self> {
+    /// Checks a loaded network's metadata and wraps it, its network frozen for inference
+    /// ([`Model::freeze`]: a trained model is only ever used to predict).
+    fn from_model(mut model: Model, file: PathBuf) -> Result<Self> {
         let bad = |reason: String| {
             Error::Model(fracture_model::Error::BadWeights {
                 path: file.clone(),
@@ -249,6 +250,7 @@ impl TrainedModel {
                 model.config().image_size
             )));
         }
+        model.freeze()?;
         Ok(TrainedModel {
             model,
             meta,

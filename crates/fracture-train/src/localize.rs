@@ -191,15 +191,27 @@ pub fn contact_sheet(localization: &Localization, limits: &DecodeLimits, count: 
         let bytes = read_file_limited(&img.path, limits)?;
         decoded.push(fracture_data::decode_gray(&bytes, &img.path, limits)?);
     }
+    let captions: Vec<String> = localization
+        .images
+        .iter()
+        .map(|img| {
+            img.path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
     let tiles: Vec<fracture_plot::SheetTile<'_>> = localization
         .images
         .iter()
         .zip(&decoded)
-        .map(|(img, gray)| fracture_plot::SheetTile {
+        .zip(&captions)
+        .map(|((img, gray), caption)| fracture_plot::SheetTile {
             image: gray,
             truth: &img.boxes,
             evidence: img.evidence.map(|e| e.region),
             peak: img.evidence.map(|e| e.peak),
+            caption: Some(caption),
         })
         .collect();
     Ok(fracture_plot::contact_sheet_png(&tiles, 6, 256)?)

@@ -460,10 +460,11 @@ impl Prediction {
 
 type Decoded = (fracture_data::ndarray::Array2<u8>, (u32, u32));
 
-/// Images per activation-map pass when evidence is asked for: the backward pass through the
-/// network holds every activation of the batch, so these passes are kept small whatever the batch
-/// size (memory stays bounded; throughput on the CPU barely changes).
-pub const EVIDENCE_BATCH: usize = 8;
+/// Images per forward pass in [`predict_files_each`], whatever its `batch_size` (the files decoded
+/// at a time): one layer's activations for 32 images at 256 px reach 200 MB, so passes of 8 keep
+/// the peak near 300 MB for the ready model at the same throughput on the CPU (measured with
+/// `benches/predict_memory.py`).
+pub const PASS_IMAGES: usize = 8;
 
 /// Predicts every file: decoded in parallel with the model's preprocessing, then run in batches.
 /// With `evidence` (the feature map to take it on), each prediction also carries its
@@ -561,11 +562,11 @@ fn predict_decoded(
             .assign(&model.preprocess().to_input(img.view()));
     }
     // With evidence, one pass gives every image its map and its logit; test-time augmentation
-    // adds its views on top. The maps are taken EVIDENCE_BATCH images at a time.
+    // adds its views on top. Passes take PASS_IMAGES images at a time.
     let cams = if let Some(layer) = evidence {
         let mut cams = Vec::with_capacity(chunk.len());
-        for start in (0..chunk.len()).step_by(EVIDENCE_BATCH) {
-            let n = EVIDENCE_BATCH.min(chunk.len() - start);
+        for start in (0..chunk.len()).step_by(PASS_IMAGES) {
+            let n = PASS_IMAGES.min(chunk.len() - start);
             let part = batch.slice(fracture_data::ndarray::s![start..start + n, .., ..]);
             let x = candle_core::Tensor::from_vec(
                 part.iter().copied().collect::<Vec<f32>>(),
@@ -585,7 +586,17 @@ fn predict_decoded(
     };
     let raw = match (&cams, views) {
         (Some(cams), Tta::Off) => cams.iter().map(|c| sigmoid(c.logit)).collect(),
-        _ => predict_images(&model.model.net, &batch, views, device)?,
+        _ => {
+            let mut probs = Vec::with_capacity(chunk.len());
+            for start in (0..chunk.len()).step_by(PASS_IMAGES) {
+                let end = (start + PASS_IMAGES).min(chunk.len());
+                let part = batch
+                    .slice(fracture_data::ndarray::s![start..end, .., ..])
+                    .to_owned();
+                probs.extend(predict_images(&model.model.net, &part, views, device)?);
+            }
+            probs
+        }
     };
     let probs = raw.into_iter().map(|p| model.probability(p));
     let mut out = Vec::with_capacity(chunk.len());

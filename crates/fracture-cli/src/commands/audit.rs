@@ -105,6 +105,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         println!("  {a} ↔ {b}: {n}");
     }
     println!("groups whose labels disagree:         {}", counts.label_conflicts);
+    if report.groups.iter().any(|g| g.crosses_splits()) {
+        println!(
+            "(d = how many of the 64 bits of its perceptual signature differ from the group's first image's: \
+             0 = the same signature, small = the same radiograph resized, re-encoded or slightly shifted)"
+        );
+    }
     for (i, g) in report
         .groups
         .iter()

@@ -95,13 +95,18 @@ pub(crate) struct Args {
     evidence_level: f32,
 }
 
+/// The file of an evaluation folder that lists every evaluated image with a near duplicate among
+/// the model's training images (`path,distance`), written only when there is one.
+const NEAR_DUPLICATES_FILE: &str = "near-duplicates.csv";
+
 /// Warns when evaluated images have near duplicates among the model's training images (from the
-/// fingerprints stored with the run): such metrics overstate performance on new patients.
+/// fingerprints stored with the run): such metrics overstate performance on new patients. Returns
+/// them (path, hash distance in bits), for the evaluation folder's [`NEAR_DUPLICATES_FILE`].
 fn warn_of_leaks(
     model: Option<&std::path::Path>,
     recorded: Option<&str>,
     items: &[fracture_train::data::Item],
-) {
+) -> Vec<(PathBuf, u32)> {
     match crate::commands::model_fingerprints(model, recorded) {
         Ok(Some((file, known))) => {
             let files: Vec<std::path::PathBuf> = items.iter().map(|i| i.path.clone()).collect();
@@ -117,7 +122,7 @@ fn warn_of_leaks(
                     known.len(),
                     file
                 );
-                return;
+                return near;
             }
             eprintln!(
                 "warning: {} of the {} evaluated images have a near duplicate among the model's training \
@@ -131,16 +136,45 @@ fn warn_of_leaks(
             }
             if near.len() > 5 {
                 eprintln!(
-                    "  … and {} more (`fracture audit` lists every pair)",
-                    near.len() - 5
+                    "  … and {} more (all {} are listed in {NEAR_DUPLICATES_FILE} of the evaluation folder)",
+                    near.len() - 5,
+                    near.len()
                 );
             }
+            near
         }
-        Ok(None) => eprintln!(
-            "note: the model has no training fingerprints: leakage into these images is not checked"
-        ),
-        Err(e) => eprintln!("warning: {e}: leakage into these images is not checked"),
+        Ok(None) => {
+            eprintln!(
+                "note: the model has no training fingerprints: leakage into these images is not checked"
+            );
+            Vec::new()
+        }
+        Err(e) => {
+            eprintln!("warning: {e}: leakage into these images is not checked");
+            Vec::new()
+        }
     }
+}
+
+/// Writes [`NEAR_DUPLICATES_FILE`] into `out` (atomically); `None` when there is nothing to list.
+fn write_near_duplicates(out: &Path, near: &[(PathBuf, u32)]) -> anyhow::Result<Option<PathBuf>> {
+    if near.is_empty() {
+        return Ok(None);
+    }
+    let mut csv = String::from("path,distance\n");
+    for (path, d) in near {
+        let shown = fracture_train::outputs::spreadsheet_safe(&fracture_train::data::path_text(path));
+        let quoted = if shown.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", shown.replace('"', "\"\""))
+        } else {
+            shown
+        };
+        csv.push_str(&format!("{quoted},{d}\n"));
+    }
+    let file = out.join(NEAR_DUPLICATES_FILE);
+    fracture_fs::write_atomic(&file, csv.as_bytes())
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(Some(file))
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
@@ -150,7 +184,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     for s in &skipped {
         eprintln!("warning: skipped {s}");
     }
-    warn_of_leaks(
+    let near = warn_of_leaks(
         args.model.as_deref(),
         model.meta.training_fingerprints.as_deref(),
         &items,
@@ -262,6 +296,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             &out,
         )?);
     }
+    written.extend(write_near_duplicates(&out, &near)?);
     println!("wrote:");
     for f in written {
         println!("  {}", f.display());

@@ -16,13 +16,17 @@ pub(crate) struct Args {
     /// not fractured, or an alias). The folder of the Kaggle zip works too: the nested root is found.
     #[arg(long)]
     data: PathBuf,
-    /// Side in pixels that every image is resized to.
-    #[arg(long, default_value_t = 128)]
-    image_size: u32,
-    /// Resize by stretching both axes (as the original project did) or by letterboxing (keeps the
-    /// aspect ratio, pads with black).
-    #[arg(long, value_enum, default_value_t = ResizeArg::Stretch)]
-    resize: ResizeArg,
+    /// The model whose preprocessing is applied (a run folder or weight file); without it, the
+    /// built-in model's. `--image-size` and `--resize` override it.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Side in pixels that every image is resized to [default: the model's].
+    #[arg(long)]
+    image_size: Option<u32>,
+    /// Resize by stretching both axes or by letterboxing (keeps the aspect ratio, pads with black)
+    /// [default: the model's].
+    #[arg(long, value_enum)]
+    resize: Option<ResizeArg>,
     /// Folder for the on-disk cache of preprocessed images; a second run reads it instead of decoding.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -30,15 +34,31 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let layout = DatasetLayout::discover(&args.data).context("cannot read the dataset")?;
+    // The preprocessing a prediction would apply: the model's, unless overridden.
+    let model_preprocess =
+        crate::commands::load_model(args.model.as_deref(), &fracture_train::candle_core::Device::Cpu)?
+            .preprocess()
+            .clone();
     let preprocess = PreprocessConfig {
-        size: args.image_size,
+        size: args.image_size.unwrap_or(model_preprocess.size),
         resize: match args.resize {
-            ResizeArg::Stretch => ResizeMode::Stretch,
-            ResizeArg::Letterbox => ResizeMode::Letterbox,
+            Some(ResizeArg::Stretch) => ResizeMode::Stretch,
+            Some(ResizeArg::Letterbox) => ResizeMode::Letterbox,
+            None => model_preprocess.resize,
         },
-        standardize: None,
+        ..model_preprocess
     };
     preprocess.validate()?;
+    println!(
+        "preprocessing: {size}×{size}, {:?}{}",
+        preprocess.resize,
+        if args.image_size.is_none() && args.resize.is_none() {
+            " (the model's)"
+        } else {
+            ""
+        },
+        size = preprocess.size
+    );
     let options = LoadOptions {
         disk_cache: args.cache_dir.clone(),
         ..LoadOptions::default()
