@@ -68,6 +68,10 @@ fn main() -> anyhow::Result<()> {
         .ge(0.5)?
         .to_dtype(fracture_train::candle_core::DType::F32)?;
     let mut adam = Adam::new(model.trainable_vars(), AdamConfig::default())?;
+    if mode.as_str() == "infer" {
+        // As a loaded model predicts (`TrainedModel` freezes its network): no autograd graph.
+        model.freeze()?;
+    }
     let mut times = Vec::new();
     let warmup = 2;
     for i in 0..warmup + iters {

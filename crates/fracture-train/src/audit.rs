@@ -187,7 +187,7 @@ pub fn write_audit(
         .take(sheets)
     {
         // Each tile captioned with its split, class, hash distance to the group's first member
-        // (d, in bits of the 64-bit signature; 0 = the same signature) and file name.
+        // (d, in bits of the 63-bit signature; 0 = the same signature) and file name.
         let images: Vec<(fracture_data::image::GrayImage, String)> = g
             .members
             .iter()

@@ -304,7 +304,10 @@ impl Session {
         val: &FolderDataset,
         epoch: usize,
     ) -> Result<Validation> {
-        let logits = predict_logits(&self.eval_model().net, val, setup.train.batch_size, &setup.device)?;
+        // Through a copy of the current weights that records no autograd graph: a fraction of the
+        // memory of a pass through the variables, which keeps every activation of a batch alive.
+        let net = self.eval_model().inference_net()?;
+        let logits = predict_logits(&net, val, setup.train.batch_size, &setup.device)?;
         if let Some(bad) = logits.iter().find(|v| !v.is_finite()) {
             return Err(Error::NonFiniteOutput {
                 epoch,

@@ -107,7 +107,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     println!("groups whose labels disagree:         {}", counts.label_conflicts);
     if report.groups.iter().any(|g| g.crosses_splits()) {
         println!(
-            "(d = how many of the 64 bits of its perceptual signature differ from the group's first image's: \
+            "(d = how many of the 63 bits of its perceptual signature differ from the group's first image's: \
              0 = the same signature, small = the same radiograph resized, re-encoded or slightly shifted)"
         );
     }
