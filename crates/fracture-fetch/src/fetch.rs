@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::http::{Client, Failure};
+use crate::http::{Announced, Client, Failure};
 use crate::{CredentialLookup, DatasetRef, Error, ExtractLimits, Result, checksum, extract_zip};
 
 /// The Kaggle API that datasets are downloaded from.
@@ -113,7 +113,8 @@ struct Marker {
     checksums: Vec<String>,
 }
 
-fn sibling(dest: &Path, suffix: &str) -> PathBuf {
+/// `dest` with `suffix` appended to its name: where its archive, `.part` file and staging folders lie.
+pub(crate) fn sibling(dest: &Path, suffix: &str) -> PathBuf {
     let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("dataset");
     dest.with_file_name(format!("{name}{suffix}"))
 }
@@ -147,39 +148,12 @@ pub fn fetch(options: &FetchOptions, on_event: &mut dyn FnMut(Event<'_>)) -> Res
             (_, true) => {}
         }
     }
-    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    let archive = sibling(dest, ".zip");
-    let part = sibling(dest, ".zip.part");
-    if options.force {
-        let _ = std::fs::remove_file(&archive);
-    }
-    let mut checks = Vec::new();
-    if !archive.is_file() {
-        checks = download(options, &part, on_event)?;
-        std::fs::rename(&part, &archive).map_err(|e| Error::io(&archive, e))?;
-    } else {
-        on_event(Event::Status(&format!(
-            "using the archive already downloaded at {}",
-            archive.display()
-        )));
-    }
-    let archive_bytes = std::fs::metadata(&archive)
-        .map_err(|e| Error::io(&archive, e))?
-        .len();
-
-    on_event(Event::Status(&format!("extracting {}", archive.display())));
+    let (archive, archive_bytes, checks) =
+        archive_for(dest, options.force, on_event, &mut |part, on_event| {
+            download(options, part, on_event)
+        })?;
     let staging = sibling(dest, ".new");
-    let _ = std::fs::remove_dir_all(&staging);
-    let extracted = match extract_zip(&archive, &staging, &options.limits) {
-        Ok(x) => x,
-        Err(e) => {
-            // A corrupt or unsafe archive is not kept: the next call downloads afresh.
-            let _ = std::fs::remove_file(&archive);
-            return Err(e);
-        }
-    };
+    let extracted = extract_or_discard(&archive, &staging, &options.limits, on_event)?;
     let marker = Marker {
         dataset: dataset.clone(),
         archive_bytes,
@@ -187,15 +161,7 @@ pub fn fetch(options: &FetchOptions, on_event: &mut dyn FnMut(Event<'_>)) -> Res
         checksums: checks,
     };
     let json = serde_json::to_string_pretty(&marker).unwrap_or_default();
-    let marker_path = staging.join(MARKER_FILE);
-    std::fs::write(&marker_path, json).map_err(|e| Error::io(&marker_path, e))?;
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| Error::io(dest, e))?;
-    }
-    std::fs::rename(&staging, dest).map_err(|e| Error::io(dest, e))?;
-    if !options.keep_archive {
-        let _ = std::fs::remove_file(&archive);
-    }
+    install(&staging, dest, &json, &archive, options.keep_archive)?;
     Ok(Fetched {
         root: dest.clone(),
         cached: false,
@@ -207,6 +173,107 @@ pub fn fetch(options: &FetchOptions, on_event: &mut dyn FnMut(Event<'_>)) -> Res
 fn read_marker(dest: &Path) -> Option<Marker> {
     let text = std::fs::read_to_string(dest.join(MARKER_FILE)).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// A download into the `.part` file it is given, reporting to the callback; returns the checksums
+/// it verified.
+pub(crate) type DownloadInto<'a> = dyn FnMut(&Path, &mut dyn FnMut(Event<'_>)) -> Result<Vec<String>> + 'a;
+
+/// One download attempt, reporting to the callback; returns the checksums to verify the file with.
+pub(crate) type Attempt<'a> = dyn FnMut(&mut dyn FnMut(Event<'_>)) -> Result<Announced> + 'a;
+
+/// The archive of `dest` (`<dest>.zip`): the one already downloaded (unless `force`), or the file
+/// `download` writes into `<dest>.zip.part`, renamed once complete. Returns it, its size in bytes
+/// and the checksums `download` verified (none for an archive already there).
+pub(crate) fn archive_for(
+    dest: &Path,
+    force: bool,
+    on_event: &mut dyn FnMut(Event<'_>),
+    download: &mut DownloadInto<'_>,
+) -> Result<(PathBuf, u64, Vec<String>)> {
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let archive = sibling(dest, ".zip");
+    let part = sibling(dest, ".zip.part");
+    if force {
+        let _ = std::fs::remove_file(&archive);
+    }
+    let mut checks = Vec::new();
+    if archive.is_file() {
+        on_event(Event::Status(&format!(
+            "using the archive already downloaded at {}",
+            archive.display()
+        )));
+    } else {
+        checks = download(&part, on_event)?;
+        std::fs::rename(&part, &archive).map_err(|e| Error::io(&archive, e))?;
+    }
+    let bytes = std::fs::metadata(&archive)
+        .map_err(|e| Error::io(&archive, e))?
+        .len();
+    Ok((archive, bytes, checks))
+}
+
+/// Extracts `archive` into `to` (replacing a leftover `to`); a corrupt or unsafe archive is removed,
+/// so that the next call downloads afresh.
+pub(crate) fn extract_or_discard(
+    archive: &Path,
+    to: &Path,
+    limits: &ExtractLimits,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<crate::Extracted> {
+    on_event(Event::Status(&format!("extracting {}", archive.display())));
+    let _ = std::fs::remove_dir_all(to);
+    extract_zip(archive, to, limits).inspect_err(|_| {
+        let _ = std::fs::remove_file(archive);
+    })
+}
+
+/// Writes `marker` (JSON) as [`MARKER_FILE`] into `staging`, puts `staging` in place of `dest`, and
+/// removes `archive` unless `keep_archive`.
+pub(crate) fn install(
+    staging: &Path,
+    dest: &Path,
+    marker: &str,
+    archive: &Path,
+    keep_archive: bool,
+) -> Result<()> {
+    let marker_path = staging.join(MARKER_FILE);
+    std::fs::write(&marker_path, marker).map_err(|e| Error::io(&marker_path, e))?;
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+    }
+    std::fs::rename(staging, dest).map_err(|e| Error::io(dest, e))?;
+    if !keep_archive {
+        let _ = std::fs::remove_file(archive);
+    }
+    Ok(())
+}
+
+/// Downloads into `part` with `attempt` and checks the file against the checksums `attempt` returns;
+/// on a mismatch the file is removed and downloaded once more from scratch. Returns the checksums
+/// verified.
+pub(crate) fn download_verified(
+    part: &Path,
+    on_event: &mut dyn FnMut(Event<'_>),
+    attempt: &mut Attempt<'_>,
+) -> Result<Vec<String>> {
+    let mut round = 0;
+    loop {
+        let announced = attempt(on_event)?;
+        match checksum::verify(part, &announced) {
+            Ok(checked) => return Ok(checked.into_iter().map(str::to_string).collect()),
+            Err(e) => {
+                let _ = std::fs::remove_file(part);
+                if round == 1 {
+                    return Err(e);
+                }
+                round += 1;
+                on_event(Event::Status(&format!("{e}; downloading again")));
+            }
+        }
+    }
 }
 
 /// Downloads into `part` and verifies it; returns the checksums verified.
@@ -223,8 +290,8 @@ fn download(options: &FetchOptions, part: &Path, on_event: &mut dyn FnMut(Event<
         other => other,
     };
     // A checksum mismatch restarts the download once from scratch.
-    for round in 0..2 {
-        let announced = match client.download(&url, None, part, on_event) {
+    download_verified(part, on_event, &mut |on_event| {
+        Ok(match client.download(&url, None, part, on_event) {
             Ok(a) => a,
             Err(Failure::Other(e)) => return Err(not_found(e)),
             Err(Failure::Refused(status)) => {
@@ -232,7 +299,7 @@ fn download(options: &FetchOptions, part: &Path, on_event: &mut dyn FnMut(Event<
                 let tried = found.tried.join(", ");
                 let Some((source, credential)) = found.credential else {
                     return Err(Error::Forbidden {
-                        dataset,
+                        dataset: dataset.clone(),
                         status,
                         tried: format!("{tried} (none found)"),
                     });
@@ -245,28 +312,13 @@ fn download(options: &FetchOptions, part: &Path, on_event: &mut dyn FnMut(Event<
                     Err(Failure::Other(e)) => return Err(not_found(e)),
                     Err(Failure::Refused(status)) => {
                         return Err(Error::Forbidden {
-                            dataset,
+                            dataset: dataset.clone(),
                             status,
                             tried: format!("{tried} (used {source})"),
                         });
                     }
                 }
             }
-        };
-        match checksum::verify(part, &announced) {
-            Ok(checked) => return Ok(checked.into_iter().map(str::to_string).collect()),
-            Err(e) => {
-                let _ = std::fs::remove_file(part);
-                if round == 1 {
-                    return Err(e);
-                }
-                on_event(Event::Status(&format!("{e}; downloading again")));
-            }
-        }
-    }
-    Err(Error::GaveUp {
-        url,
-        attempts: 2,
-        reason: "checksum mismatch".into(),
+        })
     })
 }

@@ -24,8 +24,9 @@ use base64::Engine;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 
+use crate::fetch::{archive_for, download_verified, extract_or_discard, install, sibling};
 use crate::http::{Announced, Client, Failure};
-use crate::{Error, Event, ExtractLimits, MARKER_FILE, Result, checksum, extract_zip};
+use crate::{Error, Event, ExtractLimits, MARKER_FILE, Result};
 
 /// The FracAtlas article on figshare (DOI 10.6084/m9.figshare.22363012).
 pub const FRACATLAS_ARTICLE: u64 = 22_363_012;
@@ -200,11 +201,6 @@ struct Marker {
 
 const DATASET_TAG: &str = "figshare:22363012 (FracAtlas)";
 
-fn sibling(dest: &Path, suffix: &str) -> PathBuf {
-    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("fracatlas");
-    dest.with_file_name(format!("{name}{suffix}"))
-}
-
 fn release(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
     Error::Release {
         path: path.into(),
@@ -249,37 +245,13 @@ pub fn fetch_fracatlas(
             _ => Err(Error::DestinationExists { path: dest.clone() }),
         };
     }
-    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    let archive = sibling(dest, ".zip");
-    let part = sibling(dest, ".zip.part");
-    if options.force {
-        let _ = std::fs::remove_file(&archive);
-    }
-    if archive.is_file() {
-        on_event(Event::Status(&format!(
-            "using the archive already downloaded at {}",
-            archive.display()
-        )));
-    } else {
-        download(options, &part, on_event)?;
-        std::fs::rename(&part, &archive).map_err(|e| Error::io(&archive, e))?;
-    }
-    let archive_bytes = std::fs::metadata(&archive)
-        .map_err(|e| Error::io(&archive, e))?
-        .len();
-
-    on_event(Event::Status(&format!("extracting {}", archive.display())));
+    let (archive, archive_bytes, _) = archive_for(dest, options.force, on_event, &mut |part, on_event| {
+        download(options, part, on_event)
+    })?;
     let raw = sibling(dest, ".raw");
     let staging = sibling(dest, ".new");
-    let _ = std::fs::remove_dir_all(&raw);
     let _ = std::fs::remove_dir_all(&staging);
-    if let Err(e) = extract_zip(&archive, &raw, &options.limits) {
-        // A corrupt or unsafe archive is not kept: the next call downloads afresh.
-        let _ = std::fs::remove_file(&archive);
-        return Err(e);
-    }
+    extract_or_discard(&archive, &raw, &options.limits, on_event)?;
     on_event(Event::Status("organising the images into train, val and test"));
     let organised = organise(&raw, &staging, &options.split);
     let _ = std::fs::remove_dir_all(&raw);
@@ -295,16 +267,8 @@ pub fn fetch_fracatlas(
         dataset: DATASET_TAG.into(),
         fetched: fetched.clone(),
     };
-    let marker_path = staging.join(MARKER_FILE);
     let json = serde_json::to_string_pretty(&marker).unwrap_or_default();
-    std::fs::write(&marker_path, json).map_err(|e| Error::io(&marker_path, e))?;
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| Error::io(dest, e))?;
-    }
-    std::fs::rename(&staging, dest).map_err(|e| Error::io(dest, e))?;
-    if !options.keep_archive {
-        let _ = std::fs::remove_file(&archive);
-    }
+    install(&staging, dest, &json, &archive, options.keep_archive)?;
     fetched.root = dest.clone();
     Ok(fetched)
 }
@@ -328,8 +292,12 @@ struct Article {
 }
 
 /// Asks the API for the article's files and downloads its (largest) zip into `part`, checked
-/// against the listed MD5.
-fn download(options: &FracAtlasOptions, part: &Path, on_event: &mut dyn FnMut(Event<'_>)) -> Result<()> {
+/// against the listed MD5; returns the checksums verified.
+fn download(
+    options: &FracAtlasOptions,
+    part: &Path,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Vec<String>> {
     let client = Client::new(options.connect_timeout, options.retries, options.backoff);
     let url = format!(
         "{}/articles/{FRACATLAS_ARTICLE}",
@@ -370,34 +338,22 @@ fn download(options: &FracAtlasOptions, part: &Path, on_event: &mut dyn FnMut(Ev
         file.size >> 20,
         file.download_url
     )));
-    for round in 0..2 {
-        let announced = match client.download(&file.download_url, None, part, on_event) {
-            Ok(a) => a,
-            Err(Failure::Other(e)) => return Err(e),
-            Err(Failure::Refused(status)) => {
-                return Err(Error::Http {
+    download_verified(part, on_event, &mut |on_event| {
+        let announced = client
+            .download(&file.download_url, None, part, on_event)
+            .map_err(|failure| match failure {
+                Failure::Other(e) => e,
+                Failure::Refused(status) => Error::Http {
                     url: file.download_url.clone(),
                     status,
-                });
-            }
-        };
+                },
+            })?;
         // The API's MD5 is the one that counts; what the file server sent is checked too.
-        let expected = Announced {
+        Ok(Announced {
             md5: md5.clone().or(announced.md5),
             crc32c: announced.crc32c,
-        };
-        match checksum::verify(part, &expected) {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                let _ = std::fs::remove_file(part);
-                if round == 1 {
-                    return Err(e);
-                }
-                on_event(Event::Status(&format!("{e}; downloading again")));
-            }
-        }
-    }
-    Ok(())
+        })
+    })
 }
 
 fn hex_to_base64(hex: &str) -> std::result::Result<String, String> {

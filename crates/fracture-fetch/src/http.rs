@@ -179,6 +179,14 @@ impl Client {
         Err((ureq::Error::TooManyRedirects, current))
     }
 
+    /// The pause after failed attempt `attempt` (1-based): the backoff, doubled per attempt, at most
+    /// 30 s.
+    fn retry_wait(&self, attempt: u32) -> Duration {
+        self.backoff
+            .saturating_mul(1 << (attempt - 1).min(5))
+            .min(Duration::from_secs(30))
+    }
+
     /// GETs a small document (an API answer) of at most `max_bytes`, retrying server errors and
     /// dropped connections; an unreachable server fails at once.
     pub(crate) fn get_small(&self, url: &str, max_bytes: u64) -> crate::Result<Vec<u8>> {
@@ -224,10 +232,7 @@ impl Client {
                     reason,
                 });
             }
-            let wait = self
-                .backoff
-                .saturating_mul(1 << (attempt - 1).min(5))
-                .min(Duration::from_secs(30));
+            let wait = self.retry_wait(attempt);
             std::thread::sleep(wait);
         }
     }
@@ -267,10 +272,7 @@ impl Client {
                     reason,
                 }));
             }
-            let wait = self
-                .backoff
-                .saturating_mul(1 << (attempt - 1).min(5))
-                .min(Duration::from_secs(30));
+            let wait = self.retry_wait(attempt);
             on_event(Event::Retry {
                 attempt,
                 wait,
