@@ -1147,17 +1147,20 @@ fn download_fracatlas_lays_out_a_split_that_train_reads() {
     .unwrap();
     let root = fresh_dir(&base(), "download-fracatlas");
     let data = root.join("data");
-    let out = fracture()
-        .args([
-            "download",
-            "--dataset",
-            "fracatlas",
-            "--figshare-url",
-            &stub.figshare_base_url,
-        ])
-        .env("FRACTURE_DATA_DIR", &data)
-        .output()
-        .unwrap();
+    let download = || {
+        fracture()
+            .args([
+                "download",
+                "--dataset",
+                "fracatlas",
+                "--figshare-url",
+                &stub.figshare_base_url,
+            ])
+            .env("FRACTURE_DATA_DIR", &data)
+            .output()
+            .unwrap()
+    };
+    let out = download();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -1209,17 +1212,7 @@ fn download_fracatlas_lays_out_a_split_that_train_reads() {
     );
     // Asked again, nothing is downloaded.
     let requests = stub.requests().len();
-    let again = fracture()
-        .args([
-            "download",
-            "--dataset",
-            "fracatlas",
-            "--figshare-url",
-            &stub.figshare_base_url,
-        ])
-        .env("FRACTURE_DATA_DIR", &data)
-        .output()
-        .unwrap();
+    let again = download();
     assert!(again.status.success());
     assert_eq!(stub.requests().len(), requests);
 }

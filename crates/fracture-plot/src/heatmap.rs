@@ -170,23 +170,13 @@ fn with_legend(canvas: image::RgbImage, opacity: f32) -> Result<image::RgbImage>
     }
     if words {
         let y = (h + LEGEND_HEIGHT / 2) as i32 - 8;
-        crate::scaffold::draw_text("heatmap legend", &mut out, (4, y), title, size, ink)?;
-        crate::scaffold::draw_text(
-            "heatmap legend",
-            &mut out,
-            ((title_w + 10) as i32, y),
-            "low",
-            size,
-            text,
-        )?;
-        crate::scaffold::draw_text(
-            "heatmap legend",
-            &mut out,
-            ((bar_x1 + 4) as i32, y),
-            "high",
-            size,
-            text,
-        )?;
+        for (x, label, color) in [
+            (4, title, ink),
+            (title_w + 10, "low", text),
+            (bar_x1 + 4, "high", text),
+        ] {
+            crate::scaffold::draw_text("heatmap legend", &mut out, (x as i32, y), label, size, color)?;
+        }
     }
     Ok(out)
 }

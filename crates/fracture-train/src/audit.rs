@@ -14,6 +14,9 @@ use crate::{Error, Result};
 pub const AUDIT_JSON: &str = "audit.json";
 /// File name of the duplicates table.
 pub const DUPLICATES_CSV: &str = "duplicates.csv";
+/// The file of an evaluation folder that lists every evaluated image with a near duplicate among
+/// the model's training images ([`write_near_duplicates`]).
+pub const NEAR_DUPLICATES_CSV: &str = "near-duplicates.csv";
 /// File name of a run's training fingerprints (see [`fracture_data::audit::fingerprints_to_bytes`]).
 pub const FINGERPRINTS_FILE: &str = "training-fingerprints.bin";
 
@@ -350,6 +353,28 @@ pub fn training_fingerprints(model: &Path, recorded: Option<&str>) -> Result<Opt
         }
         None => Ok(None),
     }
+}
+
+/// Writes [`NEAR_DUPLICATES_CSV`] into `dir` (atomically): `path,distance` for each of `near` (as
+/// [`near_training_images`] returns them), paths spreadsheet-safe, in the CSV dialect of
+/// `duplicates.csv`. Writes nothing and returns `None` when `near` is empty.
+pub fn write_near_duplicates(dir: &Path, near: &[(PathBuf, u32)]) -> Result<Option<PathBuf>> {
+    if near.is_empty() {
+        return Ok(None);
+    }
+    let bad = |e: csv::Error| Error::InvalidConfig(format!("cannot write the near-duplicates table: {e}"));
+    let mut csv = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    csv.write_record(["path", "distance"]).map_err(bad)?;
+    for (path, d) in near {
+        csv.write_record([spreadsheet_safe(&path_text(path)), d.to_string()])
+            .map_err(bad)?;
+    }
+    let bytes = csv.into_inner().map_err(|e| bad(e.into_error().into()))?;
+    let file = dir.join(NEAR_DUPLICATES_CSV);
+    fracture_fs::write_atomic(&file, &bytes).map_err(|e| Error::io(&file, e))?;
+    Ok(Some(file))
 }
 
 /// Which of `files` have a near duplicate (within the default threshold) among `known` training

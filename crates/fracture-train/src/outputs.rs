@@ -555,45 +555,47 @@ fn predict_decoded(
     if chunk.is_empty() {
         return Ok(Vec::new());
     }
-    let mut batch = fracture_data::ndarray::Array3::<f32>::zeros((chunk.len(), s, s));
-    for (k, (_, (img, _))) in chunk.iter().enumerate() {
-        batch
-            .index_axis_mut(fracture_data::ndarray::Axis(0), k)
-            .assign(&model.preprocess().to_input(img.view()));
-    }
+    // The network takes PASS_IMAGES images at a time.
+    let passes: Vec<fracture_data::ndarray::Array3<f32>> = chunk
+        .chunks(PASS_IMAGES)
+        .map(|part| {
+            let mut batch = fracture_data::ndarray::Array3::<f32>::zeros((part.len(), s, s));
+            for (k, (_, (img, _))) in part.iter().enumerate() {
+                batch
+                    .index_axis_mut(fracture_data::ndarray::Axis(0), k)
+                    .assign(&model.preprocess().to_input(img.view()));
+            }
+            batch
+        })
+        .collect();
     // With evidence, one pass gives every image its map and its logit; test-time augmentation
-    // adds its views on top. Passes take PASS_IMAGES images at a time.
-    let cams = if let Some(layer) = evidence {
-        let mut cams = Vec::with_capacity(chunk.len());
-        for start in (0..chunk.len()).step_by(PASS_IMAGES) {
-            let n = PASS_IMAGES.min(chunk.len() - start);
-            let part = batch.slice(fracture_data::ndarray::s![start..start + n, .., ..]);
-            let x = candle_core::Tensor::from_vec(
-                part.iter().copied().collect::<Vec<f32>>(),
-                (n, 1, s, s),
-                device,
-            )?;
-            cams.extend(
-                model
-                    .model
-                    .net
-                    .grad_cams_at(&x, fracture_model::CamMethod::default(), layer)?,
-            );
+    // adds its views on top.
+    let cams = match evidence {
+        Some(layer) => {
+            let mut cams = Vec::with_capacity(chunk.len());
+            for pass in &passes {
+                let x = candle_core::Tensor::from_vec(
+                    pass.iter().copied().collect::<Vec<f32>>(),
+                    (pass.dim().0, 1, s, s),
+                    device,
+                )?;
+                cams.extend(
+                    model
+                        .model
+                        .net
+                        .grad_cams_at(&x, fracture_model::CamMethod::default(), layer)?,
+                );
+            }
+            Some(cams)
         }
-        Some(cams)
-    } else {
-        None
+        None => None,
     };
     let raw = match (&cams, views) {
         (Some(cams), Tta::Off) => cams.iter().map(|c| sigmoid(c.logit)).collect(),
         _ => {
             let mut probs = Vec::with_capacity(chunk.len());
-            for start in (0..chunk.len()).step_by(PASS_IMAGES) {
-                let end = (start + PASS_IMAGES).min(chunk.len());
-                let part = batch
-                    .slice(fracture_data::ndarray::s![start..end, .., ..])
-                    .to_owned();
-                probs.extend(predict_images(&model.model.net, &part, views, device)?);
+            for pass in &passes {
+                probs.extend(predict_images(&model.model.net, pass, views, device)?);
             }
             probs
         }

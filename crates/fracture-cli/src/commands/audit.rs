@@ -107,8 +107,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     println!("groups whose labels disagree:         {}", counts.label_conflicts);
     if report.groups.iter().any(|g| g.crosses_splits()) {
         println!(
-            "(d = how many of the 63 bits of its perceptual signature differ from the group's first image's: \
-             0 = the same signature, small = the same radiograph resized, re-encoded or slightly shifted)"
+            "(d = how many of the {} bits of its perceptual signature differ from the group's first image's: \
+             0 = the same signature, small = the same radiograph resized, re-encoded or slightly shifted)",
+            fracture_train::data::audit::HASH_BITS
         );
     }
     for (i, g) in report

@@ -95,13 +95,9 @@ pub(crate) struct Args {
     evidence_level: f32,
 }
 
-/// The file of an evaluation folder that lists every evaluated image with a near duplicate among
-/// the model's training images (`path,distance`), written only when there is one.
-const NEAR_DUPLICATES_FILE: &str = "near-duplicates.csv";
-
 /// Warns when evaluated images have near duplicates among the model's training images (from the
 /// fingerprints stored with the run): such metrics overstate performance on new patients. Returns
-/// them (path, hash distance in bits), for the evaluation folder's [`NEAR_DUPLICATES_FILE`].
+/// them (path, hash distance in bits), for the evaluation folder's near-duplicates file.
 fn warn_of_leaks(
     model: Option<&std::path::Path>,
     recorded: Option<&str>,
@@ -136,9 +132,10 @@ fn warn_of_leaks(
             }
             if near.len() > 5 {
                 eprintln!(
-                    "  … and {} more (all {} are listed in {NEAR_DUPLICATES_FILE} of the evaluation folder)",
+                    "  … and {} more (all {} are listed in {} of the evaluation folder)",
                     near.len() - 5,
-                    near.len()
+                    near.len(),
+                    fracture_train::audit::NEAR_DUPLICATES_CSV
                 );
             }
             near
@@ -154,27 +151,6 @@ fn warn_of_leaks(
             Vec::new()
         }
     }
-}
-
-/// Writes [`NEAR_DUPLICATES_FILE`] into `out` (atomically); `None` when there is nothing to list.
-fn write_near_duplicates(out: &Path, near: &[(PathBuf, u32)]) -> anyhow::Result<Option<PathBuf>> {
-    if near.is_empty() {
-        return Ok(None);
-    }
-    let mut csv = String::from("path,distance\n");
-    for (path, d) in near {
-        let shown = fracture_train::outputs::spreadsheet_safe(&fracture_train::data::path_text(path));
-        let quoted = if shown.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", shown.replace('"', "\"\""))
-        } else {
-            shown
-        };
-        csv.push_str(&format!("{quoted},{d}\n"));
-    }
-    let file = out.join(NEAR_DUPLICATES_FILE);
-    fracture_fs::write_atomic(&file, csv.as_bytes())
-        .with_context(|| format!("cannot write {}", file.display()))?;
-    Ok(Some(file))
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
@@ -296,7 +272,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             &out,
         )?);
     }
-    written.extend(write_near_duplicates(&out, &near)?);
+    written.extend(fracture_train::audit::write_near_duplicates(&out, &near)?);
     println!("wrote:");
     for f in written {
         println!("  {}", f.display());
