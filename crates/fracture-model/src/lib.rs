@@ -44,7 +44,7 @@ pub use device::{compiled_backends, describe_device, device};
 pub use error::{Error, Result};
 pub use gradcam::{CamLayer, CamMethod, GradCam};
 pub use init::seeded_var_builder;
-pub use kernels::Kernels;
+pub use kernels::{Kernels, Precision};
 pub use net::FractureNet;
 pub use pretrained::{PretrainedOrigin, PretrainedWeights};
 pub use weights::{

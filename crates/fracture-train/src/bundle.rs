@@ -233,6 +233,20 @@ impl TrainedModel {
         Self::from_model(model, file)
     }
 
+    /// Runs the network's matrix products with `precision` operands from now on (see
+    /// [`fracture_model::Kernels::Bf16`]); everything else stays as loaded.
+    pub fn set_precision(&mut self, precision: fracture_model::Precision) {
+        self.model.net.set_kernels(match precision {
+            fracture_model::Precision::Fp32 => fracture_model::Kernels::Fast,
+            fracture_model::Precision::Bf16 => fracture_model::Kernels::Bf16,
+        });
+    }
+
+    /// The operand precision of the network's matrix products.
+    pub fn precision(&self) -> fracture_model::Precision {
+        self.model.net.kernels().precision()
+    }
+
     /// Checks a loaded network's metadata and wraps it, its network frozen for inference
     /// ([`Model::freeze`]: a trained model is only ever used to predict).
     fn from_model(mut model: Model, file: PathBuf) -> Result<Self> {

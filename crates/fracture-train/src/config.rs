@@ -165,6 +165,11 @@ pub struct TrainConfig {
     /// (`TrainSetup::boxes`); 0 (the default) without boxes.
     #[serde(default)]
     pub box_weight: f64,
+    /// The matrix products' operand precision: `fp32` (the default) or `bf16` (BF16 operands, FP32
+    /// accumulation; weights, optimizer state, batch-norm statistics and the loss stay FP32; see
+    /// [`fracture_model::Kernels::Bf16`]).
+    #[serde(default)]
+    pub precision: fracture_model::Precision,
 }
 
 fn one() -> f64 {
@@ -194,6 +199,7 @@ impl Default for TrainConfig {
             freeze_batch_norm: false,
             ema_decay: None,
             box_weight: 0.0,
+            precision: fracture_model::Precision::Fp32,
         }
     }
 }

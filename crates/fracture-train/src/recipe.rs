@@ -211,6 +211,7 @@ impl Recipe {
                 None => base.ema_decay,
             },
             box_weight: base.box_weight,
+            precision: o.precision.unwrap_or(base.precision),
         };
         Recipe {
             model,
@@ -305,6 +306,8 @@ pub struct Overrides {
     pub ema_decay: Option<f64>,
     /// The augmentation settings instead of the preset's (ignored with `no_augment`).
     pub augment: Option<AugmentConfig>,
+    /// The matrix products' operand precision instead of the preset's.
+    pub precision: Option<fracture_model::Precision>,
 }
 
 /// Augmentation for radiographs: rotation ±10°, left-right mirroring only (radiographs are not

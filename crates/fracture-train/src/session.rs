@@ -80,7 +80,22 @@ impl Session {
             }
         };
         let mut model = Model::new(&setup.model, cfg.seed, &setup.device)?;
-        model.net.set_kernels(setup.kernels);
+        model.net.set_kernels(match (setup.kernels, cfg.precision) {
+            (fracture_model::Kernels::Reference, fracture_model::Precision::Bf16) => {
+                return Err(crate::Error::InvalidConfig(
+                    "precision bf16 needs our kernels: candle's reference operations run in fp32 only".into(),
+                ));
+            }
+            (fracture_model::Kernels::Fast, fracture_model::Precision::Bf16) => fracture_model::Kernels::Bf16,
+            (kernels, _) => kernels,
+        });
+        if model.net.kernels() == fracture_model::Kernels::Bf16 {
+            let status = fracture_model::kernels::bf16_status();
+            on_event(Event::Notice(&format!(
+                "precision bf16: matrix products on {} ({})",
+                status.backend, status.reason
+            )));
+        }
         model.net.set_frozen_batch_norm(cfg.freeze_batch_norm);
         let pretrained = match &setup.pretrained {
             Some(path) if !setup.resume => {

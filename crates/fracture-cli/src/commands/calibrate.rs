@@ -46,7 +46,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     let device = pick_device(args.cpu)?;
-    let mut model = crate::commands::load_model(args.model.as_deref(), &device)?;
+    let mut model = crate::commands::load_model(args.model.as_deref(), &device, super::PrecisionArg::Fp32)?;
     let (items, _, skipped) = crate::commands::eval::labelled_images(&args.data, args.split)?;
     for s in &skipped {
         eprintln!("warning: skipped {s}");

@@ -35,8 +35,11 @@ pub(crate) struct Args {
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let layout = DatasetLayout::discover(&args.data).context("cannot read the dataset")?;
     // The preprocessing a prediction would apply: the model's, unless overridden.
-    let model =
-        crate::commands::load_model(args.model.as_deref(), &fracture_train::candle_core::Device::Cpu)?;
+    let model = crate::commands::load_model(
+        args.model.as_deref(),
+        &fracture_train::candle_core::Device::Cpu,
+        crate::commands::PrecisionArg::Fp32,
+    )?;
     let model_preprocess = *model.preprocess();
     let preprocess = PreprocessConfig {
         size: args.image_size.unwrap_or(model_preprocess.size),

@@ -21,6 +21,25 @@ pub(crate) enum ResizeArg {
     Letterbox,
 }
 
+/// The operand precision of the network's matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum PrecisionArg {
+    /// FP32 throughout.
+    Fp32,
+    /// BF16 operands with FP32 accumulation in the 1×1, im2col and dense products (AMX or AVX-512
+    /// BF16 where the processor has them; `FRACTURE_BF16` forces a backend); all else FP32.
+    Bf16,
+}
+
+impl PrecisionArg {
+    pub(crate) fn precision(self) -> fracture_train::model::Precision {
+        match self {
+            PrecisionArg::Fp32 => fracture_train::model::Precision::Fp32,
+            PrecisionArg::Bf16 => fracture_train::model::Precision::Bf16,
+        }
+    }
+}
+
 /// The compute device, with a hint when a GPU build finds no GPU.
 pub(crate) fn pick_device(force_cpu: bool) -> anyhow::Result<Device> {
     fracture_train::model::device(force_cpu)
@@ -56,9 +75,10 @@ pub(crate) const BUNDLED_NAME: &str = "models/fracture-lite0.safetensors (built 
 pub(crate) fn load_model(
     model: Option<&std::path::Path>,
     device: &Device,
+    precision: PrecisionArg,
 ) -> anyhow::Result<fracture_train::TrainedModel> {
     use anyhow::Context;
-    match (model, BUNDLED) {
+    let mut loaded = match (model, BUNDLED) {
         (Some(path), _) => fracture_train::TrainedModel::load(path, device).context("cannot load the model"),
         (None, Some((bytes, _))) => {
             fracture_train::TrainedModel::from_bytes(bytes, std::path::Path::new(BUNDLED_NAME), device)
@@ -67,7 +87,9 @@ pub(crate) fn load_model(
         (None, None) => anyhow::bail!(
             "no --model given, and this binary was built without the bundled model (feature `bundled-model`)"
         ),
-    }
+    }?;
+    loaded.set_precision(precision.precision());
+    Ok(loaded)
 }
 
 /// The training fingerprints that go with `model` (see [`load_model`]): the ones tied to it beside

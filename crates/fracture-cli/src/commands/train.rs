@@ -178,6 +178,11 @@ pub(crate) struct Args {
     /// Our CPU kernels (fast) or candle's own operations (reference, for comparison; slower).
     #[arg(long, value_enum, default_value_t = KernelsArg::Fast)]
     kernels: KernelsArg,
+    /// The operand precision of the matrix products: fp32, or bf16 (BF16 operands, FP32
+    /// accumulation, FP32 weights, optimizer state, batch-norm statistics and loss; faster on
+    /// processors with AMX or AVX-512 BF16) [default: the preset's, fp32].
+    #[arg(long, value_enum)]
+    precision: Option<super::PrecisionArg>,
     /// Stop once this many epochs are complete, as an interruption would; `--resume` continues the run.
     #[arg(long)]
     stop_after_epoch: Option<usize>,
@@ -280,6 +285,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         backbone_lr_scale: args.backbone_lr_scale,
         freeze_batch_norm: args.freeze_batch_norm,
         ema_decay: args.ema_decay,
+        precision: args.precision.map(super::PrecisionArg::precision),
         augment: match &args.augment {
             Some(spec) => Some(
                 preset

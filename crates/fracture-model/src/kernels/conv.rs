@@ -6,7 +6,9 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{Threads, View, sgemm};
+use super::Precision;
+use super::gemm::{Threads, View};
+use super::matmul;
 use super::{contiguous_f32, tensor_f32};
 
 /// A square convolution's geometry.
@@ -38,11 +40,18 @@ pub(crate) struct Dims {
     pub(crate) cout: usize,
     pub(crate) oh: usize,
     pub(crate) ow: usize,
+    /// The matrix products' operand precision.
+    pub(crate) precision: Precision,
 }
 
 impl Dims {
     /// The geometry of input `xs` `(B, Cin, H, W)` and weight `ws` `(Cout, Cin, k, k)` under `s`.
-    pub(crate) fn new(s: &ConvSpec, xs: &[usize], ws: &[usize]) -> candle_core::Result<Dims> {
+    pub(crate) fn new(
+        s: &ConvSpec,
+        xs: &[usize],
+        ws: &[usize],
+        precision: Precision,
+    ) -> candle_core::Result<Dims> {
         let (&[b, cin, h, w], &[cout, wcin, kh, kw]) = (xs, ws) else {
             candle_core::bail!(
                 "conv2d: expected (B, C, H, W) input and (O, C, k, k) weight, got {xs:?} and {ws:?}"
@@ -68,6 +77,7 @@ impl Dims {
             cout,
             oh: s.out_len(h),
             ow: s.out_len(w),
+            precision,
         })
     }
 
@@ -271,13 +281,14 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], d: &Dims, s: &ConvSpec) -> candle
         .try_for_each(|(o, xb)| {
             with_buffer(&COL, kk * n, |col| {
                 im2col(xb, d, s, col);
-                sgemm(
+                matmul(
                     o,
                     n,
                     View::rows(w, d.cout, kk),
                     View::rows(col, kk, n),
                     false,
                     inner,
+                    d.precision,
                 )
             })?;
             for (c, plane) in o.chunks_mut(n).enumerate() {
@@ -336,25 +347,27 @@ fn backward(
                 with_buffer(&COL, kk * n, |col| {
                     im2col(&x[bi * img..(bi + 1) * img], d, s, col);
                     // dw += dz (cout × n) · colᵀ (n × kk)
-                    sgemm(
+                    matmul(
                         dw,
                         kk,
                         View::rows(&dz, d.cout, n),
                         View::transposed(col, kk, n),
                         true,
                         Threads::One,
+                        d.precision,
                     )
                 })?;
                 if need_dx {
                     with_buffer(&DCOL, kk * n, |dcol| {
                         // dcol (kk × n) = wᵀ (kk × cout) · dz (cout × n)
-                        sgemm(
+                        matmul(
                             dcol,
                             n,
                             View::transposed(w, d.cout, kk),
                             View::rows(&dz, d.cout, n),
                             false,
                             Threads::One,
+                            d.precision,
                         )?;
                         col2im(dcol, d, s, &mut dx_run[j * img..(j + 1) * img]);
                         candle_core::Result::Ok(())
@@ -370,11 +383,12 @@ fn backward(
 /// The custom op: inputs `x (B, Cin, H, W)`, `w (Cout, Cin, k, k)`, `b (Cout,)`.
 pub(crate) struct Conv2dOp {
     pub(crate) spec: ConvSpec,
+    pub(crate) precision: Precision,
 }
 
 impl Conv2dOp {
     fn dims(&self, xs: &[usize], ws: &[usize]) -> candle_core::Result<Dims> {
-        Dims::new(&self.spec, xs, ws)
+        Dims::new(&self.spec, xs, ws, self.precision)
     }
 }
 

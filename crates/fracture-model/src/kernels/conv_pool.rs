@@ -10,7 +10,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::conv::{ConvSpec, Dims, col2im_band, im2col_row_band, weight_grads_by_runs, with_col, with_dcol};
-use super::gemm::{Threads, View, sgemm};
+use super::gemm::{Threads, View};
+use super::{Precision, matmul};
 use super::{contiguous_f32, tensor_f32};
 
 /// One thread's share of an image: its index and, per channel, its rows of the outputs and winners.
@@ -24,14 +25,16 @@ const DEAD: u8 = u8::MAX;
 
 pub(crate) struct ConvReluPoolOp {
     pub(crate) spec: ConvSpec,
+    precision: Precision,
     /// Per pooled value, the winning window position (0-3) or [`DEAD`], written by the forward pass.
     winners: Mutex<Vec<u8>>,
 }
 
 impl ConvReluPoolOp {
-    pub(crate) fn new(spec: ConvSpec) -> Self {
+    pub(crate) fn new(spec: ConvSpec, precision: Precision) -> Self {
         ConvReluPoolOp {
             spec: ConvSpec { relu: true, ..spec },
+            precision,
             winners: Mutex::new(Vec::new()),
         }
     }
@@ -119,13 +122,14 @@ fn forward_band(
             im2col_row_band(xb, d, s, r, oy0, oy1, row);
         }
         with_dcol(d.cout * nb, |z| {
-            sgemm(
+            matmul(
                 z,
                 nb,
                 View::rows(w, d.cout, kk),
                 View::rows(col, kk, nb),
                 false,
                 Threads::One,
+                d.precision,
             )?;
             for (c, (o, win)) in outs.iter_mut().zip(wins.iter_mut()).enumerate() {
                 pool_plane(&z[c * nb..(c + 1) * nb], d.ow, bias[c], o, win, pw);
@@ -153,7 +157,7 @@ impl CustomOp3 for ConvReluPoolOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = Dims::new(&self.spec, l1.dims(), l2.dims())?;
+        let d = Dims::new(&self.spec, l1.dims(), l2.dims(), self.precision)?;
         let (ph, pw) = pooled(&d);
         if ph == 0 || pw == 0 {
             candle_core::bail!(
@@ -247,7 +251,7 @@ impl CustomOp3 for ConvReluPoolOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = Dims::new(&self.spec, x.dims(), w.dims())?;
+        let d = Dims::new(&self.spec, x.dims(), w.dims(), self.precision)?;
         let (ph, pw) = pooled(&d);
         let (kk, n) = (d.k(&self.spec), d.n());
         let img = d.cin * d.h * d.w;
@@ -307,17 +311,17 @@ impl CustomOp3 for ConvReluPoolOp {
                                 // Few taps (a first layer): dwᵀ (kk × cout) = col · dzᵀ suits the
                                 // multiply's kernels better than the skinny dw = dz · colᵀ.
                                 let (lhs, rhs) = (View::rows(col, kk, nb), View::transposed(dz, d.cout, nb));
-                                sgemm(&mut dwt, d.cout, lhs, rhs, true, Threads::One)
+                                matmul(&mut dwt, d.cout, lhs, rhs, true, Threads::One, d.precision)
                             } else {
                                 let (lhs, rhs) = (View::rows(dz, d.cout, nb), View::transposed(col, kk, nb));
-                                sgemm(dw, kk, lhs, rhs, true, Threads::One)
+                                matmul(dw, kk, lhs, rhs, true, Threads::One, d.precision)
                             }
                         })?;
                         if need_dx {
                             with_dcol(kk * nb, |dcol| {
                                 let (lhs, rhs) =
                                     (View::transposed(wv, d.cout, kk), View::rows(dz, d.cout, nb));
-                                sgemm(dcol, nb, lhs, rhs, false, Threads::One)?;
+                                matmul(dcol, nb, lhs, rhs, false, Threads::One, d.precision)?;
                                 col2im_band(dcol, &d, &self.spec, oy0, oy1, dxb);
                                 candle_core::Result::Ok(())
                             })?;

@@ -5,11 +5,13 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use rayon::prelude::*;
 
-use super::gemm::{Threads, View, sgemm};
+use super::gemm::{Threads, View};
+use super::{Precision, matmul};
 use super::{contiguous_f32, tensor_f32};
 
 pub(crate) struct LinearOp {
     pub(crate) relu: bool,
+    pub(crate) precision: Precision,
 }
 
 fn dims(xs: &[usize], ws: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
@@ -74,7 +76,7 @@ impl CustomOp3 for LinearOp {
                         row_stride: 1,
                         col_stride: i,
                     };
-                    sgemm(&mut yt, b, lhs, rhs, false, Threads::One)?;
+                    matmul(&mut yt, b, lhs, rhs, false, Threads::One, self.precision)?;
                 }
                 Ok(yt)
             })
@@ -126,24 +128,26 @@ impl CustomOp3 for LinearOp {
             }
             // dw (o × i) = dzᵀ (o × b) · x (b × i)
             let mut dw = vec![0.0f32; o * i];
-            sgemm(
+            matmul(
                 &mut dw,
                 i,
                 View::transposed(&dz, b, o),
                 View::rows(xv, b, i),
                 false,
                 threads(),
+                self.precision,
             )?;
             let dx = if need_dx {
                 // dx (b × i) = dz (b × o) · w (o × i)
                 let mut dx = vec![0.0f32; b * i];
-                sgemm(
+                matmul(
                     &mut dx,
                     i,
                     View::rows(&dz, b, o),
                     View::rows(wv, o, i),
                     false,
                     threads(),
+                    self.precision,
                 )?;
                 Some(dx)
             } else {

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::Precision;
 use super::buffers::{give, take};
 use super::depthwise::{DSCRATCH, DepthwiseSpec, GROUP, Geometry, Padding, ROW, SCRATCH, with_scratch};
 use super::norm::{self, Norm, NormGrad};
@@ -136,15 +137,23 @@ pub(crate) struct MbConvOp {
     /// Written by a batch-statistics forward pass.
     stats: Arc<Mutex<BlockStats>>,
     saved: Mutex<Option<Saved>>,
+    /// The 1×1 products' operand precision.
+    precision: Precision,
 }
 
 impl MbConvOp {
-    pub(crate) fn new(spec: MbConvSpec, running: Option<BlockStats>, stats: Arc<Mutex<BlockStats>>) -> Self {
+    pub(crate) fn new(
+        spec: MbConvSpec,
+        running: Option<BlockStats>,
+        stats: Arc<Mutex<BlockStats>>,
+        precision: Precision,
+    ) -> Self {
         MbConvOp {
             spec,
             running,
             stats,
             saved: Mutex::new(None),
+            precision,
         }
     }
 
@@ -254,6 +263,7 @@ impl CustomOp2 for MbConvOp {
                         cin: s.cin,
                         cout: s.mid,
                         n: hw,
+                        precision: self.precision,
                     },
                     &mut y1,
                 )?;
@@ -344,6 +354,7 @@ impl CustomOp2 for MbConvOp {
                 cin: s.mid,
                 cout: s.cout,
                 n: ohw,
+                precision: self.precision,
             },
             &mut y3,
         )?;
@@ -446,6 +457,7 @@ impl CustomOp2 for MbConvOp {
                 cin: s.mid,
                 cout: s.cout,
                 n: ohw,
+                precision: self.precision,
             },
             &mut da2,
         )?;
@@ -584,6 +596,7 @@ impl CustomOp2 for MbConvOp {
                         cin: s.cin,
                         cout: s.mid,
                         n: hw,
+                        precision: self.precision,
                     },
                     &mut dx,
                 )?;

@@ -23,6 +23,7 @@
 //! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`.
 
 mod batchnorm;
+mod bf16;
 mod buffers;
 mod conv;
 mod conv_pool;
@@ -40,6 +41,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use rand::Rng;
 
+pub use bf16::{Bf16Backend, Bf16Status, bf16_backend, bf16_status};
 pub use conv::ConvSpec;
 pub use depthwise::{DepthwiseSpec, Padding};
 pub use mbconv::{BlockStats, MbConvLayout, MbConvSpec};
@@ -81,8 +83,102 @@ pub enum Kernels {
     /// Our kernels on the CPU, candle's elsewhere (the default).
     #[default]
     Fast,
+    /// Our kernels with BF16 operands in every matrix product (1×1 and im2col convolutions, dense
+    /// layers; forward and backward) and FP32 accumulation, as PyTorch's BF16 autocast does;
+    /// weights, activations, gradients, batch-norm statistics and the optimizer stay FP32. The
+    /// products run on [`bf16_backend`]. Elsewhere than the CPU, as [`Kernels::Fast`].
+    Bf16,
     /// Candle's own operations everywhere (the reference the kernels are checked against).
     Reference,
+}
+
+impl Kernels {
+    /// The precision of the matrix products' operands.
+    pub fn precision(self) -> Precision {
+        match self {
+            Kernels::Bf16 => Precision::Bf16,
+            Kernels::Fast | Kernels::Reference => Precision::Fp32,
+        }
+    }
+}
+
+/// The precision of the matrix products' operands (accumulation is FP32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// FP32 operands (the default).
+    #[default]
+    Fp32,
+    /// BF16 operands, FP32 accumulation: see [`Kernels::Bf16`].
+    Bf16,
+}
+
+impl Precision {
+    /// `fp32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `dst (m × n, stride dst_stride) = lhs · rhs` (+ the old `dst` when `accumulate`) in `precision`:
+/// the FP32 GEMM, or BF16 operands on [`bf16_backend`].
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    dst_stride: usize,
+    lhs: gemm::View<'_>,
+    rhs: gemm::View<'_>,
+    accumulate: bool,
+    threads: gemm::Threads,
+    precision: Precision,
+) -> candle_core::Result<()> {
+    match precision {
+        Precision::Fp32 => gemm::sgemm(dst, dst_stride, lhs, rhs, accumulate, threads),
+        Precision::Bf16 => bf16::gemm_with(dst, dst_stride, lhs, rhs, accumulate, threads, bf16_backend()),
+    }
+}
+
+/// `a (m × k) · b (k × n)`, both row-major f32, with BF16 operands and FP32 accumulation on
+/// `backend` (`[m, k, n]` the shape): `(m × n)` row-major. For checking and timing the backends;
+/// an error names a slice that does not fit its shape or a backend this processor lacks.
+pub fn matmul_bf16(
+    a: &[f32],
+    b: &[f32],
+    [m, k, n]: [usize; 3],
+    backend: Bf16Backend,
+) -> candle_core::Result<Vec<f32>> {
+    if a.len() != m * k || b.len() != k * n {
+        candle_core::bail!(
+            "matmul_bf16: a has {} values and b {}, but {m}×{k}·{k}×{n} needs {} and {}",
+            a.len(),
+            b.len(),
+            m * k,
+            k * n
+        );
+    }
+    if !backend.is_supported() {
+        candle_core::bail!("matmul_bf16: this processor cannot run the {backend} backend");
+    }
+    let mut out = vec![0.0; m * n];
+    let threads = gemm::Threads::Pool(rayon::current_num_threads());
+    bf16::gemm_with(
+        &mut out,
+        n,
+        gemm::View::rows(a, m, k),
+        gemm::View::rows(b, k, n),
+        false,
+        threads,
+        backend,
+    )?;
+    Ok(out)
 }
 
 /// The data of a contiguous f32 CPU storage.
@@ -117,7 +213,7 @@ pub(crate) fn tensor_f32(t: &Tensor) -> candle_core::Result<F32Ref<'_>> {
 }
 
 fn fast(kernels: Kernels, tensors: &[&Tensor]) -> bool {
-    kernels == Kernels::Fast
+    kernels != Kernels::Reference
         && tensors
             .iter()
             .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
@@ -133,9 +229,14 @@ pub fn conv2d(
     kernels: Kernels,
 ) -> candle_core::Result<Tensor> {
     if fast(kernels, &[x, w, b]) {
-        return x
-            .contiguous()?
-            .apply_op3(&w.contiguous()?, &b.contiguous()?, conv::Conv2dOp { spec });
+        return x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            conv::Conv2dOp {
+                spec,
+                precision: kernels.precision(),
+            },
+        );
     }
     // Stride 1, then every `stride`-th row and column: candle 0.11's own strided conv2d has a backward
     // pass that fails with a shape error for some odd sizes (its transposed convolution lacks an
@@ -166,7 +267,7 @@ pub fn conv2d_relu_pool2x2(
         return x.contiguous()?.apply_op3(
             &w.contiguous()?,
             &b.contiguous()?,
-            conv_pool::ConvReluPoolOp::new(spec),
+            conv_pool::ConvReluPoolOp::new(spec, kernels.precision()),
         );
     }
     max_pool2x2(
@@ -207,9 +308,14 @@ pub fn linear(
     kernels: Kernels,
 ) -> candle_core::Result<Tensor> {
     if fast(kernels, &[x, w, b]) {
-        return x
-            .contiguous()?
-            .apply_op3(&w.contiguous()?, &b.contiguous()?, linear::LinearOp { relu });
+        return x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            linear::LinearOp {
+                relu,
+                precision: kernels.precision(),
+            },
+        );
     }
     let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
     if relu { y.relu() } else { Ok(y) }
@@ -323,7 +429,7 @@ pub fn conv1x1(x: &Tensor, w: &Tensor, kernels: Kernels) -> candle_core::Result<
     if fast(kernels, &[x, w]) {
         return x
             .contiguous()?
-            .apply_op2(&w.contiguous()?, pointwise::PointwiseOp);
+            .apply_op2(&w.contiguous()?, pointwise::PointwiseOp(kernels.precision()));
     }
     let (b, cin, h, wd) = x.dims4()?;
     let (cout, _, _, _) = w.dims4()?;
@@ -384,7 +490,7 @@ pub fn mbconv(
         let stats = Arc::new(Mutex::new(Vec::new()));
         let y = x.contiguous()?.apply_op2(
             &params.contiguous()?,
-            mbconv::MbConvOp::new(spec, running, stats.clone()),
+            mbconv::MbConvOp::new(spec, running, stats.clone(), kernels.precision()),
         )?;
         let stats = std::mem::take(
             &mut *stats

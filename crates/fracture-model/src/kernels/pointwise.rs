@@ -5,7 +5,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{Threads, View, inner_threads, sgemm};
+use super::gemm::{Threads, View, inner_threads};
+use super::{Precision, matmul};
 use super::{contiguous_f32, tensor_f32};
 
 /// `b` images of `cin` channels of `n` positions, to `cout` channels.
@@ -15,9 +16,11 @@ pub(crate) struct Dims {
     pub(crate) cin: usize,
     pub(crate) cout: usize,
     pub(crate) n: usize,
+    /// The matrix products' operand precision.
+    pub(crate) precision: Precision,
 }
 
-fn dims(xs: &[usize], ws: &[usize]) -> candle_core::Result<(Dims, usize, usize)> {
+fn dims(xs: &[usize], ws: &[usize], precision: Precision) -> candle_core::Result<(Dims, usize, usize)> {
     let (&[b, cin, h, w], &[cout, wcin, 1, 1]) = (xs, ws) else {
         candle_core::bail!(
             "1×1 conv: expected (B, C, H, W) input and (O, C, 1, 1) weight, got {xs:?} and {ws:?}"
@@ -32,6 +35,7 @@ fn dims(xs: &[usize], ws: &[usize]) -> candle_core::Result<(Dims, usize, usize)>
             cin,
             cout,
             n: h * w,
+            precision,
         },
         h,
         w,
@@ -50,13 +54,14 @@ pub(crate) fn forward_into(x: &[f32], w: &[f32], d: Dims, out: &mut [f32]) -> ca
     out.par_chunks_mut(d.cout * d.n)
         .zip(x.par_chunks(d.cin * d.n))
         .try_for_each(|(o, xb)| {
-            sgemm(
+            matmul(
                 o,
                 d.n,
                 View::rows(w, d.cout, d.cin),
                 View::rows(xb, d.cin, d.n),
                 false,
                 threads,
+                d.precision,
             )
         })
 }
@@ -102,23 +107,25 @@ pub(crate) fn backward_into(
                 let g = &dy[bi * d.cout * d.n..][..d.cout * d.n];
                 let xb = &x[bi * img_in..][..img_in];
                 // dw (cout × cin) += dy_b (cout × n) · x_bᵀ (n × cin)
-                sgemm(
+                matmul(
                     dw,
                     d.cin,
                     View::rows(g, d.cout, d.n),
                     View::transposed(xb, d.cin, d.n),
                     true,
                     inner,
+                    d.precision,
                 )?;
                 if need_dx {
                     // dx_b (cin × n) = wᵀ (cin × cout) · dy_b (cout × n)
-                    sgemm(
+                    matmul(
                         &mut dx_run[j * img_in..(j + 1) * img_in],
                         d.n,
                         View::transposed(w, d.cout, d.cin),
                         View::rows(g, d.cout, d.n),
                         false,
                         inner,
+                        d.precision,
                     )?;
                 }
             }
@@ -128,7 +135,7 @@ pub(crate) fn backward_into(
 }
 
 /// The custom op: inputs `x (B, Cin, H, W)` and `w (Cout, Cin, 1, 1)`.
-pub(crate) struct PointwiseOp;
+pub(crate) struct PointwiseOp(pub(crate) Precision);
 
 impl CustomOp2 for PointwiseOp {
     fn name(&self) -> &'static str {
@@ -142,7 +149,7 @@ impl CustomOp2 for PointwiseOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (d, h, w) = dims(l1.dims(), l2.dims())?;
+        let (d, h, w) = dims(l1.dims(), l2.dims(), self.0)?;
         let out = forward(contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, d)?;
         Ok((CpuStorage::F32(out), Shape::from((d.b, d.cout, h, w))))
     }
@@ -154,7 +161,7 @@ impl CustomOp2 for PointwiseOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (d, _, _) = dims(x.dims(), w.dims())?;
+        let (d, _, _) = dims(x.dims(), w.dims(), self.0)?;
         let grad = grad_res.contiguous()?;
         let need_dx = x.track_op();
         let (dx, dw) = {

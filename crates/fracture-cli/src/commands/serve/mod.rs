@@ -38,6 +38,10 @@ pub(crate) struct Args {
     /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// The operand precision of the network's matrix products: fp32, or bf16 (BF16 operands,
+    /// FP32 accumulation; faster on processors with AMX or AVX-512 BF16).
+    #[arg(long, value_enum, default_value_t = crate::commands::PrecisionArg::Fp32)]
+    precision: crate::commands::PrecisionArg,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
@@ -125,7 +129,7 @@ impl IntoResponse for ApiError {
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = pick_device(args.cpu)?;
-    let model = crate::commands::load_model(args.model.as_deref(), &device)?;
+    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
     let max_upload = (args.max_upload_mb * 1024.0 * 1024.0) as usize;
     let seconds = |name: &str, v: f64| -> anyhow::Result<Duration> {
         if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
@@ -340,7 +344,8 @@ fn display_png(image: &fracture_train::data::image::GrayImage) -> Result<Vec<u8>
     Ok(out.into_inner())
 }
 
-/// What `/api/model` says: name, architecture, input, threshold and the training run's validation.
+/// What `/api/model` says: name, architecture, input, threshold, the training run's validation, and
+/// the precision it predicts in (with the BF16 backend when bf16).
 fn model_info(model: &TrainedModel) -> serde_json::Value {
     let meta = &model.meta;
     let name = model
@@ -379,5 +384,8 @@ fn model_info(model: &TrainedModel) -> serde_json::Value {
             "ci95": op.map(|o| &o.ci95),
         },
         "train": meta.train,
+        "precision": model.precision(),
+        "bf16_backend": (model.precision() == fracture_train::model::Precision::Bf16)
+            .then(fracture_train::model::kernels::bf16_backend),
     })
 }
