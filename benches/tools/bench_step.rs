@@ -3,9 +3,11 @@
 //! PyTorch, and prints one `RESULT` line per measurement in the same format.
 //!
 //! ```text
-//! cargo run --release -p fracture-benches --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference] [--arch seed|resnet|efficientnet-lite0]
+//! cargo run --release -p fracture-benches --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference] [--precision fp32|bf16] [--arch seed|resnet|efficientnet-lite0]
 //! ```
-//! `--reference` uses candle's own operations instead of our CPU kernels; `--arch` picks the network
+//! `--reference` uses candle's own operations instead of our CPU kernels; `--precision bf16` runs the
+//! matrix products with BF16 operands (`Kernels::Bf16`, on the backend `FRACTURE_BF16` or the
+//! processor picks, printed on stderr); `--arch` picks the network
 //! (default `seed`; `--resnet` is short for `--arch resnet`). `cargo xtask bench-compare` runs this
 //! beside the PyTorch scripts and prints the ratios.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -36,13 +38,20 @@ fn main() -> anyhow::Result<()> {
         None if args.iter().any(|a| a == "--resnet") => "resnet".into(),
         None => "seed".into(),
     };
+    let precision = match args.iter().position(|a| a == "--precision") {
+        Some(i) => args.get(i + 1).context("--precision needs fp32 or bf16")?.clone(),
+        None => "fp32".into(),
+    };
+    if reference && precision != "fp32" {
+        bail!("--reference runs candle's operations, in fp32 only");
+    }
     let pos: Vec<&String> = args
         .iter()
-        .filter(|a| !a.starts_with("--") && **a != arch)
+        .filter(|a| !a.starts_with("--") && **a != arch && **a != precision)
         .collect();
     let [mode, size, batch, iters] = pos.as_slice() else {
         bail!(
-            "usage: bench_step {{train|infer}} SIZE BATCH ITERS [--reference] [--arch seed|resnet|efficientnet-lite0]"
+            "usage: bench_step {{train|infer}} SIZE BATCH ITERS [--reference] [--precision fp32|bf16] [--arch seed|resnet|efficientnet-lite0]"
         );
     };
     let (size, batch, iters): (usize, usize, usize) = (
@@ -58,10 +67,15 @@ fn main() -> anyhow::Result<()> {
         other => bail!("unknown architecture `{other}` (seed, resnet, efficientnet-lite0)"),
     };
     let mut model = Model::new(&config, 0, &dev)?;
-    model.net.set_kernels(if reference {
-        Kernels::Reference
-    } else {
-        Kernels::Fast
+    model.net.set_kernels(match (reference, precision.as_str()) {
+        (true, _) => Kernels::Reference,
+        (false, "fp32") => Kernels::Fast,
+        (false, "bf16") => {
+            let status = fracture_train::model::kernels::bf16_status();
+            eprintln!("  bf16 products on {} ({})", status.backend, status.reason);
+            Kernels::Bf16
+        }
+        (false, other) => bail!("unknown precision `{other}` (fp32, bf16)"),
     });
     let x = Tensor::rand(0f32, 1.0, (batch, 1, size, size), &dev)?;
     let y = Tensor::rand(0f32, 1.0, batch, &dev)?
@@ -114,7 +128,7 @@ fn main() -> anyhow::Result<()> {
     );
     let fw = if reference { "candle-reference" } else { "fracture" };
     println!(
-        "RESULT fw={fw} model={arch} mode={mode} size={size} batch={batch} ms_per_iter={:.3} img_per_s={:.2}",
+        "RESULT fw={fw} model={arch} precision={precision} mode={mode} size={size} batch={batch} ms_per_iter={:.3} img_per_s={:.2}",
         med * 1e3,
         batch as f64 / med
     );

@@ -44,7 +44,8 @@ commands:
                              a network's train step and inference, ours vs PyTorch (default and tuned
                              allocator) in one run: ../shared/bench/torch_seed_cnn.py (seed CNN, the
                              default) or torch_effnet_lite.py beside `bench_step`; prints the table with
-                             ratios. --reference adds candle's own ops
+                             ratios. For efficientnet-lite0 also PyTorch's BF16 autocast and BF16 +
+                             channels-last, and our `--precision bf16`. --reference adds candle's own ops
   default-model [--check-only] [--shared DIR]
                              the ready model of models/: trains it from ../shared (FracAtlas train + extra,
                              leaks excluded, box supervision, seed 42; about 30 min on 2 cores), writes it in
@@ -386,6 +387,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
             &[
                 ("train step, 224 px", "train", "224", "32", "4"),
                 ("train step, 256 px", "train", "256", "32", "3"),
+                ("train step, 384 px", "train", "384", "32", "2"),
                 ("inference, 224 px", "infer", "224", "32", "5"),
                 ("inference latency, 224 px, batch 1", "infer", "224", "1", "30"),
             ],
@@ -422,20 +424,37 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
         })
         .unwrap_or_default();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+    let bf16_hw = match (has("amx_bf16"), has("avx512_bf16")) {
+        (true, _) => "AMX and AVX-512 BF16",
+        (false, true) => "AVX-512 BF16, no AMX",
+        (false, false) => "no BF16 instructions: BF16 runs emulated or as FP32 on both sides",
+    };
     println!(
-        "{model}, random data, medians of {runs} runs (each the median of its iterations); {threads} threads; {machine}"
+        "{model}, random data, medians of {runs} runs (each the median of its iterations); {threads} threads; {machine}; {bf16_hw}"
     );
+    // EfficientNet-Lite0 also gets PyTorch's BF16 set-ups (autocast, and autocast + channels-last,
+    // both with the tuned allocator) and our BF16 products.
+    let bf16 = model == "efficientnet-lite0";
     let mut header =
         "| | PyTorch | PyTorch, tuned allocator | fracture | fracture / PyTorch | fracture / tuned |"
             .to_string();
     let mut rule = "|---|---|---|---|---|---|".to_string();
+    if bf16 {
+        header.push_str(
+            " PyTorch BF16 autocast | PyTorch BF16 + channels-last | fracture BF16 | fracture BF16 / fracture | fracture's best / PyTorch's best |",
+        );
+        rule.push_str("---|---|---|---|---|");
+    }
     if reference {
         header.push_str(" candle's own ops | fracture / candle |");
         rule.push_str("---|---|");
     }
     println!("{header}\n{rule}");
     for &(name, mode, size, batch, iters) in cases {
-        let (mut torch, mut torch_tuned, mut us, mut cand) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut rates: [Vec<f64>; 7] = Default::default();
+        let [torch, torch_tuned, us, cand, torch_amp, torch_cl, us_bf16] = &mut rates;
         for _ in 0..runs {
             let py = || {
                 let mut c = Command::new(&python);
@@ -449,6 +468,22 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
             us.push(result_rate(
                 Command::new(&ours).args([mode, size, batch, iters, "--arch", &model]),
             )?);
+            if bf16 {
+                torch_amp.push(result_rate(py().envs(tuned).env("AMP", "bf16"))?);
+                torch_cl.push(result_rate(
+                    py().envs(tuned).env("AMP", "bf16").env("CHANNELS_LAST", "1"),
+                )?);
+                us_bf16.push(result_rate(Command::new(&ours).args([
+                    mode,
+                    size,
+                    batch,
+                    iters,
+                    "--arch",
+                    &model,
+                    "--precision",
+                    "bf16",
+                ]))?);
+            }
             if reference {
                 let ref_iters = if mode == "train" { "2" } else { iters };
                 cand.push(result_rate(Command::new(&ours).args([
@@ -462,7 +497,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
                 ]))?);
             }
         }
-        let (t, tt, u) = (median(torch), median(torch_tuned), median(us));
+        let [t, tt, u, c, ta, tc, ub] = rates.map(|v| if v.is_empty() { f64::NAN } else { median(v) });
         let show = |rate: f64| {
             if batch == "1" {
                 format!("{:.2} ms", 1000.0 / rate)
@@ -485,8 +520,18 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
             ratio(u, t),
             ratio(u, tt)
         );
+        if bf16 {
+            let theirs = [t, tt, ta, tc].into_iter().fold(0.0, f64::max);
+            row.push_str(&format!(
+                " {} | {} | {} | {} | {} |",
+                show(ta),
+                show(tc),
+                show(ub),
+                ratio(ub, u),
+                ratio(u.max(ub), theirs)
+            ));
+        }
         if reference {
-            let c = median(cand);
             row.push_str(&format!(" {} | {} |", show(c), ratio(u, c)));
         }
         println!("{row}");

@@ -3022,3 +3022,115 @@ fn eval_lists_every_training_image_it_recognises_in_a_file() {
     assert_eq!(listed.lines().count(), 8, "{listed}");
     assert!(listed.starts_with("path,distance\n"));
 }
+
+/// P(fractured) of each image `fracture predict` reports, by path.
+fn predicted_p(out: &std::process::Output) -> std::collections::BTreeMap<String, f64> {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["path"].as_str().unwrap().to_string(),
+                p["p_fractured"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The built-in model in BF16 on 48 real val radiographs: with the products emulated
+/// (`FRACTURE_BF16=emulated`, the numbers of AMX and AVX-512 BF16 on any processor) every P moves,
+/// by at most 0.01; with the fp32 fallback forced, `--precision bf16` gives exactly the FP32 answers.
+#[test]
+#[ignore = "needs the FracAtlas radiographs at ../shared/data/fracatlas; `cargo test -- --include-ignored` runs it"]
+fn bf16_inference_stays_within_a_hundredth_of_fp32_on_real_radiographs() {
+    let data = fracture_testkit::fracatlas();
+    let root = fresh_dir(&base(), "bf16-predict");
+    let subset = root.join("val");
+    val_subset(&data, &subset, 16, 32);
+    let predict = |precision: &str, backend: &str| {
+        fracture()
+            .args([
+                "predict",
+                "--no-evidence",
+                "--format",
+                "json",
+                "--precision",
+                precision,
+            ])
+            .arg(&subset)
+            .env("FRACTURE_BF16", backend)
+            .output()
+            .unwrap()
+    };
+    let fp32 = predicted_p(&predict("fp32", "emulated"));
+    assert_eq!(fp32.len(), 48);
+    let bf16 = predicted_p(&predict("bf16", "emulated"));
+    let deltas: Vec<f64> = fp32.iter().map(|(k, p)| (bf16[k] - p).abs()).collect();
+    let worst = deltas.iter().copied().fold(0.0, f64::max);
+    assert!(worst <= 0.01, "max |ΔP| {worst}");
+    assert!(deltas.iter().filter(|d| **d > 0.0).count() >= 40, "{deltas:?}");
+    assert_eq!(predicted_p(&predict("bf16", "fp32")), fp32);
+}
+
+/// `train --precision bf16` trains with BF16 products (emulated here, so on any processor), says
+/// so, and records the precision in the model file's training settings and the backend in its
+/// validation report; with candle's reference operations it is refused.
+#[test]
+fn train_in_bf16_records_the_precision_and_backend() {
+    let root = fresh_dir(&base(), "train-bf16");
+    write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((6, 10), (4, 4)));
+    let run = root.join("run");
+    let train = |extra: &[&str], out: &std::path::Path| {
+        fracture()
+            .args([
+                "train",
+                "--epochs",
+                "1",
+                "--image-size",
+                "24",
+                "--batch-size",
+                "8",
+                "--precision",
+                "bf16",
+            ])
+            .args(extra)
+            .arg("--data")
+            .arg(root.join("data"))
+            .arg("--out")
+            .arg(out)
+            .env("FRACTURE_BF16", "emulated")
+            .output()
+            .unwrap()
+    };
+    let out = train(&[], &run);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("precision bf16: matrix products on emulated (FRACTURE_BF16=emulated)"),
+        "{stdout}"
+    );
+    let model = fracture_train::TrainedModel::load(&run, &fracture_train::candle_core::Device::Cpu).unwrap();
+    let train_cfg = model.meta.train.as_ref().unwrap();
+    assert_eq!(train_cfg.precision, fracture_train::model::Precision::Bf16);
+    let validation = model.meta.validation.as_ref().unwrap();
+    assert_eq!(
+        validation.bf16_backend,
+        Some(fracture_train::model::kernels::Bf16Backend::Emulated)
+    );
+    // A loaded model predicts in FP32 unless asked.
+    assert_eq!(model.precision(), fracture_train::model::Precision::Fp32);
+    let refused = train(&["--kernels", "reference"], &root.join("run-reference"));
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("precision bf16 needs our kernels"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

@@ -314,7 +314,7 @@ impl EfficientNet {
             relu: false,
         };
         let zero = Tensor::zeros(STEM_CHANNELS, DType::F32, xs.device())?.to_dtype(xs.dtype())?;
-        let x = kernels::conv2d(&x, &self.stem, &zero, spec, k)?;
+        let x = kernels::conv2d(&x, &self.stem, &zero, spec, k.for_pixels())?;
         let mut x = self.stem_bn.forward(&x, stats, Activation::Relu6, k)?;
         for block in self.blocks.iter().take(blocks) {
             x = block.forward(&x, stats, k)?;

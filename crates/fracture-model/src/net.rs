@@ -212,7 +212,7 @@ impl ModuleT for FractureNet {
         self.check_input(xs)?;
         match &self.inner {
             Inner::Seed(net) => {
-                let x = conv_pool(&net.conv1, xs, SEED_CONV, self.kernels)?;
+                let x = conv_pool(&net.conv1, xs, SEED_CONV, self.kernels.for_pixels())?;
                 let x = conv_pool(&net.conv2, &x, SEED_CONV, self.kernels)?;
                 let x = self.dropout(&x.flatten_from(1)?, net.p_flatten, train)?;
                 let x = self.dropout(&dense(&net.fc1, &x, true, self.kernels)?, net.p_dense, train)?;
@@ -237,7 +237,7 @@ impl ModuleT for FractureNet {
 impl FractureNet {
     /// The seed network up to its last convolutional feature map (after ReLU, before pooling).
     pub(crate) fn features(&self, net: &SeedNet, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let x = conv_pool(&net.conv1, xs, SEED_CONV, self.kernels)?;
+        let x = conv_pool(&net.conv1, xs, SEED_CONV, self.kernels.for_pixels())?;
         conv(&net.conv2, &x, SEED_CONV, self.kernels)
     }
 }
@@ -252,7 +252,7 @@ impl FractureNet {
         train: bool,
     ) -> candle_core::Result<Tensor> {
         let k = self.kernels;
-        let x = conv_pool(&net.stem, xs, STEM_CONV, k)?;
+        let x = conv_pool(&net.stem, xs, STEM_CONV, k.for_pixels())?;
         let stats = self.bn_stats(train);
         let mut x = net.stem_bn.forward(&x, stats, Activation::None, k)?;
         for block in &net.blocks {
