@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use fracture_model::kernels::{self, ConvSpec, Kernels};
+use fracture_kernels::{self as kernels, ConvSpec, Kernels};
 use fracture_model::{Model, ModelConfig};
 use fracture_train::config::AdamConfig;
 use fracture_train::loss::bce_with_logits;

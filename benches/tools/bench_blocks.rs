@@ -10,8 +10,8 @@
 use std::time::Instant;
 
 use anyhow::Context;
+use fracture_kernels::{self as kernels, Kernels, MbConvSpec};
 use fracture_train::candle_core::{Device, Tensor, Var};
-use fracture_train::model::kernels::{self, Kernels, MbConvSpec};
 
 #[global_allocator]
 static ALLOCATOR: fracture_alloc::MiMalloc = fracture_alloc::MiMalloc;

@@ -71,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         (true, _) => Kernels::Reference,
         (false, "fp32") => Kernels::Fast,
         (false, "bf16") => {
-            let status = fracture_train::model::kernels::bf16_status();
+            let status = fracture_train::kernels::bf16_status();
             eprintln!("  bf16 products on {} ({})", status.backend, status.reason);
             Kernels::Bf16
         }

@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use fracture_model::kernels::{Bf16Backend, matmul_bf16};
+use fracture_kernels::{Bf16Backend, matmul_bf16};
 
 #[global_allocator]
 static ALLOCATOR: fracture_alloc::MiMalloc = fracture_alloc::MiMalloc;

@@ -3122,7 +3122,7 @@ fn train_in_bf16_records_the_precision_and_backend() {
     let validation = model.meta.validation.as_ref().unwrap();
     assert_eq!(
         validation.bf16_backend,
-        Some(fracture_train::model::kernels::Bf16Backend::Emulated)
+        Some(fracture_train::kernels::Bf16Backend::Emulated)
     );
     // A loaded model predicts in FP32 unless asked.
     assert_eq!(model.precision(), fracture_train::model::Precision::Fp32);

@@ -33,7 +33,6 @@ mod efficientnet;
 mod error;
 mod gradcam;
 mod init;
-pub mod kernels;
 mod layers;
 mod net;
 pub mod pretrained;
@@ -42,9 +41,12 @@ mod weights;
 pub use config::{ArchConfig, EfficientNetConfig, ModelConfig, ResNetConfig, SeedConfig};
 pub use device::{compiled_backends, describe_device, device};
 pub use error::{Error, Result};
+/// The CPU kernels the networks are built from (the `fracture-kernels` crate), under their old path
+/// inside this crate.
+pub(crate) use fracture_kernels as kernels;
+pub use fracture_kernels::{Kernels, Precision};
 pub use gradcam::{CamLayer, CamMethod, GradCam};
 pub use init::seeded_var_builder;
-pub use kernels::{Kernels, Precision};
 pub use net::FractureNet;
 pub use pretrained::{PretrainedOrigin, PretrainedWeights};
 pub use weights::{

@@ -218,7 +218,7 @@ fn pretrained_import_names_what_does_not_fit() {
 /// skip connection) and stride 2.
 #[test]
 fn fused_block_gradients_match_finite_differences() {
-    use fracture_model::kernels::{self, MbConvSpec};
+    use fracture_kernels::{self as kernels, MbConvSpec};
     for (stride, batch_stats) in [(1usize, true), (2, true), (1, false), (2, false)] {
         let spec = MbConvSpec {
             cin: 3,

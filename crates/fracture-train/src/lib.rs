@@ -76,7 +76,8 @@ pub use recipe::{Preset, Recipe};
 pub use run::{Event, TrainOutcome, TrainSetup, train};
 
 pub use {
-    candle_core, fracture_data as data, fracture_eval as eval, fracture_model as model, fracture_plot as plot,
+    candle_core, fracture_data as data, fracture_eval as eval, fracture_kernels as kernels,
+    fracture_model as model, fracture_plot as plot,
 };
 
 // Shortcuts for the crate's own modules.

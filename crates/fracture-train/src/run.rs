@@ -152,7 +152,7 @@ pub struct EpochReport {
     /// Where the BF16 matrix products ran (`amx`, `avx512`, `emulated`, or `fp32` on a processor
     /// without BF16 instructions); `None` for an FP32 run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bf16_backend: Option<fracture_model::kernels::Bf16Backend>,
+    pub bf16_backend: Option<fracture_kernels::Bf16Backend>,
 }
 
 impl EpochReport {
@@ -340,7 +340,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             seconds: epoch_start.elapsed().as_secs_f64(),
             images_per_s: trained.images as f64 / trained.seconds.max(1e-9),
             bf16_backend: (session.model.net.kernels() == fracture_model::Kernels::Bf16)
-                .then(fracture_model::kernels::bf16_backend),
+                .then(fracture_kernels::bf16_backend),
         };
         on_event(Event::EpochEnd(&report));
         session.meta.epoch = epoch;

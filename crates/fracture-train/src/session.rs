@@ -90,7 +90,7 @@ impl Session {
             (kernels, _) => kernels,
         });
         if model.net.kernels() == fracture_model::Kernels::Bf16 {
-            let status = fracture_model::kernels::bf16_status();
+            let status = fracture_kernels::bf16_status();
             on_event(Event::Notice(&format!(
                 "precision bf16: matrix products on {} ({})",
                 status.backend, status.reason

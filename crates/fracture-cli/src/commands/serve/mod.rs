@@ -386,6 +386,6 @@ fn model_info(model: &TrainedModel) -> serde_json::Value {
         "train": meta.train,
         "precision": model.precision(),
         "bf16_backend": (model.precision() == fracture_train::model::Precision::Bf16)
-            .then(fracture_train::model::kernels::bf16_backend),
+            .then(fracture_train::kernels::bf16_backend),
     })
 }

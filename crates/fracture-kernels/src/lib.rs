@@ -1,5 +1,5 @@
 //! CPU kernels for the networks' hot operations, plugged into candle as custom ops with backward
-//! passes, so the model code stays candle code.
+//! passes, so the model code stays candle code. The crate's README has a runnable example.
 //!
 //! Each public function here takes and returns candle tensors. On a CPU device with f32 data it
 //! runs our kernel; anywhere else (CUDA, Metal, other dtypes), or when [`Kernels::Reference`] is
@@ -21,6 +21,13 @@
 //!
 //! The GEMM is the `gemm` crate's (the one candle uses) with its AVX-512 kernels enabled; its single
 //! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`.
+
+#![warn(missing_docs)]
+
+/// The README's example, run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;
 
 mod batchnorm;
 mod bf16;

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{Device, Tensor, Var};
-use fracture_model::kernels::{self, Bf16Backend, ConvSpec, Kernels, MbConvSpec};
+use fracture_kernels::{self as kernels, Bf16Backend, ConvSpec, Kernels, MbConvSpec};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 

@@ -3,9 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use candle_core::{Device, ModuleT, Tensor, Var};
-use fracture_model::kernels::{self, Activation, ConvSpec, DepthwiseSpec, Kernels, MbConvSpec, Padding};
-use fracture_model::{ArchConfig, Model, ModelConfig, SeedConfig};
+use candle_core::{Device, Tensor, Var};
+use fracture_kernels::{self as kernels, Activation, ConvSpec, DepthwiseSpec, Kernels, MbConvSpec, Padding};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 use rand::SeedableRng;
@@ -253,44 +252,6 @@ n in 1usize..300, p in 0.0f32..0.9, seed: u64) {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             kernels::dropout(&t[0], p, &mut rng, k).unwrap()
         }, "dropout")?;
-    }
-}
-
-/// The whole seed network, forward and backward, on both kernel choices.
-#[test]
-fn the_network_agrees_on_both_kernel_choices() {
-    for size in [32usize, 37] {
-        let cfg = ModelConfig {
-            image_size: size,
-            arch: ArchConfig::Seed(SeedConfig {
-                conv1_channels: 8,
-                conv2_channels: 12,
-                dense_units: 16,
-                ..SeedConfig::default()
-            }),
-        };
-        let mut logits = Vec::new();
-        let mut grads = Vec::new();
-        for k in [Kernels::Fast, Kernels::Reference] {
-            let mut model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
-            model.net.set_kernels(k);
-            model.net.set_dropout_seed(3);
-            let x = random(&[3, 1, size, size], 11).affine(0.5, 0.5).unwrap();
-            let out = model.net.forward_t(&x, true).unwrap();
-            let g = out.sum_all().unwrap().backward().unwrap();
-            grads.push(
-                model
-                    .named_vars()
-                    .into_iter()
-                    .map(|(n, v)| (n, g.get(&v).unwrap().clone()))
-                    .collect::<Vec<_>>(),
-            );
-            logits.push(out);
-        }
-        close(&logits[0], &logits[1], "logits").unwrap();
-        for ((name, a), (_, b)) in grads[0].iter().zip(&grads[1]) {
-            close(a, b, name).unwrap();
-        }
     }
 }
 
