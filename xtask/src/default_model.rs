@@ -1,4 +1,4 @@
-//! `cargo xtask default-model`: trains the ready model of `models/` from the shared data with the
+//! `cargo xtask default-model`: trains the ready model of `crates/fracture-cli/models/` from the shared data with the
 //! recorded command and seed, stores it in half precision, fits its calibration and threshold on
 //! val with the weights that ship, measures what half precision changes, and checks the model card's numbers against a fresh evaluation of the committed file.
 
@@ -8,8 +8,8 @@ use std::process::Command;
 use crate::{DynError, status};
 
 /// The model file and its card, relative to the project root.
-pub(crate) const MODEL: &str = "models/fracture-lite0.safetensors";
-const CARD: &str = "models/README.md";
+pub(crate) const MODEL: &str = "crates/fracture-cli/models/fracture-lite0.safetensors";
+const CARD: &str = "crates/fracture-cli/models/README.md";
 /// The card rows checked against a fresh evaluation: (row label, report.json key).
 const CARD_ROWS: [(&str, &str); 5] = [
     ("ROC-AUC", "roc_auc"),

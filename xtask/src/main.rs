@@ -47,10 +47,10 @@ commands:
                              ratios. For efficientnet-lite0 also PyTorch's BF16 autocast and BF16 +
                              channels-last, and our `--precision bf16`. --reference adds candle's own ops
   default-model [--check-only] [--shared DIR]
-                             the ready model of models/: trains it from ../shared (FracAtlas train + extra,
+                             the ready model of crates/fracture-cli/models/: trains it from ../shared (FracAtlas train + extra,
                              leaks excluded, box supervision, seed 42; about 30 min on 2 cores), writes it in
                              half precision, reports the largest P(fractured) change against F32 on val, and
-                             checks models/README.md against a fresh evaluation. --check-only skips training
+                             checks crates/fracture-cli/models/README.md against a fresh evaluation. --check-only skips training
   setup-torch                create target/torch-ref, a Python venv with PyTorch (about 3 GB, from PyPI)
   setup-python               create target/pyref, a Python venv with Pillow, OpenCV and NumPy (from PyPI)
   bench-preprocess [--seconds S] [--python PATH]

@@ -40,7 +40,7 @@ enum Command {
     /// Kaggle dataset `--dataset owner/slug`, or the FracAtlas release with `--dataset fracatlas`.
     Download(commands::download::Args),
     /// Write a trained model as one compact file (half-precision weights) with its training
-    /// fingerprints beside it, as `models/` holds the ready model.
+    /// fingerprints beside it, as `crates/fracture-cli/models/` holds the ready model.
     Export(commands::export::Args),
     /// Fit a model's probability calibration (Platt scaling) and its operating threshold on labelled
     /// validation images, and write the model with them.

@@ -58,11 +58,12 @@ pub(crate) fn fmt_ci(i: Option<fracture_train::eval::Interval>) -> String {
 }
 
 /// The model compiled into this binary (feature `bundled-model`, on by default): the repository's
-/// `models/fracture-lite0.safetensors` and its training fingerprints.
+/// `crates/fracture-cli/models/fracture-lite0.safetensors` and its training fingerprints (inside
+/// this package, so it is published with it).
 #[cfg(feature = "bundled-model")]
 const BUNDLED: Option<(&[u8], &[u8])> = Some((
-    include_bytes!("../../../../models/fracture-lite0.safetensors"),
-    include_bytes!("../../../../models/training-fingerprints.bin"),
+    include_bytes!("../../models/fracture-lite0.safetensors"),
+    include_bytes!("../../models/training-fingerprints.bin"),
 ));
 #[cfg(not(feature = "bundled-model"))]
 const BUNDLED: Option<(&[u8], &[u8])> = None;
