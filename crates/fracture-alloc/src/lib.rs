@@ -1,18 +1,4 @@
-//! The allocator of the fracture binaries and tools, and the two ways they tune it.
-//!
-//! Training allocates and frees tens of megabytes per step; mimalloc reuses that memory instead of
-//! mapping and unmapping it (page faults and TLB shootdowns) every step. A binary declares it once:
-//!
-//! ```
-//! #[global_allocator]
-//! static ALLOCATOR: fracture_alloc::MiMalloc = fracture_alloc::MiMalloc;
-//!
-//! fn main() {
-//!     fracture_alloc::keep_freed_memory(); // a training or benchmark process
-//!     let v = vec![0u8; 1 << 20];
-//!     assert_eq!(v.len(), 1 << 20);
-//! }
-//! ```
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 pub use mimalloc::MiMalloc;

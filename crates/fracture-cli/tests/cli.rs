@@ -2767,7 +2767,8 @@ fn calibrate_refits_the_probabilities_and_threshold_on_real_radiographs() {
         "{stdout}"
     );
     // The weights are the built-in model's, bit for bit: the file keeps their half precision.
-    let built_in = fracture_testkit::workspace_root().join("crates/fracture-cli/models/fracture-lite0.safetensors");
+    let built_in =
+        fracture_testkit::workspace_root().join("crates/fracture-cli/models/fracture-lite0.safetensors");
     let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len() as i64;
     assert!(
         (size(&model) - size(&built_in)).abs() < 20_000,

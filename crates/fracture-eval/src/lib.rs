@@ -1,42 +1,4 @@
-//! Metrics for binary fracture classifiers, with "fractured" as the positive class.
-//!
-//! - Threshold metrics: [`ConfusionMatrix`] counts decisions against the truth; [`BinaryMetrics`]
-//!   derives accuracy, precision (PPV), recall (sensitivity), specificity, NPV, F1 and balanced
-//!   accuracy from it.
-//! - Ranking: [`roc_curve`] and the exact [`roc_auc`] (Mann-Whitney, ties counted one half);
-//!   [`pr_curve`] and [`average_precision`].
-//! - Calibration: [`brier_score`], [`calibration_bins`], [`expected_calibration_error`].
-//! - Uncertainty: [`bootstrap_ci`], seeded stratified percentile-bootstrap 95% intervals.
-//! - Operating points: [`choose_threshold`] by target sensitivity, Youden's J or best F1;
-//!   [`choose_stable_threshold`], the target-sensitivity cut placed between two scores, with its
-//!   bootstrap interval.
-//! - Calibration maps: [`Platt`] scaling and its honest estimate, [`cross_fitted_platt`].
-//! - Subgroups: [`group_report`], the metrics on one subset, with too few cases said so.
-//!
-//! Every ratio is an `Option<f64>`: `None` when it is undefined (0/0), never NaN.
-//!
-//! Pure Rust and deterministic: no tensors, no I/O, no other fracture crate.
-//!
-//! Scores in, a report with intervals and an operating point out:
-//!
-//! ```
-//! use fracture_eval::{EvalReport, ThresholdRule, choose_threshold};
-//!
-//! // P(fractured) of eight validation images and whether each is fractured.
-//! let p = [0.95, 0.81, 0.64, 0.55, 0.42, 0.30, 0.22, 0.08];
-//! let fractured = [true, true, false, true, false, true, false, false];
-//! // The highest threshold that still finds 3 of the 4 fractures (sensitivity >= 0.75).
-//! let t = choose_threshold(&p, &fractured, ThresholdRule::TargetSensitivity { target: 0.75 })?
-//!     .expect("both classes are present");
-//! assert_eq!(t, 0.55);
-//! let report = EvalReport::new(&p, &fractured, t)?;
-//! assert_eq!((report.sensitivity, report.specificity), (Some(0.75), Some(0.75)));
-//! assert_eq!(report.roc_auc, Some(0.8125));
-//! // Seeded stratified-bootstrap 95% interval of the ROC-AUC.
-//! let ci = report.ci95.roc_auc.expect("defined with both classes");
-//! assert!(ci.lower <= 0.8125 && 0.8125 <= ci.upper);
-//! # Ok::<(), fracture_eval::Error>(())
-//! ```
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 mod bootstrap;

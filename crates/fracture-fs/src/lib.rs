@@ -1,14 +1,4 @@
-//! Files written whole or not at all: what every fracture crate that writes a result uses (model
-//! files, checkpoints, metrics, reports, charts, cache entries), so an interruption never leaves a
-//! torn file behind.
-//!
-//! ```
-//! let path = std::env::temp_dir().join(format!("fracture-fs-doc-{}.txt", std::process::id()));
-//! fracture_fs::write_atomic(&path, b"epoch,loss\n1,0.5\n")?;
-//! assert_eq!(std::fs::read(&path)?, b"epoch,loss\n1,0.5\n");
-//! # std::fs::remove_file(&path)?;
-//! # Ok::<(), std::io::Error>(())
-//! ```
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 use std::io::Write;

@@ -1,18 +1,4 @@
-//! PNG charts of a classifier's results, drawn with plotters into memory and encoded with `image`,
-//! and heatmaps of where its evidence lies.
-//!
-//! Text uses DejaVu Sans compiled into the binary, so charts look the same on every machine and need
-//! no system fonts. Every function returns the PNG file's bytes; writing them is the caller's job.
-//! "Fractured" is the positive class throughout.
-//!
-//! ```
-//! use fracture_eval::ConfusionMatrix;
-//!
-//! let cm = ConfusionMatrix::from_labels(&[true, false, true], &[true, true, false])?;
-//! let png = fracture_plot::confusion_png(&cm, "validation")?;
-//! assert!(png.starts_with(b"\x89PNG"));
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 mod heatmap;
