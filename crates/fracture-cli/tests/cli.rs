@@ -2516,7 +2516,7 @@ fn audit_finds_a_planted_leak_and_training_can_leave_it_out() {
     // 26 listed: 24 images, the copy and the unreadable file (skipped when loading).
     let stdout = train("clean", true);
     assert!(
-        stdout.contains("--exclude-leaks: 1 of 26 training images"),
+        stdout.contains("excluding leaks: 1 of 26 training images"),
         "{stdout}"
     );
     assert!(stdout.contains("leak.jpg"), "{stdout}");

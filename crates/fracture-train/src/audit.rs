@@ -272,7 +272,7 @@ pub(crate) fn screen_training(
         .collect();
     train.retain(|i| !leaked.contains(i.path.as_path()));
     on_event(crate::Event::Notice(&format!(
-        "--exclude-leaks: {} of {before} training images have a near duplicate in val or test \
+        "excluding leaks: {} of {before} training images have a near duplicate in val or test \
          (threshold {DEFAULT_THRESHOLD} bits) and are left out{}{}",
         before - train.len(),
         if shown.is_empty() { "" } else { ":\n" },

@@ -41,6 +41,36 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The run folder does not fit what was asked (a new run, or resuming one).
+    #[error("{}: {problem}", path.display())]
+    RunFolder {
+        /// The run folder, or its checkpoint.
+        path: PathBuf,
+        /// What does not fit.
+        problem: RunFolderProblem,
+    },
+    /// The dataset's symbolic links leave its root or put one image in two classes or splits, and
+    /// [`crate::TrainSetup::allow_link_problems`] is off.
+    #[error(
+        "{}: {count} symbolic link(s) change what this dataset means (they could relabel images or \
+         leak validation images into training):\n{listed}",
+        root.display()
+    )]
+    LinkProblems {
+        /// The dataset root.
+        root: PathBuf,
+        /// How many links are a problem.
+        count: usize,
+        /// The first few, one per line.
+        listed: String,
+    },
+    /// Boxes were given ([`crate::TrainSetup::boxes`]) for a network without a localization head
+    /// (only EfficientNet-Lite0 has one).
+    #[error("a box file trains a localization head, which only the EfficientNet-Lite0 network has")]
+    BoxesWithoutHead,
+    /// The network has a localization head but no box file trains it.
+    #[error("the network has a localization head but no box file trains it")]
+    HeadWithoutBoxes,
     /// A checkpoint cannot be used.
     #[error("{}: {reason}", path.display())]
     Checkpoint {
@@ -100,4 +130,31 @@ impl Error {
             source,
         }
     }
+}
+
+/// How a run folder fails to fit a request ([`Error::RunFolder`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunFolderProblem {
+    /// The path exists and is not a folder.
+    #[error("exists and is not a folder")]
+    NotAFolder,
+    /// Resuming was asked for, but the folder holds no checkpoint.
+    #[error("nothing to resume: no checkpoint here")]
+    NothingToResume,
+    /// A new run was asked for, but the folder already holds one.
+    #[error("this folder already holds a run")]
+    HoldsARun,
+    /// Resuming with settings or data that differ from the run's.
+    #[error("cannot resume: {0}")]
+    SettingsDiffer(String),
+    /// Resuming with fewer epochs than the run has already trained.
+    #[error(
+        "cannot resume: the run has already trained {trained} epochs, more than the {requested} asked for"
+    )]
+    FewerEpochs {
+        /// Epochs the run has trained.
+        trained: usize,
+        /// Epochs asked for now.
+        requested: usize,
+    },
 }

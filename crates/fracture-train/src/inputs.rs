@@ -8,6 +8,7 @@ use fracture_data::{
 };
 
 use crate::checkpoint::DataCounts;
+use crate::error::RunFolderProblem;
 use crate::{Error, Event, Result, TrainSetup};
 
 /// The loaded splits of a run.
@@ -24,23 +25,22 @@ pub(crate) struct Data {
 /// exactly when resuming.
 pub(crate) fn prepare_out(out: &Path, checkpoint: &Path, resume: bool) -> Result<()> {
     if out.exists() && !out.is_dir() {
-        return Err(Error::io(
-            out,
-            std::io::Error::other("--out exists and is not a folder"),
-        ));
+        return Err(Error::RunFolder {
+            path: out.to_path_buf(),
+            problem: RunFolderProblem::NotAFolder,
+        });
     }
     let exists = checkpoint.is_file();
     if resume && !exists {
-        return Err(Error::Checkpoint {
+        return Err(Error::RunFolder {
             path: checkpoint.to_path_buf(),
-            reason: "nothing to resume: no checkpoint here (start without --resume)".into(),
+            problem: RunFolderProblem::NothingToResume,
         });
     }
     if !resume && exists {
-        return Err(Error::Checkpoint {
+        return Err(Error::RunFolder {
             path: checkpoint.to_path_buf(),
-            reason: "this folder already holds a run: pass --resume to continue it, or choose another --out"
-                .into(),
+            problem: RunFolderProblem::HoldsARun,
         });
     }
     let dir = checkpoint.parent().unwrap_or(out);
@@ -69,17 +69,14 @@ fn check_links(
         _ => String::new(),
     };
     if !setup.allow_link_problems {
-        return Err(Error::Data(fracture_data::Error::Layout(format!(
-            "{}: {} symbolic link(s) change what this dataset means (they could relabel images or \
-             leak validation images into training):\n{}{more}\nremove them, or pass \
-             --allow-link-problems to train anyway",
-            layout.root.display(),
-            problems.len(),
-            shown.join("\n")
-        ))));
+        return Err(Error::LinkProblems {
+            root: layout.root.clone(),
+            count: problems.len(),
+            listed: format!("{}{more}", shown.join("\n")),
+        });
     }
     on_event(Event::Notice(&format!(
-        "training despite {} symbolic link problem(s) (--allow-link-problems):\n{}{more}",
+        "training despite {} symbolic link problem(s), as allowed:\n{}{more}",
         problems.len(),
         shown.join("\n")
     )));

@@ -26,7 +26,7 @@ mod supervision;
 
 pub use bundle::TrainedModel;
 pub use config::TrainConfig;
-pub use error::{Error, Result};
+pub use error::{Error, Result, RunFolderProblem};
 pub use recipe::{Preset, Recipe};
 pub use run::{Event, TrainOutcome, TrainSetup, train};
 

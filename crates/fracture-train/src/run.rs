@@ -417,16 +417,10 @@ fn box_targets(
         (None, None) => return Ok(None),
         (Some(path), Some(grid)) => (path, grid),
         (Some(_), None) => {
-            return Err(Error::InvalidConfig(
-                "--boxes trains a localization head, which only the EfficientNet-Lite0 network has \
-                 (--preset finetune)"
-                    .into(),
-            ));
+            return Err(Error::BoxesWithoutHead);
         }
         (None, Some(_)) => {
-            return Err(Error::InvalidConfig(
-                "the network has a localization head but no box file trains it (--boxes)".into(),
-            ));
+            return Err(Error::HeadWithoutBoxes);
         }
     };
     if setup.train.box_weight <= 0.0 {

@@ -145,26 +145,23 @@ impl Session {
                     .and_then(|recorded| recorded.mismatch(&data_set, (data.train.items(), data.val.items())))
             });
             if let Some(why) = why {
-                return Err(Error::Checkpoint {
+                return Err(Error::RunFolder {
                     path: checkpoint.to_path_buf(),
-                    reason: format!("cannot resume: {why}; use the original settings or another --out"),
+                    problem: crate::error::RunFolderProblem::SettingsDiffer(why),
                 });
             }
             if old.epoch > cfg.epochs {
-                return Err(Error::Checkpoint {
+                return Err(Error::RunFolder {
                     path: checkpoint.to_path_buf(),
-                    reason: format!(
-                        "cannot resume: the run has already trained {} epochs, more than the {} asked for; \
-                         pass --epochs {} or more to continue it",
-                        old.epoch,
-                        cfg.epochs,
-                        old.epoch + 1
-                    ),
+                    problem: crate::error::RunFolderProblem::FewerEpochs {
+                        trained: old.epoch,
+                        requested: cfg.epochs,
+                    },
                 });
             }
             if old.epoch == cfg.epochs {
                 on_event(Event::Notice(&format!(
-                    "the run has already trained all {} epochs: nothing to do (pass a larger --epochs to continue it)",
+                    "the run has already trained all {} epochs: nothing to do (ask for more epochs to continue it)",
                     cfg.epochs
                 )));
             }

@@ -480,8 +480,18 @@ fn bad_setups_are_clear_errors() {
     let out = root.join("r3");
     run(&setup(&data, &out, 24, 1)).unwrap();
     let before = std::fs::read(out.join("checkpoints/last.safetensors")).unwrap();
-    let err = run(&setup(&data, &out, 24, 1)).unwrap_err().to_string();
-    assert!(err.contains("already holds a run"), "{err}");
+    let err = run(&setup(&data, &out, 24, 1)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RunFolder {
+                problem: fracture_train::RunFolderProblem::HoldsARun,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("already holds a run"), "{err}");
     assert_eq!(
         std::fs::read(out.join("checkpoints/last.safetensors")).unwrap(),
         before,
@@ -489,7 +499,17 @@ fn bad_setups_are_clear_errors() {
     );
     let mut fresh = setup(&data, &root.join("r4"), 24, 1);
     fresh.resume = true;
-    assert!(run(&fresh).unwrap_err().to_string().contains("nothing to resume"));
+    let err = run(&fresh).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RunFolder {
+                problem: fracture_train::RunFolderProblem::NothingToResume,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // Resuming with other settings names the setting and leaves the checkpoint alone.
     let mut other = setup(&data, &out, 24, 2);
@@ -721,7 +741,7 @@ fn a_dataset_whose_links_leak_validation_images_is_refused_unless_allowed() {
     let mut s = setup(&data, &root.join("run"), 24, 1);
     let err = run(&s).unwrap_err().to_string();
     assert!(
-        err.contains("leak.png") && err.contains("--allow-link-problems"),
+        err.contains("leak.png") && err.contains("symbolic link(s) change what this dataset means"),
         "{err}"
     );
     assert!(!root.join("run").join("model.safetensors").exists());
@@ -792,11 +812,21 @@ fn resuming_with_fewer_epochs_and_an_impossible_target_are_refused_up_front() {
     run(&s).unwrap();
     s.resume = true;
     s.train.epochs = 1;
-    let err = run(&s).unwrap_err().to_string();
+    let err = run(&s).unwrap_err();
     assert!(
-        err.contains("already trained 2 epochs") && err.contains("--epochs 3"),
+        matches!(
+            err,
+            Error::RunFolder {
+                problem: fracture_train::RunFolderProblem::FewerEpochs {
+                    trained: 2,
+                    requested: 1
+                },
+                ..
+            }
+        ),
         "{err}"
     );
+    assert!(err.to_string().contains("already trained 2 epochs"), "{err}");
     s.train.epochs = 2;
     let mut notes = Vec::new();
     train(&s, &mut |e| {

@@ -369,10 +369,36 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         out.display()
     );
     let mut progress = Progress::new(std::io::stderr().is_terminal());
-    let outcome = fracture_train::train(&setup, &mut |e| progress.on(e)).context("training failed")?;
+    let outcome = fracture_train::train(&setup, &mut |e| progress.on(e)).map_err(|e| {
+        let hint = flag_hint(&e);
+        let e = anyhow::Error::new(e);
+        match hint {
+            Some(hint) => anyhow::anyhow!("{e:#}\n{hint}"),
+            None => e,
+        }
+        .context("training failed")
+    })?;
     progress.finish();
     print_outcome(&outcome);
     Ok(())
+}
+
+/// What to do about a training error, in this command's flags (the library names none).
+fn flag_hint(e: &fracture_train::Error) -> Option<String> {
+    use fracture_train::{Error, RunFolderProblem as P};
+    Some(match e {
+        Error::RunFolder { problem, .. } => match problem {
+            P::NotAFolder => "choose another --out".into(),
+            P::NothingToResume => "start without --resume".into(),
+            P::HoldsARun => "pass --resume to continue it, or choose another --out".into(),
+            P::SettingsDiffer(_) => "use the original settings, or another --out".into(),
+            P::FewerEpochs { trained, .. } => format!("pass --epochs {} or more to continue it", trained + 1),
+        },
+        Error::LinkProblems { .. } => "remove them, or pass --allow-link-problems to train anyway".into(),
+        Error::BoxesWithoutHead => "--boxes needs --preset finetune (EfficientNet-Lite0)".into(),
+        Error::HeadWithoutBoxes => "pass --boxes FILE.csv".into(),
+        _ => return None,
+    })
 }
 
 /// Renders training events: a bar per epoch on a terminal, plain lines otherwise.
