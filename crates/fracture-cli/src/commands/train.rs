@@ -132,22 +132,25 @@ pub(crate) struct Args {
     /// weights [default: seed; radiograph: resnet; finetune: efficientnet-lite0].
     #[arg(long, value_enum)]
     arch: Option<ArchArg>,
-    /// Seed of every random choice (initialisation, shuffling, augmentation, dropout).
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    /// Seed of every random choice (initialisation, shuffling, augmentation, dropout) [default: the
+    /// preset's, 42].
+    #[arg(long)]
+    seed: Option<u64>,
     /// Weight of the fractured class in the loss: `none`, `auto` (negatives / positives of the
     /// training split) or a number [default: none; radiograph: auto].
     #[arg(long)]
     pos_weight: Option<PosWeight>,
-    /// Keep the model of the epoch with the best value of this validation metric.
-    #[arg(long, value_enum, default_value_t = MetricArg::RocAuc)]
-    best_metric: MetricArg,
+    /// Keep the model of the epoch with the best value of this validation metric [default: the
+    /// preset's, roc-auc].
+    #[arg(long, value_enum)]
+    best_metric: Option<MetricArg>,
     /// Stop after this many epochs without improvement of the best metric.
     #[arg(long)]
     patience: Option<usize>,
-    /// Share of train held out for validation when the dataset has no val split.
-    #[arg(long, default_value_t = 0.2)]
-    val_fraction: f64,
+    /// Share of train held out for validation when the dataset has no val split [default: the
+    /// preset's, 0.2].
+    #[arg(long)]
+    val_fraction: Option<f64>,
     /// Switch augmentation off (it is on by default: rotation, flips, zoom, shift, brightness,
     /// contrast; the radiograph preset adds gamma and keeps images upright).
     #[arg(long)]
@@ -169,9 +172,10 @@ pub(crate) struct Args {
     /// Folder for an on-disk cache of preprocessed images, reused by later runs.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// Store with the model the highest threshold that reaches this sensitivity on the validation images.
-    #[arg(long, default_value_t = fracture_train::config::DEFAULT_TARGET_SENSITIVITY, conflicts_with = "threshold_rule")]
-    target_sensitivity: f64,
+    /// Store with the model the highest threshold that reaches this sensitivity on the validation
+    /// images [default: the preset's rule, a sensitivity of 0.9].
+    #[arg(long, conflicts_with = "threshold_rule")]
+    target_sensitivity: Option<f64>,
     /// Choose the stored threshold by another rule on the validation images instead.
     #[arg(long, value_enum)]
     threshold_rule: Option<RuleArg>,
@@ -264,24 +268,23 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             ScheduleArg::Cosine => ScheduleKind::Cosine,
         }),
         warmup_steps: args.warmup_steps,
-        seed: Some(args.seed),
+        seed: args.seed,
         pos_weight: args.pos_weight,
         no_augment: args.no_augment,
         patience: args.patience,
-        best_metric: Some(match args.best_metric {
+        best_metric: args.best_metric.map(|m| match m {
             MetricArg::RocAuc => BestMetric::RocAuc,
             MetricArg::ValLoss => BestMetric::ValLoss,
             MetricArg::BalancedAccuracy => BestMetric::BalancedAccuracy,
             MetricArg::F1 => BestMetric::F1,
         }),
-        val_fraction: Some(args.val_fraction),
-        threshold_rule: Some(match args.threshold_rule {
-            Some(RuleArg::Youden) => ThresholdRule::Youden,
-            Some(RuleArg::BestF1) => ThresholdRule::BestF1,
-            None => ThresholdRule::TargetSensitivity {
-                target: args.target_sensitivity,
-            },
-        }),
+        val_fraction: args.val_fraction,
+        threshold_rule: match (args.threshold_rule, args.target_sensitivity) {
+            (Some(RuleArg::Youden), _) => Some(ThresholdRule::Youden),
+            (Some(RuleArg::BestF1), _) => Some(ThresholdRule::BestF1),
+            (None, Some(target)) => Some(ThresholdRule::TargetSensitivity { target }),
+            (None, None) => None,
+        },
         backbone_lr_scale: args.backbone_lr_scale,
         freeze_batch_norm: args.freeze_batch_norm,
         ema_decay: args.ema_decay,
