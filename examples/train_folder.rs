@@ -57,11 +57,9 @@ fn main() -> anyhow::Result<()> {
     };
     let recipe = preset.recipe().with(&overrides);
     let mut setup = TrainSetup::new(&recipe, &data, &out);
-    if recipe.pretrained {
-        // The finetune preset starts from ImageNet weights (see `cargo xtask pretrained`).
-        setup.pretrained =
-            Some(PathBuf::from("data/pretrained").join(fracture_train::recipe::PRETRAINED_FILE));
-    }
+    // The finetune preset starts from ImageNet weights in data/pretrained/ (see `cargo xtask
+    // pretrained`); an error names the path when they are missing.
+    setup.pretrained = recipe.pretrained_weights(std::path::Path::new("data"))?;
     let outcome = train(&setup, &mut |event| match event {
         Event::Notice(text) => println!("note: {text}"),
         Event::EpochEnd(r) => println!(

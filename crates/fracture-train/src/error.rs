@@ -64,6 +64,16 @@ pub enum Error {
         /// The first few, one per line.
         listed: String,
     },
+    /// The recipe starts from ImageNet-pretrained EfficientNet-Lite0 weights that are not where it
+    /// looks ([`crate::Recipe::pretrained_weights`]).
+    #[error(
+        "the recipe starts from ImageNet-pretrained EfficientNet-Lite0 weights, expected at {}",
+        path.display()
+    )]
+    MissingPretrained {
+        /// Where they were looked for.
+        path: PathBuf,
+    },
     /// Boxes were given ([`crate::TrainSetup::boxes`]) for a network without a localization head
     /// (only EfficientNet-Lite0 has one).
     #[error("a box file trains a localization head, which only the EfficientNet-Lite0 network has")]

@@ -26,6 +26,10 @@ pub enum Preset {
 /// named by the first digits of its SHA-256.
 pub const PRETRAINED_FILE: &str = "efficientnet-lite0-57934424.pth";
 
+/// Where the pretrained weights are looked for under a data folder (`<data_dir>/pretrained/`),
+/// where `fracture download`'s `data/` and `cargo xtask pretrained` put them.
+pub const PRETRAINED_DIR: &str = "pretrained";
+
 /// What a preset fixes: the network, the preprocessing and the training settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recipe {
@@ -37,6 +41,28 @@ pub struct Recipe {
     pub train: TrainConfig,
     /// Whether the recipe starts from pretrained weights ([`PRETRAINED_FILE`]).
     pub pretrained: bool,
+}
+
+impl Recipe {
+    /// The pretrained weights this recipe starts from, looked for in `<data_dir>/pretrained/`
+    /// ([`PRETRAINED_DIR`], [`PRETRAINED_FILE`]): `Ok(None)` when the recipe starts from scratch
+    /// (or its network is not EfficientNet-Lite0, whose weights they are);
+    /// [`Error::MissingPretrained`](crate::Error::MissingPretrained) when they are needed and absent.
+    pub fn pretrained_weights(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> crate::Result<Option<std::path::PathBuf>> {
+        let efficientnet = matches!(self.model.arch, fracture_model::ArchConfig::EfficientNetLite0(_));
+        if !(self.pretrained && efficientnet) {
+            return Ok(None);
+        }
+        let path = data_dir.join(PRETRAINED_DIR).join(PRETRAINED_FILE);
+        if path.is_file() {
+            Ok(Some(path))
+        } else {
+            Err(crate::Error::MissingPretrained { path })
+        }
+    }
 }
 
 impl Preset {

