@@ -2593,7 +2593,7 @@ fn card_value(card: &str, row: &str) -> Option<f64> {
 #[test]
 #[ignore = "needs the FracAtlas radiographs at ../shared/data/fracatlas; `cargo test -- --include-ignored` runs it"]
 fn the_built_in_model_reproduces_its_model_card() {
-    let models = fracture_testkit::workspace_root().join("models");
+    let models = fracture_testkit::workspace_root().join("crates/fracture-cli/models");
     let size = std::fs::metadata(models.join("fracture-lite0.safetensors"))
         .unwrap()
         .len();
@@ -2965,7 +2965,7 @@ fn eval_of_the_built_in_model_writes_into_the_current_folder_never_into_models()
     let root = fresh_dir(&base(), "eval-built-in-cwd");
     let data = root.join("data");
     write_synthetic_dataset(&data, &SyntheticSpec::train_val((2, 2), (3, 3)));
-    let models = fracture_testkit::workspace_root().join("models");
+    let models = fracture_testkit::workspace_root().join("crates/fracture-cli/models");
     let before: Vec<_> = std::fs::read_dir(&models)
         .unwrap()
         .map(|e| e.unwrap().file_name())
