@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, ModuleT, Tensor};
+use candle_core::{Device, ModuleT};
 use fracture_data::{DecodeLimits, Label, PreprocessConfig};
 use fracture_eval::{EvalReport, ThresholdRule};
 use fracture_model::Model;
@@ -327,10 +327,7 @@ impl TrainedModel {
     /// errors.
     pub fn predict_bytes(&self, bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<f64> {
         let input = self.meta.preprocess.preprocess_bytes(bytes, origin, limits)?;
-        let s = self.meta.preprocess.size as usize;
-        let data: Vec<f32> = input.iter().copied().collect();
-        let device = self.device();
-        let x = Tensor::from_vec(data, (1, 1, s, s), &device)?;
+        let x = crate::image_to_tensor(input.view(), &self.device())?;
         let logit = self.model.net.forward_t(&x, false)?.to_vec1::<f32>()?;
         let logit = logit.first().copied().unwrap_or(f32::NAN);
         if logit.is_nan() {

@@ -72,10 +72,8 @@ pub fn predict_images(
     tta: Tta,
     device: &Device,
 ) -> Result<Vec<f64>> {
-    let (b, h, w) = images.dim();
     let run = |view: Array3<f32>| -> Result<Vec<f64>> {
-        let data: Vec<f32> = view.iter().copied().collect();
-        let x = Tensor::from_vec(data, (b, 1, h, w), device)?;
+        let x = crate::images_to_tensor(view.view(), device)?;
         Ok(net
             .forward_t(&x, false)?
             .to_vec1::<f32>()?

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use candle_core::Tensor;
 use fracture_data::image::GrayImage;
 use fracture_data::{ContentBox, DecodeLimits, decode_gray};
 use fracture_model::{CamLayer, CamMethod};
@@ -147,11 +146,7 @@ impl TrainedModel {
             .preprocess()
             .to_input(self.preprocess().resize(&image)?.view());
         let s = self.preprocess().size as usize;
-        let x = Tensor::from_vec(
-            input.iter().copied().collect::<Vec<f32>>(),
-            (1, 1, s, s),
-            &self.device(),
-        )?;
+        let x = crate::image_to_tensor(input.view(), &self.device())?;
         let cam = self
             .model
             .net

@@ -37,6 +37,7 @@ pub use {
 
 // Shortcuts for the crate's own modules.
 pub(crate) use batcher::batch_to_tensors;
+pub use batcher::{image_to_tensor, images_to_tensor};
 pub(crate) use config::{AdamConfig, BestMetric, LrSchedule, PosWeight};
 pub(crate) use evaluate::{Tta, mean_loss, predict_dataset, predict_images, predict_logits, sigmoid, truth};
 pub(crate) use loss::bce_with_logits;

@@ -574,11 +574,7 @@ fn predict_decoded(
         Some(layer) => {
             let mut cams = Vec::with_capacity(chunk.len());
             for pass in &passes {
-                let x = candle_core::Tensor::from_vec(
-                    pass.iter().copied().collect::<Vec<f32>>(),
-                    (pass.dim().0, 1, s, s),
-                    device,
-                )?;
+                let x = crate::images_to_tensor(pass.view(), device)?;
                 cams.extend(
                     model
                         .model
