@@ -225,7 +225,7 @@ impl TrainedModel {
     /// metadata entry is checked with the rules training applies; an error names the file and key.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let file = if path.is_dir() {
-            path.join(MODEL_FILE)
+            crate::RunLayout::new(path).model()
         } else {
             path.to_path_buf()
         };

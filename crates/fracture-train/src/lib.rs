@@ -28,7 +28,7 @@ pub use bundle::TrainedModel;
 pub use config::TrainConfig;
 pub use error::{Error, Result, RunFolderProblem};
 pub use recipe::{Preset, Recipe};
-pub use run::{Event, TrainOutcome, TrainSetup, train};
+pub use run::{Event, RunLayout, TrainOutcome, TrainSetup, train};
 
 pub use {
     candle_core, fracture_data as data, fracture_eval as eval, fracture_kernels as kernels,

@@ -27,6 +27,64 @@ pub const METRICS_FILE: &str = "metrics.csv";
 /// The final evaluation of the best model.
 pub const REPORT_FILE: &str = "report.json";
 
+/// The files of a run folder: the one type that names every file training writes there (the names
+/// themselves are the constants beside it and in `bundle`, `audit` and `outputs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunLayout {
+    root: PathBuf,
+}
+
+impl RunLayout {
+    /// The layout of the run folder `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        RunLayout { root: root.into() }
+    }
+
+    /// The run folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The best model ([`crate::bundle::MODEL_FILE`]).
+    pub fn model(&self) -> PathBuf {
+        self.root.join(crate::bundle::MODEL_FILE)
+    }
+
+    /// The last checkpoint ([`CHECKPOINT_FILE`]).
+    pub fn checkpoint(&self) -> PathBuf {
+        self.root.join(CHECKPOINT_FILE)
+    }
+
+    /// The folder of the checkpoint.
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        let checkpoint = self.checkpoint();
+        checkpoint
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.clone())
+    }
+
+    /// The per-epoch metrics ([`METRICS_FILE`]).
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join(METRICS_FILE)
+    }
+
+    /// The best model's evaluation ([`REPORT_FILE`]).
+    pub fn report(&self) -> PathBuf {
+        self.root.join(REPORT_FILE)
+    }
+
+    /// The training images' fingerprints ([`crate::audit::FINGERPRINTS_FILE`]).
+    pub fn fingerprints(&self) -> PathBuf {
+        self.root.join(crate::audit::FINGERPRINTS_FILE)
+    }
+
+    /// The loss and metric curves ([`crate::TRAINING_CURVES_FILE`]).
+    pub fn training_curves(&self) -> PathBuf {
+        self.root.join(crate::TRAINING_CURVES_FILE)
+    }
+}
+
 /// Everything a training run needs.
 #[derive(Debug, Clone)]
 pub struct TrainSetup {
@@ -291,12 +349,13 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let preprocess = setup.preprocess();
     preprocess.validate()?;
     setup.model.validate()?;
-    let checkpoint = setup.out.join(CHECKPOINT_FILE);
+    let layout = RunLayout::new(&setup.out);
+    let checkpoint = layout.checkpoint();
     prepare_out(&setup.out, &checkpoint, setup.resume)?;
     // One run per folder: a second process on the same --out is refused, naming the first.
     let _lock = fracture_fs::FolderLock::acquire(&setup.out)
         .map_err(|e| Error::io(&setup.out, std::io::Error::other(e.to_string())))?;
-    for dir in [setup.out.clone(), setup.out.join("checkpoints")] {
+    for dir in [setup.out.clone(), layout.checkpoints_dir()] {
         let removed = fracture_fs::remove_stale_temporaries(&dir).map_err(|e| Error::io(&dir, e))?;
         for path in removed {
             on_event(Event::Notice(&format!(
@@ -306,7 +365,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         }
     }
     let data = load_data(setup, &preprocess, on_event)?;
-    let fingerprints_path = setup.out.join(crate::audit::FINGERPRINTS_FILE);
+    let fingerprints_path = layout.fingerprints();
     let fingerprint_bytes = fracture_data::audit::fingerprints_to_bytes(&data.fingerprints);
     fracture_fs::write_atomic(&fingerprints_path, &fingerprint_bytes)
         .map_err(|e| Error::io(&fingerprints_path, e))?;
@@ -353,7 +412,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
                 value: value.filter(|v| v.is_finite()),
             });
             session.meta.epochs_since_best = 0;
-            let path = setup.out.join(MODEL_FILE);
+            let path = layout.model();
             save_best(
                 session.eval_model(),
                 setup,
@@ -370,7 +429,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
         } else {
             session.meta.epochs_since_best += 1;
         }
-        let metrics_path = setup.out.join(METRICS_FILE);
+        let metrics_path = layout.metrics();
         write_atomic(&metrics_path, metrics_csv(&session.meta.history)?.as_bytes())
             .map_err(|e| Error::io(&metrics_path, e))?;
         session.save_checkpoint(&checkpoint)?;
@@ -393,7 +452,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let reports = final_report(setup, &data, &meta, on_event)?;
     Ok(TrainOutcome {
         out: setup.out.clone(),
-        best_model: setup.out.join(MODEL_FILE),
+        best_model: layout.model(),
         best_epoch: meta.best.map_or(meta.epoch, |b| b.epoch),
         epochs_completed: meta.epoch,
         stopped_early,
@@ -454,7 +513,8 @@ fn final_report(
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<BTreeMap<Split, EvalReport>> {
     let cfg = &setup.train;
-    let best = TrainedModel::load(&setup.out.join(MODEL_FILE), &setup.device)?;
+    let layout = RunLayout::new(&setup.out);
+    let best = TrainedModel::load(&layout.model(), &setup.device)?;
     let mut reports = BTreeMap::new();
     for (split, dataset) in [(Split::Val, Some(&data.val)), (Split::Test, data.test.as_ref())] {
         if let Some(dataset) = dataset {
@@ -473,7 +533,7 @@ fn final_report(
         splits: reports.clone(),
         training_data: Some(setup.training_data()),
     };
-    let report_path = setup.out.join(REPORT_FILE);
+    let report_path = layout.report();
     write_atomic(
         &report_path,
         json_pretty(&run_report, "the run report")?.as_bytes(),
@@ -483,7 +543,7 @@ fn final_report(
         what: Artifact::Report,
         path: &report_path,
     });
-    let curves = setup.out.join(crate::TRAINING_CURVES_FILE);
+    let curves = layout.training_curves();
     crate::write_training_curves(&curves, &meta.history)?;
     on_event(Event::Saved {
         what: Artifact::TrainingCurves,

@@ -234,7 +234,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         Some(_) => model_dir.join(&default_name),
         None => PathBuf::from(&default_name),
     });
-    let metrics = model_dir.join(fracture_train::run::METRICS_FILE);
+    let metrics = fracture_train::RunLayout::new(&model_dir).metrics();
     let source = EvalSource {
         model: &model.path,
         data: &args.data,

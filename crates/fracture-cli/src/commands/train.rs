@@ -532,18 +532,10 @@ fn print_outcome(o: &TrainOutcome) {
         );
     }
     println!("model:      {}", o.best_model.display());
-    println!(
-        "checkpoint: {}",
-        o.out.join(fracture_train::run::CHECKPOINT_FILE).display()
-    );
-    println!(
-        "metrics:    {}",
-        o.out.join(fracture_train::run::METRICS_FILE).display()
-    );
-    println!(
-        "report:     {}",
-        o.out.join(fracture_train::run::REPORT_FILE).display()
-    );
+    let layout = fracture_train::RunLayout::new(&o.out);
+    println!("checkpoint: {}", layout.checkpoint().display());
+    println!("metrics:    {}", layout.metrics().display());
+    println!("report:     {}", layout.report().display());
 }
 
 /// `YYYYMMDD-HHMMSS` in UTC, from the system clock.
