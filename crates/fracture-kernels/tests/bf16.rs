@@ -76,10 +76,12 @@ fn check_backends(m: usize, k: usize, n: usize, seed: u64) -> Result<(), TestCas
                 scale[idx]
             );
             if matches!(backend, Bf16Backend::Amx | Bf16Backend::Avx512) {
-                // The same rounded operands: only the order of the FP32 sums differs.
+                // The same rounded operands: only the order of the FP32 sums differs (a few
+                // units in the last place of the scale, typically; a wrong layout or tile would be
+                // off by the scale itself).
                 let err = (got[idx] - emulated[idx]).abs();
                 prop_assert!(
-                    f64::from(err) <= scale[idx] * 1e-5 + 1e-6,
+                    f64::from(err) <= scale[idx] * 1e-4 + 1e-6,
                     "{} vs emulated at {}: {} vs {}",
                     backend,
                     idx,
