@@ -3135,3 +3135,46 @@ fn train_in_bf16_records_the_precision_and_backend() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+/// `--device` names the device; one whose backend this binary lacks is refused, naming the
+/// feature to build with, before any work; `--device cpu` and `--cpu` run.
+#[test]
+fn a_device_this_build_lacks_is_named_with_its_feature() {
+    let root = fresh_dir(&base(), "device");
+    write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((2, 2), (2, 2)));
+    let image = std::fs::read_dir(root.join("data/val/fractured"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let predict = |device: &[&str]| {
+        fracture()
+            .arg("predict")
+            .args(device)
+            .arg("--no-evidence")
+            .arg(&image)
+            .output()
+            .unwrap()
+    };
+    let out = predict(&["--device", "cuda:1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("without the `cuda` feature") && stderr.contains("--features cuda"),
+        "{stderr}"
+    );
+    let bad = predict(&["--device", "tpu"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cuda[:N]"));
+    for device in [&["--device", "cpu"][..], &["--cpu"][..], &[][..]] {
+        let out = predict(device);
+        assert!(
+            out.status.success(),
+            "{device:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -23,6 +23,72 @@ pub fn device(force_cpu: bool) -> candle_core::Result<Device> {
     Ok(Device::Cpu)
 }
 
+/// Which device to compute on, as `--device` names it: `auto`, `cpu`, `cuda`, `cuda:N`, `metal`,
+/// `metal:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// The first GPU of the backend this binary was built with, else the CPU (see [`device`]).
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The CUDA GPU with this index (needs the `cuda` feature).
+    Cuda(usize),
+    /// The Metal GPU with this index (needs the `metal` feature).
+    Metal(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        let index = |rest: &str| -> std::result::Result<usize, String> {
+            match rest {
+                "" => Ok(0),
+                r => r.strip_prefix(':').and_then(|n| n.parse().ok()).ok_or_else(|| {
+                    format!("`{s}`: the device index after `:` must be a number, e.g. cuda:1")
+                }),
+            }
+        };
+        match s.as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            _ if s.starts_with("cuda") => Ok(DeviceChoice::Cuda(index(&s[4..])?)),
+            _ if s.starts_with("metal") => Ok(DeviceChoice::Metal(index(&s[5..])?)),
+            _ => Err(format!("`{s}` is not a device: auto, cpu, cuda[:N] or metal[:N]")),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Opens the device: [`crate::Error::DeviceNotBuilt`] when this binary lacks the backend's
+    /// feature, [`crate::Error::DeviceUnavailable`] when the backend cannot open it (no such GPU, no
+    /// driver).
+    pub fn open(self) -> crate::Result<Device> {
+        let unavailable = |name: String, e: candle_core::Error| crate::Error::DeviceUnavailable {
+            device: name,
+            reason: e.to_string(),
+        };
+        match self {
+            DeviceChoice::Auto => device(false).map_err(|e| unavailable("the default GPU".into(), e)),
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda(i) => {
+                if !cfg!(feature = "cuda") {
+                    return Err(crate::Error::DeviceNotBuilt { backend: "cuda" });
+                }
+                Device::new_cuda(i).map_err(|e| unavailable(format!("cuda:{i}"), e))
+            }
+            DeviceChoice::Metal(i) => {
+                if !cfg!(feature = "metal") {
+                    return Err(crate::Error::DeviceNotBuilt { backend: "metal" });
+                }
+                Device::new_metal(i).map_err(|e| unavailable(format!("metal:{i}"), e))
+            }
+        }
+    }
+}
+
 /// A short description of a device for logs: `cpu`, `cuda:0` or `metal:0`.
 pub fn describe_device(device: &Device) -> String {
     match device.location() {
@@ -56,6 +122,47 @@ pub fn compiled_backends() -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_names_parse_and_bad_ones_are_explained() {
+        assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
+        assert_eq!("CPU".parse(), Ok(DeviceChoice::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
+        assert_eq!("metal:1".parse(), Ok(DeviceChoice::Metal(1)));
+        assert!(
+            "cuda:x"
+                .parse::<DeviceChoice>()
+                .unwrap_err()
+                .contains("must be a number")
+        );
+        assert!(
+            "tpu"
+                .parse::<DeviceChoice>()
+                .unwrap_err()
+                .contains("auto, cpu, cuda[:N] or metal[:N]")
+        );
+        assert!(DeviceChoice::Cpu.open().unwrap().is_cpu());
+    }
+
+    #[test]
+    fn a_backend_this_build_lacks_is_named() {
+        if !cfg!(feature = "cuda") {
+            let e = DeviceChoice::Cuda(0).open().unwrap_err();
+            assert!(
+                matches!(e, crate::Error::DeviceNotBuilt { backend: "cuda" }),
+                "{e}"
+            );
+            assert!(e.to_string().contains("--features cuda"), "{e}");
+        }
+        if !cfg!(feature = "metal") {
+            let e = DeviceChoice::Metal(0).open().unwrap_err();
+            assert!(
+                matches!(e, crate::Error::DeviceNotBuilt { backend: "metal" }),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn forced_cpu_is_cpu() {

@@ -20,6 +20,22 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A device was asked for whose backend this build does not include.
+    #[error(
+        "this binary was built without the `{backend}` feature: rebuild with `cargo build --release -p fracture-cli --features {backend}`"
+    )]
+    DeviceNotBuilt {
+        /// `cuda` or `metal`.
+        backend: &'static str,
+    },
+    /// The backend could not open the device.
+    #[error("cannot open {device}: {reason}")]
+    DeviceUnavailable {
+        /// The device asked for, e.g. `cuda:1`.
+        device: String,
+        /// What the backend said.
+        reason: String,
+    },
     /// A weight file is not a usable fracture model.
     #[error("{}: {reason}", path.display())]
     BadWeights {

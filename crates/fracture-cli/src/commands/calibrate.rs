@@ -8,7 +8,7 @@ use fracture_train::data::{FolderDataset, LoadOptions, Split};
 use fracture_train::eval::ThresholdRule;
 use fracture_train::evaluate::{Tta, predict_dataset, truth};
 
-use crate::commands::{fmt_ci, fmt_opt, pick_device};
+use crate::commands::{fmt_ci, fmt_opt};
 
 /// Arguments of `fracture calibrate`.
 #[derive(Debug, clap::Args)]
@@ -33,9 +33,8 @@ pub(crate) struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Run on the CPU even in a GPU build.
-    #[arg(long)]
-    cpu: bool,
+    #[command(flatten)]
+    device: crate::commands::DeviceArgs,
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
@@ -45,7 +44,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             args.target_sensitivity
         );
     }
-    let device = pick_device(args.cpu)?;
+    let device = args.device.open()?;
     let mut model = crate::commands::load_model(args.model.as_deref(), &device, super::PrecisionArg::Fp32)?;
     let (items, _, skipped) = crate::commands::eval::labelled_images(&args.data, args.split)?;
     for s in &skipped {

@@ -8,7 +8,7 @@ use fracture_train::data::{DatasetLayout, Item, LoadOptions, Split, discover_lab
 use fracture_train::eval::ThresholdRule;
 use fracture_train::outputs::{EvalSource, ThresholdChoice, evaluate_items, write_evaluation};
 
-use crate::commands::{fmt_ci, fmt_opt, pick_device};
+use crate::commands::{fmt_ci, fmt_opt};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum MethodArg {
@@ -60,9 +60,8 @@ pub(crate) struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Run on the CPU even in a GPU build.
-    #[arg(long)]
-    cpu: bool,
+    #[command(flatten)]
+    device: crate::commands::DeviceArgs,
     /// Radiologists' fracture boxes (a CSV with `id,x,y,w,h` columns, `id` the file name without
     /// extension, boxes in the image's own pixels; the format of FracAtlas's boxes): adds the
     /// pointing game (the map's peak inside a box enlarged by 5% of the image side) and the mean IoU
@@ -158,7 +157,7 @@ fn warn_of_leaks(
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    let device = pick_device(args.cpu)?;
+    let device = args.device.open()?;
     let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
     let (items, split, skipped) = labelled_images(&args.data, args.split)?;
     for s in &skipped {

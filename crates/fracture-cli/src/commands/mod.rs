@@ -40,10 +40,34 @@ impl PrecisionArg {
     }
 }
 
-/// The compute device, with a hint when a GPU build finds no GPU.
-pub(crate) fn pick_device(force_cpu: bool) -> anyhow::Result<Device> {
-    fracture_train::model::device(force_cpu)
-        .map_err(|e| anyhow::anyhow!("cannot open the GPU ({e}); pass --cpu to use the CPU"))
+/// Where a command computes: `--device` (auto, cpu, cuda[:N], metal[:N]), `--cpu` short for
+/// `--device cpu`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct DeviceArgs {
+    /// The compute device: auto (the GPU this binary was built for, else the CPU), cpu, cuda[:N]
+    /// or metal[:N].
+    #[arg(long, default_value = "auto", conflicts_with = "cpu")]
+    device: fracture_train::model::DeviceChoice,
+    /// Compute on the CPU even in a GPU build (same as `--device cpu`).
+    #[arg(long)]
+    cpu: bool,
+}
+
+impl DeviceArgs {
+    /// Opens the device, with what to do when it cannot be had.
+    pub(crate) fn open(&self) -> anyhow::Result<Device> {
+        let choice = if self.cpu {
+            fracture_train::model::DeviceChoice::Cpu
+        } else {
+            self.device
+        };
+        choice.open().map_err(|e| match e {
+            fracture_train::model::Error::DeviceUnavailable { .. } => {
+                anyhow::anyhow!("{e}; pass --device cpu to use the CPU")
+            }
+            e => anyhow::Error::new(e),
+        })
+    }
 }
 
 /// A metric with three decimals, or `n/a` when undefined.
@@ -90,6 +114,12 @@ pub(crate) fn load_model(
         ),
     }?;
     loaded.set_precision(precision.precision());
+    if precision == PrecisionArg::Bf16 && !device.is_cpu() {
+        eprintln!(
+            "warning: --precision bf16: the BF16 products are CPU kernels; on {} the matrix products are candle's, in FP32",
+            fracture_train::model::describe_device(device)
+        );
+    }
     Ok(loaded)
 }
 

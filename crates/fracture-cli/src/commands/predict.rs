@@ -8,8 +8,6 @@ use fracture_train::TrainedModel;
 use fracture_train::data::{DecodeLimits, Label, list_image_files, path_text};
 use fracture_train::outputs::{CsvColumns, Prediction, PredictionsCsv, predict_files_each};
 
-use crate::commands::pick_device;
-
 /// Arguments of `fracture predict`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -49,9 +47,8 @@ pub(crate) struct Args {
     /// images per pass, which keeps memory near 300 MB whatever the number of files.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Run on the CPU even in a GPU build.
-    #[arg(long)]
-    cpu: bool,
+    #[command(flatten)]
+    device: crate::commands::DeviceArgs,
     /// Predict JPEGs that decode only in part (truncated or damaged; the missing area is gray)
     /// instead of reporting them as unreadable.
     #[arg(long)]
@@ -78,7 +75,7 @@ enum Format {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    let device = pick_device(args.cpu)?;
+    let device = args.device.open()?;
     let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
     let mut files = Vec::new();
     let mut unreadable = 0usize;

@@ -14,7 +14,7 @@ use fracture_train::run::Artifact;
 use fracture_train::{Event, Preset, TrainOutcome, TrainSetup};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::commands::{ResizeArg, pick_device};
+use crate::commands::ResizeArg;
 
 /// Input pixels per cell of the localization map.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -166,9 +166,8 @@ pub(crate) struct Args {
     /// Continue the run in `--out` from its last checkpoint (same settings; `--epochs` may grow).
     #[arg(long)]
     resume: bool,
-    /// Train on the CPU even in a GPU build.
-    #[arg(long)]
-    cpu: bool,
+    #[command(flatten)]
+    device: crate::commands::DeviceArgs,
     /// Folder for an on-disk cache of preprocessed images, reused by later runs.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -237,7 +236,7 @@ enum MetricArg {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    let device = pick_device(args.cpu)?;
+    let device = args.device.open()?;
     let preset = match args.preset {
         PresetArg::Original => Preset::Original,
         PresetArg::Radiograph => Preset::Radiograph,

@@ -19,8 +19,6 @@ use fracture_train::model::CamMethod;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use crate::commands::pick_device;
-
 mod http;
 mod upload;
 
@@ -70,9 +68,8 @@ pub(crate) struct Args {
     /// accepted unless this is given.
     #[arg(long = "allowed-host", value_name = "HOST")]
     allowed_hosts: Vec<String>,
-    /// Run on the CPU even in a GPU build.
-    #[arg(long)]
-    cpu: bool,
+    #[command(flatten)]
+    device: crate::commands::DeviceArgs,
 }
 
 struct AppState {
@@ -128,7 +125,7 @@ impl IntoResponse for ApiError {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    let device = pick_device(args.cpu)?;
+    let device = args.device.open()?;
     let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
     let max_upload = (args.max_upload_mb * 1024.0 * 1024.0) as usize;
     let seconds = |name: &str, v: f64| -> anyhow::Result<Duration> {
