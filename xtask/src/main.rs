@@ -5,6 +5,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod cuda;
 mod default_model;
 mod docs;
 mod pretrained;
@@ -40,6 +41,10 @@ commands:
                              decoding, DICOM decoding, model-file loading, zip extraction and the server's upload
                              reader with its form parser) for N seconds each
                              (default 60) in a release build; prints how many cases ran clean
+  setup-cuda [--compute-cap 90]
+                             nvcc, the CUDA runtime headers and CCCL from NVIDIA's PyPI packages into
+                             target/cuda-toolkit (no GPU or system toolkit needed); prints the environment
+                             for `cargo build --features cuda` as export lines, for eval $(cargo xtask setup-cuda)
   bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference]
                              a network's train step and inference, ours vs PyTorch (default and tuned
                              allocator) in one run: ../shared/bench/torch_seed_cnn.py (seed CNN, the
@@ -74,6 +79,7 @@ fn run() -> Result<(), DynError> {
         Some("pretrained") => pretrained::run(&args[1..], &project_root()),
         Some("setup-python") => setup_python(),
         Some("setup-torch") => setup_torch(),
+        Some("setup-cuda") => cuda::run(&args[1..], &project_root()),
         Some("bench-compare") => bench_compare(&args[1..]),
         Some("bench-preprocess") => bench_preprocess(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
