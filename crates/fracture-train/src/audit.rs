@@ -305,7 +305,7 @@ pub fn fingerprints_file_for(model: &Path) -> PathBuf {
 /// The training fingerprints file of a model and its bytes: `<stem>.fingerprints.bin` beside a
 /// model file, or `training-fingerprints.bin` in a run folder (or beside the model file).
 /// `recorded` is the SHA-256 the model's metadata records for them
-/// ([`crate::ModelMeta::training_fingerprints`]): when given, only a file with exactly that digest
+/// ([`crate::bundle::ModelMeta::training_fingerprints`]): when given, only a file with exactly that digest
 /// is taken, and a candidate with another digest is an error (fingerprints of another model would
 /// make a leak check report no leak). Without a recorded digest (a model from before), the first
 /// candidate is taken. `Ok(None)` when there is no candidate.

@@ -126,7 +126,7 @@ pub struct TrainSetup {
     /// head. Only the boxes of training images are read.
     pub boxes: Option<PathBuf>,
     /// Train even when the dataset's symbolic links leave its root or put one image in two
-    /// classes or splits ([`DatasetLayout::link_problems`]); otherwise that is an error.
+    /// classes or splits ([`fracture_data::DatasetLayout::link_problems`]); otherwise that is an error.
     pub allow_link_problems: bool,
     /// Leave out training images that have a near duplicate in val or test (see
     /// [`fracture_data::audit`]), with a notice saying how many.

@@ -40,12 +40,12 @@ impl PrecisionArg {
     }
 }
 
-/// Where a command computes: `--device` (auto, cpu, cuda[:N], metal[:N]), `--cpu` short for
-/// `--device cpu`.
+/// Where a command computes: `--device` (`auto`, `cpu`, `cuda[:N]`, `metal[:N]`), `--cpu` short
+/// for `--device cpu`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct DeviceArgs {
-    /// The compute device: auto (the GPU this binary was built for, else the CPU), cpu, cuda[:N]
-    /// or metal[:N].
+    /// The compute device: `auto` (the GPU this binary was built for, else the CPU), `cpu`,
+    /// `cuda[:N]` or `metal[:N]`.
     #[arg(long, default_value = "auto", conflicts_with = "cpu")]
     device: fracture_train::model::DeviceChoice,
     /// Compute on the CPU even in a GPU build (same as `--device cpu`).
