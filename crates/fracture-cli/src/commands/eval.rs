@@ -16,13 +16,6 @@ enum MethodArg {
     Gradcam,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LayerArg {
-    Last,
-    Stride16,
-    Head,
-}
-
 /// Arguments of `fracture eval`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -74,7 +67,7 @@ pub(crate) struct Args {
     /// (the default otherwise); `stride16`, for EfficientNet-Lite0 the activation map on the twice
     /// finer output of its last stride-16 stage.
     #[arg(long, value_enum)]
-    cam_layer: Option<LayerArg>,
+    cam_layer: Option<super::LayerArg>,
     /// How channel evidence is combined into the map (with `--boxes`): HiResCAM (gradient times
     /// activation per position, the default) or Grad-CAM (channels weighted by their mean gradient).
     #[arg(long, value_enum, default_value_t = MethodArg::Hirescam)]
@@ -255,12 +248,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         print_shifts(shifts, &evaluation.report);
     }
     if let Some(boxes) = &args.boxes {
-        let layer = match args.cam_layer {
-            None => model.model.net.default_cam_layer(),
-            Some(LayerArg::Last) => fracture_train::model::CamLayer::Last,
-            Some(LayerArg::Stride16) => fracture_train::model::CamLayer::Stride16,
-            Some(LayerArg::Head) => fracture_train::model::CamLayer::Head,
-        };
+        let layer = super::LayerArg::layer_for(args.cam_layer, &model.model.net);
         let method = match args.cam_method {
             MethodArg::Hirescam => fracture_train::model::CamMethod::HiResCam,
             MethodArg::Gradcam => fracture_train::model::CamMethod::GradCam,

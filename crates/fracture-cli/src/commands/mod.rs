@@ -21,6 +21,33 @@ pub(crate) enum ResizeArg {
     Letterbox,
 }
 
+/// The layer whose activations give the evidence map (`--cam-layer` of `eval` and `predict`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum LayerArg {
+    /// The last convolutional feature map.
+    Last,
+    /// The stride-16 stage (EfficientNet-Lite0).
+    Stride16,
+    /// The localization head's map (a model trained with boxes).
+    Head,
+}
+
+impl LayerArg {
+    /// The layer asked for, or the network's default without `--cam-layer`.
+    pub(crate) fn layer_for(
+        arg: Option<LayerArg>,
+        net: &fracture_train::model::FractureNet,
+    ) -> fracture_train::model::CamLayer {
+        use fracture_train::model::CamLayer;
+        match arg {
+            None => net.default_cam_layer(),
+            Some(LayerArg::Last) => CamLayer::Last,
+            Some(LayerArg::Stride16) => CamLayer::Stride16,
+            Some(LayerArg::Head) => CamLayer::Head,
+        }
+    }
+}
+
 /// The operand precision of the network's matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum PrecisionArg {

@@ -42,7 +42,7 @@ pub(crate) struct Args {
     /// (the default otherwise); `stride16`, for EfficientNet-Lite0 the activation map on the twice
     /// finer output of its last stride-16 stage.
     #[arg(long, value_enum)]
-    cam_layer: Option<LayerArg>,
+    cam_layer: Option<super::LayerArg>,
     /// Files decoded (in parallel) and written out at a time; the network itself takes at most 8
     /// images per pass, which keeps memory near 300 MB whatever the number of files.
     #[arg(long, default_value_t = 32)]
@@ -58,13 +58,6 @@ pub(crate) struct Args {
     /// predicted and printed).
     #[arg(long)]
     keep_going: bool,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LayerArg {
-    Last,
-    Stride16,
-    Head,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -98,12 +91,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         ..DecodeLimits::default()
     };
     let with_evidence = !args.no_evidence && !matches!(args.format, Format::Table);
-    let layer = match args.cam_layer {
-        None => model.model.net.default_cam_layer(),
-        Some(LayerArg::Last) => fracture_train::model::CamLayer::Last,
-        Some(LayerArg::Stride16) => fracture_train::model::CamLayer::Stride16,
-        Some(LayerArg::Head) => fracture_train::model::CamLayer::Head,
-    };
+    let layer = super::LayerArg::layer_for(args.cam_layer, &model.model.net);
     if let Some(dir) = &args.heatmap {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
