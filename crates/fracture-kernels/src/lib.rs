@@ -101,10 +101,11 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// The kernels for a network's first layer, the one that reads the pixels: [`Kernels::Bf16`]
-    /// becomes [`Kernels::Fast`]. Rounding gray levels to BF16's 8-bit mantissa costs more than the
-    /// layer's share of the work saves: on 48 FracAtlas val radiographs, the built-in model's
-    /// P(fractured) moved by up to 0.041 with a BF16 stem and 0.009 with an FP32 one.
+    /// The kernels for the layers nearest the pixels (a network's first layer; EfficientNet-Lite0's
+    /// stem and first two stages): [`Kernels::Bf16`] becomes [`Kernels::Fast`]. Rounding gray
+    /// levels and fine early features to BF16's 8-bit mantissa costs more than these layers' share
+    /// of the work saves: on 48 FracAtlas val radiographs, the built-in model's P(fractured) moved
+    /// by up to 0.041 with a BF16 stem and 0.009 with an FP32 one.
     pub fn for_pixels(self) -> Kernels {
         match self {
             Kernels::Bf16 => Kernels::Fast,
