@@ -22,7 +22,7 @@
 
 use std::sync::OnceLock;
 
-use super::gemm::{Threads, View, sgemm};
+use super::gemm::{Threads, View, check_shapes, sgemm};
 
 /// How the BF16 matrix products run on this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -40,6 +40,14 @@ pub enum Bf16Backend {
 }
 
 impl Bf16Backend {
+    /// Every backend, fastest first.
+    pub const ALL: [Bf16Backend; 4] = [
+        Bf16Backend::Amx,
+        Bf16Backend::Avx512,
+        Bf16Backend::Emulated,
+        Bf16Backend::Fp32,
+    ];
+
     /// The name `FRACTURE_BF16` takes and the run records.
     pub fn name(self) -> &'static str {
         match self {
@@ -62,15 +70,7 @@ impl Bf16Backend {
 
     /// The backends this machine can run, fastest first.
     pub fn available() -> Vec<Bf16Backend> {
-        [
-            Bf16Backend::Amx,
-            Bf16Backend::Avx512,
-            Bf16Backend::Emulated,
-            Bf16Backend::Fp32,
-        ]
-        .into_iter()
-        .filter(|b| b.is_supported())
-        .collect()
+        Self::ALL.into_iter().filter(|b| b.is_supported()).collect()
     }
 }
 
@@ -106,14 +106,9 @@ pub fn bf16_backend() -> Bf16Backend {
 /// The choice behind [`bf16_status`], with the check passed in (so tests can fail it).
 fn choose(forced: Option<&str>, check: impl Fn(Bf16Backend) -> Result<(), String>) -> Bf16Status {
     if let Some(name) = forced.map(str::trim).filter(|s| !s.is_empty()) {
-        let wanted = [
-            Bf16Backend::Amx,
-            Bf16Backend::Avx512,
-            Bf16Backend::Emulated,
-            Bf16Backend::Fp32,
-        ]
-        .into_iter()
-        .find(|b| b.name().eq_ignore_ascii_case(name));
+        let wanted = Bf16Backend::ALL
+            .into_iter()
+            .find(|b| b.name().eq_ignore_ascii_case(name));
         return match wanted {
             Some(b) if b.is_supported() => match check(b) {
                 Ok(()) => Bf16Status {
@@ -274,10 +269,7 @@ pub(crate) fn gemm_with(
     match backend {
         Bf16Backend::Fp32 => return sgemm(dst, dst_stride, lhs, rhs, accumulate, threads),
         Bf16Backend::Emulated => {
-            if rhs.rows != k || lhs.data.len() < extent(&lhs) || rhs.data.len() < extent(&rhs) {
-                // Let sgemm name the problem.
-                return sgemm(dst, dst_stride, lhs, rhs, accumulate, threads);
-            }
+            check_shapes("bf16 gemm", dst.len(), dst_stride, &lhs, &rhs)?;
             let round = |v: &View<'_>| -> Vec<f32> {
                 let mut out = Vec::with_capacity(v.rows * v.cols);
                 for i in 0..v.rows {
@@ -300,18 +292,7 @@ pub(crate) fn gemm_with(
     if !backend.is_supported() {
         candle_core::bail!("bf16 matrix product: this processor cannot run the {backend} backend");
     }
-    if rhs.rows != k {
-        candle_core::bail!("bf16 gemm: lhs is {m}×{k} but rhs is {}×{n}", rhs.rows);
-    }
-    if dst_stride < n {
-        candle_core::bail!("bf16 gemm: destination stride {dst_stride} is below its width {n}");
-    }
-    if extent(&lhs) > lhs.data.len()
-        || extent(&rhs) > rhs.data.len()
-        || (m > 0 && n > 0 && (m - 1) * dst_stride + n > dst.len())
-    {
-        candle_core::bail!("bf16 gemm: an operand slice is shorter than its {m}×{k}·{k}×{n} shape needs");
-    }
+    check_shapes("bf16 gemm", dst.len(), dst_stride, &lhs, &rhs)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -365,15 +346,6 @@ pub(crate) fn gemm_with(
         }
     }
     Ok(())
-}
-
-/// The largest index of a view plus one (0 when empty).
-fn extent(v: &View<'_>) -> usize {
-    if v.rows == 0 || v.cols == 0 {
-        0
-    } else {
-        (v.rows - 1) * v.row_stride + (v.cols - 1) * v.col_stride + 1
-    }
 }
 
 /// Both operands packed (see [`pack_lhs`], [`pack_rhs`]) and the product's shape.

@@ -45,6 +45,32 @@ fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     }
 }
 
+/// Checks that `lhs (m × k) · rhs (k × n)` fits a destination of `dst_len` values with row stride
+/// `dst_stride`, and that each operand's slice holds its view; the error names `what` (the
+/// product) and the operands.
+pub(crate) fn check_shapes(
+    what: &str,
+    dst_len: usize,
+    dst_stride: usize,
+    lhs: &View<'_>,
+    rhs: &View<'_>,
+) -> candle_core::Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k {
+        candle_core::bail!("{what}: lhs is {m}×{k} but rhs is {}×{n}", rhs.rows);
+    }
+    if dst_stride < n {
+        candle_core::bail!("{what}: destination stride {dst_stride} is below its width {n}");
+    }
+    if extent(m, k, lhs.row_stride, lhs.col_stride) > lhs.data.len()
+        || extent(k, n, rhs.row_stride, rhs.col_stride) > rhs.data.len()
+        || extent(m, n, dst_stride, 1) > dst_len
+    {
+        candle_core::bail!("{what}: an operand slice is shorter than its {m}×{k}·{k}×{n} shape needs");
+    }
+    Ok(())
+}
+
 /// How many threads a multiply may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Threads {
@@ -78,18 +104,7 @@ pub(crate) fn sgemm(
     threads: Threads,
 ) -> candle_core::Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k {
-        candle_core::bail!("sgemm: lhs is {m}×{k} but rhs is {}×{n}", rhs.rows);
-    }
-    if dst_stride < n {
-        candle_core::bail!("sgemm: destination stride {dst_stride} is below its width {n}");
-    }
-    if extent(m, k, lhs.row_stride, lhs.col_stride) > lhs.data.len()
-        || extent(k, n, rhs.row_stride, rhs.col_stride) > rhs.data.len()
-        || extent(m, n, dst_stride, 1) > dst.len()
-    {
-        candle_core::bail!("sgemm: an operand slice is shorter than its {m}×{k}·{k}×{n} shape needs");
-    }
+    check_shapes("sgemm", dst.len(), dst_stride, &lhs, &rhs)?;
     if m == 0 || n == 0 {
         return Ok(());
     }

@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
 use fracture_kernels::{self as kernels, Bf16Backend, ConvSpec, Kernels, MbConvSpec};
 use proptest::prelude::*;
@@ -20,16 +22,9 @@ fn config() -> Config {
     }
 }
 
+/// `n` pseudo-random values in [-2, 2).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
-        .collect()
+    common::values(n, seed).into_iter().map(|v| v * 2.0).collect()
 }
 
 fn random(shape: &[usize], seed: u64) -> Tensor {

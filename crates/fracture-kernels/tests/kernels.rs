@@ -3,7 +3,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
+use common::random;
 use fracture_kernels::{self as kernels, Activation, ConvSpec, DepthwiseSpec, Kernels, MbConvSpec, Padding};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
@@ -16,20 +19,6 @@ fn config() -> Config {
         failure_persistence: None,
         ..Config::default()
     }
-}
-
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
 fn activation() -> impl Strategy<Value = Activation> {

@@ -98,6 +98,17 @@ pub fn describe_device(device: &Device) -> String {
     }
 }
 
+/// What `--precision bf16` means on `device`: `None` on the CPU (where the BF16 kernels run), else a
+/// sentence saying that the products there are candle's, in FP32.
+pub fn bf16_device_note(device: &Device) -> Option<String> {
+    (!device.is_cpu()).then(|| {
+        format!(
+            "precision bf16: the BF16 products are CPU kernels; on {} the matrix products are candle's, in FP32",
+            describe_device(device)
+        )
+    })
+}
+
 /// The GPU backends compiled into this build, e.g. `["cuda"]`; empty for a CPU-only build.
 pub fn compiled_backends() -> Vec<&'static str> {
     let mut out = Vec::new();

@@ -13,7 +13,7 @@ pub mod pretrained;
 mod weights;
 
 pub use config::{ArchConfig, EfficientNetConfig, ModelConfig, ResNetConfig, SeedConfig};
-pub use device::{DeviceChoice, compiled_backends, describe_device, device};
+pub use device::{DeviceChoice, bf16_device_note, compiled_backends, describe_device, device};
 pub use error::{Error, Result};
 /// The CPU kernels the networks are built from (the `fracture-kernels` crate), under their old path
 /// inside this crate.

@@ -3,22 +3,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use candle_core::{Device, ModuleT, Tensor};
-use fracture_model::{ArchConfig, Kernels, Model, ModelConfig, SeedConfig};
+mod common;
 
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
+use candle_core::{DType, Device, ModuleT, Tensor};
+use fracture_model::{ArchConfig, Kernels, Model, ModelConfig, SeedConfig};
 
 /// max |a − b| ≤ 1e-4 · max(1, max |b|).
 fn close(a: &Tensor, b: &Tensor, what: &str) {
@@ -52,7 +40,7 @@ fn the_network_agrees_on_both_kernel_choices() {
             let mut model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
             model.net.set_kernels(k);
             model.net.set_dropout_seed(3);
-            let x = random(&[3, 1, size, size], 11).affine(0.5, 0.5).unwrap();
+            let x = common::input(3, size, 11, DType::F32);
             let out = model.net.forward_t(&x, true).unwrap();
             let g = out.sum_all().unwrap().backward().unwrap();
             grads.push(

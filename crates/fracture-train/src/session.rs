@@ -89,11 +89,9 @@ impl Session {
             (fracture_model::Kernels::Fast, fracture_model::Precision::Bf16) => fracture_model::Kernels::Bf16,
             (kernels, _) => kernels,
         });
-        if model.net.kernels() == fracture_model::Kernels::Bf16 && !setup.device.is_cpu() {
-            on_event(Event::Notice(&format!(
-                "precision bf16: the BF16 products are CPU kernels; on {} the matrix products are candle's, in FP32",
-                fracture_model::describe_device(&setup.device)
-            )));
+        let device_note = fracture_model::bf16_device_note(&setup.device);
+        if let (fracture_model::Kernels::Bf16, Some(note)) = (model.net.kernels(), &device_note) {
+            on_event(Event::Notice(note));
         } else if model.net.kernels() == fracture_model::Kernels::Bf16 {
             let status = fracture_kernels::bf16_status();
             on_event(Event::Notice(&format!(

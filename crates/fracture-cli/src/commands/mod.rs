@@ -141,11 +141,8 @@ pub(crate) fn load_model(
         ),
     }?;
     loaded.set_precision(precision.precision());
-    if precision == PrecisionArg::Bf16 && !device.is_cpu() {
-        eprintln!(
-            "warning: --precision bf16: the BF16 products are CPU kernels; on {} the matrix products are candle's, in FP32",
-            fracture_train::model::describe_device(device)
-        );
+    if let (PrecisionArg::Bf16, Some(note)) = (precision, fracture_train::model::bf16_device_note(device)) {
+        eprintln!("warning: --{note}");
     }
     Ok(loaded)
 }
