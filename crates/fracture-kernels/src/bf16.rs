@@ -192,10 +192,11 @@ fn self_check(backend: Bf16Backend) -> Result<(), String> {
 #[inline(always)]
 pub(crate) fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    // A quiet NaN keeps its sign and payload's top bits (written without a branch, so that
+    // packing loops vectorize).
+    let nan = (bits >> 16) | 0x40;
+    (if x.is_nan() { nan } else { rounded }) as u16
 }
 
 /// `x` rounded to the nearest BF16 value, as f32.
@@ -204,54 +205,112 @@ pub(crate) fn round_bf16(x: f32) -> f32 {
     f32::from_bits(u32::from(to_bf16(x)) << 16)
 }
 
-/// Pairs along `k` per packed row: `k` halved and padded to a multiple of 16 (one AMX tile row).
-fn padded_pairs(k: usize) -> usize {
-    k.div_ceil(2).div_ceil(16) * 16
+/// Pairs along `k` per packed row: `k` halved (at least one), and for AMX padded to a multiple
+/// of 16 (one tile row); the AVX-512 kernel takes any count.
+fn padded_pairs(k: usize, backend: Bf16Backend) -> usize {
+    let pairs = k.div_ceil(2).max(1);
+    if backend == Bf16Backend::Amx {
+        pairs.div_ceil(16) * 16
+    } else {
+        pairs
+    }
 }
 
-/// The left operand `m × k` as BF16 pairs: `mp × kpp` words, `mp` = `m` padded to 16, the low half
-/// of word `(i, p)` element `(i, 2p)`, the high half `(i, 2p + 1)`; padding is zero.
-fn pack_lhs(a: &View<'_>, kpp: usize) -> Vec<u32> {
-    let mp = a.rows.div_ceil(16) * 16;
-    let mut out = vec![0u32; mp * kpp];
-    super::simd(|| {
-        for i in 0..a.rows {
-            let row = &mut out[i * kpp..(i + 1) * kpp];
+/// Two values as one word of BF16 pairs: `lo` in the low half, `hi` in the high half.
+#[inline(always)]
+fn pack_pair(lo: f32, hi: f32) -> u32 {
+    u32::from(to_bf16(lo)) | (u32::from(to_bf16(hi)) << 16)
+}
+
+/// The left operand `m × k` as BF16 pairs into `out` (zeroed): `mp × kpp` words, `mp` = `m` padded
+/// to 16, the low half of word `(i, p)` element `(i, 2p)`, the high half `(i, 2p + 1)`; padding
+/// stays zero.
+fn pack_lhs(a: &View<'_>, kpp: usize, threads: Threads, out: &mut [u32]) {
+    let pack_row = |i: usize, row: &mut [u32]| {
+        if i >= a.rows {
+            return;
+        }
+        if a.col_stride == 1 {
+            // A row-major view: each row's values lie side by side.
+            let src = &a.data[i * a.row_stride..][..a.cols];
+            let whole = a.cols / 2;
+            for (w, pair) in row[..whole].iter_mut().zip(src.chunks_exact(2)) {
+                *w = pack_pair(pair[0], pair[1]);
+            }
+            if a.cols % 2 == 1 {
+                row[whole] = pack_pair(src[a.cols - 1], 0.0);
+            }
+        } else {
             let at = |kk: usize| a.data[i * a.row_stride + kk * a.col_stride];
             for (p, w) in row.iter_mut().enumerate().take(a.cols.div_ceil(2)) {
-                let lo = to_bf16(at(2 * p));
-                let hi = if 2 * p + 1 < a.cols {
-                    to_bf16(at(2 * p + 1))
-                } else {
-                    0
-                };
-                *w = u32::from(lo) | (u32::from(hi) << 16);
+                let hi = if 2 * p + 1 < a.cols { at(2 * p + 1) } else { 0.0 };
+                *w = pack_pair(at(2 * p), hi);
             }
         }
-    });
-    out
+    };
+    match threads {
+        Threads::Pool(t) if t > 1 && a.rows >= 16 => {
+            use rayon::prelude::*;
+            out.par_chunks_mut(kpp * 16).enumerate().for_each(|(c, rows)| {
+                super::simd(|| {
+                    for (r, row) in rows.chunks_mut(kpp).enumerate() {
+                        pack_row(c * 16 + r, row);
+                    }
+                })
+            });
+        }
+        _ => super::simd(|| {
+            for (i, row) in out.chunks_mut(kpp).enumerate() {
+                pack_row(i, row);
+            }
+        }),
+    }
 }
 
-/// The right operand `k × n` in blocks of 16 columns: word `((jb · kpp) + p) · 16 + jj` holds the
-/// pair `(B[2p][j], B[2p + 1][j])` for `j = 16·jb + jj`; padding is zero.
-fn pack_rhs(b: &View<'_>, kpp: usize) -> Vec<u32> {
-    let blocks = b.cols.div_ceil(16);
-    let mut out = vec![0u32; blocks * kpp * 16];
+/// The 16-column blocks `blocks` of the right operand `k × n`: word `(l · kpp + p) · 16 + jj` of
+/// the `l`-th block holds the pair `(B[2p][j], B[2p + 1][j])` for `j = 16·(blocks.start + l) + jj`
+/// (`out`, zeroed, holds `blocks.len() · kpp · 16` words; padding stays zero). Each worker packs
+/// only the blocks it multiplies.
+fn pack_rhs(b: &View<'_>, kpp: usize, blocks: std::ops::Range<usize>, out: &mut [u32]) {
+    let (k, n) = (b.rows, b.cols);
     super::simd(|| {
-        for p in 0..b.rows.div_ceil(2) {
-            let (r0, r1) = (2 * p, 2 * p + 1);
-            for j in 0..b.cols {
-                let lo = to_bf16(b.data[r0 * b.row_stride + j * b.col_stride]);
-                let hi = if r1 < b.rows {
-                    to_bf16(b.data[r1 * b.row_stride + j * b.col_stride])
-                } else {
-                    0
-                };
-                out[((j / 16) * kpp + p) * 16 + j % 16] = u32::from(lo) | (u32::from(hi) << 16);
+        for (l, jb) in blocks.clone().enumerate() {
+            let (j0, j1) = (jb * 16, (jb * 16 + 16).min(n));
+            let block = &mut out[l * kpp * 16..(l + 1) * kpp * 16];
+            if b.col_stride == 1 && j1 - j0 == 16 {
+                // Row-major: 16 neighbouring values of two rows make one row of the block.
+                let row = |r: usize| &b.data[r * b.row_stride + j0..][..16];
+                for p in 0..k / 2 {
+                    let words = &mut block[p * 16..p * 16 + 16];
+                    for ((w, &lo), &hi) in words.iter_mut().zip(row(2 * p)).zip(row(2 * p + 1)) {
+                        *w = pack_pair(lo, hi);
+                    }
+                }
+                if k % 2 == 1 {
+                    let p = k / 2;
+                    for (w, &lo) in block[p * 16..p * 16 + 16].iter_mut().zip(row(k - 1)) {
+                        *w = pack_pair(lo, 0.0);
+                    }
+                }
+            } else if b.row_stride == 1 {
+                // A transposed view: each column's values lie side by side.
+                for j in j0..j1 {
+                    let col = &b.data[j * b.col_stride..][..k];
+                    for (p, pair) in col.chunks(2).enumerate() {
+                        block[p * 16 + j - j0] = pack_pair(pair[0], pair.get(1).copied().unwrap_or(0.0));
+                    }
+                }
+            } else {
+                let at = |r: usize, j: usize| b.data[r * b.row_stride + j * b.col_stride];
+                for p in 0..k.div_ceil(2) {
+                    for j in j0..j1 {
+                        let hi = if 2 * p + 1 < k { at(2 * p + 1, j) } else { 0.0 };
+                        block[p * 16 + j - j0] = pack_pair(at(2 * p, j), hi);
+                    }
+                }
             }
         }
     });
-    out
 }
 
 /// `dst (m × n, stride dst_stride) = lhs · rhs` (+ the old `dst` when `accumulate`) with BF16
@@ -296,109 +355,199 @@ pub(crate) fn gemm_with(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let kpp = padded_pairs(k);
-    let a = pack_lhs(&lhs, kpp);
-    let b = pack_rhs(&rhs, kpp);
-    let packed = Packed {
-        a: &a,
-        b: &b,
-        m,
-        n,
-        kpp,
+    let kpp = padded_pairs(k, backend);
+    with_scratch(&LHS, m.div_ceil(16) * 16 * kpp, |a| {
+        pack_lhs(&lhs, kpp, threads, a);
+        product(dst, dst_stride, (a, m, kpp), &rhs, accumulate, threads, backend)
+    })
+}
+
+/// `dst = a · rhs` (+ the old `dst`) with `a` already packed (`(words, m, kpp)`), on a hardware
+/// backend; shapes already checked.
+fn product(
+    dst: &mut [f32],
+    dst_stride: usize,
+    (a, m, kpp): (&[u32], usize, usize),
+    rhs: &View<'_>,
+    accumulate: bool,
+    threads: Threads,
+    backend: Bf16Backend,
+) -> candle_core::Result<()> {
+    let n = rhs.cols;
+    let out = Dst {
+        ptr: dst.as_mut_ptr(),
+        stride: dst_stride,
     };
+    // Packs the rhs blocks `range` and writes their columns of `dst`.
+    let run = |range: std::ops::Range<usize>| -> candle_core::Result<()> {
+        with_scratch(&RHS, range.len() * kpp * 16, |b| {
+            pack_rhs(rhs, kpp, range.clone(), b);
+            let packed = Packed { a, b, m, kpp };
+            let tiles = hw::Tiles::begin(backend)?;
+            for jb in range.clone().step_by(2) {
+                let (c0, c1) = (jb * 16, ((jb + 2) * 16).min(n));
+                // SAFETY: the caller checked that every `(i, j)` with `i < m`, `j < n` lies inside
+                // `dst`; the workers' column ranges are disjoint and `dst` stays borrowed until
+                // they finish.
+                unsafe { tiles.panel(&packed, jb - range.start, c0, c1 - c0, out, accumulate) };
+            }
+            Ok(())
+        })
+    };
+    run_workers(n, threads, run)
+}
+
+/// A left operand used in many products (a layer's weights, applied image by image): on a
+/// hardware backend it is rounded and packed once, not once per product.
+pub(crate) struct SharedLhs<'a> {
+    view: View<'a>,
+    backend: Bf16Backend,
+    /// The packed operand and its pairs per row, on a hardware backend.
+    packed: Option<(Vec<u32>, usize)>,
+}
+
+impl<'a> SharedLhs<'a> {
+    /// Prepares `view` for products on `backend`.
+    pub(crate) fn new(view: View<'a>, backend: Bf16Backend) -> Self {
+        let packed = matches!(backend, Bf16Backend::Amx | Bf16Backend::Avx512)
+            .then(|| backend.is_supported())
+            .filter(|&ok| ok)
+            .map(|_| {
+                let kpp = padded_pairs(view.cols, backend);
+                let mut a = vec![0u32; view.rows.div_ceil(16) * 16 * kpp];
+                pack_lhs(&view, kpp, Threads::Pool(rayon::current_num_threads()), &mut a);
+                (a, kpp)
+            });
+        SharedLhs {
+            view,
+            backend,
+            packed,
+        }
+    }
+
+    /// `dst (m × n, stride dst_stride) = lhs · rhs` (+ the old `dst` when `accumulate`), as
+    /// [`gemm_with`] computes it.
+    pub(crate) fn matmul(
+        &self,
+        dst: &mut [f32],
+        dst_stride: usize,
+        rhs: View<'_>,
+        accumulate: bool,
+        threads: Threads,
+    ) -> candle_core::Result<()> {
+        let Some((a, kpp)) = &self.packed else {
+            return gemm_with(dst, dst_stride, self.view, rhs, accumulate, threads, self.backend);
+        };
+        check_shapes("bf16 gemm", dst.len(), dst_stride, &self.view, &rhs)?;
+        if self.view.rows == 0 || rhs.cols == 0 {
+            return Ok(());
+        }
+        product(
+            dst,
+            dst_stride,
+            (a, self.view.rows, *kpp),
+            &rhs,
+            accumulate,
+            threads,
+            self.backend,
+        )
+    }
+}
+
+thread_local! {
+    /// Each thread's packed left operand, reused from product to product.
+    static LHS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's packed right-operand blocks, likewise.
+    static RHS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` zeroed words of this thread's `cell` (a fresh buffer when it is in use: a
+/// thread waiting for its workers may run another product meanwhile), so packing does not fault
+/// in new pages on every product.
+fn with_scratch<R>(
+    cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u32]) -> R,
+) -> R {
+    let mut f = Some(f);
+    let done = cell.with(|c| {
+        let mut buf = c.try_borrow_mut().ok()?;
+        buf.clear();
+        buf.resize(len, 0);
+        Some((f.take()?)(&mut buf))
+    });
+    match (done, f) {
+        (Some(r), _) => r,
+        (None, Some(f)) => f(&mut vec![0; len]),
+        (None, None) => unreachable!("the scratch closure runs at most once"),
+    }
+}
+
+/// Splits the product's `n` columns, in 16-column blocks, between the workers `threads` allows and
+/// runs `run` on each worker's blocks.
+fn run_workers(
+    n: usize,
+    threads: Threads,
+    run: impl Fn(std::ops::Range<usize>) -> candle_core::Result<()> + Sync,
+) -> candle_core::Result<()> {
     let blocks = n.div_ceil(16);
     let workers = match threads {
         Threads::One => 1,
         Threads::Pool(t) => t.max(1).min(blocks.div_ceil(2)),
     };
     if workers <= 1 {
-        return run_blocks(&packed, 0..blocks, dst, dst_stride, accumulate, backend);
+        return run(0..blocks);
     }
     // Each worker takes a run of 16-column blocks (an even count, so AMX keeps 2×2 tiles) and
-    // writes those columns of every row: copies of its share, added back one worker at a time.
+    // writes those columns of every row straight into `dst`.
     let per = blocks.div_ceil(workers).next_multiple_of(2);
-    let parts: Vec<candle_core::Result<(usize, Vec<f32>)>> = {
-        use rayon::prelude::*;
-        (0..workers)
-            .into_par_iter()
-            .filter(|w| w * per < blocks)
-            .map(|w| {
-                let range = w * per..((w + 1) * per).min(blocks);
-                let (c0, c1) = (range.start * 16, (range.end * 16).min(n));
-                let width = c1 - c0;
-                let mut part = vec![0.0f32; m * width];
-                if accumulate {
-                    for i in 0..m {
-                        part[i * width..(i + 1) * width]
-                            .copy_from_slice(&dst[i * dst_stride + c0..i * dst_stride + c1]);
-                    }
-                }
-                run_blocks(&packed, range, &mut part, width, accumulate, backend).map(|()| (c0, part))
-            })
-            .collect()
-    };
-    for part in parts {
-        let (c0, part) = part?;
-        let width = part.len() / m;
-        for i in 0..m {
-            dst[i * dst_stride + c0..i * dst_stride + c0 + width]
-                .copy_from_slice(&part[i * width..(i + 1) * width]);
-        }
-    }
+    use rayon::prelude::*;
+    (0..blocks.div_ceil(per))
+        .into_par_iter()
+        .map(|w| run(w * per..((w + 1) * per).min(blocks)))
+        .collect::<candle_core::Result<Vec<()>>>()?;
     Ok(())
 }
 
-/// Both operands packed (see [`pack_lhs`], [`pack_rhs`]) and the product's shape.
+/// The destination of a product, shared by the workers, each of which writes its own columns.
+#[derive(Clone, Copy)]
+struct Dst {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+// SAFETY: workers write disjoint columns of the destination (see `gemm_with`).
+unsafe impl Send for Dst {}
+// SAFETY: as above.
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    /// Columns `c0..c0 + width` of row `i`.
+    ///
+    /// # Safety
+    /// The row segment must lie inside the destination and no other live reference may touch it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, i: usize, c0: usize, width: usize) -> &mut [f32] {
+        // SAFETY: per the function's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.stride + c0), width) }
+    }
+}
+
+/// Both operands packed (see [`pack_lhs`], [`pack_rhs`]: `b` holds only the current worker's
+/// blocks) and the product's shape.
 struct Packed<'a> {
     a: &'a [u32],
     b: &'a [u32],
     m: usize,
-    n: usize,
     kpp: usize,
 }
-
-/// Computes the columns of the 16-column `blocks` into `dst`, whose column 0 is the first column
-/// of `blocks.start` (so `dst` may be a worker's share): rows in steps of 32, columns in steps of
-/// 32, each step's FP32 block added to (or written over) `dst`.
-fn run_blocks(
-    p: &Packed<'_>,
-    blocks: std::ops::Range<usize>,
-    dst: &mut [f32],
-    dst_stride: usize,
-    accumulate: bool,
-    backend: Bf16Backend,
-) -> candle_core::Result<()> {
-    let col0 = blocks.start * 16;
-    let mut tile = [0.0f32; 32 * 32];
-    let tiles = hw::Tiles::begin(backend)?;
-    for jb in blocks.clone().step_by(2) {
-        let two_cols = jb + 1 < blocks.end;
-        for i0 in (0..p.m).step_by(32) {
-            let two_rows = i0 + 16 < p.m;
-            tiles.block(p, i0, jb, two_rows, two_cols, &mut tile);
-            let rows = (p.m - i0).min(32);
-            let (c0, c1) = (jb * 16, ((jb + 2) * 16).min(p.n));
-            for r in 0..rows {
-                let out = &mut dst[(i0 + r) * dst_stride + c0 - col0..][..c1 - c0];
-                let src = &tile[r * 32..r * 32 + (c1 - c0)];
-                if accumulate {
-                    out.iter_mut().zip(src).for_each(|(o, s)| *o += s);
-                } else {
-                    out.copy_from_slice(src);
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The processor-specific parts: detection and the two hardware kernels.
 #[cfg(target_arch = "x86_64")]
 mod hw {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{Bf16Backend, Packed};
+    use super::{Bf16Backend, Dst, Packed};
 
     pub(super) fn avx512_bf16() -> bool {
         is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
@@ -466,38 +615,58 @@ mod hw {
             Ok(Tiles { backend })
         }
 
-        /// The FP32 product of rows `i0..i0+16` (and the next 16 when `two_rows`) and 16-column
-        /// blocks `jb` (and `jb + 1` when `two_cols`) into `tile` (32 × 32, row-major; parts not
-        /// computed are left as they are).
-        pub(super) fn block(
+        /// Columns `c0..c0 + width` (`width` ≤ 32: the rhs blocks `lb` and, when `width` > 16,
+        /// `lb + 1` of the worker's packed blocks) of every row of the product, written into (or,
+        /// when `accumulate`, added to) `dst`.
+        ///
+        /// # Safety
+        /// Every row `i < p.m` of `dst` must hold columns `c0..c0 + width`, and no other live
+        /// reference may touch them.
+        pub(super) unsafe fn panel(
             &self,
             p: &Packed<'_>,
-            i0: usize,
-            jb: usize,
-            two_rows: bool,
-            two_cols: bool,
-            tile: &mut [f32; 1024],
+            lb: usize,
+            c0: usize,
+            width: usize,
+            dst: Dst,
+            accumulate: bool,
         ) {
-            let kpp = p.kpp;
-            let rows = if two_rows { 32 } else { 16 };
+            let two_cols = width > 16;
             // Bounds the kernels rely on: the packed lhs has its rows padded to 16 and the packed
             // rhs whole 16-column blocks.
-            assert!((i0 + rows) * kpp <= p.a.len(), "bf16 gemm: lhs rows out of range");
-            let blocks = if two_cols { 2 } else { 1 };
             assert!(
-                (jb + blocks) * kpp * 16 <= p.b.len(),
+                p.m.div_ceil(16) * 16 * p.kpp <= p.a.len(),
+                "bf16 gemm: lhs rows out of range"
+            );
+            assert!(
+                (lb + 1 + usize::from(two_cols)) * p.kpp * 16 <= p.b.len(),
                 "bf16 gemm: rhs blocks out of range"
             );
             match self.backend {
-                // SAFETY: the asserts above keep every load inside the packed buffers; the tile
-                // configuration was loaded by `begin` on this thread.
-                Bf16Backend::Amx => unsafe { amx::block(p, i0, jb, two_rows, two_cols, tile) },
+                Bf16Backend::Amx => {
+                    let mut tile = [0.0f32; 32 * 32];
+                    for i0 in (0..p.m).step_by(32) {
+                        let two_rows = i0 + 16 < p.m;
+                        // SAFETY: the asserts above keep every load inside the packed buffers;
+                        // the tile configuration was loaded by `begin` on this thread.
+                        unsafe { amx::block(p, i0, lb, two_rows, two_cols, &mut tile) };
+                        for r in 0..(p.m - i0).min(32) {
+                            // SAFETY: per the function's contract.
+                            let out = unsafe { dst.row(i0 + r, c0, width) };
+                            let src = &tile[r * 32..r * 32 + width];
+                            if accumulate {
+                                out.iter_mut().zip(src).for_each(|(o, s)| *o += s);
+                            } else {
+                                out.copy_from_slice(src);
+                            }
+                        }
+                    }
+                }
                 // SAFETY: as above; AVX-512 BF16 is supported (checked in `begin`).
-                _ => unsafe { avx512::block(p, i0, jb, rows, two_cols, tile) },
+                _ => unsafe { avx512::panel(p, lb, c0, width, dst, accumulate) },
             }
         }
     }
-
     impl Drop for Tiles {
         fn drop(&mut self) {
             if self.backend == Bf16Backend::Amx {
@@ -510,42 +679,82 @@ mod hw {
     mod avx512 {
         use super::*;
 
-        /// Rows `i0..i0 + rows` × columns of blocks `jb` and `jb + 1` (the second computed even
-        /// when not wanted: it is then block `jb` again and never read).
+        /// Pairs along `k` per step: the two rhs blocks' share (2 × 256 × 64 bytes) stays in
+        /// the L1/L2 caches while every row passes over it.
+        const KC: usize = 256;
+
+        /// [`super::Tiles::panel`] on AVX-512 BF16: eight rows at a time, `k` in steps of [`KC`]
+        /// pairs, each step's sums added to `dst` (the first written over it unless
+        /// `accumulate`); columns past `width` are masked off.
         ///
         /// # Safety
-        /// AVX-512 BF16 must be available and the packed buffers must hold those rows and blocks.
+        /// AVX-512 BF16 must be available, the packed buffers must hold every row (padded to 16)
+        /// and blocks `lb` (and `lb + 1` when `width` > 16), and `dst` as for `panel`.
         #[target_feature(enable = "avx512f,avx512bf16")]
-        pub(super) unsafe fn block(
+        pub(super) unsafe fn panel(
             p: &Packed<'_>,
-            i0: usize,
-            jb: usize,
-            rows: usize,
-            two_cols: bool,
-            tile: &mut [f32; 1024],
+            lb: usize,
+            c0: usize,
+            width: usize,
+            dst: Dst,
+            accumulate: bool,
         ) {
-            let b0 = p.b.as_ptr().wrapping_add(jb * p.kpp * 16);
-            let b1 = if two_cols {
-                p.b.as_ptr().wrapping_add((jb + 1) * p.kpp * 16)
+            let kpp = p.kpp;
+            let b0 = p.b.as_ptr().wrapping_add(lb * kpp * 16);
+            let b1 = if width > 16 {
+                p.b.as_ptr().wrapping_add((lb + 1) * kpp * 16)
             } else {
                 b0
             };
-            for r0 in (0..rows).step_by(8) {
-                // SAFETY: as for the function.
-                unsafe { rows8(p, i0 + r0, b0, b1, &mut tile[r0 * 32..(r0 + 8) * 32]) };
+            let mask = |w: usize| -> __mmask16 { if w >= 16 { 0xffff } else { (1u16 << w) - 1 } };
+            let (m0, m1) = (mask(width), mask(width.saturating_sub(16)));
+            for q0 in (0..kpp).step_by(KC) {
+                let q1 = (q0 + KC).min(kpp);
+                let add = accumulate || q0 > 0;
+                for i in (0..p.m).step_by(8) {
+                    let out = dst.ptr.wrapping_add(i * dst.stride + c0);
+                    let rows = (p.m - i).min(8);
+                    // SAFETY: per the function's contract (rows `i..i + 8` lie in the padded lhs).
+                    unsafe {
+                        rows8(
+                            p.a.as_ptr().add(i * kpp),
+                            kpp,
+                            q0..q1,
+                            b0,
+                            b1,
+                            out,
+                            dst.stride,
+                            rows,
+                            [m0, m1],
+                            add,
+                        )
+                    };
+                }
             }
         }
 
-        /// Eight rows from `i` against two column blocks: 16 accumulators, one broadcast pair of
-        /// the left operand and two loads of the right per step along `k`.
+        /// Eight lhs rows from `a` (row stride `kpp` words) against two rhs blocks over pairs `qs`:
+        /// 16 accumulators, one broadcast pair of the lhs and two loads of the rhs per pair; the
+        /// first `rows` rows are stored at `out` (row stride `stride`), the columns of each block
+        /// under its mask, added to what is there when `add`.
+        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx512f,avx512bf16")]
-        unsafe fn rows8(p: &Packed<'_>, i: usize, b0: *const u32, b1: *const u32, out: &mut [f32]) {
-            let kpp = p.kpp;
-            let a = p.a.as_ptr().wrapping_add(i * kpp);
+        unsafe fn rows8(
+            a: *const u32,
+            kpp: usize,
+            qs: std::ops::Range<usize>,
+            b0: *const u32,
+            b1: *const u32,
+            out: *mut f32,
+            stride: usize,
+            rows: usize,
+            masks: [__mmask16; 2],
+            add: bool,
+        ) {
             let mut acc0 = [_mm512_setzero_ps(); 8];
             let mut acc1 = [_mm512_setzero_ps(); 8];
-            for q in 0..kpp {
-                // SAFETY: q < kpp, and blocks jb, jb + 1 hold kpp rows of 16 words each.
+            for q in qs {
+                // SAFETY: q < kpp, and both blocks hold kpp rows of 16 words.
                 let (v0, v1): (__m512bh, __m512bh) = unsafe {
                     (
                         std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b0.add(q * 16).cast())),
@@ -553,7 +762,7 @@ mod hw {
                     )
                 };
                 for r in 0..8 {
-                    // SAFETY: rows i..i + 8 lie inside the row-padded lhs (checked by the caller).
+                    // SAFETY: rows a..a + 8 lie inside the row-padded lhs (checked by the caller).
                     let pair = unsafe { *a.add(r * kpp + q) };
                     let av: __m512bh =
                         unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair as i32)) };
@@ -561,16 +770,23 @@ mod hw {
                     acc1[r] = _mm512_dpbf16_ps(acc1[r], av, v1);
                 }
             }
-            for r in 0..8 {
-                // SAFETY: `out` holds 8 rows of 32 floats.
+            for r in 0..rows {
+                let o0 = out.wrapping_add(r * stride);
+                let o1 = o0.wrapping_add(16);
+                // SAFETY: the masks keep every load and store inside row r's columns of the panel
+                // (a zero mask touches no memory).
                 unsafe {
-                    _mm512_storeu_ps(out.as_mut_ptr().add(r * 32), acc0[r]);
-                    _mm512_storeu_ps(out.as_mut_ptr().add(r * 32 + 16), acc1[r]);
+                    let (mut x0, mut x1) = (acc0[r], acc1[r]);
+                    if add {
+                        x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(masks[0], o0));
+                        x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(masks[1], o1));
+                    }
+                    _mm512_mask_storeu_ps(o0, masks[0], x0);
+                    _mm512_mask_storeu_ps(o1, masks[1], x1);
                 }
             }
         }
     }
-
     /// AMX through inline assembly (its intrinsics are not stable Rust). The compiler never uses
     /// tile registers, so they keep their values from one `asm!` block to the next.
     mod amx {
@@ -660,7 +876,7 @@ mod hw {
 /// Other processors: no BF16 instructions.
 #[cfg(not(target_arch = "x86_64"))]
 mod hw {
-    use super::{Bf16Backend, Packed};
+    use super::{Bf16Backend, Dst, Packed};
 
     pub(super) fn avx512_bf16() -> bool {
         false
@@ -677,16 +893,8 @@ mod hw {
             candle_core::bail!("bf16 matrix product: this processor cannot run the {backend} backend")
         }
 
-        pub(super) fn block(
-            &self,
-            _: &Packed<'_>,
-            _: usize,
-            _: usize,
-            _: bool,
-            _: bool,
-            _: &mut [f32; 1024],
-        ) {
-        }
+        /// Never reached: [`Tiles::begin`] always fails here.
+        pub(super) unsafe fn panel(&self, _: &Packed<'_>, _: usize, _: usize, _: usize, _: Dst, _: bool) {}
     }
 }
 
@@ -755,6 +963,62 @@ mod tests {
             .filter(|b| hardware.contains(b))
         {
             self_check(b).unwrap_or_else(|e| panic!("{b}: {e}"));
+        }
+    }
+
+    /// The packing paths (row-major, transposed and strided views) and accumulation, for every
+    /// hardware backend here, against the emulated product on the same views.
+    #[test]
+    fn every_view_layout_and_accumulation_matches_the_emulated_product() {
+        let val = |i: usize| ((i * 7919 + 13) % 2003) as f32 / 1001.0 - 1.0;
+        let (m, k, n) = (21, 530, 37);
+        // Storage for each operand that leaves room for a stride of 3 along either axis.
+        let a: Vec<f32> = (0..m * k * 3).map(val).collect();
+        let b: Vec<f32> = (0..k * n * 3).map(|i| val(i + 5)).collect();
+        let views = |data: &'static [f32], rows: usize, cols: usize| {
+            [
+                View::rows(data, rows, cols),
+                View::transposed(data, cols, rows),
+                View {
+                    data,
+                    rows,
+                    cols,
+                    row_stride: 3 * cols,
+                    col_stride: 3,
+                },
+            ]
+        };
+        let (a, b): (&'static [f32], &'static [f32]) = (a.leak(), b.leak());
+        let hardware = [Bf16Backend::Amx, Bf16Backend::Avx512];
+        for backend in Bf16Backend::available()
+            .into_iter()
+            .filter(|b| hardware.contains(b))
+        {
+            for (va, vb) in views(a, m, k)
+                .into_iter()
+                .flat_map(|va| views(b, k, n).map(move |vb| (va, vb)))
+            {
+                for (accumulate, threads) in [(false, Threads::One), (true, Threads::Pool(2))] {
+                    let start: Vec<f32> = (0..m * (n + 3)).map(|i| val(i + 99)).collect();
+                    let run = |be| {
+                        let mut out = start.clone();
+                        gemm_with(&mut out, n + 3, va, vb, accumulate, threads, be).unwrap();
+                        out
+                    };
+                    let (got, want) = (run(backend), run(Bf16Backend::Emulated));
+                    for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 2e-3,
+                            "{backend} {:?}/{:?} accumulate {accumulate} at {idx}: {g} vs {w}",
+                            (va.row_stride, va.col_stride),
+                            (vb.row_stride, vb.col_stride)
+                        );
+                        if idx % (n + 3) >= n {
+                            assert_eq!(g, &start[idx], "{backend}: a column past the product was written");
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::Precision;
 use super::gemm::{Threads, View};
-use super::matmul;
+use super::{SharedLhs, matmul};
 use super::{contiguous_f32, tensor_f32};
 
 /// A square convolution's geometry.
@@ -276,20 +276,13 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], d: &Dims, s: &ConvSpec) -> candle
     let (kk, n) = (d.k(s), d.n());
     let mut out = vec![0.0f32; d.b * d.cout * n];
     let inner = super::gemm::inner_threads(d.b);
+    let w = SharedLhs::new(View::rows(w, d.cout, kk), d.precision);
     out.par_chunks_mut(d.cout * n)
         .zip(x.par_chunks(d.cin * d.h * d.w))
         .try_for_each(|(o, xb)| {
             with_buffer(&COL, kk * n, |col| {
                 im2col(xb, d, s, col);
-                matmul(
-                    o,
-                    n,
-                    View::rows(w, d.cout, kk),
-                    View::rows(col, kk, n),
-                    false,
-                    inner,
-                    d.precision,
-                )
+                w.matmul(o, n, View::rows(col, kk, n), false, inner)
             })?;
             for (c, plane) in o.chunks_mut(n).enumerate() {
                 let b = bias[c];
@@ -326,6 +319,7 @@ fn backward(
     } else {
         Vec::new()
     };
+    let wt = SharedLhs::new(View::transposed(w, d.cout, kk), d.precision);
     // Each thread handles a run of images and keeps its own dw/db sums; they are added up after.
     let (dw, db) = weight_grads_by_runs(
         &mut dx,
@@ -360,15 +354,7 @@ fn backward(
                 if need_dx {
                     with_buffer(&DCOL, kk * n, |dcol| {
                         // dcol (kk × n) = wᵀ (kk × cout) · dz (cout × n)
-                        matmul(
-                            dcol,
-                            n,
-                            View::transposed(w, d.cout, kk),
-                            View::rows(&dz, d.cout, n),
-                            false,
-                            Threads::One,
-                            d.precision,
-                        )?;
+                        wt.matmul(dcol, n, View::rows(&dz, d.cout, n), false, Threads::One)?;
                         col2im(dcol, d, s, &mut dx_run[j * img..(j + 1) * img]);
                         candle_core::Result::Ok(())
                     })?;

@@ -166,6 +166,39 @@ pub(crate) fn matmul(
     }
 }
 
+/// A left operand shared by many products in one precision (a layer's weights applied image by
+/// image): with BF16 operands on a hardware backend it is rounded and packed once.
+pub(crate) enum SharedLhs<'a> {
+    Fp32(gemm::View<'a>),
+    Bf16(bf16::SharedLhs<'a>),
+}
+
+impl<'a> SharedLhs<'a> {
+    /// Prepares `lhs` for products in `precision`.
+    pub(crate) fn new(lhs: gemm::View<'a>, precision: Precision) -> Self {
+        match precision {
+            Precision::Fp32 => SharedLhs::Fp32(lhs),
+            Precision::Bf16 => SharedLhs::Bf16(bf16::SharedLhs::new(lhs, bf16_backend())),
+        }
+    }
+
+    /// `dst (m × n, stride dst_stride) = lhs · rhs` (+ the old `dst` when `accumulate`), as
+    /// [`matmul`] computes it.
+    pub(crate) fn matmul(
+        &self,
+        dst: &mut [f32],
+        dst_stride: usize,
+        rhs: gemm::View<'_>,
+        accumulate: bool,
+        threads: gemm::Threads,
+    ) -> candle_core::Result<()> {
+        match self {
+            SharedLhs::Fp32(lhs) => gemm::sgemm(dst, dst_stride, *lhs, rhs, accumulate, threads),
+            SharedLhs::Bf16(lhs) => lhs.matmul(dst, dst_stride, rhs, accumulate, threads),
+        }
+    }
+}
+
 /// `a (m × k) · b (k × n)`, both row-major f32, with BF16 operands and FP32 accumulation on
 /// `backend` (`[m, k, n]` the shape): `(m × n)` row-major. For checking and timing the backends;
 /// an error names a slice that does not fit its shape or a backend this processor lacks.

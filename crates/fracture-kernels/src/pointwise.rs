@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{Threads, View, inner_threads};
-use super::{Precision, matmul};
+use super::{Precision, SharedLhs, matmul};
 use super::{contiguous_f32, tensor_f32};
 
 /// `b` images of `cin` channels of `n` positions, to `cout` channels.
@@ -51,19 +51,10 @@ fn forward(x: &[f32], w: &[f32], d: Dims) -> candle_core::Result<Vec<f32>> {
 /// `out_b = w · x_b` for every image (`out` overwritten).
 pub(crate) fn forward_into(x: &[f32], w: &[f32], d: Dims, out: &mut [f32]) -> candle_core::Result<()> {
     let threads = inner_threads(d.b);
+    let w = SharedLhs::new(View::rows(w, d.cout, d.cin), d.precision);
     out.par_chunks_mut(d.cout * d.n)
         .zip(x.par_chunks(d.cin * d.n))
-        .try_for_each(|(o, xb)| {
-            matmul(
-                o,
-                d.n,
-                View::rows(w, d.cout, d.cin),
-                View::rows(xb, d.cin, d.n),
-                false,
-                threads,
-                d.precision,
-            )
-        })
+        .try_for_each(|(o, xb)| w.matmul(o, d.n, View::rows(xb, d.cin, d.n), false, threads))
 }
 
 fn backward(
@@ -100,6 +91,7 @@ pub(crate) fn backward_into(
     };
     let img_in = d.cin * d.n;
     let need_dx = !dx.is_empty();
+    let wt = SharedLhs::new(View::transposed(w, d.cout, d.cin), d.precision);
     // No bias: the helper's db is empty.
     let (dw, _) =
         super::conv::weight_grads_by_runs(dx, d.b, per, img_in, (d.cout * d.cin, 0), |t, dx_run, dw, _| {
@@ -118,14 +110,12 @@ pub(crate) fn backward_into(
                 )?;
                 if need_dx {
                     // dx_b (cin × n) = wᵀ (cin × cout) · dy_b (cout × n)
-                    matmul(
+                    wt.matmul(
                         &mut dx_run[j * img_in..(j + 1) * img_in],
                         d.n,
-                        View::transposed(w, d.cout, d.cin),
                         View::rows(g, d.cout, d.n),
                         false,
                         inner,
-                        d.precision,
                     )?;
                 }
             }

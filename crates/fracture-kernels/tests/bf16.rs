@@ -100,8 +100,9 @@ proptest! {
     }
 }
 
-/// Sizes past one tile in every direction, `k` past one 32-wide step with an odd remainder, and
-/// enough columns that the product is split between threads.
+/// Sizes past one tile in every direction, `k` past one 32-wide step with an odd remainder, past
+/// the AVX-512 kernel's 512-value step, and enough columns that the product is split between
+/// threads.
 #[test]
 fn large_odd_products_are_within_bf16_rounding() {
     for (m, k, n) in [
@@ -110,6 +111,7 @@ fn large_odd_products_are_within_bf16_rounding() {
         (33, 65, 17),
         (1, 1280, 1),
         (130, 9, 700),
+        (40, 1100, 70),
     ] {
         check_backends(m, k, n, 11).unwrap();
     }
