@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
     let columns = CsvColumns {
         truth: false,
         evidence: true,
+        shard: None,
     };
     let table = predictions_csv(&rows, columns)?;
     match out {

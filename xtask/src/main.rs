@@ -45,12 +45,12 @@ commands:
                              nvcc, the CUDA runtime headers and CCCL from NVIDIA's PyPI packages into
                              target/cuda-toolkit (no GPU or system toolkit needed); prints the environment
                              for `cargo build --features cuda` as export lines, for eval $(cargo xtask setup-cuda)
-  bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference]
+  bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference] [--only TEXT]
                              a network's train step and inference, ours vs PyTorch (default and tuned
                              allocator) in one run: ../shared/bench/torch_seed_cnn.py (seed CNN, the
                              default) or torch_effnet_lite.py beside `bench_step`; prints the table with
                              ratios. For efficientnet-lite0 also PyTorch's BF16 autocast and BF16 +
-                             channels-last, and our `--precision bf16`. --reference adds candle's own ops
+                             channels-last, and our `--precision bf16`. --reference adds candle's own ops; --only TEXT keeps the rows whose name holds TEXT
   default-model [--check-only] [--shared DIR]
                              the ready model of crates/fracture-cli/models/: trains it from ../shared (FracAtlas train + extra,
                              leaks excluded, box supervision, seed 42; about 30 min on 2 cores), writes it in
@@ -312,7 +312,7 @@ fn setup_torch() -> Result<(), DynError> {
     if !torch_python().exists() {
         status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    status(Command::new(torch_python()).args(["-m", "pip", "install", "-q", "torch", "numpy"]))
+    status(Command::new(torch_python()).args(["-m", "pip", "install", "-q", "torch", "numpy", "pillow"]))
 }
 
 /// Runs a benchmark command and returns the `img_per_s` of its RESULT line.
@@ -354,6 +354,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
     let mut python = torch_python();
     let mut runs = 3usize;
     let mut reference = false;
+    let mut only: Option<String> = None;
     let mut model = "seed".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -367,6 +368,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
             "--python" => python = PathBuf::from(it.next().ok_or("--python needs a value")?),
             "--runs" => runs = it.next().ok_or("--runs needs a value")?.parse()?,
             "--reference" => reference = true,
+            "--only" => only = Some(it.next().ok_or("--only needs a text (e.g. inference)")?.clone()),
             other => return Err(format!("unknown argument `{other}`\n{USAGE}").into()),
         }
     }
@@ -458,7 +460,11 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
         rule.push_str("---|---|");
     }
     println!("{header}\n{rule}");
-    for &(name, mode, size, batch, iters) in cases {
+    // `--only TEXT`: the rows whose name contains TEXT.
+    for &(name, mode, size, batch, iters) in cases
+        .iter()
+        .filter(|c| only.as_deref().is_none_or(|t| c.0.contains(t)))
+    {
         let mut rates: [Vec<f64>; 7] = Default::default();
         let [torch, torch_tuned, us, cand, torch_amp, torch_cl, us_bf16] = &mut rates;
         for _ in 0..runs {

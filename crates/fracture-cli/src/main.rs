@@ -33,6 +33,9 @@ enum Command {
     Eval(commands::eval::Args),
     /// Predict P(fractured) and the label for image files or folders.
     Predict(commands::predict::Args),
+    /// Join the result files of a sharded `predict` (`--shard I/N --out FILE`) into one, refusing
+    /// an image written twice and shards without rows.
+    Merge(commands::merge::Args),
     /// Serve a web page (and a JSON API) to upload X-rays and see P(fractured), the decision and a
     /// heatmap of the evidence.
     Serve(commands::serve::Args),
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => commands::train::run(&args),
         Command::Eval(args) => commands::eval::run(&args),
         Command::Predict(args) => commands::predict::run(&args),
+        Command::Merge(args) => commands::merge::run(&args),
         Command::Serve(args) => commands::serve::run(&args),
         Command::Download(args) => commands::download::run(&args),
         Command::Export(args) => commands::export::run(&args),

@@ -3178,3 +3178,207 @@ fn a_device_this_build_lacks_is_named_with_its_feature() {
         );
     }
 }
+
+/// The rows of a JSON Lines file as `path → P(fractured)`, each row's shard checked against `shard`.
+fn jsonl_rows(path: &std::path::Path, shard: Option<&str>) -> std::collections::BTreeMap<String, f64> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut rows = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(v["shard"].as_str(), shard, "{line}");
+        let path = v["path"].as_str().unwrap().to_string();
+        assert!(
+            rows.insert(path, v["p_fractured"].as_f64().unwrap()).is_none(),
+            "a row written twice: {line}"
+        );
+    }
+    rows
+}
+
+#[test]
+fn four_shards_one_killed_and_resumed_merge_into_the_single_run() {
+    use std::process::Stdio;
+
+    let root = fresh_dir(&base(), "shards");
+    let images = root.join("archive");
+    for (i, region) in ["hand", "leg", "hip", "shoulder"].iter().enumerate() {
+        let dir = images.join(region);
+        std::fs::create_dir_all(&dir).unwrap();
+        for j in 0..10u64 {
+            let seed = (i as u64) * 100 + j;
+            fracture_testkit::synthetic_xray(96, 80, seed.is_multiple_of(2), seed)
+                .save(dir.join(format!("img{j:02}.png")))
+                .unwrap();
+        }
+    }
+    // The built-in model, so each image takes long enough to be killed between rows.
+    let predict = |extra: &[&str], out: &std::path::Path| {
+        let mut cmd = fracture();
+        cmd.args(["predict", "--no-evidence", "--batch-size", "1"])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .arg(&images);
+        cmd
+    };
+    let single = root.join("single.jsonl");
+    let out = predict(&["--format", "jsonl"], &single).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = jsonl_rows(&single, None);
+    assert_eq!(want.len(), 40);
+    // Writing over an existing result file is refused.
+    let again = predict(&[], &single).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let shard_file = |i: usize| root.join(format!("shard-{i}.jsonl"));
+    let mut sizes = Vec::new();
+    for i in 0..4 {
+        let spec = format!("{i}/4");
+        let args = ["--shard", spec.as_str()];
+        if i == 2 {
+            // Killed (SIGKILL) as soon as its first rows are out, then resumed.
+            let mut child = predict(&args, &shard_file(i))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let start = std::time::Instant::now();
+            let finished_first = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break Some(status);
+                }
+                let lines = std::fs::read_to_string(shard_file(i))
+                    .map(|t| t.lines().count())
+                    .unwrap_or(0);
+                if lines >= 2 || start.elapsed().as_secs() > 120 {
+                    break None;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            };
+            if finished_first.is_none() {
+                child.kill().unwrap();
+                child.wait().unwrap();
+            }
+            let text = std::fs::read_to_string(shard_file(i)).unwrap();
+            let mut whole = text.lines().count() - usize::from(!text.is_empty() && !text.ends_with('\n'));
+            if finished_first.is_some() || whole == 0 {
+                // The shard beat the kill: cut it as a kill would have, mid-row after one row.
+                let first = text.lines().next().unwrap();
+                std::fs::write(shard_file(i), format!("{first}\n{{\"path\":\"cut off")).unwrap();
+                whole = 1;
+            }
+            let resumed = predict(&["--shard", "2/4", "--resume"], &shard_file(i))
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&resumed.stderr);
+            assert!(resumed.status.success(), "{stderr}");
+            let rows = jsonl_rows(&shard_file(i), Some("2/4"));
+            assert!(
+                stderr.contains(&format!(
+                    "{} images to predict, {whole} already written",
+                    rows.len() - whole
+                )),
+                "the resumed shard redoes only what was not written: {stderr}"
+            );
+        } else {
+            let out = predict(&args, &shard_file(i)).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        sizes.push(jsonl_rows(&shard_file(i), Some(spec.as_str())).len());
+    }
+    assert_eq!(
+        sizes.iter().sum::<usize>(),
+        40,
+        "the shards split the images: {sizes:?}"
+    );
+    assert!(sizes.iter().all(|&n| n > 0), "{sizes:?}");
+
+    let merged = root.join("merged.jsonl");
+    let out = fracture()
+        .args(["merge", "--out"])
+        .arg(&merged)
+        .args((0..4).map(shard_file))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&merged).unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        got.insert(
+            v["path"].as_str().unwrap().to_string(),
+            v["p_fractured"].as_f64().unwrap(),
+        );
+    }
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    for (path, p) in &want {
+        // Alone or in a shard, an image passes through the network the same way (batches of one).
+        assert!((got[path] - p).abs() <= 1e-6, "{path}: {} vs {p}", got[path]);
+    }
+    // A shard left out is a gap; a shard given twice an overlap.
+    let out = fracture()
+        .args(["merge", "--out"])
+        .arg(root.join("gap.jsonl"))
+        .args((0..3).map(shard_file))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shard(s) 3 of 4"));
+    let out = fracture()
+        .args(["merge", "--out"])
+        .arg(root.join("twice.jsonl"))
+        .args([shard_file(0), shard_file(1), shard_file(0)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in both"));
+}
+
+#[test]
+fn shard_auto_reads_the_schedulers_index_and_csv_rows_carry_the_shard() {
+    let root = fresh_dir(&base(), "shard-auto");
+    let images = root.join("xr");
+    std::fs::create_dir_all(&images).unwrap();
+    for j in 0..6u64 {
+        fracture_testkit::synthetic_xray(64, 64, j.is_multiple_of(2), j)
+            .save(images.join(format!("a{j}.png")))
+            .unwrap();
+    }
+    let run = |env: &[(&str, &str)], out: &str| {
+        let mut cmd = fracture();
+        cmd.args(["predict", "--no-evidence", "--shard", "auto/2", "--out"])
+            .arg(root.join(out))
+            .arg(&images)
+            .env_remove("JOB_COMPLETION_INDEX")
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .env_remove("SLURM_ARRAY_TASK_MIN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let none = run(&[], "none.csv");
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("JOB_COMPLETION_INDEX"));
+    let k8s = run(&[("JOB_COMPLETION_INDEX", "1")], "k8s.csv");
+    assert!(k8s.status.success(), "{}", String::from_utf8_lossy(&k8s.stderr));
+    // Slurm arrays numbered from 1: task 2 of 1-2 is shard 1.
+    let slurm = run(
+        &[("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_MIN", "1")],
+        "slurm.csv",
+    );
+    assert!(
+        slurm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&slurm.stderr)
+    );
+    let k8s_rows = parse_csv(&std::fs::read_to_string(root.join("k8s.csv")).unwrap());
+    let slurm_rows = parse_csv(&std::fs::read_to_string(root.join("slurm.csv")).unwrap());
+    assert_eq!(k8s_rows[0].last().map(String::as_str), Some("shard"));
+    assert!(
+        k8s_rows[1..]
+            .iter()
+            .all(|r| r.last().map(String::as_str) == Some("1/2"))
+    );
+    assert_eq!(k8s_rows, slurm_rows);
+}

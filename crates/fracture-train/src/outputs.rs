@@ -190,6 +190,7 @@ pub fn write_evaluation(
         CsvColumns {
             truth: true,
             evidence: false,
+            shard: None,
         },
     )?;
     written.push(write(&dir.join(PREDICTIONS_CSV), csv.as_bytes())?);
@@ -270,6 +271,69 @@ pub struct CsvColumns {
     pub truth: bool,
     /// Where the evidence lies (`peak_x` … `box_h`).
     pub evidence: bool,
+    /// The shard of a batch job that wrote the rows (`shard`, `I/N` in every row), for
+    /// [`crate::archive::merge`].
+    pub shard: Option<crate::archive::Shard>,
+}
+
+impl CsvColumns {
+    /// The header row's cells.
+    fn header(&self) -> Vec<&'static str> {
+        let mut header = vec!["path"];
+        if self.truth {
+            header.push("truth");
+        }
+        header.extend(["p_fractured", "predicted"]);
+        if self.evidence {
+            header.extend(["peak_x", "peak_y", "box_x", "box_y", "box_w", "box_h"]);
+        }
+        if self.shard.is_some() {
+            header.push("shard");
+        }
+        header
+    }
+
+    /// A row's cells.
+    fn cells(&self, row: &PredictionRow<'_>) -> Vec<String> {
+        let mut cells = vec![spreadsheet_safe(&fracture_data::path_text(row.path))];
+        if self.truth {
+            cells.push(row.truth.map_or("", fracture_data::Label::name).to_string());
+        }
+        cells.push(format!("{:.6}", row.p_fractured));
+        cells.push(row.predicted.name().to_string());
+        if self.evidence {
+            match row.evidence {
+                Some(e) => cells.extend(e.peak.iter().chain(e.region.iter()).map(|v| format!("{v:.1}"))),
+                None => cells.extend(std::iter::repeat_n(String::new(), 6)),
+            }
+        }
+        if let Some(shard) = self.shard {
+            cells.push(shard.to_string());
+        }
+        cells
+    }
+
+    /// The header row as one line of CSV text, without its newline.
+    pub fn header_line(&self) -> String {
+        csv_line(&self.header())
+    }
+
+    /// `row` as one line of CSV text (quoted where needed), without its newline: what
+    /// [`PredictionsCsv`] writes for it.
+    pub fn row_line(&self, row: &PredictionRow<'_>) -> String {
+        csv_line(&self.cells(row))
+    }
+}
+
+/// Cells as one CSV line, quoted as the csv crate quotes them, without the newline.
+fn csv_line<S: AsRef<[u8]>>(cells: &[S]) -> String {
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    // Writing into memory cannot fail.
+    let _ = w.write_record(cells);
+    let bytes = w.into_inner().unwrap_or_default();
+    String::from_utf8_lossy(&bytes).trim_end_matches('\n').to_string()
 }
 
 /// One row of a predictions table.
@@ -320,33 +384,15 @@ impl<W: std::io::Write> PredictionsCsv<W> {
         let mut out = csv::WriterBuilder::new()
             .terminator(csv::Terminator::Any(b'\n'))
             .from_writer(writer);
-        let mut header = vec!["path"];
-        if columns.truth {
-            header.push("truth");
-        }
-        header.extend(["p_fractured", "predicted"]);
-        if columns.evidence {
-            header.extend(["peak_x", "peak_y", "box_x", "box_y", "box_w", "box_h"]);
-        }
-        out.write_record(&header).map_err(csv_failed)?;
+        out.write_record(columns.header()).map_err(csv_failed)?;
         Ok(PredictionsCsv { out, columns })
     }
 
     /// Writes and flushes one row.
     pub fn write(&mut self, row: &PredictionRow<'_>) -> Result<()> {
-        let mut cells = vec![spreadsheet_safe(&fracture_data::path_text(row.path))];
-        if self.columns.truth {
-            cells.push(row.truth.map_or("", fracture_data::Label::name).to_string());
-        }
-        cells.push(format!("{:.6}", row.p_fractured));
-        cells.push(row.predicted.name().to_string());
-        if self.columns.evidence {
-            match row.evidence {
-                Some(e) => cells.extend(e.peak.iter().chain(e.region.iter()).map(|v| format!("{v:.1}"))),
-                None => cells.extend(std::iter::repeat_n(String::new(), 6)),
-            }
-        }
-        self.out.write_record(&cells).map_err(csv_failed)?;
+        self.out
+            .write_record(self.columns.cells(row))
+            .map_err(csv_failed)?;
         self.out.flush().map_err(|e| csv_failed(e.into()))
     }
 
@@ -650,6 +696,7 @@ mod tests {
             CsvColumns {
                 truth: true,
                 evidence: false,
+                shard: None,
             },
         )
         .unwrap();
@@ -692,7 +739,8 @@ mod tests {
                 &[located, row],
                 CsvColumns {
                     truth: false,
-                    evidence: true
+                    evidence: true,
+                    shard: None,
                 }
             )
             .unwrap(),

@@ -6,6 +6,7 @@ pub(crate) mod download;
 pub(crate) mod eval;
 pub(crate) mod export;
 pub(crate) mod inspect;
+pub(crate) mod merge;
 pub(crate) mod predict;
 pub(crate) mod serve;
 pub(crate) mod train;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use fracture_train::TrainedModel;
+use fracture_train::archive::{ResultsFile, RowFormat, Shard, shard_key};
 use fracture_train::data::{DecodeLimits, Label, list_image_files, path_text};
-use fracture_train::outputs::{CsvColumns, Prediction, PredictionsCsv, predict_files_each};
+use fracture_train::outputs::{CsvColumns, Prediction, predict_files_each, spreadsheet_safe};
 
 /// Arguments of `fracture predict`.
 #[derive(Debug, clap::Args)]
@@ -58,24 +59,67 @@ pub(crate) struct Args {
     /// predicted and printed).
     #[arg(long)]
     keep_going: bool,
+    /// Predict only this shard of the images: `I/N` (0 ≤ I < N), or `auto/N`, whose index comes
+    /// from the job scheduler (`JOB_COMPLETION_INDEX` of a Kubernetes Indexed Job, or
+    /// `SLURM_ARRAY_TASK_ID` of a Slurm array). An image's shard follows from its path below the
+    /// folder given, so shards agree across machines; rows then carry their shard for `fracture
+    /// merge`.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// Write the rows to FILE instead of standard output, each flushed as it is predicted (JSON
+    /// Lines or CSV: `--format`, or the file's extension `.jsonl`/`.csv`). An existing FILE is
+    /// refused unless `--resume` is given.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// With `--out`: keep the rows FILE already holds (a row cut off by a crash is removed) and
+    /// predict only the images it lacks.
+    #[arg(long, requires = "out")]
+    resume: bool,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
     Table,
     Json,
+    /// JSON Lines: one object per image and line.
+    Jsonl,
     Csv,
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let shard = args
+        .shard
+        .as_deref()
+        .map(|spec| Shard::parse(spec, |name| std::env::var(name).ok()))
+        .transpose()?;
+    let format = match (&args.out, args.format) {
+        (Some(out), Format::Table) => match RowFormat::from_extension(out) {
+            Some(RowFormat::JsonLines) => Format::Jsonl,
+            Some(RowFormat::Csv) => Format::Csv,
+            None => bail!(
+                "--out {}: pass --format jsonl or --format csv (or name the file .jsonl or .csv)",
+                out.display()
+            ),
+        },
+        (Some(_), Format::Json) => {
+            bail!("--out writes a row per image as it is predicted: use --format jsonl (or csv)")
+        }
+        (_, format) => format,
+    };
     let device = args.device.open()?;
     let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
     let mut files = Vec::new();
     let mut unreadable = 0usize;
+    let mut other_shards = 0usize;
     for path in &args.paths {
         match list_image_files(path) {
             Ok((found, skipped)) => {
-                files.extend(found);
+                for file in found {
+                    match shard {
+                        Some(s) if !s.owns(&shard_key(path, &file)) => other_shards += 1,
+                        _ => files.push(file),
+                    }
+                }
                 for s in skipped {
                     eprintln!("warning: skipped {s}");
                 }
@@ -90,15 +134,62 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         allow_partial: args.allow_partial,
         ..DecodeLimits::default()
     };
-    let with_evidence = !args.no_evidence && !matches!(args.format, Format::Table);
+    let with_evidence = !args.no_evidence && !matches!(format, Format::Table);
     let layer = super::LayerArg::layer_for(args.cam_layer, &model.model.net);
     if let Some(dir) = &args.heatmap {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let columns = CsvColumns {
+        truth: false,
+        evidence: with_evidence,
+        shard,
+    };
     // Results leave as they come, a batch at a time: memory stays bounded whatever the number of
     // files, and a reader of the output sees rows before the last image is done.
-    let stdout = std::io::stdout();
-    let mut sink = Sink::new(args.format, stdout.lock(), with_evidence, model.threshold())?;
+    let (out, already): (Box<dyn Write>, usize) = match &args.out {
+        Some(path) => {
+            let row_format = if format == Format::Csv {
+                RowFormat::Csv
+            } else {
+                RowFormat::JsonLines
+            };
+            let file = ResultsFile::open(path, row_format, &columns.header_line(), args.resume)?;
+            if file.cut_bytes > 0 {
+                eprintln!(
+                    "{}: removed a row cut off by the previous run ({} bytes)",
+                    path.display(),
+                    file.cut_bytes
+                );
+            }
+            let before = files.len();
+            files.retain(|f| {
+                let text = path_text(f);
+                let name = if row_format == RowFormat::Csv {
+                    spreadsheet_safe(&text)
+                } else {
+                    text
+                };
+                !file.done.contains(&name)
+            });
+            (Box::new(file), before - files.len())
+        }
+        None => (Box::new(std::io::stdout().lock()), 0),
+    };
+    if let Some(s) = shard {
+        eprintln!(
+            "shard {s}: {} images to predict{} ({other_shards} belong to other shards)",
+            files.len(),
+            if already > 0 {
+                format!(", {already} already written")
+            } else {
+                String::new()
+            }
+        );
+    } else if already > 0 {
+        eprintln!("{} images to predict, {already} already written", files.len());
+    }
+    let write_header = args.out.is_none();
+    let mut sink = Sink::new(format, out, columns, model.threshold(), write_header)?;
     let mut heatmaps = HeatmapNames::default();
     let mut predicted = 0usize;
     predict_files_each(
@@ -135,6 +226,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         },
     )?;
     sink.finish()?;
+    if predicted == 0 && files.is_empty() && (already > 0 || shard.is_some()) {
+        // Nothing left to do: every image of this shard is written, or the shard owns none.
+        eprintln!("nothing left to predict");
+        return Ok(());
+    }
     if predicted == 0 {
         bail!("no image could be read ({unreadable} unreadable)");
     }
@@ -152,19 +248,36 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where predictions are written, in the chosen format, one at a time (each flushed).
-enum Sink<W: Write> {
-    Table(W),
+/// Where predictions are written, in the chosen format, one at a time (each flushed, and each row
+/// of JSON Lines or CSV written whole in one call, so a killed process leaves at most one row cut
+/// off).
+enum Sink {
+    Table(Box<dyn Write>),
     Json {
-        out: W,
+        out: Box<dyn Write>,
         first: bool,
-        with_evidence: bool,
+        columns: CsvColumns,
     },
-    Csv(Box<PredictionsCsv<W>>),
+    Jsonl {
+        out: Box<dyn Write>,
+        columns: CsvColumns,
+    },
+    Csv {
+        out: Box<dyn Write>,
+        columns: CsvColumns,
+    },
 }
 
-impl<W: Write> Sink<W> {
-    fn new(format: Format, mut out: W, with_evidence: bool, threshold: f64) -> anyhow::Result<Self> {
+impl Sink {
+    /// A sink into `out`; `header` says whether to write the table's or CSV's header (not into a
+    /// result file, which writes its own).
+    fn new(
+        format: Format,
+        mut out: Box<dyn Write>,
+        columns: CsvColumns,
+        threshold: f64,
+        header: bool,
+    ) -> anyhow::Result<Self> {
         Ok(match format {
             Format::Table => {
                 writeln!(
@@ -183,16 +296,17 @@ impl<W: Write> Sink<W> {
                 Sink::Json {
                     out,
                     first: true,
-                    with_evidence,
+                    columns,
                 }
             }
-            Format::Csv => Sink::Csv(Box::new(PredictionsCsv::new(
-                out,
-                CsvColumns {
-                    truth: false,
-                    evidence: with_evidence,
-                },
-            )?)),
+            Format::Jsonl => Sink::Jsonl { out, columns },
+            Format::Csv => {
+                if header {
+                    out.write_all(format!("{}\n", columns.header_line()).as_bytes())?;
+                    out.flush()?;
+                }
+                Sink::Csv { out, columns }
+            }
         })
     }
 
@@ -208,32 +322,36 @@ impl<W: Write> Sink<W> {
                 )?;
                 out.flush()?;
             }
-            Sink::Json {
-                out,
-                first,
-                with_evidence,
-            } => {
-                let row = json_row(p, *with_evidence, partial);
+            Sink::Json { out, first, columns } => {
+                let row = json_row(p, *columns, partial);
                 let text = serde_json::to_string_pretty(&row)?;
                 let indented: Vec<String> = text.lines().map(|l| format!("    {l}")).collect();
                 write!(out, "{}\n{}", if *first { "" } else { "," }, indented.join("\n"))?;
                 *first = false;
                 out.flush()?;
             }
-            Sink::Csv(csv) => csv.write(&p.row())?,
+            Sink::Jsonl { out, columns } => {
+                let mut line = serde_json::to_string(&json_row(p, *columns, partial))?;
+                line.push('\n');
+                out.write_all(line.as_bytes())?;
+                out.flush()?;
+            }
+            Sink::Csv { out, columns } => {
+                let mut line = columns.row_line(&p.row());
+                line.push('\n');
+                out.write_all(line.as_bytes())?;
+                out.flush()?;
+            }
         }
         Ok(())
     }
 
     fn finish(self) -> anyhow::Result<()> {
         match self {
-            Sink::Table(mut out) => out.flush()?,
+            Sink::Table(mut out) | Sink::Jsonl { mut out, .. } | Sink::Csv { mut out, .. } => out.flush()?,
             Sink::Json { mut out, first, .. } => {
                 writeln!(out, "{}]\n}}", if first { "" } else { "\n  " })?;
                 out.flush()?;
-            }
-            Sink::Csv(csv) => {
-                csv.finish()?.flush()?;
             }
         }
         Ok(())
@@ -309,15 +427,19 @@ struct JsonRow {
     /// interpretation, transfer syntax, frames, the window used); never a patient attribute.
     #[serde(skip_serializing_if = "Option::is_none")]
     dicom: Option<fracture_train::data::DicomInfo>,
+    /// The shard (`I/N`) of a sharded run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<String>,
 }
 
-fn json_row(p: &Prediction, with_evidence: bool, partial: bool) -> JsonRow {
+fn json_row(p: &Prediction, columns: CsvColumns, partial: bool) -> JsonRow {
     JsonRow {
         path: path_text(&p.path),
         p_fractured: p.p_fractured,
         predicted: Label::from_fractured(p.fractured).name(),
-        evidence: with_evidence.then_some(p.evidence),
+        evidence: columns.evidence.then_some(p.evidence),
         warning: partial.then_some("the image is truncated or damaged: only part of it was decoded"),
         dicom: dicom_info(&p.path),
+        shard: columns.shard.map(|s| s.to_string()),
     }
 }
