@@ -3382,3 +3382,193 @@ fn shard_auto_reads_the_schedulers_index_and_csv_rows_carry_the_shard() {
     );
     assert_eq!(k8s_rows, slurm_rows);
 }
+
+/// A 12-bit DICOM radiograph with study, series and instance UIDs and fictitious patient
+/// attributes, written to `path`; returns its (study, series, instance) UIDs.
+fn dicom_with_uids(path: &std::path::Path) -> (String, String, String) {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let xray = fracture_testkit::synthetic_xray(200, 160, true, 11);
+    let samples: Vec<i32> = xray.as_raw().iter().map(|&v| i32::from(v) * 16).collect();
+    let spec = fracture_testkit::dicom::DicomSpec {
+        window: Some((2048.0, 4096.0)),
+        ..fracture_testkit::dicom::DicomSpec::twelve_bit((200, 160))
+    };
+    let uids = (
+        "1.2.826.0.1.3680043.2.1125.7.1".to_string(),
+        "1.2.826.0.1.3680043.2.1125.7.2".to_string(),
+        "1.2.826.0.1.3680043.2.1125.1.1".to_string(),
+    );
+    let bytes =
+        fracture_testkit::dicom::edit_dicom(&fracture_testkit::dicom::dicom_bytes(&samples, &spec), |obj| {
+            obj.put(DataElement::new(
+                tags::STUDY_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(uids.0.as_str()),
+            ));
+            obj.put(DataElement::new(
+                tags::SERIES_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(uids.1.as_str()),
+            ));
+            obj.put(DataElement::new(
+                tags::PATIENT_SEX,
+                VR::CS,
+                PrimitiveValue::from("F"),
+            ));
+        });
+    std::fs::write(path, bytes).unwrap();
+    uids
+}
+
+#[test]
+fn dicom_inputs_get_a_secondary_capture_in_their_study() {
+    use dicom_dictionary_std::tags;
+    let root = fresh_dir(&base(), "dicom-out");
+    let inputs = root.join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let (study, series, instance) = dicom_with_uids(&inputs.join("hand.dcm"));
+    fracture_testkit::synthetic_xray(64, 64, false, 3)
+        .save(inputs.join("plain.png"))
+        .unwrap();
+    let out_dir = root.join("sc");
+    let out = fracture()
+        .args(["predict", "--format", "json", "--dicom-out"])
+        .arg(&out_dir)
+        .arg(&inputs)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("wrote 1 DICOM secondary captures"), "{stderr}");
+    for secret in ["Doe", "Jane", "PID-0042-SECRET", "ACC-77-SECRET", "19700101"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} leaked"
+        );
+    }
+    let written: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(written, vec![out_dir.join("hand.fracture.dcm")]);
+    let obj = dicom_object::open_file(&written[0]).unwrap();
+    let text = |tag| {
+        obj.element(tag)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches('\0')
+            .trim()
+            .to_string()
+    };
+    assert_eq!(text(tags::SOP_CLASS_UID), "1.2.840.10008.5.1.4.1.1.7");
+    assert_eq!(text(tags::STUDY_INSTANCE_UID), study);
+    assert!(text(tags::SERIES_INSTANCE_UID).starts_with("2.25."));
+    assert_ne!(text(tags::SERIES_INSTANCE_UID), series);
+    assert!(text(tags::SOP_INSTANCE_UID).starts_with("2.25."));
+    assert_eq!(
+        obj.meta().media_storage_sop_instance_uid().trim_end_matches('\0'),
+        text(tags::SOP_INSTANCE_UID)
+    );
+    assert_eq!(text(tags::PATIENT_NAME), "Doe^Jane");
+    assert_eq!(text(tags::PATIENT_ID), "PID-0042-SECRET");
+    assert_eq!(text(tags::BURNED_IN_ANNOTATION), "YES");
+    assert!(text(tags::IMAGE_COMMENTS).contains("Not for diagnostic use"));
+    let source = obj.element(tags::SOURCE_IMAGE_SEQUENCE).unwrap().items().unwrap()[0]
+        .element(tags::REFERENCED_SOP_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+    assert_eq!(source, instance);
+    let referenced = obj
+        .element(tags::REFERENCED_SERIES_SEQUENCE)
+        .unwrap()
+        .items()
+        .unwrap()[0]
+        .element(tags::SERIES_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+    assert_eq!(referenced, series);
+    let (rows, cols) = (
+        obj.element(tags::ROWS).unwrap().to_int::<u32>().unwrap(),
+        obj.element(tags::COLUMNS).unwrap().to_int::<u32>().unwrap(),
+    );
+    // Widened to 512 px so the burned-in lines fit; the banner of three lines above the image.
+    assert_eq!(
+        (cols, text(tags::PHOTOMETRIC_INTERPRETATION).as_str()),
+        (512, "RGB")
+    );
+    assert!(rows > 160 * 512 / 200 + 60, "{rows}");
+    let pixels = obj.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+    assert!(pixels.len() >= (rows * cols * 3) as usize);
+    let banner_lit = pixels[..(40 * cols * 3) as usize]
+        .iter()
+        .filter(|&&v| v > 200)
+        .count();
+    assert!(
+        banner_lit > 200,
+        "no text burned into the banner ({banner_lit} bright samples)"
+    );
+    // The decision burned in matches the JSON's.
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let row = v["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["path"].as_str().unwrap().ends_with("hand.dcm"))
+        .unwrap();
+    let p = row["p_fractured"].as_f64().unwrap();
+    assert!(
+        text(tags::IMAGE_COMMENTS).contains(&format!("P(fractured) = {p:.4}")),
+        "{p}"
+    );
+}
+
+#[test]
+#[ignore = "needs Python with pydicom: FRACTURE_PYDICOM_PYTHON names it (.ci/run installs one)"]
+fn a_secondary_capture_reads_back_in_pydicom() {
+    let python = std::env::var("FRACTURE_PYDICOM_PYTHON")
+        .expect("FRACTURE_PYDICOM_PYTHON must name a Python with pydicom (see .ci/run)");
+    let root = fresh_dir(&base(), "dicom-out-pydicom");
+    let inputs = root.join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let (study, _, instance) = dicom_with_uids(&inputs.join("wrist.dcm"));
+    let out = fracture()
+        .args(["predict", "--dicom-out"])
+        .arg(root.join("sc"))
+        .arg(&inputs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = r#"
+import sys, pydicom
+ds = pydicom.dcmread(sys.argv[1])
+px = ds.pixel_array
+assert px.shape == (ds.Rows, ds.Columns, 3), px.shape
+assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+print(ds.StudyInstanceUID, ds.SourceImageSequence[0].ReferencedSOPInstanceUID, ds.PatientName, int(px[:40].max()))
+"#;
+    let read = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(root.join("sc/wrist.fracture.dcm"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&read.stdout);
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    let fields: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(fields[..3], [study.as_str(), instance.as_str(), "Doe^Jane"]);
+    assert!(
+        fields[3].parse::<u32>().unwrap() > 200,
+        "the banner holds text: {stdout}"
+    );
+}

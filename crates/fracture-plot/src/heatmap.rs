@@ -283,3 +283,49 @@ mod tests {
         assert_eq!(marked.get_pixel(0, 0).0, [100, 100, 100]);
     }
 }
+
+/// Height of one line of [`with_banner`] text, in pixels.
+pub const BANNER_LINE: u32 = 22;
+
+/// `canvas` with a black band above it holding `lines` of white text (17 px, each shortened with
+/// "…" to fit the width): for results burned into an image (a DICOM secondary capture), where a
+/// viewer shows pixels and nothing else.
+pub fn with_banner(canvas: image::RgbImage, lines: &[&str]) -> Result<image::RgbImage> {
+    let (w, h) = canvas.dimensions();
+    let band = BANNER_LINE * lines.len() as u32 + if lines.is_empty() { 0 } else { 8 };
+    let mut out = image::RgbImage::from_pixel(w, h + band, image::Rgb([0, 0, 0]));
+    image::imageops::replace(&mut out, &canvas, 0, i64::from(band));
+    let white = plotters::style::RGBColor(255, 255, 255);
+    for (i, line) in lines.iter().enumerate() {
+        let fitted = crate::sheet::fit(line, w.saturating_sub(12), 17.0);
+        crate::scaffold::draw_text(
+            "banner",
+            &mut out,
+            (6, (4 + BANNER_LINE * i as u32) as i32),
+            &fitted,
+            17.0,
+            white,
+        )?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod banner_tests {
+    use super::*;
+
+    #[test]
+    fn the_banner_sits_above_the_image_and_holds_text() {
+        let canvas = image::RgbImage::from_pixel(300, 40, image::Rgb([100, 100, 100]));
+        let out = with_banner(canvas, &["fractured  P = 0.93", "not for diagnostic use"]).unwrap();
+        assert_eq!(out.dimensions(), (300, 40 + 2 * BANNER_LINE + 8));
+        let band = 2 * BANNER_LINE + 8;
+        // The image moved down unchanged; the band is black with white text in it.
+        assert!((0..300).all(|x| out.get_pixel(x, band + 10).0 == [100, 100, 100]));
+        let lit = (0..band)
+            .flat_map(|y| (0..300).map(move |x| (x, y)))
+            .filter(|&(x, y)| out.get_pixel(x, y).0[0] > 128)
+            .count();
+        assert!(lit > 100, "{lit} text pixels");
+    }
+}

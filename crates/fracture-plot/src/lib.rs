@@ -3,7 +3,8 @@
 
 mod heatmap;
 pub use heatmap::{
-    HEATMAP_FLOOR, LEGEND_HEIGHT, colormap, heatmap_alpha, heatmap_rgba_png, overlay_png, resample,
+    BANNER_LINE, HEATMAP_FLOOR, LEGEND_HEIGHT, colormap, heatmap_alpha, heatmap_rgba_png, overlay_png,
+    resample, with_banner,
 };
 
 /// `?` for plotters' results: the error becomes [`Error::Draw`] naming the chart.

@@ -118,7 +118,7 @@ pub fn contact_sheet_png(tiles: &[SheetTile<'_>], columns: usize, side: u32) -> 
 
 /// `text`, shortened from the left with "…" until it fits `width` pixels at `size` (the end of a
 /// caption, the file name, is what tells images apart).
-fn fit(text: &str, width: u32, size: f64) -> String {
+pub(crate) fn fit(text: &str, width: u32, size: f64) -> String {
     if crate::scaffold::text_width(text, size) <= width {
         return text.to_string();
     }

@@ -59,6 +59,13 @@ pub(crate) struct Args {
     /// predicted and printed).
     #[arg(long)]
     keep_going: bool,
+    /// For each DICOM input, also write a DICOM Secondary Capture to DIR (`<name>.fracture.dcm`):
+    /// the radiograph with the evidence heatmap (and box, on a fractured call) and the decision,
+    /// P(fractured) and "not for diagnostic use" burned in, filed in the source's study (its
+    /// Study Instance UID and patient attributes, in the file only), referring to the source image,
+    /// in a new series.
+    #[arg(long, value_name = "DIR")]
+    dicom_out: Option<PathBuf>,
     /// Predict only this shard of the images: `I/N` (0 ≤ I < N), or `auto/N`, whose index comes
     /// from the job scheduler (`JOB_COMPLETION_INDEX` of a Kubernetes Indexed Job, or
     /// `SLURM_ARRAY_TASK_ID` of a Slurm array). An image's shard follows from its path below the
@@ -136,9 +143,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     };
     let with_evidence = !args.no_evidence && !matches!(format, Format::Table);
     let layer = super::LayerArg::layer_for(args.cam_layer, &model.model.net);
-    if let Some(dir) = &args.heatmap {
+    for dir in [&args.heatmap, &args.dicom_out].into_iter().flatten() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let mut captures = HeatmapNames::default();
+    let mut captured = 0usize;
     let columns = CsvColumns {
         truth: false,
         evidence: with_evidence,
@@ -221,6 +230,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 write_heatmap(&model, &p, dir, &mut heatmaps, &limits)
                     .map_err(|e| fracture_train::Error::InvalidConfig(format!("{e:#}")))?;
             }
+            if let Some(dir) = &args.dicom_out {
+                captured += usize::from(
+                    write_capture(&model, &p, dir, &mut captures, &limits)
+                        .map_err(|e| fracture_train::Error::InvalidConfig(format!("{e:#}")))?,
+                );
+            }
             predicted += 1;
             Ok(())
         },
@@ -236,6 +251,13 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(dir) = &args.heatmap {
         eprintln!("wrote {predicted} heatmaps to {}", dir.display());
+    }
+    if let Some(dir) = &args.dicom_out {
+        eprintln!(
+            "wrote {captured} DICOM secondary captures to {} ({} inputs were not DICOM)",
+            dir.display(),
+            predicted - captured
+        );
     }
     if unreadable > 0 {
         eprintln!("{predicted} predicted, {unreadable} unreadable");
@@ -387,6 +409,74 @@ fn write_heatmap(
     // The evidence box only on a fractured call, as on the page.
     std::fs::write(&out, explained.overlay_png(768, 0.6, p.fractured)?)
         .with_context(|| format!("cannot write {}", out.display()))
+}
+
+/// For a DICOM input, writes its secondary capture into `dir` and returns true; other inputs are
+/// left alone (false).
+fn write_capture(
+    model: &TrainedModel,
+    p: &Prediction,
+    dir: &std::path::Path,
+    used: &mut HeatmapNames,
+    limits: &DecodeLimits,
+) -> anyhow::Result<bool> {
+    let bytes = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
+    if !fracture_train::data::is_dicom(&bytes) {
+        return Ok(false);
+    }
+    let explained = model.explain_bytes(&bytes, &p.path, limits, Default::default())?;
+    let overlay =
+        fracture_train::data::image::load_from_memory(&explained.overlay_png(1024, 0.6, p.fractured)?)
+            .with_context(|| format!("{}: cannot draw the overlay", path_text(&p.path)))?
+            .to_rgb8();
+    // At least 512 px wide, so the burned-in lines fit whole.
+    let overlay = if overlay.width() < 512 {
+        let h = (f64::from(overlay.height()) * 512.0 / f64::from(overlay.width())).round() as u32;
+        fracture_train::data::image::imageops::resize(
+            &overlay,
+            512,
+            h.max(1),
+            fracture_train::data::image::imageops::FilterType::Triangle,
+        )
+    } else {
+        overlay
+    };
+    let decision = Label::from_fractured(p.fractured).name().to_uppercase();
+    let threshold = model.threshold();
+    let lines = [
+        "NOT FOR DIAGNOSTIC USE (research software)".to_string(),
+        format!("fracture: {decision}   P(fractured) {:.3}", p.p_fractured),
+        format!("threshold {threshold:.3}; colour: evidence for fractured"),
+    ];
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let captioned = fracture_train::plot::with_banner(overlay, &lines)?;
+    let comments = format!(
+        "fracture {}: P(fractured) = {:.4}, {} at threshold {threshold:.4}. Not for diagnostic use.",
+        env!("CARGO_PKG_VERSION"),
+        p.p_fractured,
+        Label::from_fractured(p.fractured).name()
+    );
+    let (file, _) = fracture_train::data::dicom::secondary_capture(
+        &bytes,
+        &p.path,
+        &captioned,
+        "fracture: P(fractured) and evidence heatmap",
+        &comments,
+    )?;
+    let stem = p
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let mut name = format!("{stem}.fracture.dcm");
+    let mut k = 1;
+    while !used.0.insert(name.clone()) {
+        k += 1;
+        name = format!("{stem}-{k}.fracture.dcm");
+    }
+    let out = dir.join(&name);
+    fracture_fs::write_atomic(&out, &file).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(true)
 }
 
 /// Whether `path` decodes only in part (checked again strictly; only asked with `--allow-partial`,
