@@ -8,6 +8,7 @@ use std::process::{Command, ExitCode};
 mod cuda;
 mod default_model;
 mod docs;
+mod gpu_check;
 mod pretrained;
 mod soak;
 
@@ -45,6 +46,11 @@ commands:
                              nvcc, the CUDA runtime headers and CCCL from NVIDIA's PyPI packages into
                              target/cuda-toolkit (no GPU or system toolkit needed); prints the environment
                              for `cargo build --features cuda` as export lines, for eval $(cargo xtask setup-cuda)
+  gpu-check [--device cuda[:N]|cpu] [--preset finetune|original|…] [--epochs N] [--out DIR] [--debug-build]
+                             one prepared run on a machine with an NVIDIA GPU: builds with --features cuda,
+                             trains the recipe on ../shared's radiographs on the device, evaluates val on the
+                             device and the CPU (ROC-AUC each, per-image |ΔP|, eval time) and writes
+                             target/gpu-check/gpu-check.{json,md}; --device cpu is the dry run CI makes
   bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference] [--only TEXT]
                              a network's train step and inference, ours vs PyTorch (default and tuned
                              allocator) in one run: ../shared/bench/torch_seed_cnn.py (seed CNN, the
@@ -80,6 +86,7 @@ fn run() -> Result<(), DynError> {
         Some("setup-python") => setup_python(),
         Some("setup-torch") => setup_torch(),
         Some("setup-cuda") => cuda::run(&args[1..], &project_root()),
+        Some("gpu-check") => gpu_check::run(&args[1..], &project_root()),
         Some("bench-compare") => bench_compare(&args[1..]),
         Some("bench-preprocess") => bench_preprocess(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
