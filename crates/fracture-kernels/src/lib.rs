@@ -113,6 +113,21 @@ impl Kernels {
         }
     }
 
+    /// These kernels with `precision` operands in the matrix products: [`Kernels::Fast`] and
+    /// [`Kernels::Bf16`] switch between each other, [`Kernels::Reference`] stays as it is in FP32
+    /// and is an error in BF16 (candle's own operations have no BF16 products on the CPU). The one
+    /// rule for every caller that turns a precision setting into kernels.
+    pub fn with_precision(self, precision: Precision) -> Result<Kernels, &'static str> {
+        match (self, precision) {
+            (Kernels::Reference, Precision::Bf16) => {
+                Err("precision bf16 needs our kernels: candle's reference operations run in fp32 only")
+            }
+            (Kernels::Fast | Kernels::Bf16, Precision::Bf16) => Ok(Kernels::Bf16),
+            (Kernels::Bf16, Precision::Fp32) => Ok(Kernels::Fast),
+            (kernels, Precision::Fp32) => Ok(kernels),
+        }
+    }
+
     /// The precision of the matrix products' operands.
     pub fn precision(self) -> Precision {
         match self {

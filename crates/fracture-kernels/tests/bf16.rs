@@ -294,3 +294,23 @@ fn every_backend_runs_the_ops_when_forced() {
         );
     }
 }
+
+#[test]
+fn a_precision_maps_onto_kernels_by_one_rule() {
+    use kernels::Precision;
+    assert_eq!(Kernels::Fast.with_precision(Precision::Bf16), Ok(Kernels::Bf16));
+    assert_eq!(Kernels::Bf16.with_precision(Precision::Bf16), Ok(Kernels::Bf16));
+    assert_eq!(Kernels::Bf16.with_precision(Precision::Fp32), Ok(Kernels::Fast));
+    assert_eq!(Kernels::Fast.with_precision(Precision::Fp32), Ok(Kernels::Fast));
+    assert_eq!(
+        Kernels::Reference.with_precision(Precision::Fp32),
+        Ok(Kernels::Reference)
+    );
+    let err = Kernels::Reference.with_precision(Precision::Bf16).unwrap_err();
+    assert!(err.contains("fp32 only"), "{err}");
+    for k in [Kernels::Fast, Kernels::Bf16] {
+        for p in [Precision::Fp32, Precision::Bf16] {
+            assert_eq!(k.with_precision(p).unwrap().precision(), p);
+        }
+    }
+}

@@ -234,12 +234,17 @@ impl TrainedModel {
     }
 
     /// Runs the network's matrix products with `precision` operands from now on (see
-    /// [`fracture_model::Kernels::Bf16`]); everything else stays as loaded.
-    pub fn set_precision(&mut self, precision: fracture_model::Precision) {
-        self.model.net.set_kernels(match precision {
-            fracture_model::Precision::Fp32 => fracture_model::Kernels::Fast,
-            fracture_model::Precision::Bf16 => fracture_model::Kernels::Bf16,
-        });
+    /// [`fracture_model::Kernels::with_precision`]); everything else stays as loaded. BF16 on a
+    /// network set to candle's reference operations is an error.
+    pub fn set_precision(&mut self, precision: fracture_model::Precision) -> Result<()> {
+        let kernels = self
+            .model
+            .net
+            .kernels()
+            .with_precision(precision)
+            .map_err(|why| Error::InvalidConfig(why.into()))?;
+        self.model.net.set_kernels(kernels);
+        Ok(())
     }
 
     /// The operand precision of the network's matrix products.

@@ -80,15 +80,12 @@ impl Session {
             }
         };
         let mut model = Model::new(&setup.model, cfg.seed, &setup.device)?;
-        model.net.set_kernels(match (setup.kernels, cfg.precision) {
-            (fracture_model::Kernels::Reference, fracture_model::Precision::Bf16) => {
-                return Err(crate::Error::InvalidConfig(
-                    "precision bf16 needs our kernels: candle's reference operations run in fp32 only".into(),
-                ));
-            }
-            (fracture_model::Kernels::Fast, fracture_model::Precision::Bf16) => fracture_model::Kernels::Bf16,
-            (kernels, _) => kernels,
-        });
+        model.net.set_kernels(
+            setup
+                .kernels
+                .with_precision(cfg.precision)
+                .map_err(|why| crate::Error::InvalidConfig(why.into()))?,
+        );
         let device_note = fracture_model::bf16_device_note(&setup.device);
         if let (fracture_model::Kernels::Bf16, Some(note)) = (model.net.kernels(), &device_note) {
             on_event(Event::Notice(note));

@@ -141,7 +141,7 @@ pub(crate) fn load_model(
             "no --model given, and this binary was built without the bundled model (feature `bundled-model`)"
         ),
     }?;
-    loaded.set_precision(precision.precision());
+    loaded.set_precision(precision.precision())?;
     if let (PrecisionArg::Bf16, Some(note)) = (precision, fracture_train::model::bf16_device_note(device)) {
         eprintln!("warning: --{note}");
     }
