@@ -15,14 +15,14 @@ use crate::{EpochReport, Error, Result, TrainConfig};
 pub const PREPROCESS_KEY: &str = "fracture.preprocess";
 /// Metadata key of the operating threshold on P(fractured) (a JSON number).
 pub const THRESHOLD_KEY: &str = "fracture.threshold";
-/// Metadata key of the rule that chose the threshold (JSON [`ThresholdRule`](fracture_eval::ThresholdRule)).
+/// Metadata key of the rule that chose the threshold (JSON [`ThresholdRule`]).
 pub const THRESHOLD_RULE_KEY: &str = "fracture.threshold_rule";
-/// Metadata key of the training settings (JSON [`TrainConfig`](crate::TrainConfig)).
+/// Metadata key of the training settings (JSON [`TrainConfig`]).
 pub const TRAIN_KEY: &str = "fracture.train";
 /// Metadata key of the validation results of the saved epoch (JSON).
 pub const VALIDATION_KEY: &str = "fracture.validation";
 
-/// Metadata key of the validation report at the stored threshold (JSON [`EvalReport`](fracture_eval::EvalReport)).
+/// Metadata key of the validation report at the stored threshold (JSON [`EvalReport`]).
 pub const OPERATING_POINT_KEY: &str = "fracture.operating_point";
 
 /// Metadata key of the pretrained weights a run started from (JSON
