@@ -3,19 +3,20 @@
 //! PyTorch, and prints one `RESULT` line per measurement in the same format.
 //!
 //! ```text
-//! cargo run --release -p fracture-benches --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference] [--precision fp32|bf16] [--arch seed|resnet|efficientnet-lite0]
+//! cargo run --release -p fracture-benches --example bench_step -- {train|infer} SIZE BATCH ITERS [--reference] [--precision fp32|bf16] [--arch seed|resnet|efficientnet-lite0] [--device cpu|cuda[:N]]
 //! ```
 //! `--reference` uses candle's own operations instead of our CPU kernels; `--precision bf16` runs the
 //! matrix products with BF16 operands (`Kernels::Bf16`, on the backend `FRACTURE_BF16` or the
 //! processor picks, printed on stderr); `--arch` picks the network
-//! (default `seed`; `--resnet` is short for `--arch resnet`). `cargo xtask bench-compare` runs this
+//! (default `seed`; `--resnet` is short for `--arch resnet`); `--device cuda` runs on a GPU (built
+//! with `--features cuda`; our CPU kernels then give way to candle's operations). `cargo xtask bench-compare` runs this
 //! beside the PyTorch scripts and prints the ratios.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use fracture_train::candle_core::{Device, ModuleT, Tensor};
+use fracture_train::candle_core::{ModuleT, Tensor};
 use fracture_train::config::AdamConfig;
 use fracture_train::loss::bce_with_logits;
 use fracture_train::model::{Kernels, Model, ModelConfig};
@@ -45,13 +46,17 @@ fn main() -> anyhow::Result<()> {
     if reference && precision != "fp32" {
         bail!("--reference runs candle's operations, in fp32 only");
     }
+    let device = match args.iter().position(|a| a == "--device") {
+        Some(i) => args.get(i + 1).context("--device needs cpu or cuda[:N]")?.clone(),
+        None => "cpu".into(),
+    };
     let pos: Vec<&String> = args
         .iter()
-        .filter(|a| !a.starts_with("--") && **a != arch && **a != precision)
+        .filter(|a| !a.starts_with("--") && **a != arch && **a != precision && **a != device)
         .collect();
     let [mode, size, batch, iters] = pos.as_slice() else {
         bail!(
-            "usage: bench_step {{train|infer}} SIZE BATCH ITERS [--reference] [--precision fp32|bf16] [--arch seed|resnet|efficientnet-lite0]"
+            "usage: bench_step {{train|infer}} SIZE BATCH ITERS [--reference] [--precision fp32|bf16] [--arch seed|resnet|efficientnet-lite0] [--device cpu|cuda[:N]]"
         );
     };
     let (size, batch, iters): (usize, usize, usize) = (
@@ -59,7 +64,10 @@ fn main() -> anyhow::Result<()> {
         batch.parse().context("BATCH")?,
         iters.parse().context("ITERS")?,
     );
-    let dev = Device::Cpu;
+    let dev = device
+        .parse::<fracture_model::DeviceChoice>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .open()?;
     let config = match arch.as_str() {
         "seed" => ModelConfig::seed(size),
         "resnet" => ModelConfig::resnet(size),
@@ -99,6 +107,8 @@ fn main() -> anyhow::Result<()> {
                 let grads = loss.backward()?;
                 let t_bwd = t.elapsed();
                 adam.step(&grads, 1e-3)?;
+                // A GPU runs the step asynchronously: the time is the step's only once it is done.
+                dev.synchronize()?;
                 if std::env::var_os("FRACTURE_BENCH_SPLIT").is_some() {
                     eprintln!(
                         "  forward {:?}, backward {:?}, adam {:?}",
@@ -128,7 +138,7 @@ fn main() -> anyhow::Result<()> {
     );
     let fw = if reference { "candle-reference" } else { "fracture" };
     println!(
-        "RESULT fw={fw} model={arch} precision={precision} mode={mode} size={size} batch={batch} ms_per_iter={:.3} img_per_s={:.2}",
+        "RESULT fw={fw} model={arch} precision={precision} device={device} mode={mode} size={size} batch={batch} ms_per_iter={:.3} img_per_s={:.2}",
         med * 1e3,
         batch as f64 / med
     );

@@ -1,7 +1,9 @@
 //! `cargo xtask gpu-check`: the GPU build proven in one prepared run. Builds the `fracture` binary
 //! (with `--features cuda` for a CUDA device), trains a recipe for a few epochs on the shared
 //! radiographs on the device, evaluates the model on val on the device and on the CPU (ROC-AUC of
-//! each, per-image |ΔP|), times prediction over val on both, and writes the figures to
+//! each, per-image |ΔP|, evaluation time), times EfficientNet-Lite0's train step and inference
+//! (`bench_step`) at each size and batch on the device and the first of them on the CPU, and
+//! writes the figures to
 //! `OUT/gpu-check.json` and `OUT/gpu-check.md` (the table the builds page is filled from).
 //!
 //! `--device cpu` runs the same steps with the CPU as "the device": the dry run `.ci/run` uses to
@@ -25,6 +27,9 @@ struct Options {
     shared: PathBuf,
     out: PathBuf,
     debug_build: bool,
+    sizes: Vec<u32>,
+    batches: Vec<u32>,
+    iters: u32,
 }
 
 fn parse(args: &[String], root: &Path) -> Result<Options, DynError> {
@@ -35,6 +40,14 @@ fn parse(args: &[String], root: &Path) -> Result<Options, DynError> {
         shared: PathBuf::from("../shared"),
         out: root.join("target/gpu-check"),
         debug_build: false,
+        sizes: vec![224, 448],
+        batches: vec![32, 128],
+        iters: 5,
+    };
+    let list = |v: String| -> Result<Vec<u32>, DynError> {
+        v.split(',')
+            .map(|x| x.trim().parse::<u32>().map_err(Into::into))
+            .collect()
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -46,6 +59,9 @@ fn parse(args: &[String], root: &Path) -> Result<Options, DynError> {
             "--shared" => o.shared = PathBuf::from(value("--shared")?),
             "--out" => o.out = PathBuf::from(value("--out")?),
             "--debug-build" => o.debug_build = true,
+            "--sizes" => o.sizes = list(value("--sizes")?)?,
+            "--batches" => o.batches = list(value("--batches")?)?,
+            "--iters" => o.iters = value("--iters")?.parse()?,
             other => return Err(format!("gpu-check: unknown argument `{other}`").into()),
         }
     }
@@ -107,15 +123,26 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         return Err(format!("the FracAtlas radiographs are not at {}", data.display()).into());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build.current_dir(root).args(["build", "-p", "fracture-cli"]);
-    if !o.debug_build {
-        build.arg("--release");
+    let mut build_s = 0.0;
+    for (package, example) in [("fracture-cli", None), ("fracture-benches", Some("bench_step"))] {
+        let mut build = Command::new(&cargo);
+        build.current_dir(root).args(["build", "-p", package]);
+        if let Some(example) = example {
+            build.args(["--example", example]);
+        }
+        if !o.debug_build {
+            build.arg("--release");
+        }
+        if o.device.starts_with("cuda") {
+            build.args(["--features", "cuda"]);
+        }
+        build_s += timed(&mut build)?;
     }
-    if o.device.starts_with("cuda") {
-        build.args(["--features", "cuda"]);
-    }
-    let build_s = timed(&mut build)?;
+    let bench_step = root.join(if o.debug_build {
+        "target/debug/examples/bench_step"
+    } else {
+        "target/release/examples/bench_step"
+    });
     let fracture = root.join(if o.debug_build {
         "target/debug/fracture"
     } else {
@@ -163,6 +190,34 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
             probabilities(&dir.join("predictions.csv"))?,
         ));
     }
+    // EfficientNet-Lite0's train step and inference on random data: every size × batch on the
+    // device, the first of each on the CPU too (our kernels), for the ratio.
+    let mut steps = Vec::new();
+    let rate = |mode: &str, size: u32, batch: u32, device: &str| -> Result<f64, DynError> {
+        crate::result_rate(
+            Command::new(&bench_step)
+                .current_dir(root)
+                .args([mode, &size.to_string(), &batch.to_string(), &o.iters.to_string()])
+                .args(["--arch", "efficientnet-lite0", "--device", device]),
+        )
+    };
+    for mode in ["train", "infer"] {
+        for (i, &size) in o.sizes.iter().enumerate() {
+            for (j, &batch) in o.batches.iter().enumerate() {
+                let on_device = rate(mode, size, batch, &o.device)?;
+                let on_cpu = if i == 0 && j == 0 {
+                    Some(rate(mode, size, batch, "cpu")?)
+                } else {
+                    None
+                };
+                println!(
+                    "{mode} {size} px batch {batch}: {on_device:.1} img/s on {}",
+                    o.device
+                );
+                steps.push((mode, size, batch, on_device, on_cpu));
+            }
+        }
+    }
     let (max_dp, median_dp) = differences(&evals[0].3, &evals[1].3)?;
     let images = evals[0].3.len();
     let auc_gap = (evals[0].1 - evals[1].1).abs();
@@ -176,6 +231,12 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         "roc_auc": { "device": evals[0].1, "cpu": evals[1].1, "difference": auc_gap },
         "p_fractured_difference": { "max": max_dp, "median": median_dp },
         "eval_seconds": { "device": evals[0].2, "cpu": evals[1].2 },
+        "images_per_second": steps
+            .iter()
+            .map(|(mode, size, batch, dev, cpu)| serde_json::json!({
+                "mode": mode, "size": size, "batch": batch, "device": dev, "cpu": cpu,
+            }))
+            .collect::<Vec<_>>(),
     });
     let table = format!(
         "| gpu-check, {device}, {preset} × {epochs} epoch(s) | value |\n|---|---|\n\
@@ -192,6 +253,20 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         eb = evals[1].2,
         ratio = evals[1].2 / evals[0].2.max(1e-9),
     );
+    let mut table = table;
+    for (mode, size, batch, dev, cpu) in &steps {
+        let what = if *mode == "train" {
+            "train step"
+        } else {
+            "inference"
+        };
+        let cpu = cpu.map_or(String::new(), |c| {
+            format!(" vs CPU {c:.1} ({:.1}×)", dev / c.max(1e-9))
+        });
+        table.push_str(&format!(
+            "| {what}, {size} px, batch {batch} (img/s) | {dev:.1}{cpu} |\n"
+        ));
+    }
     std::fs::write(
         o.out.join("gpu-check.json"),
         serde_json::to_string_pretty(&summary)?,

@@ -46,10 +46,10 @@ commands:
                              nvcc, the CUDA runtime headers and CCCL from NVIDIA's PyPI packages into
                              target/cuda-toolkit (no GPU or system toolkit needed); prints the environment
                              for `cargo build --features cuda` as export lines, for eval $(cargo xtask setup-cuda)
-  gpu-check [--device cuda[:N]|cpu] [--preset finetune|original|…] [--epochs N] [--out DIR] [--debug-build]
+  gpu-check [--device cuda[:N]|cpu] [--preset P] [--epochs N] [--sizes 224,448] [--batches 32,128] [--iters N] [--out DIR] [--debug-build]
                              one prepared run on a machine with an NVIDIA GPU: builds with --features cuda,
                              trains the recipe on ../shared's radiographs on the device, evaluates val on the
-                             device and the CPU (ROC-AUC each, per-image |ΔP|, eval time) and writes
+                             device and the CPU (ROC-AUC each, per-image |ΔP|, eval time), times bench_step there, writes
                              target/gpu-check/gpu-check.{json,md}; --device cpu is the dry run CI makes
   bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference] [--only TEXT]
                              a network's train step and inference, ours vs PyTorch (default and tuned
@@ -323,7 +323,7 @@ fn setup_torch() -> Result<(), DynError> {
 }
 
 /// Runs a benchmark command and returns the `img_per_s` of its RESULT line.
-fn result_rate(cmd: &mut Command) -> Result<f64, DynError> {
+pub(crate) fn result_rate(cmd: &mut Command) -> Result<f64, DynError> {
     let out = cmd
         .output()
         .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
