@@ -3357,6 +3357,15 @@ fn shard_auto_reads_the_schedulers_index_and_csv_rows_carry_the_shard() {
         }
         cmd.output().unwrap()
     };
+    // A file named .csv written as JSON Lines would be misread by merge: refused.
+    let mismatch = fracture()
+        .args(["predict", "--format", "jsonl", "--out"])
+        .arg(root.join("rows.csv"))
+        .arg(&images)
+        .output()
+        .unwrap();
+    assert!(!mismatch.status.success());
+    assert!(String::from_utf8_lossy(&mismatch.stderr).contains("disagree"));
     let none = run(&[], "none.csv");
     assert!(!none.status.success());
     assert!(String::from_utf8_lossy(&none.stderr).contains("JOB_COMPLETION_INDEX"));

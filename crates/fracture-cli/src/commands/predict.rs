@@ -111,7 +111,23 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         (Some(_), Format::Json) => {
             bail!("--out writes a row per image as it is predicted: use --format jsonl (or csv)")
         }
-        (_, format) => format,
+        (Some(out), format) => {
+            let named = RowFormat::from_extension(out);
+            let chosen = if format == Format::Csv {
+                RowFormat::Csv
+            } else {
+                RowFormat::JsonLines
+            };
+            if named.is_some_and(|n| n != chosen) {
+                bail!(
+                    "--out {}: the file's extension and --format {} disagree (merge reads the format from the extension)",
+                    out.display(),
+                    if format == Format::Csv { "csv" } else { "jsonl" }
+                );
+            }
+            format
+        }
+        (None, format) => format,
     };
     let device = args.device.open()?;
     let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
