@@ -581,20 +581,27 @@ fn check_encapsulated(
     Ok(())
 }
 
-/// Decodes the first frame of a DICOM file to 8-bit luma (see the module documentation), with
-/// the technical attributes that describe it. `origin` names the file in errors.
-pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<(GrayImage, DicomInfo)> {
+/// The DICOM object in `bytes`, after its magic and the whole data set have been checked against
+/// `limits` (see [`check_data_set`]), parsed with a panic in the parser turned into an error
+/// naming `origin`: the one way in for every reader here.
+fn parse(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<DefaultDicomObject> {
     if !is_dicom(bytes) {
         return Err(dicom_error(origin, "no DICM magic after the 128-byte preamble"));
     }
     check_data_set(bytes, origin, limits)?;
-    let obj = contain(|| {
+    contain(|| {
         OpenFileOptions::new()
             .read_preamble(ReadPreamble::Always)
             .from_reader(bytes)
     })
     .map_err(|panic| dicom_error(origin, format!("the DICOM parser failed: {panic}")))?
-    .map_err(|e| dicom_error(origin, format!("cannot parse: {e}")))?;
+    .map_err(|e| dicom_error(origin, format!("cannot parse: {e}")))
+}
+
+/// Decodes the first frame of a DICOM file to 8-bit luma (see the module documentation), with
+/// the technical attributes that describe it. `origin` names the file in errors.
+pub fn decode_dicom(bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<(GrayImage, DicomInfo)> {
+    let obj = parse(bytes, origin, limits)?;
     let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         let what = if obj
@@ -1076,11 +1083,12 @@ pub struct CaptureUids {
 /// attributes copied, its Study Instance UID kept, a new series and instance, the source image
 /// referenced (Source Image Sequence, Referenced Series Sequence), Burned In Annotation `YES`,
 /// Image Type `DERIVED\SECONDARY`, and `comments` as Image Comments and `description` as Series
-/// and Derivation Description. Returns the file's bytes and its UIDs. `origin` names the source in
-/// errors.
+/// and Derivation Description. Returns the file's bytes and its UIDs. The source is checked against
+/// `limits` as [`decode_dicom`] checks it; `origin` names it in errors.
 pub fn secondary_capture(
     source: &[u8],
     origin: &Path,
+    limits: &DecodeLimits,
     image: &image::RgbImage,
     description: &str,
     comments: &str,
@@ -1089,16 +1097,7 @@ pub fn secondary_capture(
     use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 
-    if !is_dicom(source) {
-        return Err(dicom_error(origin, "no DICM magic after the 128-byte preamble"));
-    }
-    let src = contain(|| {
-        OpenFileOptions::new()
-            .read_preamble(ReadPreamble::Always)
-            .from_reader(source)
-    })
-    .map_err(|panic| dicom_error(origin, format!("the DICOM parser failed: {panic}")))?
-    .map_err(|e| dicom_error(origin, format!("cannot parse: {e}")))?;
+    let src = parse(source, origin, limits)?;
     let (w, h) = image.dimensions();
     let (rows, cols) = (
         u16::try_from(h).map_err(|_| dicom_error(origin, format!("the capture is {h} rows high")))?,
@@ -1202,22 +1201,14 @@ pub fn secondary_capture(
 
 /// `YYYYMMDD` and `HHMMSS` (UTC) of a Unix time in seconds.
 fn utc_date_time(secs: u64) -> (String, String) {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        format!("{year:04}{month:02}{day:02}"),
-        format!("{:02}{:02}{:02}", rem / 3600, (rem / 60) % 60, rem % 60),
-    )
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    // RFC 3339 to the second (`2026-12-03T17:05:09Z`), digits only: `20261203170509`.
+    let digits: String = humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    (digits[..8].to_string(), digits[8..14].to_string())
 }
 
 #[cfg(test)]

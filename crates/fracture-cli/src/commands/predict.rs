@@ -93,6 +93,17 @@ enum Format {
     Csv,
 }
 
+impl Format {
+    /// The result-file format of `--out` in this format: CSV rows for csv, JSON Lines otherwise.
+    fn rows(self) -> RowFormat {
+        if self == Format::Csv {
+            RowFormat::Csv
+        } else {
+            RowFormat::JsonLines
+        }
+    }
+}
+
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let shard = args
         .shard
@@ -112,13 +123,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             bail!("--out writes a row per image as it is predicted: use --format jsonl (or csv)")
         }
         (Some(out), format) => {
-            let named = RowFormat::from_extension(out);
-            let chosen = if format == Format::Csv {
-                RowFormat::Csv
-            } else {
-                RowFormat::JsonLines
-            };
-            if named.is_some_and(|n| n != chosen) {
+            if RowFormat::from_extension(out).is_some_and(|named| named != format.rows()) {
                 bail!(
                     "--out {}: the file's extension and --format {} disagree (merge reads the format from the extension)",
                     out.display(),
@@ -162,7 +167,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     for dir in [&args.heatmap, &args.dicom_out].into_iter().flatten() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let mut captures = HeatmapNames::default();
+    let mut captures = OutputNames::default();
     let mut captured = 0usize;
     let columns = CsvColumns {
         truth: false,
@@ -173,11 +178,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     // files, and a reader of the output sees rows before the last image is done.
     let (out, already): (Box<dyn Write>, usize) = match &args.out {
         Some(path) => {
-            let row_format = if format == Format::Csv {
-                RowFormat::Csv
-            } else {
-                RowFormat::JsonLines
-            };
+            let row_format = format.rows();
             let file = ResultsFile::open(path, row_format, &columns.header_line(), args.resume)?;
             if file.cut_bytes > 0 {
                 eprintln!(
@@ -215,7 +216,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     }
     let write_header = args.out.is_none();
     let mut sink = Sink::new(format, out, columns, model.threshold(), write_header)?;
-    let mut heatmaps = HeatmapNames::default();
+    let mut heatmaps = OutputNames::default();
     let mut predicted = 0usize;
     predict_files_each(
         &model,
@@ -242,16 +243,14 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             }
             sink.write(&p, partial)
                 .map_err(|e| fracture_train::Error::InvalidConfig(format!("cannot write the output: {e}")))?;
-            if let Some(dir) = &args.heatmap {
-                write_heatmap(&model, &p, dir, &mut heatmaps, &limits)
-                    .map_err(|e| fracture_train::Error::InvalidConfig(format!("{e:#}")))?;
-            }
-            if let Some(dir) = &args.dicom_out {
-                captured += usize::from(
-                    write_capture(&model, &p, dir, &mut captures, &limits)
-                        .map_err(|e| fracture_train::Error::InvalidConfig(format!("{e:#}")))?,
-                );
-            }
+            let folders = Pictures {
+                heatmap: args.heatmap.as_deref().map(|dir| (dir, &mut heatmaps)),
+                dicom_out: args.dicom_out.as_deref().map(|dir| (dir, &mut captures)),
+            };
+            captured += usize::from(
+                write_pictures(&model, &p, folders, &limits)
+                    .map_err(|e| fracture_train::Error::InvalidConfig(format!("{e:#}")))?,
+            );
             predicted += 1;
             Ok(())
         },
@@ -396,51 +395,82 @@ impl Sink {
     }
 }
 
-/// Heatmap file names already used in this run (`<stem>.heatmap.png`, then `<stem>-2…`).
+/// File names already used in one output folder of this run.
 #[derive(Default)]
-struct HeatmapNames(std::collections::HashSet<String>);
+struct OutputNames(std::collections::HashSet<String>);
 
-/// The overlay PNG of one predicted image, named collision-free within the run.
-fn write_heatmap(
-    model: &TrainedModel,
-    p: &Prediction,
-    dir: &std::path::Path,
-    used: &mut HeatmapNames,
-    limits: &DecodeLimits,
-) -> anyhow::Result<()> {
-    let bytes = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
-    let explained = model.explain_bytes(&bytes, &p.path, limits, Default::default())?;
-    let stem = p
-        .path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
-    let mut name = format!("{stem}.heatmap.png");
-    let mut k = 1;
-    while !used.0.insert(name.clone()) {
-        k += 1;
-        name = format!("{stem}-{k}.heatmap.png");
+impl OutputNames {
+    /// `dir/<stem of path><suffix>`, or with `-2`, `-3`… after the stem when that name is taken.
+    fn path_in(&mut self, dir: &std::path::Path, path: &std::path::Path, suffix: &str) -> PathBuf {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into());
+        let mut name = format!("{stem}{suffix}");
+        let mut k = 1;
+        while !self.0.insert(name.clone()) {
+            k += 1;
+            name = format!("{stem}-{k}{suffix}");
+        }
+        dir.join(name)
     }
-    let out = dir.join(&name);
-    // The evidence box only on a fractured call, as on the page.
-    std::fs::write(&out, explained.overlay_png(768, 0.6, p.fractured)?)
-        .with_context(|| format!("cannot write {}", out.display()))
 }
 
-/// For a DICOM input, writes its secondary capture into `dir` and returns true; other inputs are
-/// left alone (false).
-fn write_capture(
+/// The picture folders asked for, each with the names already used in it.
+struct Pictures<'a> {
+    heatmap: Option<(&'a std::path::Path, &'a mut OutputNames)>,
+    dicom_out: Option<(&'a std::path::Path, &'a mut OutputNames)>,
+}
+
+/// Writes the pictures asked for of one predicted image, explaining it once for both: the
+/// heatmap overlay PNG, and for a DICOM input its secondary capture. Returns whether a capture was
+/// written.
+fn write_pictures(
     model: &TrainedModel,
     p: &Prediction,
-    dir: &std::path::Path,
-    used: &mut HeatmapNames,
+    folders: Pictures<'_>,
     limits: &DecodeLimits,
 ) -> anyhow::Result<bool> {
+    if folders.heatmap.is_none() && folders.dicom_out.is_none() {
+        return Ok(false);
+    }
     let bytes = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
-    if !fracture_train::data::is_dicom(&bytes) {
+    let capture = folders
+        .dicom_out
+        .filter(|_| fracture_train::data::is_dicom(&bytes));
+    if folders.heatmap.is_none() && capture.is_none() {
         return Ok(false);
     }
     let explained = model.explain_bytes(&bytes, &p.path, limits, Default::default())?;
+    if let Some((dir, used)) = folders.heatmap {
+        let out = used.path_in(dir, &p.path, ".heatmap.png");
+        // The evidence box only on a fractured call, as on the page.
+        std::fs::write(&out, explained.overlay_png(768, 0.6, p.fractured)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    let Some((dir, used)) = capture else {
+        return Ok(false);
+    };
+    write_capture(
+        model,
+        p,
+        &explained,
+        &bytes,
+        used.path_in(dir, &p.path, ".fracture.dcm"),
+        limits,
+    )?;
+    Ok(true)
+}
+
+/// The secondary capture of the DICOM file `bytes` (explained as `explained`) into `out`.
+fn write_capture(
+    model: &TrainedModel,
+    p: &Prediction,
+    explained: &fracture_train::explain::Explanation,
+    bytes: &[u8],
+    out: PathBuf,
+    limits: &DecodeLimits,
+) -> anyhow::Result<()> {
     let overlay =
         fracture_train::data::image::load_from_memory(&explained.overlay_png(1024, 0.6, p.fractured)?)
             .with_context(|| format!("{}: cannot draw the overlay", path_text(&p.path)))?
@@ -473,26 +503,14 @@ fn write_capture(
         Label::from_fractured(p.fractured).name()
     );
     let (file, _) = fracture_train::data::dicom::secondary_capture(
-        &bytes,
+        bytes,
         &p.path,
+        limits,
         &captioned,
         "fracture: P(fractured) and evidence heatmap",
         &comments,
     )?;
-    let stem = p
-        .path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
-    let mut name = format!("{stem}.fracture.dcm");
-    let mut k = 1;
-    while !used.0.insert(name.clone()) {
-        k += 1;
-        name = format!("{stem}-{k}.fracture.dcm");
-    }
-    let out = dir.join(&name);
-    fracture_fs::write_atomic(&out, &file).with_context(|| format!("cannot write {}", out.display()))?;
-    Ok(true)
+    fracture_fs::write_atomic(&out, &file).with_context(|| format!("cannot write {}", out.display()))
 }
 
 /// Whether `path` decodes only in part (checked again strictly; only asked with `--allow-partial`,
