@@ -150,7 +150,6 @@ impl RowFormat {
 #[derive(Debug)]
 pub struct ResultsFile {
     file: std::fs::File,
-    path: PathBuf,
     /// The names (the `path` field or column) of the rows already in the file.
     pub done: HashSet<String>,
     /// Bytes of a cut-off last line removed when resuming (0 when there was none).
@@ -187,7 +186,6 @@ impl ResultsFile {
             }
             return Ok(ResultsFile {
                 file,
-                path: path.to_path_buf(),
                 done: HashSet::new(),
                 cut_bytes: 0,
             });
@@ -220,7 +218,7 @@ impl ResultsFile {
                 }
             }
         }
-        for (line, name, _) in rows.rows.drain(..) {
+        for Row { line, name, .. } in rows.rows.drain(..) {
             if !done.insert(name.clone()) {
                 return Err(Error::InvalidConfig(format!(
                     "{}:{line}: `{name}` is written twice",
@@ -234,20 +232,9 @@ impl ResultsFile {
         file.flush().map_err(io)?;
         Ok(ResultsFile {
             file,
-            path: path.to_path_buf(),
             done,
             cut_bytes,
         })
-    }
-
-    /// Appends one row (`line` without its newline) and flushes it to the operating system.
-    pub fn append(&mut self, line: &str) -> Result<()> {
-        let io = |e| Error::io(&self.path, e);
-        let mut bytes = Vec::with_capacity(line.len() + 1);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
-        self.file.write_all(&bytes).map_err(io)?;
-        self.file.flush().map_err(io)
     }
 }
 
@@ -263,10 +250,22 @@ impl Write for ResultsFile {
     }
 }
 
-/// The rows of a result file: the CSV header (for CSV), then `(line number, image name, line)`.
+/// The rows of a result file, after the CSV header (for CSV).
 struct Rows {
     header: Option<String>,
-    rows: Vec<(usize, String, String)>,
+    rows: Vec<Row>,
+}
+
+/// One row of a result file.
+struct Row {
+    /// Its line number (from 1).
+    line: usize,
+    /// The image it names (the `path` field or first column).
+    name: String,
+    /// Its shard (`I/N`), when the row carries one (the `shard` field or column).
+    shard: Option<String>,
+    /// Its text, without the newline.
+    text: String,
 }
 
 /// Parses whole lines of a result file; an error names the file and line.
@@ -287,7 +286,12 @@ fn read_rows(text: &[u8], format: RowFormat, path: &Path) -> Result<Rows> {
                     .get("path")
                     .and_then(|p| p.as_str())
                     .ok_or_else(|| bad(i + 1, "the row has no `path`"))?;
-                rows.push((i + 1, name.to_string(), line.clone()));
+                rows.push(Row {
+                    line: i + 1,
+                    name: name.to_string(),
+                    shard: value.get("shard").and_then(|s| s.as_str()).map(str::to_string),
+                    text: line.clone(),
+                });
             }
         }
         RowFormat::Csv => {
@@ -308,16 +312,23 @@ fn read_rows(text: &[u8], format: RowFormat, path: &Path) -> Result<Rows> {
                 .map(|(s, _)| *s)
                 .chain([text.len()])
                 .collect();
+            let mut shard_column = None;
             for (i, ((start, record), end)) in records.into_iter().zip(ends).enumerate() {
                 let line = String::from_utf8_lossy(&text[start..end])
                     .trim_end_matches(['\n', '\r'])
                     .to_string();
                 if i == 0 {
+                    shard_column = record.iter().position(|c| c == "shard");
                     header = Some(line);
                     continue;
                 }
                 let name = record.get(0).ok_or_else(|| bad(i + 1, "the row is empty"))?;
-                rows.push((i + 1, name.to_string(), line));
+                rows.push(Row {
+                    line: i + 1,
+                    name: name.to_string(),
+                    shard: shard_column.and_then(|c| record.get(c)).map(str::to_string),
+                    text: line,
+                });
             }
         }
     }
@@ -368,13 +379,11 @@ pub fn merge(inputs: &[PathBuf], out: &Path, allow_gaps: bool) -> Result<MergeRe
             )));
         }
         let rows = read_rows(&text, format, input)?;
-        let mut shard_column = None;
         if format == RowFormat::Csv {
             let h = rows
                 .header
                 .clone()
                 .ok_or_else(|| Error::InvalidConfig(format!("{}: no header row", input.display())))?;
-            shard_column = h.split(',').position(|c| c == "shard");
             match &header {
                 Some(want) if *want != h => {
                     return Err(Error::InvalidConfig(format!(
@@ -386,21 +395,13 @@ pub fn merge(inputs: &[PathBuf], out: &Path, allow_gaps: bool) -> Result<MergeRe
                 _ => header = Some(h),
             }
         }
-        for (line, name, row) in rows.rows {
-            let shard = match format {
-                RowFormat::JsonLines => serde_json::from_str::<serde_json::Value>(&row)
-                    .ok()
-                    .and_then(|v| v.get("shard").and_then(|s| s.as_str()).map(str::to_string)),
-                RowFormat::Csv => shard_column.and_then(|c| {
-                    csv::ReaderBuilder::new()
-                        .has_headers(false)
-                        .from_reader(row.as_bytes())
-                        .records()
-                        .next()
-                        .and_then(|r| r.ok())
-                        .and_then(|r| r.get(c).map(str::to_string))
-                }),
-            };
+        for Row {
+            line,
+            name,
+            shard,
+            text: row,
+        } in rows.rows
+        {
             if let Some(spec) = shard {
                 let s = Shard::parse(&spec, |_| None)
                     .map_err(|e| Error::InvalidConfig(format!("{}:{line}: {e}", input.display())))?;
@@ -519,7 +520,7 @@ mod tests {
         let a = dir.join("a.jsonl");
         {
             let mut f = ResultsFile::open(&a, RowFormat::JsonLines, "", false).unwrap();
-            f.append(r#"{"path":"x.png","p_fractured":0.5,"shard":"0/2"}"#)
+            f.write_all(b"{\"path\":\"x.png\",\"p_fractured\":0.5,\"shard\":\"0/2\"}\n")
                 .unwrap();
         }
         // A second open without resume refuses to overwrite.
@@ -555,7 +556,7 @@ mod tests {
         let dir = fracture_testkit::fresh_dir(&std::env::temp_dir(), "fracture-archive-csv");
         let a = dir.join("a.csv");
         let mut f = ResultsFile::open(&a, RowFormat::Csv, "path,p_fractured", false).unwrap();
-        f.append("a.png,0.250000").unwrap();
+        f.write_all(b"a.png,0.250000\n").unwrap();
         drop(f);
         let err = ResultsFile::open(&a, RowFormat::Csv, "path,p_fractured,shard", true).unwrap_err();
         assert!(err.to_string().contains("header"), "{err}");
