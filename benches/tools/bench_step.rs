@@ -19,7 +19,7 @@ use anyhow::{Context, bail};
 use fracture_train::candle_core::{ModuleT, Tensor};
 use fracture_train::config::AdamConfig;
 use fracture_train::loss::bce_with_logits;
-use fracture_train::model::{Kernels, Model, ModelConfig};
+use fracture_train::model::{Kernels, Model, ModelConfig, Precision};
 use fracture_train::optim::Adam;
 
 #[global_allocator]
@@ -43,9 +43,6 @@ fn main() -> anyhow::Result<()> {
         Some(i) => args.get(i + 1).context("--precision needs fp32 or bf16")?.clone(),
         None => "fp32".into(),
     };
-    if reference && precision != "fp32" {
-        bail!("--reference runs candle's operations, in fp32 only");
-    }
     let device = match args.iter().position(|a| a == "--device") {
         Some(i) => args.get(i + 1).context("--device needs cpu or cuda[:N]")?.clone(),
         None => "cpu".into(),
@@ -75,16 +72,23 @@ fn main() -> anyhow::Result<()> {
         other => bail!("unknown architecture `{other}` (seed, resnet, efficientnet-lite0)"),
     };
     let mut model = Model::new(&config, 0, &dev)?;
-    model.net.set_kernels(match (reference, precision.as_str()) {
-        (true, _) => Kernels::Reference,
-        (false, "fp32") => Kernels::Fast,
-        (false, "bf16") => {
+    let wanted = match precision.as_str() {
+        "fp32" => Precision::Fp32,
+        "bf16" => {
             let status = fracture_train::kernels::bf16_status();
             eprintln!("  bf16 products on {} ({})", status.backend, status.reason);
-            Kernels::Bf16
+            Precision::Bf16
         }
-        (false, other) => bail!("unknown precision `{other}` (fp32, bf16)"),
-    });
+        other => bail!("unknown precision `{other}` (fp32, bf16)"),
+    };
+    let kernels = if reference {
+        Kernels::Reference
+    } else {
+        Kernels::Fast
+    };
+    model
+        .net
+        .set_kernels(kernels.with_precision(wanted).map_err(anyhow::Error::msg)?);
     let x = Tensor::rand(0f32, 1.0, (batch, 1, size, size), &dev)?;
     let y = Tensor::rand(0f32, 1.0, batch, &dev)?
         .ge(0.5)?

@@ -409,15 +409,13 @@ pub(crate) struct SharedLhs<'a> {
 impl<'a> SharedLhs<'a> {
     /// Prepares `view` for products on `backend`.
     pub(crate) fn new(view: View<'a>, backend: Bf16Backend) -> Self {
-        let packed = matches!(backend, Bf16Backend::Amx | Bf16Backend::Avx512)
-            .then(|| backend.is_supported())
-            .filter(|&ok| ok)
-            .map(|_| {
-                let kpp = padded_pairs(view.cols, backend);
-                let mut a = vec![0u32; view.rows.div_ceil(16) * 16 * kpp];
-                pack_lhs(&view, kpp, Threads::Pool(rayon::current_num_threads()), &mut a);
-                (a, kpp)
-            });
+        let hardware = matches!(backend, Bf16Backend::Amx | Bf16Backend::Avx512);
+        let packed = (hardware && backend.is_supported()).then(|| {
+            let kpp = padded_pairs(view.cols, backend);
+            let mut a = vec![0u32; view.rows.div_ceil(16) * 16 * kpp];
+            pack_lhs(&view, kpp, Threads::Pool(rayon::current_num_threads()), &mut a);
+            (a, kpp)
+        });
         SharedLhs {
             view,
             backend,
