@@ -78,27 +78,25 @@ fn timed(cmd: &mut Command) -> Result<f64, DynError> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// `path → p_fractured` from an evaluation's predictions.csv (its paths hold no commas).
-fn probabilities(csv: &Path) -> Result<Vec<(String, f64)>, DynError> {
-    let text = std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .ok_or("an empty predictions.csv")?
-        .split(',')
-        .collect();
-    let (path, p) = (
-        header.iter().position(|c| *c == "path").ok_or("no path column")?,
+/// `path → p_fractured` from an evaluation's predictions.csv, sorted by path.
+fn probabilities(csv_path: &Path) -> Result<Vec<(String, f64)>, DynError> {
+    let mut reader = csv::Reader::from_path(csv_path).map_err(|e| format!("{}: {e}", csv_path.display()))?;
+    let header = reader.headers()?.clone();
+    let column = |name: &str| {
         header
             .iter()
-            .position(|c| *c == "p_fractured")
-            .ok_or("no p_fractured column")?,
-    );
+            .position(|c| c == name)
+            .ok_or(format!("{}: no {name} column", csv_path.display()))
+    };
+    let (path, p) = (column("path")?, column("p_fractured")?);
     let mut rows = Vec::new();
-    for line in lines {
-        let cells: Vec<&str> = line.split(',').collect();
-        let value: f64 = cells.get(p).ok_or("a short row")?.parse()?;
-        rows.push((cells.get(path).ok_or("a short row")?.to_string(), value));
+    for record in reader.records() {
+        let record = record?;
+        let (name, value) = (record.get(path), record.get(p));
+        let (Some(name), Some(value)) = (name, value) else {
+            return Err(format!("{}: a short row", csv_path.display()).into());
+        };
+        rows.push((name.to_string(), value.parse::<f64>()?));
     }
     rows.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(rows)
