@@ -11,6 +11,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::{self, Activation, ConvSpec, Kernels, MbConvSpec, Padding};
 use crate::layers::{BatchNorm, Stats};
+use crate::onnx::{Act, ConvAttrs, Graph};
 use crate::{EfficientNetConfig, Result};
 
 /// The stages of EfficientNet-Lite0: (kernel, stride of the first block, expansion, output channels,
@@ -418,5 +419,111 @@ impl EfficientNet {
             layer(b.kernel, b.stride);
         }
         (offset, stride)
+    }
+}
+
+impl MbConv {
+    /// The block as ONNX nodes from `x` (block `i`, for the weights' names).
+    fn to_onnx(&self, g: &mut Graph, x: &Act, i: usize) -> Result<Act> {
+        let name = |part: &str| format!("_blocks.{i}.{part}");
+        let mut h = x.clone();
+        if let Some((w, bn)) = &self.expand {
+            h = g.conv(&name("_expand_conv"), &h, w, None, ConvAttrs::plain(1, 0))?;
+            h = g.batch_norm(&name("_bn0"), &h, bn)?;
+            h = g.relu6(&h);
+        }
+        let mid = self.depthwise.dim(0)?;
+        let attrs = ConvAttrs::same(h.side, self.kernel, self.stride, mid);
+        h = g.conv(&name("_depthwise_conv"), &h, &self.depthwise, None, attrs)?;
+        h = g.batch_norm(&name("_bn1"), &h, &self.bn1)?;
+        h = g.relu6(&h);
+        h = g.conv(
+            &name("_project_conv"),
+            &h,
+            &self.project,
+            None,
+            ConvAttrs::plain(1, 0),
+        )?;
+        h = g.batch_norm(&name("_bn2"), &h, &self.bn2)?;
+        if self.spec(self.input_channels()?).skip() {
+            h = g.add(&h, x);
+        }
+        Ok(h)
+    }
+
+    /// The block's input channels (the expand convolution's, or the depthwise's without one).
+    fn input_channels(&self) -> candle_core::Result<usize> {
+        match &self.expand {
+            Some((w, _)) => w.dim(1),
+            None => self.depthwise.dim(0),
+        }
+    }
+}
+
+impl LocHead {
+    /// The head as ONNX nodes from the stride-8 and stride-16 features: the map's logits `(B, 1, M, M)`.
+    fn to_onnx(&self, g: &mut Graph, a8: &Act, a16: &Act) -> Result<String> {
+        let (w1, b1) = &self.conv1;
+        let mut h = g.conv("head.loc.conv1", a16, w1, Some(b1), ConvAttrs::plain(1, 1))?;
+        h = g.relu(&h);
+        if let Some(((wl, bl), (w3, b3))) = &self.fine {
+            // Nearest ×2 as reshape → broadcast → reshape, cropped to the stride-8 grid.
+            let c = w1.dim(0)? as i64;
+            let s16 = h.side as i64;
+            let split = g.constant_i64("shape.split", &[6], &[-1, c, s16, 1, s16, 1]);
+            let split = g.node("Reshape", &[&h.x, &split], vec![]);
+            let twice = g.constant_i64("shape.twice", &[6], &[1, 1, 1, 2, 1, 2]);
+            let spread = g.node("Expand", &[&split, &twice], vec![]);
+            let joined = g.constant_i64("shape.joined", &[4], &[-1, c, 2 * s16, 2 * s16]);
+            let up = g.node("Reshape", &[&spread, &joined], vec![]);
+            let s8 = a8.side as i64;
+            let starts = g.constant_i64("crop.starts", &[2], &[0, 0]);
+            let ends = g.constant_i64("crop.ends", &[2], &[s8, s8]);
+            let axes = g.constant_i64("crop.axes", &[2], &[2, 3]);
+            let up = Act {
+                x: g.node("Slice", &[&up, &starts, &ends, &axes], vec![]),
+                side: a8.side,
+            };
+            let side = g.conv("head.loc.lateral", a8, wl, Some(bl), ConvAttrs::plain(1, 0))?;
+            let sum = g.add(&up, &side);
+            let sum = g.relu(&sum);
+            h = g.conv("head.loc.conv3", &sum, w3, Some(b3), ConvAttrs::plain(1, 1))?;
+            h = g.relu(&h);
+        }
+        let (w2, b2) = &self.conv2;
+        Ok(
+            g.conv("head.loc.conv2", &h, w2, Some(b2), ConvAttrs::plain(1, 0))?
+                .x,
+        )
+    }
+}
+
+impl EfficientNet {
+    /// The network as ONNX nodes from `x`: the logit `(B, 1)` and, with the localization head, its
+    /// map of logits `(B, 1, M, M)`.
+    pub(crate) fn to_onnx(&self, g: &mut Graph, x: Act) -> Result<(String, Option<String>)> {
+        let stem = ConvAttrs::same(x.side, 3, 2, 1);
+        let h = g.conv("_conv_stem", &x, &self.stem, None, stem)?;
+        let h = g.batch_norm("_bn0", &h, &self.stem_bn)?;
+        let mut h = g.relu6(&h);
+        let (s8, s16) = (self.blocks_up_to_stride(8), self.stride16_blocks());
+        let (mut a8, mut a16) = (None, None);
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.to_onnx(g, &h, i)?;
+            if i + 1 == s8 {
+                a8 = Some(h.clone());
+            }
+            if i + 1 == s16 {
+                a16 = Some(h.clone());
+            }
+        }
+        let map = match (&self.loc, a8, a16) {
+            (Some(loc), Some(a8), Some(a16)) => Some(loc.to_onnx(g, &a8, &a16)?),
+            _ => None,
+        };
+        let h = g.conv("_conv_head", &h, &self.head_conv, None, ConvAttrs::plain(1, 0))?;
+        let h = g.batch_norm("_bn1", &h, &self.head_bn)?;
+        let h = g.relu6(&h);
+        Ok((g.pooled_head(&h, &self.fc)?, map))
     }
 }

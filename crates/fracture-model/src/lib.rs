@@ -9,6 +9,7 @@ mod gradcam;
 mod init;
 mod layers;
 mod net;
+pub mod onnx;
 pub mod pretrained;
 mod weights;
 

@@ -10,6 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::efficientnet::EfficientNet;
 use crate::kernels::{self, Activation, ConvSpec, Kernels};
 use crate::layers::{BatchNorm, Stats};
+use crate::onnx::{Act, ConvAttrs, Graph};
 use crate::{ArchConfig, Error, ModelConfig, ResNetConfig, Result, SeedConfig};
 
 /// The seed network's convolutions: 3×3, stride 1, no padding, ReLU.
@@ -444,5 +445,69 @@ impl SeedNet {
             p_flatten: cfg.dropout_flatten,
             p_dense: cfg.dropout_dense,
         })
+    }
+}
+
+impl SeedNet {
+    /// The network as ONNX nodes from `x`: the logit `(B, 1)`.
+    pub(crate) fn to_onnx(&self, g: &mut Graph, x: Act) -> Result<String> {
+        let mut x = x;
+        for (name, layer) in [("conv1", &self.conv1), ("conv2", &self.conv2)] {
+            let y = g.conv(name, &x, layer.weight(), layer.bias(), ConvAttrs::plain(1, 0))?;
+            let y = g.relu(&y);
+            x = g.max_pool2(&y);
+        }
+        let flat = g.node("Flatten", &[&x.x], vec![]);
+        let hidden = g.dense(&flat, &self.fc1)?;
+        let hidden = g.node("Relu", &[&hidden], vec![]);
+        g.dense(&hidden, &self.fc2)
+    }
+}
+
+impl ResNet {
+    /// The network as ONNX nodes from `x`: the logit `(B, 1)`.
+    pub(crate) fn to_onnx(&self, g: &mut Graph, x: Act) -> Result<String> {
+        let stem = g.conv(
+            "stem.conv",
+            &x,
+            self.stem.weight(),
+            self.stem.bias(),
+            ConvAttrs::plain(2, 1),
+        )?;
+        let stem = g.relu(&stem);
+        let stem = g.max_pool2(&stem);
+        let mut x = g.batch_norm("stem.bn", &stem, &self.stem_bn)?;
+        for block in &self.blocks {
+            x = block.to_onnx(g, &x)?;
+        }
+        g.pooled_head(&x, &self.fc)
+    }
+}
+
+impl Block {
+    fn to_onnx(&self, g: &mut Graph, x: &Act) -> Result<Act> {
+        let conv = |g: &mut Graph, x: &Act, layer: &Conv2d, k: usize, stride: usize| {
+            g.conv(
+                "block",
+                x,
+                layer.weight(),
+                layer.bias(),
+                ConvAttrs::plain(stride, k / 2),
+            )
+        };
+        let h = conv(g, x, &self.conv1, 3, self.stride)?;
+        let h = g.batch_norm("block.bn1", &h, &self.bn1)?;
+        let h = g.relu(&h);
+        let h = conv(g, &h, &self.conv2, 3, 1)?;
+        let h = g.batch_norm("block.bn2", &h, &self.bn2)?;
+        let shortcut = match &self.down {
+            Some((down, bn)) => {
+                let s = conv(g, x, down, 1, self.stride)?;
+                g.batch_norm("block.down.bn", &s, bn)?
+            }
+            None => x.clone(),
+        };
+        let sum = g.add(&h, &shortcut);
+        Ok(g.relu(&sum))
     }
 }

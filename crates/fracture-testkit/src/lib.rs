@@ -21,6 +21,8 @@ pub mod dicom;
 mod fuzz;
 mod kaggle;
 mod models;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub use corpus::{BadInput, Expect, png_bomb_header, write_bad_inputs};
 pub use fuzz::{DEFAULT_CASES, fuzz_bytes};
 pub use kaggle::{

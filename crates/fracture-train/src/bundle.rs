@@ -296,6 +296,30 @@ impl TrainedModel {
         Ok(self.model.save_as(path, &self.meta.to_metadata()?, dtype)?)
     }
 
+    /// The model as the bytes of an ONNX file (see [`fracture_model::onnx`]): input `image`
+    /// `(B, 1, S, S)` f32, the gray radiograph fitted to `S × S` as [`TrainedModel::preprocess`]
+    /// does and scaled to [0, 1] (the standardization, when the model has one, is inside the graph);
+    /// outputs `p_fractured` (calibrated, as [`TrainedModel::probability`]), `fractured` at the
+    /// stored threshold, and `fracture_map` with a localization head. Test-time augmentation is not
+    /// part of the graph. The preprocessing and threshold are also recorded as metadata.
+    pub fn to_onnx(&self) -> Result<Vec<u8>> {
+        let pre = &self.meta.preprocess;
+        let options = fracture_model::onnx::OnnxOptions {
+            standardize: pre.standardize.map(|s| (s.mean, s.std)),
+            calibration: self.meta.calibration.as_ref().map(|c| (c.platt.a, c.platt.b)),
+            threshold: self.meta.threshold,
+            metadata: vec![(PREPROCESS_KEY.to_string(), json(pre)?)],
+            doc: format!(
+                "Bone-fracture classifier exported by fracture from {}. Input: the radiograph as gray \
+                 values / 255, fitted to {s} x {s} ({:?}). Research use only, not for diagnosis.",
+                self.path.display(),
+                pre.resize,
+                s = pre.size,
+            ),
+        };
+        Ok(fracture_model::onnx::export(&self.model.net, &options)?)
+    }
+
     /// Loads a model from the bytes of a weight file (a model compiled into a program, say);
     /// `origin` names it in errors and becomes [`TrainedModel::path`].
     pub fn from_bytes(bytes: &[u8], origin: &Path, device: &Device) -> Result<Self> {

@@ -148,6 +148,11 @@ pub(crate) fn load_model(
     Ok(loaded)
 }
 
+/// The bytes of the bundled model's training fingerprints, when the binary has the model.
+pub(crate) fn bundled_fingerprints() -> Option<Vec<u8>> {
+    BUNDLED.map(|(_, fingerprints)| fingerprints.to_vec())
+}
+
 /// The training fingerprints that go with `model` (see [`load_model`]): the ones tied to it beside
 /// a model file or in a run folder (see `fracture_train::audit::training_fingerprints`), or the
 /// bundled model's. `recorded` is the SHA-256 the model's metadata records for them. `Ok(None)`
