@@ -9,6 +9,7 @@ mod cuda;
 mod default_model;
 mod docs;
 mod gpu_check;
+mod onnx_check;
 mod pretrained;
 mod soak;
 
@@ -51,6 +52,12 @@ commands:
                              trains the recipe on ../shared's radiographs on the device, evaluates val on the
                              device and the CPU (ROC-AUC each, per-image |ΔP|, eval time), times bench_step there, writes
                              target/gpu-check/gpu-check.{json,md}; --device cpu is the dry run CI makes
+  onnx-check [--model M] [--images N] [--repeats R] [--python PATH] [--out DIR] [--debug-build]
+                             the ONNX export checked by ONNX Runtime (onnxruntime from PyPI, in a venv under
+                             target/): exports the model (the built-in one by default), runs N FracAtlas val
+                             radiographs (default 32) through ONNX Runtime and `fracture predict`, fails on a
+                             |ΔP| over 1e-4; times one image in both (ours in a release build); writes
+                             target/onnx-check/onnx-check.{json,md}
   bench-compare [--model seed|efficientnet-lite0] [--python PATH] [--runs N] [--reference] [--only TEXT]
                              a network's train step and inference, ours vs PyTorch (default and tuned
                              allocator) in one run: ../shared/bench/torch_seed_cnn.py (seed CNN, the
@@ -87,6 +94,7 @@ fn run() -> Result<(), DynError> {
         Some("setup-torch") => setup_torch(),
         Some("setup-cuda") => cuda::run(&args[1..], &project_root()),
         Some("gpu-check") => gpu_check::run(&args[1..], &project_root()),
+        Some("onnx-check") => onnx_check::run(&args[1..], &project_root()),
         Some("bench-compare") => bench_compare(&args[1..]),
         Some("bench-preprocess") => bench_preprocess(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),

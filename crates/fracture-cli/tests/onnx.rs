@@ -31,7 +31,10 @@ fn exported(name: &str) -> (Vec<u8>, TrainedModel) {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("ONNX opset 13") && stdout.contains("p_fractured"), "{stdout}");
+    assert!(
+        stdout.contains("ONNX opset 13") && stdout.contains("p_fractured"),
+        "{stdout}"
+    );
     let st = dir.join("fracture.safetensors");
     let out = fracture()
         .args(["export", "--full-precision", "--out"])
@@ -53,7 +56,11 @@ fn largest_difference(onnx: &[u8], model: &TrainedModel, files: &[PathBuf]) -> f
     let mut ours = Vec::new();
     for f in files {
         let bytes = std::fs::read(f).unwrap();
-        input.extend(to_unit(pre.load_bytes(&bytes, f, &limits).unwrap().view()).iter().copied());
+        input.extend(
+            to_unit(pre.load_bytes(&bytes, f, &limits).unwrap().view())
+                .iter()
+                .copied(),
+        );
         ours.push(model.predict_bytes(&bytes, f, &limits).unwrap());
     }
     let outputs = fracture_testkit::onnx::run(onnx, &[files.len(), 1, s, s], input);
