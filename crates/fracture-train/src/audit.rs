@@ -17,8 +17,7 @@ pub const DUPLICATES_CSV: &str = "duplicates.csv";
 /// The file of an evaluation folder that lists every evaluated image with a near duplicate among
 /// the model's training images ([`write_near_duplicates`]).
 pub const NEAR_DUPLICATES_CSV: &str = "near-duplicates.csv";
-/// File name of a run's training fingerprints (see [`fracture_data::audit::fingerprints_to_bytes`]).
-pub const FINGERPRINTS_FILE: &str = "training-fingerprints.bin";
+pub use fracture_infer::layout::FINGERPRINTS_FILE;
 
 /// The counts of an audit, as `audit.json` states them.
 #[derive(Debug, Clone, PartialEq, Serialize)]

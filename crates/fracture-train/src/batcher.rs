@@ -2,9 +2,8 @@
 
 use candle_core::{Device, Tensor};
 use fracture_data::Batch;
-use fracture_data::ndarray::{ArrayView2, ArrayView3, Axis};
 
-use crate::Result;
+use crate::{Result, images_to_tensor};
 
 /// The images of a batch as `(B, 1, H, W)` f32 and its targets as `(B,)` f32 (1.0 = fractured), on
 /// `device`.
@@ -12,22 +11,6 @@ pub(crate) fn batch_to_tensors(batch: &Batch, device: &Device) -> Result<(Tensor
     let images = images_to_tensor(batch.images.view(), device)?;
     let targets = Tensor::from_vec(batch.targets(), batch.images.dim().0, device)?;
     Ok((images, targets))
-}
-
-/// Preprocessed images `(B, H, W)` as the network's input `(B, 1, H, W)` f32 on `device`: the one
-/// place an array becomes an input tensor.
-pub fn images_to_tensor(images: ArrayView3<'_, f32>, device: &Device) -> Result<Tensor> {
-    let (b, h, w) = images.dim();
-    let data: Vec<f32> = match images.as_slice() {
-        Some(s) => s.to_vec(),
-        None => images.iter().copied().collect(),
-    };
-    Ok(Tensor::from_vec(data, (b, 1, h, w), device)?)
-}
-
-/// One preprocessed image `(H, W)` as the network's input `(1, 1, H, W)` f32 on `device`.
-pub fn image_to_tensor(image: ArrayView2<'_, f32>, device: &Device) -> Result<Tensor> {
-    images_to_tensor(image.insert_axis(Axis(0)), device)
 }
 
 #[cfg(test)]

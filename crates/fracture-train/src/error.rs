@@ -17,6 +17,9 @@ pub enum Error {
     /// Computing metrics failed.
     #[error(transparent)]
     Eval(#[from] fracture_eval::Error),
+    /// Reading, writing or running a model file failed.
+    #[error(transparent)]
+    Infer(#[from] fracture_infer::Error),
     /// A setting is out of range or settings contradict each other.
     #[error("invalid setting: {0}")]
     InvalidConfig(String),

@@ -1,18 +1,12 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-pub mod archive;
 pub mod audit;
 mod batcher;
-pub mod bundle;
-pub mod calibrate;
 pub mod checkpoint;
-pub mod config;
 mod ema;
 mod error;
 pub mod evaluate;
-pub mod evidence;
-pub mod explain;
 mod inputs;
 pub mod localize;
 pub mod loss;
@@ -25,23 +19,28 @@ mod selection;
 mod session;
 mod supervision;
 
-pub use bundle::TrainedModel;
-pub use config::TrainConfig;
 pub use error::{Error, Result, RunFolderProblem};
 pub use recipe::{Preset, Recipe};
-pub use run::{Event, RunLayout, TrainOutcome, TrainSetup, train};
+pub use run::{Event, TrainOutcome, TrainSetup, train};
+
+/// The model file, prediction and result files live in `fracture-infer`; under their old paths here
+/// so that code written against this crate keeps compiling.
+pub use fracture_infer::{
+    EpochReport, RunLayout, TrainConfig, TrainedModel, archive, bundle, calibrate, evidence, explain,
+    record as config,
+};
 
 pub use {
-    candle_core, fracture_data as data, fracture_eval as eval, fracture_kernels as kernels,
-    fracture_model as model, fracture_plot as plot,
+    candle_core, fracture_data as data, fracture_eval as eval, fracture_infer as infer,
+    fracture_kernels as kernels, fracture_model as model, fracture_plot as plot,
 };
 
 // Shortcuts for the crate's own modules.
 pub(crate) use batcher::batch_to_tensors;
-pub use batcher::{image_to_tensor, images_to_tensor};
 pub(crate) use config::{AdamConfig, BestMetric, LrSchedule, PosWeight};
-pub(crate) use evaluate::{Tta, mean_loss, predict_dataset, predict_images, predict_logits, sigmoid, truth};
+pub(crate) use evaluate::{mean_loss, predict_logits, truth};
+pub(crate) use fracture_infer::{Tta, predict_dataset, predict_images, sigmoid};
+pub use fracture_infer::{image_to_tensor, images_to_tensor};
 pub(crate) use loss::bce_with_logits;
 pub(crate) use optim::Adam;
-pub(crate) use outputs::{TRAINING_CURVES_FILE, write_training_curves};
-pub(crate) use run::EpochReport;
+pub(crate) use outputs::write_training_curves;

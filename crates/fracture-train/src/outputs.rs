@@ -25,8 +25,7 @@ pub const SHIFTS_CHART: &str = "shifts.png";
 /// The sensitivity every acquisition shift should keep at the stored threshold (drawn as the red
 /// line of the shift chart).
 pub const SHIFT_SENSITIVITY_FLOOR: f64 = 0.85;
-/// The training-curves chart of a run.
-pub const TRAINING_CURVES_FILE: &str = "training_curves.png";
+pub use fracture_infer::layout::TRAINING_CURVES_FILE;
 
 /// How the operating threshold of an evaluation is set.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -18,72 +18,8 @@ use crate::recipe::Recipe;
 use crate::selection::{improves, stop_early};
 use crate::session::{Session, Validation};
 use crate::supervision::BoxTargets;
-use crate::{BestMetric, Error, Result, TrainConfig, Tta, predict_dataset, truth};
-
-/// Where the last checkpoint of a run lives, relative to the run folder.
-pub const CHECKPOINT_FILE: &str = "checkpoints/last.safetensors";
-/// The per-epoch metrics table of a run.
-pub const METRICS_FILE: &str = "metrics.csv";
-/// The final evaluation of the best model.
-pub const REPORT_FILE: &str = "report.json";
-
-/// The files of a run folder: the one type that names every file training writes there (the names
-/// themselves are the constants beside it and in `bundle`, `audit` and `outputs`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunLayout {
-    root: PathBuf,
-}
-
-impl RunLayout {
-    /// The layout of the run folder `root`.
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        RunLayout { root: root.into() }
-    }
-
-    /// The run folder.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// The best model ([`crate::bundle::MODEL_FILE`]).
-    pub fn model(&self) -> PathBuf {
-        self.root.join(crate::bundle::MODEL_FILE)
-    }
-
-    /// The last checkpoint ([`CHECKPOINT_FILE`]).
-    pub fn checkpoint(&self) -> PathBuf {
-        self.root.join(CHECKPOINT_FILE)
-    }
-
-    /// The folder of the checkpoint.
-    pub fn checkpoints_dir(&self) -> PathBuf {
-        let checkpoint = self.checkpoint();
-        checkpoint
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| self.root.clone())
-    }
-
-    /// The per-epoch metrics ([`METRICS_FILE`]).
-    pub fn metrics(&self) -> PathBuf {
-        self.root.join(METRICS_FILE)
-    }
-
-    /// The best model's evaluation ([`REPORT_FILE`]).
-    pub fn report(&self) -> PathBuf {
-        self.root.join(REPORT_FILE)
-    }
-
-    /// The training images' fingerprints ([`crate::audit::FINGERPRINTS_FILE`]).
-    pub fn fingerprints(&self) -> PathBuf {
-        self.root.join(crate::audit::FINGERPRINTS_FILE)
-    }
-
-    /// The loss and metric curves ([`crate::TRAINING_CURVES_FILE`]).
-    pub fn training_curves(&self) -> PathBuf {
-        self.root.join(crate::TRAINING_CURVES_FILE)
-    }
-}
+use crate::{EpochReport, Error, Result, RunLayout, TrainConfig, Tta, predict_dataset, truth};
+pub use fracture_infer::layout::{CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE};
 
 /// Everything a training run needs.
 #[derive(Debug, Clone)]
@@ -187,41 +123,6 @@ impl TrainSetup {
     /// The preprocessing: [`TrainSetup::fit`] at the network's input size.
     pub fn preprocess(&self) -> PreprocessConfig {
         self.fit.at(self.model.image_size)
-    }
-}
-
-/// One completed epoch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochReport {
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Mean training loss over the epoch's batches (weighted by batch size).
-    pub train_loss: f64,
-    /// Mean validation loss.
-    pub val_loss: f64,
-    /// Validation metrics at the default threshold 0.5, and the threshold-free ones.
-    pub val: EvalReport,
-    /// Learning rate of the epoch's last step.
-    pub lr: f64,
-    /// Wall time of the epoch (training and validation), seconds.
-    pub seconds: f64,
-    /// Training images per second (augmentation and batching included).
-    pub images_per_s: f64,
-    /// Where the BF16 matrix products ran (`amx`, `avx512`, `emulated`, or `fp32` on a processor
-    /// without BF16 instructions); `None` for an FP32 run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bf16_backend: Option<fracture_kernels::Bf16Backend>,
-}
-
-impl EpochReport {
-    /// The value of a selection metric, or `None` when undefined.
-    pub fn metric(&self, metric: BestMetric) -> Option<f64> {
-        match metric {
-            BestMetric::RocAuc => self.val.roc_auc,
-            BestMetric::ValLoss => Some(self.val_loss).filter(|v| v.is_finite()),
-            BestMetric::BalancedAccuracy => self.val.balanced_accuracy,
-            BestMetric::F1 => self.val.f1,
-        }
     }
 }
 

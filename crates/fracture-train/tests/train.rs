@@ -354,7 +354,7 @@ fn the_radiograph_preset_runs_on_the_real_radiographs() {
     assert_eq!(*trained.preprocess(), s.preprocess());
     assert_eq!(
         trained.tta(),
-        fracture_train::evaluate::Tta::Mirror,
+        fracture_train::infer::Tta::Mirror,
         "trained without vertical flips"
     );
 }

@@ -288,8 +288,8 @@ async fn predict(
 
 fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result<Prediction, ApiError> {
     let start = Instant::now();
-    let bad_image = |e: fracture_train::Error| match e {
-        fracture_train::Error::Data(d) => {
+    let bad_image = |e: fracture_infer::Error| match e {
+        fracture_infer::Error::Data(d) => {
             ApiError(StatusCode::BAD_REQUEST, format!("not a readable image: {d}"))
         }
         other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
@@ -324,7 +324,7 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
 }
 
 /// A gray image as PNG bytes, scaled down so its longer side is at most 1,024 px.
-fn display_png(image: &fracture_train::data::image::GrayImage) -> Result<Vec<u8>, fracture_train::Error> {
+fn display_png(image: &fracture_train::data::image::GrayImage) -> Result<Vec<u8>, fracture_infer::Error> {
     use fracture_train::data::image::{ImageFormat, imageops};
     let (w, h) = image.dimensions();
     let scale = (1024.0 / f64::from(w.max(h))).min(1.0);
@@ -337,7 +337,7 @@ fn display_png(image: &fracture_train::data::image::GrayImage) -> Result<Vec<u8>
     let mut out = std::io::Cursor::new(Vec::new());
     small
         .write_to(&mut out, ImageFormat::Png)
-        .map_err(|e| fracture_train::Error::InvalidConfig(format!("cannot encode the image: {e}")))?;
+        .map_err(|e| fracture_infer::Error::InvalidConfig(format!("cannot encode the image: {e}")))?;
     Ok(out.into_inner())
 }
 

@@ -308,7 +308,7 @@ impl TrainConfig {
 
     /// The fields whose change makes a checkpoint unusable for resuming, with their values. The number
     /// of epochs and the early-stopping patience may change between a run and its resumption.
-    pub(crate) fn resume_fingerprint(&self) -> Vec<(&'static str, String)> {
+    pub fn resume_fingerprint(&self) -> Vec<(&'static str, String)> {
         vec![
             ("batch_size", self.batch_size.to_string()),
             ("adam", format!("{:?}", self.adam)),
@@ -323,6 +323,41 @@ impl TrainConfig {
             ("freeze_batch_norm", self.freeze_batch_norm.to_string()),
             ("ema_decay", format!("{:?}", self.ema_decay)),
         ]
+    }
+}
+
+/// One completed epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches (weighted by batch size).
+    pub train_loss: f64,
+    /// Mean validation loss.
+    pub val_loss: f64,
+    /// Validation metrics at the default threshold 0.5, and the threshold-free ones.
+    pub val: fracture_eval::EvalReport,
+    /// Learning rate of the epoch's last step.
+    pub lr: f64,
+    /// Wall time of the epoch (training and validation), seconds.
+    pub seconds: f64,
+    /// Training images per second (augmentation and batching included).
+    pub images_per_s: f64,
+    /// Where the BF16 matrix products ran (`amx`, `avx512`, `emulated`, or `fp32` on a processor
+    /// without BF16 instructions); `None` for an FP32 run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bf16_backend: Option<fracture_kernels::Bf16Backend>,
+}
+
+impl EpochReport {
+    /// The value of a selection metric, or `None` when undefined.
+    pub fn metric(&self, metric: BestMetric) -> Option<f64> {
+        match metric {
+            BestMetric::RocAuc => self.val.roc_auc,
+            BestMetric::ValLoss => Some(self.val_loss).filter(|v| v.is_finite()),
+            BestMetric::BalancedAccuracy => self.val.balanced_accuracy,
+            BestMetric::F1 => self.val.f1,
+        }
     }
 }
 

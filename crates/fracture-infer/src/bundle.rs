@@ -385,7 +385,7 @@ impl TrainedModel {
 }
 
 /// `value` as compact JSON, for a metadata entry.
-pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
+pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|source| Error::Serialize {
         what: "model metadata",
         source,
@@ -393,7 +393,7 @@ pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
 }
 
 /// `value` as indented JSON, for a report file; `what` names it in the error.
-pub(crate) fn json_pretty<T: serde::Serialize + ?Sized>(value: &T, what: &'static str) -> Result<String> {
+pub fn json_pretty<T: serde::Serialize + ?Sized>(value: &T, what: &'static str) -> Result<String> {
     serde_json::to_string_pretty(value).map_err(|source| Error::Serialize { what, source })
 }
 

@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod archive;
+pub mod bundle;
+pub mod calibrate;
+mod error;
+pub mod evidence;
+pub mod explain;
+pub mod layout;
+pub mod predict;
+pub mod record;
+
+pub use bundle::{ModelMeta, TrainedModel};
+pub use error::{Error, Result};
+pub use layout::RunLayout;
+pub use predict::{Tta, image_to_tensor, images_to_tensor, predict_dataset, predict_images, sigmoid};
+pub use record::{EpochReport, TrainConfig};
+
+pub use {
+    candle_core, fracture_data as data, fracture_eval as eval, fracture_model as model, fracture_plot as plot,
+};
