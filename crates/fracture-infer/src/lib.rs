@@ -2,19 +2,23 @@
 #![warn(missing_docs)]
 
 pub mod archive;
+pub mod audit;
 pub mod bundle;
 pub mod calibrate;
 mod error;
 pub mod evidence;
 pub mod explain;
 pub mod layout;
+pub mod localize;
+pub mod outputs;
 pub mod predict;
 pub mod record;
+pub mod robustness;
 
 pub use bundle::{ModelMeta, TrainedModel};
 pub use error::{Error, Result};
 pub use layout::RunLayout;
-pub use predict::{Tta, image_to_tensor, images_to_tensor, predict_dataset, predict_images, sigmoid};
+pub use predict::{Tta, image_to_tensor, images_to_tensor, predict_dataset, predict_images, sigmoid, truth};
 pub use record::{EpochReport, TrainConfig};
 
 pub use {

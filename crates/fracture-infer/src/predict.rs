@@ -122,6 +122,11 @@ pub fn predict_dataset(
     Ok(out)
 }
 
+/// Whether each image of the dataset is fractured, in dataset order.
+pub fn truth(dataset: &FolderDataset) -> Vec<bool> {
+    dataset.items().iter().map(|i| i.label.is_fractured()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

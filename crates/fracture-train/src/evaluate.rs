@@ -6,7 +6,7 @@ use fracture_data::{FolderDataset, make_batch};
 use fracture_eval::EvalReport;
 use fracture_model::FractureNet;
 
-use crate::{Result, Tta, batch_to_tensors, bce_with_logits, predict_dataset};
+use crate::{Result, Tta, batch_to_tensors, bce_with_logits, predict_dataset, truth};
 
 /// The fracture logits of every image of `dataset`, in dataset order, without augmentation or
 /// dropout, computed `batch_size` images at a time on `device`.
@@ -35,11 +35,6 @@ pub fn mean_loss(logits: &[f32], dataset: &FolderDataset, pos_weight: Option<f64
     Ok(f64::from(
         bce_with_logits(&x, &y, pos_weight)?.to_scalar::<f32>()?,
     ))
-}
-
-/// Whether each image of the dataset is fractured, in dataset order.
-pub fn truth(dataset: &FolderDataset) -> Vec<bool> {
-    dataset.items().iter().map(|i| i.label.is_fractured()).collect()
 }
 
 /// The report of P(fractured) `probabilities` (in dataset order) against the dataset's labels.

@@ -112,7 +112,7 @@ pub(crate) fn load_data(
         }
     };
     add_extra_train(setup, &layout, &val_items, &mut train_items, on_event)?;
-    let fingerprints = crate::audit::screen_training(
+    let fingerprints = screen_training(
         &mut train_items,
         &[
             ("val", &val_items),
@@ -219,4 +219,62 @@ fn add_extra_train(
         train.extend_from_slice(items);
     }
     Ok(())
+}
+
+/// The training images' fingerprints (unreadable files left out: loading reports them) and, with
+/// `exclude_leaks`, the training images that have a near duplicate (within `threshold` bits) in
+/// `held_out` (val and test) removed from `train`, with a notice naming how many and a few of them.
+fn screen_training(
+    train: &mut Vec<fracture_data::Item>,
+    held_out: &[(&str, &[fracture_data::Item])],
+    exclude_leaks: bool,
+    limits: &fracture_data::DecodeLimits,
+    on_event: &mut dyn FnMut(crate::Event<'_>),
+) -> Vec<fracture_data::audit::Known> {
+    use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, group, readable_signatures};
+    let mut images: Vec<AuditImage> = train
+        .iter()
+        .map(|i| AuditImage::new(i.path.clone(), "train", i.label))
+        .collect();
+    if exclude_leaks {
+        for (split, items) in held_out {
+            images.extend(
+                items
+                    .iter()
+                    .map(|i| AuditImage::new(i.path.clone(), *split, i.label)),
+            );
+        }
+    }
+    let (readable, sigs, _) = readable_signatures(&images, limits);
+    if !exclude_leaks {
+        return sigs.iter().map(|s| (s.fingerprint, s.detail)).collect();
+    }
+    let report = group(readable, &sigs, DEFAULT_THRESHOLD);
+    let leaked: std::collections::HashSet<&Path> = report
+        .leaked_from("train")
+        .into_iter()
+        .map(|i| report.images[i].path.as_path())
+        .collect();
+    let before = train.len();
+    let shown: Vec<String> = train
+        .iter()
+        .filter(|i| leaked.contains(i.path.as_path()))
+        .take(5)
+        .map(|i| format!("  {}", fracture_data::path_text(&i.path)))
+        .collect();
+    train.retain(|i| !leaked.contains(i.path.as_path()));
+    on_event(crate::Event::Notice(&format!(
+        "excluding leaks: {} of {before} training images have a near duplicate in val or test \
+         (threshold {DEFAULT_THRESHOLD} bits) and are left out{}{}",
+        before - train.len(),
+        if shown.is_empty() { "" } else { ":\n" },
+        shown.join("\n")
+    )));
+    report
+        .images
+        .iter()
+        .zip(&sigs)
+        .filter(|(image, _)| image.split == "train" && !leaked.contains(image.path.as_path()))
+        .map(|(_, s)| (s.fingerprint, s.detail))
+        .collect()
 }

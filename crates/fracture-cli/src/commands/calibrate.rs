@@ -4,10 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use fracture_infer::{Tta, predict_dataset};
+use fracture_infer::{Tta, predict_dataset, truth};
 use fracture_train::data::{FolderDataset, LoadOptions, Split};
 use fracture_train::eval::ThresholdRule;
-use fracture_train::evaluate::truth;
 
 use crate::commands::{fmt_ci, fmt_opt};
 

@@ -242,14 +242,14 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 );
             }
             sink.write(&p, partial)
-                .map_err(|e| fracture_train::Error::InvalidConfig(format!("cannot write the output: {e}")))?;
+                .map_err(|e| fracture_infer::Error::InvalidConfig(format!("cannot write the output: {e}")))?;
             let folders = Pictures {
                 heatmap: args.heatmap.as_deref().map(|dir| (dir, &mut heatmaps)),
                 dicom_out: args.dicom_out.as_deref().map(|dir| (dir, &mut captures)),
             };
             captured += usize::from(
                 write_pictures(&model, &p, folders, &limits)
-                    .map_err(|e| fracture_train::Error::InvalidConfig(format!("{e:#}")))?,
+                    .map_err(|e| fracture_infer::Error::InvalidConfig(format!("{e:#}")))?,
             );
             predicted += 1;
             Ok(())

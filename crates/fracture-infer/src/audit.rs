@@ -17,7 +17,7 @@ pub const DUPLICATES_CSV: &str = "duplicates.csv";
 /// The file of an evaluation folder that lists every evaluated image with a near duplicate among
 /// the model's training images ([`write_near_duplicates`]).
 pub const NEAR_DUPLICATES_CSV: &str = "near-duplicates.csv";
-pub use fracture_infer::layout::FINGERPRINTS_FILE;
+pub use crate::layout::FINGERPRINTS_FILE;
 
 /// The counts of an audit, as `audit.json` states them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -226,64 +226,6 @@ pub fn write_audit(
         written.push(write(sheet_dir.join(format!("group-{:04}.png", i + 1)), &png)?);
     }
     Ok(written)
-}
-
-/// The training images' fingerprints (unreadable files left out: loading reports them) and, with
-/// `exclude_leaks`, the training images that have a near duplicate (within `threshold` bits) in
-/// `held_out` (val and test) removed from `train`, with a notice naming how many and a few of them.
-pub(crate) fn screen_training(
-    train: &mut Vec<fracture_data::Item>,
-    held_out: &[(&str, &[fracture_data::Item])],
-    exclude_leaks: bool,
-    limits: &DecodeLimits,
-    on_event: &mut dyn FnMut(crate::Event<'_>),
-) -> Vec<Known> {
-    use fracture_data::audit::{AuditImage, DEFAULT_THRESHOLD, group, readable_signatures};
-    let mut images: Vec<AuditImage> = train
-        .iter()
-        .map(|i| AuditImage::new(i.path.clone(), "train", i.label))
-        .collect();
-    if exclude_leaks {
-        for (split, items) in held_out {
-            images.extend(
-                items
-                    .iter()
-                    .map(|i| AuditImage::new(i.path.clone(), *split, i.label)),
-            );
-        }
-    }
-    let (readable, sigs, _) = readable_signatures(&images, limits);
-    if !exclude_leaks {
-        return sigs.iter().map(|s| (s.fingerprint, s.detail)).collect();
-    }
-    let report = group(readable, &sigs, DEFAULT_THRESHOLD);
-    let leaked: std::collections::HashSet<&Path> = report
-        .leaked_from("train")
-        .into_iter()
-        .map(|i| report.images[i].path.as_path())
-        .collect();
-    let before = train.len();
-    let shown: Vec<String> = train
-        .iter()
-        .filter(|i| leaked.contains(i.path.as_path()))
-        .take(5)
-        .map(|i| format!("  {}", path_text(&i.path)))
-        .collect();
-    train.retain(|i| !leaked.contains(i.path.as_path()));
-    on_event(crate::Event::Notice(&format!(
-        "excluding leaks: {} of {before} training images have a near duplicate in val or test \
-         (threshold {DEFAULT_THRESHOLD} bits) and are left out{}{}",
-        before - train.len(),
-        if shown.is_empty() { "" } else { ":\n" },
-        shown.join("\n")
-    )));
-    report
-        .images
-        .iter()
-        .zip(&sigs)
-        .filter(|(image, _)| image.split == "train" && !leaked.contains(image.path.as_path()))
-        .map(|(_, s)| (s.fingerprint, s.detail))
-        .collect()
 }
 
 /// Lower-case hex SHA-256 of `bytes`.

@@ -25,7 +25,7 @@ pub const SHIFTS_CHART: &str = "shifts.png";
 /// The sensitivity every acquisition shift should keep at the stored threshold (drawn as the red
 /// line of the shift chart).
 pub const SHIFT_SENSITIVITY_FLOOR: f64 = 0.85;
-pub use fracture_infer::layout::TRAINING_CURVES_FILE;
+pub use crate::layout::TRAINING_CURVES_FILE;
 
 /// How the operating threshold of an evaluation is set.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
