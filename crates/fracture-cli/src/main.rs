@@ -1,5 +1,6 @@
 //! `fracture`: the command line of the fracture toolkit. Glue only: arguments, device choice and
-//! printing; the work happens in the library crates (through `fracture_train`).
+//! printing; the work happens in the library crates (`fracture_infer` for models, prediction and
+//! reports, `fracture_train` for training).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod commands;

@@ -22,5 +22,6 @@ pub use predict::{Tta, image_to_tensor, images_to_tensor, predict_dataset, predi
 pub use record::{EpochReport, TrainConfig};
 
 pub use {
-    candle_core, fracture_data as data, fracture_eval as eval, fracture_model as model, fracture_plot as plot,
+    candle_core, fracture_data as data, fracture_eval as eval, fracture_kernels as kernels,
+    fracture_model as model, fracture_plot as plot,
 };

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use fracture_train::audit::{AuditCounts, write_audit};
-use fracture_train::data::audit::{
+use fracture_infer::audit::{AuditCounts, write_audit};
+use fracture_infer::data::audit::{
     AuditImage, AuditOptions, DEFAULT_THRESHOLD, MAX_RADIUS, audit_images, collect_dataset,
 };
-use fracture_train::data::{DecodeLimits, path_text};
+use fracture_infer::data::{DecodeLimits, path_text};
 
 /// Arguments of `fracture audit`.
 #[derive(Debug, clap::Args)]
@@ -48,7 +48,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         let split = format!("extra:{}", path_text(dir));
         let train = dir.join("train");
         let folder = if train.is_dir() { train } else { dir.clone() };
-        match fracture_train::data::discover_labelled_images(&folder) {
+        match fracture_infer::data::discover_labelled_images(&folder) {
             Ok((items, more)) => {
                 for s in more {
                     eprintln!("warning: skipped {s}");
@@ -109,7 +109,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         println!(
             "(d = how many of the {} bits of its perceptual signature differ from the group's first image's: \
              0 = the same signature, small = the same radiograph resized, re-encoded or slightly shifted)",
-            fracture_train::data::audit::HASH_BITS
+            fracture_infer::data::audit::HASH_BITS
         );
     }
     for (i, g) in report
@@ -136,7 +136,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 image.label.name(),
                 m.distance,
                 if m.exact { " exact" } else { "" },
-                fracture_train::data::path_shown(&image.path)
+                fracture_infer::data::path_shown(&image.path)
             );
         }
     }
@@ -144,8 +144,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         "wrote {} files to {} ({}, {}, sheets/)",
         written.len(),
         args.out.display(),
-        fracture_train::audit::AUDIT_JSON,
-        fracture_train::audit::DUPLICATES_CSV
+        fracture_infer::audit::AUDIT_JSON,
+        fracture_infer::audit::DUPLICATES_CSV
     );
     Ok(())
 }

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use fracture_infer::data::{FolderDataset, LoadOptions, Split};
+use fracture_infer::eval::ThresholdRule;
 use fracture_infer::{Tta, predict_dataset, truth};
-use fracture_train::data::{FolderDataset, LoadOptions, Split};
-use fracture_train::eval::ThresholdRule;
 
 use crate::commands::{fmt_ci, fmt_opt};
 
@@ -25,7 +25,7 @@ pub(crate) struct Args {
     #[arg(long, default_value = "val")]
     split: Split,
     /// The sensitivity the stored threshold must reach on these images.
-    #[arg(long, default_value_t = fracture_train::config::DEFAULT_TARGET_SENSITIVITY)]
+    #[arg(long, default_value_t = fracture_infer::record::DEFAULT_TARGET_SENSITIVITY)]
     target_sensitivity: f64,
     /// The model file to write (the weights unchanged, in the precision they were stored in).
     #[arg(long)]
@@ -61,7 +61,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let rule = ThresholdRule::TargetSensitivity {
         target: args.target_sensitivity,
     };
-    let op = fracture_train::calibrate::operating_point(&raw, &actual, rule)
+    let op = fracture_infer::calibrate::operating_point(&raw, &actual, rule)
         .context("cannot choose the operating point")?;
     let Some(cal) = op.calibration else {
         anyhow::bail!(
@@ -71,8 +71,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             actual.iter().filter(|&&a| a).count()
         );
     };
-    let dtype = fracture_train::model::Model::stored_dtype(&model.path)
-        .unwrap_or(fracture_train::candle_core::DType::F16);
+    let dtype = fracture_infer::model::Model::stored_dtype(&model.path)
+        .unwrap_or(fracture_infer::candle_core::DType::F16);
     model.meta.calibration = Some(cal);
     model.meta.threshold = op.threshold;
     model.meta.threshold_rule = Some(rule);
@@ -92,7 +92,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         "  ECE (10 bins)      {} uncalibrated, {} calibrated (cross-fitted over {} folds)",
         fmt_opt(cal.ece_uncalibrated),
         fmt_opt(cal.ece_cross_fitted),
-        fracture_train::calibrate::CALIBRATION_FOLDS
+        fracture_infer::calibrate::CALIBRATION_FOLDS
     );
     if let Some(s) = op.stability {
         println!(

@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use fracture_train::TrainedModel;
-use fracture_train::data::{DatasetLayout, Item, LoadOptions, Split, discover_labelled_images};
-use fracture_train::eval::ThresholdRule;
-use fracture_train::outputs::{EvalSource, ThresholdChoice, evaluate_items, write_evaluation};
+use fracture_infer::TrainedModel;
+use fracture_infer::data::{DatasetLayout, Item, LoadOptions, Split, discover_labelled_images};
+use fracture_infer::eval::ThresholdRule;
+use fracture_infer::outputs::{EvalSource, ThresholdChoice, evaluate_items, write_evaluation};
 
 use crate::commands::{fmt_ci, fmt_opt};
 
@@ -87,7 +87,7 @@ pub(crate) struct Args {
     #[arg(long)]
     shifts: bool,
     /// The share of the map's maximum that bounds the evidence box (with `--boxes`).
-    #[arg(long, default_value_t = fracture_train::evidence::EVIDENCE_LEVEL)]
+    #[arg(long, default_value_t = fracture_infer::evidence::EVIDENCE_LEVEL)]
     evidence_level: f32,
 }
 
@@ -97,15 +97,15 @@ pub(crate) struct Args {
 fn warn_of_leaks(
     model: Option<&std::path::Path>,
     recorded: Option<&str>,
-    items: &[fracture_train::data::Item],
+    items: &[fracture_infer::data::Item],
 ) -> Vec<(PathBuf, u32)> {
     match crate::commands::model_fingerprints(model, recorded) {
         Ok(Some((file, known))) => {
             let files: Vec<std::path::PathBuf> = items.iter().map(|i| i.path.clone()).collect();
-            let near = fracture_train::audit::near_training_images(
+            let near = fracture_infer::audit::near_training_images(
                 &known,
                 &files,
-                &fracture_train::data::DecodeLimits::default(),
+                &fracture_infer::data::DecodeLimits::default(),
             );
             if near.is_empty() {
                 eprintln!(
@@ -124,14 +124,14 @@ fn warn_of_leaks(
                 file
             );
             for (path, d) in near.iter().take(5) {
-                eprintln!("  {} (distance {d})", fracture_train::data::path_shown(path));
+                eprintln!("  {} (distance {d})", fracture_infer::data::path_shown(path));
             }
             if near.len() > 5 {
                 eprintln!(
                     "  … and {} more (all {} are listed in {} of the evaluation folder)",
                     near.len() - 5,
                     near.len(),
-                    fracture_train::audit::NEAR_DUPLICATES_CSV
+                    fracture_infer::audit::NEAR_DUPLICATES_CSV
                 );
             }
             near
@@ -184,7 +184,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         eprintln!("warning: skipped {s}");
     }
     if let Some(file) = &args.groups {
-        let table = fracture_train::robustness::read_groups(file).context("cannot read the groups file")?;
+        let table = fracture_infer::robustness::read_groups(file).context("cannot read the groups file")?;
         if table.groups.is_empty() {
             bail!(
                 "{}: no 0/1 group column (columns: id, {})",
@@ -193,18 +193,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             );
         }
         evaluation.robustness.groups = Some(
-            fracture_train::robustness::evaluate_groups(&evaluation, &table, file)
+            fracture_infer::robustness::evaluate_groups(&evaluation, &table, file)
                 .context("subgroup evaluation failed")?,
         );
     }
     if args.shifts {
-        let suite = fracture_train::data::Shift::suite();
+        let suite = fracture_infer::data::Shift::suite();
         eprintln!(
             "acquisition shifts: {} evaluations of {} images",
             suite.len(),
             evaluation.items.len()
         );
-        let results = fracture_train::robustness::evaluate_shifts(
+        let results = fracture_infer::robustness::evaluate_shifts(
             &model,
             &evaluation,
             &suite,
@@ -226,7 +226,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         Some(_) => model_dir.join(&default_name),
         None => PathBuf::from(&default_name),
     });
-    let metrics = fracture_train::RunLayout::new(&model_dir).metrics();
+    let metrics = fracture_infer::RunLayout::new(&model_dir).metrics();
     let source = EvalSource {
         model: &model.path,
         data: &args.data,
@@ -250,8 +250,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(boxes) = &args.boxes {
         let layer = super::LayerArg::layer_for(args.cam_layer, &model.model.net);
         let method = match args.cam_method {
-            MethodArg::Hirescam => fracture_train::model::CamMethod::HiResCam,
-            MethodArg::Gradcam => fracture_train::model::CamMethod::GradCam,
+            MethodArg::Hirescam => fracture_infer::model::CamMethod::HiResCam,
+            MethodArg::Gradcam => fracture_infer::model::CamMethod::GradCam,
         };
         let cam = (method, layer);
         written.extend(localization(
@@ -263,7 +263,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             &out,
         )?);
     }
-    written.extend(fracture_train::audit::write_near_duplicates(&out, &near)?);
+    written.extend(fracture_infer::audit::write_near_duplicates(&out, &near)?);
     println!("wrote:");
     for f in written {
         println!("  {}", f.display());
@@ -275,7 +275,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
 pub(crate) fn labelled_images(
     data: &Path,
     split: Split,
-) -> anyhow::Result<(Vec<Item>, Option<Split>, Vec<fracture_train::data::Skipped>)> {
+) -> anyhow::Result<(Vec<Item>, Option<Split>, Vec<fracture_infer::data::Skipped>)> {
     match DatasetLayout::discover(data) {
         Ok(layout) => match layout.split(split) {
             Some(items) => Ok((items.to_vec(), Some(split), layout.skipped.clone())),
@@ -296,7 +296,7 @@ pub(crate) fn labelled_images(
     }
 }
 
-fn print_table(r: &fracture_train::eval::EvalReport, split: Option<Split>, tta: bool) {
+fn print_table(r: &fracture_infer::eval::EvalReport, split: Option<Split>, tta: bool) {
     let what = split.map_or("folder".to_string(), |s| s.name().to_string());
     println!(
         "{what}: {} images, {} fractured; threshold {:.4}{}",
@@ -360,7 +360,7 @@ fn print_calibration(model: &TrainedModel) {
     }
 }
 
-fn print_groups(section: &fracture_train::robustness::GroupsSection) {
+fn print_groups(section: &fracture_infer::robustness::GroupsSection) {
     println!(
         "subgroups ({}; {} images in no group):",
         section.file, section.unmatched
@@ -369,7 +369,7 @@ fn print_groups(section: &fracture_train::robustness::GroupsSection) {
         "  {:<12} {:>5} {:>4}  {:<22} {:<22} {:<22}",
         "group", "n", "fx", "ROC-AUC", "sensitivity", "specificity"
     );
-    let cell = |v: Option<f64>, i: Option<fracture_train::eval::Interval>| match (v, i) {
+    let cell = |v: Option<f64>, i: Option<fracture_infer::eval::Interval>| match (v, i) {
         (Some(v), Some(i)) => format!("{v:.3} ({:.3}-{:.3})", i.lower, i.upper),
         (Some(v), None) => format!("{v:.3}"),
         _ => "n/a".to_string(),
@@ -390,7 +390,7 @@ fn print_groups(section: &fracture_train::robustness::GroupsSection) {
     }
 }
 
-fn print_shifts(shifts: &[fracture_train::robustness::ShiftResult], base: &fracture_train::eval::EvalReport) {
+fn print_shifts(shifts: &[fracture_infer::robustness::ShiftResult], base: &fracture_infer::eval::EvalReport) {
     println!(
         "acquisition shifts (threshold {:.4}; unshifted ROC-AUC {}, sensitivity {}):",
         base.threshold,
@@ -420,16 +420,16 @@ fn localization(
     model: &TrainedModel,
     items: &[Item],
     boxes: &Path,
-    (method, layer): (fracture_train::model::CamMethod, fracture_train::model::CamLayer),
+    (method, layer): (fracture_infer::model::CamMethod, fracture_infer::model::CamLayer),
     level: f32,
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    use fracture_train::localize::{contact_sheet, localize_items, read_boxes};
+    use fracture_infer::localize::{contact_sheet, localize_items, read_boxes};
     if !(level > 0.0 && level <= 1.0) {
         bail!("--evidence-level {level} must lie in (0, 1]");
     }
     let index = read_boxes(boxes).context("cannot read the boxes")?;
-    let limits = fracture_train::data::DecodeLimits::default();
+    let limits = fracture_infer::data::DecodeLimits::default();
     let found =
         localize_items(model, items, &index, &limits, method, layer, level).context("localization failed")?;
     let r = &found.report;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use fracture_train::TrainedModel;
+use fracture_infer::TrainedModel;
 
 /// Arguments of `fracture export`.
 #[derive(Debug, clap::Args)]
@@ -45,7 +45,7 @@ pub(crate) enum ExportFormat {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    let device = fracture_train::candle_core::Device::Cpu;
+    let device = fracture_infer::candle_core::Device::Cpu;
     let mut model = super::load_model(args.model.as_deref(), &device, super::PrecisionArg::Fp32)?;
     if let Some(t) = args.threshold {
         if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
@@ -74,7 +74,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     }
     // The bytes themselves: they are hashed into the model and copied beside it, not parsed.
     let fingerprint_bytes = match &args.model {
-        Some(path) => fracture_train::audit::training_fingerprints_file(
+        Some(path) => fracture_infer::audit::training_fingerprints_file(
             path,
             model.meta.training_fingerprints.as_deref(),
         )?
@@ -82,7 +82,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         None => super::bundled_fingerprints(),
     };
     if let Some(bytes) = &fingerprint_bytes {
-        model.meta.training_fingerprints = Some(fracture_train::audit::sha256_hex(bytes));
+        model.meta.training_fingerprints = Some(fracture_infer::audit::sha256_hex(bytes));
     }
     if args.full_precision {
         model.save(&args.out)?;
@@ -97,7 +97,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         if args.full_precision { "F32" } else { "F16" }
     );
     if let Some(bytes) = fingerprint_bytes {
-        let dest = fracture_train::audit::fingerprints_file_for(&args.out);
+        let dest = fracture_infer::audit::fingerprints_file_for(&args.out);
         fracture_fs::write_atomic(&dest, &bytes)
             .with_context(|| format!("cannot write {}", dest.display()))?;
         println!("wrote {}", dest.display());
@@ -119,7 +119,7 @@ fn write_onnx(model: &TrainedModel, out: &std::path::Path) -> anyhow::Result<()>
         "wrote {} ({:.2} MB, ONNX opset {}): input `image` (B, 1, {size}, {size}) gray values / 255; outputs p_fractured, fractured (threshold {:.4}){map}",
         out.display(),
         bytes.len() as f64 / 1e6,
-        fracture_train::model::onnx::OPSET,
+        fracture_infer::model::onnx::OPSET,
         model.meta.threshold,
     );
     Ok(())

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::commands::ResizeArg;
-use fracture_train::data::{
+use fracture_infer::data::{
     DatasetLayout, FolderDataset, LoadOptions, PreprocessConfig, ResizeMode, SplitCounts,
 };
 
@@ -37,7 +37,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     // The preprocessing a prediction would apply: the model's, unless overridden.
     let model = crate::commands::load_model(
         args.model.as_deref(),
-        &fracture_train::candle_core::Device::Cpu,
+        &fracture_infer::candle_core::Device::Cpu,
         crate::commands::PrecisionArg::Fp32,
     )?;
     let model_preprocess = *model.preprocess();

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use fracture_train::archive::merge;
+use fracture_infer::archive::merge;
 
 /// Arguments of `fracture merge`.
 #[derive(Debug, clap::Args)]

@@ -11,7 +11,7 @@ pub(crate) mod predict;
 pub(crate) mod serve;
 pub(crate) mod train;
 
-use fracture_train::candle_core::Device;
+use fracture_infer::candle_core::Device;
 
 /// How images are brought to a square.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -37,9 +37,9 @@ impl LayerArg {
     /// The layer asked for, or the network's default without `--cam-layer`.
     pub(crate) fn layer_for(
         arg: Option<LayerArg>,
-        net: &fracture_train::model::FractureNet,
-    ) -> fracture_train::model::CamLayer {
-        use fracture_train::model::CamLayer;
+        net: &fracture_infer::model::FractureNet,
+    ) -> fracture_infer::model::CamLayer {
+        use fracture_infer::model::CamLayer;
         match arg {
             None => net.default_cam_layer(),
             Some(LayerArg::Last) => CamLayer::Last,
@@ -60,10 +60,10 @@ pub(crate) enum PrecisionArg {
 }
 
 impl PrecisionArg {
-    pub(crate) fn precision(self) -> fracture_train::model::Precision {
+    pub(crate) fn precision(self) -> fracture_infer::model::Precision {
         match self {
-            PrecisionArg::Fp32 => fracture_train::model::Precision::Fp32,
-            PrecisionArg::Bf16 => fracture_train::model::Precision::Bf16,
+            PrecisionArg::Fp32 => fracture_infer::model::Precision::Fp32,
+            PrecisionArg::Bf16 => fracture_infer::model::Precision::Bf16,
         }
     }
 }
@@ -75,7 +75,7 @@ pub(crate) struct DeviceArgs {
     /// The compute device: `auto` (the GPU this binary was built for, else the CPU), `cpu`,
     /// `cuda[:N]` or `metal[:N]`.
     #[arg(long, default_value = "auto", conflicts_with = "cpu")]
-    device: fracture_train::model::DeviceChoice,
+    device: fracture_infer::model::DeviceChoice,
     /// Compute on the CPU even in a GPU build (same as `--device cpu`).
     #[arg(long)]
     cpu: bool,
@@ -85,12 +85,12 @@ impl DeviceArgs {
     /// Opens the device, with what to do when it cannot be had.
     pub(crate) fn open(&self) -> anyhow::Result<Device> {
         let choice = if self.cpu {
-            fracture_train::model::DeviceChoice::Cpu
+            fracture_infer::model::DeviceChoice::Cpu
         } else {
             self.device
         };
         choice.open().map_err(|e| match e {
-            fracture_train::model::Error::DeviceUnavailable { .. } => {
+            fracture_infer::model::Error::DeviceUnavailable { .. } => {
                 anyhow::anyhow!("{e}; pass --device cpu to use the CPU")
             }
             e => anyhow::Error::new(e),
@@ -104,7 +104,7 @@ pub(crate) fn fmt_opt(v: Option<f64>) -> String {
 }
 
 /// A 95% interval as `(95% CI a-b)`, or nothing.
-pub(crate) fn fmt_ci(i: Option<fracture_train::eval::Interval>) -> String {
+pub(crate) fn fmt_ci(i: Option<fracture_infer::eval::Interval>) -> String {
     i.map(|i| format!("(95% CI {:.3}-{:.3})", i.lower, i.upper))
         .unwrap_or_default()
 }
@@ -129,12 +129,12 @@ pub(crate) fn load_model(
     model: Option<&std::path::Path>,
     device: &Device,
     precision: PrecisionArg,
-) -> anyhow::Result<fracture_train::TrainedModel> {
+) -> anyhow::Result<fracture_infer::TrainedModel> {
     use anyhow::Context;
     let mut loaded = match (model, BUNDLED) {
-        (Some(path), _) => fracture_train::TrainedModel::load(path, device).context("cannot load the model"),
+        (Some(path), _) => fracture_infer::TrainedModel::load(path, device).context("cannot load the model"),
         (None, Some((bytes, _))) => {
-            fracture_train::TrainedModel::from_bytes(bytes, std::path::Path::new(BUNDLED_NAME), device)
+            fracture_infer::TrainedModel::from_bytes(bytes, std::path::Path::new(BUNDLED_NAME), device)
                 .context("cannot load the built-in model")
         }
         (None, None) => anyhow::bail!(
@@ -142,7 +142,7 @@ pub(crate) fn load_model(
         ),
     }?;
     loaded.set_precision(precision.precision())?;
-    if let (PrecisionArg::Bf16, Some(note)) = (precision, fracture_train::model::bf16_device_note(device)) {
+    if let (PrecisionArg::Bf16, Some(note)) = (precision, fracture_infer::model::bf16_device_note(device)) {
         eprintln!("warning: --{note}");
     }
     Ok(loaded)
@@ -154,24 +154,24 @@ pub(crate) fn bundled_fingerprints() -> Option<Vec<u8>> {
 }
 
 /// The training fingerprints that go with `model` (see [`load_model`]): the ones tied to it beside
-/// a model file or in a run folder (see `fracture_train::audit::training_fingerprints`), or the
+/// a model file or in a run folder (see `fracture_infer::audit::training_fingerprints`), or the
 /// bundled model's. `recorded` is the SHA-256 the model's metadata records for them. `Ok(None)`
 /// when there are none.
 pub(crate) fn model_fingerprints(
     model: Option<&std::path::Path>,
     recorded: Option<&str>,
-) -> anyhow::Result<Option<(String, Vec<fracture_train::data::audit::Known>)>> {
+) -> anyhow::Result<Option<(String, Vec<fracture_infer::data::audit::Known>)>> {
     match (model, BUNDLED) {
-        (Some(path), _) => Ok(fracture_train::audit::training_fingerprints(path, recorded)?
+        (Some(path), _) => Ok(fracture_infer::audit::training_fingerprints(path, recorded)?
             .map(|(file, known)| (file.display().to_string(), known))),
         (None, Some((_, bytes))) => {
             let origin = std::path::Path::new("models/training-fingerprints.bin (built in)");
             if let Some(expected) = recorded
-                && fracture_train::audit::sha256_hex(bytes) != expected
+                && fracture_infer::audit::sha256_hex(bytes) != expected
             {
                 anyhow::bail!("{}: not the fingerprints of the built-in model", origin.display());
             }
-            let known = fracture_train::data::audit::fingerprints_from_bytes(bytes, origin)?;
+            let known = fracture_infer::data::audit::fingerprints_from_bytes(bytes, origin)?;
             Ok(Some((origin.display().to_string(), known)))
         }
         (None, None) => Ok(None),

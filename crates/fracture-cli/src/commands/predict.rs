@@ -4,10 +4,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use fracture_train::TrainedModel;
-use fracture_train::archive::{ResultsFile, RowFormat, Shard, shard_key};
-use fracture_train::data::{DecodeLimits, Label, list_image_files, path_text};
-use fracture_train::outputs::{CsvColumns, Prediction, predict_files_each, spreadsheet_safe};
+use fracture_infer::TrainedModel;
+use fracture_infer::archive::{ResultsFile, RowFormat, Shard, shard_key};
+use fracture_infer::data::{DecodeLimits, Label, list_image_files, path_text};
+use fracture_infer::outputs::{CsvColumns, Prediction, predict_files_each, spreadsheet_safe};
 
 /// Arguments of `fracture predict`.
 #[derive(Debug, clap::Args)]
@@ -355,7 +355,7 @@ impl Sink {
                     "{:>12.4}  {:<13}  {}",
                     p.p_fractured,
                     Label::from_fractured(p.fractured).name(),
-                    fracture_train::data::path_shown(&p.path)
+                    fracture_infer::data::path_shown(&p.path)
                 )?;
                 out.flush()?;
             }
@@ -437,7 +437,7 @@ fn write_pictures(
     let bytes = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
     let capture = folders
         .dicom_out
-        .filter(|_| fracture_train::data::is_dicom(&bytes));
+        .filter(|_| fracture_infer::data::is_dicom(&bytes));
     if folders.heatmap.is_none() && capture.is_none() {
         return Ok(false);
     }
@@ -466,23 +466,23 @@ fn write_pictures(
 fn write_capture(
     model: &TrainedModel,
     p: &Prediction,
-    explained: &fracture_train::explain::Explanation,
+    explained: &fracture_infer::explain::Explanation,
     bytes: &[u8],
     out: PathBuf,
     limits: &DecodeLimits,
 ) -> anyhow::Result<()> {
     let overlay =
-        fracture_train::data::image::load_from_memory(&explained.overlay_png(1024, 0.6, p.fractured)?)
+        fracture_infer::data::image::load_from_memory(&explained.overlay_png(1024, 0.6, p.fractured)?)
             .with_context(|| format!("{}: cannot draw the overlay", path_text(&p.path)))?
             .to_rgb8();
     // At least 512 px wide, so the burned-in lines fit whole.
     let overlay = if overlay.width() < 512 {
         let h = (f64::from(overlay.height()) * 512.0 / f64::from(overlay.width())).round() as u32;
-        fracture_train::data::image::imageops::resize(
+        fracture_infer::data::image::imageops::resize(
             &overlay,
             512,
             h.max(1),
-            fracture_train::data::image::imageops::FilterType::Triangle,
+            fracture_infer::data::image::imageops::FilterType::Triangle,
         )
     } else {
         overlay
@@ -495,14 +495,14 @@ fn write_capture(
         format!("threshold {threshold:.3}; colour: evidence for fractured"),
     ];
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let captioned = fracture_train::plot::with_banner(overlay, &lines)?;
+    let captioned = fracture_infer::plot::with_banner(overlay, &lines)?;
     let comments = format!(
         "fracture {}: P(fractured) = {:.4}, {} at threshold {threshold:.4}. Not for diagnostic use.",
         env!("CARGO_PKG_VERSION"),
         p.p_fractured,
         Label::from_fractured(p.fractured).name()
     );
-    let (file, _) = fracture_train::data::dicom::secondary_capture(
+    let (file, _) = fracture_infer::data::dicom::secondary_capture(
         bytes,
         &p.path,
         limits,
@@ -517,20 +517,20 @@ fn write_capture(
 /// where such files are predicted).
 fn is_partial(path: &std::path::Path) -> bool {
     let strict = DecodeLimits::default();
-    fracture_train::data::read_file_limited(path, &strict)
-        .and_then(|bytes| fracture_train::data::decode_gray(&bytes, path, &strict))
-        .is_err_and(|e| matches!(e, fracture_train::data::Error::Partial { .. }))
+    fracture_infer::data::read_file_limited(path, &strict)
+        .and_then(|bytes| fracture_infer::data::decode_gray(&bytes, path, &strict))
+        .is_err_and(|e| matches!(e, fracture_infer::data::Error::Partial { .. }))
 }
 
 /// The technical attributes of a DICOM file (decoded again: only for DICOM files, only for the JSON
 /// output); `None` for other formats and for files that no longer decode.
-fn dicom_info(path: &std::path::Path) -> Option<fracture_train::data::DicomInfo> {
+fn dicom_info(path: &std::path::Path) -> Option<fracture_infer::data::DicomInfo> {
     let limits = DecodeLimits::default();
-    let bytes = fracture_train::data::read_file_limited(path, &limits).ok()?;
-    if !fracture_train::data::is_dicom(&bytes) {
+    let bytes = fracture_infer::data::read_file_limited(path, &limits).ok()?;
+    if !fracture_infer::data::is_dicom(&bytes) {
         return None;
     }
-    fracture_train::data::decode_dicom(&bytes, path, &limits)
+    fracture_infer::data::decode_dicom(&bytes, path, &limits)
         .ok()
         .map(|(_, info)| info)
 }
@@ -544,13 +544,13 @@ struct JsonRow {
     predicted: &'static str,
     /// `null` when the map is empty (no region raises the score); absent with `--no-evidence`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    evidence: Option<Option<fracture_train::evidence::Evidence>>,
+    evidence: Option<Option<fracture_infer::evidence::Evidence>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     warning: Option<&'static str>,
     /// A DICOM file's technical attributes (modality, body part, bits stored, photometric
     /// interpretation, transfer syntax, frames, the window used); never a patient attribute.
     #[serde(skip_serializing_if = "Option::is_none")]
-    dicom: Option<fracture_train::data::DicomInfo>,
+    dicom: Option<fracture_infer::data::DicomInfo>,
     /// The shard (`I/N`) of a sharded run.
     #[serde(skip_serializing_if = "Option::is_none")]
     shard: Option<String>,

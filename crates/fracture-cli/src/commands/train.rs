@@ -531,7 +531,7 @@ fn print_outcome(o: &TrainOutcome) {
         );
     }
     println!("model:      {}", o.best_model.display());
-    let layout = fracture_train::RunLayout::new(&o.out);
+    let layout = fracture_infer::RunLayout::new(&o.out);
     println!("checkpoint: {}", layout.checkpoint().display());
     println!("metrics:    {}", layout.metrics().display());
     println!("report:     {}", layout.report().display());

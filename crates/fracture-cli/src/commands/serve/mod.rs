@@ -13,9 +13,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
-use fracture_train::TrainedModel;
-use fracture_train::data::DecodeLimits;
-use fracture_train::model::CamMethod;
+use fracture_infer::TrainedModel;
+use fracture_infer::data::DecodeLimits;
+use fracture_infer::model::CamMethod;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
@@ -100,7 +100,7 @@ struct Prediction {
     image_size: [u32; 2],
     /// Where the evidence lies: `{"peak": [x, y], "box": [x, y, w, h]}` in the image's pixels.
     #[serde(skip_serializing_if = "Option::is_none")]
-    evidence: Option<fracture_train::evidence::Evidence>,
+    evidence: Option<fracture_infer::evidence::Evidence>,
     #[serde(skip_serializing_if = "Option::is_none")]
     heatmap_png_base64: Option<String>,
     /// For a DICOM upload (which browsers cannot show): the windowed 8-bit image as a PNG, at
@@ -305,7 +305,7 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
     } else {
         None
     };
-    let image_png_base64 = if fracture_train::data::is_dicom(bytes) {
+    let image_png_base64 = if fracture_infer::data::is_dicom(bytes) {
         Some(base64::engine::general_purpose::STANDARD.encode(display_png(&x.image).map_err(bad_image)?))
     } else {
         None
@@ -324,8 +324,8 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
 }
 
 /// A gray image as PNG bytes, scaled down so its longer side is at most 1,024 px.
-fn display_png(image: &fracture_train::data::image::GrayImage) -> Result<Vec<u8>, fracture_infer::Error> {
-    use fracture_train::data::image::{ImageFormat, imageops};
+fn display_png(image: &fracture_infer::data::image::GrayImage) -> Result<Vec<u8>, fracture_infer::Error> {
+    use fracture_infer::data::image::{ImageFormat, imageops};
     let (w, h) = image.dimensions();
     let scale = (1024.0 / f64::from(w.max(h))).min(1.0);
     let small = imageops::resize(
@@ -352,7 +352,7 @@ fn model_info(model: &TrainedModel) -> serde_json::Value {
             model
                 .path
                 .file_name()
-                .is_some_and(|f| f == fracture_train::bundle::MODEL_FILE)
+                .is_some_and(|f| f == fracture_infer::bundle::MODEL_FILE)
         })
         .and_then(Path::file_name)
         .or_else(|| model.path.file_stem())
@@ -382,7 +382,7 @@ fn model_info(model: &TrainedModel) -> serde_json::Value {
         },
         "train": meta.train,
         "precision": model.precision(),
-        "bf16_backend": (model.precision() == fracture_train::model::Precision::Bf16)
-            .then(fracture_train::kernels::bf16_backend),
+        "bf16_backend": (model.precision() == fracture_infer::model::Precision::Bf16)
+            .then(fracture_infer::kernels::bf16_backend),
     })
 }

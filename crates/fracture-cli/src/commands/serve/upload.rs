@@ -155,7 +155,7 @@ mod tests {
     use std::path::Path;
 
     use axum::http::HeaderName;
-    use fracture_train::data::DecodeLimits;
+    use fracture_infer::data::DecodeLimits;
 
     use super::*;
 
@@ -207,11 +207,11 @@ mod tests {
     }
 
     fn png() -> Vec<u8> {
-        let img = fracture_train::data::image::GrayImage::from_fn(12, 9, |x, y| {
-            fracture_train::data::image::Luma([(x * 20 + y) as u8])
+        let img = fracture_infer::data::image::GrayImage::from_fn(12, 9, |x, y| {
+            fracture_infer::data::image::Luma([(x * 20 + y) as u8])
         });
         let mut out = std::io::Cursor::new(Vec::new());
-        img.write_to(&mut out, fracture_train::data::image::ImageFormat::Png)
+        img.write_to(&mut out, fracture_infer::data::image::ImageFormat::Png)
             .unwrap_or_default();
         out.into_inner()
     }
@@ -268,7 +268,7 @@ mod tests {
                 .to_vec(),
         ];
         let limits = DecodeLimits::default();
-        let preprocess = fracture_train::data::PreprocessConfig::with_size(32);
+        let preprocess = fracture_infer::data::PreprocessConfig::with_size(32);
         let (mut accepted, mut decoded) = (0u64, 0u64);
         let cases =
             fracture_testkit::fuzz_bytes("upload", 0x5EED_F00D, &seeds, |input| match upload(input) {
