@@ -16,16 +16,8 @@ use fracture_train::candle_core::{Device, Tensor, Var};
 #[global_allocator]
 static ALLOCATOR: fracture_alloc::MiMalloc = fracture_alloc::MiMalloc;
 
-/// EfficientNet-Lite0's stages: (kernel, first stride, expansion, channels, blocks).
-const STAGES: [(usize, usize, usize, usize, usize); 7] = [
-    (3, 1, 1, 16, 1),
-    (3, 2, 6, 24, 2),
-    (5, 2, 6, 40, 2),
-    (3, 2, 6, 80, 3),
-    (5, 1, 6, 112, 3),
-    (5, 2, 6, 192, 4),
-    (3, 1, 6, 320, 1),
-];
+// EfficientNet-Lite0's stages: (kernel, first stride, expansion, channels, blocks).
+use fracture_model::{LITE0_STAGES as STAGES, STEM_CHANNELS};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         nums.get(2).copied().unwrap_or(3),
     );
     let dev = Device::Cpu;
-    let (mut side, mut cin) = (size.div_ceil(2), 32usize);
+    let (mut side, mut cin) = (size.div_ceil(2), STEM_CHANNELS);
     let mut total = (0.0, 0.0);
     println!("block  in            out  k s  forward ms  backward ms");
     for (kernel, stride, expansion, cout, repeats) in STAGES {

@@ -178,7 +178,8 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     let card = std::fs::read_to_string(root.join(CARD))?;
     let mut wrong = Vec::new();
     for (row, key) in CARD_ROWS {
-        let stated = card_value(&card, row).ok_or_else(|| format!("{CARD} has no `| {row} |` row"))?;
+        let stated = fracture_testkit::card_value(&card, row)
+            .ok_or_else(|| format!("{CARD} has no `| {row} |` row"))?;
         let fresh = half[key]
             .as_f64()
             .ok_or_else(|| format!("report.json has no {key}"))?;
@@ -196,17 +197,4 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     }
     println!("{CARD} agrees with a fresh evaluation of {MODEL} (within {TOLERANCE})");
     Ok(())
-}
-
-/// The first number of the card's table row `| {row} | number …`.
-pub(crate) fn card_value(card: &str, row: &str) -> Option<f64> {
-    let prefix = format!("| {row} |");
-    let line = card.lines().find(|l| l.starts_with(&prefix))?;
-    line[prefix.len()..]
-        .split('|')
-        .next()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }

@@ -2577,19 +2577,6 @@ fn audit_finds_a_planted_leak_and_training_can_leave_it_out() {
     );
 }
 
-/// The first number of the model card's table row `| {row} | number …`.
-fn card_value(card: &str, row: &str) -> Option<f64> {
-    let prefix = format!("| {row} |");
-    let line = card.lines().find(|l| l.starts_with(&prefix))?;
-    line[prefix.len()..]
-        .split('|')
-        .next()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 #[test]
 #[ignore = "needs the FracAtlas radiographs at ../shared/data/fracatlas; `cargo test -- --include-ignored` runs it"]
 fn the_built_in_model_reproduces_its_model_card() {
@@ -2622,7 +2609,8 @@ fn the_built_in_model_reproduces_its_model_card() {
         ("Sensitivity", "sensitivity"),
         ("Specificity", "specificity"),
     ] {
-        let stated = card_value(&card, row).unwrap_or_else(|| panic!("the card has no `| {row} |` row"));
+        let stated = fracture_testkit::card_value(&card, row)
+            .unwrap_or_else(|| panic!("the card has no `| {row} |` row"));
         let fresh = report[key].as_f64().unwrap();
         assert!(
             (stated - fresh).abs() <= 0.002,

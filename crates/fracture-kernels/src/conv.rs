@@ -99,26 +99,12 @@ thread_local! {
 
 /// Runs `f` with this thread's im2col buffer of `len` values.
 pub(crate) fn with_col<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    with_buffer(&COL, len, f)
+    crate::depthwise::with_scratch(&COL, len, f)
 }
 
 /// Runs `f` with this thread's second buffer (gradient columns, or a full-resolution output).
 pub(crate) fn with_dcol<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    with_buffer(&DCOL, len, f)
-}
-
-fn with_buffer<R>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
-    len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
-) -> R {
-    key.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < len {
-            buf.resize(len, 0.0);
-        }
-        f(&mut buf[..len])
-    })
+    crate::depthwise::with_scratch(&DCOL, len, f)
 }
 
 /// Unfolds one image `(cin, h, w)` into `col` `(cin·k·k, oh·ow)`: row `(c, ki, kj)` holds the input
@@ -280,7 +266,7 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], d: &Dims, s: &ConvSpec) -> candle
     out.par_chunks_mut(d.cout * n)
         .zip(x.par_chunks(d.cin * d.h * d.w))
         .try_for_each(|(o, xb)| {
-            with_buffer(&COL, kk * n, |col| {
+            with_col(kk * n, |col| {
                 im2col(xb, d, s, col);
                 w.matmul(o, n, View::rows(col, kk, n), false, inner)
             })?;
@@ -338,7 +324,7 @@ fn backward(
                 for (c, plane) in dz.chunks(n).enumerate() {
                     db[c] += plane.iter().sum::<f32>();
                 }
-                with_buffer(&COL, kk * n, |col| {
+                with_col(kk * n, |col| {
                     im2col(&x[bi * img..(bi + 1) * img], d, s, col);
                     // dw += dz (cout × n) · colᵀ (n × kk)
                     matmul(
@@ -352,7 +338,7 @@ fn backward(
                     )
                 })?;
                 if need_dx {
-                    with_buffer(&DCOL, kk * n, |dcol| {
+                    with_dcol(kk * n, |dcol| {
                         // dcol (kk × n) = wᵀ (kk × cout) · dz (cout × n)
                         wt.matmul(dcol, n, View::rows(&dz, d.cout, n), false, Threads::One)?;
                         col2im(dcol, d, s, &mut dx_run[j * img..(j + 1) * img]);

@@ -246,7 +246,9 @@ thread_local! {
     pub(crate) static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's scratch buffer `key`, at least `len` values long.
+/// Runs `f` with the first `len` values of this thread's scratch buffer `key` (grown as needed,
+/// contents left over from earlier use): the one helper behind every per-thread f32 buffer of the
+/// convolutions (im2col columns in `conv`, padded planes here).
 pub(crate) fn with_scratch<R>(
     key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
     len: usize,

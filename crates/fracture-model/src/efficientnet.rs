@@ -16,7 +16,7 @@ use crate::{EfficientNetConfig, Result};
 
 /// The stages of EfficientNet-Lite0: (kernel, stride of the first block, expansion, output channels,
 /// blocks).
-pub(crate) const LITE0_STAGES: [(usize, usize, usize, usize, usize); 7] = [
+pub const LITE0_STAGES: [(usize, usize, usize, usize, usize); 7] = [
     (3, 1, 1, 16, 1),
     (3, 2, 6, 24, 2),
     (5, 2, 6, 40, 2),
@@ -25,8 +25,8 @@ pub(crate) const LITE0_STAGES: [(usize, usize, usize, usize, usize); 7] = [
     (5, 2, 6, 192, 4),
     (3, 1, 6, 320, 1),
 ];
-/// Channels of the stem.
-pub(crate) const STEM_CHANNELS: usize = 32;
+/// Channels of EfficientNet-Lite0's stem (its first convolution's output).
+pub const STEM_CHANNELS: usize = 32;
 
 /// Bottlenecks that keep FP32 matrix products under `Kernels::Bf16`: the first two stages (blocks
 /// 0-2, on 112² and 56² planes at 224 px), where the radiograph's fine detail is. With them and the

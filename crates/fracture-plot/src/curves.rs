@@ -38,88 +38,91 @@ pub fn training_curves_png(epochs: &[EpochPoint], title: &str) -> Result<Vec<u8>
             .filter(|v| v.is_finite())
             .fold(0.1f64, f64::max)
             * 1.1;
-        let mut losses = tryd!(
+        let losses: [Line; 2] = [
+            ("train loss", BLUE, |e| Some(e.train_loss)),
+            ("val loss", ORANGE, |e| Some(e.val_loss)),
+        ];
+        Panel {
+            area: &left,
+            y_max: max_loss,
+            y_desc: "loss",
+            ticks,
+            last,
+            lines: &losses,
+            legend: SeriesLabelPosition::MiddleRight,
+        }
+        .draw(epochs)?;
+        let scores: [Line; 3] = [
+            ("ROC-AUC", GREEN, |e| e.val_roc_auc),
+            ("sensitivity", RED, |e| e.val_sensitivity),
+            ("specificity", BLUE, |e| e.val_specificity),
+        ];
+        Panel {
+            area: &right,
+            y_max: 1.001,
+            y_desc: "validation (sensitivity, specificity at 0.5)",
+            ticks,
+            last,
+            lines: &scores,
+            legend: SeriesLabelPosition::LowerRight,
+        }
+        .draw(epochs)?;
+        Ok(())
+    })
+}
+
+/// One curve: its legend name, colour and value per epoch (`None` where undefined).
+type Line = (&'static str, RGBColor, fn(&EpochPoint) -> Option<f64>);
+
+/// One half of the chart: epochs across, `lines` against a y axis from 0 to `y_max`.
+struct Panel<'p, 'b> {
+    area: &'p DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    y_max: f64,
+    y_desc: &'p str,
+    ticks: usize,
+    last: f64,
+    lines: &'p [Line],
+    legend: SeriesLabelPosition,
+}
+
+impl Panel<'_, '_> {
+    fn draw(self, epochs: &[EpochPoint]) -> Result<()> {
+        const C: &str = "training curves";
+        let mut chart = tryd!(
             C,
-            ChartBuilder::on(&left)
+            ChartBuilder::on(self.area)
                 .margin(15)
                 .x_label_area_size(45)
                 .y_label_area_size(55)
-                .build_cartesian_2d(1f64..last, 0f64..max_loss)
+                .build_cartesian_2d(1f64..self.last, 0f64..self.y_max)
         );
         tryd!(
             C,
-            losses
+            chart
                 .configure_mesh()
                 .x_desc("epoch")
-                .y_desc("loss")
-                .x_labels(ticks)
+                .y_desc(self.y_desc)
+                .x_labels(self.ticks)
                 .x_label_formatter(&|x| format!("{x:.0}"))
                 .label_style((FONT, 14))
                 .axis_desc_style((FONT, 16))
                 .draw()
         );
-        for (name, color, f) in [
-            (
-                "train loss",
-                BLUE,
-                (|e: &EpochPoint| Some(e.train_loss)) as fn(&EpochPoint) -> Option<f64>,
-            ),
-            ("val loss", ORANGE, |e: &EpochPoint| Some(e.val_loss)),
-        ] {
-            series(&mut losses, epochs, f, name, color)?;
+        for &(name, color, value) in self.lines {
+            series(&mut chart, epochs, value, name, color)?;
         }
         tryd!(
             C,
-            losses
+            chart
                 .configure_series_labels()
-                .label_font((FONT, 15))
-                .background_style(WHITE.mix(0.9))
-                .border_style(BLACK)
-                .draw()
-        );
-        let mut scores = tryd!(
-            C,
-            ChartBuilder::on(&right)
-                .margin(15)
-                .x_label_area_size(45)
-                .y_label_area_size(55)
-                .build_cartesian_2d(1f64..last, 0f64..1.001f64)
-        );
-        tryd!(
-            C,
-            scores
-                .configure_mesh()
-                .x_desc("epoch")
-                .y_desc("validation (sensitivity, specificity at 0.5)")
-                .x_labels(ticks)
-                .x_label_formatter(&|x| format!("{x:.0}"))
-                .label_style((FONT, 14))
-                .axis_desc_style((FONT, 16))
-                .draw()
-        );
-        for (name, color, f) in [
-            (
-                "ROC-AUC",
-                GREEN,
-                (|e: &EpochPoint| e.val_roc_auc) as fn(&EpochPoint) -> Option<f64>,
-            ),
-            ("sensitivity", RED, |e: &EpochPoint| e.val_sensitivity),
-            ("specificity", BLUE, |e: &EpochPoint| e.val_specificity),
-        ] {
-            series(&mut scores, epochs, f, name, color)?;
-        }
-        tryd!(
-            C,
-            scores
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(self.legend)
                 .label_font((FONT, 15))
                 .background_style(WHITE.mix(0.9))
                 .border_style(BLACK)
                 .draw()
         );
         Ok(())
-    })
+    }
 }
 
 type Chart<'a, 'b> = ChartContext<

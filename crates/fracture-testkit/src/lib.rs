@@ -217,3 +217,18 @@ pub fn peak_rss_bytes(pid: Option<u32>) -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// The first number of a Markdown table row `| {row} | number …` in `card` (the ready model's card,
+/// `crates/fracture-cli/models/README.md`), for the checks that hold the card to a fresh
+/// evaluation (a test and `cargo xtask default-model`).
+pub fn card_value(card: &str, row: &str) -> Option<f64> {
+    let prefix = format!("| {row} |");
+    let line = card.lines().find(|l| l.starts_with(&prefix))?;
+    line[prefix.len()..]
+        .split('|')
+        .next()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

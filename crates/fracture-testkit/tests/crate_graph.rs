@@ -11,13 +11,17 @@ use std::process::Command;
 /// The table: crate → its fracture dependencies, in the table's order.
 fn stated() -> Vec<(String, BTreeSet<String>)> {
     let text = std::fs::read_to_string(fracture_testkit::workspace_root().join("ARCHITECTURE.md")).unwrap();
-    let begin = text.find("<!-- crate-graph:begin -->").expect("ARCHITECTURE.md has the crate-graph markers");
+    let begin = text
+        .find("<!-- crate-graph:begin -->")
+        .expect("ARCHITECTURE.md has the crate-graph markers");
     let end = text.find("<!-- crate-graph:end -->").unwrap();
     text[begin..end]
         .lines()
         .filter_map(|line| {
             let cells: Vec<&str> = line.trim().trim_matches('|').split('|').map(str::trim).collect();
-            let [name, deps] = cells.as_slice() else { return None };
+            let [name, deps] = cells.as_slice() else {
+                return None;
+            };
             if !name.starts_with("fracture-") {
                 return None;
             }
@@ -70,21 +74,30 @@ fn architecture_md_states_the_crate_graph_cargo_builds() {
         let real = actual
             .get(name)
             .unwrap_or_else(|| panic!("ARCHITECTURE.md lists {name}, which is not a workspace crate"));
-        assert_eq!(deps, real, "{name}: ARCHITECTURE.md states {deps:?}, Cargo.toml has {real:?}");
+        assert_eq!(
+            deps, real,
+            "{name}: ARCHITECTURE.md states {deps:?}, Cargo.toml has {real:?}"
+        );
     }
     // Every published crate is in the table (the tools, tests and examples are not).
     let listed: BTreeSet<&str> = stated.iter().map(|(n, _)| n.as_str()).collect();
     for name in actual.keys() {
         let tooling = ["fracture-testkit", "fracture-benches", "fracture-examples"].contains(&name.as_str());
         if name.starts_with("fracture-") && !tooling {
-            assert!(listed.contains(name.as_str()), "{name} is missing from ARCHITECTURE.md's crate graph");
+            assert!(
+                listed.contains(name.as_str()),
+                "{name} is missing from ARCHITECTURE.md's crate graph"
+            );
         }
     }
     // Layers: each crate depends only on crates listed above it.
     for (i, (name, deps)) in stated.iter().enumerate() {
         let above: BTreeSet<&String> = stated[..i].iter().map(|(n, _)| n).collect();
         for d in deps {
-            assert!(above.contains(d), "{name} depends on {d}, which is not above it in the table");
+            assert!(
+                above.contains(d),
+                "{name} depends on {d}, which is not above it in the table"
+            );
         }
     }
 }
