@@ -35,7 +35,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use image::GrayImage;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{DecodeLimits, WINDOW_TAIL, dynamic_to_luma, refuse_constant};
+use crate::luma::{DecodeLimits, WINDOW_TAIL, dynamic_to_luma, refuse_constant};
 use crate::{Error, Result};
 
 /// Whether `bytes` are a DICOM file: the `DICM` magic at offset 128.
@@ -183,7 +183,7 @@ fn percentile_window(stored: &[i64], padding: Option<i64>) -> Option<(i64, i64)>
         for v in kept() {
             histogram[(v - lo) as usize] += 1;
         }
-        let (a, b) = crate::decode::histogram_window(&histogram, n);
+        let (a, b) = crate::luma::histogram_window(&histogram, n);
         return Some((lo + a as i64, lo + b as i64));
     }
     let rank = |fraction: f64| ((fraction * n as f64).floor() as usize).min(n - 1);

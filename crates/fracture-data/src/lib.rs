@@ -12,6 +12,7 @@ pub mod dicom;
 mod discover;
 mod error;
 mod label;
+mod luma;
 mod paths;
 mod preprocess;
 mod split;
@@ -24,7 +25,7 @@ pub use augment::{
 };
 pub use batch::{Batch, BatchAugment, epoch_order, make_batch};
 pub use dataset::{Dataset, FolderDataset, LoadOptions, LoadStats, Sample};
-pub use decode::{DecodeLimits, WINDOW_TAIL, decode_gray, read_file_limited, window16};
+pub use decode::{decode_gray, read_file_limited};
 pub use dicom::{DicomInfo, decode_dicom, is_dicom};
 pub use discover::{
     DatasetLayout, IMAGE_EXTENSIONS, Item, Skipped, discover_class_folders, discover_labelled_images,
@@ -32,6 +33,7 @@ pub use discover::{
 };
 pub use error::{Error, Result};
 pub use label::Label;
+pub use luma::{DecodeLimits, WINDOW_TAIL, window16};
 pub use paths::{escape_controls, path_shown, path_text};
 pub use preprocess::{
     ContentBox, ImageFit, PreprocessConfig, ResizeMode, SIZE_RANGE, STANDARDIZE_MEAN_RANGE,

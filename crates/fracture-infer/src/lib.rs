@@ -5,6 +5,7 @@ pub mod archive;
 pub mod audit;
 pub mod bundle;
 pub mod calibrate;
+mod csvio;
 mod error;
 pub mod evidence;
 pub mod explain;

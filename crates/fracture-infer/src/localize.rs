@@ -9,8 +9,8 @@ use fracture_eval::{LocalizationReport, Localized, PixelBox};
 use fracture_model::{CamLayer, CamMethod};
 use serde::{Deserialize, Serialize};
 
+use crate::csvio::{csv_error, open_csv};
 use crate::evidence::Evidence;
-use crate::outputs::{csv_error, open_csv};
 use crate::{Result, TrainedModel};
 
 /// The pointing game's tolerance: a peak within this share of the image's longer side of a box

@@ -10,6 +10,7 @@ use fracture_plot::EpochPoint;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::csvio::{csv_error, open_csv};
 use crate::{EpochReport, Error, Result, TrainedModel, Tta, predict_dataset, predict_images, sigmoid, truth};
 
 /// The evaluation report's file name.
@@ -63,6 +64,19 @@ pub struct Evaluation {
     /// Per-group and per-shift results, when asked for (see [`crate::robustness`]); written into
     /// `report.json` and charted by [`write_evaluation`].
     pub robustness: crate::robustness::Robustness,
+}
+
+impl Evaluation {
+    /// What the robustness analyses ([`crate::robustness`]) start from: the images, their
+    /// probabilities, the report and whether flips were averaged.
+    pub fn baseline(&self) -> crate::robustness::Baseline<'_> {
+        crate::robustness::Baseline {
+            items: &self.items,
+            probabilities: &self.probabilities,
+            report: &self.report,
+            tta: self.tta,
+        }
+    }
 }
 
 /// Evaluates `model` on labelled images: loads them with the model's own preprocessing, predicts
@@ -419,25 +433,6 @@ pub fn write_training_curves(path: &Path, history: &[EpochReport]) -> Result<()>
     let points: Vec<EpochPoint> = history.iter().map(epoch_point).collect();
     let png = fracture_plot::training_curves_png(&points, "Training curves")?;
     write(path, &png).map(|_| ())
-}
-
-/// An error about line `line` of the CSV file `path`.
-pub(crate) fn csv_error(path: &Path, line: u64, why: &str) -> Error {
-    Error::InvalidConfig(format!("{}:{line}: {why}", path.display()))
-}
-
-/// Opens the CSV file `path` and reads its header row; a file that cannot be opened is an I/O error
-/// naming it, a header that cannot be read an error naming line 1.
-pub(crate) fn open_csv(path: &Path) -> Result<(csv::Reader<std::fs::File>, csv::StringRecord)> {
-    let mut reader = csv::Reader::from_path(path).map_err(|e| match e.into_kind() {
-        csv::ErrorKind::Io(io) => Error::io(path, io),
-        other => csv_error(path, 1, &format!("{other:?}")),
-    })?;
-    let header = reader
-        .headers()
-        .map_err(|e| csv_error(path, 1, &e.to_string()))?
-        .clone();
-    Ok((reader, header))
 }
 
 /// Reads a run's `metrics.csv` (the columns [`crate::run::metrics_csv`] writes; others are ignored).

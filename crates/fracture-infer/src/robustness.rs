@@ -9,8 +9,8 @@ use fracture_data::{FolderDataset, LoadOptions, Shift};
 use fracture_eval::{EvalReport, GroupReport, Interval, group_report};
 use serde::{Deserialize, Serialize};
 
+use crate::csvio::{csv_error, open_csv};
 use crate::localize::image_id;
-use crate::outputs::{Evaluation, csv_error, open_csv};
 use crate::{Result, TrainedModel, Tta, predict_dataset, truth};
 
 /// Columns of a groups file that are never groups: the label itself and counts.
@@ -96,9 +96,22 @@ pub struct GroupsSection {
     pub groups: Vec<GroupReport>,
 }
 
+/// An evaluation as the robustness analyses need it (see `outputs::Evaluation::baseline`).
+#[derive(Debug, Clone, Copy)]
+pub struct Baseline<'a> {
+    /// The images evaluated, in order.
+    pub items: &'a [fracture_data::Item],
+    /// P(fractured) per image, in the same order.
+    pub probabilities: &'a [f64],
+    /// The report, with its threshold.
+    pub report: &'a EvalReport,
+    /// Whether probabilities average the flips.
+    pub tta: bool,
+}
+
 /// Reports every group of `table` on `eval` (its probabilities and threshold), with 1,000 seeded
 /// bootstrap replicates per group.
-pub fn evaluate_groups(eval: &Evaluation, table: &GroupTable, file: &Path) -> Result<GroupsSection> {
+pub fn evaluate_groups(eval: &Baseline<'_>, table: &GroupTable, file: &Path) -> Result<GroupsSection> {
     let actual: Vec<bool> = eval.items.iter().map(|i| i.label.is_fractured()).collect();
     let rows: Vec<Option<&Vec<bool>>> = eval
         .items
@@ -111,7 +124,7 @@ pub fn evaluate_groups(eval: &Evaluation, table: &GroupTable, file: &Path) -> Re
         let members: Vec<bool> = rows.iter().map(|r| r.is_some_and(|flags| flags[g])).collect();
         groups.push(group_report(
             name,
-            &eval.probabilities,
+            eval.probabilities,
             &actual,
             &members,
             eval.report.threshold,
@@ -159,14 +172,14 @@ pub struct ShiftResult {
 /// after each shift.
 pub fn evaluate_shifts(
     model: &TrainedModel,
-    base: &Evaluation,
+    base: &Baseline<'_>,
     shifts: &[Shift],
     batch_size: usize,
     options: &LoadOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<ShiftResult>> {
-    let (items, tta) = (&base.items, base.tta);
-    let base = &base.report;
+    let (items, tta) = (base.items, base.tta);
+    let base = base.report;
     let device = model.device();
     let views = if tta { model.tta() } else { Tta::Off };
     let mut out = Vec::with_capacity(shifts.len());

@@ -11,7 +11,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::{self, Activation, ConvSpec, Kernels, MbConvSpec, Padding};
 use crate::layers::{BatchNorm, Stats};
-use crate::onnx::{Act, ConvAttrs, Graph};
+use crate::onnx::graph::{Act, ConvAttrs, Graph};
 use crate::{EfficientNetConfig, Result};
 
 /// The stages of EfficientNet-Lite0: (kernel, stride of the first block, expansion, output channels,

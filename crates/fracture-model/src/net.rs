@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::efficientnet::EfficientNet;
 use crate::kernels::{self, Activation, ConvSpec, Kernels};
 use crate::layers::{BatchNorm, Stats};
-use crate::onnx::{Act, ConvAttrs, Graph};
+use crate::onnx::graph::{Act, ConvAttrs, Graph};
 use crate::{ArchConfig, Error, ModelConfig, ResNetConfig, Result, SeedConfig};
 
 /// The seed network's convolutions: 3×3, stride 1, no padding, ReLU.
@@ -509,5 +509,17 @@ impl Block {
         };
         let sum = g.add(&h, &shortcut);
         Ok(g.relu(&sum))
+    }
+}
+
+impl FractureNet {
+    /// The network as ONNX nodes from `x` (see [`crate::onnx::export`]): the logit `(B, 1)` and, for
+    /// a network with a localization head, its map of logits `(B, 1, M, M)`.
+    pub(crate) fn to_onnx(&self, g: &mut Graph, x: Act) -> Result<(String, Option<String>)> {
+        Ok(match &self.inner {
+            Inner::Seed(n) => (n.to_onnx(g, x)?, None),
+            Inner::Resnet(n) => (n.to_onnx(g, x)?, None),
+            Inner::EfficientNet(n) => n.to_onnx(g, x)?,
+        })
     }
 }

@@ -193,7 +193,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             );
         }
         evaluation.robustness.groups = Some(
-            fracture_infer::robustness::evaluate_groups(&evaluation, &table, file)
+            fracture_infer::robustness::evaluate_groups(&evaluation.baseline(), &table, file)
                 .context("subgroup evaluation failed")?,
         );
     }
@@ -206,7 +206,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         );
         let results = fracture_infer::robustness::evaluate_shifts(
             &model,
-            &evaluation,
+            &evaluation.baseline(),
             &suite,
             args.batch_size,
             &LoadOptions::default(),
