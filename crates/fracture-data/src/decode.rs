@@ -40,7 +40,7 @@ pub fn read_file_limited(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>> 
 /// Decodes image bytes to full-resolution 8-bit luma.
 ///
 /// `origin` names the file (or upload) in errors. 16-bit images are windowed to the values they
-/// hold (see [`window16`]), so that 10- or 12-bit radiographs stored in 16-bit words keep their
+/// hold (see [`window16`](crate::window16)), so that 10- or 12-bit radiographs stored in 16-bit words keep their
 /// contrast; an alpha channel is dropped. Formats: JPEG (baseline, progressive,
 /// grayscale, YCbCr, RGB, CMYK, YCCK), PNG, BMP, TIFF, WebP, and DICOM (recognised by its magic
 /// whatever the file's name; see [`crate::dicom`]).

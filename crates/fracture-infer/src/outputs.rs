@@ -435,7 +435,7 @@ pub fn write_training_curves(path: &Path, history: &[EpochReport]) -> Result<()>
     write(path, &png).map(|_| ())
 }
 
-/// Reads a run's `metrics.csv` (the columns [`crate::run::metrics_csv`] writes; others are ignored).
+/// Reads a run's `metrics.csv` (the columns `fracture_train::run::metrics_csv` writes; others are ignored).
 pub fn read_metrics_csv(path: &Path) -> Result<Vec<EpochPoint>> {
     let bad = |line: u64, why: &str| csv_error(path, line, why);
     let (mut reader, header) = open_csv(path)?;

@@ -160,7 +160,7 @@ pub struct TrainConfig {
     /// validated and saved; `None` (the default) validates the weights as trained.
     #[serde(default)]
     pub ema_decay: Option<f64>,
-    /// Weight of the localization loss ([`crate::loss::localization_loss`]) beside the
+    /// Weight of the localization loss (`fracture_train::loss::localization_loss`) beside the
     /// classification loss, for a network with a localization head trained from annotated boxes
     /// (`TrainSetup::boxes`); 0 (the default) without boxes.
     #[serde(default)]
