@@ -27,7 +27,7 @@ pub enum Error {
     /// [`DecodeLimits::allow_partial`](crate::DecodeLimits::allow_partial).
     #[error(
         "{}: the image is truncated or damaged, only part of it decodes ({reason}); \
-         pass --allow-partial to accept such images",
+         such images are refused unless partial decoding is allowed",
         crate::path_shown(path)
     )]
     Partial {

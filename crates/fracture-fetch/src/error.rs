@@ -10,8 +10,8 @@ pub enum Error {
     BadDataset(String),
     /// The server could not be reached at all (no network, DNS failure, refused connection).
     #[error(
-        "cannot reach {url}: {reason}. Without network access, download the dataset elsewhere and pass \
-         its folder with --data DIR"
+        "cannot reach {url}: {reason}. Without network access, download the dataset elsewhere and \
+         train on its folder"
     )]
     Unreachable {
         /// The URL that failed.
@@ -79,10 +79,36 @@ pub enum Error {
         reason: String,
     },
     /// The destination exists but was not written by a download.
-    #[error("{} exists and was not made by a download: pass --force to replace it, or use it with --data", path.display())]
+    #[error("{} exists and was not made by a download: it is replaced only when forced", path.display())]
     DestinationExists {
         /// The folder.
         path: PathBuf,
+    },
+    /// The destination holds FracAtlas split otherwise than asked (another seed or other shares); it
+    /// is split again only when forced.
+    #[error(
+        "{} holds FracAtlas split with seed {seed}, val {val}, test {test}, not the split asked for: it is split again only when forced",
+        path.display()
+    )]
+    SplitDiffers {
+        /// The dataset folder.
+        path: PathBuf,
+        /// The seed of the split it holds.
+        seed: u64,
+        /// The val share it holds.
+        val: f64,
+        /// The test share it holds.
+        test: f64,
+    },
+    /// The val and test shares asked for cannot split a dataset.
+    #[error(
+        "the val ({val}) and test ({test}) shares must each lie in [0, 1) and leave some images for train"
+    )]
+    BadSplit {
+        /// The val share asked for.
+        val: f64,
+        /// The test share asked for.
+        test: f64,
     },
     /// A downloaded release does not have the layout its reader expects.
     #[error("{}: {reason}", path.display())]

@@ -91,12 +91,9 @@ impl SplitPlan {
     fn check(&self) -> Result<()> {
         let ok = |v: f64| v.is_finite() && (0.0..1.0).contains(&v);
         if !ok(self.val) || !ok(self.test) || self.val + self.test >= 1.0 {
-            return Err(Error::Release {
-                path: PathBuf::from("--val/--test"),
-                reason: format!(
-                    "the val ({}) and test ({}) shares must each lie in [0, 1) and leave some images for train",
-                    self.val, self.test
-                ),
+            return Err(Error::BadSplit {
+                val: self.val,
+                test: self.test,
             });
         }
         Ok(())
@@ -235,13 +232,12 @@ pub fn fetch_fracatlas(
                     ..m.fetched
                 })
             }
-            Some(m) if m.dataset == DATASET_TAG => Err(release(
-                dest,
-                format!(
-                    "holds FracAtlas split with seed {}, val {}, test {}: pass --force to split it again",
-                    m.fetched.split.seed, m.fetched.split.val, m.fetched.split.test
-                ),
-            )),
+            Some(m) if m.dataset == DATASET_TAG => Err(Error::SplitDiffers {
+                path: dest.clone(),
+                seed: m.fetched.split.seed,
+                val: m.fetched.split.val,
+                test: m.fetched.split.test,
+            }),
             _ => Err(Error::DestinationExists { path: dest.clone() }),
         };
     }

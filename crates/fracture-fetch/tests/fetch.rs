@@ -303,7 +303,10 @@ fn an_unreachable_server_fails_fast_and_names_the_alternative() {
         start.elapsed()
     );
     assert!(matches!(err, Error::Unreachable { .. }), "{err}");
-    assert!(err.to_string().contains("--data"), "{err}");
+    assert!(
+        err.to_string().contains("download the dataset elsewhere"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -136,7 +136,7 @@ fn ensure_fracatlas(source: &Source) -> anyhow::Result<PathBuf> {
     let mut progress = Progress::default();
     let fetched = fetch_fracatlas(&options, &mut |e| progress.show(e));
     progress.finish();
-    let fetched = fetched.context("cannot get FracAtlas")?;
+    let fetched = fetched.map_err(with_flag_hint).context("cannot get FracAtlas")?;
     if !fetched.cached {
         println!(
             "FracAtlas (CC BY 4.0, doi:10.6084/m9.figshare.22363012): {} bytes downloaded, split with seed {}",
@@ -186,7 +186,9 @@ fn ensure_dataset(dataset: &str, data_dir: &Path, base_url: &str) -> anyhow::Res
     let mut progress = Progress::default();
     let fetched = fetch(&options, &mut |e| progress.show(e));
     progress.finish();
-    let fetched = fetched.with_context(|| format!("cannot get the dataset {dataset}"))?;
+    let fetched = fetched
+        .map_err(with_flag_hint)
+        .with_context(|| format!("cannot get the dataset {dataset}"))?;
     if !fetched.cached {
         println!(
             "downloaded {dataset}: {} bytes, {} files in {}",
@@ -196,4 +198,21 @@ fn ensure_dataset(dataset: &str, data_dir: &Path, base_url: &str) -> anyhow::Res
         );
     }
     Ok(fetched.root)
+}
+
+/// A download error with what to do about it in this command's flags (the library names none).
+fn with_flag_hint(e: fracture_fetch::Error) -> anyhow::Error {
+    use fracture_fetch::Error as E;
+    let hint = match &e {
+        E::Unreachable { .. } => Some("pass the folder of a copy downloaded elsewhere with --data DIR"),
+        E::DestinationExists { .. } => Some("pass --force to replace it, or use it with --data DIR"),
+        E::SplitDiffers { .. } => {
+            Some("pass --force to split it again, or --split-seed with the seed it holds")
+        }
+        _ => None,
+    };
+    match hint {
+        Some(hint) => anyhow::anyhow!("{e}\n({hint})"),
+        None => anyhow::Error::new(e),
+    }
 }

@@ -230,6 +230,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 Ok(p) => p,
                 Err(skipped) => {
                     eprintln!("error: {}", skipped.reason);
+                    if !args.allow_partial && is_partial(&skipped.path) {
+                        eprintln!("  (pass --allow-partial to predict it from the part that decodes)");
+                    }
                     unreadable += 1;
                     return Ok(());
                 }
@@ -513,8 +516,8 @@ fn write_capture(
     fracture_fs::write_atomic(&out, &file).with_context(|| format!("cannot write {}", out.display()))
 }
 
-/// Whether `path` decodes only in part (checked again strictly; only asked with `--allow-partial`,
-/// where such files are predicted).
+/// Whether `path` decodes only in part (checked again strictly: with `--allow-partial` such files
+/// are predicted and flagged; without it the flag is suggested).
 fn is_partial(path: &std::path::Path) -> bool {
     let strict = DecodeLimits::default();
     fracture_infer::data::read_file_limited(path, &strict)

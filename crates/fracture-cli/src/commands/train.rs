@@ -421,6 +421,13 @@ impl Progress {
                 for s in &summary.skipped {
                     self.println(&format!("warning: skipped {s}"));
                 }
+                if summary
+                    .skipped
+                    .iter()
+                    .any(|s| s.reason.contains("partial decoding is allowed"))
+                {
+                    self.println("  (pass --allow-partial to train on the part of such images that decodes)");
+                }
                 print!("{summary}");
             }
             Event::EpochStart {
