@@ -79,7 +79,7 @@ fn matches_tract(config: ModelConfig, batch: usize, seed: u64) {
     assert_eq!(shape, &vec![batch], "p_fractured is (B,)");
     for (i, (o, t)) in ours.iter().zip(theirs).enumerate() {
         assert!(
-            (o - t).abs() <= 1e-5,
+            (o - t).abs() <= 1e-4,
             "{config:?}: image {i}: ours {o}, tract {t}"
         );
     }
@@ -101,7 +101,7 @@ fn matches_tract(config: ModelConfig, batch: usize, seed: u64) {
         let (shape, theirs) = &outputs[2];
         assert_eq!(shape, &vec![batch, cells, cells]);
         for (o, t) in ours.iter().zip(theirs) {
-            assert!((o - t).abs() <= 1e-5, "map: ours {o}, tract {t}");
+            assert!((o - t).abs() <= 1e-4, "map: ours {o}, tract {t}");
         }
     } else {
         assert_eq!(outputs.len(), 2);
