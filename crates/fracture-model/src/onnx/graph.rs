@@ -82,6 +82,8 @@ pub(crate) struct Graph {
     pub(super) nodes: Vec<NodeProto>,
     pub(super) initializers: Vec<TensorProto>,
     count: usize,
+    /// The names of ReLU6's bounds 0 and 6, written once and shared by every `Clip`.
+    relu6_bounds: Option<(String, String)>,
 }
 
 fn ints(name: &str, v: &[usize]) -> AttributeProto {
@@ -136,24 +138,24 @@ impl Graph {
 
     /// A float initializer with the given shape; returns its name (made unique).
     pub(crate) fn constant(&mut self, name: &str, dims: &[usize], values: &[f32]) -> String {
-        let name = format!("{name}#{}", self.initializers.len());
-        self.initializers.push(TensorProto {
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: proto::FLOAT,
-            name: name.clone(),
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        });
-        name
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, dims, proto::FLOAT, raw)
     }
 
     /// An int64 initializer (shapes, slice bounds).
     pub(crate) fn constant_i64(&mut self, name: &str, dims: &[usize], values: &[i64]) -> String {
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, dims, proto::INT64, raw)
+    }
+
+    /// An initializer of `data_type` holding `raw` (little-endian, row-major), under a unique name.
+    fn initializer(&mut self, name: &str, dims: &[usize], data_type: i32, raw: Vec<u8>) -> String {
         let name = format!("{name}#{}", self.initializers.len());
         self.initializers.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: proto::INT64,
+            data_type,
             name: name.clone(),
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            raw_data: raw,
         });
         name
     }
@@ -225,8 +227,17 @@ impl Graph {
 
     /// ReLU6 as `Clip(x, 0, 6)`.
     pub(crate) fn relu6(&mut self, x: &Act) -> Act {
-        let lo = self.constant("relu6.min", &[], &[0.0]);
-        let hi = self.constant("relu6.max", &[], &[6.0]);
+        let (lo, hi) = match &self.relu6_bounds {
+            Some(bounds) => bounds.clone(),
+            None => {
+                let bounds = (
+                    self.constant("relu6.min", &[], &[0.0]),
+                    self.constant("relu6.max", &[], &[6.0]),
+                );
+                self.relu6_bounds = Some(bounds.clone());
+                bounds
+            }
+        };
         Act {
             x: self.node("Clip", &[&x.x, &lo, &hi], vec![]),
             side: x.side,
