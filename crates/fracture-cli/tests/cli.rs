@@ -1915,6 +1915,8 @@ fn a_truncated_jpeg_is_an_error_unless_partial_images_are_allowed() {
         stderr.contains("cut.jpg") && stderr.contains("truncated or damaged"),
         "{stderr}"
     );
+    // The library names no flag; the command adds the one that accepts the file.
+    assert!(stderr.contains("pass --allow-partial"), "{stderr}");
     let lenient = fracture()
         .args(["predict", "--allow-partial", "--model"])
         .arg(&run)

@@ -177,3 +177,12 @@ pub(crate) fn model_fingerprints(
         (None, None) => Ok(None),
     }
 }
+
+/// Whether `path` decodes only in part (checked again strictly, for the typed error): `predict`
+/// flags such files with `--allow-partial` and, like `train`, suggests the flag without it.
+pub(crate) fn is_partial(path: &std::path::Path) -> bool {
+    let strict = fracture_infer::data::DecodeLimits::default();
+    fracture_infer::data::read_file_limited(path, &strict)
+        .and_then(|bytes| fracture_infer::data::decode_gray(&bytes, path, &strict))
+        .is_err_and(|e| matches!(e, fracture_infer::data::Error::Partial { .. }))
+}

@@ -230,14 +230,14 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 Ok(p) => p,
                 Err(skipped) => {
                     eprintln!("error: {}", skipped.reason);
-                    if !args.allow_partial && is_partial(&skipped.path) {
+                    if !args.allow_partial && super::is_partial(&skipped.path) {
                         eprintln!("  (pass --allow-partial to predict it from the part that decodes)");
                     }
                     unreadable += 1;
                     return Ok(());
                 }
             };
-            let partial = args.allow_partial && is_partial(&p.path);
+            let partial = args.allow_partial && super::is_partial(&p.path);
             if partial {
                 eprintln!(
                     "warning: {}: truncated or damaged, predicted from the part that decodes (--allow-partial)",
@@ -514,15 +514,6 @@ fn write_capture(
         &comments,
     )?;
     fracture_fs::write_atomic(&out, &file).with_context(|| format!("cannot write {}", out.display()))
-}
-
-/// Whether `path` decodes only in part (checked again strictly: with `--allow-partial` such files
-/// are predicted and flagged; without it the flag is suggested).
-fn is_partial(path: &std::path::Path) -> bool {
-    let strict = DecodeLimits::default();
-    fracture_infer::data::read_file_limited(path, &strict)
-        .and_then(|bytes| fracture_infer::data::decode_gray(&bytes, path, &strict))
-        .is_err_and(|e| matches!(e, fracture_infer::data::Error::Partial { .. }))
 }
 
 /// The technical attributes of a DICOM file (decoded again: only for DICOM files, only for the JSON

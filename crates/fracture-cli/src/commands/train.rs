@@ -421,11 +421,7 @@ impl Progress {
                 for s in &summary.skipped {
                     self.println(&format!("warning: skipped {s}"));
                 }
-                if summary
-                    .skipped
-                    .iter()
-                    .any(|s| s.reason.contains("partial decoding is allowed"))
-                {
+                if summary.skipped.iter().any(|s| super::is_partial(&s.path)) {
                     self.println("  (pass --allow-partial to train on the part of such images that decodes)");
                 }
                 print!("{summary}");
