@@ -91,20 +91,15 @@ fn val_images(shared: &Path, n: usize) -> Result<Vec<PathBuf>, DynError> {
     Ok(files)
 }
 
-/// The preprocessing recorded in a model file's safetensors header (`fracture.preprocess`).
+/// The preprocessing recorded in a model file's safetensors metadata (`fracture.preprocess`).
 fn preprocessing(model_file: &Path) -> Result<PreprocessConfig, DynError> {
     let bytes = std::fs::read(model_file)?;
-    let len = bytes
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes)
-        .ok_or_else(|| format!("{}: not a safetensors file", model_file.display()))?;
-    let header = bytes
-        .get(8..8 + usize::try_from(len)?)
-        .ok_or_else(|| format!("{}: header cut short", model_file.display()))?;
-    let header: serde_json::Value = serde_json::from_slice(header)?;
-    let text = header["__metadata__"]["fracture.preprocess"]
-        .as_str()
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format!("{}: not a safetensors file: {e}", model_file.display()))?;
+    let text = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("fracture.preprocess"))
         .ok_or_else(|| format!("{}: no fracture.preprocess metadata", model_file.display()))?;
     Ok(serde_json::from_str(text)?)
 }
