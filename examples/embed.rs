@@ -33,8 +33,12 @@ impl Classifier {
 
     /// P(fractured) and the label at the model's operating point for one encoded image.
     fn classify(&self, bytes: &[u8], name: &str) -> anyhow::Result<(f64, &'static str)> {
-        let p = self.model.predict_bytes(bytes, Path::new(name), &self.limits)?;
-        Ok((p, self.model.decide(p).name()))
+        let p = self
+            .model
+            .predictor()
+            .with_limits(self.limits)
+            .bytes(bytes, Path::new(name))?;
+        Ok((p.p_fractured, self.model.decide(p.p_fractured).name()))
     }
 }
 

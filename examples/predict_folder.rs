@@ -14,8 +14,9 @@ use std::path::PathBuf;
 use anyhow::bail;
 use fracture_train::TrainedModel;
 use fracture_train::candle_core::Device;
-use fracture_train::data::{DecodeLimits, discover_labelled_images};
-use fracture_train::outputs::{CsvColumns, Prediction, predict_files, predictions_csv};
+use fracture_train::data::discover_labelled_images;
+use fracture_train::infer::Prediction;
+use fracture_train::outputs::{CsvColumns, predictions_csv};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,14 +38,10 @@ fn main() -> anyhow::Result<()> {
     let (items, _) = discover_labelled_images(&folder)?;
     let files: Vec<PathBuf> = items.into_iter().map(|i| i.path).collect();
     // With evidence: each row also says where in the image the evidence lies (peak and box).
-    let (predictions, unreadable) = predict_files(
-        &model,
-        &files,
-        false,
-        Some(Default::default()),
-        32,
-        &DecodeLimits::default(),
-    )?;
+    let (predictions, unreadable) = model
+        .predictor()
+        .with_evidence(Some(model.model.net.default_cam_layer()))
+        .files(&files, 32)?;
     for skipped in &unreadable {
         eprintln!("unreadable: {}: {}", skipped.path.display(), skipped.reason);
     }

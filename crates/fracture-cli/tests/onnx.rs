@@ -61,7 +61,14 @@ fn largest_difference(onnx: &[u8], model: &TrainedModel, files: &[PathBuf]) -> f
                 .iter()
                 .copied(),
         );
-        ours.push(model.predict_bytes(&bytes, f, &limits).unwrap());
+        ours.push(
+            model
+                .predictor()
+                .with_limits(limits)
+                .bytes(&bytes, f)
+                .unwrap()
+                .p_fractured,
+        );
     }
     let outputs = fracture_testkit::onnx::run(onnx, &[files.len(), 1, s, s], input);
     let (_, theirs) = &outputs[0];

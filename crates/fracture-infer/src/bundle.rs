@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, ModuleT};
-use fracture_data::{DecodeLimits, Label, PreprocessConfig};
+use candle_core::Device;
+use fracture_data::{Label, PreprocessConfig};
 use fracture_eval::{EvalReport, ThresholdRule};
 use fracture_model::Model;
 use serde::{Deserialize, Serialize};
@@ -350,22 +350,6 @@ impl TrainedModel {
     /// The decision at the stored operating point: fractured when `p_fractured >= threshold`.
     pub fn decide(&self, p_fractured: f64) -> Label {
         Label::from_fractured(fracture_eval::is_fractured(p_fractured, self.meta.threshold))
-    }
-
-    /// P(fractured) of one encoded image (any supported format), calibrated; `origin` names it in
-    /// errors.
-    pub fn predict_bytes(&self, bytes: &[u8], origin: &Path, limits: &DecodeLimits) -> Result<f64> {
-        let input = self.meta.preprocess.preprocess_bytes(bytes, origin, limits)?;
-        let x = crate::image_to_tensor(input.view(), &self.device())?;
-        let logit = self.model.net.forward_t(&x, false)?.to_vec1::<f32>()?;
-        let logit = logit.first().copied().unwrap_or(f32::NAN);
-        if logit.is_nan() {
-            return Err(Error::NoPrediction {
-                path: origin.to_path_buf(),
-                value: f64::from(logit),
-            });
-        }
-        Ok(self.probability(crate::sigmoid(logit)))
     }
 
     /// The test-time augmentation that matches the flips the model was trained with (see

@@ -46,7 +46,7 @@ pub enum Error {
     NoPrediction {
         /// The image (or upload name).
         path: PathBuf,
-        /// The logit it gave.
+        /// The output it gave.
         value: f64,
     },
 }

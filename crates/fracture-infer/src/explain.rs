@@ -1,13 +1,10 @@
 //! One image in, P(fractured) and where the evidence lies out: what `fracture serve` and
 //! `fracture predict --heatmap` show.
 
-use std::path::Path;
-
+use fracture_data::ContentBox;
 use fracture_data::image::GrayImage;
-use fracture_data::{ContentBox, DecodeLimits, decode_gray};
-use fracture_model::{CamLayer, CamMethod};
 
-use crate::{Result, TrainedModel, sigmoid};
+use crate::Result;
 
 /// A prediction with its activation map.
 #[derive(Debug, Clone)]
@@ -114,59 +111,5 @@ impl Explanation {
             opacity,
             mark,
         )?)
-    }
-}
-
-impl TrainedModel {
-    /// Decodes one encoded image, predicts P(fractured) and computes its map: the localization
-    /// head's when the model has one (trained with boxes), else the activation map (`method`,
-    /// HiResCAM by default; see `fracture_model::CamMethod`) on the last feature map. `origin`
-    /// names the image in errors.
-    pub fn explain_bytes(
-        &self,
-        bytes: &[u8],
-        origin: &Path,
-        limits: &DecodeLimits,
-        method: CamMethod,
-    ) -> Result<Explanation> {
-        self.explain_bytes_at(bytes, origin, limits, method, self.model.net.default_cam_layer())
-    }
-
-    /// [`TrainedModel::explain_bytes`] with the map taken on the feature map `layer` names.
-    pub fn explain_bytes_at(
-        &self,
-        bytes: &[u8],
-        origin: &Path,
-        limits: &DecodeLimits,
-        method: CamMethod,
-        layer: CamLayer,
-    ) -> Result<Explanation> {
-        let image = decode_gray(bytes, origin, limits)?;
-        let input = self
-            .preprocess()
-            .to_input(self.preprocess().resize(&image)?.view());
-        let s = self.preprocess().size as usize;
-        let x = crate::image_to_tensor(input.view(), &self.device())?;
-        let cam = self
-            .model
-            .net
-            .grad_cams_at(&x, method, layer)?
-            .pop()
-            .ok_or_else(|| crate::Error::InvalidConfig("no activation map for the image".into()))?;
-        let p = self.probability(sigmoid(cam.logit));
-        let content = self.preprocess().content_box(image.width(), image.height());
-        Ok(Explanation {
-            p_fractured: p,
-            fractured: self.decide(p).is_fractured(),
-            image,
-            map: cam.upsample(s),
-            size: self.preprocess().size,
-            content,
-            full_strength: if layer == CamLayer::Head {
-                HEAD_FULL_STRENGTH
-            } else {
-                1.0
-            },
-        })
     }
 }

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod localize;
 pub mod outputs;
 pub mod predict;
+pub mod predictor;
 pub mod record;
 pub mod robustness;
 
@@ -20,6 +21,7 @@ pub use bundle::{ModelMeta, TrainedModel};
 pub use error::{Error, Result};
 pub use layout::RunLayout;
 pub use predict::{Tta, image_to_tensor, images_to_tensor, predict_dataset, predict_images, sigmoid, truth};
+pub use predictor::{PASS_IMAGES, Prediction, Predictor};
 pub use record::{EpochReport, TrainConfig};
 
 pub use {

@@ -129,6 +129,7 @@ pub fn localize_items(
     layer: CamLayer,
     level: f32,
 ) -> Result<Localization> {
+    let predictor = model.predictor().with_limits(*limits);
     let mut images = Vec::new();
     let mut without_boxes = 0;
     for item in items.iter().filter(|i| i.label.is_fractured()) {
@@ -137,7 +138,7 @@ pub fn localize_items(
             continue;
         };
         let bytes = read_file_limited(&item.path, limits)?;
-        let explained = model.explain_bytes_at(&bytes, &item.path, limits, method, layer)?;
+        let explained = predictor.explain(&bytes, &item.path, method, layer)?;
         let (w, h) = explained.image.dimensions();
         // A box must lie in its image (a pixel and 1% of slack for rounding in the annotation).
         let (wf, hf) = (f64::from(w), f64::from(h));

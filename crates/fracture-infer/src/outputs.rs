@@ -3,15 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use fracture_data::{DecodeLimits, FolderDataset, Item, LoadOptions, Skipped, Split};
+use fracture_data::{FolderDataset, Item, LoadOptions, Skipped, Split};
 use fracture_eval::{EvalReport, ThresholdRule, calibration_bins, choose_threshold, pr_curve, roc_curve};
 use fracture_fs::write_atomic;
 use fracture_plot::EpochPoint;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::csvio::{csv_error, open_csv};
-use crate::{EpochReport, Error, Result, TrainedModel, Tta, predict_dataset, predict_images, sigmoid, truth};
+use crate::{EpochReport, Error, Result, TrainedModel, truth};
 
 /// The evaluation report's file name.
 pub const REPORT_JSON: &str = "report.json";
@@ -96,12 +95,7 @@ pub fn evaluate_items(
             "no readable image to evaluate".into(),
         )));
     }
-    let device = model.device();
-    let views = if tta { model.tta() } else { Tta::Off };
-    let probabilities: Vec<f64> = predict_dataset(&model.model.net, &dataset, batch_size, views, &device)?
-        .into_iter()
-        .map(|p| model.probability(p))
-        .collect();
+    let probabilities = model.predictor().with_tta(tta).dataset(&dataset, batch_size)?;
     let actual = truth(&dataset);
     let threshold = match choice {
         ThresholdChoice::Stored => model.threshold(),
@@ -471,21 +465,7 @@ pub fn read_metrics_csv(path: &Path) -> Result<Vec<EpochPoint>> {
     Ok(out)
 }
 
-/// One image's prediction.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Prediction {
-    /// The file.
-    pub path: PathBuf,
-    /// P(fractured).
-    pub p_fractured: f64,
-    /// Whether `p_fractured >= threshold`.
-    pub fractured: bool,
-    /// Where the evidence lies in the image's own pixels, when asked for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub evidence: Option<crate::evidence::Evidence>,
-}
-
-impl Prediction {
+impl crate::Prediction {
     /// This prediction as a row of [`predictions_csv`] (no truth: a prediction does not know it).
     pub fn row(&self) -> PredictionRow<'_> {
         PredictionRow {
@@ -496,167 +476,6 @@ impl Prediction {
             evidence: self.evidence,
         }
     }
-}
-
-type Decoded = (fracture_data::ndarray::Array2<u8>, (u32, u32));
-
-/// Images per forward pass in [`predict_files_each`], whatever its `batch_size` (the files decoded
-/// at a time): one layer's activations for 32 images at 256 px reach 200 MB, so passes of 8 keep
-/// the peak near 300 MB for the ready model at the same throughput on the CPU (measured with
-/// `benches/predict_memory.py`).
-pub const PASS_IMAGES: usize = 8;
-
-/// Predicts every file: decoded in parallel with the model's preprocessing, then run in batches.
-/// With `evidence` (the feature map to take it on), each prediction also carries its
-/// [`Evidence`](crate::evidence::Evidence)
-/// (the activation map of the plain image: one more pass per image). Returns the predictions
-/// (input order, unreadable files left out) and the unreadable files. Holds every prediction in
-/// memory: for many files, [`predict_files_each`] streams them.
-pub fn predict_files(
-    model: &TrainedModel,
-    files: &[PathBuf],
-    tta: bool,
-    evidence: Option<fracture_model::CamLayer>,
-    batch_size: usize,
-    limits: &DecodeLimits,
-) -> Result<(Vec<Prediction>, Vec<Skipped>)> {
-    let mut out = Vec::with_capacity(files.len());
-    let mut skipped = Vec::new();
-    predict_files_each(model, files, tta, evidence, batch_size, limits, &mut |r| {
-        match r {
-            Ok(p) => out.push(p),
-            Err(s) => skipped.push(s),
-        }
-        Ok(())
-    })?;
-    Ok((out, skipped))
-}
-
-/// [`predict_files`] in bounded memory: `batch_size` files at a time are decoded (in parallel) and
-/// predicted, and each result goes to `each` in input order as soon as its batch is done (a
-/// prediction, or the file that could not be read). Memory does not grow with the number of files.
-/// An error returned by `each` stops the run and is returned.
-pub fn predict_files_each(
-    model: &TrainedModel,
-    files: &[PathBuf],
-    tta: bool,
-    evidence: Option<fracture_model::CamLayer>,
-    batch_size: usize,
-    limits: &DecodeLimits,
-    each: &mut dyn FnMut(std::result::Result<Prediction, Skipped>) -> Result<()>,
-) -> Result<()> {
-    let s = model.preprocess().size as usize;
-    let device = model.device();
-    // Read once: the model's training settings are parsed from its metadata.
-    let views = if tta { model.tta() } else { Tta::Off };
-    for files in files.chunks(batch_size.max(1)) {
-        let decoded: Vec<fracture_data::Result<Decoded>> = files
-            .par_iter()
-            .map(|p| model.preprocess().load_file_sized(p, limits))
-            .collect();
-        let mut chunk = Vec::with_capacity(files.len());
-        let mut results: Vec<Option<std::result::Result<Prediction, Skipped>>> = Vec::new();
-        for (path, result) in files.iter().zip(decoded) {
-            match result {
-                Ok(img) => {
-                    chunk.push((path, img));
-                    results.push(None);
-                }
-                Err(e) => results.push(Some(Err(Skipped {
-                    reason: e.to_string(),
-                    path: path.clone(),
-                }))),
-            }
-        }
-        let mut predicted = predict_decoded(model, &chunk, views, evidence, s, &device)?.into_iter();
-        for slot in results {
-            match slot {
-                Some(skipped) => each(skipped)?,
-                None => {
-                    if let Some(p) = predicted.next() {
-                        each(Ok(p))?;
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Predicts one batch of decoded images.
-fn predict_decoded(
-    model: &TrainedModel,
-    chunk: &[(&PathBuf, Decoded)],
-    views: Tta,
-    evidence: Option<fracture_model::CamLayer>,
-    s: usize,
-    device: &candle_core::Device,
-) -> Result<Vec<Prediction>> {
-    if chunk.is_empty() {
-        return Ok(Vec::new());
-    }
-    // The network takes PASS_IMAGES images at a time.
-    let passes: Vec<fracture_data::ndarray::Array3<f32>> = chunk
-        .chunks(PASS_IMAGES)
-        .map(|part| {
-            let mut batch = fracture_data::ndarray::Array3::<f32>::zeros((part.len(), s, s));
-            for (k, (_, (img, _))) in part.iter().enumerate() {
-                batch
-                    .index_axis_mut(fracture_data::ndarray::Axis(0), k)
-                    .assign(&model.preprocess().to_input(img.view()));
-            }
-            batch
-        })
-        .collect();
-    // With evidence, one pass gives every image its map and its logit; test-time augmentation
-    // adds its views on top.
-    let cams = match evidence {
-        Some(layer) => {
-            let mut cams = Vec::with_capacity(chunk.len());
-            for pass in &passes {
-                let x = crate::images_to_tensor(pass.view(), device)?;
-                cams.extend(
-                    model
-                        .model
-                        .net
-                        .grad_cams_at(&x, fracture_model::CamMethod::default(), layer)?,
-                );
-            }
-            Some(cams)
-        }
-        None => None,
-    };
-    let raw = match (&cams, views) {
-        (Some(cams), Tta::Off) => cams.iter().map(|c| sigmoid(c.logit)).collect(),
-        _ => {
-            let mut probs = Vec::with_capacity(chunk.len());
-            for pass in &passes {
-                probs.extend(predict_images(&model.model.net, pass, views, device)?);
-            }
-            probs
-        }
-    };
-    let probs = raw.into_iter().map(|p| model.probability(p));
-    let mut out = Vec::with_capacity(chunk.len());
-    for (k, ((path, (_, dims)), p)) in chunk.iter().zip(probs).enumerate() {
-        let evidence = cams.as_ref().and_then(|cams| {
-            let content = model.preprocess().content_box(dims.0, dims.1);
-            crate::evidence::locate(
-                &cams[k].upsample(s),
-                s,
-                content,
-                *dims,
-                crate::evidence::EVIDENCE_LEVEL,
-            )
-        });
-        out.push(Prediction {
-            path: (*path).clone(),
-            p_fractured: p,
-            fractured: model.decide(p).is_fractured(),
-            evidence,
-        });
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::csvio::{csv_error, open_csv};
 use crate::localize::image_id;
-use crate::{Result, TrainedModel, Tta, predict_dataset, truth};
+use crate::{Result, TrainedModel, truth};
 
 /// Columns of a groups file that are never groups: the label itself and counts.
 const NOT_GROUPS: [&str; 3] = ["fractured", "label", "fracture_count"];
@@ -180,8 +180,7 @@ pub fn evaluate_shifts(
 ) -> Result<Vec<ShiftResult>> {
     let (items, tta) = (base.items, base.tta);
     let base = base.report;
-    let device = model.device();
-    let views = if tta { model.tta() } else { Tta::Off };
+    let predictor = model.predictor().with_tta(tta);
     let mut out = Vec::with_capacity(shifts.len());
     for (k, &shift) in shifts.iter().enumerate() {
         shift.validate()?;
@@ -191,11 +190,7 @@ pub fn evaluate_shifts(
             ..options.clone()
         };
         let dataset = FolderDataset::load(items, model.preprocess(), &opts)?;
-        let probabilities: Vec<f64> =
-            predict_dataset(&model.model.net, &dataset, batch_size, views, &device)?
-                .into_iter()
-                .map(|p| model.probability(p))
-                .collect();
+        let probabilities = predictor.dataset(&dataset, batch_size)?;
         let actual = truth(&dataset);
         let r = EvalReport::new(&probabilities, &actual, base.threshold)?;
         let fractured: Vec<f64> = probabilities

@@ -134,7 +134,13 @@ fn a_head_trained_on_boxes_points_into_them() {
     for (path, b) in &val_boxes {
         let bytes = std::fs::read(path).unwrap();
         let e = model
-            .explain_bytes(&bytes, path, &Default::default(), CamMethod::default())
+            .predictor()
+            .explain(
+                &bytes,
+                path,
+                CamMethod::default(),
+                model.model.net.default_cam_layer(),
+            )
             .unwrap();
         let peak = e.evidence().unwrap().peak;
         if peak[0] >= b[0] - margin

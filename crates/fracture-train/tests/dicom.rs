@@ -37,11 +37,12 @@ fn dicom_copies_of_real_radiographs_get_the_source_probability() {
     let mut spread = Vec::new();
     for path in files.iter().step_by(97).take(4) {
         let bytes = std::fs::read(path).unwrap();
-        let p_source = model.predict_bytes(&bytes, path, &limits).unwrap();
+        let predictor = model.predictor().with_limits(limits);
+        let p_source = predictor.bytes(&bytes, path).unwrap().p_fractured;
         spread.push(p_source);
         let gray = decode_gray(&bytes, path, &limits).unwrap();
         for (name, _, dicom) in scanner_variants(gray.width(), gray.height(), gray.as_raw()) {
-            let p = model.predict_bytes(&dicom, "scan.dcm".as_ref(), &limits).unwrap();
+            let p = predictor.bytes(&dicom, "scan.dcm".as_ref()).unwrap().p_fractured;
             assert!(
                 (p - p_source).abs() < 0.02,
                 "{}: {name}: P(fractured) {p:.4} against {p_source:.4} from the JPEG",

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use fracture_testkit::{SyntheticSpec, fresh_dir, fuzz_bytes, write_synthetic_dataset};
-use fracture_train::data::DecodeLimits;
 use fracture_train::{TrainedModel, train};
 
 mod common;
@@ -26,8 +25,8 @@ fn loading_mutated_model_files_never_panics() {
         match TrainedModel::load(&file, &Device::Cpu) {
             Ok(model) => {
                 // A probability, or an error naming the image (weights that overflow on it).
-                match model.predict_bytes(&image, std::path::Path::new("x.png"), &DecodeLimits::default()) {
-                    Ok(p) => assert!((0.0..=1.0).contains(&p), "{p}"),
+                match model.predictor().bytes(&image, std::path::Path::new("x.png")) {
+                    Ok(p) => assert!((0.0..=1.0).contains(&p.p_fractured), "{p:?}"),
                     Err(e) => assert!(e.to_string().contains("x.png"), "{e}"),
                 }
             }

@@ -7,7 +7,9 @@ use anyhow::{Context, bail};
 use fracture_infer::TrainedModel;
 use fracture_infer::archive::{ResultsFile, RowFormat, Shard, shard_key};
 use fracture_infer::data::{DecodeLimits, Label, list_image_files, path_text};
-use fracture_infer::outputs::{CsvColumns, Prediction, predict_files_each, spreadsheet_safe};
+use fracture_infer::model::CamLayer;
+use fracture_infer::outputs::{CsvColumns, spreadsheet_safe};
+use fracture_infer::{Prediction, Predictor};
 
 /// Arguments of `fracture predict`.
 #[derive(Debug, clap::Args)]
@@ -218,46 +220,43 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let mut sink = Sink::new(format, out, columns, model.threshold(), write_header)?;
     let mut heatmaps = OutputNames::default();
     let mut predicted = 0usize;
-    predict_files_each(
-        &model,
-        &files,
-        args.tta,
-        with_evidence.then_some(layer),
-        args.batch_size,
-        &limits,
-        &mut |result| {
-            let p = match result {
-                Ok(p) => p,
-                Err(skipped) => {
-                    eprintln!("error: {}", skipped.reason);
-                    if !args.allow_partial && super::is_partial(&skipped.path) {
-                        eprintln!("  (pass --allow-partial to predict it from the part that decodes)");
-                    }
-                    unreadable += 1;
-                    return Ok(());
+    let predictor = model
+        .predictor()
+        .with_tta(args.tta)
+        .with_evidence(with_evidence.then_some(layer))
+        .with_limits(limits);
+    predictor.files_each(&files, args.batch_size, &mut |result| {
+        let p = match result {
+            Ok(p) => p,
+            Err(skipped) => {
+                eprintln!("error: {}", skipped.reason);
+                if !args.allow_partial && super::is_partial(&skipped.path) {
+                    eprintln!("  (pass --allow-partial to predict it from the part that decodes)");
                 }
-            };
-            let partial = args.allow_partial && super::is_partial(&p.path);
-            if partial {
-                eprintln!(
-                    "warning: {}: truncated or damaged, predicted from the part that decodes (--allow-partial)",
-                    path_text(&p.path)
-                );
+                unreadable += 1;
+                return Ok(());
             }
-            sink.write(&p, partial)
-                .map_err(|e| fracture_infer::Error::InvalidConfig(format!("cannot write the output: {e}")))?;
-            let folders = Pictures {
-                heatmap: args.heatmap.as_deref().map(|dir| (dir, &mut heatmaps)),
-                dicom_out: args.dicom_out.as_deref().map(|dir| (dir, &mut captures)),
-            };
-            captured += usize::from(
-                write_pictures(&model, &p, folders, &limits)
-                    .map_err(|e| fracture_infer::Error::InvalidConfig(format!("{e:#}")))?,
+        };
+        let partial = args.allow_partial && super::is_partial(&p.path);
+        if partial {
+            eprintln!(
+                "warning: {}: truncated or damaged, predicted from the part that decodes (--allow-partial)",
+                path_text(&p.path)
             );
-            predicted += 1;
-            Ok(())
-        },
-    )?;
+        }
+        sink.write(&p, partial)
+            .map_err(|e| fracture_infer::Error::InvalidConfig(format!("cannot write the output: {e}")))?;
+        let folders = Pictures {
+            heatmap: args.heatmap.as_deref().map(|dir| (dir, &mut heatmaps)),
+            dicom_out: args.dicom_out.as_deref().map(|dir| (dir, &mut captures)),
+        };
+        captured += usize::from(
+            write_pictures(&predictor, layer, &p, folders)
+                .map_err(|e| fracture_infer::Error::InvalidConfig(format!("{e:#}")))?,
+        );
+        predicted += 1;
+        Ok(())
+    })?;
     sink.finish()?;
     if predicted == 0 && files.is_empty() && (already > 0 || shard.is_some()) {
         // Nothing left to do: every image of this shard is written, or the shard owns none.
@@ -429,10 +428,10 @@ struct Pictures<'a> {
 /// heatmap overlay PNG, and for a DICOM input its secondary capture. Returns whether a capture was
 /// written.
 fn write_pictures(
-    model: &TrainedModel,
+    predictor: &Predictor<'_>,
+    layer: CamLayer,
     p: &Prediction,
     folders: Pictures<'_>,
-    limits: &DecodeLimits,
 ) -> anyhow::Result<bool> {
     if folders.heatmap.is_none() && folders.dicom_out.is_none() {
         return Ok(false);
@@ -444,7 +443,8 @@ fn write_pictures(
     if folders.heatmap.is_none() && capture.is_none() {
         return Ok(false);
     }
-    let explained = model.explain_bytes(&bytes, &p.path, limits, Default::default())?;
+    // The same map the evidence column is taken on.
+    let explained = predictor.explain(&bytes, &p.path, Default::default(), layer)?;
     if let Some((dir, used)) = folders.heatmap {
         let out = used.path_in(dir, &p.path, ".heatmap.png");
         // The evidence box only on a fractured call, as on the page.
@@ -455,12 +455,12 @@ fn write_pictures(
         return Ok(false);
     };
     write_capture(
-        model,
+        predictor.model(),
         p,
         &explained,
         &bytes,
         used.path_in(dir, &p.path, ".fracture.dcm"),
-        limits,
+        predictor.limits(),
     )?;
     Ok(true)
 }

@@ -297,7 +297,14 @@ fn infer(state: &AppState, bytes: &[u8], origin: &Path, heatmap: bool) -> Result
     let model = &state.model;
     // The map costs one more pass through the head: every answer says where the evidence lies.
     let x = model
-        .explain_bytes(bytes, origin, &state.limits, CamMethod::default())
+        .predictor()
+        .with_limits(state.limits)
+        .explain(
+            bytes,
+            origin,
+            CamMethod::default(),
+            model.model.net.default_cam_layer(),
+        )
         .map_err(bad_image)?;
     let heatmap_png_base64 = if heatmap {
         let png = x.heatmap_png().map_err(bad_image)?;
