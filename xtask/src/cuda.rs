@@ -5,26 +5,116 @@
 //! What a build needs: `nvcc` and its host-side tools (`nvidia-cuda-nvcc`, from CUDA 13 on the only
 //! wheel that carries the `nvcc` driver itself), the runtime headers (`nvidia-cuda-runtime`) and
 //! CCCL (`nvidia-cuda-cccl`: `cuda_fp16.h` includes `<nv/target>`). candle's kernels are compiled to
-//! PTX for `CUDA_COMPUTE_CAP`; cudarc loads the driver and libraries at run time and takes its API
-//! version from `CUDARC_CUDA_VERSION` (the newest it knows, 13.4, as 13.5's API is a superset).
+//! PTX for `CUDA_COMPUTE_CAP`; cudarc takes its API version from `CUDARC_CUDA_VERSION`.
+//!
+//! candle links cudarc with `dynamic-linking`: the `fracture` binary names `libcuda`, `libcublas`,
+//! `libcublasLt`, `libcurand`, `libnvrtc` and `libcudart` at link time. `libcuda` comes only with
+//! NVIDIA's driver, so this writes link stubs for all six into `<toolkit>/lib/stubs` (a folder
+//! cudarc's build script searches): shared libraries with the real libraries' sonames that define
+//! every function cudarc declares and do nothing. The binary links against them and, on a machine
+//! with the driver and CUDA 13's libraries, loads the real ones by soname; a stub is never run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{DynError, status};
 
-/// The pinned packages (CUDA 13.5 toolchain, CCCL as published with it).
+/// The pinned packages: CUDA 13.0, the oldest CUDA 13. candle's kernels are PTX that the driver
+/// compiles when the binary starts, and a driver compiles PTX only from a toolkit no newer than its
+/// own CUDA version (the 580 driver series is CUDA 13.0): the oldest toolkit runs on the most drivers.
 const PACKAGES: [&str; 3] = [
-    "nvidia-cuda-nvcc==13.5.37",
-    "nvidia-cuda-runtime==13.5.37",
-    "nvidia-cuda-cccl==13.3.5.0.6",
+    "nvidia-cuda-nvcc==13.0.88",
+    "nvidia-cuda-runtime==13.0.96",
+    "nvidia-cuda-cccl==13.0.85",
 ];
 
 /// The compute capability the PTX is compiled for by default: 9.0 (Hopper, the H100/H200).
 const DEFAULT_COMPUTE_CAP: &str = "90";
 
-/// The API version cudarc is told to use (it knows CUDA up to 13.4).
-const CUDARC_VERSION: &str = "13040";
+/// The API version cudarc is told to use: the toolkit's.
+const CUDARC_VERSION: &str = "13000";
+
+/// The libraries candle's build links, as cudarc's module of each and the real library's soname.
+const LINKED: [(&str, &str, &str); 6] = [
+    ("driver", "cuda", "libcuda.so.1"),
+    ("cublas", "cublas", "libcublas.so.13"),
+    ("cublaslt", "cublasLt", "libcublasLt.so.13"),
+    ("curand", "curand", "libcurand.so.10"),
+    ("nvrtc", "nvrtc", "libnvrtc.so.13"),
+    ("runtime", "cudart", "libcudart.so.13"),
+];
+
+/// The functions a cudarc `sys` module declares (its lines `pub unsafe fn NAME(`), each once (a
+/// function can be declared once per CUDA version), sorted.
+fn declared_functions(source: &str) -> Vec<&str> {
+    let mut names: Vec<&str> = source
+        .lines()
+        .filter_map(|line| line.strip_prefix("pub unsafe fn "))
+        .filter_map(|rest| rest.split('(').next())
+        .filter(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// The source folder of the cudarc the workspace resolves, from `cargo metadata`.
+fn cudarc_source(root: &Path) -> Result<PathBuf, DynError> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--features",
+            "fracture-cli/cuda",
+        ])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let manifest = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "cudarc")
+        .and_then(|p| p["manifest_path"].as_str())
+        .ok_or("cargo metadata lists no cudarc: is candle's `cuda` feature gone?")?;
+    Ok(Path::new(manifest).with_file_name("src"))
+}
+
+/// Writes the link stubs (see the module's documentation) into `stubs`.
+fn write_link_stubs(root: &Path, stubs: &Path) -> Result<(), DynError> {
+    let src = cudarc_source(root)?;
+    std::fs::create_dir_all(stubs)?;
+    for (module, name, soname) in LINKED {
+        let sys = src.join(module).join("sys/mod.rs");
+        let source = std::fs::read_to_string(&sys).map_err(|e| format!("{}: {e}", sys.display()))?;
+        let functions = declared_functions(&source);
+        if functions.is_empty() {
+            return Err(format!("{} declares no functions", sys.display()).into());
+        }
+        let c = stubs.join(format!("{name}.c"));
+        let mut text =
+            format!("/* Link stub for {soname}: never run; the real library is loaded by soname. */\n");
+        for f in &functions {
+            text.push_str(&format!("void {f}(void) {{}}\n"));
+        }
+        std::fs::write(&c, text)?;
+        let library = stubs.join(format!("lib{name}.so"));
+        status(
+            Command::new("cc")
+                .args(["-shared", "-fPIC", "-o"])
+                .arg(&library)
+                .arg(format!("-Wl,-soname,{soname}"))
+                .arg(&c),
+        )?;
+        eprintln!("link stub {} ({} functions)", library.display(), functions.len());
+    }
+    Ok(())
+}
 
 /// The venv and the toolkit folder inside it.
 fn toolkit(root: &Path) -> (PathBuf, PathBuf) {
@@ -71,6 +161,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         )
         .into());
     }
+    write_link_stubs(root, &cuda.join("lib/stubs"))?;
     let path = std::env::var("PATH").unwrap_or_default();
     println!("export PATH={}:{path}", cuda.join("bin").display());
     println!("export CUDA_ROOT={}", cuda.display());
@@ -78,4 +169,19 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     println!("export CUDA_COMPUTE_CAP={cap}");
     println!("export CUDARC_CUDA_VERSION={CUDARC_VERSION}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_functions_are_the_sys_modules_wrappers() {
+        let source = "pub type CUresult = u32;\n\
+            pub unsafe fn cuInit(Flags: u32) -> CUresult {\n    extern \"C\" { fn cuInit(f: u32) -> u32; }\n}\n\
+            pub unsafe fn cuMemAlloc_v2(p: *mut u64, n: usize) -> CUresult {}\n\
+            pub unsafe fn cuInit(Flags: u32) -> CUresult {}\n\
+            pub fn helper() {}\n";
+        assert_eq!(declared_functions(source), ["cuInit", "cuMemAlloc_v2"]);
+    }
 }

@@ -9,6 +9,10 @@
 //! `--device cpu` runs the same steps with the CPU as "the device": the dry run `.ci/run` uses to
 //! keep this script working on machines without a GPU (`--debug-build` there, to reuse the test
 //! build instead of compiling a release binary).
+//!
+//! `--prebuilt DIR` skips the build and runs `DIR/fracture` and `DIR/bench_step`: for a GPU machine
+//! without a Rust toolchain, with binaries built elsewhere (`setup-cuda`'s link stubs let them link
+//! without the driver).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,6 +31,7 @@ struct Options {
     shared: PathBuf,
     out: PathBuf,
     debug_build: bool,
+    prebuilt: Option<PathBuf>,
     sizes: Vec<u32>,
     batches: Vec<u32>,
     iters: u32,
@@ -40,6 +45,7 @@ fn parse(args: &[String], root: &Path) -> Result<Options, DynError> {
         shared: PathBuf::from("../shared"),
         out: root.join("target/gpu-check"),
         debug_build: false,
+        prebuilt: None,
         sizes: vec![224, 448],
         batches: vec![32, 128],
         iters: 5,
@@ -59,6 +65,7 @@ fn parse(args: &[String], root: &Path) -> Result<Options, DynError> {
             "--shared" => o.shared = PathBuf::from(value("--shared")?),
             "--out" => o.out = PathBuf::from(value("--out")?),
             "--debug-build" => o.debug_build = true,
+            "--prebuilt" => o.prebuilt = Some(PathBuf::from(value("--prebuilt")?)),
             "--sizes" => o.sizes = list(value("--sizes")?)?,
             "--batches" => o.batches = list(value("--batches")?)?,
             "--iters" => o.iters = value("--iters")?.parse()?,
@@ -122,7 +129,12 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build_s = 0.0;
-    for (package, example) in [("fracture-cli", None), ("fracture-benches", Some("bench_step"))] {
+    let packages: &[(&str, Option<&str>)] = if o.prebuilt.is_some() {
+        &[]
+    } else {
+        &[("fracture-cli", None), ("fracture-benches", Some("bench_step"))]
+    };
+    for &(package, example) in packages {
         let mut build = Command::new(&cargo);
         build.current_dir(root).args(["build", "-p", package]);
         if let Some(example) = example {
@@ -136,16 +148,17 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         }
         build_s += timed(&mut build)?;
     }
-    let bench_step = root.join(if o.debug_build {
-        "target/debug/examples/bench_step"
-    } else {
-        "target/release/examples/bench_step"
-    });
-    let fracture = root.join(if o.debug_build {
-        "target/debug/fracture"
-    } else {
-        "target/release/fracture"
-    });
+    let (bench_step, fracture) = match &o.prebuilt {
+        Some(dir) => (dir.join("bench_step"), dir.join("fracture")),
+        None if o.debug_build => (
+            root.join("target/debug/examples/bench_step"),
+            root.join("target/debug/fracture"),
+        ),
+        None => (
+            root.join("target/release/examples/bench_step"),
+            root.join("target/release/fracture"),
+        ),
+    };
     if o.out.exists() {
         std::fs::remove_dir_all(&o.out)?;
     }

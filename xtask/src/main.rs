@@ -46,12 +46,14 @@ commands:
   setup-cuda [--compute-cap 90]
                              nvcc, the CUDA runtime headers and CCCL from NVIDIA's PyPI packages into
                              target/cuda-toolkit (no GPU or system toolkit needed); prints the environment
-                             for `cargo build --features cuda` as export lines, for eval $(cargo xtask setup-cuda)
-  gpu-check [--device cuda[:N]|cpu] [--preset P] [--epochs N] [--sizes 224,448] [--batches 32,128] [--iters N] [--out DIR] [--debug-build]
+                             for `cargo build --features cuda` as export lines, for eval $(cargo xtask setup-cuda);
+                             writes link stubs for libcuda and the CUDA libraries so the binary links without a driver
+  gpu-check [--device cuda[:N]|cpu] [--preset P] [--epochs N] [--sizes 224,448] [--batches 32,128] [--iters N] [--out DIR] [--debug-build] [--prebuilt DIR]
                              one prepared run on a machine with an NVIDIA GPU: builds with --features cuda,
                              trains the recipe on ../shared's radiographs on the device, evaluates val on the
                              device and the CPU (ROC-AUC each, per-image |ΔP|, eval time), times bench_step there, writes
-                             target/gpu-check/gpu-check.{json,md}; --device cpu is the dry run CI makes
+                             target/gpu-check/gpu-check.{json,md}; --device cpu is the dry run CI makes;
+                             --prebuilt DIR runs DIR/fracture and DIR/bench_step instead of building
   onnx-check [--model M] [--images N] [--repeats R] [--python PATH] [--out DIR] [--debug-build]
                              the ONNX export checked by ONNX Runtime (onnxruntime from PyPI, in a venv under
                              target/): exports the model (the built-in one by default), runs N FracAtlas val
@@ -151,9 +153,12 @@ fn fuzz(args: &[String]) -> Result<(), DynError> {
     Ok(())
 }
 
+/// The workspace root: where this xtask was built, or the current folder when that is not on this
+/// machine (a prebuilt xtask carried to a GPU machine, say).
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
+        .filter(|root| root.is_dir())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
 }

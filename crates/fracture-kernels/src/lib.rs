@@ -462,8 +462,11 @@ pub fn affine_act(
 }
 
 /// Depthwise convolution of `x (B, C, H, W)` with `w (C, 1, k, k)` (one filter per channel, no
-/// bias), zero padding and stride as `spec` says: `(B, C, H', W')`. The reference path is candle's
-/// grouped `conv2d` on the zero-padded input, at stride 1 then every `stride`-th row and column.
+/// bias), zero padding and stride as `spec` says: `(B, C, H', W')`. The reference path sums the
+/// `k × k` taps: each a shifted slice of the zero-padded input times its channel's weight, at
+/// stride 1, then every `stride`-th row and column. Those are element-wise operations every candle
+/// backend runs fast (candle's grouped `conv2d` would run one convolution per channel, thousands of
+/// launches a step on a GPU).
 pub fn depthwise_conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -475,12 +478,25 @@ pub fn depthwise_conv2d(
             .contiguous()?
             .apply_op2(&w.contiguous()?, depthwise::DepthwiseOp { spec });
     }
-    let (_, c, h, wd) = x.dims4()?;
-    let p = spec.padding;
+    let (b, c, h, wd) = x.dims4()?;
+    let (p, k) = (spec.padding, spec.kernel);
+    if w.dims4()? != (c, 1, k, k) {
+        candle_core::bail!("depthwise weights {:?} for {c} channels and kernel {k}", w.dims());
+    }
     let xp = x
         .pad_with_zeros(2, p.top, p.bottom)?
         .pad_with_zeros(3, p.left, p.right)?;
-    let mut y = xp.conv2d(w, 0, 1, 1, c)?;
+    let rows = (h + p.top + p.bottom + 1).saturating_sub(k);
+    let cols = (wd + p.left + p.right + 1).saturating_sub(k);
+    let taps = w.reshape((c, k * k))?;
+    let mut y = Tensor::zeros((b, c, rows, cols), x.dtype(), x.device())?;
+    for i in 0..k {
+        for j in 0..k {
+            let weight = taps.narrow(1, i * k + j, 1)?.reshape((1, c, 1, 1))?;
+            let slice = xp.narrow(2, i, rows)?.narrow(3, j, cols)?;
+            y = (y + slice.broadcast_mul(&weight)?)?;
+        }
+    }
     if spec.stride > 1 {
         let (oh, ow) = spec.out_dims(h, wd);
         let pick = |n: usize| -> candle_core::Result<Tensor> {

@@ -172,7 +172,7 @@ proptest! {
     }
 
     #[test]
-    fn depthwise_conv_matches_grouped_conv2d(
+    fn depthwise_conv_matches_the_reference(
         b in 1usize..3, c in 1usize..5, kernel in prop_oneof![Just(3usize), Just(5)], stride in 1usize..3,
         extra_h in 0usize..9, extra_w in 0usize..9, same: bool, pads in proptest::array::uniform4(0usize..3), seed: u64,
     ) {
@@ -186,6 +186,35 @@ proptest! {
         let spec = DepthwiseSpec { kernel, stride, padding };
         let inputs = [random(&[b, c, h, w], seed), random(&[c, 1, kernel, kernel], seed ^ 1)];
         check(&inputs, |t, k| kernels::depthwise_conv2d(&t[0], &t[1], spec, k).unwrap(), "depthwise")?;
+    }
+
+    #[test]
+    fn depthwise_reference_is_candles_grouped_conv2d(
+        b in 1usize..3, c in 1usize..5, kernel in prop_oneof![Just(3usize), Just(5)], stride in 1usize..3,
+        extra_h in 0usize..7, extra_w in 0usize..7, seed: u64,
+    ) {
+        // The reference path sums shifted slices; candle's grouped conv2d (one convolution per
+        // channel) is the definition it must meet, in values and in both gradients.
+        let (h, w) = (kernel + extra_h, kernel + extra_w);
+        let padding = Padding::same(h, w, kernel, stride);
+        let spec = DepthwiseSpec { kernel, stride, padding };
+        let x = Var::from_tensor(&random(&[b, c, h, w], seed)).unwrap();
+        let wt = Var::from_tensor(&random(&[c, 1, kernel, kernel], seed ^ 1)).unwrap();
+        let ours = kernels::depthwise_conv2d(x.as_tensor(), wt.as_tensor(), spec, Kernels::Reference).unwrap();
+        let xp = x.as_tensor()
+            .pad_with_zeros(2, padding.top, padding.bottom).unwrap()
+            .pad_with_zeros(3, padding.left, padding.right).unwrap();
+        let full = xp.conv2d(wt.as_tensor(), 0, 1, 1, c).unwrap();
+        let (oh, ow) = spec.out_dims(h, w);
+        let pick = |n: usize| Tensor::new((0..n).map(|i| (i * stride) as u32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        let theirs = full.index_select(&pick(oh), 2).unwrap().index_select(&pick(ow), 3).unwrap();
+        close(&ours, &theirs, "depthwise reference")?;
+        let r = random(ours.dims(), seed ^ 2);
+        let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (v, what) in [(&x, "d input"), (&wt, "d weights")] {
+            close(g_ours.get(v).unwrap(), g_theirs.get(v).unwrap(), what)?;
+        }
     }
 
     #[test]
