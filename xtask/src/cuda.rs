@@ -22,8 +22,12 @@ use crate::{DynError, status};
 /// The pinned packages: CUDA 13.0, the oldest CUDA 13. candle's kernels are PTX that the driver
 /// compiles when the binary starts, and a driver compiles PTX only from a toolkit no newer than its
 /// own CUDA version (the 580 driver series is CUDA 13.0): the oldest toolkit runs on the most drivers.
-const PACKAGES: [&str; 3] = [
+/// `nvcc`'s own dependencies (the front end in `nvidia-nvvm`, headers in `nvidia-cuda-crt`) are
+/// pinned too: left free, pip takes the newest, whose PTX the 13.0 `ptxas` refuses.
+const PACKAGES: [&str; 5] = [
     "nvidia-cuda-nvcc==13.0.88",
+    "nvidia-nvvm==13.0.88",
+    "nvidia-cuda-crt==13.0.88",
     "nvidia-cuda-runtime==13.0.96",
     "nvidia-cuda-cccl==13.0.85",
 ];
