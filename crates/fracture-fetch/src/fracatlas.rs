@@ -28,6 +28,9 @@ use crate::fetch::{archive_for, download_verified, extract_or_discard, install, 
 use crate::http::{Announced, Client, Failure};
 use crate::{Error, Event, ExtractLimits, MARKER_FILE, Result};
 
+mod release;
+use release::*;
+
 /// The FracAtlas article on figshare (DOI 10.6084/m9.figshare.22363012).
 pub const FRACATLAS_ARTICLE: u64 = 22_363_012;
 /// The figshare API that the article's file list comes from.
@@ -363,143 +366,6 @@ fn hex_to_base64(hex: &str) -> std::result::Result<String, String> {
     Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
-/// Every file under `root`, depth first, in name order.
-fn walk(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io(&dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        for path in entries.into_iter().rev() {
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn stem(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// The class a release folder stands for: `Some(0)` fractured, `Some(1)` not fractured.
-fn folder_class(path: &Path) -> Option<usize> {
-    let folder = path.parent()?.file_name()?.to_string_lossy().to_lowercase();
-    let folder = folder.replace(['-', ' '], "_");
-    match folder.as_str() {
-        "fractured" => Some(0),
-        "non_fractured" | "not_fractured" | "nonfractured" => Some(1),
-        _ => None,
-    }
-}
-
-/// One row of `dataset.csv`.
-struct Row {
-    id: String,
-    class: usize,
-    fields: BTreeMap<String, String>,
-}
-
-fn read_dataset_csv(path: &Path) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let unquote = |c: &str| c.trim().trim_matches('"').to_string();
-    let header: Vec<String> = lines
-        .next()
-        .ok_or_else(|| release(path, "is empty"))?
-        .split(',')
-        .map(|c| unquote(c).trim_start_matches('\u{feff}').to_lowercase())
-        .collect();
-    let col = |name: &str| header.iter().position(|h| h == name);
-    let (Some(id_col), Some(label_col)) = (col("image_id"), col("fractured")) else {
-        return Err(release(
-            path,
-            format!("the header needs the columns image_id and fractured (it has {header:?})"),
-        ));
-    };
-    let mut rows = Vec::new();
-    for (i, line) in lines.enumerate() {
-        let cells: Vec<String> = line.split(',').map(unquote).collect();
-        let bad = |why: &str| release(path, format!("line {}: {why}", i + 2));
-        if cells.len() != header.len() {
-            return Err(bad(&format!(
-                "{} fields where the header has {}",
-                cells.len(),
-                header.len()
-            )));
-        }
-        let class = match cells[label_col].as_str() {
-            "1" => 0,
-            "0" => 1,
-            other => return Err(bad(&format!("`fractured` is `{other}`, not 0 or 1"))),
-        };
-        let id = stem(Path::new(&cells[id_col]));
-        if id.is_empty() {
-            return Err(bad("an empty image_id"));
-        }
-        let fields = META_COLUMNS
-            .iter()
-            .filter_map(|c| col(c).map(|k| (c.to_string(), cells[k].clone())))
-            .collect();
-        rows.push(Row { id, class, fields });
-    }
-    Ok(rows)
-}
-
-/// Boxes per image id from the COCO annotation files under `raw` (`[x, y, w, h]` in pixels).
-fn read_coco_boxes(files: &[PathBuf]) -> Result<HashMap<String, Vec<[f64; 4]>>> {
-    let mut out: HashMap<String, Vec<[f64; 4]>> = HashMap::new();
-    for path in files
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")))
-    {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-            continue;
-        };
-        let (Some(images), Some(annotations)) = (doc["images"].as_array(), doc["annotations"].as_array())
-        else {
-            continue;
-        };
-        let names: HashMap<i64, String> = images
-            .iter()
-            .filter_map(|im| Some((im["id"].as_i64()?, stem(Path::new(im["file_name"].as_str()?)))))
-            .collect();
-        for a in annotations {
-            let Some(name) = a["image_id"].as_i64().and_then(|i| names.get(&i)) else {
-                return Err(release(
-                    path,
-                    "an annotation names an image the file does not list",
-                ));
-            };
-            let b: Vec<f64> = a["bbox"]
-                .as_array()
-                .map(|v| v.iter().filter_map(serde_json::Value::as_f64).collect())
-                .unwrap_or_default();
-            match b[..] {
-                [x, y, w, h] if x >= 0.0 && y >= 0.0 && w > 0.0 && h > 0.0 => {
-                    out.entry(name.clone()).or_default().push([x, y, w, h]);
-                }
-                _ => {
-                    return Err(release(
-                        path,
-                        format!("the box of {name} is not [x, y, w, h] in pixels"),
-                    ));
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Moves the release extracted at `raw` into the split layout at `staging`.
 fn organise(raw: &Path, staging: &Path, plan: &SplitPlan) -> Result<FracAtlasFetched> {
     let files = walk(raw)?;
@@ -654,60 +520,4 @@ fn readme_text(plan: &SplitPlan, counts: &[[usize; 2]; 3], boxes: usize) -> Stri
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_split_is_stratified_deterministic_and_follows_the_seed() {
-        let ids: Vec<String> = (0..200).map(|i| format!("IMG{i:07}")).collect();
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let plan = SplitPlan::default();
-        let a = plan.assign(&refs);
-        let count = |v: &[(&str, usize)], s: usize| v.iter().filter(|(_, x)| *x == s).count();
-        assert_eq!((count(&a, 0), count(&a, 1), count(&a, 2)), (140, 30, 30));
-        assert_eq!(a, plan.assign(&refs));
-        let other = SplitPlan { seed: 7, ..plan }.assign(&refs);
-        let sorted = |v: &[(&str, usize)]| {
-            let mut v: Vec<(String, usize)> = v.iter().map(|(id, s)| (id.to_string(), *s)).collect();
-            v.sort();
-            v
-        };
-        assert_ne!(sorted(&a), sorted(&other), "another seed draws another split");
-        assert!(
-            SplitPlan {
-                val: 0.6,
-                test: 0.4,
-                seed: 1
-            }
-            .check()
-            .is_err()
-        );
-        assert!(
-            SplitPlan {
-                val: f64::NAN,
-                ..plan
-            }
-            .check()
-            .is_err()
-        );
-    }
-
-    #[test]
-    fn hex_md5_becomes_base64() {
-        assert_eq!(
-            hex_to_base64("5d41402abc4b2a76b9719d911017c592").unwrap(),
-            base64::engine::general_purpose::STANDARD.encode(Md5::digest(b"hello"))
-        );
-        assert!(hex_to_base64("xyz").is_err());
-    }
-
-    #[test]
-    fn release_folders_name_their_class() {
-        assert_eq!(folder_class(Path::new("a/images/Fractured/IMG1.jpg")), Some(0));
-        assert_eq!(
-            folder_class(Path::new("a/images/Non_fractured/IMG2.jpg")),
-            Some(1)
-        );
-        assert_eq!(folder_class(Path::new("a/images/other/IMG3.jpg")), None);
-    }
-}
+mod tests;
