@@ -9,9 +9,10 @@
 //!
 //! candle links cudarc with `dynamic-linking`: the `fracture` binary names `libcuda`, `libcublas`,
 //! `libcublasLt`, `libcurand`, `libnvrtc` and `libcudart` at link time. `libcuda` comes only with
-//! NVIDIA's driver, so this writes link stubs for all six into `<toolkit>/lib/stubs` (a folder
-//! cudarc's build script searches): shared libraries with the real libraries' sonames that define
-//! every function cudarc declares and do nothing. The binary links against them and, on a machine
+//! NVIDIA's driver, so this writes link stubs into `<toolkit>/lib/stubs` (a folder cudarc's build
+//! script searches): shared libraries with the real libraries' sonames that define every function
+//! cudarc declares and do nothing (`libcudart`, which the runtime package installs, is linked
+//! as itself, copied: candle's MoE kernels call runtime functions beyond cudarc's). The binary links against them and, on a machine
 //! with the driver and CUDA 13's libraries, loads the real ones by soname; a stub is never run.
 
 use std::path::{Path, PathBuf};
@@ -94,6 +95,16 @@ fn write_link_stubs(root: &Path, stubs: &Path) -> Result<(), DynError> {
     let src = cudarc_source(root)?;
     std::fs::create_dir_all(stubs)?;
     for (module, name, soname) in LINKED {
+        let library = stubs.join(format!("lib{name}.so"));
+        let _ = std::fs::remove_file(&library);
+        // A real library the toolkit's packages installed (the runtime, `libcudart`) is linked
+        // itself: candle's MoE kernels call runtime functions cudarc does not declare.
+        let real = stubs.parent().map(|lib| lib.join(soname));
+        if let Some(real) = real.filter(|r| r.is_file()) {
+            std::fs::copy(&real, &library)?;
+            eprintln!("{} copied as {}", real.display(), library.display());
+            continue;
+        }
         let sys = src.join(module).join("sys/mod.rs");
         let source = std::fs::read_to_string(&sys).map_err(|e| format!("{}: {e}", sys.display()))?;
         let functions = declared_functions(&source);
@@ -107,7 +118,6 @@ fn write_link_stubs(root: &Path, stubs: &Path) -> Result<(), DynError> {
             text.push_str(&format!("void {f}(void) {{}}\n"));
         }
         std::fs::write(&c, text)?;
-        let library = stubs.join(format!("lib{name}.so"));
         status(
             Command::new("cc")
                 .args(["-shared", "-fPIC", "-o"])

@@ -461,6 +461,14 @@ pub fn affine_act(
     act.reference(y)
 }
 
+/// Whether the depthwise reference path is candle's grouped `conv2d` instead of the sum of taps:
+/// `FRACTURE_DEPTHWISE=grouped` in the environment, read once. A diagnostic for measuring the two
+/// on a GPU (`cargo xtask gpu-check` times both); the taps are the default.
+fn grouped_depthwise() -> bool {
+    static GROUPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GROUPED.get_or_init(|| std::env::var("FRACTURE_DEPTHWISE").is_ok_and(|v| v == "grouped"))
+}
+
 /// Depthwise convolution of `x (B, C, H, W)` with `w (C, 1, k, k)` (one filter per channel, no
 /// bias), zero padding and stride as `spec` says: `(B, C, H', W')`. The reference path sums the
 /// `k × k` taps: each a shifted slice of the zero-padded input times its channel's weight, at
@@ -486,17 +494,22 @@ pub fn depthwise_conv2d(
     let xp = x
         .pad_with_zeros(2, p.top, p.bottom)?
         .pad_with_zeros(3, p.left, p.right)?;
-    let rows = (h + p.top + p.bottom + 1).saturating_sub(k);
-    let cols = (wd + p.left + p.right + 1).saturating_sub(k);
-    let taps = w.reshape((c, k * k))?;
-    let mut y = Tensor::zeros((b, c, rows, cols), x.dtype(), x.device())?;
-    for i in 0..k {
-        for j in 0..k {
-            let weight = taps.narrow(1, i * k + j, 1)?.reshape((1, c, 1, 1))?;
-            let slice = xp.narrow(2, i, rows)?.narrow(3, j, cols)?;
-            y = (y + slice.broadcast_mul(&weight)?)?;
+    let mut y = if grouped_depthwise() {
+        xp.conv2d(w, 0, 1, 1, c)?
+    } else {
+        let rows = (h + p.top + p.bottom + 1).saturating_sub(k);
+        let cols = (wd + p.left + p.right + 1).saturating_sub(k);
+        let taps = w.reshape((c, k * k))?;
+        let mut y = Tensor::zeros((b, c, rows, cols), x.dtype(), x.device())?;
+        for i in 0..k {
+            for j in 0..k {
+                let weight = taps.narrow(1, i * k + j, 1)?.reshape((1, c, 1, 1))?;
+                let slice = xp.narrow(2, i, rows)?.narrow(3, j, cols)?;
+                y = (y + slice.broadcast_mul(&weight)?)?;
+            }
         }
-    }
+        y
+    };
     if spec.stride > 1 {
         let (oh, ow) = spec.out_dims(h, wd);
         let pick = |n: usize| -> candle_core::Result<Tensor> {
