@@ -445,11 +445,34 @@ fn organise(raw: &Path, staging: &Path, plan: &SplitPlan) -> Result<FracAtlasFet
         counts[split][*class] += 1;
     }
 
-    let boxes = read_coco_boxes(&files)?;
+    let box_rows = write_boxes_csv(staging, &read_coco_boxes(&files)?, &listed, &split_of)?;
+    write_meta_csv(staging, &listed, &split_of)?;
+    let readme = readme_text(plan, &counts, box_rows);
+    let path = staging.join("README.md");
+    std::fs::write(&path, readme).map_err(|e| Error::io(&path, e))?;
+    Ok(FracAtlasFetched {
+        root: staging.to_path_buf(),
+        cached: false,
+        split: *plan,
+        counts,
+        boxes: box_rows,
+        left_out,
+        archive_bytes: 0,
+    })
+}
+
+/// `boxes.csv` in `staging`: each listed image's fracture boxes with its split (nothing when the
+/// release has no boxes). Returns the number of boxes.
+fn write_boxes_csv(
+    staging: &Path,
+    boxes: &HashMap<String, Vec<[f64; 4]>>,
+    listed: &[&Row],
+    split_of: &HashMap<&str, usize>,
+) -> Result<usize> {
     let mut box_rows = 0;
     if !boxes.is_empty() {
         let mut text = String::from("id,split,x,y,w,h\n");
-        for row in &listed {
+        for row in listed {
             for b in boxes.get(&row.id).into_iter().flatten() {
                 let split = SPLITS[split_of[row.id.as_str()]];
                 text.push_str(&format!(
@@ -463,13 +486,19 @@ fn organise(raw: &Path, staging: &Path, plan: &SplitPlan) -> Result<FracAtlasFet
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
     }
 
+    Ok(box_rows)
+}
+
+/// `meta.csv` in `staging`: each listed image's split and the release's flags ([`META_COLUMNS`]
+/// that `dataset.csv` has).
+fn write_meta_csv(staging: &Path, listed: &[&Row], split_of: &HashMap<&str, usize>) -> Result<()> {
     let present: Vec<&str> = META_COLUMNS
         .iter()
         .copied()
         .filter(|c| listed.first().is_some_and(|r| r.fields.contains_key(*c)))
         .collect();
     let mut meta = format!("id,split,{}\n", present.join(","));
-    for row in &listed {
+    for row in listed {
         let values: Vec<&str> = present.iter().map(|c| row.fields[*c].as_str()).collect();
         meta.push_str(&format!(
             "{},{},{}\n",
@@ -480,19 +509,7 @@ fn organise(raw: &Path, staging: &Path, plan: &SplitPlan) -> Result<FracAtlasFet
     }
     let path = staging.join("meta.csv");
     std::fs::write(&path, meta).map_err(|e| Error::io(&path, e))?;
-
-    let readme = readme_text(plan, &counts, box_rows);
-    let path = staging.join("README.md");
-    std::fs::write(&path, readme).map_err(|e| Error::io(&path, e))?;
-    Ok(FracAtlasFetched {
-        root: staging.to_path_buf(),
-        cached: false,
-        split: *plan,
-        counts,
-        boxes: box_rows,
-        left_out,
-        archive_bytes: 0,
-    })
+    Ok(())
 }
 
 fn readme_text(plan: &SplitPlan, counts: &[[usize; 2]; 3], boxes: usize) -> String {
