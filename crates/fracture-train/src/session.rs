@@ -67,36 +67,8 @@ impl Session {
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Session> {
         let cfg = &setup.train;
-        let pos_weight = match cfg.pos_weight {
-            PosWeight::None => None,
-            PosWeight::Value(w) => Some(w),
-            PosWeight::Auto => {
-                let [pos, neg] = data.counts.train;
-                let w = neg as f64 / pos.max(1) as f64;
-                on_event(Event::Notice(&format!(
-                    "positive-class weight (auto): {neg} / {pos} = {w:.3}"
-                )));
-                Some(w)
-            }
-        };
-        let mut model = Model::new(&setup.model, cfg.seed, &setup.device)?;
-        model.net.set_kernels(
-            setup
-                .kernels
-                .with_precision(cfg.precision)
-                .map_err(|why| crate::Error::InvalidConfig(why.into()))?,
-        );
-        let device_note = fracture_model::bf16_device_note(&setup.device);
-        if let (fracture_model::Kernels::Bf16, Some(note)) = (model.net.kernels(), &device_note) {
-            on_event(Event::Notice(note));
-        } else if model.net.kernels() == fracture_model::Kernels::Bf16 {
-            let status = fracture_kernels::bf16_status();
-            on_event(Event::Notice(&format!(
-                "precision bf16: matrix products on {} ({})",
-                status.backend, status.reason
-            )));
-        }
-        model.net.set_frozen_batch_norm(cfg.freeze_batch_norm);
+        let pos_weight = positive_weight(cfg, data, on_event);
+        let model = new_model(setup, on_event)?;
         let pretrained = match &setup.pretrained {
             Some(path) if !setup.resume => {
                 let weights = fracture_model::PretrainedWeights::read(path)?;
@@ -383,4 +355,50 @@ fn data_set_fingerprint(setup: &TrainSetup, data: &Data) -> Result<DataSetFinger
 /// The dropout seed of a step: distinct per step, the same in a resumed run.
 fn dropout_seed(seed: u64, step: u64) -> u64 {
     seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step.wrapping_add(1).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+}
+
+/// The positive-class weight of the loss `cfg` asks for: none, a value, or (auto) the training
+/// split's negatives per positive, announced.
+fn positive_weight(
+    cfg: &crate::config::TrainConfig,
+    data: &Data,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Option<f64> {
+    match cfg.pos_weight {
+        PosWeight::None => None,
+        PosWeight::Value(w) => Some(w),
+        PosWeight::Auto => {
+            let [pos, neg] = data.counts.train;
+            let w = neg as f64 / pos.max(1) as f64;
+            on_event(Event::Notice(&format!(
+                "positive-class weight (auto): {neg} / {pos} = {w:.3}"
+            )));
+            Some(w)
+        }
+    }
+}
+
+/// The seeded network of `setup` with its kernels at the recipe's precision (a note says where the
+/// BF16 products run) and batch norm frozen when the recipe says so.
+fn new_model(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Model> {
+    let cfg = &setup.train;
+    let mut model = Model::new(&setup.model, cfg.seed, &setup.device)?;
+    model.net.set_kernels(
+        setup
+            .kernels
+            .with_precision(cfg.precision)
+            .map_err(|why| crate::Error::InvalidConfig(why.into()))?,
+    );
+    let device_note = fracture_model::bf16_device_note(&setup.device);
+    if let (fracture_model::Kernels::Bf16, Some(note)) = (model.net.kernels(), &device_note) {
+        on_event(Event::Notice(note));
+    } else if model.net.kernels() == fracture_model::Kernels::Bf16 {
+        let status = fracture_kernels::bf16_status();
+        on_event(Event::Notice(&format!(
+            "precision bf16: matrix products on {} ({})",
+            status.backend, status.reason
+        )));
+    }
+    model.net.set_frozen_batch_norm(cfg.freeze_batch_norm);
+    Ok(model)
 }
