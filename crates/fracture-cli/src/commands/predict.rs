@@ -1,7 +1,7 @@
 //! `fracture predict`: P(fractured) and the label for image files and folders.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use fracture_infer::TrainedModel;
@@ -112,54 +112,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .as_deref()
         .map(|spec| Shard::parse(spec, |name| std::env::var(name).ok()))
         .transpose()?;
-    let format = match (&args.out, args.format) {
-        (Some(out), Format::Table) => match RowFormat::from_extension(out) {
-            Some(RowFormat::JsonLines) => Format::Jsonl,
-            Some(RowFormat::Csv) => Format::Csv,
-            None => bail!(
-                "--out {}: pass --format jsonl or --format csv (or name the file .jsonl or .csv)",
-                out.display()
-            ),
-        },
-        (Some(_), Format::Json) => {
-            bail!("--out writes a row per image as it is predicted: use --format jsonl (or csv)")
-        }
-        (Some(out), format) => {
-            if RowFormat::from_extension(out).is_some_and(|named| named != format.rows()) {
-                bail!(
-                    "--out {}: the file's extension and --format {} disagree (merge reads the format from the extension)",
-                    out.display(),
-                    if format == Format::Csv { "csv" } else { "jsonl" }
-                );
-            }
-            format
-        }
-        (None, format) => format,
-    };
+    let format = output_format(args)?;
     let device = args.device.open()?;
     let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
-    let mut files = Vec::new();
-    let mut unreadable = 0usize;
-    let mut other_shards = 0usize;
-    for path in &args.paths {
-        match list_image_files(path) {
-            Ok((found, skipped)) => {
-                for file in found {
-                    match shard {
-                        Some(s) if !s.owns(&shard_key(path, &file)) => other_shards += 1,
-                        _ => files.push(file),
-                    }
-                }
-                for s in skipped {
-                    eprintln!("warning: skipped {s}");
-                }
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                unreadable += 1;
-            }
-        }
-    }
+    let (mut files, mut unreadable, other_shards) = input_files(&args.paths, shard);
     let limits = DecodeLimits {
         allow_partial: args.allow_partial,
         ..DecodeLimits::default()
@@ -178,31 +134,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     };
     // Results leave as they come, a batch at a time: memory stays bounded whatever the number of
     // files, and a reader of the output sees rows before the last image is done.
-    let (out, already): (Box<dyn Write>, usize) = match &args.out {
-        Some(path) => {
-            let row_format = format.rows();
-            let file = ResultsFile::open(path, row_format, &columns.header_line(), args.resume)?;
-            if file.cut_bytes > 0 {
-                eprintln!(
-                    "{}: removed a row cut off by the previous run ({} bytes)",
-                    path.display(),
-                    file.cut_bytes
-                );
-            }
-            let before = files.len();
-            files.retain(|f| {
-                let text = path_text(f);
-                let name = if row_format == RowFormat::Csv {
-                    spreadsheet_safe(&text)
-                } else {
-                    text
-                };
-                !file.done.contains(&name)
-            });
-            (Box::new(file), before - files.len())
-        }
-        None => (Box::new(std::io::stdout().lock()), 0),
-    };
+    let (out, already) = open_output(args.out.as_deref(), format, &columns, args.resume, &mut files)?;
     if let Some(s) = shard {
         eprintln!(
             "shard {s}: {} images to predict{} ({other_shards} belong to other shards)",
@@ -285,6 +217,100 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The output's format: `--format`, or the extension of `--out` when it names a results file;
+/// refused when the two disagree or `--out` would get one JSON document.
+fn output_format(args: &Args) -> anyhow::Result<Format> {
+    Ok(match (&args.out, args.format) {
+        (Some(out), Format::Table) => match RowFormat::from_extension(out) {
+            Some(RowFormat::JsonLines) => Format::Jsonl,
+            Some(RowFormat::Csv) => Format::Csv,
+            None => bail!(
+                "--out {}: pass --format jsonl or --format csv (or name the file .jsonl or .csv)",
+                out.display()
+            ),
+        },
+        (Some(_), Format::Json) => {
+            bail!("--out writes a row per image as it is predicted: use --format jsonl (or csv)")
+        }
+        (Some(out), format) => {
+            if RowFormat::from_extension(out).is_some_and(|named| named != format.rows()) {
+                bail!(
+                    "--out {}: the file's extension and --format {} disagree (merge reads the format from the extension)",
+                    out.display(),
+                    if format == Format::Csv { "csv" } else { "jsonl" }
+                );
+            }
+            format
+        }
+        (None, format) => format,
+    })
+}
+
+/// The images under `paths` this shard owns (all without a shard), with the number of paths that
+/// could not be listed and of images left to other shards; skipped files are warned about.
+fn input_files(paths: &[PathBuf], shard: Option<Shard>) -> (Vec<PathBuf>, usize, usize) {
+    let mut files = Vec::new();
+    let mut unreadable = 0usize;
+    let mut other_shards = 0usize;
+    for path in paths {
+        match list_image_files(path) {
+            Ok((found, skipped)) => {
+                for file in found {
+                    match shard {
+                        Some(s) if !s.owns(&shard_key(path, &file)) => other_shards += 1,
+                        _ => files.push(file),
+                    }
+                }
+                for s in skipped {
+                    eprintln!("warning: skipped {s}");
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                unreadable += 1;
+            }
+        }
+    }
+    (files, unreadable, other_shards)
+}
+
+/// Where the rows go: the results file `out` (resumed: a row cut off by an earlier run removed, and
+/// the images it already holds dropped from `files`) or standard output. Returns the writer and the
+/// number of images already written.
+fn open_output(
+    out: Option<&Path>,
+    format: Format,
+    columns: &CsvColumns,
+    resume: bool,
+    files: &mut Vec<PathBuf>,
+) -> anyhow::Result<(Box<dyn Write>, usize)> {
+    Ok(match out {
+        Some(path) => {
+            let row_format = format.rows();
+            let file = ResultsFile::open(path, row_format, &columns.header_line(), resume)?;
+            if file.cut_bytes > 0 {
+                eprintln!(
+                    "{}: removed a row cut off by the previous run ({} bytes)",
+                    path.display(),
+                    file.cut_bytes
+                );
+            }
+            let before = files.len();
+            files.retain(|f| {
+                let text = path_text(f);
+                let name = if row_format == RowFormat::Csv {
+                    spreadsheet_safe(&text)
+                } else {
+                    text
+                };
+                !file.done.contains(&name)
+            });
+            (Box::new(file), before - files.len())
+        }
+        None => (Box::new(std::io::stdout().lock()), 0),
+    })
 }
 
 /// Where predictions are written, in the chosen format, one at a time (each flushed, and each row
