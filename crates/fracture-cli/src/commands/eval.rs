@@ -161,16 +161,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         model.meta.training_fingerprints.as_deref(),
         &items,
     );
-    let choice = match (args.threshold, args.target_sensitivity) {
-        (Some(value), _) => ThresholdChoice::Fixed { value },
-        (None, Some(target)) => {
-            eprintln!("note: choosing the threshold on the evaluated images makes the report optimistic");
-            ThresholdChoice::OnTheseImages {
-                rule: ThresholdRule::TargetSensitivity { target },
-            }
-        }
-        (None, None) => ThresholdChoice::Stored,
-    };
+    let choice = threshold_choice(args);
     let mut evaluation = evaluate_items(
         &model,
         &items,
@@ -269,6 +260,21 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         println!("  {}", f.display());
     }
     Ok(())
+}
+
+/// The threshold the report is taken at: `--threshold`, one chosen on these images for
+/// `--target-sensitivity` (noted as optimistic), or the model's own.
+fn threshold_choice(args: &Args) -> ThresholdChoice {
+    match (args.threshold, args.target_sensitivity) {
+        (Some(value), _) => ThresholdChoice::Fixed { value },
+        (None, Some(target)) => {
+            eprintln!("note: choosing the threshold on the evaluated images makes the report optimistic");
+            ThresholdChoice::OnTheseImages {
+                rule: ThresholdRule::TargetSensitivity { target },
+            }
+        }
+        (None, None) => ThresholdChoice::Stored,
+    }
 }
 
 /// The labelled images of `data`: a split of a dataset root, or a folder of class folders.
