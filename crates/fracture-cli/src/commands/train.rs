@@ -242,65 +242,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         PresetArg::Radiograph => Preset::Radiograph,
         PresetArg::Finetune => Preset::Finetune,
     };
-    let overrides = Overrides {
-        image_size: args.image_size.map(|s| s as usize),
-        arch: args.arch.map(|a| match a {
-            ArchArg::Seed => ArchKind::Seed,
-            ArchArg::Resnet => ArchKind::Resnet,
-            ArchArg::EfficientnetLite0 => ArchKind::EfficientNetLite0,
-        }),
-        resize: args.resize.map(|r| match r {
-            ResizeArg::Stretch => ResizeMode::Stretch,
-            ResizeArg::Letterbox => ResizeMode::Letterbox,
-        }),
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        weight_decay: args.weight_decay,
-        min_lr: args.min_lr,
-        schedule: args.schedule.map(|s| match s {
-            ScheduleArg::Constant => ScheduleKind::Constant,
-            ScheduleArg::Step => ScheduleKind::Step {
-                every_epochs: args.step_every,
-                gamma: args.step_gamma,
-            },
-            ScheduleArg::Cosine => ScheduleKind::Cosine,
-        }),
-        warmup_steps: args.warmup_steps,
-        seed: args.seed,
-        pos_weight: args.pos_weight,
-        no_augment: args.no_augment,
-        patience: args.patience,
-        best_metric: args.best_metric.map(|m| match m {
-            MetricArg::RocAuc => BestMetric::RocAuc,
-            MetricArg::ValLoss => BestMetric::ValLoss,
-            MetricArg::BalancedAccuracy => BestMetric::BalancedAccuracy,
-            MetricArg::F1 => BestMetric::F1,
-        }),
-        val_fraction: args.val_fraction,
-        threshold_rule: match (args.threshold_rule, args.target_sensitivity) {
-            (Some(RuleArg::Youden), _) => Some(ThresholdRule::Youden),
-            (Some(RuleArg::BestF1), _) => Some(ThresholdRule::BestF1),
-            (None, Some(target)) => Some(ThresholdRule::TargetSensitivity { target }),
-            (None, None) => None,
-        },
-        backbone_lr_scale: args.backbone_lr_scale,
-        freeze_batch_norm: args.freeze_batch_norm,
-        ema_decay: args.ema_decay,
-        precision: args.precision.map(super::PrecisionArg::precision),
-        augment: match &args.augment {
-            Some(spec) => Some(
-                preset
-                    .recipe()
-                    .train
-                    .augment
-                    .unwrap_or_default()
-                    .with_overrides(spec)
-                    .context("--augment")?,
-            ),
-            None => None,
-        },
-    };
+    let overrides = overrides(args, preset)?;
     let recipe = preset.recipe().with(&overrides);
     let pretrained = match &args.pretrained {
         Some(file) => Some(file.clone()),
@@ -376,6 +318,69 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     progress.finish();
     print_outcome(&outcome);
     Ok(())
+}
+
+/// The recipe changes the flags ask for (`None` where a flag is absent: the preset's value stands).
+fn overrides(args: &Args, preset: Preset) -> anyhow::Result<Overrides> {
+    Ok(Overrides {
+        image_size: args.image_size.map(|s| s as usize),
+        arch: args.arch.map(|a| match a {
+            ArchArg::Seed => ArchKind::Seed,
+            ArchArg::Resnet => ArchKind::Resnet,
+            ArchArg::EfficientnetLite0 => ArchKind::EfficientNetLite0,
+        }),
+        resize: args.resize.map(|r| match r {
+            ResizeArg::Stretch => ResizeMode::Stretch,
+            ResizeArg::Letterbox => ResizeMode::Letterbox,
+        }),
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        min_lr: args.min_lr,
+        schedule: args.schedule.map(|s| match s {
+            ScheduleArg::Constant => ScheduleKind::Constant,
+            ScheduleArg::Step => ScheduleKind::Step {
+                every_epochs: args.step_every,
+                gamma: args.step_gamma,
+            },
+            ScheduleArg::Cosine => ScheduleKind::Cosine,
+        }),
+        warmup_steps: args.warmup_steps,
+        seed: args.seed,
+        pos_weight: args.pos_weight,
+        no_augment: args.no_augment,
+        patience: args.patience,
+        best_metric: args.best_metric.map(|m| match m {
+            MetricArg::RocAuc => BestMetric::RocAuc,
+            MetricArg::ValLoss => BestMetric::ValLoss,
+            MetricArg::BalancedAccuracy => BestMetric::BalancedAccuracy,
+            MetricArg::F1 => BestMetric::F1,
+        }),
+        val_fraction: args.val_fraction,
+        threshold_rule: match (args.threshold_rule, args.target_sensitivity) {
+            (Some(RuleArg::Youden), _) => Some(ThresholdRule::Youden),
+            (Some(RuleArg::BestF1), _) => Some(ThresholdRule::BestF1),
+            (None, Some(target)) => Some(ThresholdRule::TargetSensitivity { target }),
+            (None, None) => None,
+        },
+        backbone_lr_scale: args.backbone_lr_scale,
+        freeze_batch_norm: args.freeze_batch_norm,
+        ema_decay: args.ema_decay,
+        precision: args.precision.map(super::PrecisionArg::precision),
+        augment: match &args.augment {
+            Some(spec) => Some(
+                preset
+                    .recipe()
+                    .train
+                    .augment
+                    .unwrap_or_default()
+                    .with_overrides(spec)
+                    .context("--augment")?,
+            ),
+            None => None,
+        },
+    })
 }
 
 /// What to do about a training error, in this command's flags (the library names none).
