@@ -42,7 +42,7 @@ pub(crate) fn train_args(shared: &Path, out: &Path) -> Vec<String> {
         "--boxes".into(),
         s("data/fracatlas-boxes.csv"),
         "--pretrained".into(),
-        s("pretrained/efficientnet-lite0-57934424.pth"),
+        s(&format!("pretrained/{}", crate::pretrained::FILE)),
         "--seed".into(),
         "42".into(),
         // Wider zoom and the acquisition shifts (noise, blur, JPEG, resolution) in training, so the

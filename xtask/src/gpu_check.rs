@@ -121,6 +121,78 @@ fn differences(a: &[(String, f64)], b: &[(String, f64)]) -> Result<(f64, f64), D
     Ok((max, median))
 }
 
+/// One evaluation: the device, val ROC-AUC, seconds, and P(fractured) per image.
+type Evaluation = (String, f64, f64, Vec<(String, f64)>);
+/// One timing: mode, size, batch, images/s on the device and (for the first) on the CPU.
+type Step = (&'static str, u32, u32, f64, Option<f64>);
+
+/// Writes `gpu-check.json` and `gpu-check.md` into `o.out` and prints the table; returns the
+/// ROC-AUC difference between the device (`evals[0]`) and the CPU (`evals[1]`).
+fn write_results(
+    o: &Options,
+    build_s: f64,
+    train_s: f64,
+    evals: &[Evaluation],
+    steps: &[Step],
+) -> Result<f64, DynError> {
+    let (max_dp, median_dp) = differences(&evals[0].3, &evals[1].3)?;
+    let images = evals[0].3.len();
+    let auc_gap = (evals[0].1 - evals[1].1).abs();
+    let summary = serde_json::json!({
+        "device": o.device,
+        "preset": o.preset,
+        "epochs": o.epochs,
+        "build_seconds": build_s,
+        "train_seconds": train_s,
+        "val_images": images,
+        "roc_auc": { "device": evals[0].1, "cpu": evals[1].1, "difference": auc_gap },
+        "p_fractured_difference": { "max": max_dp, "median": median_dp },
+        "eval_seconds": { "device": evals[0].2, "cpu": evals[1].2 },
+        "images_per_second": steps
+            .iter()
+            .map(|(mode, size, batch, dev, cpu)| serde_json::json!({
+                "mode": mode, "size": size, "batch": batch, "device": dev, "cpu": cpu,
+            }))
+            .collect::<Vec<_>>(),
+    });
+    let table = format!(
+        "| gpu-check, {device}, {preset} × {epochs} epoch(s) | value |\n|---|---|\n\
+         | build | {build_s:.0} s |\n| train | {train_s:.1} s |\n\
+         | val ROC-AUC, {device} / CPU | {a:.4} / {b:.4} (difference {auc_gap:.4}) |\n\
+         | per-image \\|ΔP\\|, max / median ({images} images) | {max_dp:.2e} / {median_dp:.2e} |\n\
+         | eval over val, {device} / CPU | {ea:.1} s / {eb:.1} s ({ratio:.1}×) |\n",
+        device = o.device,
+        preset = o.preset,
+        epochs = o.epochs,
+        a = evals[0].1,
+        b = evals[1].1,
+        ea = evals[0].2,
+        eb = evals[1].2,
+        ratio = evals[1].2 / evals[0].2.max(1e-9),
+    );
+    let mut table = table;
+    for (mode, size, batch, dev, cpu) in steps {
+        let what = if *mode == "train" {
+            "train step"
+        } else {
+            "inference"
+        };
+        let cpu = cpu.map_or(String::new(), |c| {
+            format!(" vs CPU {c:.1} ({:.1}×)", dev / c.max(1e-9))
+        });
+        table.push_str(&format!(
+            "| {what}, {size} px, batch {batch} (img/s) | {dev:.1}{cpu} |\n"
+        ));
+    }
+    std::fs::write(
+        o.out.join("gpu-check.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    std::fs::write(o.out.join("gpu-check.md"), &table)?;
+    println!("{table}");
+    Ok(auc_gap)
+}
+
 pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     let o = parse(args, root)?;
     let data = o.shared.join("data/fracatlas");
@@ -175,7 +247,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     if o.preset == "finetune" {
         train
             .arg("--pretrained")
-            .arg(o.shared.join("pretrained/efficientnet-lite0-57934424.pth"));
+            .arg(o.shared.join("pretrained").join(crate::pretrained::FILE));
     }
     let train_s = timed(&mut train)?;
     let mut evals = Vec::new();
@@ -229,61 +301,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
             }
         }
     }
-    let (max_dp, median_dp) = differences(&evals[0].3, &evals[1].3)?;
-    let images = evals[0].3.len();
-    let auc_gap = (evals[0].1 - evals[1].1).abs();
-    let summary = serde_json::json!({
-        "device": o.device,
-        "preset": o.preset,
-        "epochs": o.epochs,
-        "build_seconds": build_s,
-        "train_seconds": train_s,
-        "val_images": images,
-        "roc_auc": { "device": evals[0].1, "cpu": evals[1].1, "difference": auc_gap },
-        "p_fractured_difference": { "max": max_dp, "median": median_dp },
-        "eval_seconds": { "device": evals[0].2, "cpu": evals[1].2 },
-        "images_per_second": steps
-            .iter()
-            .map(|(mode, size, batch, dev, cpu)| serde_json::json!({
-                "mode": mode, "size": size, "batch": batch, "device": dev, "cpu": cpu,
-            }))
-            .collect::<Vec<_>>(),
-    });
-    let table = format!(
-        "| gpu-check, {device}, {preset} × {epochs} epoch(s) | value |\n|---|---|\n\
-         | build | {build_s:.0} s |\n| train | {train_s:.1} s |\n\
-         | val ROC-AUC, {device} / CPU | {a:.4} / {b:.4} (difference {auc_gap:.4}) |\n\
-         | per-image \\|ΔP\\|, max / median ({images} images) | {max_dp:.2e} / {median_dp:.2e} |\n\
-         | eval over val, {device} / CPU | {ea:.1} s / {eb:.1} s ({ratio:.1}×) |\n",
-        device = o.device,
-        preset = o.preset,
-        epochs = o.epochs,
-        a = evals[0].1,
-        b = evals[1].1,
-        ea = evals[0].2,
-        eb = evals[1].2,
-        ratio = evals[1].2 / evals[0].2.max(1e-9),
-    );
-    let mut table = table;
-    for (mode, size, batch, dev, cpu) in &steps {
-        let what = if *mode == "train" {
-            "train step"
-        } else {
-            "inference"
-        };
-        let cpu = cpu.map_or(String::new(), |c| {
-            format!(" vs CPU {c:.1} ({:.1}×)", dev / c.max(1e-9))
-        });
-        table.push_str(&format!(
-            "| {what}, {size} px, batch {batch} (img/s) | {dev:.1}{cpu} |\n"
-        ));
-    }
-    std::fs::write(
-        o.out.join("gpu-check.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
-    std::fs::write(o.out.join("gpu-check.md"), &table)?;
-    println!("{table}");
+    let auc_gap = write_results(&o, build_s, train_s, &evals, &steps)?;
     if auc_gap > AUC_TOLERANCE {
         return Err(format!(
             "the device's val ROC-AUC differs from the CPU's by {auc_gap:.4} (allowed {AUC_TOLERANCE})"
