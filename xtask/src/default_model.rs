@@ -93,41 +93,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     let run_dir = work.join("run");
     let model = root.join(MODEL);
     if !check_only {
-        if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir)?;
-        }
-        std::fs::create_dir_all(&work)?;
-        println!("training: fracture {}", train_args(&shared, &run_dir).join(" "));
-        status(
-            Command::new(&fracture)
-                .current_dir(root)
-                .args(train_args(&shared, &run_dir)),
-        )?;
-        status(
-            Command::new(&fracture)
-                .current_dir(root)
-                .args(["export", "--model"])
-                .arg(&run_dir)
-                .arg("--out")
-                .arg(&model),
-        )?;
-        // Training fitted the calibration and chose the threshold on the val scores of the F32
-        // weights; fit both again, by the same rule, on the val scores of the weights that ship.
-        let rule = std::fs::read_to_string(run_dir.join("report.json"))?;
-        let rule: serde_json::Value = serde_json::from_str(&rule)?;
-        let target = rule["threshold_rule"]["target"]
-            .as_f64()
-            .ok_or("the run's report.json has no target-sensitivity threshold rule")?;
-        status(
-            Command::new(&fracture)
-                .current_dir(root)
-                .args(["calibrate", "--split", "val", "--model"])
-                .arg(&model)
-                .arg("--data")
-                .arg(shared.join("data/fracatlas"))
-                .args(["--target-sensitivity", &target.to_string(), "--out"])
-                .arg(&model),
-        )?;
+        train_and_export(&fracture, root, &shared, &work, &model)?;
     }
     let evaluate = |model: &Path, name: &str| -> Result<(serde_json::Value, Vec<f64>), DynError> {
         let out = work.join(name);
@@ -175,6 +141,62 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
             p_half.len()
         );
     }
+    check_card(root, &half)?;
+    println!("{CARD} agrees with a fresh evaluation of {MODEL} (within {TOLERANCE})");
+    Ok(())
+}
+
+/// Trains the ready model with the recorded command into `work/run`, exports it in half precision
+/// to `model` and fits its calibration and threshold again on the weights that ship.
+fn train_and_export(
+    fracture: &Path,
+    root: &Path,
+    shared: &Path,
+    work: &Path,
+    model: &Path,
+) -> Result<(), DynError> {
+    let run_dir = work.join("run");
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir)?;
+    }
+    std::fs::create_dir_all(work)?;
+    println!("training: fracture {}", train_args(shared, &run_dir).join(" "));
+    status(
+        Command::new(fracture)
+            .current_dir(root)
+            .args(train_args(shared, &run_dir)),
+    )?;
+    status(
+        Command::new(fracture)
+            .current_dir(root)
+            .args(["export", "--model"])
+            .arg(&run_dir)
+            .arg("--out")
+            .arg(model),
+    )?;
+    // Training fitted the calibration and chose the threshold on the val scores of the F32
+    // weights; fit both again, by the same rule, on the val scores of the weights that ship.
+    let rule = std::fs::read_to_string(run_dir.join("report.json"))?;
+    let rule: serde_json::Value = serde_json::from_str(&rule)?;
+    let target = rule["threshold_rule"]["target"]
+        .as_f64()
+        .ok_or("the run's report.json has no target-sensitivity threshold rule")?;
+    status(
+        Command::new(fracture)
+            .current_dir(root)
+            .args(["calibrate", "--split", "val", "--model"])
+            .arg(model)
+            .arg("--data")
+            .arg(shared.join("data/fracatlas"))
+            .args(["--target-sensitivity", &target.to_string(), "--out"])
+            .arg(model),
+    )?;
+    Ok(())
+}
+
+/// Each row of the model card against a fresh evaluation's report (`half`): an error naming the
+/// rows that differ by more than [`TOLERANCE`].
+fn check_card(root: &Path, half: &serde_json::Value) -> Result<(), DynError> {
     let card = std::fs::read_to_string(root.join(CARD))?;
     let mut wrong = Vec::new();
     for (row, key) in CARD_ROWS {
@@ -195,6 +217,5 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     if !wrong.is_empty() {
         return Err(format!("{CARD} disagrees with a fresh evaluation: {}", wrong.join(", ")).into());
     }
-    println!("{CARD} agrees with a fresh evaluation of {MODEL} (within {TOLERANCE})");
     Ok(())
 }

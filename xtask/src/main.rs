@@ -153,6 +153,117 @@ fn fuzz(args: &[String]) -> Result<(), DynError> {
     Ok(())
 }
 
+/// The reference script and the rows (name, mode, size, batch, iterations) compared for `model`.
+fn comparison_cases(model: &str) -> Result<(&'static str, &'static [Case]), DynError> {
+    Ok(match model {
+        "seed" => (
+            "torch_seed_cnn.py",
+            &[
+                ("train step, 128 px", "train", "128", "32", "10"),
+                ("train step, 224 px", "train", "224", "32", "5"),
+                ("inference, 128 px", "infer", "128", "32", "10"),
+                ("inference, 224 px", "infer", "224", "32", "5"),
+                ("inference latency, 128 px, batch 1", "infer", "128", "1", "100"),
+            ],
+        ),
+        "efficientnet-lite0" => (
+            "torch_effnet_lite.py",
+            &[
+                ("train step, 224 px", "train", "224", "32", "4"),
+                ("train step, 256 px", "train", "256", "32", "3"),
+                ("train step, 384 px", "train", "384", "32", "2"),
+                ("inference, 224 px", "infer", "224", "32", "5"),
+                ("inference latency, 224 px, batch 1", "infer", "224", "1", "30"),
+            ],
+        ),
+        other => return Err(format!("unknown model `{other}` (seed, efficientnet-lite0)").into()),
+    })
+}
+
+/// The comparison table's header and rule lines: the BF16 columns when `bf16`, candle's own
+/// operations when `reference`.
+fn comparison_header(bf16: bool, reference: bool) -> String {
+    let mut header =
+        "| | PyTorch | PyTorch, tuned allocator | fracture | fracture / PyTorch | fracture / tuned |"
+            .to_string();
+    let mut rule = "|---|---|---|---|---|---|".to_string();
+    if bf16 {
+        header.push_str(
+        " PyTorch BF16 autocast | PyTorch BF16 + channels-last | fracture BF16 | fracture BF16 / fracture | fracture's best / PyTorch's best |",
+    );
+        rule.push_str("---|---|---|---|---|");
+    }
+    if reference {
+        header.push_str(" candle's own ops | fracture / candle |");
+        rule.push_str("---|---|");
+    }
+    format!("{header}\n{rule}")
+}
+
+/// The processor's model name and what BF16 instructions it has, from `/proc/cpuinfo`.
+fn machine_description() -> (String, &'static str) {
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+    let bf16_hw = match (has("amx_bf16"), has("avx512_bf16")) {
+        (true, _) => "AMX and AVX-512 BF16",
+        (false, true) => "AVX-512 BF16, no AMX",
+        (false, false) => "no BF16 instructions: BF16 runs emulated or as FP32 on both sides",
+    };
+    (machine, bf16_hw)
+}
+
+/// One row of the comparison table: the rates (images/s) of PyTorch, PyTorch with the tuned
+/// allocator, ours, candle's own operations, PyTorch BF16 autocast, BF16 + channels-last and our
+/// BF16; latencies in ms and their ratios for batch 1.
+fn comparison_row(name: &str, batch: &str, rates: [f64; 7], bf16: bool, reference: bool) -> String {
+    let [t, tt, u, c, ta, tc, ub] = rates;
+    let show = |rate: f64| {
+        if batch == "1" {
+            format!("{:.2} ms", 1000.0 / rate)
+        } else {
+            format!("{rate:.1} img/s")
+        }
+    };
+    let ratio = |a: f64, b: f64| {
+        if batch == "1" {
+            format!("{:.2}× the latency", b / a)
+        } else {
+            format!("{:.2}×", a / b)
+        }
+    };
+    let mut row = format!(
+        "| {name} | {} | {} | {} | {} | {} |",
+        show(t),
+        show(tt),
+        show(u),
+        ratio(u, t),
+        ratio(u, tt)
+    );
+    if bf16 {
+        let theirs = [t, tt, ta, tc].into_iter().fold(0.0, f64::max);
+        row.push_str(&format!(
+            " {} | {} | {} | {} | {} |",
+            show(ta),
+            show(tc),
+            show(ub),
+            ratio(ub, u),
+            ratio(u.max(ub), theirs)
+        ));
+    }
+    if reference {
+        row.push_str(&format!(" {} | {} |", show(c), ratio(u, c)));
+    }
+    row
+}
+
 /// The workspace root: where this xtask was built, or the current folder when that is not on this
 /// machine (a prebuilt xtask carried to a GPU machine, say).
 fn project_root() -> PathBuf {
@@ -399,29 +510,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
         )
         .into());
     }
-    let (script_name, cases): (&str, &[Case]) = match model.as_str() {
-        "seed" => (
-            "torch_seed_cnn.py",
-            &[
-                ("train step, 128 px", "train", "128", "32", "10"),
-                ("train step, 224 px", "train", "224", "32", "5"),
-                ("inference, 128 px", "infer", "128", "32", "10"),
-                ("inference, 224 px", "infer", "224", "32", "5"),
-                ("inference latency, 128 px, batch 1", "infer", "128", "1", "100"),
-            ],
-        ),
-        "efficientnet-lite0" => (
-            "torch_effnet_lite.py",
-            &[
-                ("train step, 224 px", "train", "224", "32", "4"),
-                ("train step, 256 px", "train", "256", "32", "3"),
-                ("train step, 384 px", "train", "384", "32", "2"),
-                ("inference, 224 px", "infer", "224", "32", "5"),
-                ("inference latency, 224 px, batch 1", "infer", "224", "1", "30"),
-            ],
-        ),
-        other => return Err(format!("unknown model `{other}` (seed, efficientnet-lite0)").into()),
-    };
+    let (script_name, cases) = comparison_cases(&model)?;
     let script = project_root().join("../shared/bench").join(script_name);
     if !script.exists() {
         return Err(format!("the reference script is not at {}", script.display()).into());
@@ -443,43 +532,15 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
         ("MALLOC_TRIM_THRESHOLD_", "100000000000"),
         ("MALLOC_TOP_PAD_", "536870912"),
     ];
-    let machine = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let (machine, bf16_hw) = machine_description();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
-    let bf16_hw = match (has("amx_bf16"), has("avx512_bf16")) {
-        (true, _) => "AMX and AVX-512 BF16",
-        (false, true) => "AVX-512 BF16, no AMX",
-        (false, false) => "no BF16 instructions: BF16 runs emulated or as FP32 on both sides",
-    };
     println!(
         "{model}, random data, medians of {runs} runs (each the median of its iterations); {threads} threads; {machine}; {bf16_hw}"
     );
     // EfficientNet-Lite0 also gets PyTorch's BF16 set-ups (autocast, and autocast + channels-last,
     // both with the tuned allocator) and our BF16 products.
     let bf16 = model == "efficientnet-lite0";
-    let mut header =
-        "| | PyTorch | PyTorch, tuned allocator | fracture | fracture / PyTorch | fracture / tuned |"
-            .to_string();
-    let mut rule = "|---|---|---|---|---|---|".to_string();
-    if bf16 {
-        header.push_str(
-            " PyTorch BF16 autocast | PyTorch BF16 + channels-last | fracture BF16 | fracture BF16 / fracture | fracture's best / PyTorch's best |",
-        );
-        rule.push_str("---|---|---|---|---|");
-    }
-    if reference {
-        header.push_str(" candle's own ops | fracture / candle |");
-        rule.push_str("---|---|");
-    }
-    println!("{header}\n{rule}");
+    println!("{}", comparison_header(bf16, reference));
     // `--only TEXT`: the rows whose name contains TEXT.
     for &(name, mode, size, batch, iters) in cases
         .iter()
@@ -530,42 +591,7 @@ fn bench_compare(args: &[String]) -> Result<(), DynError> {
             }
         }
         let [t, tt, u, c, ta, tc, ub] = rates.map(|v| if v.is_empty() { f64::NAN } else { median(v) });
-        let show = |rate: f64| {
-            if batch == "1" {
-                format!("{:.2} ms", 1000.0 / rate)
-            } else {
-                format!("{rate:.1} img/s")
-            }
-        };
-        let ratio = |a: f64, b: f64| {
-            if batch == "1" {
-                format!("{:.2}× the latency", b / a)
-            } else {
-                format!("{:.2}×", a / b)
-            }
-        };
-        let mut row = format!(
-            "| {name} | {} | {} | {} | {} | {} |",
-            show(t),
-            show(tt),
-            show(u),
-            ratio(u, t),
-            ratio(u, tt)
-        );
-        if bf16 {
-            let theirs = [t, tt, ta, tc].into_iter().fold(0.0, f64::max);
-            row.push_str(&format!(
-                " {} | {} | {} | {} | {} |",
-                show(ta),
-                show(tc),
-                show(ub),
-                ratio(ub, u),
-                ratio(u.max(ub), theirs)
-            ));
-        }
-        if reference {
-            row.push_str(&format!(" {} | {} |", show(c), ratio(u, c)));
-        }
+        let row = comparison_row(name, batch, [t, tt, u, c, ta, tc, ub], bf16, reference);
         println!("{row}");
     }
     Ok(())

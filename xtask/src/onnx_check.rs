@@ -117,6 +117,82 @@ fn predicted(jsonl: &Path) -> Result<Vec<(String, f64)>, DynError> {
         .collect()
 }
 
+/// The model exported by `fracture export` into `o.out`: the ONNX graph and the full-precision
+/// safetensors file (whose metadata gives the preprocessing).
+fn export(fracture: &Path, o: &Options) -> Result<(PathBuf, PathBuf), DynError> {
+    let (onnx, weights) = (o.out.join("fracture.onnx"), o.out.join("model.safetensors"));
+    for (format, file, extra) in [
+        ("onnx", &onnx, None),
+        ("safetensors", &weights, Some("--full-precision")),
+    ] {
+        let mut export = Command::new(fracture);
+        export.args(["export", "--format", format, "--out"]).arg(file);
+        export.args(extra);
+        if let Some(m) = &o.model {
+            export.arg("--model").arg(m);
+        }
+        status(&mut export)?;
+    }
+    Ok((onnx, weights))
+}
+
+/// Our batch-1 latency at `side` px in ms (`bench_step` in a release build), `None` for a debug build.
+fn our_latency_ms(o: &Options, cargo: &str, root: &Path, side: usize) -> Result<Option<f64>, DynError> {
+    Ok(if o.debug_build {
+        None
+    } else {
+        let mut build = Command::new(cargo);
+        build.current_dir(root).args([
+            "build",
+            "--release",
+            "-p",
+            "fracture-benches",
+            "--example",
+            "bench_step",
+        ]);
+        status(&mut build)?;
+        let rate = crate::result_rate(
+            Command::new(root.join("target/release/examples/bench_step"))
+                .args(["infer", &side.to_string(), "1", &o.repeats.to_string()])
+                .args(["--arch", "efficientnet-lite0"]),
+        )?;
+        Some(1000.0 / rate)
+    })
+}
+
+/// Our P against ONNX Runtime's per file, in `files` order: the largest |ΔP|, the files whose
+/// decisions differ (away from the threshold by more than [`TOLERANCE`]) and our P in that order.
+fn compare(
+    files: &[PathBuf],
+    ours: &[(String, f64)],
+    theirs: &[serde_json::Value],
+    decisions: &[serde_json::Value],
+    threshold: f64,
+) -> Result<(f64, Vec<String>, Vec<f64>), DynError> {
+    let mut worst = 0f64;
+    let mut disagreements = Vec::new();
+    let mut ours_in_order = Vec::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        let key = f.display().to_string();
+        let p = ours
+            .iter()
+            .find(|(path, _)| *path == key)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| format!("fracture predict gave no row for {key}"))?;
+        ours_in_order.push(p);
+        let q = theirs
+            .get(i)
+            .and_then(serde_json::Value::as_f64)
+            .ok_or("short ONNX output")?;
+        worst = worst.max((p - q).abs());
+        let decision = decisions.get(i).and_then(serde_json::Value::as_bool);
+        if (p - threshold).abs() > TOLERANCE && decision != Some(p >= threshold) {
+            disagreements.push(key);
+        }
+    }
+    Ok((worst, disagreements, ours_in_order))
+}
+
 pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     let o = parse(args, root)?;
     let files = val_images(&o.shared, o.images)?;
@@ -134,19 +210,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         std::fs::remove_dir_all(&o.out)?;
     }
     std::fs::create_dir_all(&o.out)?;
-    let (onnx, weights) = (o.out.join("fracture.onnx"), o.out.join("model.safetensors"));
-    for (format, file, extra) in [
-        ("onnx", &onnx, None),
-        ("safetensors", &weights, Some("--full-precision")),
-    ] {
-        let mut export = Command::new(&fracture);
-        export.args(["export", "--format", format, "--out"]).arg(file);
-        export.args(extra);
-        if let Some(m) = &o.model {
-            export.arg("--model").arg(m);
-        }
-        status(&mut export)?;
-    }
+    let (onnx, weights) = export(&fracture, &o)?;
     let pre = preprocessing(&weights)?;
     let side = pre.size as usize;
     // The inputs, by fracture-data's own preprocessing, as the graph's contract states them.
@@ -198,27 +262,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         .as_str()
         .ok_or("no fracture.threshold in the ONNX metadata")?
         .parse()?;
-    let mut worst = 0f64;
-    let mut disagreements = Vec::new();
-    let mut ours_in_order = Vec::with_capacity(files.len());
-    for (i, f) in files.iter().enumerate() {
-        let key = f.display().to_string();
-        let p = ours
-            .iter()
-            .find(|(path, _)| *path == key)
-            .map(|(_, p)| *p)
-            .ok_or_else(|| format!("fracture predict gave no row for {key}"))?;
-        ours_in_order.push(p);
-        let q = theirs
-            .get(i)
-            .and_then(serde_json::Value::as_f64)
-            .ok_or("short ONNX output")?;
-        worst = worst.max((p - q).abs());
-        let decision = decisions.get(i).and_then(serde_json::Value::as_bool);
-        if (p - threshold).abs() > TOLERANCE && decision != Some(p >= threshold) {
-            disagreements.push(key);
-        }
-    }
+    let (worst, disagreements, ours_in_order) = compare(&files, &ours, theirs, decisions, threshold)?;
     let ort_ms = ort["latency_ms_median"].as_f64().ok_or("no latency")?;
     // The README's Python preprocessing (Pillow) instead of ours: how far P moves (reported only).
     let pillow_worst = ort["p_fractured_pillow"].as_array().map(|ps| {
@@ -227,26 +271,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
             .filter_map(|(q, p)| q.as_f64().map(|q| (p - q).abs()))
             .fold(0f64, f64::max)
     });
-    let ours_ms = if o.debug_build {
-        None
-    } else {
-        let mut build = Command::new(&cargo);
-        build.current_dir(root).args([
-            "build",
-            "--release",
-            "-p",
-            "fracture-benches",
-            "--example",
-            "bench_step",
-        ]);
-        status(&mut build)?;
-        let rate = crate::result_rate(
-            Command::new(root.join("target/release/examples/bench_step"))
-                .args(["infer", &side.to_string(), "1", &o.repeats.to_string()])
-                .args(["--arch", "efficientnet-lite0"]),
-        )?;
-        Some(1000.0 / rate)
-    };
+    let ours_ms = our_latency_ms(&o, &cargo, root, side)?;
     let report = serde_json::json!({
         "images": files.len(),
         "image_size": side,

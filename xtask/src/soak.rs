@@ -64,6 +64,137 @@ fn rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Builds `fracture` in release and starts `fracture serve` on a free loopback port with room for
+/// `idle` idle connections held `seconds`: the process, its pid and its address.
+fn start_server(
+    root: &Path,
+    model: &Path,
+    idle: usize,
+    seconds: u64,
+) -> Result<(std::process::Child, u32, String), DynError> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--release", "-q", "-p", "fracture-cli"])
+        .status()?;
+    if !built.success() {
+        return Err("building fracture failed".into());
+    }
+    let mut server = Command::new(root.join("target/release/fracture"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--model"])
+        .arg(model)
+        .args(["--max-connections", &(idle + 1000).to_string()])
+        .args(["--header-timeout-secs", &(seconds * 4 + 60).to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let pid = server.id();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().ok_or("no server output")?).read_line(&mut line)?;
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http://"))
+        .map(|a| a.trim_end_matches('/').to_string())
+        .ok_or_else(|| format!("unexpected server output: {line}"))?;
+    Ok((server, pid, addr))
+}
+
+/// Two clients sending `head` + `body` to `addr` for five seconds.
+fn warm_up(addr: &str, head: &str, body: &[u8]) {
+    let warm: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, head, body) = (addr.to_string(), head.to_string(), body.to_vec());
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < until {
+                    let _ = request(&addr, &head, &body);
+                }
+            })
+        })
+        .collect();
+    for t in warm {
+        let _ = t.join();
+    }
+}
+
+/// `uploads` clients at once each sending `body` padded to 19 MB (under the 20 MB upload limit):
+/// how many were answered (200 or 400), refused as busy (503) or neither, and the server's RSS in
+/// MB before and at its peak.
+fn upload_burst(addr: &str, body: &[u8], uploads: usize, pid: u32) -> (usize, usize, usize, f64, f64) {
+    // Many large uploads at once: the image padded to 19 MB (under the 20 MB upload limit).
+    let mut big = body.to_vec();
+    big.resize(19 << 20, 0);
+    let big = Arc::new(big);
+    let big_head = format!(
+        "POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    );
+    let before_uploads_mb = rss_mb(pid).unwrap_or(0.0);
+    let burst: Vec<_> = (0..uploads)
+        .map(|_| {
+            let (addr, head, big) = (addr.to_string(), big_head.clone(), big.clone());
+            std::thread::spawn(move || upload(&addr, &head, &big))
+        })
+        .collect();
+    let mut upload_peak_mb = before_uploads_mb;
+    while !burst.iter().all(std::thread::JoinHandle::is_finished) {
+        upload_peak_mb = upload_peak_mb.max(rss_mb(pid).unwrap_or(0.0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let statuses: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap_or(0)).collect();
+    let count = |f: &dyn Fn(u16) -> bool| statuses.iter().filter(|&&c| f(c)).count();
+    let answered = count(&|c| c == 200 || c == 400);
+    let busy = count(&|c| c == 503);
+    let other = statuses.len() - answered - busy;
+    (answered, busy, other, before_uploads_mb, upload_peak_mb)
+}
+
+/// Up to `idle` connections to `addr` opened and left idle, and the seconds that took.
+fn hold_idle(addr: &str, idle: usize) -> (Vec<TcpStream>, f64) {
+    let opened = Instant::now();
+    let mut held = Vec::with_capacity(idle);
+    for _ in 0..idle {
+        match TcpStream::connect(addr) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                eprintln!("could open only {} idle connections: {e}", held.len());
+                break;
+            }
+        }
+    }
+    let open_s = opened.elapsed().as_secs_f64();
+    (held, open_s)
+}
+
+/// The load's stop flag, its counts of answers that were 200 and of the others, and its threads.
+type Load = (
+    Arc<AtomicBool>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Vec<std::thread::JoinHandle<()>>,
+);
+
+/// Two clients sending `head` + `body` to `addr` until the stop flag is set, counting the answers
+/// that were 200 and the others.
+fn start_load(addr: &str, head: &str, body: &[u8]) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let (addr, head, body) = (addr.to_string(), head.to_string(), body.to_vec());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match request(&addr, &head, &body) {
+                        Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    (stop, ok, failed, load)
+}
+
 pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     let mut uploads = 100usize;
     let (mut model, mut idle, mut seconds, mut image) = (
@@ -86,29 +217,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     }
     let model = model.ok_or("soak: --model RUN_OR_FILE is required (a trained model)")?;
     let body = std::fs::read(&image).map_err(|e| format!("{}: {e}", image.display()))?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(cargo)
-        .current_dir(root)
-        .args(["build", "--release", "-q", "-p", "fracture-cli"])
-        .status()?;
-    if !built.success() {
-        return Err("building fracture failed".into());
-    }
-    let mut server = Command::new(root.join("target/release/fracture"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--model"])
-        .arg(&model)
-        .args(["--max-connections", &(idle + 1000).to_string()])
-        .args(["--header-timeout-secs", &(seconds * 4 + 60).to_string()])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let pid = server.id();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().ok_or("no server output")?).read_line(&mut line)?;
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http://"))
-        .map(|a| a.trim_end_matches('/').to_string())
-        .ok_or_else(|| format!("unexpected server output: {line}"))?;
+    let (mut server, pid, addr) = start_server(root, &model, idle, seconds)?;
     let predict_head = format!(
         "POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -117,52 +226,13 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     // Warm-up with the load's own pattern (two clients, five seconds), so that "start" is the
     // server's working set under that load: inference buffers are pooled per thread and kept for
     // reuse by design; what must come back is anything beyond that.
-    let warm: Vec<_> = (0..2)
-        .map(|_| {
-            let (addr, head, body) = (addr.clone(), predict_head.clone(), body.clone());
-            std::thread::spawn(move || {
-                let until = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < until {
-                    let _ = request(&addr, &head, &body);
-                }
-            })
-        })
-        .collect();
-    for t in warm {
-        let _ = t.join();
-    }
+    warm_up(&addr, &predict_head, &body);
     std::thread::sleep(Duration::from_secs(1));
     let start_mb = rss_mb(pid).unwrap_or(0.0);
 
-    let opened = Instant::now();
-    let mut held = Vec::with_capacity(idle);
-    for _ in 0..idle {
-        match TcpStream::connect(&addr) {
-            Ok(s) => held.push(s),
-            Err(e) => {
-                eprintln!("could open only {} idle connections: {e}", held.len());
-                break;
-            }
-        }
-    }
-    let open_s = opened.elapsed().as_secs_f64();
+    let (held, open_s) = hold_idle(&addr, idle);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            let (addr, head, body) = (addr.clone(), predict_head.clone(), body.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match request(&addr, &head, &body) {
-                        Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
-        })
-        .collect();
+    let (stop, ok, failed, load) = start_load(&addr, &predict_head, &body);
     let mut latencies = Vec::new();
     let mut health_failures = 0usize;
     let mut peak_mb = start_mb;
@@ -185,31 +255,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     std::thread::sleep(Duration::from_secs(3));
     let end_mb = rss_mb(pid).unwrap_or(0.0);
 
-    // Many large uploads at once: the image padded to 19 MB (under the 20 MB upload limit).
-    let mut big = body.clone();
-    big.resize(19 << 20, 0);
-    let big = Arc::new(big);
-    let big_head = format!(
-        "POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        big.len()
-    );
-    let before_uploads_mb = rss_mb(pid).unwrap_or(0.0);
-    let burst: Vec<_> = (0..uploads)
-        .map(|_| {
-            let (addr, head, big) = (addr.clone(), big_head.clone(), big.clone());
-            std::thread::spawn(move || upload(&addr, &head, &big))
-        })
-        .collect();
-    let mut upload_peak_mb = before_uploads_mb;
-    while !burst.iter().all(std::thread::JoinHandle::is_finished) {
-        upload_peak_mb = upload_peak_mb.max(rss_mb(pid).unwrap_or(0.0));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let statuses: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap_or(0)).collect();
-    let count = |f: &dyn Fn(u16) -> bool| statuses.iter().filter(|&&c| f(c)).count();
-    let answered = count(&|c| c == 200 || c == 400);
-    let busy = count(&|c| c == 503);
-    let other = statuses.len() - answered - busy;
+    let (answered, busy, other, before_uploads_mb, upload_peak_mb) = upload_burst(&addr, &body, uploads, pid);
     let _ = server.kill();
     let _ = server.wait();
 
