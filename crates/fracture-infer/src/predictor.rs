@@ -36,6 +36,10 @@ pub struct Prediction {
     pub evidence: Option<crate::evidence::Evidence>,
 }
 
+/// A decoded file: its path, the image resized for the network (u8) and its original width and
+/// height in pixels.
+type Decoded<'a> = (&'a Path, (Array2<u8>, (u32, u32)));
+
 /// How a [`TrainedModel`] predicts: which test-time views it averages, whether each prediction
 /// carries its evidence (and on which feature map), and the limits an encoded image must keep.
 /// Made by [`TrainedModel::predictor`]; cheap to copy.
@@ -276,7 +280,7 @@ impl<'m> Predictor<'m> {
 
     /// Predicts decoded images (resized to the input, with their original `(width, height)`),
     /// [`PASS_IMAGES`] a pass.
-    fn decoded(&self, chunk: &[(&Path, (Array2<u8>, (u32, u32)))]) -> Result<Vec<Prediction>> {
+    fn decoded(&self, chunk: &[Decoded<'_>]) -> Result<Vec<Prediction>> {
         let pre = self.model.preprocess();
         let s = pre.size as usize;
         let cam = self.evidence.map(|layer| (CamMethod::default(), layer));

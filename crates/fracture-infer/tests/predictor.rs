@@ -2,6 +2,8 @@
 //! P(fractured) and decision; evidence and explanations agree with it; test-time views are the mean
 //! of the flipped images; unreadable files and non-numbers are reported by name.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
