@@ -8,7 +8,8 @@
 //! PTX for `CUDA_COMPUTE_CAP`; cudarc takes its API version from `CUDARC_CUDA_VERSION`.
 //!
 //! candle links cudarc with `dynamic-linking`: the `fracture` binary names `libcuda`, `libcublas`,
-//! `libcublasLt`, `libcurand`, `libnvrtc` and `libcudart` at link time. `libcuda` comes only with
+//! `libcublasLt`, `libcurand`, `libnvrtc` and `libcudart` at link time (and `libcudnn` with the
+//! `cudnn` feature, whose bindings cudarc carries: no cuDNN headers are needed to build). `libcuda` comes only with
 //! NVIDIA's driver, so this writes link stubs into `<toolkit>/lib/stubs` (a folder cudarc's build
 //! script searches): shared libraries with the real libraries' sonames that define every function
 //! cudarc declares and do nothing (`libcudart`, which the runtime package installs, is linked
@@ -40,8 +41,9 @@ const DEFAULT_COMPUTE_CAP: &str = "90";
 const CUDARC_VERSION: &str = "13000";
 
 /// The libraries candle's build links, as cudarc's module of each and the real library's soname.
-const LINKED: [(&str, &str, &str); 6] = [
+const LINKED: [(&str, &str, &str); 7] = [
     ("driver", "cuda", "libcuda.so.1"),
+    ("cudnn", "cudnn", "libcudnn.so.9"),
     ("cublas", "cublas", "libcublas.so.13"),
     ("cublaslt", "cublasLt", "libcublasLt.so.13"),
     ("curand", "curand", "libcurand.so.10"),
