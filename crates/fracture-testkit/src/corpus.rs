@@ -103,6 +103,101 @@ fn webp_bomb_header() -> Vec<u8> {
     out
 }
 
+/// Images made for the corpus: a 16-bit PNG of `valid` (readable), one pixel and a 4×3000 strip
+/// of one gray level (nothing to classify), and a 4×3000 strip with content (readable), as
+/// `(kind, file name, bytes, expectation)`.
+fn generated_images(valid: &image::GrayImage) -> Vec<(&'static str, &'static str, Vec<u8>, Expect)> {
+    use Expect::{Readable, Unreadable};
+    let mut images = Vec::new();
+    let wide: ImageBuffer<Luma<u16>, Vec<u16>> =
+        ImageBuffer::from_fn(valid.width(), valid.height(), |x, y| {
+            Luma([u16::from(valid.get_pixel(x, y)[0]) * 257])
+        });
+    images.push((
+        "16-bit PNG",
+        "sixteen.png",
+        encode(&DynamicImage::ImageLuma16(wide), ImageFormat::Png),
+        Readable,
+    ));
+    let one: ImageBuffer<Rgba<u8>, Vec<u8>> = ImageBuffer::from_pixel(1, 1, Rgba([200, 200, 200, 255]));
+    // One pixel, or one gray level everywhere: nothing to classify.
+    images.push((
+        "1×1 PNG (constant)",
+        "one-pixel.png",
+        encode(&DynamicImage::ImageRgba8(one), ImageFormat::Png),
+        Unreadable,
+    ));
+    let flat = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 3000, Luma([90])));
+    images.push((
+        "4×3000 PNG of one gray level",
+        "flat-tall.png",
+        encode(&flat, ImageFormat::Png),
+        Unreadable,
+    ));
+    let tall = DynamicImage::ImageLuma8(image::GrayImage::from_fn(4, 3000, |x, y| {
+        Luma([((x + y) % 200) as u8])
+    }));
+    images.push((
+        "4×3000 PNG",
+        "tall.png",
+        encode(&tall, ImageFormat::Png),
+        Readable,
+    ));
+    images
+}
+
+/// Entries only Unix file names and links can make: a name that is not UTF-8 (readable), a
+/// symbolic link loop and a dangling link (both ignored).
+#[cfg(unix)]
+fn unix_entries(dir: &Path, jpeg: &[u8]) -> std::io::Result<Vec<BadInput>> {
+    use Expect::{Ignored, Readable};
+    let mut entries = Vec::new();
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::OsStr::from_bytes(b"latin1-\xe9.jpg");
+    let path = dir.join(name);
+    std::fs::write(&path, jpeg)?;
+    entries.push(BadInput {
+        kind: "non-UTF-8 name",
+        path,
+        expect: Readable,
+    });
+    let loop_link = dir.join("loop");
+    std::os::unix::fs::symlink(".", &loop_link)?;
+    entries.push(BadInput {
+        kind: "symlink loop",
+        path: loop_link,
+        expect: Ignored,
+    });
+    let dangling = dir.join("dangling.jpg");
+    std::os::unix::fs::symlink("does-not-exist.jpg", &dangling)?;
+    entries.push(BadInput {
+        kind: "dangling symlink",
+        path: dangling,
+        expect: Ignored,
+    });
+    Ok(entries)
+}
+
+/// A readable 12-bit DICOM file of `valid` (at 48 × 40) and the crafted ones a reader must refuse
+/// ([`crate::dicom::crafted_dicoms`]), as `(kind, file name, bytes, expectation)`.
+fn dicom_entries(valid: &image::GrayImage) -> Vec<(&'static str, String, Vec<u8>, Expect)> {
+    let small = image::imageops::resize(valid, 48, 40, image::imageops::FilterType::Triangle);
+    let twelve: Vec<i32> = small
+        .as_raw()
+        .iter()
+        .map(|&v| crate::dicom::to_twelve_bits(v))
+        .collect();
+    let plain = crate::dicom::dicom_bytes(&twelve, &crate::dicom::DicomSpec::twelve_bit((48, 40)));
+    let mut entries = vec![("DICOM, 12-bit", "plain.dcm".to_string(), plain, Expect::Readable)];
+    for (i, (kind, bytes)) in crate::dicom::crafted_dicoms(48, 40, small.as_raw())
+        .into_iter()
+        .enumerate()
+    {
+        entries.push((kind, format!("crafted-{i}.dcm"), bytes, Expect::Unreadable));
+    }
+    entries
+}
+
 /// Writes the corpus into `dir` (created) and returns its entries. `valid` is a readable radiograph
 /// (any supported format) that several entries start from.
 pub fn write_bad_inputs(dir: &Path, valid: &image::GrayImage) -> std::io::Result<Vec<BadInput>> {
@@ -180,99 +275,28 @@ pub fn write_bad_inputs(dir: &Path, valid: &image::GrayImage) -> std::io::Result
         &encode(&DynamicImage::ImageRgba8(gray.to_rgba8()), ImageFormat::Png),
         Readable,
     )?;
-    let wide: ImageBuffer<Luma<u16>, Vec<u16>> =
-        ImageBuffer::from_fn(valid.width(), valid.height(), |x, y| {
-            Luma([u16::from(valid.get_pixel(x, y)[0]) * 257])
-        });
-    put(
-        "16-bit PNG",
-        "sixteen.png",
-        &encode(&DynamicImage::ImageLuma16(wide), ImageFormat::Png),
-        Readable,
-    )?;
-    let one: ImageBuffer<Rgba<u8>, Vec<u8>> = ImageBuffer::from_pixel(1, 1, Rgba([200, 200, 200, 255]));
-    // One pixel, or one gray level everywhere: nothing to classify.
-    put(
-        "1×1 PNG (constant)",
-        "one-pixel.png",
-        &encode(&DynamicImage::ImageRgba8(one), ImageFormat::Png),
-        Unreadable,
-    )?;
-    let flat = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 3000, Luma([90])));
-    put(
-        "4×3000 PNG of one gray level",
-        "flat-tall.png",
-        &encode(&flat, ImageFormat::Png),
-        Unreadable,
-    )?;
-    let tall = DynamicImage::ImageLuma8(image::GrayImage::from_fn(4, 3000, |x, y| {
-        Luma([((x + y) % 200) as u8])
-    }));
-    put(
-        "4×3000 PNG",
-        "tall.png",
-        &encode(&tall, ImageFormat::Png),
-        Readable,
-    )?;
-    let small = image::imageops::resize(valid, 48, 40, image::imageops::FilterType::Triangle);
-    put(
-        "DICOM, 12-bit",
-        "plain.dcm",
-        &crate::dicom::dicom_bytes(
-            &small
-                .as_raw()
-                .iter()
-                .map(|&v| crate::dicom::to_twelve_bits(v))
-                .collect::<Vec<_>>(),
-            &crate::dicom::DicomSpec::twelve_bit((48, 40)),
-        ),
-        Readable,
-    )?;
-    for (i, (kind, bytes)) in crate::dicom::crafted_dicoms(48, 40, small.as_raw())
-        .into_iter()
-        .enumerate()
-    {
-        put(kind, &format!("crafted-{i}.dcm"), &bytes, Unreadable)?;
+    for (kind, name, bytes, expect) in generated_images(valid) {
+        put(kind, name, &bytes, expect)?;
+    }
+    for (kind, name, bytes, expect) in dicom_entries(valid) {
+        put(kind, &name, &bytes, expect)?;
     }
     put("TIFF", "plain.tif", &encode(&gray, ImageFormat::Tiff), Readable)?;
     put("WebP", "plain.webp", &encode(&gray, ImageFormat::WebP), Readable)?;
     put("BMP", "plain.bmp", &encode(&gray, ImageFormat::Bmp), Readable)?;
-    put("comma and quotes in the name", "a,\"b\".jpg", &jpeg, Readable)?;
-    put("newline in the name", "two\nlines.jpg", &jpeg, Readable)?;
-    put("leading dash", "-rf.jpg", &jpeg, Readable)?;
-    put("formula name", "=cmd().jpg", &jpeg, Readable)?;
-    put(
-        "very long name",
-        &format!("{}.jpg", "x".repeat(240)),
-        &jpeg,
-        Readable,
-    )?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let name = std::ffi::OsStr::from_bytes(b"latin1-\xe9.jpg");
-        let path = dir.join(name);
-        std::fs::write(&path, &jpeg)?;
-        entries.push(BadInput {
-            kind: "non-UTF-8 name",
-            path,
-            expect: Readable,
-        });
-        let loop_link = dir.join("loop");
-        std::os::unix::fs::symlink(".", &loop_link)?;
-        entries.push(BadInput {
-            kind: "symlink loop",
-            path: loop_link,
-            expect: Ignored,
-        });
-        let dangling = dir.join("dangling.jpg");
-        std::os::unix::fs::symlink("does-not-exist.jpg", &dangling)?;
-        entries.push(BadInput {
-            kind: "dangling symlink",
-            path: dangling,
-            expect: Ignored,
-        });
+    // Names that break naive CSV, shells, spreadsheets and path limits: each holds the valid JPEG.
+    let long = format!("{}.jpg", "x".repeat(240));
+    for (kind, name) in [
+        ("comma and quotes in the name", "a,\"b\".jpg"),
+        ("newline in the name", "two\nlines.jpg"),
+        ("leading dash", "-rf.jpg"),
+        ("formula name", "=cmd().jpg"),
+        ("very long name", long.as_str()),
+    ] {
+        put(kind, name, &jpeg, Readable)?;
     }
+    #[cfg(unix)]
+    entries.extend(unix_entries(dir, &jpeg)?);
     let folder = dir.join("folder.jpg");
     std::fs::create_dir_all(&folder)?;
     entries.push(BadInput {

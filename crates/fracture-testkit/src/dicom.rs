@@ -324,6 +324,43 @@ pub fn deflated_bomb(inflated_bytes: u32) -> Vec<u8> {
     out
 }
 
+/// `plain` with a VOI LUT Sequence whose descriptor declares 65,536 entries and whose data holds 10.
+fn short_voi_lut(plain: &[u8]) -> Vec<u8> {
+    edit_dicom(plain, |o| {
+        let item = InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::LUT_DESCRIPTOR,
+                VR::US,
+                PrimitiveValue::U16([0u16, 0, 16].into_iter().collect()),
+            ),
+            DataElement::new(
+                tags::LUT_DATA,
+                VR::OW,
+                PrimitiveValue::U16((0..10u16).map(|v| v * 6000).collect()),
+            ),
+        ]);
+        o.put(DataElement::new(
+            tags::VOILUT_SEQUENCE,
+            VR::SQ,
+            DicomValue::new_sequence(vec![item], dicom_core::Length::UNDEFINED),
+        ));
+    })
+}
+
+/// `plain` (explicit VR) with its Modality element rewritten to declare 4 GB in a small file: a
+/// parser that trusted the length would allocate it before reading.
+fn four_gigabyte_element(plain: &[u8]) -> Vec<u8> {
+    // An element declaring 4 GB in a small file: the parser would allocate it before reading.
+    let mut huge = plain.to_vec();
+    let at = huge
+        .windows(4)
+        .position(|w| w == [0x08, 0x00, 0x60, 0x00])
+        .expect("a Modality element");
+    // (0008,0060) CS has a short explicit-VR header: rewritten as UN with a 4-byte length.
+    huge.splice(at + 4..at + 8, [b'U', b'N', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF]);
+    huge
+}
+
 /// DICOM files whose header and pixel data disagree, or that decode to nothing a model could
 /// classify, each of which a reader must refuse with an error naming the file: `(kind, bytes)`.
 /// `luma` is a `width × height` radiograph (at least 16 × 16) the files start from. Every kind
@@ -402,25 +439,7 @@ pub fn crafted_dicoms(width: u32, height: u32, luma: &[u8]) -> Vec<(&'static str
         ),
         (
             "DICOM: VOI LUT declaring 65536 entries, holding 10",
-            edit_dicom(&plain, |o| {
-                let item = InMemDicomObject::from_element_iter([
-                    DataElement::new(
-                        tags::LUT_DESCRIPTOR,
-                        VR::US,
-                        PrimitiveValue::U16([0u16, 0, 16].into_iter().collect()),
-                    ),
-                    DataElement::new(
-                        tags::LUT_DATA,
-                        VR::OW,
-                        PrimitiveValue::U16((0..10u16).map(|v| v * 6000).collect()),
-                    ),
-                ]);
-                o.put(DataElement::new(
-                    tags::VOILUT_SEQUENCE,
-                    VR::SQ,
-                    DicomValue::new_sequence(vec![item], dicom_core::Length::UNDEFINED),
-                ));
-            }),
+            short_voi_lut(&plain),
         ),
         (
             "DICOM: all-zero pixel data",
@@ -437,15 +456,10 @@ pub fn crafted_dicoms(width: u32, height: u32, luma: &[u8]) -> Vec<(&'static str
             ),
         ),
     ];
-    // An element declaring 4 GB in a small file: the parser would allocate it before reading.
-    let mut huge = plain.clone();
-    let at = huge
-        .windows(4)
-        .position(|w| w == [0x08, 0x00, 0x60, 0x00])
-        .expect("a Modality element");
-    // (0008,0060) CS has a short explicit-VR header: rewritten as UN with a 4-byte length.
-    huge.splice(at + 4..at + 8, [b'U', b'N', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF]);
-    cases.push(("DICOM: an element declaring 4 GB in a small file", huge));
+    cases.push((
+        "DICOM: an element declaring 4 GB in a small file",
+        four_gigabyte_element(&plain),
+    ));
     cases.push((
         "DICOM: deflated data set inflating to 300 MB",
         deflated_bomb(300 << 20),

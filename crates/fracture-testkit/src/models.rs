@@ -83,6 +83,66 @@ fn first_matrix(header: &serde_json::Map<String, Value>) -> Option<String> {
     })
 }
 
+/// The edits of `good`'s first matrix and its data (swapped dimensions, a wrong dtype, a NaN
+/// weight, a flipped bit, a weight of 65504), as `(kind, file name, bytes)`; none when `good` has
+/// no matrix.
+fn tensor_edits(good: &[u8]) -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let mut edits = Vec::new();
+    let Some((header, data)) = split(good) else {
+        return edits;
+    };
+    let Some(name) = first_matrix(&header) else {
+        return edits;
+    };
+    let mut swapped = header.clone();
+    if let Some(shape) = swapped[&name].get_mut("shape").and_then(Value::as_array_mut) {
+        shape.swap(0, 1);
+    }
+    edits.push((
+        "tensor with swapped dimensions",
+        "wrong-shape.safetensors",
+        join(&swapped, data),
+    ));
+    let mut dtype = header.clone();
+    dtype[&name]["dtype"] = Value::String("F16".into());
+    edits.push((
+        "tensor with a wrong dtype",
+        "wrong-dtype.safetensors",
+        join(&dtype, data),
+    ));
+    let start = header[&name]["data_offsets"][0].as_u64().unwrap_or(0) as usize;
+    let mut nan = data.to_vec();
+    if let Some(w) = nan.get_mut(start..start + 4) {
+        w.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    edits.push(("NaN weight", "nan-weight.safetensors", join(&header, &nan)));
+    // Finite but altered weights: only the tensors' recorded digest can tell.
+    let mut flipped = data.to_vec();
+    if let Some(b) = flipped.get_mut(start + 1) {
+        *b ^= 0x40;
+    }
+    edits.push((
+        "one flipped bit in one weight",
+        "flipped-bit.safetensors",
+        join(&header, &flipped),
+    ));
+    let mut large = data.to_vec();
+    let value: Vec<u8> = if header[&name]["dtype"] == "F16" {
+        vec![0xFF, 0x7B]
+    } else {
+        65504f32.to_le_bytes().to_vec()
+    };
+    if let Some(w) = large.get_mut(start..start + value.len()) {
+        w.copy_from_slice(&value);
+    }
+    edits.push((
+        "one weight set to 65504",
+        "large-weight.safetensors",
+        join(&header, &large),
+    ));
+    edits
+}
+
 /// Writes damaged and edited copies of the valid model file `good` (its bytes) into `dir`
 /// (created): zero bytes, random bytes, truncated, an impossible header length, a garbled header,
 /// a tensor with swapped dimensions, a tensor with a wrong dtype, a NaN weight, a threshold of 1.5,
@@ -119,55 +179,8 @@ pub fn write_bad_models(dir: &Path, good: &[u8], keys: ModelKeys<'_>) -> std::io
         *b = b'[';
     }
     put("garbled header", "garbled.safetensors", garbled)?;
-    if let Some((header, data)) = split(good)
-        && let Some(name) = first_matrix(&header)
-    {
-        let mut swapped = header.clone();
-        if let Some(shape) = swapped[&name].get_mut("shape").and_then(Value::as_array_mut) {
-            shape.swap(0, 1);
-        }
-        put(
-            "tensor with swapped dimensions",
-            "wrong-shape.safetensors",
-            join(&swapped, data),
-        )?;
-        let mut dtype = header.clone();
-        dtype[&name]["dtype"] = Value::String("F16".into());
-        put(
-            "tensor with a wrong dtype",
-            "wrong-dtype.safetensors",
-            join(&dtype, data),
-        )?;
-        let start = header[&name]["data_offsets"][0].as_u64().unwrap_or(0) as usize;
-        let mut nan = data.to_vec();
-        if let Some(w) = nan.get_mut(start..start + 4) {
-            w.copy_from_slice(&f32::NAN.to_le_bytes());
-        }
-        put("NaN weight", "nan-weight.safetensors", join(&header, &nan))?;
-        // Finite but altered weights: only the tensors' recorded digest can tell.
-        let mut flipped = data.to_vec();
-        if let Some(b) = flipped.get_mut(start + 1) {
-            *b ^= 0x40;
-        }
-        put(
-            "one flipped bit in one weight",
-            "flipped-bit.safetensors",
-            join(&header, &flipped),
-        )?;
-        let mut large = data.to_vec();
-        let value: Vec<u8> = if header[&name]["dtype"] == "F16" {
-            vec![0xFF, 0x7B]
-        } else {
-            65504f32.to_le_bytes().to_vec()
-        };
-        if let Some(w) = large.get_mut(start..start + value.len()) {
-            w.copy_from_slice(&value);
-        }
-        put(
-            "one weight set to 65504",
-            "large-weight.safetensors",
-            join(&header, &large),
-        )?;
+    for (kind, name, bytes) in tensor_edits(good) {
+        put(kind, name, bytes)?;
     }
     put(
         "preprocessing std 1e-30",
