@@ -98,20 +98,12 @@ fn start_server(
     Ok((server, pid, addr))
 }
 
-/// Two clients sending `head` + `body` to `addr` for five seconds.
+/// Two clients sending `head` + `body` to `addr` for five seconds ([`start_load`], stopped).
 fn warm_up(addr: &str, head: &str, body: &[u8]) {
-    let warm: Vec<_> = (0..2)
-        .map(|_| {
-            let (addr, head, body) = (addr.to_string(), head.to_string(), body.to_vec());
-            std::thread::spawn(move || {
-                let until = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < until {
-                    let _ = request(&addr, &head, &body);
-                }
-            })
-        })
-        .collect();
-    for t in warm {
+    let (stop, _, _, clients) = start_load(addr, head, body);
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
         let _ = t.join();
     }
 }

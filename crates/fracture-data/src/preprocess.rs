@@ -191,7 +191,18 @@ impl PreprocessConfig {
     /// pixels, so that results on the input can be mapped back into the image's own pixels.
     pub fn load_file_sized(&self, path: &Path, limits: &DecodeLimits) -> Result<(Array2<u8>, (u32, u32))> {
         let bytes = read_file_limited(path, limits)?;
-        let gray = decode_gray(&bytes, path, limits)?;
+        self.load_bytes_sized(&bytes, path, limits)
+    }
+
+    /// [`PreprocessConfig::load_bytes`], also returning the decoded image's `(width, height)` in
+    /// pixels.
+    pub fn load_bytes_sized(
+        &self,
+        bytes: &[u8],
+        origin: &Path,
+        limits: &DecodeLimits,
+    ) -> Result<(Array2<u8>, (u32, u32))> {
+        let gray = decode_gray(bytes, origin, limits)?;
         Ok((self.resize(&gray)?, gray.dimensions()))
     }
 

@@ -174,8 +174,10 @@ impl<'m> Predictor<'m> {
     /// The prediction for one encoded image (any supported format, DICOM included); `origin`
     /// names it in errors and in [`Prediction::path`].
     pub fn bytes(&self, bytes: &[u8], origin: &Path) -> Result<Prediction> {
-        let gray = decode_gray(bytes, origin, &self.limits)?;
-        let decoded = (self.model.preprocess().resize(&gray)?, gray.dimensions());
+        let decoded = self
+            .model
+            .preprocess()
+            .load_bytes_sized(bytes, origin, &self.limits)?;
         let mut out = self.decoded(&[(origin, decoded)])?;
         out.pop().ok_or_else(|| crate::Error::NoPrediction {
             path: origin.to_path_buf(),
