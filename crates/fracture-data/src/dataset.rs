@@ -397,7 +397,7 @@ fn skip_reason(e: &Error) -> String {
         Error::FileTooLarge { bytes, limit, .. } => {
             format!("file is {bytes} bytes, over the limit of {limit}")
         }
-        Error::Io { source, .. } => source.to_string(),
+        Error::Io(e) => e.source.to_string(),
         other => other.to_string(),
     }
 }

@@ -5,6 +5,7 @@
 //! goes through the `image` crate. Both paths apply the EXIF orientation and produce BT.601 luma
 //! (`0.299 R + 0.587 G + 0.114 B`, what JPEG's Y channel and PIL's `convert("L")` use).
 
+use fracture_fs::AtPath;
 use std::io::Cursor;
 use std::path::Path;
 
@@ -21,7 +22,7 @@ use crate::{DecodeLimits, Error, Result};
 
 /// Reads a whole file, refusing empty files and files over `limits.max_file_bytes`.
 pub fn read_file_limited(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let meta = std::fs::metadata(path).at(path)?;
     if meta.len() == 0 {
         return Err(Error::EmptyFile {
             path: path.to_path_buf(),
@@ -34,7 +35,7 @@ pub fn read_file_limited(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>> 
             limit: limits.max_file_bytes,
         });
     }
-    std::fs::read(path).map_err(|e| Error::io(path, e))
+    std::fs::read(path).at(path).map_err(Error::from)
 }
 
 /// Decodes image bytes to full-resolution 8-bit luma.

@@ -1,5 +1,6 @@
 //! Finding images in a folder tree: `<root>/<split>/<class>/<file>`.
 
+use fracture_fs::AtPath;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -245,7 +246,7 @@ impl Tracker {
     fn new(root: &Path) -> Result<Self> {
         Ok(Tracker {
             given: root.to_path_buf(),
-            root: fs::canonicalize(root).map_err(|e| Error::io(root, e))?,
+            root: fs::canonicalize(root).at(root)?,
             owners: HashMap::new(),
             removed: HashSet::new(),
             problems: Vec::new(),
@@ -290,7 +291,7 @@ fn class_folder_items(
                 continue;
             }
             let mut files = Vec::new();
-            let bound = fs::canonicalize(class_dir).map_err(|e| Error::io(class_dir, e))?;
+            let bound = fs::canonicalize(class_dir).at(class_dir)?;
             let mut walk = Walk {
                 bound: Some(bound),
                 visited: HashSet::new(),
@@ -302,7 +303,7 @@ fn class_folder_items(
                     skipped.push(Skipped::new(&file, short_reason(&e)));
                     continue;
                 }
-                let id = fs::canonicalize(&file).map_err(|e| Error::io(&file, e))?;
+                let id = fs::canonicalize(&file).at(&file)?;
                 if !id.starts_with(&tracker.root) {
                     tracker.problems.push(Skipped::new(
                         &file,
@@ -381,18 +382,18 @@ fn class_folder_items(
 /// in the second list. Symbolic links are followed, but every folder is walked once (a link back
 /// to a folder above is passed over) and every file is listed once however many links reach it.
 pub fn list_image_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<Skipped>)> {
-    let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let meta = fs::metadata(path).at(path)?;
     if meta.is_file() {
         return Ok((vec![path.to_path_buf()], Vec::new()));
     }
     if !meta.is_dir() {
-        return Err(Error::io(
+        return Err(Error::Io(fracture_fs::PathError::new(
             path,
             std::io::Error::other(format!(
                 "{}, neither an image file nor a folder: skipped",
                 special_file_kind(&meta)
             )),
-        ));
+        )));
     }
     let mut files = Vec::new();
     let mut skipped = Vec::new();
@@ -453,7 +454,7 @@ fn check_file(path: &Path) -> Result<()> {
             path: path.to_path_buf(),
         });
     }
-    let len = fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let len = fs::metadata(path).at(path)?.len();
     if len == 0 {
         return Err(Error::EmptyFile {
             path: path.to_path_buf(),
@@ -477,8 +478,8 @@ fn is_hidden(name: &str) -> bool {
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
         out.push(entry.path());
     }
     out.sort();

@@ -6,14 +6,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file or folder could not be read or written.
-    #[error("{}: {source}", crate::path_shown(path))]
-    Io {
-        /// The file or folder involved.
-        path: PathBuf,
-        /// What the operating system said.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] fracture_fs::PathError),
     /// The bytes are not a readable image (corrupt, truncated, unsupported, or over a decoding limit).
     #[error("{}: cannot decode image: {source}", crate::path_shown(path))]
     Decode {
@@ -123,12 +117,3 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
-    }
-}

@@ -13,7 +13,6 @@ mod discover;
 mod error;
 mod label;
 mod luma;
-mod paths;
 mod preprocess;
 mod split;
 mod summary;
@@ -32,9 +31,9 @@ pub use discover::{
     has_image_extension, is_image_file, list_image_files,
 };
 pub use error::{Error, Result};
+pub use fracture_fs::paths::{escape_controls, path_shown, path_text};
 pub use label::Label;
 pub use luma::{DecodeLimits, WINDOW_TAIL, window16};
-pub use paths::{escape_controls, path_shown, path_text};
 pub use preprocess::{
     ContentBox, ImageFit, PreprocessConfig, ResizeMode, SIZE_RANGE, STANDARDIZE_MEAN_RANGE,
     STANDARDIZE_STD_RANGE, Standardize, to_unit,

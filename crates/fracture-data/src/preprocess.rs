@@ -21,6 +21,7 @@ use crate::{DecodeLimits, Error, Result};
 /// How a non-square image is brought to `size × size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ResizeMode {
     /// Scale each axis independently to `size` (what the original project did).
     #[default]

@@ -43,9 +43,11 @@ pub fn decide(scores: &[f64], threshold: f64) -> Result<Vec<bool>> {
 /// How to choose an operating threshold from validation scores.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "rule", rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ThresholdRule {
     /// The highest threshold whose sensitivity reaches `target` (so specificity is as high as that
     /// sensitivity allows). Clinical default: a target of 0.90.
+    #[cfg_attr(feature = "clap", value(skip))]
     TargetSensitivity {
         /// Required sensitivity in (0, 1].
         target: f64,

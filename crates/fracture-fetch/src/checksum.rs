@@ -1,5 +1,6 @@
 //! Whole-file checksums, compared with what the server announced.
 
+use fracture_fs::AtPath;
 use std::io::Read;
 use std::path::Path;
 
@@ -48,12 +49,12 @@ pub(crate) fn verify(path: &Path, announced: &Announced) -> Result<Vec<&'static 
     if announced.md5.is_none() && announced.crc32c.is_none() {
         return Ok(Vec::new());
     }
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = std::fs::File::open(path).at(path)?;
     let mut md5 = Md5::new();
     let mut crc = Crc32c::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        let n = file.read(&mut buf).at(path)?;
         if n == 0 {
             break;
         }

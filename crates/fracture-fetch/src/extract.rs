@@ -2,6 +2,7 @@
 //! result appears at its destination only when complete (extracted into a temporary folder, then
 //! renamed).
 
+use fracture_fs::AtPath;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -75,7 +76,7 @@ pub fn extract_zip(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Resul
         path: archive.to_path_buf(),
         reason,
     };
-    let file = File::open(archive).map_err(|e| Error::io(archive, e))?;
+    let file = File::open(archive).at(archive)?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a readable zip archive ({e})")))?;
     if zip.len() > limits.max_entries {
         return Err(bad(format!(
@@ -131,21 +132,21 @@ pub fn extract_zip(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Resul
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     let result = (|| -> Result<Extracted> {
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::create_dir_all(&tmp).at(&tmp)?;
         let mut stats = Extracted { files: 0, bytes: 0 };
         for (i, rel, is_dir, size) in plan {
             let target = tmp.join(&rel);
             if is_dir {
-                std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+                std::fs::create_dir_all(&target).at(&target)?;
                 continue;
             }
             if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                std::fs::create_dir_all(parent).at(parent)?;
             }
             let entry = zip
                 .by_index(i)
                 .map_err(|e| bad(format!("entry `{}` is unreadable ({e})", rel.display())))?;
-            let mut out = File::create(&target).map_err(|e| Error::io(&target, e))?;
+            let mut out = File::create(&target).at(&target)?;
             // One byte more than declared is allowed through so that a lying size is detected.
             let written = std::io::copy(&mut entry.take(size + 1), &mut out)
                 .map_err(|e| bad(format!("entry `{}` is corrupt ({e})", rel.display())))?;
@@ -162,7 +163,7 @@ pub fn extract_zip(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Resul
     })();
     match result {
         Ok(stats) => {
-            std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))?;
+            std::fs::rename(&tmp, dest).at(dest)?;
             Ok(stats)
         }
         Err(e) => {

@@ -1,6 +1,7 @@
 //! Fetching a dataset: cache check, download (anonymous, then with credentials), checksum, safe
 //! extraction, and a marker that makes the next call a no-op.
 
+use fracture_fs::AtPath;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -192,7 +193,7 @@ pub(crate) fn archive_for(
     download: &mut DownloadInto<'_>,
 ) -> Result<(PathBuf, u64, Vec<String>)> {
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        std::fs::create_dir_all(parent).at(parent)?;
     }
     let archive = sibling(dest, ".zip");
     let part = sibling(dest, ".zip.part");
@@ -207,11 +208,9 @@ pub(crate) fn archive_for(
         )));
     } else {
         checks = download(&part, on_event)?;
-        std::fs::rename(&part, &archive).map_err(|e| Error::io(&archive, e))?;
+        std::fs::rename(&part, &archive).at(&archive)?;
     }
-    let bytes = std::fs::metadata(&archive)
-        .map_err(|e| Error::io(&archive, e))?
-        .len();
+    let bytes = std::fs::metadata(&archive).at(&archive)?.len();
     Ok((archive, bytes, checks))
 }
 
@@ -240,11 +239,11 @@ pub(crate) fn install(
     keep_archive: bool,
 ) -> Result<()> {
     let marker_path = staging.join(MARKER_FILE);
-    std::fs::write(&marker_path, marker).map_err(|e| Error::io(&marker_path, e))?;
+    std::fs::write(&marker_path, marker).at(&marker_path)?;
     if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+        std::fs::remove_dir_all(dest).at(dest)?;
     }
-    std::fs::rename(staging, dest).map_err(|e| Error::io(dest, e))?;
+    std::fs::rename(staging, dest).at(dest)?;
     if !keep_archive {
         let _ = std::fs::remove_file(archive);
     }

@@ -16,6 +16,7 @@
 //! README.md   source, licence, citation and how the split was drawn
 //! ```
 
+use fracture_fs::AtPath;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -432,7 +433,7 @@ fn organise(raw: &Path, staging: &Path, plan: &SplitPlan) -> Result<FracAtlasFet
     for split in SPLITS {
         for class in CLASS_FOLDERS {
             let dir = staging.join(split).join(class);
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            std::fs::create_dir_all(&dir).at(&dir)?;
         }
     }
     listed.sort_by(|a, b| a.id.cmp(&b.id));
@@ -441,7 +442,7 @@ fn organise(raw: &Path, staging: &Path, plan: &SplitPlan) -> Result<FracAtlasFet
         let split = split_of[row.id.as_str()];
         let name = from.file_name().unwrap_or_default();
         let to = staging.join(SPLITS[split]).join(CLASS_FOLDERS[*class]).join(name);
-        std::fs::rename(from, &to).map_err(|e| Error::io(&to, e))?;
+        std::fs::rename(from, &to).at(&to)?;
         counts[split][*class] += 1;
     }
 
@@ -449,7 +450,7 @@ fn organise(raw: &Path, staging: &Path, plan: &SplitPlan) -> Result<FracAtlasFet
     write_meta_csv(staging, &listed, &split_of)?;
     let readme = readme_text(plan, &counts, box_rows);
     let path = staging.join("README.md");
-    std::fs::write(&path, readme).map_err(|e| Error::io(&path, e))?;
+    std::fs::write(&path, readme).at(&path)?;
     Ok(FracAtlasFetched {
         root: staging.to_path_buf(),
         cached: false,
@@ -483,7 +484,7 @@ fn write_boxes_csv(
             }
         }
         let path = staging.join("boxes.csv");
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        std::fs::write(&path, text).at(&path)?;
     }
 
     Ok(box_rows)
@@ -508,7 +509,7 @@ fn write_meta_csv(staging: &Path, listed: &[&Row], split_of: &HashMap<&str, usiz
         ));
     }
     let path = staging.join("meta.csv");
-    std::fs::write(&path, meta).map_err(|e| Error::io(&path, e))?;
+    std::fs::write(&path, meta).at(&path)?;
     Ok(())
 }
 

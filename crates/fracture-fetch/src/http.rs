@@ -353,7 +353,7 @@ impl Client {
             .append(start > 0)
             .truncate(start == 0)
             .open(part)
-            .map_err(|e| Step::Fatal(Failure::Other(Error::io(part, e))))?;
+            .map_err(|e| Step::Fatal(Failure::Other(Error::Io(fracture_fs::PathError::new(part, e)))))?;
         let mut done = start;
         on_event(Event::Progress {
             downloaded: done,
@@ -366,8 +366,9 @@ impl Client {
             match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    file.write_all(&buf[..n])
-                        .map_err(|e| Step::Fatal(Failure::Other(Error::io(part, e))))?;
+                    file.write_all(&buf[..n]).map_err(|e| {
+                        Step::Fatal(Failure::Other(Error::Io(fracture_fs::PathError::new(part, e))))
+                    })?;
                     done += n as u64;
                     if last.elapsed() >= Duration::from_millis(100) {
                         on_event(Event::Progress {
@@ -378,8 +379,9 @@ impl Client {
                     }
                 }
                 Err(e) => {
-                    file.sync_all()
-                        .map_err(|e| Step::Fatal(Failure::Other(Error::io(part, e))))?;
+                    file.sync_all().map_err(|e| {
+                        Step::Fatal(Failure::Other(Error::Io(fracture_fs::PathError::new(part, e))))
+                    })?;
                     return Err(Step::Retry(format!(
                         "the connection dropped after {done} bytes ({e})"
                     )));
@@ -387,7 +389,7 @@ impl Client {
             }
         }
         file.sync_all()
-            .map_err(|e| Step::Fatal(Failure::Other(Error::io(part, e))))?;
+            .map_err(|e| Step::Fatal(Failure::Other(Error::Io(fracture_fs::PathError::new(part, e)))))?;
         on_event(Event::Progress {
             downloaded: done,
             total,

@@ -4,6 +4,62 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub mod paths;
+
+/// An I/O error with the file or folder it concerns: what every fracture crate's `Error::Io`
+/// holds. Shown as `PATH: what the operating system said`, the path as [`paths::path_shown`]
+/// renders it (control characters escaped).
+#[derive(Debug)]
+pub struct PathError {
+    /// The file or folder.
+    pub path: PathBuf,
+    /// What the operating system said.
+    pub source: std::io::Error,
+}
+
+impl PathError {
+    /// The error `source` met at `path`.
+    pub fn new(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        PathError {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl std::fmt::Display for PathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", paths::path_shown(&self.path), self.source)
+    }
+}
+
+impl std::error::Error for PathError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Names the path an I/O result concerns: `std::fs::read(&p).at(&p)?`.
+///
+/// ```
+/// use fracture_fs::AtPath;
+///
+/// let missing = std::path::Path::new("no/such/file.txt");
+/// let err = std::fs::read(missing).at(missing).unwrap_err();
+/// assert_eq!(err.path, missing);
+/// assert!(err.to_string().starts_with("no/such/file.txt: "));
+/// ```
+pub trait AtPath<T> {
+    /// The result, its error tied to `path` (copied only on an error).
+    fn at(self, path: impl AsRef<Path>) -> Result<T, PathError>;
+}
+
+impl<T> AtPath<T> for std::io::Result<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T, PathError> {
+        self.map_err(|e| PathError::new(path.as_ref(), e))
+    }
+}
+
 /// Writes `bytes` to `path` atomically and durably: a temporary file in the same folder, fsync,
 /// rename, then a best-effort fsync of the folder. Readers see the old file or the new one, never
 /// a torn one, and after a crash the new one is on disk.

@@ -9,6 +9,7 @@
 //! line, which [`ResultsFile::open`] with `resume` cuts away before appending. [`merge`] joins the
 //! shards' files, refuses an image written twice and reports the shards it found no rows of.
 
+use fracture_fs::AtPath;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -164,7 +165,7 @@ impl ResultsFile {
     /// [`ResultsFile::done`]; a CSV file's header must equal `csv_header`. A missing file is
     /// created as without `resume`.
     pub fn open(path: &Path, format: RowFormat, csv_header: &str, resume: bool) -> Result<ResultsFile> {
-        let io = |e| Error::io(path, e);
+        let io = |e| Error::Io(fracture_fs::PathError::new(path, e));
         if !(resume && path.exists()) {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
@@ -276,7 +277,7 @@ fn read_rows(text: &[u8], format: RowFormat, path: &Path) -> Result<Rows> {
     match format {
         RowFormat::JsonLines => {
             for (i, line) in text.lines().enumerate() {
-                let line = line.map_err(|e| Error::io(path, e))?;
+                let line = line.at(path)?;
                 if line.trim().is_empty() {
                     continue;
                 }
@@ -371,7 +372,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path, allow_gaps: bool) -> Result<MergeRe
                 first.display()
             )));
         }
-        let text = std::fs::read(input).map_err(|e| Error::io(input, e))?;
+        let text = std::fs::read(input).at(input)?;
         if text.last().is_some_and(|&b| b != b'\n') {
             return Err(Error::InvalidConfig(format!(
                 "{}: its last line is cut off (a shard still running, or killed): resume it first",
@@ -446,7 +447,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path, allow_gaps: bool) -> Result<MergeRe
         text.push_str(row);
         text.push('\n');
     }
-    fracture_fs::write_atomic(out, text.as_bytes()).map_err(|e| Error::io(out, e))?;
+    fracture_fs::write_atomic(out, text.as_bytes()).at(out)?;
     Ok(MergeReport {
         rows: by_name.len(),
         count,

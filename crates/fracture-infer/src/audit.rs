@@ -1,6 +1,7 @@
 //! What an audit writes (`audit.json`, `duplicates.csv`, one contact sheet per cross-split group) and
 //! what training does with it (`--exclude-leaks`, the training fingerprints kept with a run).
 
+use fracture_fs::AtPath;
 use std::path::{Path, PathBuf};
 
 use fracture_data::audit::{AuditReport, DuplicateGroup, Known};
@@ -121,9 +122,9 @@ pub fn write_audit(
     sheets: usize,
     limits: &DecodeLimits,
 ) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).at(dir)?;
     let write = |path: PathBuf, bytes: &[u8]| -> Result<PathBuf> {
-        fracture_fs::write_atomic(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        fracture_fs::write_atomic(&path, bytes).at(&path)?;
         Ok(path)
     };
     let groups: Vec<JsonGroup> = report
@@ -222,7 +223,7 @@ pub fn write_audit(
             })
             .collect();
         let png = fracture_plot::contact_sheet_png(&tiles, tiles.len().clamp(1, 6), 256)?;
-        std::fs::create_dir_all(&sheet_dir).map_err(|e| Error::io(&sheet_dir, e))?;
+        std::fs::create_dir_all(&sheet_dir).at(&sheet_dir)?;
         written.push(write(sheet_dir.join(format!("group-{:04}.png", i + 1)), &png)?);
     }
     Ok(written)
@@ -265,7 +266,7 @@ pub fn training_fingerprints_file(
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(&path, e)),
+            Err(e) => return Err(Error::Io(fracture_fs::PathError::new(&path, e))),
         };
         if let Some(expected) = recorded
             && !sha256_hex(&bytes).eq_ignore_ascii_case(expected)
@@ -314,7 +315,7 @@ pub fn write_near_duplicates(dir: &Path, near: &[(PathBuf, u32)]) -> Result<Opti
     }
     let bytes = csv.into_inner().map_err(|e| bad(e.into_error().into()))?;
     let file = dir.join(NEAR_DUPLICATES_CSV);
-    fracture_fs::write_atomic(&file, &bytes).map_err(|e| Error::io(&file, e))?;
+    fracture_fs::write_atomic(&file, &bytes).at(&file)?;
     Ok(Some(file))
 }
 

@@ -15,7 +15,7 @@ pub(crate) fn csv_error(path: &Path, line: u64, why: &str) -> Error {
 /// naming it, a header that cannot be read an error naming line 1.
 pub(crate) fn open_csv(path: &Path) -> Result<(csv::Reader<std::fs::File>, csv::StringRecord)> {
     let mut reader = csv::Reader::from_path(path).map_err(|e| match e.into_kind() {
-        csv::ErrorKind::Io(io) => Error::io(path, io),
+        csv::ErrorKind::Io(io) => Error::Io(fracture_fs::PathError::new(path, io)),
         other => csv_error(path, 1, &format!("{other:?}")),
     })?;
     let header = reader

@@ -33,14 +33,8 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file or folder.
-        path: PathBuf,
-        /// What the operating system said.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] fracture_fs::PathError),
     /// A loaded model gave no number for an image (its weights overflow on it).
     #[error("{}: the model's output is {value} for this image (its weights overflow): not a usable model", path.display())]
     NoPrediction {
@@ -53,12 +47,3 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
-    }
-}

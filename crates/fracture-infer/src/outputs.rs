@@ -1,6 +1,7 @@
 //! Evaluating a trained model on labelled images, predicting unlabelled ones, and the files and
 //! charts that record the results.
 
+use fracture_fs::AtPath;
 use std::path::{Path, PathBuf};
 
 use fracture_data::{FolderDataset, Item, LoadOptions, Skipped, Split};
@@ -149,7 +150,7 @@ pub struct EvalSource<'a> {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
-    write_atomic(path, bytes).map_err(|e| Error::io(path, e))?;
+    write_atomic(path, bytes).at(path)?;
     Ok(path.to_path_buf())
 }
 
@@ -162,7 +163,7 @@ pub fn write_evaluation(
     source: EvalSource<'_>,
     metrics_csv: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).at(dir)?;
     let mut written = Vec::new();
     let file = ReportFile {
         report: &eval.report,

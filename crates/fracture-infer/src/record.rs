@@ -90,6 +90,7 @@ impl std::str::FromStr for PosWeight {
 /// The validation metric that decides which epoch's model is kept as the best.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum BestMetric {
     /// Area under the ROC curve (threshold-free; the default).
     #[default]

@@ -86,6 +86,7 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
 
 /// Which implementation the networks use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Kernels {
     /// Our kernels on the CPU, candle's elsewhere (the default).
     #[default]
@@ -95,6 +96,7 @@ pub enum Kernels {
     /// networks keep their first layer in FP32: see [`Kernels::for_pixels`]);
     /// weights, activations, gradients, batch-norm statistics and the optimizer stay FP32. The
     /// products run on [`bf16_backend`]. Elsewhere than the CPU, as [`Kernels::Fast`].
+    #[cfg_attr(feature = "clap", value(skip))]
     Bf16,
     /// Candle's own operations everywhere (the reference the kernels are checked against).
     Reference,
@@ -140,6 +142,7 @@ impl Kernels {
 /// The precision of the matrix products' operands (accumulation is FP32 either way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Precision {
     /// FP32 operands (the default).
     #[default]

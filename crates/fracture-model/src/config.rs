@@ -69,6 +69,10 @@ fn sixteen() -> usize {
     16
 }
 
+/// The localization head's possible strides ([`EfficientNetConfig::localization_stride`]), input
+/// pixels per map cell.
+pub const LOCALIZATION_STRIDES: [usize; 2] = [8, 16];
+
 impl Default for EfficientNetConfig {
     fn default() -> Self {
         EfficientNetConfig {
@@ -358,9 +362,9 @@ impl ModelConfig {
                         e.bn_momentum
                     )));
                 }
-                if ![8, 16].contains(&e.localization_stride) {
+                if !LOCALIZATION_STRIDES.contains(&e.localization_stride) {
                     return Err(Error::InvalidConfig(format!(
-                        "arch.localization_stride = {} is neither 8 nor 16",
+                        "arch.localization_stride = {} is not one of {LOCALIZATION_STRIDES:?}",
                         e.localization_stride
                     )));
                 }

@@ -12,14 +12,8 @@ pub enum Error {
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
     /// A weight file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What the operating system said.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] fracture_fs::PathError),
     /// A device was asked for whose backend this build does not include.
     #[error(
         "this binary was built without the `{backend}` feature: rebuild with `cargo build --release -p fracture-cli --features {backend}`"

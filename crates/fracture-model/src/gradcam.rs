@@ -22,16 +22,20 @@ use crate::net::{Inner, dense};
 
 /// How channel evidence is combined (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum CamMethod {
     /// Channels weighted by their spatially averaged gradient.
+    #[cfg_attr(feature = "clap", value(name = "gradcam"))]
     GradCam,
     /// Gradient times activation at each position (faithful for dense heads); the default.
     #[default]
+    #[cfg_attr(feature = "clap", value(name = "hirescam"))]
     HiResCam,
 }
 
 /// Which feature map a class activation map is computed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum CamLayer {
     /// The last convolutional map (stride 32 for EfficientNet-Lite0): the map the logit is computed
     /// from, so HiResCAM there is the logit's exact decomposition; the default.
@@ -44,6 +48,12 @@ pub enum CamLayer {
     /// [`FractureNet::forward_with_map`]): `sigmoid` of its logits, each cell's probability of
     /// lying inside a fracture, not rescaled, from the forward pass alone (no backward pass). An
     /// error for a network without the head; the method does not apply.
+    #[cfg_attr(
+        feature = "clap",
+        value(
+            help = "The localization head's map (a model trained with boxes): each cell's probability of lying inside a fracture"
+        )
+    )]
     Head,
 }
 

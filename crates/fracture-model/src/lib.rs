@@ -13,7 +13,9 @@ pub mod onnx;
 pub mod pretrained;
 mod weights;
 
-pub use config::{ArchConfig, EfficientNetConfig, ModelConfig, ResNetConfig, SeedConfig};
+pub use config::{
+    ArchConfig, EfficientNetConfig, LOCALIZATION_STRIDES, ModelConfig, ResNetConfig, SeedConfig,
+};
 pub use device::{DeviceChoice, bf16_device_note, compiled_backends, describe_device, device};
 pub use efficientnet::{LITE0_STAGES, STEM_CHANNELS};
 pub use error::{Error, Result};

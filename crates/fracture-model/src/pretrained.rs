@@ -13,6 +13,7 @@
 //! [`crate::Model::load_pretrained`] then copies the backbone into a network by name, checking every
 //! tensor's name and shape.
 
+use fracture_fs::AtPath;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Cursor, Read};
 use std::path::{Path, PathBuf};
@@ -54,10 +55,7 @@ pub struct PretrainedWeights {
 impl PretrainedWeights {
     /// Reads a safetensors or PyTorch (zip or legacy) file. Errors name the file and what is wrong.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).at(path)?;
         Self::from_bytes(&bytes, path)
     }
 

@@ -11,6 +11,7 @@
 //! since (one flipped bit in one weight moves predictions silently otherwise). Files written
 //! before the digest existed have none and load as before.
 
+use fracture_fs::AtPath;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -165,20 +166,16 @@ impl Model {
     /// [`Model::save`] with the tensors stored as `dtype` (see [`Model::to_safetensors_as`]).
     pub fn save_as(&self, path: &Path, extra: &BTreeMap<String, String>, dtype: DType) -> Result<()> {
         let bytes = self.to_safetensors_as(extra, dtype)?;
-        fracture_fs::write_atomic(path, &bytes).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        fracture_fs::write_atomic(path, &bytes)
+            .at(path)
+            .map_err(Error::from)
     }
 
     /// The precision the tensors of a weight file are stored in (F32, F16 or BF16; the first
     /// tensor's, as [`Model::save_as`] writes them all alike), read from the header alone, so that a
     /// tool rewriting the file's metadata can keep its weights bit for bit.
     pub fn stored_dtype(path: &Path) -> Result<DType> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).at(path)?;
         let bad = |reason: String| Error::BadWeights {
             path: path.to_path_buf(),
             reason,
@@ -205,10 +202,7 @@ impl Model {
     /// unknown architecture, a missing or unexpected tensor, or a tensor whose shape differs from
     /// what the stored configuration implies.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).at(path)?;
         Self::from_safetensors(&bytes, path, device)
     }
 

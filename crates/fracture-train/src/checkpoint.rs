@@ -6,6 +6,7 @@
 //! state is implied: shuffling, augmentation and dropout are all derived from the seed, the epoch and
 //! the step. One file means a checkpoint is written (atomically) or not at all.
 
+use fracture_fs::AtPath;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -202,7 +203,7 @@ pub(crate) fn save_checkpoint(
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-    write_atomic(path, &bytes).map_err(|e| Error::io(path, e))
+    write_atomic(path, &bytes).at(path).map_err(Error::from)
 }
 
 /// Reads a checkpoint's metadata and tensors (on `device`).
@@ -211,7 +212,7 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<(CheckpointMeta, 
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).at(path)?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| bad(format!("not a checkpoint file: {e}")))?;
     let json = header

@@ -36,14 +36,8 @@ pub enum Error {
     #[error(transparent)]
     Plot(#[from] fracture_plot::Error),
     /// A file or folder of the run could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file or folder.
-        path: PathBuf,
-        /// What the operating system said.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] fracture_fs::PathError),
     /// The run folder does not fit what was asked (a new run, or resuming one).
     #[error("{}: {problem}", path.display())]
     RunFolder {
@@ -135,15 +129,6 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
-    }
-}
 
 /// How a run folder fails to fit a request ([`Error::RunFolder`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,6 +1,7 @@
 //! What a run reads and where it writes: the run folder, the dataset (with extra training
 //! folders and the link check), loaded and counted.
 
+use fracture_fs::AtPath;
 use std::path::{Path, PathBuf};
 
 use fracture_data::{
@@ -44,10 +45,10 @@ pub(crate) fn prepare_out(out: &Path, checkpoint: &Path, resume: bool) -> Result
         });
     }
     let dir = checkpoint.parent().unwrap_or(out);
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).at(dir)?;
     // Fail now, not after the first epoch, if the folder cannot be written.
     let probe = out.join(".write-test");
-    std::fs::write(&probe, b"").map_err(|e| Error::io(out, e))?;
+    std::fs::write(&probe, b"").at(out)?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }

@@ -9,6 +9,7 @@ use crate::{AdamConfig, BestMetric, LrSchedule, PosWeight, TrainConfig};
 
 /// A named recipe: `fracture train --preset NAME`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Preset {
     /// The original project: the seed CNN at 128 × 128 (stretched), 10 epochs, Adam 1e-3, batch 32,
     /// its augmentation, unweighted loss.
@@ -205,7 +206,16 @@ impl Recipe {
                 other => other,
             },
             Some(ScheduleKind::Constant) => LrSchedule::Constant,
-            Some(ScheduleKind::Step { every_epochs, gamma }) => LrSchedule::Step { every_epochs, gamma },
+            Some(ScheduleKind::Step) => {
+                let (every, gamma) = match base.schedule {
+                    LrSchedule::Step { every_epochs, gamma } => (every_epochs, gamma),
+                    _ => (STEP_EVERY_EPOCHS, STEP_GAMMA),
+                };
+                LrSchedule::Step {
+                    every_epochs: o.step_every.unwrap_or(every),
+                    gamma: o.step_gamma.unwrap_or(gamma),
+                }
+            }
             Some(ScheduleKind::Cosine) => LrSchedule::Cosine { min_lr },
         };
         let train = TrainConfig {
@@ -250,12 +260,14 @@ impl Recipe {
 
 /// The architecture families `--arch` chooses between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ArchKind {
     /// The original project's CNN.
     Seed,
     /// The residual network.
     Resnet,
     /// EfficientNet-Lite0.
+    #[cfg_attr(feature = "clap", value(name = "efficientnet-lite0"))]
     EfficientNetLite0,
 }
 
@@ -272,20 +284,24 @@ impl ArchKind {
 
 /// A learning-rate schedule as `--schedule` names it; the cosine floor comes from
 /// [`Overrides::min_lr`] or the recipe.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ScheduleKind {
     /// One rate throughout.
     Constant,
-    /// The rate times `gamma` every `every_epochs` epochs.
-    Step {
-        /// Epochs between decays.
-        every_epochs: usize,
-        /// Factor per decay.
-        gamma: f64,
-    },
+    /// The rate times a factor every few epochs ([`Overrides::step_every`] and
+    /// [`Overrides::step_gamma`], else the base recipe's, else [`STEP_EVERY_EPOCHS`] and
+    /// [`STEP_GAMMA`]).
+    Step,
     /// Cosine decay to the floor.
     Cosine,
 }
+
+/// Epochs between decays of a step schedule when neither the overrides nor the recipe say.
+pub const STEP_EVERY_EPOCHS: usize = 3;
+
+/// The factor of each decay of a step schedule when neither the overrides nor the recipe say.
+pub const STEP_GAMMA: f64 = 0.1;
 
 /// Changes to a recipe ([`Recipe::with`]): `None` (or `false`) keeps the recipe's choice.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -308,6 +324,10 @@ pub struct Overrides {
     pub min_lr: Option<f64>,
     /// The schedule.
     pub schedule: Option<ScheduleKind>,
+    /// Epochs between decays of a step schedule.
+    pub step_every: Option<usize>,
+    /// The factor of each decay of a step schedule.
+    pub step_gamma: Option<f64>,
     /// Warm-up steps.
     pub warmup_steps: Option<u64>,
     /// Seed of every random choice.
@@ -417,5 +437,40 @@ mod tests {
         });
         assert_eq!(r.model, ModelConfig::seed(256));
         assert!(r.train.augment.is_none() && r.fit.resize == ResizeMode::Letterbox);
+    }
+
+    #[test]
+    fn a_step_schedule_takes_its_period_and_factor_from_the_overrides_else_the_defaults() {
+        let step = |every, gamma| Overrides {
+            schedule: Some(ScheduleKind::Step),
+            step_every: every,
+            step_gamma: gamma,
+            ..Overrides::default()
+        };
+        let r = Preset::Original.recipe().with(&step(None, None));
+        assert_eq!(
+            r.train.schedule,
+            LrSchedule::Step {
+                every_epochs: STEP_EVERY_EPOCHS,
+                gamma: STEP_GAMMA
+            }
+        );
+        let r = Preset::Original.recipe().with(&step(Some(5), Some(0.5)));
+        assert_eq!(
+            r.train.schedule,
+            LrSchedule::Step {
+                every_epochs: 5,
+                gamma: 0.5
+            }
+        );
+        // A recipe that already steps keeps its own period when only the factor changes.
+        let r = r.with(&step(None, Some(0.25)));
+        assert_eq!(
+            r.train.schedule,
+            LrSchedule::Step {
+                every_epochs: 5,
+                gamma: 0.25
+            }
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The training loop.
 
+use fracture_fs::AtPath;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -254,10 +255,14 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let checkpoint = layout.checkpoint();
     prepare_out(&setup.out, &checkpoint, setup.resume)?;
     // One run per folder: a second process on the same --out is refused, naming the first.
-    let _lock = fracture_fs::FolderLock::acquire(&setup.out)
-        .map_err(|e| Error::io(&setup.out, std::io::Error::other(e.to_string())))?;
+    let _lock = fracture_fs::FolderLock::acquire(&setup.out).map_err(|e| {
+        Error::Io(fracture_fs::PathError::new(
+            &setup.out,
+            std::io::Error::other(e.to_string()),
+        ))
+    })?;
     for dir in [setup.out.clone(), layout.checkpoints_dir()] {
-        let removed = fracture_fs::remove_stale_temporaries(&dir).map_err(|e| Error::io(&dir, e))?;
+        let removed = fracture_fs::remove_stale_temporaries(&dir).at(&dir)?;
         for path in removed {
             on_event(Event::Notice(&format!(
                 "removed {}, a partial file left by an interrupted run",
@@ -268,8 +273,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
     let data = load_data(setup, &preprocess, on_event)?;
     let fingerprints_path = layout.fingerprints();
     let fingerprint_bytes = fracture_data::audit::fingerprints_to_bytes(&data.fingerprints);
-    fracture_fs::write_atomic(&fingerprints_path, &fingerprint_bytes)
-        .map_err(|e| Error::io(&fingerprints_path, e))?;
+    fracture_fs::write_atomic(&fingerprints_path, &fingerprint_bytes).at(&fingerprints_path)?;
     let fingerprints_sha256 = crate::audit::sha256_hex(&fingerprint_bytes);
     let mut session = Session::start(setup, preprocess, &data, &checkpoint, on_event)?;
     let augmenter = cfg.augment.map(Augmenter::new).transpose()?;
@@ -331,8 +335,7 @@ pub fn train(setup: &TrainSetup, on_event: &mut dyn FnMut(Event<'_>)) -> Result<
             session.meta.epochs_since_best += 1;
         }
         let metrics_path = layout.metrics();
-        write_atomic(&metrics_path, metrics_csv(&session.meta.history)?.as_bytes())
-            .map_err(|e| Error::io(&metrics_path, e))?;
+        write_atomic(&metrics_path, metrics_csv(&session.meta.history)?.as_bytes()).at(&metrics_path)?;
         session.save_checkpoint(&checkpoint)?;
         on_event(Event::Saved {
             what: Artifact::Checkpoint,
@@ -439,7 +442,7 @@ fn final_report(
         &report_path,
         json_pretty(&run_report, "the run report")?.as_bytes(),
     )
-    .map_err(|e| Error::io(&report_path, e))?;
+    .at(&report_path)?;
     on_event(Event::Saved {
         what: Artifact::Report,
         path: &report_path,

@@ -1,6 +1,7 @@
 //! A run in progress: the network, its optimizer and moving average, and the state a checkpoint
 //! keeps; one epoch of steps, and validation.
 
+use fracture_fs::AtPath;
 use std::path::Path;
 use std::time::Instant;
 
@@ -326,7 +327,7 @@ impl Session {
 fn data_set_fingerprint(setup: &TrainSetup, data: &Data) -> Result<DataSetFingerprint> {
     let boxes = match &setup.boxes {
         Some(path) => {
-            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let bytes = std::fs::read(path).at(path)?;
             Some(crate::audit::sha256_hex(&bytes))
         }
         None => None,

@@ -6,15 +6,10 @@ use anyhow::{Context, bail};
 use fracture_infer::TrainedModel;
 use fracture_infer::data::{DatasetLayout, Item, LoadOptions, Split, discover_labelled_images};
 use fracture_infer::eval::ThresholdRule;
+use fracture_infer::model::CamMethod;
 use fracture_infer::outputs::{EvalSource, ThresholdChoice, evaluate_items, write_evaluation};
 
 use crate::commands::{fmt_ci, fmt_opt};
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum MethodArg {
-    Hirescam,
-    Gradcam,
-}
 
 /// Arguments of `fracture eval`.
 #[derive(Debug, clap::Args)]
@@ -25,8 +20,8 @@ pub(crate) struct Args {
     model: Option<PathBuf>,
     /// The operand precision of the network's matrix products: fp32, or bf16 (BF16 operands,
     /// FP32 accumulation; faster on processors with AMX or AVX-512 BF16).
-    #[arg(long, value_enum, default_value_t = super::PrecisionArg::Fp32)]
-    precision: super::PrecisionArg,
+    #[arg(long, value_enum, default_value_t = fracture_infer::model::Precision::Fp32)]
+    precision: fracture_infer::model::Precision,
     /// Labelled images: a dataset root (`<DATA>/<split>/<class>/…`, see `--split`) or a folder whose
     /// children are the class folders.
     #[arg(long)]
@@ -67,11 +62,11 @@ pub(crate) struct Args {
     /// (the default otherwise); `stride16`, for EfficientNet-Lite0 the activation map on the twice
     /// finer output of its last stride-16 stage.
     #[arg(long, value_enum)]
-    cam_layer: Option<super::LayerArg>,
+    cam_layer: Option<fracture_infer::model::CamLayer>,
     /// How channel evidence is combined into the map (with `--boxes`): HiResCAM (gradient times
     /// activation per position, the default) or Grad-CAM (channels weighted by their mean gradient).
-    #[arg(long, value_enum, default_value_t = MethodArg::Hirescam)]
-    cam_method: MethodArg,
+    #[arg(long, value_enum, default_value_t = CamMethod::HiResCam)]
+    cam_method: CamMethod,
     /// Subgroups: a CSV file with an `id` column (file names without extension) and one 0/1
     /// column per group (the layout of `fracatlas-meta.csv`; other columns are ignored). Reports
     /// every group's ROC-AUC, sensitivity and specificity at the threshold with 95% intervals
@@ -239,11 +234,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         print_shifts(shifts, &evaluation.report);
     }
     if let Some(boxes) = &args.boxes {
-        let layer = super::LayerArg::layer_for(args.cam_layer, &model.model.net);
-        let method = match args.cam_method {
-            MethodArg::Hirescam => fracture_infer::model::CamMethod::HiResCam,
-            MethodArg::Gradcam => fracture_infer::model::CamMethod::GradCam,
-        };
+        let layer = super::cam_layer(args.cam_layer, &model.model.net);
+        let method = args.cam_method;
         let cam = (method, layer);
         written.extend(localization(
             &model,
@@ -426,7 +418,7 @@ fn localization(
     model: &TrainedModel,
     items: &[Item],
     boxes: &Path,
-    (method, layer): (fracture_infer::model::CamMethod, fracture_infer::model::CamLayer),
+    (method, layer): (CamMethod, fracture_infer::model::CamLayer),
     level: f32,
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {

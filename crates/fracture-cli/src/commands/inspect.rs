@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::commands::ResizeArg;
 use fracture_infer::data::{
     DatasetLayout, FolderDataset, LoadOptions, PreprocessConfig, ResizeMode, SplitCounts,
 };
@@ -26,7 +25,7 @@ pub(crate) struct Args {
     /// Resize by stretching both axes or by letterboxing (keeps the aspect ratio, pads with black)
     /// [default: the model's].
     #[arg(long, value_enum)]
-    resize: Option<ResizeArg>,
+    resize: Option<ResizeMode>,
     /// Folder for the on-disk cache of preprocessed images; a second run reads it instead of decoding.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -38,16 +37,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let model = crate::commands::load_model(
         args.model.as_deref(),
         &fracture_infer::candle_core::Device::Cpu,
-        crate::commands::PrecisionArg::Fp32,
+        fracture_infer::model::Precision::Fp32,
     )?;
     let model_preprocess = *model.preprocess();
     let preprocess = PreprocessConfig {
         size: args.image_size.unwrap_or(model_preprocess.size),
-        resize: match args.resize {
-            Some(ResizeArg::Stretch) => ResizeMode::Stretch,
-            Some(ResizeArg::Letterbox) => ResizeMode::Letterbox,
-            None => model_preprocess.resize,
-        },
+        resize: args.resize.unwrap_or(model_preprocess.resize),
         ..model_preprocess
     };
     preprocess.validate()?;

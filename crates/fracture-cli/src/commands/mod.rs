@@ -13,59 +13,11 @@ pub(crate) mod train;
 
 use fracture_infer::candle_core::Device;
 
-/// How images are brought to a square.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub(crate) enum ResizeArg {
-    /// Scale both axes to the size (what the original project did).
-    Stretch,
-    /// Keep the aspect ratio and pad with black.
-    Letterbox,
-}
+use fracture_infer::model::{CamLayer, FractureNet, Precision};
 
-/// The layer whose activations give the evidence map (`--cam-layer` of `eval` and `predict`).
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub(crate) enum LayerArg {
-    /// The last convolutional feature map.
-    Last,
-    /// The stride-16 stage (EfficientNet-Lite0).
-    Stride16,
-    /// The localization head's map (a model trained with boxes).
-    Head,
-}
-
-impl LayerArg {
-    /// The layer asked for, or the network's default without `--cam-layer`.
-    pub(crate) fn layer_for(
-        arg: Option<LayerArg>,
-        net: &fracture_infer::model::FractureNet,
-    ) -> fracture_infer::model::CamLayer {
-        use fracture_infer::model::CamLayer;
-        match arg {
-            None => net.default_cam_layer(),
-            Some(LayerArg::Last) => CamLayer::Last,
-            Some(LayerArg::Stride16) => CamLayer::Stride16,
-            Some(LayerArg::Head) => CamLayer::Head,
-        }
-    }
-}
-
-/// The operand precision of the network's matrix products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum PrecisionArg {
-    /// FP32 throughout.
-    Fp32,
-    /// BF16 operands with FP32 accumulation in the 1×1, im2col and dense products (AMX or AVX-512
-    /// BF16 where the processor has them; `FRACTURE_BF16` forces a backend); all else FP32.
-    Bf16,
-}
-
-impl PrecisionArg {
-    pub(crate) fn precision(self) -> fracture_infer::model::Precision {
-        match self {
-            PrecisionArg::Fp32 => fracture_infer::model::Precision::Fp32,
-            PrecisionArg::Bf16 => fracture_infer::model::Precision::Bf16,
-        }
-    }
+/// The layer `--cam-layer` asks for, or the network's default without it.
+pub(crate) fn cam_layer(arg: Option<CamLayer>, net: &FractureNet) -> CamLayer {
+    arg.unwrap_or_else(|| net.default_cam_layer())
 }
 
 /// Where a command computes: `--device` (`auto`, `cpu`, `cuda[:N]`, `metal[:N]`), `--cpu` short
@@ -128,7 +80,7 @@ pub(crate) const BUNDLED_NAME: &str = "models/fracture-lite0.safetensors (built 
 pub(crate) fn load_model(
     model: Option<&std::path::Path>,
     device: &Device,
-    precision: PrecisionArg,
+    precision: Precision,
 ) -> anyhow::Result<fracture_infer::TrainedModel> {
     use anyhow::Context;
     let mut loaded = match (model, BUNDLED) {
@@ -141,8 +93,8 @@ pub(crate) fn load_model(
             "no --model given, and this binary was built without the bundled model (feature `bundled-model`)"
         ),
     }?;
-    loaded.set_precision(precision.precision())?;
-    if let (PrecisionArg::Bf16, Some(note)) = (precision, fracture_infer::model::bf16_device_note(device)) {
+    loaded.set_precision(precision)?;
+    if let (Precision::Bf16, Some(note)) = (precision, fracture_infer::model::bf16_device_note(device)) {
         eprintln!("warning: --{note}");
     }
     Ok(loaded)

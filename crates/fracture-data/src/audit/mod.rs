@@ -34,6 +34,7 @@
 mod index;
 mod signature;
 
+use fracture_fs::AtPath;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -207,10 +208,7 @@ pub fn collect_dataset(root: &Path) -> crate::Result<(Vec<AuditImage>, Vec<Skipp
             let mut splits = Vec::new();
             let mut skipped = Vec::new();
             let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
-                .map_err(|source| crate::Error::Io {
-                    path: root.to_path_buf(),
-                    source,
-                })?
+                .at(root)?
                 .filter_map(|entry| entry.ok().map(|e| e.path()))
                 .filter(|p| p.is_dir())
                 .collect();

@@ -2,6 +2,7 @@
 //! started in, loops and link problems reported.
 
 use super::*;
+use fracture_fs::AtPath;
 
 /// The state of one folder walk: the canonical folder it must stay in (a class folder, so that a
 /// link cannot relabel images), the canonical folders already walked, and where link problems go.
@@ -18,7 +19,7 @@ pub(super) fn walk_files(
     skipped: &mut Vec<Skipped>,
     walk: &mut Walk<'_>,
 ) -> Result<()> {
-    let id = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    let id = fs::canonicalize(dir).at(dir)?;
     if let Some(bound) = &walk.bound
         && !id.starts_with(bound)
     {

@@ -2,6 +2,7 @@
 //! COCO annotation files' fracture boxes.
 
 use super::*;
+use fracture_fs::AtPath;
 
 /// Every file under `root`, depth first, in name order.
 pub(super) fn walk(root: &Path) -> Result<Vec<PathBuf>> {
@@ -9,7 +10,7 @@ pub(super) fn walk(root: &Path) -> Result<Vec<PathBuf>> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io(&dir, e))?
+            .at(&dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         entries.sort();
@@ -49,7 +50,7 @@ pub(super) struct Row {
 }
 
 pub(super) fn read_dataset_csv(path: &Path) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = std::fs::read_to_string(path).at(path)?;
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let unquote = |c: &str| c.trim().trim_matches('"').to_string();
     let header: Vec<String> = lines
@@ -101,7 +102,7 @@ pub(super) fn read_coco_boxes(files: &[PathBuf]) -> Result<HashMap<String, Vec<[
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")))
     {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = std::fs::read(path).at(path)?;
         let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
             continue;
         };

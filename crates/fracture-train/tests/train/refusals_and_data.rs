@@ -78,7 +78,7 @@ fn bad_setups_are_clear_errors() {
     let file = root.join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let err = run(&setup(&data, &file.join("run"), 24, 1)).unwrap_err();
-    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(matches!(err, Error::Io(_)), "{err}");
 
     // An existing run is not overwritten without --resume, and --resume needs a checkpoint.
     let out = root.join("r3");

@@ -38,8 +38,8 @@ pub(crate) struct Args {
     model: Option<PathBuf>,
     /// The operand precision of the network's matrix products: fp32, or bf16 (BF16 operands,
     /// FP32 accumulation; faster on processors with AMX or AVX-512 BF16).
-    #[arg(long, value_enum, default_value_t = crate::commands::PrecisionArg::Fp32)]
-    precision: crate::commands::PrecisionArg,
+    #[arg(long, value_enum, default_value_t = fracture_infer::model::Precision::Fp32)]
+    precision: fracture_infer::model::Precision,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
