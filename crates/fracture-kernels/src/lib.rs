@@ -148,6 +148,10 @@ pub enum Precision {
     #[default]
     Fp32,
     /// BF16 operands, FP32 accumulation: see [`Kernels::Bf16`].
+    #[cfg_attr(
+        feature = "clap",
+        value(help = "BF16 operands, FP32 accumulation, in the 1×1, im2col and dense products")
+    )]
     Bf16,
 }
 

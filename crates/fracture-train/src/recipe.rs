@@ -292,6 +292,10 @@ pub enum ScheduleKind {
     /// The rate times a factor every few epochs ([`Overrides::step_every`] and
     /// [`Overrides::step_gamma`], else the base recipe's, else [`STEP_EVERY_EPOCHS`] and
     /// [`STEP_GAMMA`]).
+    #[cfg_attr(
+        feature = "clap",
+        value(help = "The rate times a factor every few epochs (3 and 0.1 unless set)")
+    )]
     Step,
     /// Cosine decay to the floor.
     Cosine,
