@@ -8,7 +8,9 @@ use std::process::{Command, ExitCode};
 mod cuda;
 mod default_model;
 mod docs;
+mod fuzz;
 mod gpu_check;
+mod mkl;
 mod onnx_check;
 mod pretrained;
 mod soak;
@@ -48,6 +50,8 @@ commands:
                              target/cuda-toolkit (no GPU or system toolkit needed); prints the environment
                              for `cargo build --features cuda` as export lines, for eval $(cargo xtask setup-cuda);
                              writes link stubs for libcuda and the CUDA libraries so the binary links without a driver
+  setup-mkl                  Intel MKL (static libraries, headers, OpenMP) from Intel's PyPI packages into
+                             target/mkl; prints `export MKLROOT=…` for `cargo build --features mkl`
   gpu-check [--device cuda[:N]|cpu] [--preset P] [--epochs N] [--sizes 224,448] [--batches 32,128] [--iters N] [--out DIR] [--debug-build] [--prebuilt DIR]
                              one prepared run on a machine with an NVIDIA GPU: builds with --features cuda,
                              trains the recipe on ../shared's radiographs on the device, evaluates val on the
@@ -95,11 +99,12 @@ fn run() -> Result<(), DynError> {
         Some("setup-python") => setup_python(),
         Some("setup-torch") => setup_torch(),
         Some("setup-cuda") => cuda::run(&args[1..], &project_root()),
+        Some("setup-mkl") => mkl::run(&args[1..], &project_root()),
         Some("gpu-check") => gpu_check::run(&args[1..], &project_root()),
         Some("onnx-check") => onnx_check::run(&args[1..], &project_root()),
         Some("bench-compare") => bench_compare(&args[1..]),
         Some("bench-preprocess") => bench_preprocess(&args[1..]),
-        Some("fuzz") => fuzz(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("soak") => soak::run(&args[1..], &project_root()),
         Some("docs") => docs::run(&project_root()),
         Some("default-model") => default_model::run(&args[1..], &project_root()),
@@ -109,48 +114,6 @@ fn run() -> Result<(), DynError> {
         }
         Some(other) => Err(format!("unknown command `{other}`\n{USAGE}").into()),
     }
-}
-
-/// `cargo xtask fuzz`: the `fuzz` integration tests with a time budget per property.
-fn fuzz(args: &[String]) -> Result<(), DynError> {
-    let mut seconds = 60.0f64;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--seconds" => seconds = it.next().ok_or("--seconds needs a value")?.parse()?,
-            other => return Err(format!("fuzz: unknown option `{other}`").into()),
-        }
-    }
-    if !(seconds.is_finite() && seconds > 0.0) {
-        return Err(format!("fuzz: --seconds {seconds} must be positive").into());
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    // The library properties are the `fuzz` integration tests; the server's upload path lives in
-    // the binary, so its property is a unit test there (`fuzz_…`).
-    let targets: [&[&str]; 2] = [
-        &[
-            "-p",
-            "fracture-data",
-            "-p",
-            "fracture-fetch",
-            "-p",
-            "fracture-train",
-            "--test",
-            "fuzz",
-        ],
-        &["-p", "fracture-cli", "--bin", "fracture", "fuzz_"],
-    ];
-    for target in targets {
-        status(
-            Command::new(&cargo)
-                .current_dir(project_root())
-                .env("FRACTURE_FUZZ_SECONDS", seconds.to_string())
-                .args(["test", "--release"])
-                .args(target)
-                .args(["--", "--nocapture", "--test-threads", "1"]),
-        )?;
-    }
-    Ok(())
 }
 
 /// The reference script and the rows (name, mode, size, batch, iterations) compared for `model`.
