@@ -5,10 +5,10 @@
 //! goes through the `image` crate. Both paths apply the EXIF orientation and produce BT.601 luma
 //! (`0.299 R + 0.587 G + 0.114 B`, what JPEG's Y channel and PIL's `convert("L")` use).
 
-use fracture_fs::AtPath;
 use std::io::Cursor;
 use std::path::Path;
 
+use fracture_fs::AtPath;
 use image::error::{DecodingError, ImageFormatHint};
 use image::metadata::Orientation;
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageFormat, ImageReader};

@@ -1,10 +1,10 @@
 //! Finding images in a folder tree: `<root>/<split>/<class>/<file>`.
 
-use fracture_fs::AtPath;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use fracture_fs::AtPath;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Label, Result, Split};

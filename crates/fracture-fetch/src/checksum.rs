@@ -1,10 +1,10 @@
 //! Whole-file checksums, compared with what the server announced.
 
-use fracture_fs::AtPath;
 use std::io::Read;
 use std::path::Path;
 
 use base64::Engine;
+use fracture_fs::AtPath;
 use md5::{Digest, Md5};
 
 use crate::http::Announced;

@@ -2,12 +2,12 @@
 //! result appears at its destination only when complete (extracted into a temporary folder, then
 //! renamed).
 
-use fracture_fs::AtPath;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use crate::{Error, Result};
+use fracture_fs::AtPath;
 
 /// Bounds that stop a zip bomb before it fills the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,10 +1,10 @@
 //! Fetching a dataset: cache check, download (anonymous, then with credentials), checksum, safe
 //! extraction, and a marker that makes the next call a no-op.
 
-use fracture_fs::AtPath;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fracture_fs::AtPath;
 use serde::{Deserialize, Serialize};
 
 use crate::http::{Announced, Client, Failure};

@@ -16,12 +16,12 @@
 //! README.md   source, licence, citation and how the split was drawn
 //! ```
 
-use fracture_fs::AtPath;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
+use fracture_fs::AtPath;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::{Error, Event};
+use fracture_fs::AtPath;
 
 /// Checksums a server announced for the whole file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -347,13 +348,15 @@ impl Client {
         let announced = announced(&resp);
         let length: Option<u64> = header(&resp, "content-length").and_then(|v| v.parse().ok());
         let total = range_total.or(length.map(|l| l + start));
+        let fatal = |e: fracture_fs::PathError| Step::Fatal(Failure::Other(Error::from(e)));
         let mut file = OpenOptions::new()
             .create(true)
             .write(true)
             .append(start > 0)
             .truncate(start == 0)
             .open(part)
-            .map_err(|e| Step::Fatal(Failure::Other(Error::Io(fracture_fs::PathError::new(part, e)))))?;
+            .at(part)
+            .map_err(fatal)?;
         let mut done = start;
         on_event(Event::Progress {
             downloaded: done,
@@ -366,9 +369,7 @@ impl Client {
             match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    file.write_all(&buf[..n]).map_err(|e| {
-                        Step::Fatal(Failure::Other(Error::Io(fracture_fs::PathError::new(part, e))))
-                    })?;
+                    file.write_all(&buf[..n]).at(part).map_err(fatal)?;
                     done += n as u64;
                     if last.elapsed() >= Duration::from_millis(100) {
                         on_event(Event::Progress {
@@ -379,17 +380,14 @@ impl Client {
                     }
                 }
                 Err(e) => {
-                    file.sync_all().map_err(|e| {
-                        Step::Fatal(Failure::Other(Error::Io(fracture_fs::PathError::new(part, e))))
-                    })?;
+                    file.sync_all().at(part).map_err(fatal)?;
                     return Err(Step::Retry(format!(
                         "the connection dropped after {done} bytes ({e})"
                     )));
                 }
             }
         }
-        file.sync_all()
-            .map_err(|e| Step::Fatal(Failure::Other(Error::Io(fracture_fs::PathError::new(part, e)))))?;
+        file.sync_all().at(part).map_err(fatal)?;
         on_event(Event::Progress {
             downloaded: done,
             total,

@@ -9,12 +9,12 @@
 //! line, which [`ResultsFile::open`] with `resume` cuts away before appending. [`merge`] joins the
 //! shards' files, refuses an image written twice and reports the shards it found no rows of.
 
-use fracture_fs::AtPath;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
+use fracture_fs::AtPath;
 
 /// One shard of an archive: index `index` of `count` (`0 ≤ index < count`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

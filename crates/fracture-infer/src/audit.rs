@@ -1,11 +1,11 @@
 //! What an audit writes (`audit.json`, `duplicates.csv`, one contact sheet per cross-split group) and
 //! what training does with it (`--exclude-leaks`, the training fingerprints kept with a run).
 
-use fracture_fs::AtPath;
 use std::path::{Path, PathBuf};
 
 use fracture_data::audit::{AuditReport, DuplicateGroup, Known};
 use fracture_data::{DecodeLimits, path_text};
+use fracture_fs::AtPath;
 use serde::Serialize;
 
 use crate::outputs::spreadsheet_safe;

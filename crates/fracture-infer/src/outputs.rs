@@ -1,11 +1,11 @@
 //! Evaluating a trained model on labelled images, predicting unlabelled ones, and the files and
 //! charts that record the results.
 
-use fracture_fs::AtPath;
 use std::path::{Path, PathBuf};
 
 use fracture_data::{FolderDataset, Item, LoadOptions, Skipped, Split};
 use fracture_eval::{EvalReport, ThresholdRule, calibration_bins, choose_threshold, pr_curve, roc_curve};
+use fracture_fs::AtPath;
 use fracture_fs::write_atomic;
 use fracture_plot::EpochPoint;
 use serde::{Deserialize, Serialize};

@@ -13,13 +13,13 @@
 //! [`crate::Model::load_pretrained`] then copies the backbone into a network by name, checking every
 //! tensor's name and shape.
 
-use fracture_fs::AtPath;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Cursor, Read};
 use std::path::{Path, PathBuf};
 
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Tensor};
+use fracture_fs::AtPath;
 use sha2::{Digest, Sha256};
 
 use crate::{ArchConfig, Error, Model, Result};

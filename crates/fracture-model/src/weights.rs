@@ -11,12 +11,12 @@
 //! since (one flipped bit in one weight moves predictions silently otherwise). Files written
 //! before the digest existed have none and load as before.
 
-use fracture_fs::AtPath;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
+use fracture_fs::AtPath;
 
 use crate::{Error, FractureNet, ModelConfig, Result, seeded_var_builder};
 

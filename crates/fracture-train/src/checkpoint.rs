@@ -6,12 +6,12 @@
 //! state is implied: shuffling, augmentation and dropout are all derived from the seed, the epoch and
 //! the step. One file means a checkpoint is written (atomically) or not at all.
 
-use fracture_fs::AtPath;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use fracture_data::PreprocessConfig;
+use fracture_fs::AtPath;
 use fracture_fs::write_atomic;
 use fracture_model::{Model, ModelConfig};
 use serde::{Deserialize, Serialize};

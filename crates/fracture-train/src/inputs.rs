@@ -1,12 +1,12 @@
 //! What a run reads and where it writes: the run folder, the dataset (with extra training
 //! folders and the link check), loaded and counted.
 
-use fracture_fs::AtPath;
 use std::path::{Path, PathBuf};
 
 use fracture_data::{
     DatasetLayout, FolderDataset, Item, LoadOptions, PreprocessConfig, Split, SplitCounts, stratified_split,
 };
+use fracture_fs::AtPath;
 
 use crate::checkpoint::DataCounts;
 use crate::error::RunFolderProblem;

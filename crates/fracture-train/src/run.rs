@@ -1,6 +1,5 @@
 //! The training loop.
 
-use fracture_fs::AtPath;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -8,6 +7,7 @@ use std::time::Instant;
 use candle_core::Device;
 use fracture_data::{Augmenter, DatasetSummary, DecodeLimits, ImageFit, PreprocessConfig, Split};
 use fracture_eval::EvalReport;
+use fracture_fs::AtPath;
 use fracture_fs::write_atomic;
 use fracture_model::{Model, ModelConfig};
 use serde::{Deserialize, Serialize};

@@ -1,13 +1,13 @@
 //! A run in progress: the network, its optimizer and moving average, and the state a checkpoint
 //! keeps; one epoch of steps, and validation.
 
-use fracture_fs::AtPath;
 use std::path::Path;
 use std::time::Instant;
 
 use candle_core::ModuleT;
 use fracture_data::{Augmenter, BatchAugment, FolderDataset, PreprocessConfig, epoch_order, make_batch};
 use fracture_eval::EvalReport;
+use fracture_fs::AtPath;
 use fracture_model::Model;
 
 use crate::checkpoint::{

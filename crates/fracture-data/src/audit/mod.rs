@@ -34,10 +34,10 @@
 mod index;
 mod signature;
 
-use fracture_fs::AtPath;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use fracture_fs::AtPath;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
