@@ -201,7 +201,13 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build_s = 0.0;
+    let cuda = o.device.starts_with("cuda");
     let packages: &[(&str, Option<&str>)] = if o.prebuilt.is_some() {
+        &[]
+    } else if o.debug_build && !cuda {
+        // The binaries of `cargo test --workspace` (the same selection's features), so a run after
+        // the tests compiles nothing; `-p` alone would resolve other features and rebuild candle.
+        build_s += timed(Command::new(&cargo).current_dir(root).args(crate::TEST_BUILD))?;
         &[]
     } else {
         &[("fracture-cli", None), ("fracture-benches", Some("bench_step"))]
@@ -215,7 +221,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         if !o.debug_build {
             build.arg("--release");
         }
-        if o.device.starts_with("cuda") {
+        if cuda {
             build.args(["--features", "cuda"]);
         }
         build_s += timed(&mut build)?;

@@ -17,6 +17,11 @@ mod soak;
 
 type DynError = Box<dyn std::error::Error>;
 
+/// The debug build of every binary and example with the features `cargo test --workspace`
+/// resolves, so that after the tests it compiles nothing (a `-p` selection resolves other features
+/// and rebuilds candle and everything above it).
+const TEST_BUILD: [&str; 4] = ["build", "--workspace", "--bins", "--examples"];
+
 const USAGE: &str = "\
 usage: cargo xtask <command>
 

@@ -200,9 +200,12 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let profile = if o.debug_build { "debug" } else { "release" };
     let mut build = Command::new(&cargo);
-    build.current_dir(root).args(["build", "-p", "fracture-cli"]);
-    if !o.debug_build {
-        build.arg("--release");
+    if o.debug_build {
+        build.current_dir(root).args(crate::TEST_BUILD);
+    } else {
+        build
+            .current_dir(root)
+            .args(["build", "--release", "-p", "fracture-cli"]);
     }
     status(&mut build)?;
     let fracture = root.join("target").join(profile).join("fracture");
