@@ -5,14 +5,58 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use fracture_train::config::{BestMetric, PosWeight};
+use clap::ValueEnum;
+use fracture_train::config::{BestMetric, LrSchedule, PosWeight};
 use fracture_train::data::{DecodeLimits, ResizeMode};
 use fracture_train::eval::ThresholdRule;
 use fracture_train::model::{Kernels, describe_device};
-use fracture_train::recipe::{ArchKind, Overrides, ScheduleKind};
+use fracture_train::recipe::{ArchKind, Overrides, STEP_EVERY_EPOCHS, STEP_GAMMA, ScheduleKind};
 use fracture_train::run::Artifact;
-use fracture_train::{Event, Preset, TrainOutcome, TrainSetup};
+use fracture_train::{Event, Preset, Recipe, TrainOutcome, TrainSetup};
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// A flag's help with each preset's value of its setting, read from the presets themselves:
+/// `[default: 32]` when they agree, else `[default: 10; radiograph: 40; finetune: 14]` (the default
+/// being the `original` preset's, which applies without `--preset`).
+fn by_preset(text: &str, value: impl Fn(&Recipe) -> String) -> String {
+    let values: Vec<(Preset, String)> = Preset::value_variants()
+        .iter()
+        .map(|&p| (p, value(&p.recipe())))
+        .collect();
+    let default = value(&Preset::default().recipe());
+    let mut parts = vec![format!("default: {default}")];
+    for (preset, v) in &values {
+        if *v != default {
+            parts.push(format!("{}: {v}", preset.name()));
+        }
+    }
+    format!("{text} [{}]", parts.join("; "))
+}
+
+/// A setting's number as the presets write it: `1e-6` rather than `0.000001`.
+fn num(x: f64) -> String {
+    if x != 0.0 && x.abs() < 1e-3 {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
+}
+
+/// A choice as its flag names it.
+fn value_name(choice: impl ValueEnum) -> String {
+    choice
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
+}
+
+/// A learning-rate schedule as `--schedule` names it.
+fn schedule_name(schedule: &LrSchedule) -> &'static str {
+    match schedule {
+        LrSchedule::Constant => "constant",
+        LrSchedule::Step { .. } => "step",
+        LrSchedule::Cosine { .. } => "cosine",
+    }
+}
 
 /// `--box-stride`: one of the localization head's strides.
 fn box_stride(text: &str) -> Result<usize, String> {
@@ -80,74 +124,48 @@ pub(crate) struct Args {
     /// (EfficientNet-Lite0 only) [finetune: <DATA_DIR>/pretrained/efficientnet-lite0-57934424.pth].
     #[arg(long, env = "FRACTURE_PRETRAINED")]
     pretrained: Option<PathBuf>,
-    /// Learning rate of the backbone relative to the head's [default: 1].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Learning rate of the backbone relative to the head's", |r| num(r.train.backbone_lr_scale)))]
     backbone_lr_scale: Option<f64>,
     /// Keep the batch norms' statistics fixed while training (they normalize with their running
     /// statistics, as at inference).
     #[arg(long)]
     freeze_batch_norm: bool,
-    /// Validate and save an exponential moving average of the weights with this decay per step
-    /// (e.g. 0.998; `0` switches it off) [default: off].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Validate and save an exponential moving average of the weights with this decay per step (e.g. 0.998; `0` switches it off)", |r| r.train.ema_decay.map_or("off".into(), num)))]
     ema_decay: Option<f64>,
-    /// Passes over the training images [default: 10; radiograph: 40].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Passes over the training images", |r| r.train.epochs.to_string()))]
     epochs: Option<usize>,
-    /// Images per optimizer step [default: 32].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Images per optimizer step", |r| r.train.batch_size.to_string()))]
     batch_size: Option<usize>,
-    /// Peak learning rate of Adam [default: 1e-3; radiograph: 2e-3].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Peak learning rate of Adam", |r| num(r.train.adam.lr)))]
     lr: Option<f64>,
-    /// Decoupled weight decay, 0 = plain Adam [default: 0; radiograph: 0.01].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Decoupled weight decay, 0 = plain Adam", |r| num(r.train.adam.weight_decay)))]
     weight_decay: Option<f64>,
-    /// Learning-rate schedule after the warm-up [default: constant; radiograph: cosine].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help = by_preset("Learning-rate schedule after the warm-up", |r| schedule_name(&r.train.schedule).into()))]
     schedule: Option<ScheduleKind>,
-    /// For `--schedule step`: epochs between decays [default: 3].
-    #[arg(long)]
+    #[arg(long, help = format!("For `--schedule step`: epochs between decays [default: {STEP_EVERY_EPOCHS}]"))]
     step_every: Option<usize>,
-    /// For `--schedule step`: factor applied at each decay [default: 0.1].
-    #[arg(long)]
+    #[arg(long, help = format!("For `--schedule step`: factor applied at each decay [default: {STEP_GAMMA}]"))]
     step_gamma: Option<f64>,
-    /// For `--schedule cosine`: the learning rate reached at the last step [default: 0; radiograph: 1e-5].
-    #[arg(long)]
+    #[arg(long, help = by_preset("For `--schedule cosine`: the learning rate reached at the last step", |r| match r.train.schedule { LrSchedule::Cosine { min_lr } => num(min_lr), _ => "0".into() }))]
     min_lr: Option<f64>,
-    /// Optimizer steps of linear learning-rate warm-up [default: 0; radiograph: 48].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Optimizer steps of linear learning-rate warm-up", |r| r.train.warmup_steps.to_string()))]
     warmup_steps: Option<u64>,
-    /// Side in pixels of the square network input [default: 128; radiograph: 256].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Side in pixels of the square network input", |r| r.model.image_size.to_string()))]
     image_size: Option<u32>,
-    /// How images are brought to a square: stretch (the original) or letterbox (keeps the aspect
-    /// ratio) [default: stretch; radiograph: letterbox].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help = by_preset("How images are brought to a square: stretch (the original) or letterbox (keeps the aspect ratio)", |r| value_name(r.fit.resize)))]
     resize: Option<ResizeMode>,
-    /// Architecture: `seed` is the original CNN, `resnet` the residual network with batch
-    /// normalization and global average pooling, `efficientnet-lite0` the network of the pretrained
-    /// weights [default: seed; radiograph: resnet; finetune: efficientnet-lite0].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help = by_preset("Architecture: `seed` is the original CNN, `resnet` the residual network with batch normalization and global average pooling, `efficientnet-lite0` the network of the pretrained weights", |r| r.model.arch_name().into()))]
     arch: Option<ArchKind>,
-    /// Seed of every random choice (initialisation, shuffling, augmentation, dropout) [default: the
-    /// preset's, 42].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Seed of every random choice (initialisation, shuffling, augmentation, dropout)", |r| r.train.seed.to_string()))]
     seed: Option<u64>,
-    /// Weight of the fractured class in the loss: `none`, `auto` (negatives / positives of the
-    /// training split) or a number [default: none; radiograph: auto].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Weight of the fractured class in the loss: `none`, `auto` (negatives / positives of the training split) or a number", |r| match r.train.pos_weight { PosWeight::None => "none".into(), PosWeight::Auto => "auto".into(), PosWeight::Value(w) => num(w) }))]
     pos_weight: Option<PosWeight>,
-    /// Keep the model of the epoch with the best value of this validation metric [default: the
-    /// preset's, roc-auc].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help = by_preset("Keep the model of the epoch with the best value of this validation metric", |r| value_name(r.train.best_metric)))]
     best_metric: Option<BestMetric>,
     /// Stop after this many epochs without improvement of the best metric.
     #[arg(long)]
     patience: Option<usize>,
-    /// Share of train held out for validation when the dataset has no val split [default: the
-    /// preset's, 0.2].
-    #[arg(long)]
+    #[arg(long, help = by_preset("Share of train held out for validation when the dataset has no val split", |r| num(r.train.val_fraction)))]
     val_fraction: Option<f64>,
     /// Switch augmentation off (it is on by default: rotation, flips, zoom, shift, brightness,
     /// contrast; the radiograph preset adds gamma and keeps images upright).
@@ -169,9 +187,7 @@ pub(crate) struct Args {
     /// Folder for an on-disk cache of preprocessed images, reused by later runs.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// Store with the model the highest threshold that reaches this sensitivity on the validation
-    /// images [default: the preset's rule, a sensitivity of 0.9].
-    #[arg(long, conflicts_with = "threshold_rule")]
+    #[arg(long, conflicts_with = "threshold_rule", help = by_preset("Store with the model the highest threshold that reaches this sensitivity on the validation images", |r| match r.train.threshold_rule { ThresholdRule::TargetSensitivity { target } => num(target), other => format!("the {} rule", value_name(other)) }))]
     target_sensitivity: Option<f64>,
     /// Choose the stored threshold by another rule on the validation images instead.
     #[arg(long, value_enum)]
@@ -179,10 +195,7 @@ pub(crate) struct Args {
     /// Our CPU kernels (fast) or candle's own operations (reference, for comparison; slower).
     #[arg(long, value_enum, default_value_t = Kernels::Fast)]
     kernels: Kernels,
-    /// The operand precision of the matrix products: fp32, or bf16 (BF16 operands, FP32
-    /// accumulation, FP32 weights, optimizer state, batch-norm statistics and loss; faster on
-    /// processors with AMX or AVX-512 BF16) [default: the preset's, fp32].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help = by_preset("The operand precision of the matrix products: fp32, or bf16 (BF16 operands, FP32 accumulation, FP32 weights, optimizer state, batch-norm statistics and loss; faster on processors with AMX or AVX-512 BF16)", |r| r.train.precision.name().into()))]
     precision: Option<fracture_train::model::Precision>,
     /// Stop once this many epochs are complete, as an interruption would; `--resume` continues the run.
     #[arg(long)]

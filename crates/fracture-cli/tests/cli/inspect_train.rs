@@ -113,9 +113,21 @@ fn train_help_explains_every_option() {
     ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
+    // Each preset's value, read from the presets: the finetune recipe's too.
+    let epochs = |p: fracture_train::Preset| p.recipe().train.epochs;
+    let expected = format!(
+        "[default: {}; radiograph: {}; finetune: {}]",
+        epochs(fracture_train::Preset::Original),
+        epochs(fracture_train::Preset::Radiograph),
+        epochs(fracture_train::Preset::Finetune)
+    );
     assert!(
-        help.contains("[default: 10; radiograph: 40]") && help.contains("[default: 32]"),
-        "{help}"
+        help.contains(&expected) && help.contains("[default: 32]"),
+        "{expected} missing from:\n{help}"
+    );
+    assert!(
+        help.contains("finetune: 1e-6]"),
+        "the finetune cosine floor is missing:\n{help}"
     );
 }
 
