@@ -18,9 +18,10 @@ pub(crate) fn fracture() -> Command {
 mod audit_and_real;
 mod eval_predict;
 mod hardening_and_precision;
-mod inspect_train;
+mod inspect;
 mod predict_files;
 mod real_and_download;
 mod server_limits_and_corpus;
 mod server_page;
 mod shards_and_dicom;
+mod train;
