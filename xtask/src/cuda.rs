@@ -153,20 +153,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         }
     }
     let (venv, _) = toolkit(root);
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    // pip's progress goes to stderr, so stdout stays the `export` lines only.
-    let out = Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-        .args(PACKAGES)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run pip in {}: {e}", venv.display()))?;
-    if !out.success() {
-        return Err(format!("pip could not install {}", PACKAGES.join(" ")).into());
-    }
+    crate::pip_venv(&venv, &PACKAGES)?;
     let (_, cuda) = toolkit(root);
     let nvcc = cuda.join("bin/nvcc");
     if !nvcc.is_file() {

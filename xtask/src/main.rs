@@ -257,20 +257,38 @@ fn status(cmd: &mut Command) -> Result<(), DynError> {
     Ok(())
 }
 
-fn setup_python() -> Result<(), DynError> {
-    let venv = project_root().join("target/pyref");
-    if !venv_python().exists() {
-        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+/// A Python venv at `venv` (made once) with `packages` installed from pip's index; returns its
+/// `python`. pip's progress and errors go to stderr, so stdout stays the caller's (the `export`
+/// lines of `setup-cuda` and `setup-mkl`).
+pub(crate) fn pip_venv(venv: &Path, packages: &[&str]) -> Result<PathBuf, DynError> {
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        status(Command::new("python3").args(["-m", "venv"]).arg(venv))?;
     }
-    status(Command::new(venv_python()).args([
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "pillow",
-        "opencv-python-headless",
-        "numpy",
-    ]))
+    let ok = Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(packages)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run pip in {}: {e}", venv.display()))?
+        .success();
+    if !ok {
+        return Err(format!(
+            "pip could not install {} into {}",
+            packages.join(" "),
+            venv.display()
+        )
+        .into());
+    }
+    Ok(python)
+}
+
+fn setup_python() -> Result<(), DynError> {
+    pip_venv(
+        &project_root().join("target/pyref"),
+        &["pillow", "opencv-python-headless", "numpy"],
+    )
+    .map(drop)
 }
 
 fn bench_preprocess(args: &[String]) -> Result<(), DynError> {
@@ -407,11 +425,11 @@ fn torch_python() -> PathBuf {
 }
 
 fn setup_torch() -> Result<(), DynError> {
-    let venv = project_root().join("target/torch-ref");
-    if !torch_python().exists() {
-        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    status(Command::new(torch_python()).args(["-m", "pip", "install", "-q", "torch", "numpy", "pillow"]))
+    pip_venv(
+        &project_root().join("target/torch-ref"),
+        &["torch", "numpy", "pillow"],
+    )
+    .map(drop)
 }
 
 /// Runs a benchmark command and returns the `img_per_s` of its RESULT line.

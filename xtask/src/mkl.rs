@@ -8,9 +8,8 @@
 //! `intel-openmp` the OpenMP runtime. The binary carries MKL inside it: nothing is needed where it runs.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::{DynError, status};
+use crate::DynError;
 
 /// The pinned packages (one MKL release with its matching OpenMP runtime).
 const PACKAGES: [&str; 3] = [
@@ -29,20 +28,7 @@ pub(crate) fn run(args: &[String], root: &Path) -> Result<(), DynError> {
         return Err(format!("setup-mkl: unknown option `{other}`").into());
     }
     let venv = venv(root);
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    // pip's progress goes to stderr, so stdout stays the `export` line only.
-    let out = Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-        .args(PACKAGES)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run pip in {}: {e}", venv.display()))?;
-    if !out.success() {
-        return Err(format!("pip could not install {}", PACKAGES.join(" ")).into());
-    }
+    crate::pip_venv(&venv, &PACKAGES)?;
     for needed in ["include/mkl.h", "lib/libmkl_core.a", "lib/libiomp5.a"] {
         if !venv.join(needed).is_file() {
             return Err(format!(

@@ -62,17 +62,10 @@ fn python(o: &Options, root: &Path) -> Result<PathBuf, DynError> {
     if let Some(p) = &o.python {
         return Ok(p.clone());
     }
-    let venv = root.join("target/onnxruntime");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    status(
-        Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-            .args(["onnxruntime", "numpy", "pillow"]),
-    )?;
-    Ok(python)
+    crate::pip_venv(
+        &root.join("target/onnxruntime"),
+        &["onnxruntime", "numpy", "pillow"],
+    )
 }
 
 /// The first `n / 2` val radiographs of each class, by name.
