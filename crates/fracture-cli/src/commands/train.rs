@@ -19,14 +19,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// `[default: 32]` when they agree, else `[default: 10; radiograph: 40; finetune: 14]` (the default
 /// being the `original` preset's, which applies without `--preset`).
 fn by_preset(text: &str, value: impl Fn(&Recipe) -> String) -> String {
-    let values: Vec<(Preset, String)> = Preset::value_variants()
-        .iter()
-        .map(|&p| (p, value(&p.recipe())))
-        .collect();
     let default = value(&Preset::default().recipe());
     let mut parts = vec![format!("default: {default}")];
-    for (preset, v) in &values {
-        if *v != default {
+    for preset in Preset::value_variants() {
+        let v = value(&preset.recipe());
+        if v != default {
             parts.push(format!("{}: {v}", preset.name()));
         }
     }
