@@ -177,9 +177,28 @@ impl Geometry {
     /// normalization and activation of the layer before).
     #[inline(always)]
     pub(crate) fn fill_scratch_with(&self, x: &[f32], p: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
-        p.fill(0.0);
         let (n, even_in, odd_in) = self.columns();
         let plane = self.ph * self.pw;
+        // Zero only what the copy below leaves unwritten: the rows without input, each row's
+        // margins (per parity plane for stride 2) and the tail.
+        for parity in 0..self.s {
+            let (start, count) = match self.s {
+                1 => (self.pad.left, n),
+                _ if parity == even_in.0 => (even_in.1, n.div_ceil(2)),
+                _ => (odd_in.1, n / 2),
+            };
+            for r in 0..self.ph {
+                let row = &mut p[parity * plane + r * self.pw..][..self.pw];
+                if self.has_input_row(r) {
+                    let end = (start + count).min(self.pw);
+                    row[..start.min(end)].fill(0.0);
+                    row[end..].fill(0.0);
+                } else {
+                    row.fill(0.0);
+                }
+            }
+        }
+        p[self.s * plane..].fill(0.0);
         for iy in 0..self.h {
             let r = iy + self.pad.top;
             if r >= self.ph {
@@ -195,15 +214,38 @@ impl Geometry {
                     odd_in.0 * plane + r * self.pw + odd_in.1,
                 );
                 let pairs = n / 2;
-                for (j, pair) in src.chunks_exact(2).enumerate() {
-                    p[e + j] = f(pair[0]);
-                    p[o + j] = f(pair[1]);
+                // The two parity planes, split apart so both can be written in one pass.
+                let (first, second) = p.split_at_mut(plane);
+                let (pe, po) = if even_in.0 == 0 {
+                    (&mut first[e..], &mut second[o - plane..])
+                } else {
+                    (&mut second[e - plane..], &mut first[o..])
+                };
+                let (pe, po) = (&mut pe[..n.div_ceil(2)], &mut po[..pairs]);
+                let mut split = pe.chunks_exact_mut(CH).zip(po.chunks_exact_mut(CH));
+                let mut pairs_in = src.chunks_exact(2 * CH);
+                for ((de, dodd), s) in (&mut split).zip(&mut pairs_in) {
+                    for j in 0..CH {
+                        de[j] = f(s[2 * j]);
+                        dodd[j] = f(s[2 * j + 1]);
+                    }
+                }
+                let done = (pairs / CH) * CH;
+                for j in done..pairs {
+                    pe[j] = f(src[2 * j]);
+                    po[j] = f(src[2 * j + 1]);
                 }
                 if n % 2 == 1 {
-                    p[e + pairs] = f(src[n - 1]);
+                    pe[pairs] = f(src[n - 1]);
                 }
             }
         }
+    }
+
+    /// Whether scratch row `r` holds an input row (the others are padding).
+    #[inline(always)]
+    fn has_input_row(&self, r: usize) -> bool {
+        r >= self.pad.top && r - self.pad.top < self.h
     }
 
     /// Writes the input part of a scratch-plane gradient `p` into `dx` (`h × w`), the positions
@@ -308,6 +350,19 @@ impl Geometry {
     /// only the row's values are stored.
     #[inline(always)]
     pub(crate) fn convolve_plane(&self, p: &[f32], filter: &[f32], out: &mut [f32]) {
+        self.convolve_plane_map(p, filter, out, |v| v);
+    }
+
+    /// [`Geometry::convolve_plane`] with `f` applied to each output before it is stored (a fused
+    /// normalization and activation of the layer after).
+    #[inline(always)]
+    pub(crate) fn convolve_plane_map(
+        &self,
+        p: &[f32],
+        filter: &[f32],
+        out: &mut [f32],
+        f: impl Fn(f32) -> f32 + Copy,
+    ) {
         let (k, ow) = (self.k, self.ow);
         let mut bases = [0usize; 49];
         for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
@@ -319,13 +374,16 @@ impl Geometry {
             let taps = &bases[..k * k];
             let mut x0 = 0;
             while x0 + CH <= ow {
-                row[x0..x0 + CH].copy_from_slice(&taps_chunk(p, filter, taps, x0));
+                let acc = taps_chunk(p, filter, taps, x0);
+                for (o, &a) in row[x0..x0 + CH].iter_mut().zip(&acc) {
+                    *o = f(a);
+                }
                 x0 += CH;
             }
             if x0 < ow {
                 let acc = taps_chunk(p, filter, taps, x0);
                 for (o, &a) in row[x0..].iter_mut().zip(&acc) {
-                    *o = a;
+                    *o = f(a);
                 }
             }
         }
@@ -451,8 +509,18 @@ impl Geometry {
     /// the zero-bordered interleaved scratch `q`.
     #[inline(always)]
     pub(crate) fn fill_group(&self, planes: &[f32], q: &mut [f32], f: impl Fn(usize, f32) -> f32) {
-        q.fill(0.0);
         let n = self.group_row_len();
+        // Zero only the positions the transpose below leaves unwritten.
+        let (pwf, left) = (self.pwf(), self.pad.left);
+        for (r, row) in q.chunks_exact_mut(pwf * GROUP).enumerate() {
+            if self.has_input_row(r) {
+                let end = ((left + n) * GROUP).min(row.len());
+                row[..(left * GROUP).min(end)].fill(0.0);
+                row[end..].fill(0.0);
+            } else {
+                row.fill(0.0);
+            }
+        }
         for (lane, plane) in planes.chunks_exact(self.h * self.w).enumerate() {
             for (row, base) in self.group_rows() {
                 for (ix, &v) in plane[row..][..n].iter().enumerate() {
@@ -502,6 +570,19 @@ impl Geometry {
     /// scratch and the group's filters.
     #[inline(always)]
     pub(crate) fn convolve_group(&self, q: &[f32], filters: &[f32], out: &mut [f32]) {
+        self.convolve_group_map(q, filters, out, |_| {});
+    }
+
+    /// [`Geometry::convolve_group`] with `f` applied to each output position's vector of
+    /// [`GROUP`] values (one per plane) before it is stored.
+    #[inline(always)]
+    pub(crate) fn convolve_group_map(
+        &self,
+        q: &[f32],
+        filters: &[f32],
+        out: &mut [f32],
+        f: impl Fn(&mut [f32; GROUP]),
+    ) {
         let (k, ohw) = (self.k, self.oh * self.ow);
         let wt = self.interleave_filters(filters);
         for oy in 0..self.oh {
@@ -519,6 +600,7 @@ impl Geometry {
                     }
                 }
                 let pos = oy * self.ow + ox;
+                f(&mut acc);
                 for (lane, &a) in acc.iter().enumerate() {
                     out[lane * ohw + pos] = a;
                 }

@@ -592,9 +592,11 @@ pub fn mbconv(
 ) -> candle_core::Result<(Tensor, BlockStats)> {
     if fast(kernels, &[x, params]) {
         let stats = Arc::new(Mutex::new(Vec::new()));
+        // Without a tracked input candle never calls the backward pass, so nothing need be kept.
+        let keep = x.track_op() || params.track_op();
         let y = x.contiguous()?.apply_op2(
             &params.contiguous()?,
-            mbconv::MbConvOp::new(spec, running, stats.clone(), kernels.precision()),
+            mbconv::MbConvOp::new(spec, running, stats.clone(), kernels.precision(), keep),
         )?;
         let stats = std::mem::take(
             &mut *stats

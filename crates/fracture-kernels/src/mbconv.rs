@@ -139,6 +139,10 @@ pub(crate) struct MbConvOp {
     saved: Mutex<Option<Saved>>,
     /// The 1×1 products' operand precision.
     precision: Precision,
+    /// Whether a backward pass may follow (an input is tracked by autograd). Without one, the
+    /// forward pass keeps nothing and, with fixed statistics, applies BN1 + ReLU6 as the depthwise
+    /// stage stores its outputs, so the raw depthwise output never exists in memory.
+    keep: bool,
 }
 
 impl MbConvOp {
@@ -147,6 +151,7 @@ impl MbConvOp {
         running: Option<BlockStats>,
         stats: Arc<Mutex<BlockStats>>,
         precision: Precision,
+        keep: bool,
     ) -> Self {
         MbConvOp {
             spec,
@@ -154,6 +159,7 @@ impl MbConvOp {
             stats,
             saved: Mutex::new(None),
             precision,
+            keep,
         }
     }
 
@@ -206,6 +212,32 @@ impl MbConvOp {
             (None, None) => Norm::new(&vec![(0.0, 1.0); gamma.len()], gamma, beta, self.spec.eps, false),
         }
     }
+}
+
+/// The block's output from the projection `y3` (or `out` itself, in place, when `y3` is `None`):
+/// `out = y3 · scale + shift` per channel of BN2, plus the block's input when `skip` is given.
+fn project_out(out: &mut [f32], y3: Option<&[f32]>, skip: Option<&[f32]>, n2: &Norm, ohw: usize) {
+    let ch = n2.scale.len();
+    out.par_chunks_mut(ohw).enumerate().for_each(|(k, o)| {
+        let (sc, sh) = (n2.scale[k % ch], n2.shift[k % ch]);
+        let (y, xi) = (
+            y3.map(|t| &t[k * ohw..(k + 1) * ohw]),
+            skip.map(|t| &t[k * ohw..(k + 1) * ohw]),
+        );
+        simd(
+            #[inline(always)]
+            || match (y, xi) {
+                (Some(y), Some(xi)) => {
+                    for ((o, &y), &xv) in o.iter_mut().zip(y).zip(xi) {
+                        *o = y * sc + sh + xv;
+                    }
+                }
+                (Some(y), None) => o.iter_mut().zip(y).for_each(|(o, &y)| *o = y * sc + sh),
+                (None, Some(xi)) => o.iter_mut().zip(xi).for_each(|(o, &xv)| *o = *o * sc + sh + xv),
+                (None, None) => o.iter_mut().for_each(|o| *o = *o * sc + sh),
+            },
+        )
+    });
 }
 
 /// The depthwise input map of a plane of channel `c`: BN0 + ReLU6 when expanding, else identity.
@@ -282,8 +314,20 @@ impl CustomOp2 for MbConvOp {
         };
         let a1_src: &[f32] = if s.expand { &y1 } else { x };
 
-        // Depthwise, with BN0 + ReLU6 on the way in and each plane's moments on the way out.
+        // Depthwise, with BN0 + ReLU6 on the way in and each plane's moments on the way out; or,
+        // with fixed statistics and no backward pass to follow, BN1 + ReLU6 on the way out.
         let wd = &params[lay.depthwise.clone()];
+        let (g1, b1) = &lay.bn1;
+        let fused_n1 = (!batch && !self.keep).then(|| {
+            self.norm(
+                norm_index,
+                None,
+                &params[g1.clone()],
+                &params[b1.clone()],
+                &mut batch_stats,
+            )
+        });
+        let n1f = fused_n1.as_ref();
         let mut y2 = take(b * s.mid * ohw);
         let n0r = n0.as_ref();
         let moments: Vec<(f64, f64)> = if g.grouped() {
@@ -298,7 +342,19 @@ impl CustomOp2 for MbConvOp {
                             #[inline(always)]
                             || {
                                 fill_group(&g, n0r, c0, planes, q);
-                                g.convolve_group(q, filters, out);
+                                match n1f {
+                                    Some(n) => {
+                                        let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
+                                        sc.copy_from_slice(&n.scale[c0..c0 + GROUP]);
+                                        sh.copy_from_slice(&n.shift[c0..c0 + GROUP]);
+                                        g.convolve_group_map(q, filters, out, |acc| {
+                                            for i in 0..GROUP {
+                                                acc[i] = (acc[i] * sc[i] + sh[i]).clamp(0.0, 6.0);
+                                            }
+                                        });
+                                    }
+                                    None => g.convolve_group(q, filters, out),
+                                }
                                 out.chunks_exact(ohw)
                                     .map(|o| if batch { norm::run_moments(o) } else { (0.0, 0.0) })
                                     .collect::<Vec<_>>()
@@ -325,7 +381,15 @@ impl CustomOp2 for MbConvOp {
                                 } else {
                                     g.fill_scratch_with(plane, p, |v| v);
                                 }
-                                g.convolve_plane(p, filter, out);
+                                match n1f {
+                                    Some(n) => {
+                                        let (sc, sh) = (n.scale[c], n.shift[c]);
+                                        g.convolve_plane_map(p, filter, out, |v| {
+                                            (v * sc + sh).clamp(0.0, 6.0)
+                                        });
+                                    }
+                                    None => g.convolve_plane(p, filter, out),
+                                }
                                 if batch { norm::run_moments(out) } else { (0.0, 0.0) }
                             },
                         )
@@ -333,16 +397,21 @@ impl CustomOp2 for MbConvOp {
                 })
                 .collect()
         };
-        let (g1, b1) = &lay.bn1;
-        let n1 = self.norm(
-            norm_index,
-            batch.then(|| norm::combine_moments(&moments, s.mid, ohw)),
-            &params[g1.clone()],
-            &params[b1.clone()],
-            &mut batch_stats,
-        );
-        let mut a2 = take(b * s.mid * ohw);
-        norm::apply(&mut a2, &y2, &n1.scale, &n1.shift, ohw, Activation::Relu6);
+        let (y2, a2, n1) = match fused_n1 {
+            Some(n1) => (Vec::new(), y2, n1),
+            None => {
+                let n1 = self.norm(
+                    norm_index,
+                    batch.then(|| norm::combine_moments(&moments, s.mid, ohw)),
+                    &params[g1.clone()],
+                    &params[b1.clone()],
+                    &mut batch_stats,
+                );
+                let mut a2 = take(b * s.mid * ohw);
+                norm::apply(&mut a2, &y2, &n1.scale, &n1.shift, ohw, Activation::Relu6);
+                (y2, a2, n1)
+            }
+        };
 
         // Projection and BN2 (+ the input).
         let mut y3 = take(b * s.cout * ohw);
@@ -366,27 +435,23 @@ impl CustomOp2 for MbConvOp {
             &params[b2.clone()],
             &mut batch_stats,
         );
-        let mut out = take(b * s.cout * ohw);
-        if s.skip() {
-            let ch = s.cout;
-            out.par_chunks_mut(ohw)
-                .zip(y3.par_chunks(ohw))
-                .zip(x.par_chunks(ohw))
-                .enumerate()
-                .for_each(|(k, ((o, y), xi))| {
-                    let (sc, sh) = (n2.scale[k % ch], n2.shift[k % ch]);
-                    simd(
-                        #[inline(always)]
-                        || {
-                            for ((o, &y), &xv) in o.iter_mut().zip(y).zip(xi) {
-                                *o = y * sc + sh + xv;
-                            }
-                        },
-                    )
-                });
+        let skip = s.skip().then_some(x);
+        let out = if self.keep {
+            let mut out = take(b * s.cout * ohw);
+            project_out(&mut out, Some(&y3), skip, &n2, ohw);
+            out
         } else {
-            norm::apply(&mut out, &y3, &n2.scale, &n2.shift, ohw, Activation::None);
-        }
+            // Nothing is kept: BN2 (+ the input) in place, and the buffers go back to the pool.
+            let mut out = y3;
+            project_out(&mut out, None, skip, &n2, ohw);
+            for buf in [y1, y2, a2] {
+                give(buf);
+            }
+            if batch && let Ok(mut slot) = self.stats.lock() {
+                *slot = batch_stats;
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((b, s.cout, g.oh, g.ow))));
+        };
 
         if batch && let Ok(mut slot) = self.stats.lock() {
             *slot = batch_stats;

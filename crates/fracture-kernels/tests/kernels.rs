@@ -70,6 +70,25 @@ fn check(
     Ok(())
 }
 
+/// The inference path of the fused block (plain tensors: nothing kept for a backward pass, the
+/// first batch norm applied in the depthwise store when running statistics are used, the second
+/// in place on the projection) against the single ops.
+fn untracked_matches(
+    x: &Tensor,
+    params: &Tensor,
+    spec: MbConvSpec,
+    running: &Option<kernels::BlockStats>,
+) -> Result<(), TestCaseError> {
+    let (x, params) = (x.detach(), params.detach());
+    let fast = kernels::mbconv(&x, &params, spec, running.clone(), Kernels::Fast)
+        .unwrap()
+        .0;
+    let reference = kernels::mbconv(&x, &params, spec, running.clone(), Kernels::Reference)
+        .unwrap()
+        .0;
+    close(&fast, &reference, "untracked inverted bottleneck values")
+}
+
 /// Inputs of an inverted-bottleneck check: `x (b, cin, h, w)`, the flat parameters with batch-norm
 /// scales near 1.5 and inputs off-centre (so ReLU6 cuts at both ends), and running statistics when
 /// the block does not use batch statistics.
@@ -235,6 +254,7 @@ proptest! {
         let spec = MbConvSpec { cin, mid: cin * expansion, cout, kernel, stride, expand: expansion != 1, eps: 1e-3 };
         let (x, params, running) = bottleneck_inputs(spec, b, h, w, batch_stats, seed);
         check(&[x.clone(), params.clone()], |t, k| kernels::mbconv(&t[0], &t[1], spec, running.clone(), k).unwrap().0, "inverted bottleneck")?;
+        untracked_matches(&x, &params, spec, &running)?;
         if batch_stats {
             let (_, sf) = kernels::mbconv(&x, &params, spec, None, Kernels::Fast).unwrap();
             let (_, sr) = kernels::mbconv(&x, &params, spec, None, Kernels::Reference).unwrap();
@@ -260,7 +280,8 @@ proptest! {
         prop_assume!(!batch_stats || b * h * w >= 2);
         let spec = MbConvSpec { cin, mid: cin * expansion, cout: cin, kernel, stride, expand: expansion != 1, eps: 1e-3 };
         let (x, params, running) = bottleneck_inputs(spec, b, h, w, batch_stats, seed);
-        check(&[x, params], |t, k| kernels::mbconv(&t[0], &t[1], spec, running.clone(), k).unwrap().0, "grouped inverted bottleneck")?;
+        check(&[x.clone(), params.clone()], |t, k| kernels::mbconv(&t[0], &t[1], spec, running.clone(), k).unwrap().0, "grouped inverted bottleneck")?;
+        untracked_matches(&x, &params, spec, &running)?;
     }
 
     #[test]
