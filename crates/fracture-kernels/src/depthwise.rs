@@ -546,15 +546,20 @@ impl Geometry {
         self.w.min(self.pwf().saturating_sub(self.pad.left))
     }
 
-    /// The interleaved filters: `wt[t·GROUP + lane]` = tap `t` of the filter of plane `lane`
-    /// (`filters` holds the group's `GROUP × k × k` values).
-    #[inline(always)]
-    fn interleave_filters(&self, filters: &[f32]) -> [f32; 49 * GROUP] {
+    /// The filters of all `c` channels interleaved group by group, once per call of an op: the
+    /// group starting at channel `g·GROUP` occupies `GROUP × k × k` values from `g·GROUP·k·k`,
+    /// tap `t` of plane `lane` at `t·GROUP + lane` (`filters` holds `c × k × k` values).
+    pub(crate) fn interleave_filters(&self, filters: &[f32]) -> Vec<f32> {
         let kk = self.k * self.k;
-        let mut wt = [0.0f32; 49 * GROUP];
-        for lane in 0..GROUP {
-            for t in 0..kk {
-                wt[t * GROUP + lane] = filters[lane * kk + t];
+        let mut wt = vec![0.0f32; filters.len()];
+        for (dst, src) in wt
+            .chunks_exact_mut(GROUP * kk)
+            .zip(filters.chunks_exact(GROUP * kk))
+        {
+            for lane in 0..GROUP {
+                for t in 0..kk {
+                    dst[t * GROUP + lane] = src[lane * kk + t];
+                }
             }
         }
         wt
@@ -567,10 +572,11 @@ impl Geometry {
     }
 
     /// [`GROUP`] output planes (`out`, `GROUP × oh × ow`, overwritten) from a filled interleaved
-    /// scratch and the group's filters.
+    /// scratch and the group's interleaved filters `wt` (its part of
+    /// [`Geometry::interleave_filters`]).
     #[inline(always)]
-    pub(crate) fn convolve_group(&self, q: &[f32], filters: &[f32], out: &mut [f32]) {
-        self.convolve_group_map(q, filters, out, |_| {});
+    pub(crate) fn convolve_group(&self, q: &[f32], wt: &[f32], out: &mut [f32]) {
+        self.convolve_group_map(q, wt, out, |_| {});
     }
 
     /// [`Geometry::convolve_group`] with `f` applied to each output position's vector of
@@ -579,12 +585,11 @@ impl Geometry {
     pub(crate) fn convolve_group_map(
         &self,
         q: &[f32],
-        filters: &[f32],
+        wt: &[f32],
         out: &mut [f32],
         f: impl Fn(&mut [f32; GROUP]),
     ) {
         let (k, ohw) = (self.k, self.oh * self.ow);
-        let wt = self.interleave_filters(filters);
         for oy in 0..self.oh {
             for ox in 0..self.ow {
                 let mut acc = [0.0f32; GROUP];
@@ -610,14 +615,14 @@ impl Geometry {
 
     /// The backward pass of a group: adds the filter gradients to `dw` (`GROUP × k × k`) and writes
     /// the input gradients `dx` (`GROUP × h × w`), from the output gradients `dy`
-    /// (`GROUP × oh × ow`), the filled scratch `q` and scratch buffers `dyq`
-    /// ([`Geometry::group_dy_len`]) and `dq` ([`Geometry::group_scratch_len`]).
+    /// (`GROUP × oh × ow`), the filled scratch `q`, the group's interleaved filters `wt` and
+    /// scratch buffers `dyq` ([`Geometry::group_dy_len`]) and `dq` ([`Geometry::group_scratch_len`]).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward_group(
         &self,
         q: &[f32],
-        filters: &[f32],
+        wt: &[f32],
         dy: &[f32],
         dw: &mut [f32],
         dx: &mut [f32],
@@ -652,7 +657,6 @@ impl Geometry {
             }
         }
         // Input gradients: each output position's gradient spread over its taps.
-        let wt = self.interleave_filters(filters);
         let dq = &mut dq[..self.group_scratch_len()];
         dq.fill(0.0);
         for oy in 0..self.oh {

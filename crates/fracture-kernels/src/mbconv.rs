@@ -331,12 +331,13 @@ impl CustomOp2 for MbConvOp {
         let mut y2 = take(b * s.mid * ohw);
         let n0r = n0.as_ref();
         let moments: Vec<(f64, f64)> = if g.grouped() {
+            let wt = g.interleave_filters(wd);
             y2.par_chunks_mut(GROUP * ohw)
                 .zip(a1_src.par_chunks(GROUP * hw))
                 .enumerate()
                 .map(|(i, (out, planes))| {
                     let c0 = (i * GROUP) % s.mid;
-                    let filters = &wd[c0 * kk..(c0 + GROUP) * kk];
+                    let filters = &wt[c0 * kk..(c0 + GROUP) * kk];
                     with_scratch(&SCRATCH, g.group_scratch_len(), |q| {
                         simd(
                             #[inline(always)]
@@ -347,11 +348,17 @@ impl CustomOp2 for MbConvOp {
                                         let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
                                         sc.copy_from_slice(&n.scale[c0..c0 + GROUP]);
                                         sh.copy_from_slice(&n.shift[c0..c0 + GROUP]);
-                                        g.convolve_group_map(q, filters, out, |acc| {
-                                            for i in 0..GROUP {
-                                                acc[i] = (acc[i] * sc[i] + sh[i]).clamp(0.0, 6.0);
-                                            }
-                                        });
+                                        g.convolve_group_map(
+                                            q,
+                                            filters,
+                                            out,
+                                            #[inline(always)]
+                                            |acc| {
+                                                for i in 0..GROUP {
+                                                    acc[i] = (acc[i] * sc[i] + sh[i]).clamp(0.0, 6.0);
+                                                }
+                                            },
+                                        );
                                     }
                                     None => g.convolve_group(q, filters, out),
                                 }
@@ -377,16 +384,25 @@ impl CustomOp2 for MbConvOp {
                             #[inline(always)]
                             || {
                                 if act {
-                                    g.fill_scratch_with(plane, p, |v| (v * sc + sh).clamp(0.0, 6.0));
+                                    g.fill_scratch_with(
+                                        plane,
+                                        p,
+                                        #[inline(always)]
+                                        |v| (v * sc + sh).clamp(0.0, 6.0),
+                                    );
                                 } else {
                                     g.fill_scratch_with(plane, p, |v| v);
                                 }
                                 match n1f {
                                     Some(n) => {
                                         let (sc, sh) = (n.scale[c], n.shift[c]);
-                                        g.convolve_plane_map(p, filter, out, |v| {
-                                            (v * sc + sh).clamp(0.0, 6.0)
-                                        });
+                                        g.convolve_plane_map(
+                                            p,
+                                            filter,
+                                            out,
+                                            #[inline(always)]
+                                            |v| (v * sc + sh).clamp(0.0, 6.0),
+                                        );
                                     }
                                     None => g.convolve_plane(p, filter, out),
                                 }
@@ -550,12 +566,13 @@ impl CustomOp2 for MbConvOp {
         let mut dwd_planes = take(b * s.mid * kk);
         let n0 = saved.n0.as_ref();
         let sums: Vec<(f64, f64)> = if g.grouped() {
+            let wt = g.interleave_filters(wd);
             da1.par_chunks_mut(GROUP * hw)
                 .zip(dwd_planes.par_chunks_mut(GROUP * kk))
                 .enumerate()
                 .map(|(i, (dx, dw))| {
                     let c0 = (i * GROUP) % s.mid;
-                    let filters = &wd[c0 * kk..(c0 + GROUP) * kk];
+                    let filters = &wt[c0 * kk..(c0 + GROUP) * kk];
                     let planes = &a1_src[i * GROUP * hw..(i + 1) * GROUP * hw];
                     let dy = &da2[i * GROUP * ohw..(i + 1) * GROUP * ohw];
                     dw.fill(0.0);
@@ -611,7 +628,12 @@ impl CustomOp2 for MbConvOp {
                                     #[inline(always)]
                                     || {
                                         if act {
-                                            g.fill_scratch_with(plane, p, |v| (v * sc + sh).clamp(0.0, 6.0));
+                                            g.fill_scratch_with(
+                                                plane,
+                                                p,
+                                                #[inline(always)]
+                                                |v| (v * sc + sh).clamp(0.0, 6.0),
+                                            );
                                         } else {
                                             g.fill_scratch_with(plane, p, |v| v);
                                         }
