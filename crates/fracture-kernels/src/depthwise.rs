@@ -189,13 +189,7 @@ impl Geometry {
             };
             for r in 0..self.ph {
                 let row = &mut p[parity * plane + r * self.pw..][..self.pw];
-                if self.has_input_row(r) {
-                    let end = (start + count).min(self.pw);
-                    row[..start.min(end)].fill(0.0);
-                    row[end..].fill(0.0);
-                } else {
-                    row.fill(0.0);
-                }
+                self.zero_unwritten(row, r, start, start + count);
             }
         }
         p[self.s * plane..].fill(0.0);
@@ -242,10 +236,17 @@ impl Geometry {
         }
     }
 
-    /// Whether scratch row `r` holds an input row (the others are padding).
+    /// Zeroes what a fill leaves unwritten in scratch row `r`: all of it when the row is padding
+    /// (no input row lands there), else everything outside `[start, end)` (clamped to the row).
     #[inline(always)]
-    fn has_input_row(&self, r: usize) -> bool {
-        r >= self.pad.top && r - self.pad.top < self.h
+    fn zero_unwritten(&self, row: &mut [f32], r: usize, start: usize, end: usize) {
+        if r >= self.pad.top && r - self.pad.top < self.h {
+            let end = end.min(row.len());
+            row[..start.min(end)].fill(0.0);
+            row[end..].fill(0.0);
+        } else {
+            row.fill(0.0);
+        }
     }
 
     /// Writes the input part of a scratch-plane gradient `p` into `dx` (`h × w`), the positions
@@ -513,13 +514,7 @@ impl Geometry {
         // Zero only the positions the transpose below leaves unwritten.
         let (pwf, left) = (self.pwf(), self.pad.left);
         for (r, row) in q.chunks_exact_mut(pwf * GROUP).enumerate() {
-            if self.has_input_row(r) {
-                let end = ((left + n) * GROUP).min(row.len());
-                row[..(left * GROUP).min(end)].fill(0.0);
-                row[end..].fill(0.0);
-            } else {
-                row.fill(0.0);
-            }
+            self.zero_unwritten(row, r, left * GROUP, (left + n) * GROUP);
         }
         for (lane, plane) in planes.chunks_exact(self.h * self.w).enumerate() {
             for (row, base) in self.group_rows() {

@@ -451,27 +451,22 @@ impl CustomOp2 for MbConvOp {
             &params[b2.clone()],
             &mut batch_stats,
         );
+        if batch && let Ok(mut slot) = self.stats.lock() {
+            *slot = batch_stats;
+        }
         let skip = s.skip().then_some(x);
-        let out = if self.keep {
-            let mut out = take(b * s.cout * ohw);
-            project_out(&mut out, Some(&y3), skip, &n2, ohw);
-            out
-        } else {
+        let shape = Shape::from((b, s.cout, g.oh, g.ow));
+        if !self.keep {
             // Nothing is kept: BN2 (+ the input) in place, and the buffers go back to the pool.
             let mut out = y3;
             project_out(&mut out, None, skip, &n2, ohw);
             for buf in [y1, y2, a2] {
                 give(buf);
             }
-            if batch && let Ok(mut slot) = self.stats.lock() {
-                *slot = batch_stats;
-            }
-            return Ok((CpuStorage::F32(out), Shape::from((b, s.cout, g.oh, g.ow))));
-        };
-
-        if batch && let Ok(mut slot) = self.stats.lock() {
-            *slot = batch_stats;
+            return Ok((CpuStorage::F32(out), shape));
         }
+        let mut out = take(b * s.cout * ohw);
+        project_out(&mut out, Some(&y3), skip, &n2, ohw);
         if let Ok(mut slot) = self.saved.lock() {
             *slot = Some(Saved {
                 y1,
@@ -485,7 +480,7 @@ impl CustomOp2 for MbConvOp {
                 hw,
             });
         }
-        Ok((CpuStorage::F32(out), Shape::from((b, s.cout, g.oh, g.ow))))
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
