@@ -144,6 +144,45 @@ impl Geometry {
         })
     }
 
+    /// The output rows `or0..or1` of one image of `c` planes as a convolution of their own: the
+    /// input rows `lo..hi` they read, and the geometry of an input of those `hi − lo` rows whose
+    /// padding above and below is the part of the full padding the band reaches (so its output is
+    /// exactly those rows). Errors when the range is empty or past the output.
+    pub(crate) fn band(
+        &self,
+        c: usize,
+        or0: usize,
+        or1: usize,
+    ) -> candle_core::Result<(Geometry, usize, usize)> {
+        if or0 >= or1 || or1 > self.oh {
+            candle_core::bail!(
+                "depthwise band: rows {or0}..{or1} of an output of {} rows",
+                self.oh
+            );
+        }
+        // The band reads rows first..end of the padded input; padded row r is input row r − top.
+        let (first, end) = (or0 * self.s, (or1 - 1) * self.s + self.k);
+        let lo = first.saturating_sub(self.pad.top).min(self.h);
+        let hi = end.saturating_sub(self.pad.top).min(self.h);
+        let top = self.pad.top.saturating_sub(first);
+        if hi <= lo || top + (hi - lo) > end - first {
+            candle_core::bail!("depthwise band: rows {or0}..{or1} read no input row");
+        }
+        let spec = DepthwiseSpec {
+            kernel: self.k,
+            stride: self.s,
+            padding: Padding {
+                top,
+                bottom: end - first - top - (hi - lo),
+                left: self.pad.left,
+                right: self.pad.right,
+            },
+        };
+        let g = Geometry::of(&spec, 1, c, hi - lo, self.w)?;
+        debug_assert_eq!((g.oh, g.ow), (or1 - or0, self.ow));
+        Ok((g, lo, hi))
+    }
+
     /// Values of one scratch plane (both parities for stride 2), plus one vector of zeros at the
     /// end, so that the inner loops may always read whole vectors.
     pub(crate) fn scratch_len(&self) -> usize {

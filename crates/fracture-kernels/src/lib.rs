@@ -29,6 +29,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeExample;
 
+mod banded;
 mod batchnorm;
 mod bf16;
 mod buffers;

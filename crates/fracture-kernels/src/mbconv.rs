@@ -21,12 +21,13 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::Precision;
 use super::buffers::{give, take};
 use super::depthwise::{DSCRATCH, DepthwiseSpec, GROUP, Geometry, Padding, ROW, SCRATCH, with_scratch};
+use super::gemm::View;
 use super::norm::{self, Norm, NormGrad};
 use super::pointwise::{self, Dims};
 use super::{Activation, contiguous_f32, simd, tensor_f32};
+use super::{Precision, SharedLhs, banded};
 
 /// The shape of a block.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -214,6 +215,57 @@ impl MbConvOp {
     }
 }
 
+impl MbConvOp {
+    /// The block at inference, band by band of output rows (`banded.rs`): `(B, cout, H', W')`.
+    /// Needs fixed statistics.
+    pub(crate) fn banded(
+        &self,
+        x: &[f32],
+        params: &[f32],
+        b: usize,
+        g: &Geometry,
+        band_bytes: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let s = self.spec;
+        let lay = s.layout();
+        let mut unused = Vec::new();
+        let mut norm = |i: usize, (gamma, beta): &(Range<usize>, Range<usize>)| {
+            self.norm(
+                i,
+                None,
+                &params[gamma.clone()],
+                &params[beta.clone()],
+                &mut unused,
+            )
+        };
+        let n0 = lay.bn0.as_ref().map(|bn0| norm(0, bn0));
+        let first = usize::from(n0.is_some());
+        let (n1, n2) = (norm(first, &lay.bn1), norm(first + 1, &lay.bn2));
+        let expand = match (&lay.expand, &n0) {
+            (Some(we), Some(n0)) => Some((
+                SharedLhs::new(View::rows(&params[we.clone()], s.mid, s.cin), self.precision),
+                n0,
+            )),
+            _ => None,
+        };
+        let pass = banded::Banded {
+            spec: s,
+            geom: *g,
+            expand,
+            project: SharedLhs::new(
+                View::rows(&params[lay.project.clone()], s.cout, s.mid),
+                self.precision,
+            ),
+            filters: &params[lay.depthwise.clone()],
+            norms: [&n1, &n2],
+            band_bytes,
+        };
+        let mut out = take(b * s.cout * g.oh * g.ow);
+        pass.forward(x, &mut out)?;
+        Ok(out)
+    }
+}
+
 /// The block's output from the projection `y3` (or `out` itself, in place, when `y3` is `None`):
 /// `out = y3 · scale + shift` per channel of BN2, plus the block's input when `skip` is given.
 fn project_out(out: &mut [f32], y3: Option<&[f32]>, skip: Option<&[f32]>, n2: &Norm, ohw: usize) {
@@ -282,6 +334,10 @@ impl CustomOp2 for MbConvOp {
         let batch = self.running.is_none();
         let mut batch_stats = Vec::new();
         let mut norm_index = 0;
+        if !batch && !self.keep && banded::applies(&s, &g, b) {
+            let out = self.banded(x, params, b, &g, banded::BAND_BYTES)?;
+            return Ok((CpuStorage::F32(out), Shape::from((b, s.cout, g.oh, g.ow))));
+        }
 
         // Expansion and BN0 (applied later, inside the depthwise stage).
         let (y1, n0) = match (&lay.expand, &lay.bn0) {

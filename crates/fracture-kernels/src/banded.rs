@@ -1,0 +1,412 @@
+//! The inverted bottleneck at inference on wide planes, band by band of output rows, so that its
+//! expanded activations never reach main memory.
+//!
+//! The whole-batch pass writes the expansion `y1` (six times the input's channels, at the input's
+//! resolution: 4.8 MB per image in EfficientNet-Lite0's first expanding block at 224 px) and reads it
+//! back in the depthwise stage, then writes and reads the depthwise output again for the projection.
+//! Here each image is worked through in bands of output rows, each band's expanded rows sized to
+//! about one core's L2 cache: expand the input rows the band reads (a 1×1 product over a strided
+//! slice of the input), BN0 + ReLU6 as each plane is copied into the depthwise scratch, the depthwise
+//! filter with BN1 + ReLU6 as it stores, then the projection straight into the band's columns of the
+//! output, and BN2 (+ the input) in place. The rows a band shares with the one before (`k − s` of
+//! them) are copied over, not expanded twice. Images are spread over threads, one image per task.
+//!
+//! A block without an expansion runs the same way on the input's rows (only the depthwise output
+//! then stays in cache). Only for fixed statistics and no backward pass (nothing is kept), planes
+//! wider than one vector (narrow planes take the channel-interleaved path) and at least one image
+//! per thread: see [`applies`]. Checked against candle's ops in this module's tests.
+
+use rayon::prelude::*;
+
+use super::SharedLhs;
+use super::depthwise::{Geometry, SCRATCH, with_scratch};
+use super::gemm::{Threads, View};
+use super::mbconv::MbConvSpec;
+use super::norm::Norm;
+use super::simd;
+
+/// Bytes of expanded activations one band aims to hold, about one core's L2. Chosen by measurement
+/// (`bench_blocks 224 32 6 --infer`, AMD EPYC with 1 MiB of L2 per core): budgets from 768 KiB to
+/// 4 MiB ran within the noise of each other, 128-256 KiB slower (more, smaller products).
+pub(crate) const BAND_BYTES: usize = 1 << 20;
+
+/// Whether the banded pass applies to a block of shape `spec` on `b` images of geometry `g`: planes
+/// wider than one vector, one image or more per thread, and a depthwise input of one image larger
+/// than a band.
+pub(crate) fn applies(spec: &MbConvSpec, g: &Geometry, b: usize) -> bool {
+    !g.grouped() && b >= rayon::current_num_threads() && g.h * g.w * spec.mid * size_of::<f32>() > BAND_BYTES
+}
+
+/// Output rows per band so that the input rows they read hold about `bytes` of `mid` expanded
+/// channels (at least one row; at most the whole output).
+fn band_rows(g: &Geometry, stride: usize, mid: usize, bytes: usize) -> usize {
+    let rows_in = bytes / (g.w * mid * size_of::<f32>()).max(1);
+    (rows_in.saturating_sub(g.k) / stride.max(1) + 1).clamp(1, g.oh.max(1))
+}
+
+/// One block's operands for the banded pass.
+pub(crate) struct Banded<'a> {
+    pub(crate) spec: MbConvSpec,
+    /// The depthwise geometry of the whole batch.
+    pub(crate) geom: Geometry,
+    /// `We (mid × cin)` prepared for the block's precision, and BN0 (fixed statistics), when the
+    /// block expands.
+    pub(crate) expand: Option<(SharedLhs<'a>, &'a Norm)>,
+    /// `Wp (cout × mid)`, prepared likewise.
+    pub(crate) project: SharedLhs<'a>,
+    /// The depthwise filters, `(mid, k, k)`.
+    pub(crate) filters: &'a [f32],
+    /// BN1 and BN2 with fixed statistics.
+    pub(crate) norms: [&'a Norm; 2],
+    /// Bytes of expanded rows per band ([`BAND_BYTES`] outside tests).
+    pub(crate) band_bytes: usize,
+}
+
+/// Per-task buffers: the expanded rows of the band before and of this one, and the band's
+/// depthwise output.
+#[derive(Default)]
+struct Bufs {
+    prev: Vec<f32>,
+    cur: Vec<f32>,
+    a2: Vec<f32>,
+}
+
+impl Banded<'_> {
+    /// The block's output for `x (B, cin, H, W)` into `out (B, cout, H', W')`, overwritten.
+    pub(crate) fn forward(&self, x: &[f32], out: &mut [f32]) -> candle_core::Result<()> {
+        let (s, g) = (&self.spec, &self.geom);
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let rows = band_rows(g, s.stride, s.mid, self.band_bytes);
+        out.par_chunks_mut(s.cout * ohw)
+            .zip(x.par_chunks(s.cin * hw))
+            .try_for_each_init(Bufs::default, |bufs, (o, xi)| self.image(xi, o, rows, bufs))
+    }
+
+    /// One image, `rows` output rows at a time.
+    fn image(&self, x: &[f32], out: &mut [f32], rows: usize, bufs: &mut Bufs) -> candle_core::Result<()> {
+        let (s, g) = (&self.spec, &self.geom);
+        let (w, hw) = (g.w, g.h * g.w);
+        // The input rows `prev` holds, once a band is done.
+        let mut held: Option<(usize, usize)> = None;
+        let mut or0 = 0;
+        while or0 < g.oh {
+            let or1 = (or0 + rows).min(g.oh);
+            let (gb, lo, hi) = g.band(s.mid, or0, or1)?;
+            let hb = hi - lo;
+            let Some((we, n0)) = &self.expand else {
+                // No expansion: the depthwise stage reads the input's rows where they are.
+                self.depthwise(
+                    &gb,
+                    |c| &x[c * hw + lo * w..][..hb * w],
+                    None,
+                    or1 - or0,
+                    &mut bufs.a2,
+                );
+                self.project_band(x, out, or0, or1, &bufs.a2)?;
+                or0 = or1;
+                continue;
+            };
+            bufs.cur.resize(s.mid * hb * w, 0.0);
+            // Rows the band before expanded are copied; the rest are expanded here.
+            let start = match held {
+                Some((plo, phi)) if phi > lo => {
+                    let (shared, phb) = (phi - lo, phi - plo);
+                    for c in 0..s.mid {
+                        bufs.cur[c * hb * w..][..shared * w]
+                            .copy_from_slice(&bufs.prev[(c * phb + lo - plo) * w..][..shared * w]);
+                    }
+                    phi
+                }
+                _ => lo,
+            };
+            if start < hi {
+                let rhs = View {
+                    data: &x[start * w..],
+                    rows: s.cin,
+                    cols: (hi - start) * w,
+                    row_stride: hw,
+                    col_stride: 1,
+                };
+                we.matmul(
+                    &mut bufs.cur[(start - lo) * w..],
+                    hb * w,
+                    rhs,
+                    false,
+                    Threads::One,
+                )?;
+            }
+            let cur = &bufs.cur;
+            self.depthwise(
+                &gb,
+                |c| &cur[c * hb * w..][..hb * w],
+                Some(n0),
+                or1 - or0,
+                &mut bufs.a2,
+            );
+            self.project_band(x, out, or0, or1, &bufs.a2)?;
+            std::mem::swap(&mut bufs.prev, &mut bufs.cur);
+            held = Some((lo, hi));
+            or0 = or1;
+        }
+        Ok(())
+    }
+
+    /// The depthwise stage of one band into `a2` (`mid` planes of `rows × ow`, resized): each
+    /// input plane `plane(c)` (the band's rows) through BN0 + ReLU6 when given, then the filter with
+    /// BN1 + ReLU6 on the way out.
+    fn depthwise<'x>(
+        &self,
+        gb: &Geometry,
+        plane: impl Fn(usize) -> &'x [f32],
+        n0: Option<&Norm>,
+        rows: usize,
+        a2: &mut Vec<f32>,
+    ) {
+        let (mid, kk, n1) = (self.spec.mid, self.spec.kernel * self.spec.kernel, self.norms[0]);
+        let band_out = rows * gb.ow;
+        a2.resize(mid * band_out, 0.0);
+        with_scratch(&SCRATCH, gb.scratch_len(), |p| {
+            simd(
+                #[inline(always)]
+                || {
+                    for c in 0..mid {
+                        match n0 {
+                            Some(n0) => {
+                                let (sc0, sh0) = (n0.scale[c], n0.shift[c]);
+                                gb.fill_scratch_with(
+                                    plane(c),
+                                    p,
+                                    #[inline(always)]
+                                    |v| (v * sc0 + sh0).clamp(0.0, 6.0),
+                                );
+                            }
+                            None => gb.fill_scratch_with(plane(c), p, |v| v),
+                        }
+                        let (sc1, sh1) = (n1.scale[c], n1.shift[c]);
+                        gb.convolve_plane_map(
+                            p,
+                            &self.filters[c * kk..][..kk],
+                            &mut a2[c * band_out..][..band_out],
+                            #[inline(always)]
+                            |v| (v * sc1 + sh1).clamp(0.0, 6.0),
+                        );
+                    }
+                },
+            )
+        });
+    }
+
+    /// The projection of a band's depthwise output `a2` into output rows `or0..or1` of every
+    /// plane of `out`, then BN2 (+ the input `x` when the block has the skip) in place.
+    fn project_band(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        or0: usize,
+        or1: usize,
+        a2: &[f32],
+    ) -> candle_core::Result<()> {
+        let (s, g) = (&self.spec, &self.geom);
+        let (ow, hw, ohw) = (g.ow, g.h * g.w, g.oh * g.ow);
+        let band_out = (or1 - or0) * ow;
+        self.project.matmul(
+            &mut out[or0 * ow..],
+            ohw,
+            View::rows(a2, s.mid, band_out),
+            false,
+            Threads::One,
+        )?;
+        let (skip, n2) = (s.skip(), self.norms[1]);
+        simd(
+            #[inline(always)]
+            || {
+                for co in 0..s.cout {
+                    let (sc, sh) = (n2.scale[co], n2.shift[co]);
+                    let o = &mut out[co * ohw + or0 * ow..][..band_out];
+                    if skip {
+                        // Stride 1 and cin = cout: the input plane has the output's shape.
+                        let xs = &x[co * hw + or0 * ow..][..band_out];
+                        o.iter_mut().zip(xs).for_each(|(o, &xv)| *o = *o * sc + sh + xv);
+                    } else {
+                        o.iter_mut().for_each(|o| *o = *o * sc + sh);
+                    }
+                }
+            },
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::depthwise::{DepthwiseSpec, Padding};
+
+    #[test]
+    fn bands_cover_the_output_and_read_the_rows_they_need() {
+        for (h, k, s) in [(9, 3, 1), (9, 3, 2), (10, 5, 2), (7, 5, 1), (1, 3, 1), (2, 5, 2)] {
+            let spec = DepthwiseSpec {
+                kernel: k,
+                stride: s,
+                padding: Padding::same(h, 4, k, s),
+            };
+            let g = Geometry::of(&spec, 1, 2, h, 4).unwrap();
+            for rows in 1..=g.oh {
+                let mut or0 = 0;
+                while or0 < g.oh {
+                    let or1 = (or0 + rows).min(g.oh);
+                    let (gb, lo, hi) = g.band(2, or0, or1).unwrap();
+                    assert_eq!(
+                        (gb.oh, gb.ow),
+                        (or1 - or0, g.ow),
+                        "h {h} k {k} s {s} rows {or0}..{or1}"
+                    );
+                    let top = spec.padding.top;
+                    // The first and last input rows a window of the band touches, clamped.
+                    let want_lo = (or0 * s).saturating_sub(top);
+                    let want_hi = ((or1 - 1) * s + k - top).min(h);
+                    assert_eq!(
+                        (lo, hi),
+                        (want_lo, want_hi),
+                        "h {h} k {k} s {s} rows {or0}..{or1}"
+                    );
+                    or0 = or1;
+                }
+            }
+            assert!(g.band(2, 0, g.oh + 1).is_err());
+            assert!(g.band(2, 1, 1).is_err());
+        }
+    }
+
+    /// Deterministic values in `[lo, hi)`.
+    fn values(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                lo + (hi - lo) * ((state >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect()
+    }
+
+    /// The banded pass with bands of one row, a few rows and the whole image against the composition
+    /// of candle's own ops, on odd sizes, both strides and kernels, with and without the skip; and
+    /// with BF16 products against the whole-batch pass in BF16.
+    #[test]
+    fn banded_pass_matches_the_whole_batch_pass() {
+        use crate::mbconv::MbConvOp;
+        use crate::{Kernels, Precision};
+        use candle_core::{Device, Tensor};
+        use std::sync::{Arc, Mutex};
+
+        let shapes = [
+            // (b, cin, expansion, cout, k, s, h, w)
+            (2, 3, 6, 5, 3, 2, 13, 35),
+            (1, 4, 3, 4, 3, 1, 9, 33),
+            (3, 2, 6, 2, 5, 1, 8, 20),
+            (2, 5, 2, 7, 5, 2, 11, 37),
+            (1, 3, 4, 3, 5, 1, 1, 17),
+            // No expansion: the depthwise stage reads the input.
+            (2, 4, 1, 4, 3, 1, 10, 21),
+            (1, 3, 1, 5, 5, 2, 9, 19),
+        ];
+        for (i, &(b, cin, e, cout, k, s, h, w)) in shapes.iter().enumerate() {
+            let spec = MbConvSpec {
+                cin,
+                mid: cin * e,
+                cout,
+                kernel: k,
+                stride: s,
+                expand: e != 1,
+                eps: 1e-3,
+            };
+            let lay = spec.layout();
+            let seed = i as u64 * 7 + 1;
+            let x = values(b * cin * h * w, seed, -1.0, 2.0);
+            let mut params = values(lay.len, seed + 1, -0.6, 0.6);
+            for (g, bt) in lay.bn0.iter().cloned().chain([lay.bn1.clone(), lay.bn2.clone()]) {
+                params[g.clone()].copy_from_slice(&values(g.len(), seed + 2, 0.5, 1.5));
+                params[bt.clone()].copy_from_slice(&values(bt.len(), seed + 3, -0.5, 0.5));
+            }
+            let widths = if spec.expand {
+                vec![spec.mid, spec.mid, cout]
+            } else {
+                vec![spec.mid, cout]
+            };
+            let running: crate::BlockStats = widths
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| {
+                    (
+                        values(n, seed + 4 + j as u64, -0.3, 0.3),
+                        values(n, seed + 8 + j as u64, 0.5, 1.5),
+                    )
+                })
+                .collect();
+            let dev = Device::Cpu;
+            let xt = Tensor::from_vec(x.clone(), (b, cin, h, w), &dev).unwrap();
+            let pt = Tensor::from_vec(params.clone(), lay.len, &dev).unwrap();
+            let dspec = DepthwiseSpec {
+                kernel: k,
+                stride: s,
+                padding: Padding::same(h, w, k, s),
+            };
+            let g = Geometry::of(&dspec, b, spec.mid, h, w).unwrap();
+            for (precision, kernels, tol) in [
+                (Precision::Fp32, Kernels::Reference, 1e-4f32),
+                (Precision::Bf16, Kernels::Bf16, 2e-3),
+            ] {
+                let want = crate::mbconv(&xt, &pt, spec, Some(running.clone()), kernels)
+                    .unwrap()
+                    .0
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let op = MbConvOp::new(
+                    spec,
+                    Some(running.clone()),
+                    Arc::new(Mutex::new(Vec::new())),
+                    precision,
+                    false,
+                );
+                for rows in [1, 2, 3, h] {
+                    let bytes = ((rows - 1) * s + k) * w * spec.mid * 4;
+                    let got = op.banded(&x, &params, b, &g, bytes).unwrap();
+                    assert_eq!(got.len(), want.len());
+                    let worst = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, r)| (a - r).abs() / (1.0 + r.abs()))
+                        .fold(0.0f32, f32::max);
+                    assert!(
+                        worst <= tol,
+                        "shape {i} {precision:?}, {rows} rows per band: off by {worst} (relative)"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn band_rows_fit_the_budget() {
+        let spec = DepthwiseSpec {
+            kernel: 3,
+            stride: 2,
+            padding: Padding::same(112, 112, 3, 2),
+        };
+        let g = Geometry::of(&spec, 1, 96, 112, 112).unwrap();
+        let rows = band_rows(&g, 2, 96, BAND_BYTES);
+        let rows_in = (rows - 1) * 2 + 3;
+        assert!(rows_in * 112 * 96 * 4 <= BAND_BYTES, "{rows} rows");
+        assert!((rows_in + 2) * 112 * 96 * 4 > BAND_BYTES, "{rows} rows");
+        assert_eq!(band_rows(&g, 2, 96, 1), 1);
+        assert_eq!(band_rows(&g, 2, 96, usize::MAX / 2), g.oh);
+    }
+}
