@@ -222,14 +222,16 @@ fn pack_pair(lo: f32, hi: f32) -> u32 {
     u32::from(to_bf16(lo)) | (u32::from(to_bf16(hi)) << 16)
 }
 
-/// The left operand `m × k` as BF16 pairs into `out` (zeroed): `mp × kpp` words, `mp` = `m` padded
-/// to 16, the low half of word `(i, p)` element `(i, 2p)`, the high half `(i, 2p + 1)`; padding
-/// stays zero.
+/// The left operand `m × k` as BF16 pairs into `out` (every word written): `mp × kpp` words, `mp`
+/// = `m` padded to 16, the low half of word `(i, p)` element `(i, 2p)`, the high half
+/// `(i, 2p + 1)`; padding is zero.
 fn pack_lhs(a: &View<'_>, kpp: usize, threads: Threads, out: &mut [u32]) {
     let pack_row = |i: usize, row: &mut [u32]| {
         if i >= a.rows {
+            row.fill(0);
             return;
         }
+        row[a.cols.div_ceil(2)..].fill(0);
         if a.col_stride == 1 {
             // A row-major view: each row's values lie side by side.
             let src = &a.data[i * a.row_stride..][..a.cols];
@@ -269,14 +271,21 @@ fn pack_lhs(a: &View<'_>, kpp: usize, threads: Threads, out: &mut [u32]) {
 
 /// The 16-column blocks `blocks` of the right operand `k × n`: word `(l · kpp + p) · 16 + jj` of
 /// the `l`-th block holds the pair `(B[2p][j], B[2p + 1][j])` for `j = 16·(blocks.start + l) + jj`
-/// (`out`, zeroed, holds `blocks.len() · kpp · 16` words; padding stays zero). Each worker packs
-/// only the blocks it multiplies.
+/// (`out` holds `blocks.len() · kpp · 16` words, every one written; padding is zero). Each worker
+/// packs only the blocks it multiplies.
 fn pack_rhs(b: &View<'_>, kpp: usize, blocks: std::ops::Range<usize>, out: &mut [u32]) {
     let (k, n) = (b.rows, b.cols);
     super::simd(|| {
         for (l, jb) in blocks.clone().enumerate() {
             let (j0, j1) = (jb * 16, (jb * 16 + 16).min(n));
             let block = &mut out[l * kpp * 16..(l + 1) * kpp * 16];
+            // Zero what the copy below leaves unwritten: a partial block's missing columns, the
+            // pairs past `k` (AMX pads them to a tile row).
+            if j1 - j0 < 16 {
+                block.fill(0);
+            } else {
+                block[k.div_ceil(2) * 16..].fill(0);
+            }
             if b.col_stride == 1 && j1 - j0 == 16 {
                 // Row-major: 16 neighbouring values of two rows make one row of the block.
                 let row = |r: usize| &b.data[r * b.row_stride + j0..][..16];
@@ -459,9 +468,10 @@ thread_local! {
     static RHS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on `len` zeroed words of this thread's `cell` (a fresh buffer when it is in use: a
-/// thread waiting for its workers may run another product meanwhile), so packing does not fault
-/// in new pages on every product.
+/// Runs `f` on `len` words of this thread's `cell`, left over from earlier products (a fresh,
+/// zeroed buffer when it is in use: a thread waiting for its workers may run another product
+/// meanwhile), so packing neither faults in new pages nor zeroes the buffer on every product: the
+/// packers write every word.
 fn with_scratch<R>(
     cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u32>>>,
     len: usize,
@@ -470,9 +480,10 @@ fn with_scratch<R>(
     let mut f = Some(f);
     let done = cell.with(|c| {
         let mut buf = c.try_borrow_mut().ok()?;
-        buf.clear();
-        buf.resize(len, 0);
-        Some((f.take()?)(&mut buf))
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        Some((f.take()?)(&mut buf[..len]))
     });
     match (done, f) {
         (Some(r), _) => r,
