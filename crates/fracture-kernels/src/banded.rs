@@ -12,14 +12,16 @@
 //! them) are copied over, not expanded twice. Images are spread over threads, one image per task.
 //!
 //! A block without an expansion runs the same way on the input's rows (only the depthwise output
-//! then stays in cache). Only for fixed statistics and no backward pass (nothing is kept), planes
-//! wider than one vector (narrow planes take the channel-interleaved path) and at least one image
-//! per thread: see [`applies`]. Checked against candle's ops in this module's tests.
+//! then stays in cache). Narrow planes (at most one vector wide: the channel-interleaved depthwise
+//! path) take each image as one band: their whole expansion fits in L2 (at most 527 KB per image
+//! in EfficientNet-Lite0 at 224 px), where the whole batch's did not. Only for fixed statistics and
+//! no backward pass (nothing is kept) and at least one image per thread: see [`applies`]. Checked
+//! against candle's ops in this module's tests.
 
 use rayon::prelude::*;
 
 use super::SharedLhs;
-use super::depthwise::{Geometry, SCRATCH, with_scratch};
+use super::depthwise::{GROUP, Geometry, SCRATCH, with_scratch};
 use super::gemm::{Threads, View};
 use super::mbconv::MbConvSpec;
 use super::norm::Norm;
@@ -30,16 +32,18 @@ use super::simd;
 /// 4 MiB ran within the noise of each other, 128-256 KiB slower (more, smaller products).
 pub(crate) const BAND_BYTES: usize = 1 << 20;
 
-/// Whether the banded pass applies to a block of shape `spec` on `b` images of geometry `g`: planes
-/// wider than one vector, one image or more per thread, and a depthwise input of one image larger
-/// than a band.
-pub(crate) fn applies(spec: &MbConvSpec, g: &Geometry, b: usize) -> bool {
-    !g.grouped() && b >= rayon::current_num_threads() && g.h * g.w * spec.mid * size_of::<f32>() > BAND_BYTES
+/// Whether the banded pass applies to `b` images: one image or more per thread (with fewer, the
+/// whole-batch pass splits each layer's work between the threads instead).
+pub(crate) fn applies(b: usize) -> bool {
+    b >= rayon::current_num_threads()
 }
 
 /// Output rows per band so that the input rows they read hold about `bytes` of `mid` expanded
-/// channels (at least one row; at most the whole output).
+/// channels (at least one row; at most the whole output); the whole output for narrow planes.
 fn band_rows(g: &Geometry, stride: usize, mid: usize, bytes: usize) -> usize {
+    if g.grouped() {
+        return g.oh.max(1);
+    }
     let rows_in = bytes / (g.w * mid * size_of::<f32>()).max(1);
     (rows_in.saturating_sub(g.k) / stride.max(1) + 1).clamp(1, g.oh.max(1))
 }
@@ -54,7 +58,8 @@ pub(crate) struct Banded<'a> {
     pub(crate) expand: Option<(SharedLhs<'a>, &'a Norm)>,
     /// `Wp (cout × mid)`, prepared likewise.
     pub(crate) project: SharedLhs<'a>,
-    /// The depthwise filters, `(mid, k, k)`.
+    /// The depthwise filters, `(mid, k, k)`; for narrow planes interleaved by groups of channels
+    /// (`Geometry::interleave_filters`).
     pub(crate) filters: &'a [f32],
     /// BN1 and BN2 with fixed statistics.
     pub(crate) norms: [&'a Norm; 2],
@@ -95,13 +100,7 @@ impl Banded<'_> {
             let hb = hi - lo;
             let Some((we, n0)) = &self.expand else {
                 // No expansion: the depthwise stage reads the input's rows where they are.
-                self.depthwise(
-                    &gb,
-                    |c| &x[c * hw + lo * w..][..hb * w],
-                    None,
-                    or1 - or0,
-                    &mut bufs.a2,
-                );
+                self.depthwise(&gb, |c| &x[c * hw + lo * w..], None, or1 - or0, &mut bufs.a2);
                 self.project_band(x, out, or0, or1, &bufs.a2)?;
                 or0 = or1;
                 continue;
@@ -136,13 +135,7 @@ impl Banded<'_> {
                 )?;
             }
             let cur = &bufs.cur;
-            self.depthwise(
-                &gb,
-                |c| &cur[c * hb * w..][..hb * w],
-                Some(n0),
-                or1 - or0,
-                &mut bufs.a2,
-            );
+            self.depthwise(&gb, |c| &cur[c * hb * w..], Some(n0), or1 - or0, &mut bufs.a2);
             self.project_band(x, out, or0, or1, &bufs.a2)?;
             std::mem::swap(&mut bufs.prev, &mut bufs.cur);
             held = Some((lo, hi));
@@ -152,8 +145,8 @@ impl Banded<'_> {
     }
 
     /// The depthwise stage of one band into `a2` (`mid` planes of `rows × ow`, resized): each
-    /// input plane `plane(c)` (the band's rows) through BN0 + ReLU6 when given, then the filter with
-    /// BN1 + ReLU6 on the way out.
+    /// input plane (the band's rows, at the start of `plane(c)`; for narrow planes the next ones
+    /// follow it) through BN0 + ReLU6 when given, then the filter with BN1 + ReLU6 on the way out.
     fn depthwise<'x>(
         &self,
         gb: &Geometry,
@@ -165,6 +158,43 @@ impl Banded<'_> {
         let (mid, kk, n1) = (self.spec.mid, self.spec.kernel * self.spec.kernel, self.norms[0]);
         let band_out = rows * gb.ow;
         a2.resize(mid * band_out, 0.0);
+        if gb.grouped() {
+            let planes = gb.h * gb.w;
+            return with_scratch(&SCRATCH, gb.group_scratch_len(), |q| {
+                simd(
+                    #[inline(always)]
+                    || {
+                        for c0 in (0..mid).step_by(GROUP) {
+                            // The group's planes lie one after another in the source.
+                            let src = &plane(c0)[..GROUP * planes];
+                            match n0 {
+                                Some(n0) => {
+                                    let (sc, sh) = (&n0.scale[c0..c0 + GROUP], &n0.shift[c0..c0 + GROUP]);
+                                    gb.fill_group(src, q, |lane, v| {
+                                        (v * sc[lane] + sh[lane]).clamp(0.0, 6.0)
+                                    });
+                                }
+                                None => gb.fill_group(src, q, |_, v| v),
+                            }
+                            let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
+                            sc.copy_from_slice(&n1.scale[c0..c0 + GROUP]);
+                            sh.copy_from_slice(&n1.shift[c0..c0 + GROUP]);
+                            gb.convolve_group_map(
+                                q,
+                                &self.filters[c0 * kk..(c0 + GROUP) * kk],
+                                &mut a2[c0 * band_out..(c0 + GROUP) * band_out],
+                                #[inline(always)]
+                                |acc| {
+                                    for i in 0..GROUP {
+                                        acc[i] = (acc[i] * sc[i] + sh[i]).clamp(0.0, 6.0);
+                                    }
+                                },
+                            );
+                        }
+                    },
+                )
+            });
+        }
         with_scratch(&SCRATCH, gb.scratch_len(), |p| {
             simd(
                 #[inline(always)]
@@ -174,13 +204,13 @@ impl Banded<'_> {
                             Some(n0) => {
                                 let (sc0, sh0) = (n0.scale[c], n0.shift[c]);
                                 gb.fill_scratch_with(
-                                    plane(c),
+                                    &plane(c)[..gb.h * gb.w],
                                     p,
                                     #[inline(always)]
                                     |v| (v * sc0 + sh0).clamp(0.0, 6.0),
                                 );
                             }
-                            None => gb.fill_scratch_with(plane(c), p, |v| v),
+                            None => gb.fill_scratch_with(&plane(c)[..gb.h * gb.w], p, |v| v),
                         }
                         let (sc1, sh1) = (n1.scale[c], n1.shift[c]);
                         gb.convolve_plane_map(
@@ -315,6 +345,10 @@ mod tests {
             // No expansion: the depthwise stage reads the input.
             (2, 4, 1, 4, 3, 1, 10, 21),
             (1, 3, 1, 5, 5, 2, 9, 19),
+            // Narrow planes in whole groups of channels: the channel-interleaved path.
+            (2, 8, 2, 8, 3, 1, 6, 7),
+            (2, 16, 6, 24, 5, 2, 9, 11),
+            (3, 16, 1, 16, 3, 1, 5, 9),
         ];
         for (i, &(b, cin, e, cout, k, s, h, w)) in shapes.iter().enumerate() {
             let spec = MbConvSpec {

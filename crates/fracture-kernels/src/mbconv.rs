@@ -248,6 +248,12 @@ impl MbConvOp {
             )),
             _ => None,
         };
+        let wd = &params[lay.depthwise.clone()];
+        let filters = if g.grouped() {
+            std::borrow::Cow::Owned(g.interleave_filters(wd))
+        } else {
+            std::borrow::Cow::Borrowed(wd)
+        };
         let pass = banded::Banded {
             spec: s,
             geom: *g,
@@ -256,7 +262,7 @@ impl MbConvOp {
                 View::rows(&params[lay.project.clone()], s.cout, s.mid),
                 self.precision,
             ),
-            filters: &params[lay.depthwise.clone()],
+            filters: &filters,
             norms: [&n1, &n2],
             band_bytes,
         };
@@ -334,7 +340,7 @@ impl CustomOp2 for MbConvOp {
         let batch = self.running.is_none();
         let mut batch_stats = Vec::new();
         let mut norm_index = 0;
-        if !batch && !self.keep && banded::applies(&s, &g, b) {
+        if !batch && !self.keep && banded::applies(b) {
             let out = self.banded(x, params, b, &g, banded::BAND_BYTES)?;
             return Ok((CpuStorage::F32(out), Shape::from((b, s.cout, g.oh, g.ow))));
         }
