@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the seed CNN's CPU kernels (one per layer, forward and forward+backward,
 //! throughput in FLOP/s), a full training step and inference at 128 and 224 px, each beside candle's
-//! own operations where that finishes in reasonable time.
+//! own operations where that finishes in reasonable time; and EfficientNet-Lite0's depthwise
+//! convolutions (`cargo bench -p fracture-benches --bench kernels -- depthwise`).
 //!
 //! `cargo bench -p fracture-benches --bench kernels`. Throughputs are printed as `elem/s`, where one
 //! element is one floating-point operation (a multiply-add counts two): `Gelem/s` reads as GFLOP/s.
@@ -169,5 +170,30 @@ fn steps(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, layers, steps);
+/// The depthwise convolutions of EfficientNet-Lite0 at 224 px, batch 32, forward only (as inference
+/// runs them; plain tensors): the stage at half, quarter, eighth and sixteenth resolution, the last
+/// two on the channel-interleaved path.
+fn depthwise(c: &mut Criterion) {
+    fracture_alloc::keep_freed_memory();
+    let mut group = c.benchmark_group("depthwise_lite0_224px_batch32");
+    group.sample_size(10).measurement_time(Duration::from_secs(4));
+    let b = 32;
+    for (ch, side, k, s) in [(96, 112, 3, 2), (144, 56, 3, 1), (240, 28, 5, 1), (672, 14, 5, 1), (1152, 7, 5, 1)] {
+        let x = Tensor::rand(0f32, 1.0, (b, ch, side, side), &Device::Cpu).unwrap();
+        let w = Tensor::rand(-0.5f32, 0.5, (ch, 1, k, k), &Device::Cpu).unwrap();
+        let spec = kernels::DepthwiseSpec {
+            kernel: k,
+            stride: s,
+            padding: kernels::Padding::same(side, side, k, s),
+        };
+        let o = side.div_ceil(s);
+        group.throughput(Throughput::Elements((2 * b * ch * o * o * k * k) as u64));
+        group.bench_function(format!("{ch}x{side}x{side} k{k} s{s} forward"), |bench| {
+            bench.iter(|| black_box(kernels::depthwise_conv2d(&x, &w, spec, Kernels::Fast).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, layers, steps, depthwise);
 criterion_main!(benches);

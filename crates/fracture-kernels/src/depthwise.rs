@@ -355,7 +355,30 @@ fn taps_chunk(p: &[f32], filter: &[f32], taps: &[usize], x0: usize) -> [f32; CH]
     for (t, &base) in taps.iter().enumerate() {
         let (w, src) = (filter[t], &p[base + x0..][..CH]);
         for i in 0..CH {
-            acc[i] += w * src[i];
+            // `mul_add`: Rust never fuses `a * b + c` on its own, and a fused multiply-add is one
+            // instruction where the two are two.
+            acc[i] = w.mul_add(src[i], acc[i]);
+        }
+    }
+    acc
+}
+
+/// Output rows a plane's convolution computes together: each has its own accumulator, so their
+/// multiply-adds are independent and overlap (one accumulator alone waits out each multiply-add's
+/// latency, four cycles, before the next can start).
+const ROWS: usize = 4;
+
+/// [`taps_chunk`] for [`ROWS`] output rows at once, row `r` reading `step · r` further into `p`.
+#[inline(always)]
+fn taps_rows(p: &[f32], filter: &[f32], taps: &[usize], x0: usize, step: usize) -> [[f32; CH]; ROWS] {
+    let mut acc = [[0.0f32; CH]; ROWS];
+    for (t, &base) in taps.iter().enumerate() {
+        let w = filter[t];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let src = &p[base + x0 + r * step..][..CH];
+            for i in 0..CH {
+                acc[i] = w.mul_add(src[i], acc[i]);
+            }
         }
     }
     acc
@@ -385,9 +408,9 @@ impl Geometry {
     }
 
     /// One output plane `out` (`oh × ow`, overwritten) from a filled scratch plane `p` and the
-    /// plane's `k × k` filter. Each chunk of outputs is summed over all taps in registers; reads
-    /// run whole vectors past the row's end (into the next row or the scratch's zero tail) and
-    /// only the row's values are stored.
+    /// plane's `k × k` filter. Each chunk of outputs is summed over all taps in registers, for
+    /// [`ROWS`] output rows together; reads run whole vectors past the row's end (into the next row
+    /// or the scratch's zero tail) and only the row's values are stored.
     #[inline(always)]
     pub(crate) fn convolve_plane(&self, p: &[f32], filter: &[f32], out: &mut [f32]) {
         self.convolve_plane_map(p, filter, out, |v| v);
@@ -404,28 +427,38 @@ impl Geometry {
         f: impl Fn(f32) -> f32 + Copy,
     ) {
         let (k, ow) = (self.k, self.ow);
+        // The scratch offset from one output row's taps to the next one's.
+        let step = self.s * self.pw;
         let mut bases = [0usize; 49];
-        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+        let mut oy = 0;
+        while oy < self.oh {
+            let rows = (self.oh - oy).min(ROWS);
             for ki in 0..k {
                 for kj in 0..k {
                     bases[ki * k + kj] = self.tap_base(oy * self.s + ki, kj);
                 }
             }
             let taps = &bases[..k * k];
-            let mut x0 = 0;
-            while x0 + CH <= ow {
-                let acc = taps_chunk(p, filter, taps, x0);
-                for (o, &a) in row[x0..x0 + CH].iter_mut().zip(&acc) {
-                    *o = f(a);
+            let block = &mut out[oy * ow..(oy + rows) * ow];
+            for x0 in (0..ow).step_by(CH) {
+                let n = (ow - x0).min(CH);
+                if rows == ROWS {
+                    let acc = taps_rows(p, filter, taps, x0, step);
+                    for (row, acc) in block.chunks_exact_mut(ow).zip(&acc) {
+                        for (o, &a) in row[x0..x0 + n].iter_mut().zip(acc) {
+                            *o = f(a);
+                        }
+                    }
+                } else {
+                    for (r, row) in block.chunks_exact_mut(ow).enumerate() {
+                        let acc = taps_chunk(p, filter, taps, x0 + r * step);
+                        for (o, &a) in row[x0..x0 + n].iter_mut().zip(&acc) {
+                            *o = f(a);
+                        }
+                    }
                 }
-                x0 += CH;
             }
-            if x0 < ow {
-                let acc = taps_chunk(p, filter, taps, x0);
-                for (o, &a) in row[x0..].iter_mut().zip(&acc) {
-                    *o = f(a);
-                }
-            }
+            oy += rows;
         }
     }
 
@@ -634,7 +667,7 @@ impl Geometry {
                             &q[self.group_base(oy, ox, ki, kj)..][..GROUP],
                         );
                         for i in 0..GROUP {
-                            acc[i] += w[i] * src[i];
+                            acc[i] = w[i].mul_add(src[i], acc[i]);
                         }
                     }
                 }
