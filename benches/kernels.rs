@@ -178,7 +178,13 @@ fn depthwise(c: &mut Criterion) {
     let mut group = c.benchmark_group("depthwise_lite0_224px_batch32");
     group.sample_size(10).measurement_time(Duration::from_secs(4));
     let b = 32;
-    for (ch, side, k, s) in [(96, 112, 3, 2), (144, 56, 3, 1), (240, 28, 5, 1), (672, 14, 5, 1), (1152, 7, 5, 1)] {
+    for (ch, side, k, s) in [
+        (96, 112, 3, 2),
+        (144, 56, 3, 1),
+        (240, 28, 5, 1),
+        (672, 14, 5, 1),
+        (1152, 7, 5, 1),
+    ] {
         let x = Tensor::rand(0f32, 1.0, (b, ch, side, side), &Device::Cpu).unwrap();
         let w = Tensor::rand(-0.5f32, 0.5, (ch, 1, k, k), &Device::Cpu).unwrap();
         let spec = kernels::DepthwiseSpec {
