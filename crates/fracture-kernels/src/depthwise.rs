@@ -384,6 +384,31 @@ fn taps_rows(p: &[f32], filter: &[f32], taps: &[usize], x0: usize, step: usize) 
     acc
 }
 
+/// `R` neighbouring output positions of a channel-interleaved group: position `j` sums, over the
+/// taps, the tap's [`GROUP`] filter values (`wt`, one vector per tap) times the scratch vector at
+/// `taps[t] + x0 + j · step`. A function of its own, returning the sums by value, so that the
+/// accumulators stay in registers.
+#[inline(always)]
+fn group_taps<const R: usize>(
+    q: &[f32],
+    wt: &[f32],
+    taps: &[usize],
+    x0: usize,
+    step: usize,
+) -> [[f32; GROUP]; R] {
+    let mut acc = [[0.0f32; GROUP]; R];
+    for (t, &base) in taps.iter().enumerate() {
+        let w = &wt[t * GROUP..][..GROUP];
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let src = &q[base + x0 + j * step..][..GROUP];
+            for i in 0..GROUP {
+                acc[i] = w[i].mul_add(src[i], acc[i]);
+            }
+        }
+    }
+    acc
+}
+
 /// `acc += Σ (w, off) w · dyp[j0 + off ..][..CH]`: one chunk of a transposed depthwise row.
 #[inline(always)]
 fn add_taps(acc: &mut [f32; CH], dyp: &[f32], taps: &[(f32, usize)], j0: usize) {
@@ -657,24 +682,34 @@ impl Geometry {
         f: impl Fn(&mut [f32; GROUP]),
     ) {
         let (k, ohw) = (self.k, self.oh * self.ow);
+        // Scratch offset from one output position's taps to the next one's along the row.
+        let step = self.s * GROUP;
+        let mut bases = [0usize; 49];
         for oy in 0..self.oh {
-            for ox in 0..self.ow {
-                let mut acc = [0.0f32; GROUP];
-                for ki in 0..k {
-                    for kj in 0..k {
-                        let (w, src) = (
-                            &wt[(ki * k + kj) * GROUP..][..GROUP],
-                            &q[self.group_base(oy, ox, ki, kj)..][..GROUP],
-                        );
-                        for i in 0..GROUP {
-                            acc[i] = w[i].mul_add(src[i], acc[i]);
-                        }
+            for ki in 0..k {
+                for kj in 0..k {
+                    bases[ki * k + kj] = self.group_base(oy, 0, ki, kj);
+                }
+            }
+            let taps = &bases[..k * k];
+            let row = oy * self.ow;
+            let mut ox = 0;
+            // ROWS positions at once: independent accumulators (see `ROWS`).
+            while ox + ROWS <= self.ow {
+                let mut acc = group_taps::<ROWS>(q, wt, taps, ox * step, step);
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    f(acc);
+                    for (lane, &a) in acc.iter().enumerate() {
+                        out[lane * ohw + row + ox + j] = a;
                     }
                 }
-                let pos = oy * self.ow + ox;
+                ox += ROWS;
+            }
+            for ox in ox..self.ow {
+                let [mut acc] = group_taps::<1>(q, wt, taps, ox * step, step);
                 f(&mut acc);
                 for (lane, &a) in acc.iter().enumerate() {
-                    out[lane * ohw + pos] = a;
+                    out[lane * ohw + row + ox] = a;
                 }
             }
         }
