@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use super::SharedLhs;
 use super::depthwise::{GROUP, Geometry, SCRATCH, with_scratch};
 use super::gemm::{Threads, View};
-use super::mbconv::MbConvSpec;
+use super::mbconv::{MbConvSpec, bn_out, convolve_group_bn, convolve_plane_bn, fill_group, fill_plane};
 use super::norm::Norm;
 use super::simd;
 
@@ -166,29 +166,14 @@ impl Banded<'_> {
                     || {
                         for c0 in (0..mid).step_by(GROUP) {
                             // The group's planes lie one after another in the source.
-                            let src = &plane(c0)[..GROUP * planes];
-                            match n0 {
-                                Some(n0) => {
-                                    let (sc, sh) = (&n0.scale[c0..c0 + GROUP], &n0.shift[c0..c0 + GROUP]);
-                                    gb.fill_group(src, q, |lane, v| {
-                                        (v * sc[lane] + sh[lane]).clamp(0.0, 6.0)
-                                    });
-                                }
-                                None => gb.fill_group(src, q, |_, v| v),
-                            }
-                            let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
-                            sc.copy_from_slice(&n1.scale[c0..c0 + GROUP]);
-                            sh.copy_from_slice(&n1.shift[c0..c0 + GROUP]);
-                            gb.convolve_group_map(
+                            fill_group(gb, n0, c0, &plane(c0)[..GROUP * planes], q);
+                            convolve_group_bn(
+                                gb,
                                 q,
                                 &self.filters[c0 * kk..(c0 + GROUP) * kk],
                                 &mut a2[c0 * band_out..(c0 + GROUP) * band_out],
-                                #[inline(always)]
-                                |acc| {
-                                    for i in 0..GROUP {
-                                        acc[i] = (acc[i] * sc[i] + sh[i]).clamp(0.0, 6.0);
-                                    }
-                                },
+                                Some(n1),
+                                c0,
                             );
                         }
                     },
@@ -200,25 +185,14 @@ impl Banded<'_> {
                 #[inline(always)]
                 || {
                     for c in 0..mid {
-                        match n0 {
-                            Some(n0) => {
-                                let (sc0, sh0) = (n0.scale[c], n0.shift[c]);
-                                gb.fill_scratch_with(
-                                    &plane(c)[..gb.h * gb.w],
-                                    p,
-                                    #[inline(always)]
-                                    |v| (v * sc0 + sh0).clamp(0.0, 6.0),
-                                );
-                            }
-                            None => gb.fill_scratch_with(&plane(c)[..gb.h * gb.w], p, |v| v),
-                        }
-                        let (sc1, sh1) = (n1.scale[c], n1.shift[c]);
-                        gb.convolve_plane_map(
+                        fill_plane(gb, n0, c, &plane(c)[..gb.h * gb.w], p);
+                        convolve_plane_bn(
+                            gb,
                             p,
                             &self.filters[c * kk..][..kk],
                             &mut a2[c * band_out..][..band_out],
-                            #[inline(always)]
-                            |v| (v * sc1 + sh1).clamp(0.0, 6.0),
+                            Some(n1),
+                            c,
                         );
                     }
                 },
@@ -251,15 +225,10 @@ impl Banded<'_> {
             #[inline(always)]
             || {
                 for co in 0..s.cout {
-                    let (sc, sh) = (n2.scale[co], n2.shift[co]);
                     let o = &mut out[co * ohw + or0 * ow..][..band_out];
-                    if skip {
-                        // Stride 1 and cin = cout: the input plane has the output's shape.
-                        let xs = &x[co * hw + or0 * ow..][..band_out];
-                        o.iter_mut().zip(xs).for_each(|(o, &xv)| *o = *o * sc + sh + xv);
-                    } else {
-                        o.iter_mut().for_each(|o| *o = *o * sc + sh);
-                    }
+                    // With the skip (stride 1, cin = cout) the input plane has the output's shape.
+                    let xs = skip.then(|| &x[co * hw + or0 * ow..][..band_out]);
+                    bn_out(o, None, xs, n2.scale[co], n2.shift[co]);
                 }
             },
         );

@@ -348,30 +348,24 @@ pub(crate) fn with_scratch<R>(
 /// Values a vector register holds (AVX-512, f32); the inner loops work in chunks of this many.
 const CH: usize = 16;
 
-/// `Σ_t filter[t] · p[base_t + x0 ..][..CH]`: one chunk of a depthwise output row.
-#[inline(always)]
-fn taps_chunk(p: &[f32], filter: &[f32], taps: &[usize], x0: usize) -> [f32; CH] {
-    let mut acc = [0.0f32; CH];
-    for (t, &base) in taps.iter().enumerate() {
-        let (w, src) = (filter[t], &p[base + x0..][..CH]);
-        for i in 0..CH {
-            // `mul_add`: Rust never fuses `a * b + c` on its own, and a fused multiply-add is one
-            // instruction where the two are two.
-            acc[i] = w.mul_add(src[i], acc[i]);
-        }
-    }
-    acc
-}
-
 /// Output rows a plane's convolution computes together: each has its own accumulator, so their
 /// multiply-adds are independent and overlap (one accumulator alone waits out each multiply-add's
 /// latency, four cycles, before the next can start).
 const ROWS: usize = 4;
 
-/// [`taps_chunk`] for [`ROWS`] output rows at once, row `r` reading `step · r` further into `p`.
+/// `Σ_t filter[t] · p[base_t + x0 + r · step ..][..CH]` for `R` output rows `r`: one chunk of each
+/// of `R` depthwise output rows, `step` apart in the scratch. Returned by value, so that the
+/// accumulators stay in registers; `mul_add`, as Rust never fuses `a * b + c` on its own and a fused
+/// multiply-add is one instruction where the two are two.
 #[inline(always)]
-fn taps_rows(p: &[f32], filter: &[f32], taps: &[usize], x0: usize, step: usize) -> [[f32; CH]; ROWS] {
-    let mut acc = [[0.0f32; CH]; ROWS];
+fn taps_rows<const R: usize>(
+    p: &[f32],
+    filter: &[f32],
+    taps: &[usize],
+    x0: usize,
+    step: usize,
+) -> [[f32; CH]; R] {
+    let mut acc = [[0.0f32; CH]; R];
     for (t, &base) in taps.iter().enumerate() {
         let w = filter[t];
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -468,7 +462,7 @@ impl Geometry {
             for x0 in (0..ow).step_by(CH) {
                 let n = (ow - x0).min(CH);
                 if rows == ROWS {
-                    let acc = taps_rows(p, filter, taps, x0, step);
+                    let acc = taps_rows::<ROWS>(p, filter, taps, x0, step);
                     for (row, acc) in block.chunks_exact_mut(ow).zip(&acc) {
                         for (o, &a) in row[x0..x0 + n].iter_mut().zip(acc) {
                             *o = f(a);
@@ -476,7 +470,7 @@ impl Geometry {
                     }
                 } else {
                     for (r, row) in block.chunks_exact_mut(ow).enumerate() {
-                        let acc = taps_chunk(p, filter, taps, x0 + r * step);
+                        let [acc] = taps_rows::<1>(p, filter, taps, x0 + r * step, 0);
                         for (o, &a) in row[x0..x0 + n].iter_mut().zip(&acc) {
                             *o = f(a);
                         }

@@ -284,33 +284,116 @@ fn project_out(out: &mut [f32], y3: Option<&[f32]>, skip: Option<&[f32]>, n2: &N
         );
         simd(
             #[inline(always)]
-            || match (y, xi) {
-                (Some(y), Some(xi)) => {
-                    for ((o, &y), &xv) in o.iter_mut().zip(y).zip(xi) {
-                        *o = y * sc + sh + xv;
-                    }
-                }
-                (Some(y), None) => o.iter_mut().zip(y).for_each(|(o, &y)| *o = y * sc + sh),
-                (None, Some(xi)) => o.iter_mut().zip(xi).for_each(|(o, &xv)| *o = *o * sc + sh + xv),
-                (None, None) => o.iter_mut().for_each(|o| *o = *o * sc + sh),
-            },
+            || bn_out(o, y, xi, sc, sh),
         )
     });
 }
 
-/// The depthwise input map of a plane of channel `c`: BN0 + ReLU6 when expanding, else identity.
+/// One output plane (or part of one) of BN2: `o = y · sc + sh` (from `o` itself, in place, when `y`
+/// is `None`), plus the block's input `xi` when given.
 #[inline(always)]
-fn prologue(n0: Option<&Norm>, c: usize) -> (f32, f32, bool) {
+pub(crate) fn bn_out(o: &mut [f32], y: Option<&[f32]>, xi: Option<&[f32]>, sc: f32, sh: f32) {
+    match (y, xi) {
+        (Some(y), Some(xi)) => {
+            for ((o, &y), &xv) in o.iter_mut().zip(y).zip(xi) {
+                *o = y * sc + sh + xv;
+            }
+        }
+        (Some(y), None) => o.iter_mut().zip(y).for_each(|(o, &y)| *o = y * sc + sh),
+        (None, Some(xi)) => o.iter_mut().zip(xi).for_each(|(o, &xv)| *o = *o * sc + sh + xv),
+        (None, None) => o.iter_mut().for_each(|o| *o = *o * sc + sh),
+    }
+}
+
+/// BN0's scale and shift for channel `c` when expanding (else identity), for its backward pass.
+#[inline(always)]
+fn prologue(n0: Option<&Norm>, c: usize) -> (f32, f32) {
     match n0 {
-        Some(n) => (n.scale[c], n.shift[c], true),
-        None => (1.0, 0.0, false),
+        Some(n) => (n.scale[c], n.shift[c]),
+        None => (1.0, 0.0),
+    }
+}
+
+/// Fills the scratch of channel `c`'s plane, through BN0 + ReLU6 when expanding.
+#[inline(always)]
+pub(crate) fn fill_plane(g: &Geometry, n0: Option<&Norm>, c: usize, plane: &[f32], p: &mut [f32]) {
+    match n0 {
+        Some(n) => {
+            let (sc, sh) = (n.scale[c], n.shift[c]);
+            g.fill_scratch_with(
+                plane,
+                p,
+                #[inline(always)]
+                |v| (v * sc + sh).clamp(0.0, 6.0),
+            );
+        }
+        None => g.fill_scratch_with(plane, p, |v| v),
+    }
+}
+
+/// The depthwise output plane of channel `c` from its filled scratch, through BN1 + ReLU6 as it is
+/// stored when `n1` is given.
+#[inline(always)]
+pub(crate) fn convolve_plane_bn(
+    g: &Geometry,
+    p: &[f32],
+    filter: &[f32],
+    out: &mut [f32],
+    n1: Option<&Norm>,
+    c: usize,
+) {
+    match n1 {
+        Some(n) => {
+            let (sc, sh) = (n.scale[c], n.shift[c]);
+            g.convolve_plane_map(
+                p,
+                filter,
+                out,
+                #[inline(always)]
+                |v| (v * sc + sh).clamp(0.0, 6.0),
+            );
+        }
+        None => g.convolve_plane(p, filter, out),
+    }
+}
+
+/// The depthwise output planes of the group starting at channel `c0` from its filled interleaved
+/// scratch (`filters`: the group's interleaved filters), through BN1 + ReLU6 as they are stored
+/// when `n1` is given.
+#[inline(always)]
+pub(crate) fn convolve_group_bn(
+    g: &Geometry,
+    q: &[f32],
+    filters: &[f32],
+    out: &mut [f32],
+    n1: Option<&Norm>,
+    c0: usize,
+) {
+    match n1 {
+        Some(n) => {
+            let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
+            sc.copy_from_slice(&n.scale[c0..c0 + GROUP]);
+            sh.copy_from_slice(&n.shift[c0..c0 + GROUP]);
+            g.convolve_group_map(
+                q,
+                filters,
+                out,
+                #[inline(always)]
+                |acc| {
+                    for i in 0..GROUP {
+                        acc[i] = (acc[i] * sc[i] + sh[i]).clamp(0.0, 6.0);
+                    }
+                },
+            );
+        }
+        None => g.convolve_group(q, filters, out),
     }
 }
 
 /// Fills the interleaved scratch of the group of planes starting at channel `c0`, through BN0 +
 /// ReLU6 when expanding.
 #[inline(always)]
-fn fill_group(g: &Geometry, n0: Option<&Norm>, c0: usize, planes: &[f32], q: &mut [f32]) {
+pub(crate) fn fill_group(g: &Geometry, n0: Option<&Norm>, c0: usize, planes: &[f32], q: &mut [f32]) {
     match n0 {
         Some(n) => {
             let (sc, sh) = (&n.scale[c0..c0 + GROUP], &n.shift[c0..c0 + GROUP]);
@@ -405,25 +488,7 @@ impl CustomOp2 for MbConvOp {
                             #[inline(always)]
                             || {
                                 fill_group(&g, n0r, c0, planes, q);
-                                match n1f {
-                                    Some(n) => {
-                                        let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
-                                        sc.copy_from_slice(&n.scale[c0..c0 + GROUP]);
-                                        sh.copy_from_slice(&n.shift[c0..c0 + GROUP]);
-                                        g.convolve_group_map(
-                                            q,
-                                            filters,
-                                            out,
-                                            #[inline(always)]
-                                            |acc| {
-                                                for i in 0..GROUP {
-                                                    acc[i] = (acc[i] * sc[i] + sh[i]).clamp(0.0, 6.0);
-                                                }
-                                            },
-                                        );
-                                    }
-                                    None => g.convolve_group(q, filters, out),
-                                }
+                                convolve_group_bn(&g, q, filters, out, n1f, c0);
                                 out.chunks_exact(ohw)
                                     .map(|o| if batch { norm::run_moments(o) } else { (0.0, 0.0) })
                                     .collect::<Vec<_>>()
@@ -439,35 +504,13 @@ impl CustomOp2 for MbConvOp {
                 .enumerate()
                 .map(|(i, (out, plane))| {
                     let c = i % s.mid;
-                    let (sc, sh, act) = prologue(n0r, c);
                     let filter = &wd[c * kk..(c + 1) * kk];
                     with_scratch(&SCRATCH, g.scratch_len(), |p| {
                         simd(
                             #[inline(always)]
                             || {
-                                if act {
-                                    g.fill_scratch_with(
-                                        plane,
-                                        p,
-                                        #[inline(always)]
-                                        |v| (v * sc + sh).clamp(0.0, 6.0),
-                                    );
-                                } else {
-                                    g.fill_scratch_with(plane, p, |v| v);
-                                }
-                                match n1f {
-                                    Some(n) => {
-                                        let (sc, sh) = (n.scale[c], n.shift[c]);
-                                        g.convolve_plane_map(
-                                            p,
-                                            filter,
-                                            out,
-                                            #[inline(always)]
-                                            |v| (v * sc + sh).clamp(0.0, 6.0),
-                                        );
-                                    }
-                                    None => g.convolve_plane(p, filter, out),
-                                }
+                                fill_plane(&g, n0r, c, plane, p);
+                                convolve_plane_bn(&g, p, filter, out, n1f, c);
                                 if batch { norm::run_moments(out) } else { (0.0, 0.0) }
                             },
                         )
@@ -673,7 +716,7 @@ impl CustomOp2 for MbConvOp {
                 .enumerate()
                 .map(|(i, (dx_plane, dw_plane))| {
                     let c = i % s.mid;
-                    let (sc, sh, act) = prologue(n0, c);
+                    let (sc, sh) = prologue(n0, c);
                     let filter = &wd[c * kk..(c + 1) * kk];
                     let plane = &a1_src[i * hw..(i + 1) * hw];
                     let dy = &da2[i * ohw..(i + 1) * ohw];
@@ -684,16 +727,7 @@ impl CustomOp2 for MbConvOp {
                                 simd(
                                     #[inline(always)]
                                     || {
-                                        if act {
-                                            g.fill_scratch_with(
-                                                plane,
-                                                p,
-                                                #[inline(always)]
-                                                |v| (v * sc + sh).clamp(0.0, 6.0),
-                                            );
-                                        } else {
-                                            g.fill_scratch_with(plane, p, |v| v);
-                                        }
+                                        fill_plane(&g, n0, c, plane, p);
                                         g.filter_grad_plane(p, dy, dw_plane, row);
                                         g.input_grad_scratch(filter, dy, dp, row);
                                         g.crop_scratch(dp, dx_plane);
