@@ -222,6 +222,23 @@ impl<'a> SharedLhs<'a> {
     }
 }
 
+/// Runs `f` on a thread of rayon's pool, the pool every kernel here splits its work on, and
+/// returns its result; on the calling thread when that is already one of the pool's.
+///
+/// Called from outside the pool, each kernel hands its work to the pool's threads and sleeps until
+/// they finish, so a forward pass of a few dozen ops wakes a sleeping thread a few dozen times.
+/// Run from inside, the caller is one of the workers: it takes a share of each op itself and only
+/// the other workers are woken. EfficientNet-Lite0's one-image inference at 224 px took 8-12% less
+/// time this way on two cores (`bench_step infer 224 1`, alternated runs); a training step, whose
+/// ops are each long, gained nothing measurable.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// `a (m × k) · b (k × n)`, both row-major f32, with BF16 operands and FP32 accumulation on
 /// `backend` (`[m, k, n]` the shape): `(m × n)` row-major. For checking and timing the backends;
 /// an error names a slice that does not fit its shape or a backend this processor lacks.

@@ -342,3 +342,24 @@ fn fused_conv_relu_pool_matches_candle_across_bands() {
         .unwrap();
     }
 }
+
+#[test]
+fn on_pool_runs_on_a_pool_thread_and_returns_the_result() {
+    assert_eq!(
+        rayon::current_thread_index(),
+        None,
+        "the test harness thread is not a worker"
+    );
+    let (index, sum) = kernels::on_pool(|| (rayon::current_thread_index(), (1..=10).sum::<i32>()));
+    assert!(index.is_some(), "on_pool ran its closure outside the pool");
+    assert_eq!(sum, 55);
+    // From inside the pool it stays on the calling worker.
+    let (outer, inner) = kernels::on_pool(|| {
+        let outer = rayon::current_thread_index();
+        (outer, kernels::on_pool(rayon::current_thread_index))
+    });
+    assert_eq!(outer, inner);
+    // A kernel's result and error come back through it: a mismatched product is an error.
+    let x = Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(kernels::on_pool(|| x.matmul(&x)).is_err());
+}

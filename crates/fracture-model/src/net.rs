@@ -104,12 +104,14 @@ impl FractureNet {
     /// 1280). The seed network has no pooled features and answers an error.
     pub fn pooled_features(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         self.check_input(xs)?;
-        let a = match &self.inner {
-            Inner::Seed(_) => candle_core::bail!("the seed network has no pooled features"),
-            Inner::Resnet(net) => self.resnet_features(net, xs, false)?,
-            Inner::EfficientNet(net) => net.features(xs, Stats::Running, self.kernels)?,
-        };
-        a.mean(3)?.mean(2)
+        on_cpu_pool(xs, || {
+            let a = match &self.inner {
+                Inner::Seed(_) => candle_core::bail!("the seed network has no pooled features"),
+                Inner::Resnet(net) => self.resnet_features(net, xs, false)?,
+                Inner::EfficientNet(net) => net.features(xs, Stats::Running, self.kernels)?,
+            };
+            a.mean(3)?.mean(2)
+        })
     }
 
     /// The configuration the network was built from.
@@ -172,15 +174,17 @@ impl FractureNet {
             candle_core::bail!("this network has no localization head (it was trained without boxes)");
         };
         let stats = self.bn_stats(train);
-        let (s8, s16) = (net.blocks_up_to_stride(8), net.stride16_blocks());
-        let a8 = net.features_until(xs, stats, self.kernels, s8)?;
-        let a16 = net.blocks_between(&a8, stats, self.kernels, (s8, s16))?;
-        let map = loc.forward(&a8, &a16, self.kernels)?;
-        let a = net.features_after(&a16, stats, self.kernels, s16)?;
-        let pooled = a.mean(3)?.mean(2)?;
-        let x = self.dropout(&pooled, net.p_dropout, train)?;
-        let logits = dense(&net.fc, &x, false, self.kernels)?.squeeze(1)?;
-        Ok((logits, map))
+        on_cpu_pool(xs, || {
+            let (s8, s16) = (net.blocks_up_to_stride(8), net.stride16_blocks());
+            let a8 = net.features_until(xs, stats, self.kernels, s8)?;
+            let a16 = net.blocks_between(&a8, stats, self.kernels, (s8, s16))?;
+            let map = loc.forward(&a8, &a16, self.kernels)?;
+            let a = net.features_after(&a16, stats, self.kernels, s16)?;
+            let pooled = a.mean(3)?.mean(2)?;
+            let x = self.dropout(&pooled, net.p_dropout, train)?;
+            let logits = dense(&net.fc, &x, false, self.kernels)?.squeeze(1)?;
+            Ok((logits, map))
+        })
     }
 
     /// P(fractured) for each image, `(B,)`, in inference mode (no dropout).
@@ -211,6 +215,23 @@ impl FractureNet {
 impl ModuleT for FractureNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.check_input(xs)?;
+        on_cpu_pool(xs, || self.logits(xs, train))
+    }
+}
+
+/// Runs `f` on the CPU kernels' thread pool when `xs` lives on the CPU (see
+/// [`kernels::on_pool`]), on this thread otherwise.
+pub(crate) fn on_cpu_pool<R: Send>(xs: &Tensor, f: impl FnOnce() -> R + Send) -> R {
+    if xs.device().is_cpu() {
+        kernels::on_pool(f)
+    } else {
+        f()
+    }
+}
+
+impl FractureNet {
+    /// The logits of [`ModuleT::forward_t`], on the calling thread.
+    fn logits(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match &self.inner {
             Inner::Seed(net) => {
                 let x = conv_pool(&net.conv1, xs, SEED_CONV, self.kernels.for_pixels())?;
@@ -233,9 +254,7 @@ impl ModuleT for FractureNet {
             }
         }
     }
-}
 
-impl FractureNet {
     /// The seed network up to its last convolutional feature map (after ReLU, before pooling).
     pub(crate) fn features(&self, net: &SeedNet, xs: &Tensor) -> candle_core::Result<Tensor> {
         let x = conv_pool(&net.conv1, xs, SEED_CONV, self.kernels.for_pixels())?;
