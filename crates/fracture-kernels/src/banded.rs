@@ -378,6 +378,7 @@ mod tests {
                     Arc::new(Mutex::new(Vec::new())),
                     precision,
                     false,
+                    None,
                 );
                 for rows in [1, 2, 3, h] {
                     let bytes = ((rows - 1) * s + k) * w * spec.mid * 4;

@@ -412,23 +412,61 @@ pub(crate) struct SharedLhs<'a> {
     view: View<'a>,
     backend: Bf16Backend,
     /// The packed operand and its pairs per row, on a hardware backend.
-    packed: Option<(Vec<u32>, usize)>,
+    packed: Option<(std::borrow::Cow<'a, [u32]>, usize)>,
+}
+
+/// A left operand rounded and packed for one hardware backend, kept between forward passes (a
+/// frozen network's weights): see [`SharedLhs::prepacked`].
+#[derive(Debug)]
+pub(crate) struct PackedLhs {
+    words: Vec<u32>,
+    kpp: usize,
+    rows: usize,
+    cols: usize,
+    backend: Bf16Backend,
+}
+
+impl PackedLhs {
+    /// `view` packed for `backend`; `None` where `backend` packs nothing (emulated, FP32) or this
+    /// processor lacks it.
+    pub(crate) fn new(view: &View<'_>, backend: Bf16Backend) -> Option<Self> {
+        let hardware = matches!(backend, Bf16Backend::Amx | Bf16Backend::Avx512);
+        (hardware && backend.is_supported()).then(|| {
+            let kpp = padded_pairs(view.cols, backend);
+            let mut words = vec![0u32; view.rows.div_ceil(16) * 16 * kpp];
+            pack_lhs(view, kpp, Threads::Pool(rayon::current_num_threads()), &mut words);
+            PackedLhs {
+                words,
+                kpp,
+                rows: view.rows,
+                cols: view.cols,
+                backend,
+            }
+        })
+    }
 }
 
 impl<'a> SharedLhs<'a> {
     /// Prepares `view` for products on `backend`.
     pub(crate) fn new(view: View<'a>, backend: Bf16Backend) -> Self {
-        let hardware = matches!(backend, Bf16Backend::Amx | Bf16Backend::Avx512);
-        let packed = (hardware && backend.is_supported()).then(|| {
-            let kpp = padded_pairs(view.cols, backend);
-            let mut a = vec![0u32; view.rows.div_ceil(16) * 16 * kpp];
-            pack_lhs(&view, kpp, Threads::Pool(rayon::current_num_threads()), &mut a);
-            (a, kpp)
-        });
+        let packed = PackedLhs::new(&view, backend).map(|p| (p.words.into(), p.kpp));
         SharedLhs {
             view,
             backend,
             packed,
+        }
+    }
+
+    /// Like [`SharedLhs::new`], reusing `packed` when it was packed from an operand of this shape
+    /// for `backend` (the caller keeps `view`'s values unchanged since); packs afresh otherwise.
+    pub(crate) fn prepacked(view: View<'a>, backend: Bf16Backend, packed: Option<&'a PackedLhs>) -> Self {
+        match packed {
+            Some(p) if p.backend == backend && (p.rows, p.cols) == (view.rows, view.cols) => SharedLhs {
+                view,
+                backend,
+                packed: Some((std::borrow::Cow::Borrowed(&p.words), p.kpp)),
+            },
+            _ => SharedLhs::new(view, backend),
         }
     }
 

@@ -18,6 +18,7 @@
 //! | [`depthwise_conv2d`] | one k×k filter per channel, asymmetric padding, stride 1 or 2: each plane copied once into a zero-bordered scratch plane (even and odd columns apart for stride 2), then contiguous multiply-adds; backward: dX and dW per plane |
 //! | [`conv1x1`] | one GEMM per image, no unfolding; backward: dX and dW by GEMM |
 //! | [`mbconv`] | a whole inverted bottleneck (1×1, BN, ReLU6, depthwise, BN, ReLU6, 1×1, BN, skip) as one op: normalizations fused into the neighbouring passes, intermediates in reused buffers |
+//! | [`mbconv_frozen`] | the same with weights and statistics fixed ([`FrozenMbConv`]): parameters kept flat, BF16 weights packed once |
 //!
 //! The GEMM is the `gemm` crate's (the one candle uses) with its AVX-512 kernels enabled; its single
 //! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`.
@@ -37,6 +38,7 @@ mod conv;
 mod conv_pool;
 mod depthwise;
 mod dropout;
+mod frozen;
 mod gemm;
 mod linear;
 mod mbconv;
@@ -52,6 +54,7 @@ use rand::Rng;
 pub use bf16::{Bf16Backend, Bf16Status, bf16_backend, bf16_status};
 pub use conv::ConvSpec;
 pub use depthwise::{DepthwiseSpec, Padding};
+pub use frozen::{FrozenMbConv, mbconv_frozen};
 pub use mbconv::{BlockStats, MbConvLayout, MbConvSpec};
 
 /// The activation applied after a normalization.
@@ -202,6 +205,19 @@ impl<'a> SharedLhs<'a> {
         match precision {
             Precision::Fp32 => SharedLhs::Fp32(lhs),
             Precision::Bf16 => SharedLhs::Bf16(bf16::SharedLhs::new(lhs, bf16_backend())),
+        }
+    }
+
+    /// Like [`SharedLhs::new`], reusing `packed` (packed earlier from the same values) where it
+    /// fits this product's precision, backend and shape.
+    pub(crate) fn prepacked(
+        lhs: gemm::View<'a>,
+        precision: Precision,
+        packed: Option<&'a bf16::PackedLhs>,
+    ) -> Self {
+        match precision {
+            Precision::Fp32 => SharedLhs::Fp32(lhs),
+            Precision::Bf16 => SharedLhs::Bf16(bf16::SharedLhs::prepacked(lhs, bf16_backend(), packed)),
         }
     }
 
@@ -614,7 +630,7 @@ pub fn mbconv(
         let keep = x.track_op() || params.track_op();
         let y = x.contiguous()?.apply_op2(
             &params.contiguous()?,
-            mbconv::MbConvOp::new(spec, running, stats.clone(), kernels.precision(), keep),
+            mbconv::MbConvOp::new(spec, running, stats.clone(), kernels.precision(), keep, None),
         )?;
         let stats = std::mem::take(
             &mut *stats

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bf16::{Bf16Backend, PackedLhs};
 use super::buffers::{give, take};
 use super::depthwise::{DSCRATCH, DepthwiseSpec, GROUP, Geometry, Padding, ROW, SCRATCH, with_scratch};
 use super::gemm::View;
@@ -144,6 +145,33 @@ pub(crate) struct MbConvOp {
     /// forward pass keeps nothing and, with fixed statistics, applies BN1 + ReLU6 as the depthwise
     /// stage stores its outputs, so the raw depthwise output never exists in memory.
     keep: bool,
+    /// The 1×1 weights packed for BF16 products ahead of time (a frozen block's), if any.
+    prepacked: Option<Arc<Prepacked>>,
+}
+
+/// A block's two 1×1 weight matrices rounded and packed for a BF16 hardware backend once, so a
+/// frozen network's forward passes skip that step.
+#[derive(Debug)]
+pub(crate) struct Prepacked {
+    expand: Option<PackedLhs>,
+    project: Option<PackedLhs>,
+}
+
+impl Prepacked {
+    /// Packs the weights of `params` (laid out as [`MbConvSpec::layout`] says) for `backend`.
+    pub(crate) fn new(params: &[f32], spec: MbConvSpec, backend: Bf16Backend) -> Self {
+        let lay = spec.layout();
+        Prepacked {
+            expand: lay
+                .expand
+                .as_ref()
+                .and_then(|we| PackedLhs::new(&View::rows(&params[we.clone()], spec.mid, spec.cin), backend)),
+            project: PackedLhs::new(
+                &View::rows(&params[lay.project.clone()], spec.cout, spec.mid),
+                backend,
+            ),
+        }
+    }
 }
 
 impl MbConvOp {
@@ -153,6 +181,7 @@ impl MbConvOp {
         stats: Arc<Mutex<BlockStats>>,
         precision: Precision,
         keep: bool,
+        prepacked: Option<Arc<Prepacked>>,
     ) -> Self {
         MbConvOp {
             spec,
@@ -161,6 +190,7 @@ impl MbConvOp {
             saved: Mutex::new(None),
             precision,
             keep,
+            prepacked,
         }
     }
 
@@ -216,6 +246,25 @@ impl MbConvOp {
 }
 
 impl MbConvOp {
+    /// The expansion weights `We (mid, cin)` of `params` as a product's left operand.
+    fn expand_lhs<'a>(&'a self, params: &'a [f32], we: &Range<usize>) -> SharedLhs<'a> {
+        let s = self.spec;
+        let packed = self.prepacked.as_ref().and_then(|p| p.expand.as_ref());
+        SharedLhs::prepacked(
+            View::rows(&params[we.clone()], s.mid, s.cin),
+            self.precision,
+            packed,
+        )
+    }
+
+    /// The projection weights `Wp (cout, mid)` of `params` as a product's left operand.
+    fn project_lhs<'a>(&'a self, params: &'a [f32]) -> SharedLhs<'a> {
+        let s = self.spec;
+        let packed = self.prepacked.as_ref().and_then(|p| p.project.as_ref());
+        let wp = &params[s.layout().project];
+        SharedLhs::prepacked(View::rows(wp, s.cout, s.mid), self.precision, packed)
+    }
+
     /// The block at inference, band by band of output rows (`banded.rs`): `(B, cout, H', W')`.
     /// Needs fixed statistics.
     pub(crate) fn banded(
@@ -242,10 +291,7 @@ impl MbConvOp {
         let first = usize::from(n0.is_some());
         let (n1, n2) = (norm(first, &lay.bn1), norm(first + 1, &lay.bn2));
         let expand = match (&lay.expand, &n0) {
-            (Some(we), Some(n0)) => Some((
-                SharedLhs::new(View::rows(&params[we.clone()], s.mid, s.cin), self.precision),
-                n0,
-            )),
+            (Some(we), Some(n0)) => Some((self.expand_lhs(params, we), n0)),
             _ => None,
         };
         let wd = &params[lay.depthwise.clone()];
@@ -258,10 +304,7 @@ impl MbConvOp {
             spec: s,
             geom: *g,
             expand,
-            project: SharedLhs::new(
-                View::rows(&params[lay.project.clone()], s.cout, s.mid),
-                self.precision,
-            ),
+            project: self.project_lhs(params),
             filters: &filters,
             norms: [&n1, &n2],
             band_bytes,
@@ -432,9 +475,9 @@ impl CustomOp2 for MbConvOp {
         let (y1, n0) = match (&lay.expand, &lay.bn0) {
             (Some(we), Some((g0, b0))) => {
                 let mut y1 = take(b * s.mid * hw);
-                pointwise::forward_into(
+                pointwise::forward_with(
                     x,
-                    &params[we.clone()],
+                    &self.expand_lhs(params, we),
                     Dims {
                         b,
                         cin: s.cin,
@@ -536,9 +579,9 @@ impl CustomOp2 for MbConvOp {
 
         // Projection and BN2 (+ the input).
         let mut y3 = take(b * s.cout * ohw);
-        pointwise::forward_into(
+        pointwise::forward_with(
             &a2,
-            &params[lay.project.clone()],
+            &self.project_lhs(params),
             Dims {
                 b,
                 cin: s.mid,

@@ -50,8 +50,22 @@ fn forward(x: &[f32], w: &[f32], d: Dims) -> candle_core::Result<Vec<f32>> {
 
 /// `out_b = w · x_b` for every image (`out` overwritten).
 pub(crate) fn forward_into(x: &[f32], w: &[f32], d: Dims, out: &mut [f32]) -> candle_core::Result<()> {
+    forward_with(
+        x,
+        &SharedLhs::new(View::rows(w, d.cout, d.cin), d.precision),
+        d,
+        out,
+    )
+}
+
+/// [`forward_into`] with the weights `w (cout, cin)` already prepared as a product's operand.
+pub(crate) fn forward_with(
+    x: &[f32],
+    w: &SharedLhs<'_>,
+    d: Dims,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
     let threads = inner_threads(d.b);
-    let w = SharedLhs::new(View::rows(w, d.cout, d.cin), d.precision);
     out.par_chunks_mut(d.cout * d.n)
         .zip(x.par_chunks(d.cin * d.n))
         .try_for_each(|(o, xb)| w.matmul(o, d.n, View::rows(xb, d.cin, d.n), false, threads))

@@ -228,7 +228,8 @@ fn ops() -> Vec<(&'static str, Vec<Tensor>, Op, f32)> {
 
 /// Values and gradients of every op in `Kernels::Bf16` against `Kernels::Fast`, under the backend
 /// this process chose. With the fp32 backend they must be identical; otherwise the values differ (the
-/// operands really were rounded) but within each op's allowance (relative L2, see [`ops`]).
+/// operands really were rounded) but within each op's allowance (relative L2, see [`ops`]). Then
+/// [`frozen_blocks_match_the_unfrozen_op`] under the same backend.
 #[test]
 fn bf16_ops_track_the_fp32_ops() {
     let status = kernels::bf16_status();
@@ -269,6 +270,97 @@ fn bf16_ops_track_the_fp32_ops() {
             }
         }
     }
+    frozen_blocks_match_the_unfrozen_op();
+}
+
+/// A [`kernels::FrozenMbConv`] gives exactly the values and input gradients of [`kernels::mbconv`]
+/// with the same parameters and running statistics, in FP32 and BF16 under this process's backend,
+/// on a batch of one (the whole-batch pass) and of three (band by band where there are at most
+/// three threads), on its first call (which packs the weights) and on later ones (which reuse
+/// them); and it keeps its own copy of the parameters.
+fn frozen_blocks_match_the_unfrozen_op() {
+    let spec = MbConvSpec {
+        cin: 8,
+        mid: 48,
+        cout: 8,
+        kernel: 3,
+        stride: 1,
+        expand: true,
+        eps: 1e-3,
+    };
+    let lay = spec.layout();
+    let mut flat_params = random(&[lay.len], 31).to_vec1::<f32>().unwrap();
+    for (g, _) in lay.bn0.iter().chain([&lay.bn1, &lay.bn2]) {
+        flat_params[g.clone()]
+            .iter_mut()
+            .for_each(|v| *v = 1.0 + *v * 0.25);
+    }
+    let params = Var::new(flat_params.as_slice(), &Device::Cpu).unwrap();
+    let running: kernels::BlockStats = [spec.mid, spec.mid, spec.cout]
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            (
+                values(c, 40 + i as u64),
+                values(c, 50 + i as u64).iter().map(|v| v.abs() + 0.5).collect(),
+            )
+        })
+        .collect();
+    let frozen = kernels::FrozenMbConv::new(params.as_tensor(), spec, running.clone()).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let differing = |a: &Tensor, b: &Tensor| flat(a).iter().zip(flat(b)).filter(|(x, y)| *x != y).count();
+    for k in [Kernels::Fast, Kernels::Bf16] {
+        for b in [1, 3] {
+            let x = random(&[b, spec.cin, 10, 9], 60 + b as u64);
+            let want = kernels::mbconv(&x, &params.as_tensor().detach(), spec, Some(running.clone()), k)
+                .unwrap()
+                .0;
+            for call in 0..2 {
+                let got = kernels::mbconv_frozen(&x, &frozen, k).unwrap();
+                let n = differing(&got, &want);
+                assert_eq!(n, 0, "{k:?}, batch {b}, call {call}: {n} values differ");
+            }
+            let xv = Var::from_tensor(&x).unwrap();
+            let r = random(want.dims(), 70);
+            let grad = |y: Tensor| {
+                (&y * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+                    .get(&xv)
+                    .unwrap()
+                    .clone()
+            };
+            let gw = grad(
+                kernels::mbconv(
+                    xv.as_tensor(),
+                    &params.as_tensor().detach(),
+                    spec,
+                    Some(running.clone()),
+                    k,
+                )
+                .unwrap()
+                .0,
+            );
+            let gf = grad(kernels::mbconv_frozen(xv.as_tensor(), &frozen, k).unwrap());
+            let n = differing(&gf, &gw);
+            assert_eq!(n, 0, "{k:?}, batch {b}: {n} input gradients differ");
+        }
+    }
+    // Changing the variables afterwards (as an optimizer's in-place step does) leaves it alone.
+    let x = random(&[1, spec.cin, 10, 9], 80);
+    let before = flat(&kernels::mbconv_frozen(&x, &frozen, Kernels::Bf16).unwrap());
+    params.set(&(params.as_tensor() * 2.0).unwrap()).unwrap();
+    let after = kernels::mbconv_frozen(&x, &frozen, Kernels::Bf16).unwrap();
+    assert!(flat(&after) == before, "the frozen block followed its variables");
+    // Parameters or statistics that do not fit the shape are errors that say so.
+    let short = params.as_tensor().narrow(0, 0, lay.len - 1).unwrap();
+    let err = kernels::FrozenMbConv::new(&short, spec, running.clone()).unwrap_err();
+    assert!(err.to_string().contains("parameters of shape"), "{err}");
+    let err = kernels::FrozenMbConv::new(params.as_tensor(), spec, running[..2].to_vec()).unwrap_err();
+    assert!(err.to_string().contains("running statistics"), "{err}");
 }
 
 /// Runs [`bf16_ops_track_the_fp32_ops`] in a child process for each backend this processor can

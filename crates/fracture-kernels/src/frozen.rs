@@ -1,0 +1,108 @@
+//! An inverted bottleneck prepared once for a network whose weights no longer change: its
+//! parameters stay one flat tensor between forward passes (the network otherwise concatenates its
+//! variables on every call) and, for BF16 products on a hardware backend, its two 1×1 weight
+//! matrices are rounded and packed on the first call instead of on every one. Together these were
+//! about a tenth of EfficientNet-Lite0's one-image inference at 224 px (`perf record` on
+//! `bench_step infer 224 1 --precision bf16`).
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::Tensor;
+
+use super::mbconv::{MbConvOp, Prepacked};
+use super::{BlockStats, Kernels, MbConvSpec, Precision, bf16_backend, fast, mbconv};
+
+/// An inverted bottleneck's parameters and fixed batch-norm statistics, held for repeated
+/// inference with [`mbconv_frozen`].
+#[derive(Debug)]
+pub struct FrozenMbConv {
+    /// A private copy of the flat parameters, laid out as [`MbConvSpec::layout`] says.
+    params: Tensor,
+    spec: MbConvSpec,
+    /// Each norm's running `(mean, var)`, in block order.
+    running: BlockStats,
+    /// The 1×1 weights packed for the BF16 backend, made by the first BF16 forward pass (`None`
+    /// inside when that backend packs nothing: FP32 or emulated).
+    prepacked: OnceLock<Option<Arc<Prepacked>>>,
+}
+
+impl FrozenMbConv {
+    /// Prepares a block from its flat `params` (as [`mbconv`] takes them) and each norm's running
+    /// `(mean, var)`. The parameters are copied, so later changes to the tensor they came from (an
+    /// optimizer's in-place step on the variables) do not reach the prepared block. An error when
+    /// `params` is not a flat f32 tensor of the length `spec` lays out, or `running` does not hold
+    /// one `(mean, var)` of the right widths per norm.
+    pub fn new(params: &Tensor, spec: MbConvSpec, running: BlockStats) -> candle_core::Result<Self> {
+        let lay = spec.layout();
+        if params.dims() != [lay.len] {
+            candle_core::bail!(
+                "frozen inverted bottleneck: parameters of shape {:?}, expected ({},) for {spec:?}",
+                params.dims(),
+                lay.len
+            );
+        }
+        let widths: Vec<usize> = [spec.expand.then_some(spec.mid), Some(spec.mid), Some(spec.cout)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let fits = running.len() == widths.len()
+            && running
+                .iter()
+                .zip(&widths)
+                .all(|((m, v), &w)| m.len() == w && v.len() == w);
+        if !fits {
+            candle_core::bail!(
+                "frozen inverted bottleneck: running statistics for norms of widths {:?}, expected {widths:?}",
+                running.iter().map(|(m, _)| m.len()).collect::<Vec<_>>()
+            );
+        }
+        Ok(FrozenMbConv {
+            params: params.detach().copy()?,
+            spec,
+            running,
+            prepacked: OnceLock::new(),
+        })
+    }
+
+    /// The block's shape.
+    pub fn spec(&self) -> MbConvSpec {
+        self.spec
+    }
+
+    /// The packed 1×1 weights for BF16 products, made on first use.
+    fn prepacked(&self) -> Option<Arc<Prepacked>> {
+        self.prepacked
+            .get_or_init(|| {
+                let backend = bf16_backend();
+                let hardware = matches!(backend, super::Bf16Backend::Amx | super::Bf16Backend::Avx512);
+                let values = hardware.then(|| self.params.to_vec1::<f32>().ok()).flatten()?;
+                Some(Arc::new(Prepacked::new(&values, self.spec, backend)))
+            })
+            .clone()
+    }
+}
+
+/// The prepared block applied to `x (B, cin, H, W)`: `(B, cout, H/stride, W/stride)`, the same
+/// values as [`mbconv`] with the block's parameters and `Some(running)` (the packed weights are the
+/// ones it would pack). A tracked `x` (an input gradient wanted, as for Grad-CAM) gets its backward
+/// pass; the parameters never get gradients.
+pub fn mbconv_frozen(x: &Tensor, block: &FrozenMbConv, kernels: Kernels) -> candle_core::Result<Tensor> {
+    if !fast(kernels, &[x, &block.params]) {
+        let running = Some(block.running.clone());
+        return Ok(mbconv(x, &block.params, block.spec, running, kernels)?.0);
+    }
+    let precision = kernels.precision();
+    let prepacked = match precision {
+        Precision::Bf16 => block.prepacked(),
+        Precision::Fp32 => None,
+    };
+    let op = MbConvOp::new(
+        block.spec,
+        Some(block.running.clone()),
+        Arc::new(Mutex::new(Vec::new())),
+        precision,
+        x.track_op(),
+        prepacked,
+    );
+    x.contiguous()?.apply_op2(&block.params, op)
+}
