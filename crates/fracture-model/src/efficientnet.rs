@@ -6,6 +6,8 @@
 //! `_conv_head`, `_bn1`), so ImageNet weights load by name (see [`crate::pretrained`]); the fracture
 //! head is `head.fc`. Convolutions use TensorFlow's "SAME" padding, computed per input size.
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
@@ -49,6 +51,10 @@ pub(crate) struct MbConv {
     bn2: BatchNorm,
     kernel: usize,
     stride: usize,
+    /// In a network with frozen weights ([`EfficientNet::freeze_weights`]): the block prepared for
+    /// inference with its running statistics, made by the first such pass (`None` inside until
+    /// then, and again after a batch-statistics pass moves the running statistics).
+    frozen: Option<Mutex<Option<Arc<kernels::FrozenMbConv>>>>,
 }
 
 #[derive(Debug)]
@@ -189,6 +195,7 @@ impl MbConv {
             bn2: BatchNorm::new(cout, 1.0, BN_EPS, m, vb.pp("_bn2"))?,
             kernel,
             stride,
+            frozen: None,
         })
     }
 
@@ -215,25 +222,15 @@ impl MbConv {
     /// The block as one fused op ([`kernels::mbconv`]); with batch statistics the running ones are
     /// updated afterwards.
     fn forward(&self, x: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
-        let spec = self.spec(x.dim(1)?);
-        let mut parts: Vec<Tensor> = Vec::with_capacity(9);
-        if let Some((w, bn)) = &self.expand {
-            parts.push(w.flatten_all()?);
-            parts.extend(bn.affine().map(Tensor::clone));
+        if let (Some(slot), Stats::Running) = (&self.frozen, stats) {
+            let block = self.prepared(slot, x.dim(1)?)?;
+            return kernels::mbconv_frozen(x, &block, k);
         }
-        parts.push(self.depthwise.flatten_all()?);
-        parts.extend(self.bn1.affine().map(Tensor::clone));
-        parts.push(self.project.flatten_all()?);
-        parts.extend(self.bn2.affine().map(Tensor::clone));
-        let params = Tensor::cat(&parts, 0)?;
+        let spec = self.spec(x.dim(1)?);
+        let params = self.flat_params()?;
         let running = match stats {
             Stats::Batch => None,
-            Stats::Running => Some(
-                self.norms()
-                    .iter()
-                    .map(|bn| bn.running())
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-            ),
+            Stats::Running => Some(self.running()?),
         };
         let (y, batch) = kernels::mbconv(x, &params, spec, running, k)?;
         if stats == Stats::Batch {
@@ -249,12 +246,70 @@ impl MbConv {
             for ((bn, (mean, var)), n) in self.norms().into_iter().zip(batch).zip(counts) {
                 bn.update_running(&Tensor::new(mean, dev)?, &Tensor::new(var, dev)?, *n)?;
             }
+            if let Some(slot) = &self.frozen {
+                *lock(slot)? = None;
+            }
         }
         Ok(y)
     }
+
+    /// The block prepared for inference with frozen weights, from `slot` or made now.
+    fn prepared(
+        &self,
+        slot: &Mutex<Option<Arc<kernels::FrozenMbConv>>>,
+        cin: usize,
+    ) -> candle_core::Result<Arc<kernels::FrozenMbConv>> {
+        let mut slot = lock(slot)?;
+        if let Some(block) = slot.as_ref() {
+            return Ok(block.clone());
+        }
+        let block = Arc::new(kernels::FrozenMbConv::new(
+            &self.flat_params()?,
+            self.spec(cin),
+            self.running()?,
+        )?);
+        *slot = Some(block.clone());
+        Ok(block)
+    }
+
+    /// Each norm's running `(mean, var)`, in block order.
+    fn running(&self) -> candle_core::Result<kernels::BlockStats> {
+        self.norms().iter().map(|bn| bn.running()).collect()
+    }
+
+    /// The block's parameters as one flat tensor, as [`kernels::mbconv`] takes them (a
+    /// concatenation, so gradients flow back to each variable).
+    fn flat_params(&self) -> candle_core::Result<Tensor> {
+        let mut parts: Vec<Tensor> = Vec::with_capacity(9);
+        if let Some((w, bn)) = &self.expand {
+            parts.push(w.flatten_all()?);
+            parts.extend(bn.affine().map(Tensor::clone));
+        }
+        parts.push(self.depthwise.flatten_all()?);
+        parts.extend(self.bn1.affine().map(Tensor::clone));
+        parts.push(self.project.flatten_all()?);
+        parts.extend(self.bn2.affine().map(Tensor::clone));
+        Tensor::cat(&parts, 0)
+    }
+}
+
+/// `slot` locked, or an error when a thread panicked while holding it.
+fn lock<T>(slot: &Mutex<T>) -> candle_core::Result<MutexGuard<'_, T>> {
+    slot.lock()
+        .map_err(|_| candle_core::Error::Msg("a frozen block's lock is poisoned".into()))
 }
 
 impl EfficientNet {
+    /// Marks the weights as fixed for good (a network built for inference from copies of them):
+    /// each block then prepares itself once for passes with running statistics
+    /// ([`kernels::FrozenMbConv`]) instead of concatenating its parameters and packing its
+    /// weights on every pass.
+    pub(crate) fn freeze_weights(&mut self) {
+        for block in &mut self.blocks {
+            block.frozen = Some(Mutex::new(None));
+        }
+    }
+
     pub(crate) fn new(cfg: &EfficientNetConfig, vb: VarBuilder<'_>) -> Result<Self> {
         let m = cfg.bn_momentum;
         let mut blocks = Vec::new();

@@ -90,6 +90,14 @@ impl FractureNet {
         self.frozen_bn
     }
 
+    /// Declares the weights fixed: the network was built from copies that nothing changes (as
+    /// [`crate::Model::inference_net`] builds it), so layers may prepare them once for inference.
+    pub(crate) fn freeze_weights(&mut self) {
+        if let Inner::EfficientNet(net) = &mut self.inner {
+            net.freeze_weights();
+        }
+    }
+
     /// The statistics the batch norms use in a pass with this training flag.
     pub(crate) fn bn_stats(&self, train: bool) -> Stats {
         if train && !self.frozen_bn {

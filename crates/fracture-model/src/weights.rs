@@ -99,12 +99,13 @@ impl Model {
         let device = vars.first().map_or(Device::Cpu, |(_, v)| v.device().clone());
         let tensors: HashMap<String, Tensor> = vars
             .iter()
-            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-            .collect();
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().detach().copy()?)))
+            .collect::<Result<_>>()?;
         let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &device);
         let mut net = FractureNet::new(self.config(), vb)?;
         net.set_kernels(self.net.kernels());
         net.set_frozen_batch_norm(self.net.frozen_batch_norm());
+        net.freeze_weights();
         Ok(net)
     }
 

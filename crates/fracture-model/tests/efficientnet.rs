@@ -323,3 +323,59 @@ fn fused_block_gradients_match_finite_differences() {
         eprintln!("stride {stride}, batch statistics {batch_stats}: worst relative error {worst:.2e}");
     }
 }
+
+#[test]
+fn the_inference_net_matches_the_trained_one_and_keeps_its_own_copy() {
+    let mut model = Model::new(&ModelConfig::efficientnet_lite0(64), 3, &Device::Cpu).unwrap();
+    let flat = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+    for k in [Kernels::Fast, Kernels::Bf16] {
+        model.net.set_kernels(k);
+        let frozen = model.inference_net().unwrap();
+        for b in [1, 3] {
+            let x = common::input(b, 64, 11 + b as u64, DType::F32);
+            let want = flat(&model.net.forward_t(&x, false).unwrap());
+            // Twice: the first pass prepares the blocks, the second reuses them.
+            for _ in 0..2 {
+                let got = flat(&frozen.forward_t(&x, false).unwrap());
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst <= 1e-4, "{k:?}, batch {b}: logits differ by {worst}");
+            }
+        }
+    }
+    // The inference net holds copies: changing a variable afterwards does not reach it.
+    model.net.set_kernels(Kernels::Fast);
+    let frozen = model.inference_net().unwrap();
+    let x = common::input(2, 64, 21, DType::F32);
+    let before = flat(&frozen.forward_t(&x, false).unwrap());
+    let vars = model.named_vars();
+    let (_, w) = vars
+        .iter()
+        .find(|(n, _)| n == "_blocks.3._project_conv.weight")
+        .unwrap();
+    w.set(&(w.as_tensor() * 3.0).unwrap()).unwrap();
+    assert!(flat(&frozen.forward_t(&x, false).unwrap()) == before);
+    let moved = flat(&model.inference_net().unwrap().forward_t(&x, false).unwrap());
+    assert!(
+        moved != before,
+        "the variable's change did not reach a new inference net"
+    );
+    // A batch-statistics pass moves the inference net's running statistics; the next pass with
+    // running statistics must use the moved ones, not the blocks prepared before it: the same as
+    // a twin that never prepared them.
+    let twin = model.inference_net().unwrap();
+    let prepared = model.inference_net().unwrap();
+    prepared.forward_t(&x, false).unwrap();
+    for net in [&twin, &prepared] {
+        net.set_dropout_seed(5);
+        net.forward_t(&x, true).unwrap();
+    }
+    let (a, b) = (
+        flat(&twin.forward_t(&x, false).unwrap()),
+        flat(&prepared.forward_t(&x, false).unwrap()),
+    );
+    assert!(a == b, "stale prepared blocks: {a:?} against {b:?}");
+}
