@@ -1,8 +1,8 @@
 //! Times each inverted bottleneck of EfficientNet-Lite0 as the training step runs it (the fused
 //! op, forward with batch statistics and backward), at the input size and batch given, and prints
 //! milliseconds per block, so the expensive stages are visible. With `--infer` it times the
-//! forward pass as inference runs it instead (fixed statistics, no input tracked, so nothing is
-//! kept for a backward pass); `--bf16` gives the products BF16 operands, as `--precision bf16` does;
+//! forward pass as inference runs it instead (the block prepared once with fixed statistics,
+//! `FrozenMbConv`, no input tracked, so nothing is kept for a backward pass, on the kernels' pool); `--bf16` gives the products BF16 operands, as `--precision bf16` does;
 //! `--block 2.1` times that block alone (stage 2, first block).
 //!
 //! ```text
@@ -92,12 +92,14 @@ fn main() -> anyhow::Result<()> {
                 .chain([(vec![0.0f32; cout], vec![1.0f32; cout])])
                 .skip(usize::from(!spec.expand))
                 .collect::<Vec<_>>();
-            let (xi, pi) = (x.as_tensor().detach(), p.as_tensor().detach());
+            let xi = x.as_tensor().detach();
+            // As the inference net runs a block: prepared once, on the pool.
+            let frozen = kernels::FrozenMbConv::new(p.as_tensor(), spec, running)?;
             let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
             for i in 0..iters + 1 {
                 let t = Instant::now();
                 if infer {
-                    let (y, _) = kernels::mbconv(&xi, &pi, spec, Some(running.clone()), kernels)?;
+                    let y = kernels::on_pool(|| kernels::mbconv_frozen(&xi, &frozen, kernels))?;
                     drop(y);
                     if i > 0 {
                         fwd.push(t.elapsed().as_secs_f64());
