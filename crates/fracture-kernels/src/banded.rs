@@ -63,6 +63,9 @@ pub(crate) struct Banded<'a> {
     pub(crate) filters: &'a [f32],
     /// BN1 and BN2 with fixed statistics.
     pub(crate) norms: [&'a Norm; 2],
+    /// Without expansion: a normalization + ReLU6 the depthwise stage applies to the input as it
+    /// reads it (the layer before's batch norm, folded in), if any.
+    pub(crate) input: Option<&'a Norm>,
     /// Bytes of expanded rows per band ([`BAND_BYTES`] outside tests).
     pub(crate) band_bytes: usize,
 }
@@ -100,7 +103,13 @@ impl Banded<'_> {
             let hb = hi - lo;
             let Some((we, n0)) = &self.expand else {
                 // No expansion: the depthwise stage reads the input's rows where they are.
-                self.depthwise(&gb, |c| &x[c * hw + lo * w..], None, or1 - or0, &mut bufs.a2);
+                self.depthwise(
+                    &gb,
+                    |c| &x[c * hw + lo * w..],
+                    self.input,
+                    or1 - or0,
+                    &mut bufs.a2,
+                );
                 self.project_band(x, out, or0, or1, &bufs.a2)?;
                 or0 = or1;
                 continue;

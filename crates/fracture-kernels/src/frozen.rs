@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::Tensor;
 
 use super::mbconv::{MbConvOp, Prepacked};
-use super::{BlockStats, Kernels, MbConvSpec, Precision, bf16_backend, fast, mbconv};
+use super::{Activation, BlockStats, Kernels, MbConvSpec, Precision, affine_act, bf16_backend, fast, mbconv};
 
 /// An inverted bottleneck's parameters and fixed batch-norm statistics, held for repeated
 /// inference with [`mbconv_frozen`].
@@ -24,6 +24,9 @@ pub struct FrozenMbConv {
     /// The 1×1 weights packed for the BF16 backend, made by the first BF16 forward pass (`None`
     /// inside when that backend packs nothing: FP32 or emulated).
     prepacked: OnceLock<Option<Arc<Prepacked>>>,
+    /// Per input channel `(scale, shift)` of a normalization + ReLU6 applied to the input first
+    /// ([`FrozenMbConv::with_input_norm`]).
+    input: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl FrozenMbConv {
@@ -61,7 +64,32 @@ impl FrozenMbConv {
             spec,
             running,
             prepacked: OnceLock::new(),
+            input: None,
         })
+    }
+
+    /// The block applied to `ReLU6(x · scale + shift)` (per input channel) instead of `x`: the
+    /// batch norm and ReLU6 of the layer before folded in (EfficientNet's stem), so that layer
+    /// need not write its normalized output; the depthwise stage applies them as it reads each
+    /// plane. Only for a block without expansion or skip (the stem's 32 channels into the first
+    /// block's 16); an error names what does not fit.
+    pub fn with_input_norm(mut self, scale: Vec<f32>, shift: Vec<f32>) -> candle_core::Result<Self> {
+        let s = self.spec;
+        if s.expand || s.skip() {
+            candle_core::bail!(
+                "frozen inverted bottleneck: an input normalization needs a block without expansion or skip, not {s:?}"
+            );
+        }
+        if scale.len() != s.cin || shift.len() != s.cin {
+            candle_core::bail!(
+                "frozen inverted bottleneck: input normalization of {} scales and {} shifts for {} channels",
+                scale.len(),
+                shift.len(),
+                s.cin
+            );
+        }
+        self.input = Some((scale, shift));
+        Ok(self)
     }
 
     /// The block's shape.
@@ -84,10 +112,27 @@ impl FrozenMbConv {
 
 /// The prepared block applied to `x (B, cin, H, W)`: `(B, cout, H/stride, W/stride)`, the same
 /// values as [`mbconv`] with the block's parameters and `Some(running)` (the packed weights are the
-/// ones it would pack). A tracked `x` (an input gradient wanted, as for Grad-CAM) gets its backward
-/// pass; the parameters never get gradients.
+/// ones it would pack), after [`affine_act`] with ReLU6 for an input normalization. A tracked `x`
+/// (an input gradient wanted, as for Grad-CAM) gets its backward pass; the parameters never get
+/// gradients.
 pub fn mbconv_frozen(x: &Tensor, block: &FrozenMbConv, kernels: Kernels) -> candle_core::Result<Tensor> {
-    if !fast(kernels, &[x, &block.params]) {
+    let fused = fast(kernels, &[x, &block.params]);
+    // Off the fused path, or with a backward pass to follow, the input normalization is its own op.
+    let separate = !fused || x.track_op();
+    let normalized;
+    let x = match &block.input {
+        Some((scale, shift)) if separate => {
+            let dev = x.device();
+            let (scale, shift) = (
+                Tensor::new(scale.as_slice(), dev)?,
+                Tensor::new(shift.as_slice(), dev)?,
+            );
+            normalized = affine_act(x, &scale, &shift, Activation::Relu6, kernels)?;
+            &normalized
+        }
+        _ => x,
+    };
+    if !fused {
         let running = Some(block.running.clone());
         return Ok(mbconv(x, &block.params, block.spec, running, kernels)?.0);
     }
@@ -104,5 +149,9 @@ pub fn mbconv_frozen(x: &Tensor, block: &FrozenMbConv, kernels: Kernels) -> cand
         x.track_op(),
         prepacked,
     );
+    let op = match &block.input {
+        Some((scale, shift)) if !separate => op.with_input(scale.clone(), shift.clone()),
+        _ => op,
+    };
     x.contiguous()?.apply_op2(&block.params, op)
 }

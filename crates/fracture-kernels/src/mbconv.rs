@@ -147,6 +147,10 @@ pub(crate) struct MbConvOp {
     keep: bool,
     /// The 1×1 weights packed for BF16 products ahead of time (a frozen block's), if any.
     prepacked: Option<Arc<Prepacked>>,
+    /// A fixed normalization + ReLU6 applied to the input as the depthwise stage reads it (a
+    /// block without expansion or skip, at inference only): the previous layer's batch norm folded
+    /// in, see [`MbConvOp::with_input`].
+    input: Option<Norm>,
 }
 
 /// A block's two 1×1 weight matrices rounded and packed for a BF16 hardware backend once, so a
@@ -191,6 +195,7 @@ impl MbConvOp {
             precision,
             keep,
             prepacked,
+            input: None,
         }
     }
 
@@ -246,6 +251,22 @@ impl MbConvOp {
 }
 
 impl MbConvOp {
+    /// Applies `ReLU6(x · scale + shift)` per input channel as the depthwise stage reads the input,
+    /// so the layer before need not write its normalized output. Only for a block without
+    /// expansion or skip, in a pass that keeps nothing for a backward pass (the forward pass
+    /// checks both).
+    pub(crate) fn with_input(mut self, scale: Vec<f32>, shift: Vec<f32>) -> Self {
+        let n = scale.len();
+        self.input = Some(Norm {
+            scale,
+            shift,
+            center: vec![0.0; n],
+            invstd: vec![1.0; n],
+            batch: false,
+        });
+        self
+    }
+
     /// The expansion weights `We (mid, cin)` of `params` as a product's left operand.
     fn expand_lhs<'a>(&'a self, params: &'a [f32], we: &Range<usize>) -> SharedLhs<'a> {
         let s = self.spec;
@@ -307,6 +328,7 @@ impl MbConvOp {
             project: self.project_lhs(params),
             filters: &filters,
             norms: [&n1, &n2],
+            input: self.input.as_ref(),
             band_bytes,
         };
         let mut out = take(b * s.cout * g.oh * g.ow);
@@ -466,6 +488,11 @@ impl CustomOp2 for MbConvOp {
         let batch = self.running.is_none();
         let mut batch_stats = Vec::new();
         let mut norm_index = 0;
+        if self.input.is_some() && (batch || self.keep || s.expand || s.skip()) {
+            candle_core::bail!(
+                "inverted bottleneck: an input normalization needs fixed statistics, no backward pass, no expansion and no skip"
+            );
+        }
         if !batch && !self.keep && banded::applies(b) {
             let out = self.banded(x, params, b, &g, banded::BAND_BYTES)?;
             return Ok((CpuStorage::F32(out), Shape::from((b, s.cout, g.oh, g.ow))));
@@ -498,7 +525,7 @@ impl CustomOp2 for MbConvOp {
                 norm_index = 1;
                 (y1, Some(n0))
             }
-            _ => (Vec::new(), None),
+            _ => (Vec::new(), self.input.clone()),
         };
         let a1_src: &[f32] = if s.expand { &y1 } else { x };
 

@@ -229,7 +229,8 @@ fn ops() -> Vec<(&'static str, Vec<Tensor>, Op, f32)> {
 /// Values and gradients of every op in `Kernels::Bf16` against `Kernels::Fast`, under the backend
 /// this process chose. With the fp32 backend they must be identical; otherwise the values differ (the
 /// operands really were rounded) but within each op's allowance (relative L2, see [`ops`]). Then
-/// [`frozen_blocks_match_the_unfrozen_op`] under the same backend.
+/// [`frozen_blocks_match_the_unfrozen_op`] and [`frozen_input_norm_matches_the_separate_ops`] under
+/// the same backend.
 #[test]
 fn bf16_ops_track_the_fp32_ops() {
     let status = kernels::bf16_status();
@@ -271,6 +272,7 @@ fn bf16_ops_track_the_fp32_ops() {
         }
     }
     frozen_blocks_match_the_unfrozen_op();
+    frozen_input_norm_matches_the_separate_ops();
 }
 
 /// A [`kernels::FrozenMbConv`] gives exactly the values and input gradients of [`kernels::mbconv`]
@@ -361,6 +363,106 @@ fn frozen_blocks_match_the_unfrozen_op() {
     assert!(err.to_string().contains("parameters of shape"), "{err}");
     let err = kernels::FrozenMbConv::new(params.as_tensor(), spec, running[..2].to_vec()).unwrap_err();
     assert!(err.to_string().contains("running statistics"), "{err}");
+}
+
+/// A [`kernels::FrozenMbConv`] with an input normalization gives the block applied to
+/// `ReLU6(x · scale + shift)`: against [`kernels::affine_act`] then [`kernels::mbconv`], on wide and
+/// narrow planes, batches of one and three, FP32 and BF16, values (the fused pass within rounding)
+/// and input gradients (the separate ops, exactly); and it is refused where it cannot apply.
+fn frozen_input_norm_matches_the_separate_ops() {
+    let spec = MbConvSpec {
+        cin: 32,
+        mid: 32,
+        cout: 16,
+        kernel: 3,
+        stride: 1,
+        expand: false,
+        eps: 1e-3,
+    };
+    let lay = spec.layout();
+    let params = random(&[lay.len], 90);
+    let running: kernels::BlockStats = [spec.mid, spec.cout]
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            (
+                values(c, 91 + i as u64),
+                values(c, 93 + i as u64).iter().map(|v| v.abs() + 0.5).collect(),
+            )
+        })
+        .collect();
+    let (scale, shift) = (values(spec.cin, 95), values(spec.cin, 96));
+    let frozen = kernels::FrozenMbConv::new(&params, spec, running.clone())
+        .unwrap()
+        .with_input_norm(scale.clone(), shift.clone())
+        .unwrap();
+    let (st, sh) = (
+        Tensor::new(scale.as_slice(), &Device::Cpu).unwrap(),
+        Tensor::new(shift.as_slice(), &Device::Cpu).unwrap(),
+    );
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let separate = |x: &Tensor, k| {
+        let a = kernels::affine_act(x, &st, &sh, kernels::Activation::Relu6, k).unwrap();
+        kernels::mbconv(&a, &params, spec, Some(running.clone()), k)
+            .unwrap()
+            .0
+    };
+    for k in [Kernels::Fast, Kernels::Bf16] {
+        for (b, w) in [(1, 21), (3, 21), (1, 9), (3, 9)] {
+            let x = (random(&[b, spec.cin, 10, w], 97) * 3.0).unwrap();
+            let (got, want) = (
+                flat(&kernels::mbconv_frozen(&x, &frozen, k).unwrap()),
+                flat(&separate(&x, k)),
+            );
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs() / (1.0 + w.abs()))
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4, "{k:?}, batch {b}, width {w}: off by {worst}");
+            let xv = Var::from_tensor(&x).unwrap();
+            let r = random(&[b, spec.cout, 10, w], 98);
+            let grad = |y: Tensor| {
+                (&y * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+                    .get(&xv)
+                    .unwrap()
+                    .clone()
+            };
+            let (gf, gs) = (
+                grad(kernels::mbconv_frozen(xv.as_tensor(), &frozen, k).unwrap()),
+                grad(separate(xv.as_tensor(), k)),
+            );
+            assert!(
+                flat(&gf) == flat(&gs),
+                "{k:?}, batch {b}, width {w}: input gradients differ"
+            );
+        }
+    }
+    let expanding = MbConvSpec {
+        expand: true,
+        mid: 64,
+        ..spec
+    };
+    let block = kernels::FrozenMbConv::new(
+        &random(&[expanding.layout().len], 99),
+        expanding,
+        vec![
+            (vec![0.0; 64], vec![1.0; 64]),
+            (vec![0.0; 64], vec![1.0; 64]),
+            (vec![0.0; 16], vec![1.0; 16]),
+        ],
+    )
+    .unwrap();
+    let err = block.with_input_norm(scale.clone(), shift.clone()).unwrap_err();
+    assert!(err.to_string().contains("without expansion or skip"), "{err}");
+    let block = kernels::FrozenMbConv::new(&params, spec, running).unwrap();
+    let err = block.with_input_norm(scale[..3].to_vec(), shift).unwrap_err();
+    assert!(err.to_string().contains("for 32 channels"), "{err}");
 }
 
 /// Runs [`bf16_ops_track_the_fp32_ops`] in a child process for each backend this processor can
