@@ -97,6 +97,11 @@ impl FrozenMbConv {
         self.spec
     }
 
+    /// Whether an input normalization is folded in ([`FrozenMbConv::with_input_norm`]).
+    pub fn has_input_norm(&self) -> bool {
+        self.input.is_some()
+    }
+
     /// The packed 1×1 weights for BF16 products, made on first use.
     fn prepacked(&self) -> Option<Arc<Prepacked>> {
         self.prepacked

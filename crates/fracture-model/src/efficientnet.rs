@@ -223,7 +223,7 @@ impl MbConv {
     /// updated afterwards.
     fn forward(&self, x: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
         if let (Some(slot), Stats::Running) = (&self.frozen, stats) {
-            let block = self.prepared(slot, x.dim(1)?)?;
+            let block = self.prepared(slot, x.dim(1)?, None)?;
             return kernels::mbconv_frozen(x, &block, k);
         }
         let spec = self.spec(x.dim(1)?);
@@ -253,21 +253,37 @@ impl MbConv {
         Ok(y)
     }
 
-    /// The block prepared for inference with frozen weights, from `slot` or made now.
+    /// The block on the raw output of the layer before, whose batch norm `input` (running
+    /// statistics) and ReLU6 it applies itself as it reads it; with frozen weights only (see
+    /// [`EfficientNet::features_until`], which folds the stem's this way).
+    fn forward_folding(&self, x: &Tensor, input: &BatchNorm, k: Kernels) -> candle_core::Result<Tensor> {
+        let Some(slot) = &self.frozen else {
+            candle_core::bail!("only a block with frozen weights folds in the batch norm before it");
+        };
+        let block = self.prepared(slot, x.dim(1)?, Some(input))?;
+        kernels::mbconv_frozen(x, &block, k)
+    }
+
+    /// The block prepared for inference with frozen weights (and `input`'s normalization folded
+    /// in, when given), from `slot` or made now.
     fn prepared(
         &self,
         slot: &Mutex<Option<Arc<kernels::FrozenMbConv>>>,
         cin: usize,
+        input: Option<&BatchNorm>,
     ) -> candle_core::Result<Arc<kernels::FrozenMbConv>> {
         let mut slot = lock(slot)?;
-        if let Some(block) = slot.as_ref() {
+        if let Some(block) = slot.as_ref()
+            && block.has_input_norm() == input.is_some()
+        {
             return Ok(block.clone());
         }
-        let block = Arc::new(kernels::FrozenMbConv::new(
-            &self.flat_params()?,
-            self.spec(cin),
-            self.running()?,
-        )?);
+        let mut block = kernels::FrozenMbConv::new(&self.flat_params()?, self.spec(cin), self.running()?)?;
+        if let Some(bn) = input {
+            let (scale, shift) = bn.fixed_host()?;
+            block = block.with_input_norm(scale, shift)?;
+        }
+        let block = Arc::new(block);
         *slot = Some(block.clone());
         Ok(block)
     }
@@ -377,12 +393,24 @@ impl EfficientNet {
         };
         let zero = Tensor::zeros(STEM_CHANNELS, DType::F32, xs.device())?.to_dtype(xs.dtype())?;
         let x = kernels::conv2d(&x, &self.stem, &zero, spec, k.for_pixels())?;
-        let mut x = self.stem_bn.forward(&x, stats, Activation::Relu6, k)?;
+        // With frozen weights the first block (no expansion, no skip) applies the stem's batch norm
+        // and ReLU6 as it reads the stem's output, which then never exists normalized in memory.
+        let fold =
+            stats == Stats::Running && blocks > 0 && self.blocks.first().is_some_and(|b| b.frozen.is_some());
+        let mut x = if fold {
+            x
+        } else {
+            self.stem_bn.forward(&x, stats, Activation::Relu6, k)?
+        };
         for (i, block) in self.blocks.iter().take(blocks).enumerate() {
             // The first two stages, on 112² and 56² planes, keep FP32 products (see
             // `Kernels::for_pixels`).
             let k = if i < FP32_BLOCKS { k.for_pixels() } else { k };
-            x = block.forward(&x, stats, k)?;
+            x = if fold && i == 0 {
+                block.forward_folding(&x, &self.stem_bn, k)?
+            } else {
+                block.forward(&x, stats, k)?
+            };
         }
         Ok(x)
     }

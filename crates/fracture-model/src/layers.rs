@@ -71,11 +71,25 @@ impl BatchNorm {
             self.update_running(&mean, &var, x.elem_count() / c)?;
             return Ok(y);
         }
+        let (scale, shift) = self.fixed()?;
+        kernels::affine_act(x, &scale, &shift, act, k)
+    }
+
+    /// The normalization with the running statistics as `x · scale + shift`: `(scale, shift)`,
+    /// `(C,)` each.
+    fn fixed(&self) -> candle_core::Result<(Tensor, Tensor)> {
         let scale = self
             .weight
             .broadcast_div(&(self.running_var.as_detached_tensor() + self.eps)?.sqrt()?)?;
         let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
-        kernels::affine_act(x, &scale, &shift, act, k)
+        Ok((scale, shift))
+    }
+
+    /// [`BatchNorm::fixed`] as host vectors, for folding into the next layer.
+    pub(crate) fn fixed_host(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let (scale, shift) = self.fixed()?;
+        let host = |t: Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
+        Ok((host(scale)?, host(shift)?))
     }
 }
 
