@@ -219,8 +219,9 @@ impl MbConv {
         }
     }
 
-    /// The block as one fused op ([`kernels::mbconv`]); with batch statistics the running ones are
-    /// updated afterwards.
+    /// The block as one fused op ([`kernels::mbconv`]; in a network with frozen weights and running
+    /// statistics, the block prepared once, [`kernels::mbconv_frozen`]); with batch statistics the
+    /// running ones are updated afterwards.
     fn forward(&self, x: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
         if let (Some(slot), Stats::Running) = (&self.frozen, stats) {
             let block = self.prepared(slot, x.dim(1)?, None)?;
