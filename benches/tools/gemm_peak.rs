@@ -8,7 +8,9 @@
 //! The nominal peak is frequency × flops per cycle per core × cores: FP32 FMA 2 units × 16 lanes
 //! (AVX-512) or 8 lanes (AVX2) × 2 flops; AVX-512 BF16 `vdpbf16ps` 2 units × 32 products × 2
 //! flops; AMX `tdpbf16ps` 1,024 products per cycle × 2 flops. The frequency is the `cpu MHz` of
-//! /proc/cpuinfo (the base clock a virtual machine reports; turbo can exceed it).
+//! /proc/cpuinfo (the base clock a virtual machine reports; turbo can exceed it). Where the
+//! processor has AVX-512 BF16 it first times the two instructions themselves on one core
+//! (`fracture_kernels::dot_instruction_times`): the measured ceiling of BF16 against FP32.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::time::Instant;
@@ -48,6 +50,15 @@ fn main() -> anyhow::Result<()> {
             .map(|b| format!(", bf16 on {b} {:.0}", peak(b)))
             .collect::<String>()
     );
+    if let Some((dp, fma)) = fracture_kernels::dot_instruction_times(20_000_000) {
+        // Twice the flops per instruction: BF16 products can only win where `vdpbf16ps` costs
+        // less than two FMAs.
+        println!(
+            "one core: vdpbf16ps {dp:.3} ns, vfmadd231ps {fma:.3} ns per instruction (16 chains); \
+             BF16 flop rate / FP32 flop rate at the instructions' ceiling: {:.2}×",
+            2.0 * fma / dp
+        );
+    }
     // (m, k, n): EfficientNet-Lite0's 1×1 convolutions at 224 px for one image (Cout × Cin ·
     // Cin × HW), then the square ceiling.
     let shapes = [

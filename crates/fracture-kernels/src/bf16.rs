@@ -588,6 +588,20 @@ struct Packed<'a> {
     m: usize,
     kpp: usize,
 }
+/// How long one AVX-512 BF16 dot product (`vdpbf16ps` on 512 bits: 32 pairs, 64 flops) and one
+/// AVX-512 FP32 fused multiply-add (`vfmadd231ps`: 16 lanes, 32 flops) take on this core, in
+/// nanoseconds per instruction, each over `count` rounds of 16 independent accumulators (enough
+/// to hide either one's latency, so this is issue rate, not latency) on the calling thread.
+/// Their ratio says whether BF16 products can beat FP32 here at all: BF16 delivers twice the
+/// flops per instruction, so it wins only if its instruction costs less than twice the FMA's.
+/// `None` where the processor lacks AVX-512 BF16.
+pub fn dot_instruction_times(count: usize) -> Option<(f64, f64)> {
+    if !hw::avx512_bf16() {
+        return None;
+    }
+    hw::dot_instruction_times(count)
+}
+
 /// The processor-specific parts: detection and the two hardware kernels.
 #[cfg(target_arch = "x86_64")]
 mod hw {
@@ -720,6 +734,52 @@ mod hw {
                 // SAFETY: releases the tile state this thread configured in `begin`.
                 unsafe { amx::release() };
             }
+        }
+    }
+
+    /// [`super::dot_instruction_times`] once AVX-512 BF16 is known to be present.
+    pub(super) fn dot_instruction_times(count: usize) -> Option<(f64, f64)> {
+        let count = count.max(1);
+        // SAFETY: the caller checked AVX-512F and AVX-512 BF16.
+        let (dp, fma) = unsafe { rates::both(count) };
+        Some((dp, fma))
+    }
+
+    mod rates {
+        use std::time::Instant;
+
+        use super::*;
+
+        /// # Safety
+        /// AVX-512F and AVX-512 BF16 must be available.
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        pub(super) unsafe fn both(count: usize) -> (f64, f64) {
+            let ones = std::hint::black_box(_mm512_set1_epi32(0x3f80_3f80));
+            // SAFETY: a bit pattern reinterpreted between two 512-bit vector types.
+            let b: __m512bh = unsafe { std::mem::transmute::<__m512i, __m512bh>(ones) };
+            let (x, y) = (
+                std::hint::black_box(_mm512_set1_ps(1e-9)),
+                std::hint::black_box(_mm512_set1_ps(1e-9)),
+            );
+            let per = |t: Instant| t.elapsed().as_secs_f64() * 1e9 / (count * 16) as f64;
+            let t = Instant::now();
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for _ in 0..count {
+                for a in &mut acc {
+                    *a = _mm512_dpbf16_ps(*a, b, b);
+                }
+            }
+            std::hint::black_box(acc);
+            let dp = per(t);
+            let t = Instant::now();
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for _ in 0..count {
+                for a in &mut acc {
+                    *a = _mm512_fmadd_ps(*a, x, y);
+                }
+            }
+            std::hint::black_box(acc);
+            (dp, per(t))
         }
     }
 
@@ -933,6 +993,10 @@ mod hw {
         false
     }
 
+    pub(super) fn dot_instruction_times(_: usize) -> Option<(f64, f64)> {
+        None
+    }
+
     pub(super) struct Tiles;
 
     impl Tiles {
@@ -948,6 +1012,20 @@ mod hw {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_instruction_timer_answers_exactly_where_the_instructions_exist() {
+        match dot_instruction_times(10_000) {
+            Some((dp, fma)) => {
+                assert!(hw::avx512_bf16());
+                assert!(
+                    dp.is_finite() && dp > 0.0 && fma.is_finite() && fma > 0.0,
+                    "{dp} {fma}"
+                );
+            }
+            None => assert!(!hw::avx512_bf16()),
+        }
+    }
 
     #[test]
     fn rounding_is_to_nearest_even() {
