@@ -588,6 +588,7 @@ struct Packed<'a> {
     m: usize,
     kpp: usize,
 }
+
 /// How long one AVX-512 BF16 dot product (`vdpbf16ps` on 512 bits: 32 pairs, 64 flops) and one
 /// AVX-512 FP32 fused multiply-add (`vfmadd231ps`: 16 lanes, 32 flops) take on this core, in
 /// nanoseconds per instruction, each over `count` rounds of 16 independent accumulators (enough
@@ -596,13 +597,10 @@ struct Packed<'a> {
 /// flops per instruction, so it wins only if its instruction costs less than twice the FMA's.
 /// `None` where the processor lacks AVX-512 BF16.
 pub fn dot_instruction_times(count: usize) -> Option<(f64, f64)> {
-    if !hw::avx512_bf16() {
-        return None;
-    }
     hw::dot_instruction_times(count)
 }
 
-/// The processor-specific parts: detection and the two hardware kernels.
+/// The processor-specific parts: detection, the two hardware kernels and the instruction timer.
 #[cfg(target_arch = "x86_64")]
 mod hw {
     use std::arch::x86_64::*;
@@ -737,50 +735,42 @@ mod hw {
         }
     }
 
-    /// [`super::dot_instruction_times`] once AVX-512 BF16 is known to be present.
+    /// [`super::dot_instruction_times`]: `None` without AVX-512 BF16.
     pub(super) fn dot_instruction_times(count: usize) -> Option<(f64, f64)> {
-        let count = count.max(1);
-        // SAFETY: the caller checked AVX-512F and AVX-512 BF16.
-        let (dp, fma) = unsafe { rates::both(count) };
-        Some((dp, fma))
+        if !avx512_bf16() {
+            return None;
+        }
+        // SAFETY: AVX-512F and AVX-512 BF16 were checked just above.
+        Some(unsafe { instruction_times(count.max(1)) })
     }
 
-    mod rates {
-        use std::time::Instant;
-
-        use super::*;
-
-        /// # Safety
-        /// AVX-512F and AVX-512 BF16 must be available.
-        #[target_feature(enable = "avx512f,avx512bf16")]
-        pub(super) unsafe fn both(count: usize) -> (f64, f64) {
-            let ones = std::hint::black_box(_mm512_set1_epi32(0x3f80_3f80));
-            // SAFETY: a bit pattern reinterpreted between two 512-bit vector types.
-            let b: __m512bh = unsafe { std::mem::transmute::<__m512i, __m512bh>(ones) };
-            let (x, y) = (
-                std::hint::black_box(_mm512_set1_ps(1e-9)),
-                std::hint::black_box(_mm512_set1_ps(1e-9)),
-            );
-            let per = |t: Instant| t.elapsed().as_secs_f64() * 1e9 / (count * 16) as f64;
-            let t = Instant::now();
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for _ in 0..count {
-                for a in &mut acc {
-                    *a = _mm512_dpbf16_ps(*a, b, b);
-                }
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 must be available.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn instruction_times(count: usize) -> (f64, f64) {
+        let ones = std::hint::black_box(_mm512_set1_epi32(0x3f80_3f80));
+        // SAFETY: a bit pattern reinterpreted between two 512-bit vector types.
+        let b: __m512bh = unsafe { std::mem::transmute::<__m512i, __m512bh>(ones) };
+        let x = std::hint::black_box(_mm512_set1_ps(1e-9));
+        let per = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e9 / (count * 16) as f64;
+        let t = std::time::Instant::now();
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for _ in 0..count {
+            for a in &mut acc {
+                *a = _mm512_dpbf16_ps(*a, b, b);
             }
-            std::hint::black_box(acc);
-            let dp = per(t);
-            let t = Instant::now();
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for _ in 0..count {
-                for a in &mut acc {
-                    *a = _mm512_fmadd_ps(*a, x, y);
-                }
-            }
-            std::hint::black_box(acc);
-            (dp, per(t))
         }
+        std::hint::black_box(acc);
+        let dp = per(t);
+        let t = std::time::Instant::now();
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for _ in 0..count {
+            for a in &mut acc {
+                *a = _mm512_fmadd_ps(*a, x, x);
+            }
+        }
+        std::hint::black_box(acc);
+        (dp, per(t))
     }
 
     mod avx512 {
