@@ -600,6 +600,69 @@ pub fn dot_instruction_times(count: usize) -> Option<(f64, f64)> {
     hw::dot_instruction_times(count)
 }
 
+/// On AVX-512 BF16 without AMX, [`auto_precision`] picks BF16 only when one `vdpbf16ps` costs less
+/// than this many FP32 FMAs ([`dot_instruction_times`]): BF16 products then reach at least
+/// 2 / 1.6 = 1.25× FP32's flop rate, a margin over what packing the operands to BF16 costs.
+pub const AUTO_BF16_MAX_INSTRUCTION_RATIO: f64 = 1.6;
+
+/// The precision `auto` stands for in this process ([`auto_precision`]), and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoPrecision {
+    /// FP32, or BF16 where its products were measured faster.
+    pub precision: super::Precision,
+    /// One sentence: the backend and, on AVX-512 BF16, the instruction times that decided.
+    pub reason: String,
+}
+
+/// The operand precision whose matrix products run faster on this processor, decided once per
+/// process: BF16 on AMX tiles; on AVX-512 BF16 only where `vdpbf16ps` costs less than
+/// [`AUTO_BF16_MAX_INSTRUCTION_RATIO`] FMAs (the fastest of five timings of each, about a
+/// millisecond in all); FP32 everywhere else (emulated BF16 is never faster). `FRACTURE_BF16`
+/// steers it through [`bf16_status`]: `fp32` makes `auto` FP32 on any processor.
+pub fn auto_precision() -> &'static AutoPrecision {
+    static CHOICE: OnceLock<AutoPrecision> = OnceLock::new();
+    CHOICE.get_or_init(|| {
+        decide_auto(bf16_status(), || {
+            (0..5)
+                .filter_map(|_| dot_instruction_times(20_000))
+                .reduce(|(d0, f0), (d1, f1)| (d0.min(d1), f0.min(f1)))
+        })
+    })
+}
+
+/// The rule behind [`auto_precision`], with the timer passed in (so tests can give it any answer).
+fn decide_auto(status: &Bf16Status, times: impl FnOnce() -> Option<(f64, f64)>) -> AutoPrecision {
+    use super::Precision::{Bf16, Fp32};
+    let (precision, reason) = match status.backend {
+        Bf16Backend::Amx => (Bf16, "bf16 on AMX tiles".to_string()),
+        Bf16Backend::Avx512 => match times() {
+            Some((dp, fma)) if dp > 0.0 && fma > 0.0 => {
+                let ratio = dp / fma;
+                let rate = 2.0 / ratio;
+                let verdict = if ratio < AUTO_BF16_MAX_INSTRUCTION_RATIO {
+                    Bf16
+                } else {
+                    Fp32
+                };
+                (
+                    verdict,
+                    format!(
+                        "vdpbf16ps takes {dp:.3} ns and an FP32 FMA {fma:.3} ns here ({ratio:.2}×): \
+                         BF16 products would run at {rate:.2}× FP32's flop rate"
+                    ),
+                )
+            }
+            _ => (
+                Fp32,
+                "the AVX-512 BF16 instructions could not be timed".to_string(),
+            ),
+        },
+        Bf16Backend::Emulated => (Fp32, "emulated BF16 is no faster than fp32".to_string()),
+        Bf16Backend::Fp32 => (Fp32, status.reason.clone()),
+    };
+    AutoPrecision { precision, reason }
+}
+
 /// The processor-specific parts: detection, the two hardware kernels and the instruction timer.
 #[cfg(target_arch = "x86_64")]
 mod hw {
@@ -1015,6 +1078,48 @@ mod tests {
             }
             None => assert!(!hw::avx512_bf16()),
         }
+    }
+
+    #[test]
+    fn auto_picks_bf16_only_where_its_products_are_measured_faster() {
+        use crate::Precision::{Bf16, Fp32};
+        let status = |backend| Bf16Status {
+            backend,
+            reason: "test".into(),
+        };
+        let never = || -> Option<(f64, f64)> { panic!("timed without AVX-512 BF16") };
+        assert_eq!(decide_auto(&status(Bf16Backend::Amx), never).precision, Bf16);
+        assert_eq!(decide_auto(&status(Bf16Backend::Emulated), never).precision, Fp32);
+        assert_eq!(decide_auto(&status(Bf16Backend::Fp32), never).precision, Fp32);
+        // The Xeon measured in the docs: 0.753 ns vs 0.186 ns (BF16 at 0.49x FP32's rate).
+        let slow = decide_auto(&status(Bf16Backend::Avx512), || Some((0.753, 0.186)));
+        assert_eq!(slow.precision, Fp32);
+        assert!(slow.reason.contains("0.49×"), "{}", slow.reason);
+        let fast = decide_auto(&status(Bf16Backend::Avx512), || Some((0.19, 0.186)));
+        assert_eq!(fast.precision, Bf16);
+        let edge = AUTO_BF16_MAX_INSTRUCTION_RATIO;
+        assert_eq!(
+            decide_auto(&status(Bf16Backend::Avx512), || Some((edge, 1.0))).precision,
+            Fp32
+        );
+        assert_eq!(decide_auto(&status(Bf16Backend::Avx512), || None).precision, Fp32);
+        assert_eq!(
+            decide_auto(&status(Bf16Backend::Avx512), || Some((0.0, 0.0))).precision,
+            Fp32
+        );
+    }
+
+    #[test]
+    fn auto_on_this_machine_follows_its_backend() {
+        let auto = auto_precision();
+        match bf16_backend() {
+            Bf16Backend::Amx => assert_eq!(auto.precision, crate::Precision::Bf16),
+            Bf16Backend::Avx512 => assert!(auto.reason.contains("vdpbf16ps takes"), "{}", auto.reason),
+            Bf16Backend::Emulated | Bf16Backend::Fp32 => {
+                assert_eq!(auto.precision, crate::Precision::Fp32)
+            }
+        }
+        assert!(std::ptr::eq(auto, auto_precision()), "decided once");
     }
 
     #[test]

@@ -51,7 +51,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use rand::Rng;
 
-pub use bf16::{Bf16Backend, Bf16Status, bf16_backend, bf16_status, dot_instruction_times};
+pub use bf16::{
+    AUTO_BF16_MAX_INSTRUCTION_RATIO, AutoPrecision, Bf16Backend, Bf16Status, auto_precision, bf16_backend,
+    bf16_status, dot_instruction_times,
+};
 pub use conv::ConvSpec;
 pub use depthwise::{DepthwiseSpec, Padding};
 pub use frozen::{FrozenMbConv, mbconv_frozen};

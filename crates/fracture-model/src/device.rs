@@ -109,6 +109,24 @@ pub fn bf16_device_note(device: &Device) -> Option<String> {
     })
 }
 
+/// The precision `--precision auto` stands for on `device`, with one sentence saying why: FP32 off
+/// the CPU (the BF16 products are CPU kernels), else [`fracture_kernels::auto_precision`] (BF16 on
+/// AMX, or on AVX-512 BF16 measured faster than FP32; FP32 elsewhere).
+pub fn auto_precision(device: &Device) -> (crate::Precision, String) {
+    if device.is_cpu() {
+        let auto = fracture_kernels::auto_precision();
+        (auto.precision, auto.reason.clone())
+    } else {
+        (
+            crate::Precision::Fp32,
+            format!(
+                "on {} the matrix products are candle's, in FP32",
+                describe_device(device)
+            ),
+        )
+    }
+}
+
 /// The GPU backends compiled into this build, e.g. `["cuda"]`; empty for a CPU-only build.
 pub fn compiled_backends() -> Vec<&'static str> {
     let mut out = Vec::new();

@@ -16,7 +16,9 @@ mod weights;
 pub use config::{
     ArchConfig, EfficientNetConfig, LOCALIZATION_STRIDES, ModelConfig, ResNetConfig, SeedConfig,
 };
-pub use device::{DeviceChoice, bf16_device_note, compiled_backends, describe_device, device};
+pub use device::{
+    DeviceChoice, auto_precision, bf16_device_note, compiled_backends, describe_device, device,
+};
 pub use efficientnet::{LITE0_STAGES, STEM_CHANNELS};
 pub use error::{Error, Result};
 /// The CPU kernels the networks are built from (the `fracture-kernels` crate), under their old path

@@ -18,10 +18,10 @@ pub(crate) struct Args {
     /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The operand precision of the network's matrix products: fp32, or bf16 (BF16 operands,
-    /// FP32 accumulation; faster on processors with AMX or AVX-512 BF16).
-    #[arg(long, value_enum, default_value_t = fracture_infer::model::Precision::Fp32)]
-    precision: fracture_infer::model::Precision,
+    /// The operand precision of the network's matrix products: auto (BF16 where it was measured
+    /// faster on this processor, else FP32), fp32, or bf16 (BF16 operands, FP32 accumulation).
+    #[arg(long, value_enum, default_value_t = crate::commands::PrecisionArg::Auto)]
+    precision: crate::commands::PrecisionArg,
     /// Labelled images: a dataset root (`<DATA>/<split>/<class>/…`, see `--split`) or a folder whose
     /// children are the class folders.
     #[arg(long)]
@@ -146,7 +146,7 @@ fn warn_of_leaks(
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = args.device.open()?;
-    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
+    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision.resolve(&device))?;
     let (items, split, skipped) = labelled_images(&args.data, args.split)?;
     for s in &skipped {
         eprintln!("warning: skipped {s}");

@@ -50,6 +50,34 @@ impl DeviceArgs {
     }
 }
 
+/// What `--precision` asks for: a precision, or `auto` (the default), the one measured faster here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub(crate) enum PrecisionArg {
+    /// BF16 where this processor's BF16 products are faster than FP32 (AMX, or AVX-512 BF16 whose
+    /// dot-product instruction was timed at under 1.6 FMAs), else FP32.
+    #[default]
+    Auto,
+    /// FP32 operands.
+    Fp32,
+    /// BF16 operands, FP32 accumulation, in the 1×1, im2col and dense products.
+    Bf16,
+}
+
+impl PrecisionArg {
+    /// The precision to run in on `device`; `auto` says on standard error what it chose and why.
+    pub(crate) fn resolve(self, device: &Device) -> Precision {
+        match self {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::Auto => {
+                let (precision, why) = fracture_infer::model::auto_precision(device);
+                eprintln!("precision {precision} (auto: {why})");
+                precision
+            }
+        }
+    }
+}
+
 /// A metric with three decimals, or `n/a` when undefined.
 pub(crate) fn fmt_opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "n/a".into())

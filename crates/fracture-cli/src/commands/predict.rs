@@ -18,10 +18,10 @@ pub(crate) struct Args {
     /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The operand precision of the network's matrix products: fp32, or bf16 (BF16 operands,
-    /// FP32 accumulation; faster on processors with AMX or AVX-512 BF16).
-    #[arg(long, value_enum, default_value_t = fracture_infer::model::Precision::Fp32)]
-    precision: fracture_infer::model::Precision,
+    /// The operand precision of the network's matrix products: auto (BF16 where it was measured
+    /// faster on this processor, else FP32), fp32, or bf16 (BF16 operands, FP32 accumulation).
+    #[arg(long, value_enum, default_value_t = crate::commands::PrecisionArg::Auto)]
+    precision: crate::commands::PrecisionArg,
     /// Image files or folders (searched recursively).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -114,7 +114,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .transpose()?;
     let format = output_format(args)?;
     let device = args.device.open()?;
-    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
+    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision.resolve(&device))?;
     let (mut files, mut unreadable, other_shards) = input_files(&args.paths, shard);
     let limits = DecodeLimits {
         allow_partial: args.allow_partial,

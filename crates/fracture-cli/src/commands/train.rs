@@ -192,8 +192,11 @@ pub(crate) struct Args {
     /// Our CPU kernels (fast) or candle's own operations (reference, for comparison; slower).
     #[arg(long, value_enum, default_value_t = Kernels::Fast)]
     kernels: Kernels,
-    #[arg(long, value_enum, help = by_preset("The operand precision of the matrix products: fp32, or bf16 (BF16 operands, FP32 accumulation, FP32 weights, optimizer state, batch-norm statistics and loss; faster on processors with AMX or AVX-512 BF16)", |r| r.train.precision.name().into()))]
-    precision: Option<fracture_train::model::Precision>,
+    /// The operand precision of the matrix products: auto (BF16 where it was measured faster on
+    /// this processor, else FP32; FP32 with `--kernels reference`), fp32, or bf16 (BF16 operands,
+    /// FP32 accumulation, FP32 weights, optimizer state, batch-norm statistics and loss).
+    #[arg(long, value_enum, default_value_t = crate::commands::PrecisionArg::Auto)]
+    precision: crate::commands::PrecisionArg,
     /// Stop once this many epochs are complete, as an interruption would; `--resume` continues the run.
     #[arg(long)]
     stop_after_epoch: Option<usize>,
@@ -202,7 +205,12 @@ pub(crate) struct Args {
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = args.device.open()?;
     let preset = args.preset;
-    let overrides = overrides(args, preset)?;
+    let precision = match (args.precision, args.kernels) {
+        // candle's reference operations have no BF16 products: auto means FP32 there.
+        (crate::commands::PrecisionArg::Auto, Kernels::Reference) => fracture_train::model::Precision::Fp32,
+        (choice, _) => choice.resolve(&device),
+    };
+    let overrides = overrides(args, preset, precision)?;
     let recipe = preset.recipe().with(&overrides);
     let pretrained = match &args.pretrained {
         Some(file) => Some(file.clone()),
@@ -271,7 +279,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 /// The recipe changes the flags ask for (`None` where a flag is absent: the preset's value stands).
-fn overrides(args: &Args, preset: Preset) -> anyhow::Result<Overrides> {
+fn overrides(
+    args: &Args,
+    preset: Preset,
+    precision: fracture_train::model::Precision,
+) -> anyhow::Result<Overrides> {
     Ok(Overrides {
         image_size: args.image_size.map(|s| s as usize),
         arch: args.arch,
@@ -297,7 +309,7 @@ fn overrides(args: &Args, preset: Preset) -> anyhow::Result<Overrides> {
         backbone_lr_scale: args.backbone_lr_scale,
         freeze_batch_norm: args.freeze_batch_norm,
         ema_decay: args.ema_decay,
-        precision: args.precision,
+        precision: Some(precision),
         augment: match &args.augment {
             Some(spec) => Some(
                 preset

@@ -277,6 +277,64 @@ fn bf16_inference_stays_within_a_hundredth_of_fp32_on_real_radiographs() {
     assert_eq!(predicted_p(&predict("bf16", "fp32")), fp32);
 }
 
+/// `--precision auto` (the default) says what it chose and why, and where BF16 products are not
+/// faster (forced fp32, or emulated) it predicts exactly as `--precision fp32` and trains in FP32,
+/// recording `fp32`, never `auto`.
+#[test]
+fn auto_precision_says_its_choice_and_is_fp32_where_bf16_is_not_faster() {
+    let (root, run) = trained_run("auto-precision");
+    let images = root.join("data").join("test");
+    let predict = |extra: &[&str], backend: &str| {
+        fracture()
+            .args(["predict", "--no-evidence", "--format", "json", "--model"])
+            .arg(&run)
+            .args(extra)
+            .arg(&images)
+            .env("FRACTURE_BF16", backend)
+            .output()
+            .unwrap()
+    };
+    let fp32 = predicted_p(&predict(&["--precision", "fp32"], "emulated"));
+    assert_eq!(fp32.len(), 12);
+    for (backend, why) in [
+        ("emulated", "emulated BF16 is no faster than fp32"),
+        ("fp32", "FRACTURE_BF16=fp32"),
+    ] {
+        let out = predict(&[], backend);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("precision fp32 (auto: ") && stderr.contains(why),
+            "{stderr}"
+        );
+        assert_eq!(predicted_p(&out), fp32, "{backend}");
+    }
+    let trained = root.join("run-auto");
+    let out = fracture()
+        .args([
+            "train",
+            "--epochs",
+            "1",
+            "--image-size",
+            "24",
+            "--batch-size",
+            "8",
+            "--data",
+        ])
+        .arg(root.join("data"))
+        .arg("--out")
+        .arg(&trained)
+        .env("FRACTURE_BF16", "emulated")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("precision fp32 (auto: emulated BF16"), "{stderr}");
+    let model =
+        fracture_train::TrainedModel::load(&trained, &fracture_train::candle_core::Device::Cpu).unwrap();
+    let train_cfg = model.meta.train.as_ref().unwrap();
+    assert_eq!(train_cfg.precision, fracture_train::model::Precision::Fp32);
+}
+
 /// `train --precision bf16` trains with BF16 products (emulated here, so on any processor), says
 /// so, and records the precision in the model file's training settings and the backend in its
 /// validation report; with candle's reference operations it is refused.
