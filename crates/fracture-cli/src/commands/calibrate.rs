@@ -45,11 +45,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     let device = args.device.open()?;
-    let mut model = crate::commands::load_model(
-        args.model.as_deref(),
-        &device,
-        fracture_infer::model::Precision::Fp32,
-    )?;
+    let mut model = crate::commands::load_model(args.model.as_deref(), &device, super::PrecisionArg::Fp32)?;
     let (items, _, skipped) = crate::commands::eval::labelled_images(&args.data, args.split)?;
     for s in &skipped {
         eprintln!("warning: skipped {s}");

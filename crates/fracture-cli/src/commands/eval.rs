@@ -146,7 +146,7 @@ fn warn_of_leaks(
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = args.device.open()?;
-    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision.resolve(&device))?;
+    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
     let (items, split, skipped) = labelled_images(&args.data, args.split)?;
     for s in &skipped {
         eprintln!("warning: skipped {s}");

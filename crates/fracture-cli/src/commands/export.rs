@@ -46,11 +46,7 @@ pub(crate) enum ExportFormat {
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = fracture_infer::candle_core::Device::Cpu;
-    let mut model = super::load_model(
-        args.model.as_deref(),
-        &device,
-        fracture_infer::model::Precision::Fp32,
-    )?;
+    let mut model = super::load_model(args.model.as_deref(), &device, super::PrecisionArg::Fp32)?;
     if let Some(t) = args.threshold {
         if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
             anyhow::bail!("--threshold {t} is not a probability in [0, 1]");

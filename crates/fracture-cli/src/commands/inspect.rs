@@ -37,7 +37,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let model = crate::commands::load_model(
         args.model.as_deref(),
         &fracture_infer::candle_core::Device::Cpu,
-        fracture_infer::model::Precision::Fp32,
+        super::PrecisionArg::Fp32,
     )?;
     let model_preprocess = *model.preprocess();
     let preprocess = PreprocessConfig {

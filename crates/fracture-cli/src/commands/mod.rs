@@ -104,11 +104,11 @@ const BUNDLED: Option<(&[u8], &[u8])> = None;
 pub(crate) const BUNDLED_NAME: &str = "models/fracture-lite0.safetensors (built in)";
 
 /// The model a command uses: `--model` when given (a run folder or a weight file), else the model
-/// compiled into the binary.
+/// compiled into the binary, set to predict in `precision` (resolved on `device`).
 pub(crate) fn load_model(
     model: Option<&std::path::Path>,
     device: &Device,
-    precision: Precision,
+    precision: PrecisionArg,
 ) -> anyhow::Result<fracture_infer::TrainedModel> {
     use anyhow::Context;
     let mut loaded = match (model, BUNDLED) {
@@ -121,6 +121,7 @@ pub(crate) fn load_model(
             "no --model given, and this binary was built without the bundled model (feature `bundled-model`)"
         ),
     }?;
+    let precision = precision.resolve(device);
     loaded.set_precision(precision)?;
     if let (Precision::Bf16, Some(note)) = (precision, fracture_infer::model::bf16_device_note(device)) {
         eprintln!("warning: --{note}");

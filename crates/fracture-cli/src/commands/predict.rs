@@ -114,7 +114,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .transpose()?;
     let format = output_format(args)?;
     let device = args.device.open()?;
-    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision.resolve(&device))?;
+    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
     let (mut files, mut unreadable, other_shards) = input_files(&args.paths, shard);
     let limits = DecodeLimits {
         allow_partial: args.allow_partial,

@@ -126,7 +126,7 @@ impl IntoResponse for ApiError {
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = args.device.open()?;
-    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision.resolve(&device))?;
+    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
     let max_upload = (args.max_upload_mb * 1024.0 * 1024.0) as usize;
     let seconds = |name: &str, v: f64| -> anyhow::Result<Duration> {
         if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
