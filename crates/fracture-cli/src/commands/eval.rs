@@ -14,14 +14,8 @@ use crate::commands::{fmt_ci, fmt_opt};
 /// Arguments of `fracture eval`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// A trained model: a run folder (its model.safetensors) or a weight file. Without it, the
-    /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// The operand precision of the network's matrix products: auto (BF16 where it was measured
-    /// faster on this processor, else FP32), fp32, or bf16 (BF16 operands, FP32 accumulation).
-    #[arg(long, value_enum, default_value_t = crate::commands::PrecisionArg::Auto)]
-    precision: crate::commands::PrecisionArg,
+    #[command(flatten)]
+    model: crate::commands::ModelArgs,
     /// Labelled images: a dataset root (`<DATA>/<split>/<class>/…`, see `--split`) or a folder whose
     /// children are the class folders.
     #[arg(long)]
@@ -146,13 +140,13 @@ fn warn_of_leaks(
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = args.device.open()?;
-    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
+    let model = args.model.load(&device)?;
     let (items, split, skipped) = labelled_images(&args.data, args.split)?;
     for s in &skipped {
         eprintln!("warning: skipped {s}");
     }
     let near = warn_of_leaks(
-        args.model.as_deref(),
+        args.model.path(),
         model.meta.training_fingerprints.as_deref(),
         &items,
     );
@@ -208,7 +202,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     );
     // Beside a trained model (its run folder); for the built-in model, in the current folder,
     // never next to the repository's `models/`.
-    let out = args.out.clone().unwrap_or_else(|| match &args.model {
+    let out = args.out.clone().unwrap_or_else(|| match args.model.path() {
         Some(_) => model_dir.join(&default_name),
         None => PathBuf::from(&default_name),
     });

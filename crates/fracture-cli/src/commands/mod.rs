@@ -76,6 +76,48 @@ impl PrecisionArg {
             }
         }
     }
+
+    /// As [`PrecisionArg::resolve`], for a run computing with `kernels`: `auto` is FP32 where
+    /// those kernels have no BF16 products (candle's reference operations), and says so.
+    pub(crate) fn resolve_for_kernels(
+        self,
+        device: &Device,
+        kernels: fracture_infer::model::Kernels,
+    ) -> Precision {
+        match (self, kernels.with_precision(Precision::Bf16)) {
+            (PrecisionArg::Auto, Err(why)) => {
+                eprintln!("precision fp32 (auto: {why})");
+                Precision::Fp32
+            }
+            (choice, _) => choice.resolve(device),
+        }
+    }
+}
+
+/// The model a command predicts with, and in which precision: `--model` and `--precision`, as
+/// predict, eval and serve take them.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ModelArgs {
+    /// A trained model: a run folder (its model.safetensors) or a weight file. Without it, the
+    /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// The operand precision of the network's matrix products: auto (BF16 where it was measured
+    /// faster on this processor, else FP32), fp32, or bf16 (BF16 operands, FP32 accumulation).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
+    precision: PrecisionArg,
+}
+
+impl ModelArgs {
+    /// The `--model` path, `None` for the built-in model.
+    pub(crate) fn path(&self) -> Option<&std::path::Path> {
+        self.model.as_deref()
+    }
+
+    /// Loads the model on `device` in the precision asked for (see [`load_model`]).
+    pub(crate) fn load(&self, device: &Device) -> anyhow::Result<fracture_infer::TrainedModel> {
+        load_model(self.path(), device, self.precision)
+    }
 }
 
 /// A metric with three decimals, or `n/a` when undefined.

@@ -14,14 +14,8 @@ use fracture_infer::{Prediction, Predictor};
 /// Arguments of `fracture predict`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// A trained model: a run folder (its model.safetensors) or a weight file. Without it, the
-    /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// The operand precision of the network's matrix products: auto (BF16 where it was measured
-    /// faster on this processor, else FP32), fp32, or bf16 (BF16 operands, FP32 accumulation).
-    #[arg(long, value_enum, default_value_t = crate::commands::PrecisionArg::Auto)]
-    precision: crate::commands::PrecisionArg,
+    #[command(flatten)]
+    model: crate::commands::ModelArgs,
     /// Image files or folders (searched recursively).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -114,7 +108,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .transpose()?;
     let format = output_format(args)?;
     let device = args.device.open()?;
-    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
+    let model = args.model.load(&device)?;
     let (mut files, mut unreadable, other_shards) = input_files(&args.paths, shard);
     let limits = DecodeLimits {
         allow_partial: args.allow_partial,

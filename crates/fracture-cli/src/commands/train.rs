@@ -205,11 +205,7 @@ pub(crate) struct Args {
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = args.device.open()?;
     let preset = args.preset;
-    let precision = match (args.precision, args.kernels) {
-        // candle's reference operations have no BF16 products: auto means FP32 there.
-        (crate::commands::PrecisionArg::Auto, Kernels::Reference) => fracture_train::model::Precision::Fp32,
-        (choice, _) => choice.resolve(&device),
-    };
+    let precision = args.precision.resolve_for_kernels(&device, args.kernels);
     let overrides = overrides(args, preset, precision)?;
     let recipe = preset.recipe().with(&overrides);
     let pretrained = match &args.pretrained {

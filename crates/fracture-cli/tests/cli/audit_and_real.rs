@@ -52,20 +52,7 @@ fn audit_finds_a_planted_leak_and_training_can_leave_it_out() {
     // Training acts on it: --exclude-leaks leaves the copy out and says so; the run keeps the
     // training fingerprints, and eval on val warns when a model trained on the copy meets the original.
     let train = |name: &str, exclude: bool| {
-        let mut cmd = fracture();
-        cmd.args([
-            "train",
-            "--epochs",
-            "1",
-            "--image-size",
-            "24",
-            "--batch-size",
-            "8",
-            "--data",
-        ])
-        .arg(&data)
-        .arg("--out")
-        .arg(root.join(name));
+        let mut cmd = tiny_train(1, &data, &root.join(name), &[]);
         if exclude {
             cmd.arg("--exclude-leaks");
         }

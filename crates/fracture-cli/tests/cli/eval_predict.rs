@@ -15,22 +15,7 @@ pub(crate) fn trained_run(name: &str) -> (PathBuf, PathBuf) {
     };
     write_synthetic_dataset(&root.join("data"), &spec);
     let run = root.join("run");
-    let out = fracture()
-        .args([
-            "train",
-            "--epochs",
-            "2",
-            "--image-size",
-            "24",
-            "--batch-size",
-            "8",
-            "--data",
-        ])
-        .arg(root.join("data"))
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = tiny_train(2, &root.join("data"), &run, &[]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     (root, run)
 }

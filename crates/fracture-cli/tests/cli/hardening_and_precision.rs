@@ -309,20 +309,7 @@ fn auto_precision_says_its_choice_and_is_fp32_where_bf16_is_not_faster() {
         assert_eq!(predicted_p(&out), fp32, "{backend}");
     }
     let trained = root.join("run-auto");
-    let out = fracture()
-        .args([
-            "train",
-            "--epochs",
-            "1",
-            "--image-size",
-            "24",
-            "--batch-size",
-            "8",
-            "--data",
-        ])
-        .arg(root.join("data"))
-        .arg("--out")
-        .arg(&trained)
+    let out = tiny_train(1, &root.join("data"), &trained, &[])
         .env("FRACTURE_BF16", "emulated")
         .output()
         .unwrap();
@@ -333,6 +320,21 @@ fn auto_precision_says_its_choice_and_is_fp32_where_bf16_is_not_faster() {
         fracture_train::TrainedModel::load(&trained, &fracture_train::candle_core::Device::Cpu).unwrap();
     let train_cfg = model.meta.train.as_ref().unwrap();
     assert_eq!(train_cfg.precision, fracture_train::model::Precision::Fp32);
+    // With candle's reference operations auto is FP32 on any processor, and says why.
+    let reference = tiny_train(
+        1,
+        &root.join("data"),
+        &root.join("run-auto-reference"),
+        &["--kernels", "reference"],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&reference.stderr);
+    assert!(reference.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("precision fp32 (auto: precision bf16 needs our kernels"),
+        "{stderr}"
+    );
 }
 
 /// `train --precision bf16` trains with BF16 products (emulated here, so on any processor), says
@@ -344,23 +346,8 @@ fn train_in_bf16_records_the_precision_and_backend() {
     write_synthetic_dataset(&root.join("data"), &SyntheticSpec::train_val((6, 10), (4, 4)));
     let run = root.join("run");
     let train = |extra: &[&str], out: &std::path::Path| {
-        fracture()
-            .args([
-                "train",
-                "--epochs",
-                "1",
-                "--image-size",
-                "24",
-                "--batch-size",
-                "8",
-                "--precision",
-                "bf16",
-            ])
+        tiny_train(1, &root.join("data"), out, &["--precision", "bf16"])
             .args(extra)
-            .arg("--data")
-            .arg(root.join("data"))
-            .arg("--out")
-            .arg(out)
             .env("FRACTURE_BF16", "emulated")
             .output()
             .unwrap()

@@ -15,6 +15,25 @@ pub(crate) fn fracture() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fracture"))
 }
 
+/// `fracture train` small enough for a test: `epochs` epochs at 24 px, batch 8, on the dataset
+/// root `data`, into `out`, with `extra` arguments; add environment or arguments before running it.
+pub(crate) fn tiny_train(
+    epochs: u32,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = fracture();
+    cmd.args(["train", "--image-size", "24", "--batch-size", "8", "--epochs"])
+        .arg(epochs.to_string())
+        .args(extra)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
 mod audit_and_real;
 mod eval_predict;
 mod hardening_and_precision;

@@ -244,22 +244,7 @@ fn download_fracatlas_lays_out_a_split_that_train_reads() {
         assert!(stdout.contains(line), "`{line}` missing from:\n{stdout}");
     }
     let run = root.join("run");
-    let trained = fracture()
-        .args([
-            "train",
-            "--epochs",
-            "1",
-            "--image-size",
-            "24",
-            "--batch-size",
-            "8",
-            "--data",
-        ])
-        .arg(&dest)
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let trained = tiny_train(1, &dest, &run, &[]).output().unwrap();
     let stdout = String::from_utf8_lossy(&trained.stdout);
     assert!(
         trained.status.success(),

@@ -68,22 +68,7 @@ fn train_runs_end_to_end_and_reports_where_it_wrote() {
     )
     .unwrap();
     let out_dir = root.join("run");
-    let out = fracture()
-        .args([
-            "train",
-            "--epochs",
-            "2",
-            "--image-size",
-            "24",
-            "--batch-size",
-            "8",
-            "--data",
-        ])
-        .arg(root.join("data"))
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
+    let out = tiny_train(2, &root.join("data"), &out_dir, &[]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -2,7 +2,7 @@
 //! evidence lies.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,14 +32,8 @@ const STYLE_CSS: &str = include_str!("../../../web/style.css");
 /// Arguments of `fracture serve`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// A trained model: a run folder (its model.safetensors) or a weight file. Without it, the
-    /// model built into the binary (`models/fracture-lite0.safetensors`, see `models/README.md`).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// The operand precision of the network's matrix products: auto (BF16 where it was measured
-    /// faster on this processor, else FP32), fp32, or bf16 (BF16 operands, FP32 accumulation).
-    #[arg(long, value_enum, default_value_t = crate::commands::PrecisionArg::Auto)]
-    precision: crate::commands::PrecisionArg,
+    #[command(flatten)]
+    model: crate::commands::ModelArgs,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
@@ -126,7 +120,7 @@ impl IntoResponse for ApiError {
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let device = args.device.open()?;
-    let model = crate::commands::load_model(args.model.as_deref(), &device, args.precision)?;
+    let model = args.model.load(&device)?;
     let max_upload = (args.max_upload_mb * 1024.0 * 1024.0) as usize;
     let seconds = |name: &str, v: f64| -> anyhow::Result<Duration> {
         if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
