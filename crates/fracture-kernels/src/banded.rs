@@ -23,7 +23,10 @@ use rayon::prelude::*;
 use super::SharedLhs;
 use super::depthwise::{GROUP, Geometry, SCRATCH, with_scratch};
 use super::gemm::{Threads, View};
-use super::mbconv::{MbConvSpec, bn_out, convolve_group_bn, convolve_plane_bn, fill_group, fill_plane};
+use super::mbconv::{
+    MbConvSpec, bn_out, convolve_group_bn, convolve_group_bn_channels_last, convolve_plane_bn, fill_group,
+    fill_group_channels_last, fill_plane,
+};
 use super::norm::Norm;
 use super::simd;
 
@@ -92,6 +95,9 @@ impl Banded<'_> {
 
     /// One image, `rows` output rows at a time.
     fn image(&self, x: &[f32], out: &mut [f32], rows: usize, bufs: &mut Bufs) -> candle_core::Result<()> {
+        if let (true, Some(expand)) = (self.geom.grouped(), &self.expand) {
+            return self.image_channels_last(x, out, expand, bufs);
+        }
         let (s, g) = (&self.spec, &self.geom);
         let (w, hw) = (g.w, g.h * g.w);
         // The input rows `prev` holds, once a band is done.
@@ -110,7 +116,8 @@ impl Banded<'_> {
                     or1 - or0,
                     &mut bufs.a2,
                 );
-                self.project_band(x, out, or0, or1, &bufs.a2)?;
+                let a2 = View::rows(&bufs.a2, s.mid, (or1 - or0) * g.ow);
+                self.project_band(x, out, or0, or1, a2)?;
                 or0 = or1;
                 continue;
             };
@@ -145,12 +152,57 @@ impl Banded<'_> {
             }
             let cur = &bufs.cur;
             self.depthwise(&gb, |c| &cur[c * hb * w..], Some(n0), or1 - or0, &mut bufs.a2);
-            self.project_band(x, out, or0, or1, &bufs.a2)?;
+            self.project_band(x, out, or0, or1, View::rows(&bufs.a2, s.mid, (or1 - or0) * g.ow))?;
             std::mem::swap(&mut bufs.prev, &mut bufs.cur);
             held = Some((lo, hi));
             or0 = or1;
         }
         Ok(())
+    }
+
+    /// One image of narrow planes (the channel-interleaved depthwise path) with an expansion,
+    /// channels-last in between: the expansion written position by position (`y1ᵀ = xᵀ · Weᵀ`, so
+    /// each position's `mid` values lie side by side), each group's interleaved scratch filled from
+    /// it with one vector copy per position, the depthwise output stored the same way, and the
+    /// projection reading it as a transposed operand. The planar layout instead moves every value
+    /// through a scalar transpose on the way into and out of the scratch: with 14×14 planes and
+    /// 5×5 filters those transposes took more time than the filter itself (`perf` on
+    /// `bench_blocks 224 32 40 --infer --block 5.2`).
+    fn image_channels_last(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        (we, n0): &(SharedLhs<'_>, &Norm),
+        bufs: &mut Bufs,
+    ) -> candle_core::Result<()> {
+        let (s, g) = (&self.spec, &self.geom);
+        let (mid, hw, ohw) = (s.mid, g.h * g.w, g.oh * g.ow);
+        let (gi, _, _) = g.band(mid, 0, g.oh)?;
+        bufs.cur.resize(hw * mid, 0.0);
+        we.matmul_transposed(&mut bufs.cur, mid, View::transposed(x, s.cin, hw), Threads::One)?;
+        bufs.a2.resize(ohw * mid, 0.0);
+        let (kk, n1) = (s.kernel * s.kernel, self.norms[0]);
+        let (y1, a2) = (&bufs.cur, &mut bufs.a2);
+        with_scratch(&SCRATCH, gi.group_scratch_len(), |q| {
+            simd(
+                #[inline(always)]
+                || {
+                    for c0 in (0..mid).step_by(GROUP) {
+                        fill_group_channels_last(&gi, n0, c0, &y1[c0..], mid, q);
+                        convolve_group_bn_channels_last(
+                            &gi,
+                            q,
+                            &self.filters[c0 * kk..(c0 + GROUP) * kk],
+                            &mut a2[c0..],
+                            mid,
+                            n1,
+                            c0,
+                        );
+                    }
+                },
+            )
+        });
+        self.project_band(x, out, 0, g.oh, View::transposed(&bufs.a2, ohw, mid))
     }
 
     /// The depthwise stage of one band into `a2` (`mid` planes of `rows × ow`, resized): each
@@ -209,26 +261,22 @@ impl Banded<'_> {
         });
     }
 
-    /// The projection of a band's depthwise output `a2` into output rows `or0..or1` of every
-    /// plane of `out`, then BN2 (+ the input `x` when the block has the skip) in place.
+    /// The projection of a band's depthwise output `a2` (`mid × (or1 − or0)·ow`) into output rows
+    /// `or0..or1` of every plane of `out`, then BN2 (+ the input `x` when the block has the skip)
+    /// in place.
     fn project_band(
         &self,
         x: &[f32],
         out: &mut [f32],
         or0: usize,
         or1: usize,
-        a2: &[f32],
+        a2: View<'_>,
     ) -> candle_core::Result<()> {
         let (s, g) = (&self.spec, &self.geom);
         let (ow, hw, ohw) = (g.ow, g.h * g.w, g.oh * g.ow);
         let band_out = (or1 - or0) * ow;
-        self.project.matmul(
-            &mut out[or0 * ow..],
-            ohw,
-            View::rows(a2, s.mid, band_out),
-            false,
-            Threads::One,
-        )?;
+        self.project
+            .matmul(&mut out[or0 * ow..], ohw, a2, false, Threads::One)?;
         let (skip, n2) = (s.skip(), self.norms[1]);
         simd(
             #[inline(always)]

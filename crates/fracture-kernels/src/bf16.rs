@@ -470,6 +470,16 @@ impl<'a> SharedLhs<'a> {
         }
     }
 
+    /// The operand's values, as given.
+    pub(crate) fn view(&self) -> View<'a> {
+        self.view
+    }
+
+    /// The backend its products run on.
+    pub(crate) fn backend(&self) -> Bf16Backend {
+        self.backend
+    }
+
     /// `dst (m × n, stride dst_stride) = lhs · rhs` (+ the old `dst` when `accumulate`), as
     /// [`gemm_with`] computes it.
     pub(crate) fn matmul(

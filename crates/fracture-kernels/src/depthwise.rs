@@ -616,6 +616,33 @@ impl Geometry {
         }
     }
 
+    /// [`Geometry::fill_group`] from channels-last values: input position `p = iy·w + ix` holds the
+    /// group's [`GROUP`] values side by side at `src[p · stride..]`, so each position is one
+    /// vector copy (through `f(lane, value)`), not [`GROUP`] scattered ones.
+    #[inline(always)]
+    pub(crate) fn fill_group_channels_last(
+        &self,
+        src: &[f32],
+        stride: usize,
+        q: &mut [f32],
+        f: impl Fn(usize, f32) -> f32,
+    ) {
+        let n = self.group_row_len();
+        let (pwf, left) = (self.pwf(), self.pad.left);
+        for (r, row) in q.chunks_exact_mut(pwf * GROUP).enumerate() {
+            self.zero_unwritten(row, r, left * GROUP, (left + n) * GROUP);
+        }
+        for (row, base) in self.group_rows() {
+            for ix in 0..n {
+                let v = &src[(row + ix) * stride..][..GROUP];
+                let d = &mut q[(base + ix) * GROUP..][..GROUP];
+                for lane in 0..GROUP {
+                    d[lane] = f(lane, v[lane]);
+                }
+            }
+        }
+    }
+
     /// The input rows that land in the interleaved scratch: the offset of each in its plane and the
     /// scratch position of its first value.
     #[inline(always)]
@@ -675,7 +702,31 @@ impl Geometry {
         out: &mut [f32],
         f: impl Fn(&mut [f32; GROUP]),
     ) {
-        let (k, ohw) = (self.k, self.oh * self.ow);
+        let ohw = self.oh * self.ow;
+        self.convolve_group_with(
+            q,
+            wt,
+            #[inline(always)]
+            |pos, acc| {
+                f(acc);
+                for (lane, &a) in acc.iter().enumerate() {
+                    out[lane * ohw + pos] = a;
+                }
+            },
+        );
+    }
+
+    /// The group's convolution from a filled interleaved scratch and its interleaved filters `wt`,
+    /// handing each output position (`oy · ow + ox`) and its vector of [`GROUP`] sums (one per
+    /// plane) to `store`, row by row.
+    #[inline(always)]
+    pub(crate) fn convolve_group_with(
+        &self,
+        q: &[f32],
+        wt: &[f32],
+        mut store: impl FnMut(usize, &mut [f32; GROUP]),
+    ) {
+        let k = self.k;
         // Scratch offset from one output position's taps to the next one's along the row.
         let step = self.s * GROUP;
         let mut bases = [0usize; 49];
@@ -692,19 +743,13 @@ impl Geometry {
             while ox + ROWS <= self.ow {
                 let mut acc = group_taps::<ROWS>(q, wt, taps, ox * step, step);
                 for (j, acc) in acc.iter_mut().enumerate() {
-                    f(acc);
-                    for (lane, &a) in acc.iter().enumerate() {
-                        out[lane * ohw + row + ox + j] = a;
-                    }
+                    store(row + ox + j, acc);
                 }
                 ox += ROWS;
             }
             for ox in ox..self.ow {
                 let [mut acc] = group_taps::<1>(q, wt, taps, ox * step, step);
-                f(&mut acc);
-                for (lane, &a) in acc.iter().enumerate() {
-                    out[lane * ohw + row + ox] = a;
-                }
+                store(row + ox, &mut acc);
             }
         }
     }

@@ -36,6 +36,19 @@ impl<'a> View<'a> {
     }
 }
 
+impl View<'_> {
+    /// The transpose of this view (no copy: the strides swap).
+    pub(crate) fn t(self) -> Self {
+        View {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+}
+
 /// The largest index a `rows × cols` view with these strides touches, plus one (0 when empty).
 fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     if rows == 0 || cols == 0 {

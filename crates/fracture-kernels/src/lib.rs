@@ -239,6 +239,30 @@ impl<'a> SharedLhs<'a> {
             SharedLhs::Bf16(lhs) => lhs.matmul(dst, dst_stride, rhs, accumulate, threads),
         }
     }
+
+    /// `dst (n × m, stride dst_stride) = lhs (n × k) · thisᵀ`: the product with this operand
+    /// (`m × k`) transposed on the right, in its precision (for BF16 on its backend, packed afresh:
+    /// the packed form is for the left side).
+    pub(crate) fn matmul_transposed(
+        &self,
+        dst: &mut [f32],
+        dst_stride: usize,
+        lhs: gemm::View<'_>,
+        threads: gemm::Threads,
+    ) -> candle_core::Result<()> {
+        match self {
+            SharedLhs::Fp32(this) => gemm::sgemm(dst, dst_stride, lhs, this.t(), false, threads),
+            SharedLhs::Bf16(this) => bf16::gemm_with(
+                dst,
+                dst_stride,
+                lhs,
+                this.view().t(),
+                false,
+                threads,
+                this.backend(),
+            ),
+        }
+    }
 }
 
 /// Runs `f` on a thread of rayon's pool, the pool every kernel here splits its work on, and

@@ -455,6 +455,54 @@ pub(crate) fn convolve_group_bn(
     }
 }
 
+/// [`convolve_group_bn`] into channels-last output: position `p`'s values of the group's
+/// [`GROUP`] channels go side by side to `out[p · stride..]` (one vector store each), through BN1 +
+/// ReLU6.
+#[inline(always)]
+pub(crate) fn convolve_group_bn_channels_last(
+    g: &Geometry,
+    q: &[f32],
+    filters: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    n1: &Norm,
+    c0: usize,
+) {
+    let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
+    sc.copy_from_slice(&n1.scale[c0..c0 + GROUP]);
+    sh.copy_from_slice(&n1.shift[c0..c0 + GROUP]);
+    g.convolve_group_with(
+        q,
+        filters,
+        #[inline(always)]
+        |pos, acc| {
+            let o = &mut out[pos * stride..][..GROUP];
+            for i in 0..GROUP {
+                o[i] = (acc[i] * sc[i] + sh[i]).clamp(0.0, 6.0);
+            }
+        },
+    );
+}
+
+/// Fills the interleaved scratch of the group starting at channel `c0` from channels-last values
+/// (`src[p · stride..]` holds position `p`'s group), through BN0 + ReLU6.
+#[inline(always)]
+pub(crate) fn fill_group_channels_last(
+    g: &Geometry,
+    n0: &Norm,
+    c0: usize,
+    src: &[f32],
+    stride: usize,
+    q: &mut [f32],
+) {
+    let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
+    sc.copy_from_slice(&n0.scale[c0..c0 + GROUP]);
+    sh.copy_from_slice(&n0.shift[c0..c0 + GROUP]);
+    g.fill_group_channels_last(src, stride, q, |lane, v| {
+        (v * sc[lane] + sh[lane]).clamp(0.0, 6.0)
+    });
+}
+
 /// Fills the interleaved scratch of the group of planes starting at channel `c0`, through BN0 +
 /// ReLU6 when expanding.
 #[inline(always)]
