@@ -35,10 +35,12 @@ use super::simd;
 /// 4 MiB ran within the noise of each other, 128-256 KiB slower (more, smaller products).
 pub(crate) const BAND_BYTES: usize = 1 << 20;
 
-/// Whether the banded pass applies to `b` images: one image or more per thread (with fewer, the
-/// whole-batch pass splits each layer's work between the threads instead).
-pub(crate) fn applies(b: usize) -> bool {
-    b >= rayon::current_num_threads()
+/// Whether the banded pass applies to `b` images of geometry `g` in a block that expands or not
+/// (`expand`): one image or more per thread; or, with fewer images, narrow planes and an expansion
+/// (the channels-last pass, each image's layers split between the threads). Otherwise the
+/// whole-batch pass splits each layer's work between the threads.
+pub(crate) fn applies(b: usize, g: &Geometry, expand: bool) -> bool {
+    b >= rayon::current_num_threads() || (g.grouped() && expand)
 }
 
 /// Output rows per band so that the input rows they read hold about `bytes` of `mid` expanded
@@ -88,15 +90,26 @@ impl Banded<'_> {
         let (s, g) = (&self.spec, &self.geom);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
         let rows = band_rows(g, s.stride, s.mid, self.band_bytes);
-        out.par_chunks_mut(s.cout * ohw)
-            .zip(x.par_chunks(s.cin * hw))
-            .try_for_each_init(Bufs::default, |bufs, (o, xi)| self.image(xi, o, rows, bufs))
+        match &self.expand {
+            // Fewer images than threads: one after another, each split between the threads.
+            Some(expand) if g.b < rayon::current_num_threads() && g.grouped() => {
+                let threads = Threads::Pool(rayon::current_num_threads());
+                let mut bufs = Bufs::default();
+                out.chunks_mut(s.cout * ohw)
+                    .zip(x.chunks(s.cin * hw))
+                    .try_for_each(|(o, xi)| self.image_channels_last(xi, o, expand, &mut bufs, threads))
+            }
+            _ => out
+                .par_chunks_mut(s.cout * ohw)
+                .zip(x.par_chunks(s.cin * hw))
+                .try_for_each_init(Bufs::default, |bufs, (o, xi)| self.image(xi, o, rows, bufs)),
+        }
     }
 
     /// One image, `rows` output rows at a time.
     fn image(&self, x: &[f32], out: &mut [f32], rows: usize, bufs: &mut Bufs) -> candle_core::Result<()> {
         if let (true, Some(expand)) = (self.geom.grouped(), &self.expand) {
-            return self.image_channels_last(x, out, expand, bufs);
+            return self.image_channels_last(x, out, expand, bufs, Threads::One);
         }
         let (s, g) = (&self.spec, &self.geom);
         let (w, hw) = (g.w, g.h * g.w);
@@ -117,7 +130,7 @@ impl Banded<'_> {
                     &mut bufs.a2,
                 );
                 let a2 = View::rows(&bufs.a2, s.mid, (or1 - or0) * g.ow);
-                self.project_band(x, out, or0, or1, a2)?;
+                self.project_band(x, out, or0, or1, a2, Threads::One)?;
                 or0 = or1;
                 continue;
             };
@@ -152,7 +165,8 @@ impl Banded<'_> {
             }
             let cur = &bufs.cur;
             self.depthwise(&gb, |c| &cur[c * hb * w..], Some(n0), or1 - or0, &mut bufs.a2);
-            self.project_band(x, out, or0, or1, View::rows(&bufs.a2, s.mid, (or1 - or0) * g.ow))?;
+            let a2 = View::rows(&bufs.a2, s.mid, (or1 - or0) * g.ow);
+            self.project_band(x, out, or0, or1, a2, Threads::One)?;
             std::mem::swap(&mut bufs.prev, &mut bufs.cur);
             held = Some((lo, hi));
             or0 = or1;
@@ -168,41 +182,60 @@ impl Banded<'_> {
     /// through a scalar transpose on the way into and out of the scratch: with 14×14 planes and
     /// 5×5 filters those transposes took more time than the filter itself (`perf` on
     /// `bench_blocks 224 32 40 --infer --block 5.2`).
+    ///
+    /// With [`Threads::Pool`] (fewer images than threads) the products split their columns and the
+    /// depthwise stage its output rows between the threads.
     fn image_channels_last(
         &self,
         x: &[f32],
         out: &mut [f32],
         (we, n0): &(SharedLhs<'_>, &Norm),
         bufs: &mut Bufs,
+        threads: Threads,
     ) -> candle_core::Result<()> {
         let (s, g) = (&self.spec, &self.geom);
         let (mid, hw, ohw) = (s.mid, g.h * g.w, g.oh * g.ow);
-        let (gi, _, _) = g.band(mid, 0, g.oh)?;
         bufs.cur.resize(hw * mid, 0.0);
-        we.matmul_transposed(&mut bufs.cur, mid, View::transposed(x, s.cin, hw), Threads::One)?;
+        we.matmul_transposed(&mut bufs.cur, mid, View::transposed(x, s.cin, hw), threads)?;
         bufs.a2.resize(ohw * mid, 0.0);
         let (kk, n1) = (s.kernel * s.kernel, self.norms[0]);
-        let (y1, a2) = (&bufs.cur, &mut bufs.a2);
-        with_scratch(&SCRATCH, gi.group_scratch_len(), |q| {
-            simd(
-                #[inline(always)]
-                || {
-                    for c0 in (0..mid).step_by(GROUP) {
-                        fill_group_channels_last(&gi, n0, c0, &y1[c0..], mid, q);
-                        convolve_group_bn_channels_last(
-                            &gi,
-                            q,
-                            &self.filters[c0 * kk..(c0 + GROUP) * kk],
-                            &mut a2[c0..],
-                            mid,
-                            n1,
-                            c0,
-                        );
-                    }
-                },
-            )
-        });
-        self.project_band(x, out, 0, g.oh, View::transposed(&bufs.a2, ohw, mid))
+        let y1 = &bufs.cur;
+        // Output rows from `or0` into `a2` (each position's `mid` values side by side).
+        let band = |or0: usize, a2: &mut [f32]| -> candle_core::Result<()> {
+            let or1 = or0 + a2.len() / (g.ow * mid);
+            let (gb, lo, _) = g.band(mid, or0, or1)?;
+            with_scratch(&SCRATCH, gb.group_scratch_len(), |q| {
+                simd(
+                    #[inline(always)]
+                    || {
+                        for c0 in (0..mid).step_by(GROUP) {
+                            fill_group_channels_last(&gb, n0, c0, &y1[lo * g.w * mid + c0..], mid, q);
+                            convolve_group_bn_channels_last(
+                                &gb,
+                                q,
+                                &self.filters[c0 * kk..(c0 + GROUP) * kk],
+                                &mut a2[c0..],
+                                mid,
+                                n1,
+                                c0,
+                            );
+                        }
+                    },
+                )
+            });
+            Ok(())
+        };
+        match threads {
+            Threads::One => band(0, &mut bufs.a2)?,
+            Threads::Pool(t) => {
+                let rows = g.oh.div_ceil(t.max(1));
+                bufs.a2
+                    .par_chunks_mut(rows * g.ow * mid)
+                    .enumerate()
+                    .try_for_each(|(i, a2)| band(i * rows, a2))?;
+            }
+        }
+        self.project_band(x, out, 0, g.oh, View::transposed(&bufs.a2, ohw, mid), threads)
     }
 
     /// The depthwise stage of one band into `a2` (`mid` planes of `rows × ow`, resized): each
@@ -271,12 +304,13 @@ impl Banded<'_> {
         or0: usize,
         or1: usize,
         a2: View<'_>,
+        threads: Threads,
     ) -> candle_core::Result<()> {
         let (s, g) = (&self.spec, &self.geom);
         let (ow, hw, ohw) = (g.ow, g.h * g.w, g.oh * g.ow);
         let band_out = (or1 - or0) * ow;
         self.project
-            .matmul(&mut out[or0 * ow..], ohw, a2, false, Threads::One)?;
+            .matmul(&mut out[or0 * ow..], ohw, a2, false, threads)?;
         let (skip, n2) = (s.skip(), self.norms[1]);
         simd(
             #[inline(always)]
@@ -375,6 +409,9 @@ mod tests {
             (2, 8, 2, 8, 3, 1, 6, 7),
             (2, 16, 6, 24, 5, 2, 9, 11),
             (3, 16, 1, 16, 3, 1, 5, 9),
+            // One image, fewer than the threads: the channels-last pass split between them.
+            (1, 16, 6, 24, 3, 1, 9, 11),
+            (1, 8, 2, 16, 5, 2, 13, 9),
         ];
         for (i, &(b, cin, e, cout, k, s, h, w)) in shapes.iter().enumerate() {
             let spec = MbConvSpec {
