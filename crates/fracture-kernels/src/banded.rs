@@ -1,22 +1,25 @@
-//! The inverted bottleneck at inference on wide planes, band by band of output rows, so that its
-//! expanded activations never reach main memory.
+//! The inverted bottleneck at inference, image by image and band by band of output rows, so that
+//! its expanded activations never reach main memory.
 //!
 //! The whole-batch pass writes the expansion `y1` (six times the input's channels, at the input's
 //! resolution: 4.8 MB per image in EfficientNet-Lite0's first expanding block at 224 px) and reads it
 //! back in the depthwise stage, then writes and reads the depthwise output again for the projection.
 //! Here each image is worked through in bands of output rows, each band's expanded rows sized to
-//! about one core's L2 cache: expand the input rows the band reads (a 1×1 product over a strided
-//! slice of the input), BN0 + ReLU6 as each plane is copied into the depthwise scratch, the depthwise
-//! filter with BN1 + ReLU6 as it stores, then the projection straight into the band's columns of the
-//! output, and BN2 (+ the input) in place. The rows a band shares with the one before (`k − s` of
-//! them) are copied over, not expanded twice. Images are spread over threads, one image per task.
+//! about one core's L2 cache: expand the input rows the band reads, the depthwise filter with BN0 +
+//! ReLU6 on the way in and BN1 + ReLU6 on the way out, then the projection straight into the band's
+//! columns of the output, and BN2 (+ the input) in place. The rows a band shares with the one before
+//! (`k − s` of them) are copied over, not expanded twice. Images are spread over threads, one image
+//! per task.
 //!
-//! A block without an expansion runs the same way on the input's rows (only the depthwise output
-//! then stays in cache). Narrow planes (at most one vector wide: the channel-interleaved depthwise
-//! path) take each image as one band: their whole expansion fits in L2 (at most 527 KB per image
-//! in EfficientNet-Lite0 at 224 px), where the whole batch's did not. Only for fixed statistics and
-//! no backward pass (nothing is kept) and at least one image per thread: see [`applies`]. Checked
-//! against candle's ops in this module's tests.
+//! A block that expands to whole groups of 16 channels (every expanding block of
+//! EfficientNet-Lite0) runs channels-last between its products ([`Banded::image_channels_last`]):
+//! each position's expanded values side by side, so the depthwise filter works on 16 channels per
+//! vector at every position, whatever the plane's width. Otherwise the planes stay planar: a block
+//! without an expansion reads the input's rows where they are (only the depthwise output then stays
+//! in cache), each plane filtered row by row, or narrow planes (at most one vector wide) through a
+//! channel-interleaved scratch, each image as one band. Only for fixed statistics and no backward
+//! pass (nothing is kept), and at least one image per thread unless the block runs channels-last
+//! with narrow planes: see [`applies`]. Checked against candle's ops in this module's tests.
 
 use rayon::prelude::*;
 
@@ -43,6 +46,20 @@ pub(crate) fn applies(b: usize, g: &Geometry, expand: bool) -> bool {
     b >= rayon::current_num_threads() || (g.grouped() && expand)
 }
 
+/// Whether a block of geometry `g` (its depthwise stage: `g.c` is the expanded width) that expands
+/// or not runs channels-last between its products ([`Banded::image_channels_last`]): it expands
+/// to whole groups of channels.
+pub(crate) fn channels_last(g: &Geometry, expand: bool) -> bool {
+    expand && g.c.is_multiple_of(GROUP)
+}
+
+/// Whether the block's depthwise filters go to [`Banded`] interleaved by groups of channels
+/// ([`Geometry::interleave_filters`]): for the channel-interleaved depthwise path, planar or
+/// channels-last.
+pub(crate) fn interleaved(g: &Geometry, expand: bool) -> bool {
+    g.grouped() || channels_last(g, expand)
+}
+
 /// Output rows per band so that the input rows they read hold about `bytes` of `mid` expanded
 /// channels (at least one row; at most the whole output); the whole output for narrow planes.
 fn band_rows(g: &Geometry, stride: usize, mid: usize, bytes: usize) -> usize {
@@ -63,8 +80,8 @@ pub(crate) struct Banded<'a> {
     pub(crate) expand: Option<(SharedLhs<'a>, &'a Norm)>,
     /// `Wp (cout × mid)`, prepared likewise.
     pub(crate) project: SharedLhs<'a>,
-    /// The depthwise filters, `(mid, k, k)`; for narrow planes interleaved by groups of channels
-    /// (`Geometry::interleave_filters`).
+    /// The depthwise filters, `(mid, k, k)`; where [`interleaved`] says so, interleaved by groups
+    /// of channels (`Geometry::interleave_filters`).
     pub(crate) filters: &'a [f32],
     /// BN1 and BN2 with fixed statistics.
     pub(crate) norms: [&'a Norm; 2],
@@ -97,7 +114,7 @@ impl Banded<'_> {
                 let mut bufs = Bufs::default();
                 out.chunks_mut(s.cout * ohw)
                     .zip(x.chunks(s.cin * hw))
-                    .try_for_each(|(o, xi)| self.image_channels_last(xi, o, expand, &mut bufs, threads))
+                    .try_for_each(|(o, xi)| self.image_channels_last(xi, o, expand, g.oh, &mut bufs, threads))
             }
             _ => out
                 .par_chunks_mut(s.cout * ohw)
@@ -108,8 +125,8 @@ impl Banded<'_> {
 
     /// One image, `rows` output rows at a time.
     fn image(&self, x: &[f32], out: &mut [f32], rows: usize, bufs: &mut Bufs) -> candle_core::Result<()> {
-        if let (true, Some(expand)) = (self.geom.grouped(), &self.expand) {
-            return self.image_channels_last(x, out, expand, bufs, Threads::One);
+        if let (true, Some(expand)) = (channels_last(&self.geom, true), &self.expand) {
+            return self.image_channels_last(x, out, expand, rows, bufs, Threads::One);
         }
         let (s, g) = (&self.spec, &self.geom);
         let (w, hw) = (g.w, g.h * g.w);
@@ -174,68 +191,103 @@ impl Banded<'_> {
         Ok(())
     }
 
-    /// One image of narrow planes (the channel-interleaved depthwise path) with an expansion,
-    /// channels-last in between: the expansion written position by position (`y1ᵀ = xᵀ · Weᵀ`, so
-    /// each position's `mid` values lie side by side), each group's interleaved scratch filled from
-    /// it with one vector copy per position, the depthwise output stored the same way, and the
-    /// projection reading it as a transposed operand. The planar layout instead moves every value
-    /// through a scalar transpose on the way into and out of the scratch: with 14×14 planes and
-    /// 5×5 filters those transposes took more time than the filter itself (`perf` on
+    /// One image of a block that expands to whole groups of channels, channels-last between its
+    /// products, `rows` output rows at a time: the expansion written position by position
+    /// (`y1ᵀ = xᵀ · Weᵀ`, so each position's `mid` values lie side by side), each group's
+    /// interleaved scratch filled from it with one vector copy per position, the depthwise output
+    /// stored the same way, and the projection reading it as a transposed operand. Every tap is
+    /// then one full-width multiply-add for any plane width. The planar layout instead moves every
+    /// value through a scalar transpose into and out of an interleaved scratch (narrow planes), or
+    /// runs each plane row by row with partial vectors at the row ends (wide ones): with 14×14
+    /// planes and 5×5 filters those transposes took longer than the filter itself (`perf` on
     /// `bench_blocks 224 32 40 --infer --block 5.2`).
     ///
-    /// With [`Threads::Pool`] (fewer images than threads) the products split their columns and the
-    /// depthwise stage its output rows between the threads.
+    /// With [`Threads::Pool`] (fewer images than threads; `rows` must then be the whole output)
+    /// the products split their columns and the depthwise stage its output rows between the threads.
+    #[allow(clippy::too_many_arguments)]
     fn image_channels_last(
         &self,
         x: &[f32],
         out: &mut [f32],
         (we, n0): &(SharedLhs<'_>, &Norm),
+        rows: usize,
         bufs: &mut Bufs,
         threads: Threads,
     ) -> candle_core::Result<()> {
         let (s, g) = (&self.spec, &self.geom);
-        let (mid, hw, ohw) = (s.mid, g.h * g.w, g.oh * g.ow);
-        bufs.cur.resize(hw * mid, 0.0);
-        we.matmul_transposed(&mut bufs.cur, mid, View::transposed(x, s.cin, hw), threads)?;
-        bufs.a2.resize(ohw * mid, 0.0);
-        let (kk, n1) = (s.kernel * s.kernel, self.norms[0]);
-        let y1 = &bufs.cur;
-        // Output rows from `or0` into `a2` (each position's `mid` values side by side).
-        let band = |or0: usize, a2: &mut [f32]| -> candle_core::Result<()> {
-            let or1 = or0 + a2.len() / (g.ow * mid);
-            let (gb, lo, _) = g.band(mid, or0, or1)?;
-            with_scratch(&SCRATCH, gb.group_scratch_len(), |q| {
-                simd(
-                    #[inline(always)]
-                    || {
-                        for c0 in (0..mid).step_by(GROUP) {
-                            fill_group_channels_last(&gb, n0, c0, &y1[lo * g.w * mid + c0..], mid, q);
-                            convolve_group_bn_channels_last(
-                                &gb,
-                                q,
-                                &self.filters[c0 * kk..(c0 + GROUP) * kk],
-                                &mut a2[c0..],
-                                mid,
-                                n1,
-                                c0,
-                            );
-                        }
-                    },
-                )
-            });
-            Ok(())
-        };
-        match threads {
-            Threads::One => band(0, &mut bufs.a2)?,
-            Threads::Pool(t) => {
-                let rows = g.oh.div_ceil(t.max(1));
-                bufs.a2
-                    .par_chunks_mut(rows * g.ow * mid)
-                    .enumerate()
-                    .try_for_each(|(i, a2)| band(i * rows, a2))?;
+        let (mid, w, hw, kk, n1) = (s.mid, g.w, g.h * g.w, s.kernel * s.kernel, self.norms[0]);
+        // The input rows `prev` holds, once a band is done.
+        let mut held: Option<(usize, usize)> = None;
+        let mut or0 = 0;
+        while or0 < g.oh {
+            let or1 = (or0 + rows.max(1)).min(g.oh);
+            let (gb, lo, hi) = g.band(mid, or0, or1)?;
+            bufs.cur.resize((hi - lo) * w * mid, 0.0);
+            // Rows the band before expanded are copied (one block: rows are contiguous here).
+            let start = match held {
+                Some((plo, phi)) if phi > lo => {
+                    let shared = (phi - lo) * w * mid;
+                    bufs.cur[..shared].copy_from_slice(&bufs.prev[(lo - plo) * w * mid..][..shared]);
+                    phi
+                }
+                _ => lo,
+            };
+            if start < hi {
+                // Input positions start·w.. as the rows of a (positions × cin) operand.
+                let xt = View {
+                    data: &x[start * w..],
+                    rows: (hi - start) * w,
+                    cols: s.cin,
+                    row_stride: 1,
+                    col_stride: hw,
+                };
+                we.matmul_transposed(&mut bufs.cur[(start - lo) * w * mid..], mid, xt, threads)?;
             }
+            let band_out = (or1 - or0) * g.ow;
+            bufs.a2.resize(band_out * mid, 0.0);
+            let y1 = &bufs.cur;
+            // Band output rows from `r0` (relative to the band) into `a2`.
+            let part = |r0: usize, a2: &mut [f32]| -> candle_core::Result<()> {
+                let r1 = r0 + a2.len() / (g.ow * mid);
+                let (gp, plo, _) = gb.band(mid, r0, r1)?;
+                with_scratch(&SCRATCH, gp.group_scratch_len(), |q| {
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for c0 in (0..mid).step_by(GROUP) {
+                                fill_group_channels_last(&gp, n0, c0, &y1[plo * w * mid + c0..], mid, q);
+                                convolve_group_bn_channels_last(
+                                    &gp,
+                                    q,
+                                    &self.filters[c0 * kk..(c0 + GROUP) * kk],
+                                    &mut a2[c0..],
+                                    mid,
+                                    n1,
+                                    c0,
+                                );
+                            }
+                        },
+                    )
+                });
+                Ok(())
+            };
+            match threads {
+                Threads::One => part(0, &mut bufs.a2)?,
+                Threads::Pool(t) => {
+                    let per = (or1 - or0).div_ceil(t.max(1));
+                    bufs.a2
+                        .par_chunks_mut(per * g.ow * mid)
+                        .enumerate()
+                        .try_for_each(|(i, a2)| part(i * per, a2))?;
+                }
+            }
+            let a2 = View::transposed(&bufs.a2, band_out, mid);
+            self.project_band(x, out, or0, or1, a2, threads)?;
+            std::mem::swap(&mut bufs.prev, &mut bufs.cur);
+            held = Some((lo, hi));
+            or0 = or1;
         }
-        self.project_band(x, out, 0, g.oh, View::transposed(&bufs.a2, ohw, mid), threads)
+        Ok(())
     }
 
     /// The depthwise stage of one band into `a2` (`mid` planes of `rows × ow`, resized): each
@@ -409,6 +461,9 @@ mod tests {
             (2, 8, 2, 8, 3, 1, 6, 7),
             (2, 16, 6, 24, 5, 2, 9, 11),
             (3, 16, 1, 16, 3, 1, 5, 9),
+            // Wide planes expanded to whole groups of channels: channels-last, band by band.
+            (2, 8, 2, 8, 3, 1, 9, 40),
+            (2, 16, 3, 24, 5, 2, 11, 37),
             // One image, fewer than the threads: the channels-last pass split between them.
             (1, 16, 6, 24, 3, 1, 9, 11),
             (1, 8, 2, 16, 5, 2, 13, 9),

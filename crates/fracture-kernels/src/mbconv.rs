@@ -316,7 +316,7 @@ impl MbConvOp {
             _ => None,
         };
         let wd = &params[lay.depthwise.clone()];
-        let filters = if g.grouped() {
+        let filters = if banded::interleaved(g, s.expand) {
             std::borrow::Cow::Owned(g.interleave_filters(wd))
         } else {
             std::borrow::Cow::Borrowed(wd)
