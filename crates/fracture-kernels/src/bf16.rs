@@ -302,11 +302,30 @@ fn pack_rhs(b: &View<'_>, kpp: usize, blocks: std::ops::Range<usize>, out: &mut 
                     }
                 }
             } else if b.row_stride == 1 {
-                // A transposed view: each column's values lie side by side.
-                for j in j0..j1 {
-                    let col = &b.data[j * b.col_stride..][..k];
-                    for (p, pair) in col.chunks(2).enumerate() {
-                        block[p * 16 + j - j0] = pack_pair(pair[0], pair.get(1).copied().unwrap_or(0.0));
+                // A transposed view (channels-last activations): each column's values lie side by
+                // side. Each column's pairs are packed into a tile row as row-major rows are (the
+                // rounding vectorizes), then the tile is transposed into the block: packing pair by
+                // pair across the columns made every rounding scalar.
+                const P: usize = 64;
+                let mut tile = [0u32; 16 * P];
+                let pairs = k.div_ceil(2);
+                for p0 in (0..pairs).step_by(P) {
+                    let np = (pairs - p0).min(P);
+                    for (jj, t) in tile.chunks_exact_mut(P).take(j1 - j0).enumerate() {
+                        let col = &b.data[(j0 + jj) * b.col_stride + 2 * p0..][..(k - 2 * p0).min(2 * np)];
+                        let whole = col.len() / 2;
+                        for (w, pair) in t[..whole].iter_mut().zip(col.chunks_exact(2)) {
+                            *w = pack_pair(pair[0], pair[1]);
+                        }
+                        if whole < np {
+                            t[whole] = pack_pair(col[col.len() - 1], 0.0);
+                        }
+                    }
+                    for p in 0..np {
+                        let row = &mut block[(p0 + p) * 16..][..j1 - j0];
+                        for (jj, w) in row.iter_mut().enumerate() {
+                            *w = tile[jj * P + p];
+                        }
                     }
                 }
             } else {
@@ -1201,7 +1220,13 @@ mod tests {
     #[test]
     fn every_view_layout_and_accumulation_matches_the_emulated_product() {
         let val = |i: usize| ((i * 7919 + 13) % 2003) as f32 / 1001.0 - 1.0;
-        let (m, k, n) = (21, 530, 37);
+        // An odd `k` whose last pair starts a new tile of the transposed packing, and an even one.
+        for (m, k, n) in [(21, 530, 37), (5, 129, 19)] {
+            check_views(m, k, n, val);
+        }
+    }
+
+    fn check_views(m: usize, k: usize, n: usize, val: impl Fn(usize) -> f32 + Copy) {
         // Storage for each operand that leaves room for a stride of 3 along either axis.
         let a: Vec<f32> = (0..m * k * 3).map(val).collect();
         let b: Vec<f32> = (0..k * n * 3).map(|i| val(i + 5)).collect();
