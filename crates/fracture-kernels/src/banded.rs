@@ -202,8 +202,8 @@ impl Banded<'_> {
     /// planes and 5×5 filters those transposes took longer than the filter itself (`perf` on
     /// `bench_blocks 224 32 40 --infer --block 5.2`).
     ///
-    /// With [`Threads::Pool`] (fewer images than threads; `rows` must then be the whole output)
-    /// the products split their columns and the depthwise stage its output rows between the threads.
+    /// With [`Threads::Pool`] (fewer images than threads) the products split their columns and the
+    /// depthwise stage each band's output rows between the threads.
     #[allow(clippy::too_many_arguments)]
     fn image_channels_last(
         &self,
