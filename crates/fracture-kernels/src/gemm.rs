@@ -34,9 +34,7 @@ impl<'a> View<'a> {
             col_stride: cols,
         }
     }
-}
 
-impl View<'_> {
     /// The transpose of this view (no copy: the strides swap).
     pub(crate) fn t(self) -> Self {
         View {
