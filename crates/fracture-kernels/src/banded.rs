@@ -18,8 +18,8 @@
 //! without an expansion reads the input's rows where they are (only the depthwise output then stays
 //! in cache), each plane filtered row by row, or narrow planes (at most one vector wide) through a
 //! channel-interleaved scratch, each image as one band. Only for fixed statistics and no backward
-//! pass (nothing is kept), and at least one image per thread unless the block runs channels-last
-//! with narrow planes: see [`applies`]. Checked against candle's ops in this module's tests.
+//! pass (nothing is kept), and at least one image per thread: see [`applies`]. Checked against
+//! candle's ops in this module's tests.
 
 use rayon::prelude::*;
 
@@ -38,12 +38,12 @@ use super::simd;
 /// 4 MiB ran within the noise of each other, 128-256 KiB slower (more, smaller products).
 pub(crate) const BAND_BYTES: usize = 1 << 20;
 
-/// Whether the banded pass applies to `b` images of geometry `g` in a block that expands or not
-/// (`expand`): one image or more per thread; or, with fewer images, narrow planes and an expansion
-/// (the channels-last pass, each image's layers split between the threads). Otherwise the
-/// whole-batch pass splits each layer's work between the threads.
-pub(crate) fn applies(b: usize, g: &Geometry, expand: bool) -> bool {
-    b >= rayon::current_num_threads() || (g.grouped() && expand)
+/// Whether the banded pass applies to `b` images: one image or more per thread (with fewer, the
+/// whole-batch pass splits each layer's work between the threads instead). Splitting one image's
+/// channels-last pass between the threads instead made the one-image latency of EfficientNet-Lite0
+/// about 5% longer (`bench_step infer 224 1 40`, five alternated runs), so it is not done.
+pub(crate) fn applies(b: usize) -> bool {
+    b >= rayon::current_num_threads()
 }
 
 /// Whether a block of geometry `g` (its depthwise stage: `g.c` is the expanded width) that expands
@@ -107,26 +107,15 @@ impl Banded<'_> {
         let (s, g) = (&self.spec, &self.geom);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
         let rows = band_rows(g, s.stride, s.mid, self.band_bytes);
-        match &self.expand {
-            // Fewer images than threads: one after another, each split between the threads.
-            Some(expand) if g.b < rayon::current_num_threads() && g.grouped() => {
-                let threads = Threads::Pool(rayon::current_num_threads());
-                let mut bufs = Bufs::default();
-                out.chunks_mut(s.cout * ohw)
-                    .zip(x.chunks(s.cin * hw))
-                    .try_for_each(|(o, xi)| self.image_channels_last(xi, o, expand, g.oh, &mut bufs, threads))
-            }
-            _ => out
-                .par_chunks_mut(s.cout * ohw)
-                .zip(x.par_chunks(s.cin * hw))
-                .try_for_each_init(Bufs::default, |bufs, (o, xi)| self.image(xi, o, rows, bufs)),
-        }
+        out.par_chunks_mut(s.cout * ohw)
+            .zip(x.par_chunks(s.cin * hw))
+            .try_for_each_init(Bufs::default, |bufs, (o, xi)| self.image(xi, o, rows, bufs))
     }
 
     /// One image, `rows` output rows at a time.
     fn image(&self, x: &[f32], out: &mut [f32], rows: usize, bufs: &mut Bufs) -> candle_core::Result<()> {
         if let (true, Some(expand)) = (channels_last(&self.geom, true), &self.expand) {
-            return self.image_channels_last(x, out, expand, rows, bufs, Threads::One);
+            return self.image_channels_last(x, out, expand, rows, bufs);
         }
         let (s, g) = (&self.spec, &self.geom);
         let (w, hw) = (g.w, g.h * g.w);
@@ -147,7 +136,7 @@ impl Banded<'_> {
                     &mut bufs.a2,
                 );
                 let a2 = View::rows(&bufs.a2, s.mid, (or1 - or0) * g.ow);
-                self.project_band(x, out, or0, or1, a2, Threads::One)?;
+                self.project_band(x, out, or0, or1, a2)?;
                 or0 = or1;
                 continue;
             };
@@ -183,7 +172,7 @@ impl Banded<'_> {
             let cur = &bufs.cur;
             self.depthwise(&gb, |c| &cur[c * hb * w..], Some(n0), or1 - or0, &mut bufs.a2);
             let a2 = View::rows(&bufs.a2, s.mid, (or1 - or0) * g.ow);
-            self.project_band(x, out, or0, or1, a2, Threads::One)?;
+            self.project_band(x, out, or0, or1, a2)?;
             std::mem::swap(&mut bufs.prev, &mut bufs.cur);
             held = Some((lo, hi));
             or0 = or1;
@@ -201,10 +190,6 @@ impl Banded<'_> {
     /// runs each plane row by row with partial vectors at the row ends (wide ones): with 14×14
     /// planes and 5×5 filters those transposes took longer than the filter itself (`perf` on
     /// `bench_blocks 224 32 40 --infer --block 5.2`).
-    ///
-    /// With [`Threads::Pool`] (fewer images than threads) the products split their columns and the
-    /// depthwise stage each band's output rows between the threads.
-    #[allow(clippy::too_many_arguments)]
     fn image_channels_last(
         &self,
         x: &[f32],
@@ -212,7 +197,6 @@ impl Banded<'_> {
         (we, n0): &(SharedLhs<'_>, &Norm),
         rows: usize,
         bufs: &mut Bufs,
-        threads: Threads,
     ) -> candle_core::Result<()> {
         let (s, g) = (&self.spec, &self.geom);
         let (mid, w, hw, kk, n1) = (s.mid, g.w, g.h * g.w, s.kernel * s.kernel, self.norms[0]);
@@ -241,48 +225,31 @@ impl Banded<'_> {
                     row_stride: 1,
                     col_stride: hw,
                 };
-                we.matmul_transposed(&mut bufs.cur[(start - lo) * w * mid..], mid, xt, threads)?;
+                we.matmul_transposed(&mut bufs.cur[(start - lo) * w * mid..], mid, xt, Threads::One)?;
             }
             let band_out = (or1 - or0) * g.ow;
             bufs.a2.resize(band_out * mid, 0.0);
-            let y1 = &bufs.cur;
-            // Band output rows from `r0` (relative to the band) into `a2`.
-            let part = |r0: usize, a2: &mut [f32]| -> candle_core::Result<()> {
-                let r1 = r0 + a2.len() / (g.ow * mid);
-                let (gp, plo, _) = gb.band(mid, r0, r1)?;
-                with_scratch(&SCRATCH, gp.group_scratch_len(), |q| {
-                    simd(
-                        #[inline(always)]
-                        || {
-                            for c0 in (0..mid).step_by(GROUP) {
-                                fill_group_channels_last(&gp, n0, c0, &y1[plo * w * mid + c0..], mid, q);
-                                convolve_group_bn_channels_last(
-                                    &gp,
-                                    q,
-                                    &self.filters[c0 * kk..(c0 + GROUP) * kk],
-                                    &mut a2[c0..],
-                                    mid,
-                                    n1,
-                                    c0,
-                                );
-                            }
-                        },
-                    )
-                });
-                Ok(())
-            };
-            match threads {
-                Threads::One => part(0, &mut bufs.a2)?,
-                Threads::Pool(t) => {
-                    let per = (or1 - or0).div_ceil(t.max(1));
-                    bufs.a2
-                        .par_chunks_mut(per * g.ow * mid)
-                        .enumerate()
-                        .try_for_each(|(i, a2)| part(i * per, a2))?;
-                }
-            }
-            let a2 = View::transposed(&bufs.a2, band_out, mid);
-            self.project_band(x, out, or0, or1, a2, threads)?;
+            let (y1, a2) = (&bufs.cur, &mut bufs.a2);
+            with_scratch(&SCRATCH, gb.group_scratch_len(), |q| {
+                simd(
+                    #[inline(always)]
+                    || {
+                        for c0 in (0..mid).step_by(GROUP) {
+                            fill_group_channels_last(&gb, n0, c0, &y1[c0..], mid, q);
+                            convolve_group_bn_channels_last(
+                                &gb,
+                                q,
+                                &self.filters[c0 * kk..(c0 + GROUP) * kk],
+                                &mut a2[c0..],
+                                mid,
+                                n1,
+                                c0,
+                            );
+                        }
+                    },
+                )
+            });
+            self.project_band(x, out, or0, or1, View::transposed(&bufs.a2, band_out, mid))?;
             std::mem::swap(&mut bufs.prev, &mut bufs.cur);
             held = Some((lo, hi));
             or0 = or1;
@@ -356,13 +323,12 @@ impl Banded<'_> {
         or0: usize,
         or1: usize,
         a2: View<'_>,
-        threads: Threads,
     ) -> candle_core::Result<()> {
         let (s, g) = (&self.spec, &self.geom);
         let (ow, hw, ohw) = (g.ow, g.h * g.w, g.oh * g.ow);
         let band_out = (or1 - or0) * ow;
         self.project
-            .matmul(&mut out[or0 * ow..], ohw, a2, false, threads)?;
+            .matmul(&mut out[or0 * ow..], ohw, a2, false, Threads::One)?;
         let (skip, n2) = (s.skip(), self.norms[1]);
         simd(
             #[inline(always)]
@@ -464,7 +430,7 @@ mod tests {
             // Wide planes expanded to whole groups of channels: channels-last, band by band.
             (2, 8, 2, 8, 3, 1, 9, 40),
             (2, 16, 3, 24, 5, 2, 11, 37),
-            // One image, fewer than the threads: the channels-last pass split between them.
+            // One image, narrow and wide planes, stride 2.
             (1, 16, 6, 24, 3, 1, 9, 11),
             (1, 8, 2, 16, 5, 2, 13, 9),
         ];

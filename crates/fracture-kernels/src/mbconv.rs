@@ -541,7 +541,7 @@ impl CustomOp2 for MbConvOp {
                 "inverted bottleneck: an input normalization needs fixed statistics, no backward pass, no expansion and no skip"
             );
         }
-        if !batch && !self.keep && banded::applies(b, &g, s.expand) {
+        if !batch && !self.keep && banded::applies(b) {
             let out = self.banded(x, params, b, &g, banded::BAND_BYTES)?;
             return Ok((CpuStorage::F32(out), Shape::from((b, s.cout, g.oh, g.ow))));
         }
