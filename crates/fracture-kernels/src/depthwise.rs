@@ -601,12 +601,7 @@ impl Geometry {
     /// the zero-bordered interleaved scratch `q`.
     #[inline(always)]
     pub(crate) fn fill_group(&self, planes: &[f32], q: &mut [f32], f: impl Fn(usize, f32) -> f32) {
-        let n = self.group_row_len();
-        // Zero only the positions the transpose below leaves unwritten.
-        let (pwf, left) = (self.pwf(), self.pad.left);
-        for (r, row) in q.chunks_exact_mut(pwf * GROUP).enumerate() {
-            self.zero_unwritten(row, r, left * GROUP, (left + n) * GROUP);
-        }
+        let n = self.zero_group_margins(q);
         for (lane, plane) in planes.chunks_exact(self.h * self.w).enumerate() {
             for (row, base) in self.group_rows() {
                 for (ix, &v) in plane[row..][..n].iter().enumerate() {
@@ -627,11 +622,7 @@ impl Geometry {
         q: &mut [f32],
         f: impl Fn(usize, f32) -> f32,
     ) {
-        let n = self.group_row_len();
-        let (pwf, left) = (self.pwf(), self.pad.left);
-        for (r, row) in q.chunks_exact_mut(pwf * GROUP).enumerate() {
-            self.zero_unwritten(row, r, left * GROUP, (left + n) * GROUP);
-        }
+        let n = self.zero_group_margins(q);
         for (row, base) in self.group_rows() {
             for ix in 0..n {
                 let v = &src[(row + ix) * stride..][..GROUP];
@@ -641,6 +632,18 @@ impl Geometry {
                 }
             }
         }
+    }
+
+    /// Zeroes the positions of the interleaved scratch `q` that a fill leaves unwritten (padding
+    /// rows and each row's margins), and returns how many values of each input row a fill writes.
+    #[inline(always)]
+    fn zero_group_margins(&self, q: &mut [f32]) -> usize {
+        let n = self.group_row_len();
+        let (pwf, left) = (self.pwf(), self.pad.left);
+        for (r, row) in q.chunks_exact_mut(pwf * GROUP).enumerate() {
+            self.zero_unwritten(row, r, left * GROUP, (left + n) * GROUP);
+        }
+        n
     }
 
     /// The input rows that land in the interleaved scratch: the offset of each in its plane and the

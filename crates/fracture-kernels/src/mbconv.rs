@@ -422,6 +422,15 @@ pub(crate) fn convolve_plane_bn(
     }
 }
 
+/// The scale and shift of `n` for the [`GROUP`] channels from `c0`, as arrays (held in registers).
+#[inline(always)]
+fn group_affine(n: &Norm, c0: usize) -> ([f32; GROUP], [f32; GROUP]) {
+    let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
+    sc.copy_from_slice(&n.scale[c0..c0 + GROUP]);
+    sh.copy_from_slice(&n.shift[c0..c0 + GROUP]);
+    (sc, sh)
+}
+
 /// The depthwise output planes of the group starting at channel `c0` from its filled interleaved
 /// scratch (`filters`: the group's interleaved filters), through BN1 + ReLU6 as they are stored
 /// when `n1` is given.
@@ -436,9 +445,7 @@ pub(crate) fn convolve_group_bn(
 ) {
     match n1 {
         Some(n) => {
-            let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
-            sc.copy_from_slice(&n.scale[c0..c0 + GROUP]);
-            sh.copy_from_slice(&n.shift[c0..c0 + GROUP]);
+            let (sc, sh) = group_affine(n, c0);
             g.convolve_group_map(
                 q,
                 filters,
@@ -468,9 +475,7 @@ pub(crate) fn convolve_group_bn_channels_last(
     n1: &Norm,
     c0: usize,
 ) {
-    let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
-    sc.copy_from_slice(&n1.scale[c0..c0 + GROUP]);
-    sh.copy_from_slice(&n1.shift[c0..c0 + GROUP]);
+    let (sc, sh) = group_affine(n1, c0);
     g.convolve_group_with(
         q,
         filters,
@@ -495,9 +500,7 @@ pub(crate) fn fill_group_channels_last(
     stride: usize,
     q: &mut [f32],
 ) {
-    let (mut sc, mut sh) = ([0.0f32; GROUP], [0.0f32; GROUP]);
-    sc.copy_from_slice(&n0.scale[c0..c0 + GROUP]);
-    sh.copy_from_slice(&n0.shift[c0..c0 + GROUP]);
+    let (sc, sh) = group_affine(n0, c0);
     g.fill_group_channels_last(src, stride, q, |lane, v| {
         (v * sc[lane] + sh[lane]).clamp(0.0, 6.0)
     });
