@@ -31,6 +31,7 @@ use super::mbconv::{
     fill_group_channels_last, fill_plane,
 };
 use super::norm::Norm;
+use super::packed::PackedF32;
 use super::simd;
 
 /// Bytes of expanded activations one band aims to hold, about one core's L2. Chosen by measurement
@@ -90,6 +91,9 @@ pub(crate) struct Banded<'a> {
     pub(crate) input: Option<&'a Norm>,
     /// Bytes of expanded rows per band ([`BAND_BYTES`] outside tests).
     pub(crate) band_bytes: usize,
+    /// `We` and `Wp` packed for the FP32 kernels of `packed.rs`, used by the channels-last pass in
+    /// place of the `gemm` crate's products where given.
+    pub(crate) packed: Option<(PackedF32, PackedF32)>,
 }
 
 /// Per-task buffers: the expanded rows of the band before and of this one, and the band's
@@ -225,7 +229,11 @@ impl Banded<'_> {
                     row_stride: 1,
                     col_stride: hw,
                 };
-                we.matmul_transposed(&mut bufs.cur[(start - lo) * w * mid..], mid, xt, Threads::One)?;
+                let dst = &mut bufs.cur[(start - lo) * w * mid..];
+                match &self.packed {
+                    Some((pe, _)) => pe.expand(dst, mid, &x[start * w..], hw, (hi - start) * w)?,
+                    None => we.matmul_transposed(dst, mid, xt, Threads::One)?,
+                }
             }
             let band_out = (or1 - or0) * g.ow;
             bufs.a2.resize(band_out * mid, 0.0);
@@ -249,7 +257,13 @@ impl Banded<'_> {
                     },
                 )
             });
-            self.project_band(x, out, or0, or1, View::transposed(&bufs.a2, band_out, mid))?;
+            match &self.packed {
+                Some((_, pp)) => {
+                    pp.project(&mut out[or0 * g.ow..], g.oh * g.ow, &bufs.a2, mid, band_out)?;
+                    self.project_norm(x, out, or0, or1);
+                }
+                None => self.project_band(x, out, or0, or1, View::transposed(&bufs.a2, band_out, mid))?,
+            }
             std::mem::swap(&mut bufs.prev, &mut bufs.cur);
             held = Some((lo, hi));
             or0 = or1;
@@ -324,11 +338,19 @@ impl Banded<'_> {
         or1: usize,
         a2: View<'_>,
     ) -> candle_core::Result<()> {
+        let (ow, ohw) = (self.geom.ow, self.geom.oh * self.geom.ow);
+        self.project
+            .matmul(&mut out[or0 * ow..], ohw, a2, false, Threads::One)?;
+        self.project_norm(x, out, or0, or1);
+        Ok(())
+    }
+
+    /// BN2 (+ the input `x` when the block has the skip) in place on output rows `or0..or1` of
+    /// every plane of `out`, once the projection has written them.
+    fn project_norm(&self, x: &[f32], out: &mut [f32], or0: usize, or1: usize) {
         let (s, g) = (&self.spec, &self.geom);
         let (ow, hw, ohw) = (g.ow, g.h * g.w, g.oh * g.ow);
         let band_out = (or1 - or0) * ow;
-        self.project
-            .matmul(&mut out[or0 * ow..], ohw, a2, false, Threads::One)?;
         let (skip, n2) = (s.skip(), self.norms[1]);
         simd(
             #[inline(always)]
@@ -341,7 +363,6 @@ impl Banded<'_> {
                 }
             },
         );
-        Ok(())
     }
 }
 
@@ -487,15 +508,25 @@ mod tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                let op = MbConvOp::new(
-                    spec,
-                    Some(running.clone()),
-                    Arc::new(Mutex::new(Vec::new())),
-                    precision,
-                    false,
-                    None,
-                );
-                for rows in [1, 2, 3, h] {
+                let op = || {
+                    MbConvOp::new(
+                        spec,
+                        Some(running.clone()),
+                        Arc::new(Mutex::new(Vec::new())),
+                        precision,
+                        false,
+                        None,
+                    )
+                };
+                // FP32 also with the gemm crate's products where the packed kernels run.
+                let ops: Vec<MbConvOp> = match precision {
+                    Precision::Fp32 => vec![op(), op().without_packed_fp32()],
+                    Precision::Bf16 => vec![op()],
+                };
+                for (rows, op) in [1, 2, 3, h]
+                    .into_iter()
+                    .flat_map(|r| ops.iter().map(move |op| (r, op)))
+                {
                     let bytes = ((rows - 1) * s + k) * w * spec.mid * 4;
                     let got = op.banded(&x, &params, b, &g, bytes).unwrap();
                     assert_eq!(got.len(), want.len());

@@ -43,6 +43,7 @@ mod gemm;
 mod linear;
 mod mbconv;
 mod norm;
+mod packed;
 mod pointwise;
 mod pool;
 

@@ -26,6 +26,7 @@ use super::buffers::{give, take};
 use super::depthwise::{DSCRATCH, DepthwiseSpec, GROUP, Geometry, Padding, ROW, SCRATCH, with_scratch};
 use super::gemm::View;
 use super::norm::{self, Norm, NormGrad};
+use super::packed::PackedF32;
 use super::pointwise::{self, Dims};
 use super::{Activation, contiguous_f32, simd, tensor_f32};
 use super::{Precision, SharedLhs, banded};
@@ -151,6 +152,9 @@ pub(crate) struct MbConvOp {
     /// block without expansion or skip, at inference only): the previous layer's batch norm folded
     /// in, see [`MbConvOp::with_input`].
     input: Option<Norm>,
+    /// Whether the banded FP32 pass may use the packed kernels (`packed.rs`) where they run; off
+    /// only in tests, to check the `gemm` crate's path on machines that have both.
+    pack_fp32: bool,
 }
 
 /// A block's two 1×1 weight matrices rounded and packed for a BF16 hardware backend once, so a
@@ -196,7 +200,15 @@ impl MbConvOp {
             keep,
             prepacked,
             input: None,
+            pack_fp32: true,
         }
+    }
+
+    /// The op with the packed FP32 kernels off: the banded pass keeps the `gemm` crate's products.
+    #[cfg(test)]
+    pub(crate) fn without_packed_fp32(mut self) -> Self {
+        self.pack_fp32 = false;
+        self
     }
 
     fn geometry(&self, xs: &[usize], plen: usize) -> candle_core::Result<(usize, usize, usize, Geometry)> {
@@ -321,6 +333,18 @@ impl MbConvOp {
         } else {
             std::borrow::Cow::Borrowed(wd)
         };
+        // The channels-last pass in FP32 multiplies by weights packed here, once per call, where
+        // the processor runs those kernels (`packed.rs`).
+        let packed =
+            (self.pack_fp32 && self.precision == Precision::Fp32 && banded::channels_last(g, s.expand))
+                .then(|| {
+                    let we = lay.expand.as_ref()?;
+                    Some((
+                        PackedF32::new(&params[we.clone()], s.mid, s.cin)?,
+                        PackedF32::new(&params[lay.project.clone()], s.cout, s.mid)?,
+                    ))
+                })
+                .flatten();
         let pass = banded::Banded {
             spec: s,
             geom: *g,
@@ -330,6 +354,7 @@ impl MbConvOp {
             norms: [&n1, &n2],
             input: self.input.as_ref(),
             band_bytes,
+            packed,
         };
         let mut out = take(b * s.cout * g.oh * g.ow);
         pass.forward(x, &mut out)?;
