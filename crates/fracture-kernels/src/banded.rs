@@ -21,6 +21,8 @@
 //! pass (nothing is kept), and at least one image per thread: see [`applies`]. Checked against
 //! candle's ops in this module's tests.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use super::SharedLhs;
@@ -39,12 +41,25 @@ use super::simd;
 /// 4 MiB ran within the noise of each other, 128-256 KiB slower (more, smaller products).
 pub(crate) const BAND_BYTES: usize = 1 << 20;
 
-/// Whether the banded pass applies to `b` images: one image or more per thread (with fewer, the
-/// whole-batch pass splits each layer's work between the threads instead). Splitting one image's
-/// channels-last pass between the threads instead made the one-image latency of EfficientNet-Lite0
-/// about 5% longer (`bench_step infer 224 1 40`, five alternated runs), so it is not done.
-pub(crate) fn applies(b: usize) -> bool {
-    b >= rayon::current_num_threads()
+/// Whether the banded pass applies to `b` images of geometry `g` (a block that expands or not;
+/// `packed`: FP32 products on the packed kernels of `packed.rs`): one image or more per thread, or
+/// fewer images split between the threads ([`split_images`]). Otherwise the whole-batch pass splits
+/// each layer's work between the threads. Splitting one image's channels-last pass between the
+/// threads on the `gemm` crate's products made EfficientNet-Lite0's one-image latency about 5%
+/// longer (`bench_step infer 224 1 40`, five alternated runs): the crate packs the activations of
+/// each share afresh.
+pub(crate) fn applies(b: usize, g: &Geometry, expand: bool, packed: bool) -> bool {
+    b >= rayon::current_num_threads() || split_images(b, g, expand, packed)
+}
+
+/// Whether the banded pass takes `b` images one after another, each split between the threads
+/// ([`Banded::image_split`]): fewer images than threads, a channels-last block on narrow planes
+/// ([`Geometry::grouped`]), and the packed FP32 kernels (`packed.rs`), which need no packing of the
+/// activations however the work is cut. On wider planes a whole image's expansion outgrows the
+/// caches and the whole-batch pass was faster (`bench_blocks 224 1 60 --infer`, blocks 2.1 and 2.2:
+/// 1.3-1.4 vs 1.1 ms and 1.1 vs 0.6-1.0 ms; blocks 4.1-7.1 0.3-0.8 vs 0.4-0.9 ms).
+fn split_images(b: usize, g: &Geometry, expand: bool, packed: bool) -> bool {
+    b < rayon::current_num_threads() && packed && g.grouped() && channels_last(g, expand)
 }
 
 /// Whether a block of geometry `g` (its depthwise stage: `g.c` is the expanded width) that expands
@@ -93,7 +108,7 @@ pub(crate) struct Banded<'a> {
     pub(crate) band_bytes: usize,
     /// `We` and `Wp` packed for the FP32 kernels of `packed.rs`, used by the channels-last pass in
     /// place of the `gemm` crate's products where given.
-    pub(crate) packed: Option<(PackedF32, PackedF32)>,
+    pub(crate) packed: Option<Arc<(PackedF32, PackedF32)>>,
 }
 
 /// Per-task buffers: the expanded rows of the band before and of this one, and the band's
@@ -111,6 +126,15 @@ impl Banded<'_> {
         let (s, g) = (&self.spec, &self.geom);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
         let rows = band_rows(g, s.stride, s.mid, self.band_bytes);
+        if let (Some((_, n0)), Some(packed)) = (&self.expand, self.packed.as_deref())
+            && split_images(g.b, g, true, true)
+        {
+            let mut bufs = Bufs::default();
+            return out
+                .chunks_mut(s.cout * ohw)
+                .zip(x.chunks(s.cin * hw))
+                .try_for_each(|(o, xi)| self.image_split(xi, o, n0, packed, &mut bufs));
+        }
         out.par_chunks_mut(s.cout * ohw)
             .zip(x.par_chunks(s.cin * hw))
             .try_for_each_init(Bufs::default, |bufs, (o, xi)| self.image(xi, o, rows, bufs))
@@ -230,7 +254,7 @@ impl Banded<'_> {
                     col_stride: hw,
                 };
                 let dst = &mut bufs.cur[(start - lo) * w * mid..];
-                match &self.packed {
+                match self.packed.as_deref() {
                     Some((pe, _)) => pe.expand(dst, mid, &x[start * w..], hw, (hi - start) * w)?,
                     None => we.matmul_transposed(dst, mid, xt, Threads::One)?,
                 }
@@ -257,7 +281,7 @@ impl Banded<'_> {
                     },
                 )
             });
-            match &self.packed {
+            match self.packed.as_deref() {
                 Some((_, pp)) => {
                     pp.project(&mut out[or0 * g.ow..], g.oh * g.ow, &bufs.a2, mid, band_out)?;
                     self.project_norm(x, out, or0, or1);
@@ -269,6 +293,75 @@ impl Banded<'_> {
             or0 = or1;
         }
         Ok(())
+    }
+
+    /// One image of a channels-last block, whole (no bands), its work split between the threads at
+    /// each stage: the expansion by positions, the depthwise stage by output rows, the projection by
+    /// blocks of 16 output channels. For one-image latency, with the packed FP32 kernels.
+    fn image_split(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        n0: &Norm,
+        (pe, pp): &(PackedF32, PackedF32),
+        bufs: &mut Bufs,
+    ) -> candle_core::Result<()> {
+        let (s, g) = (&self.spec, &self.geom);
+        let (mid, w, hw, ohw, kk, n1) = (
+            s.mid,
+            g.w,
+            g.h * g.w,
+            g.oh * g.ow,
+            s.kernel * s.kernel,
+            self.norms[0],
+        );
+        let threads = rayon::current_num_threads().max(1);
+        bufs.cur.resize(hw * mid, 0.0);
+        let per = hw.div_ceil(threads);
+        bufs.cur
+            .par_chunks_mut(per * mid)
+            .enumerate()
+            .try_for_each(|(i, c)| pe.expand(c, mid, &x[i * per..], hw, c.len() / mid))?;
+        bufs.a2.resize(ohw * mid, 0.0);
+        let y1 = &bufs.cur;
+        let rows = g.oh.div_ceil(threads);
+        bufs.a2
+            .par_chunks_mut(rows * g.ow * mid)
+            .enumerate()
+            .try_for_each(|(i, a2)| -> candle_core::Result<()> {
+                let or0 = i * rows;
+                let (gb, lo, _) = g.band(mid, or0, or0 + a2.len() / (g.ow * mid))?;
+                with_scratch(&SCRATCH, gb.group_scratch_len(), |q| {
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for c0 in (0..mid).step_by(GROUP) {
+                                fill_group_channels_last(&gb, n0, c0, &y1[lo * w * mid + c0..], mid, q);
+                                convolve_group_bn_channels_last(
+                                    &gb,
+                                    q,
+                                    &self.filters[c0 * kk..(c0 + GROUP) * kk],
+                                    &mut a2[c0..],
+                                    mid,
+                                    n1,
+                                    c0,
+                                );
+                            }
+                        },
+                    )
+                });
+                Ok(())
+            })?;
+        let a2 = &bufs.a2;
+        let blocks = pp.blocks().div_ceil(threads) * GROUP;
+        out.par_chunks_mut(blocks * ohw)
+            .enumerate()
+            .try_for_each(|(i, o)| -> candle_core::Result<()> {
+                let co0 = i * blocks;
+                pp.project_planes(o, ohw, co0..co0 + o.len() / ohw, a2, mid, ohw)?;
+                self.norm_planes(x, o, co0, 0, g.oh);
+                Ok(())
+            })
     }
 
     /// The depthwise stage of one band into `a2` (`mid` planes of `rows × ow`, resized): each
@@ -348,15 +441,22 @@ impl Banded<'_> {
     /// BN2 (+ the input `x` when the block has the skip) in place on output rows `or0..or1` of
     /// every plane of `out`, once the projection has written them.
     fn project_norm(&self, x: &[f32], out: &mut [f32], or0: usize, or1: usize) {
+        self.norm_planes(x, out, 0, or0, or1);
+    }
+
+    /// [`Banded::project_norm`] on the whole planes `out` holds, the first of them output channel
+    /// `co0`.
+    fn norm_planes(&self, x: &[f32], out: &mut [f32], co0: usize, or0: usize, or1: usize) {
         let (s, g) = (&self.spec, &self.geom);
         let (ow, hw, ohw) = (g.ow, g.h * g.w, g.oh * g.ow);
         let band_out = (or1 - or0) * ow;
+        let planes = out.len() / ohw;
         let (skip, n2) = (s.skip(), self.norms[1]);
         simd(
             #[inline(always)]
             || {
-                for co in 0..s.cout {
-                    let o = &mut out[co * ohw + or0 * ow..][..band_out];
+                for (j, co) in (co0..s.cout).take(planes).enumerate() {
+                    let o = &mut out[j * ohw + or0 * ow..][..band_out];
                     // With the skip (stride 1, cin = cout) the input plane has the output's shape.
                     let xs = skip.then(|| &x[co * hw + or0 * ow..][..band_out]);
                     bn_out(o, None, xs, n2.scale[co], n2.shift[co]);

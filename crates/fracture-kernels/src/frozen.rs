@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::Tensor;
 
 use super::mbconv::{MbConvOp, Prepacked};
+use super::packed::PackedF32;
 use super::{Activation, BlockStats, Kernels, MbConvSpec, Precision, affine_act, bf16_backend, fast, mbconv};
 
 /// An inverted bottleneck's parameters and fixed batch-norm statistics, held for repeated
@@ -24,6 +25,10 @@ pub struct FrozenMbConv {
     /// The 1×1 weights packed for the BF16 backend, made by the first BF16 forward pass (`None`
     /// inside when that backend packs nothing: FP32 or emulated).
     prepacked: OnceLock<Option<Arc<Prepacked>>>,
+    /// The 1×1 weights packed for the FP32 kernels of `packed.rs`, made by the first forward pass
+    /// with FP32 products (`None` inside where those kernels do not run or the block does not
+    /// expand).
+    packed_fp32: OnceLock<Option<Arc<(PackedF32, PackedF32)>>>,
     /// Per input channel `(scale, shift)` of a normalization + ReLU6 applied to the input first
     /// ([`FrozenMbConv::with_input_norm`]).
     input: Option<(Vec<f32>, Vec<f32>)>,
@@ -64,6 +69,7 @@ impl FrozenMbConv {
             spec,
             running,
             prepacked: OnceLock::new(),
+            packed_fp32: OnceLock::new(),
             input: None,
         })
     }
@@ -157,6 +163,16 @@ pub fn mbconv_frozen(x: &Tensor, block: &FrozenMbConv, kernels: Kernels) -> cand
     let op = match &block.input {
         Some((scale, shift)) if !separate => op.with_input(scale.clone(), shift.clone()),
         _ => op,
+    };
+    let op = match op.packed_fp32() {
+        true => {
+            let packed = block.packed_fp32.get_or_init(|| {
+                let values = block.params.to_vec1::<f32>().ok()?;
+                PackedF32::block(&values, block.spec).map(Arc::new)
+            });
+            op.with_fp32_weights(packed.clone())
+        }
+        false => op,
     };
     x.contiguous()?.apply_op2(&block.params, op)
 }

@@ -26,7 +26,7 @@ use super::buffers::{give, take};
 use super::depthwise::{DSCRATCH, DepthwiseSpec, GROUP, Geometry, Padding, ROW, SCRATCH, with_scratch};
 use super::gemm::View;
 use super::norm::{self, Norm, NormGrad};
-use super::packed::PackedF32;
+use super::packed::{self, PackedF32};
 use super::pointwise::{self, Dims};
 use super::{Activation, contiguous_f32, simd, tensor_f32};
 use super::{Precision, SharedLhs, banded};
@@ -155,6 +155,9 @@ pub(crate) struct MbConvOp {
     /// Whether the banded FP32 pass may use the packed kernels (`packed.rs`) where they run; off
     /// only in tests, to check the `gemm` crate's path on machines that have both.
     pack_fp32: bool,
+    /// `We` and `Wp` packed for those kernels ahead of time (a frozen block's), if any; otherwise
+    /// the banded pass packs them on each call.
+    fp32_weights: Option<Arc<(PackedF32, PackedF32)>>,
 }
 
 /// A block's two 1×1 weight matrices rounded and packed for a BF16 hardware backend once, so a
@@ -201,7 +204,25 @@ impl MbConvOp {
             prepacked,
             input: None,
             pack_fp32: true,
+            fp32_weights: None,
         }
+    }
+
+    /// The op with `We` and `Wp` packed for the FP32 kernels ahead of time
+    /// ([`PackedF32::block`] of its parameters).
+    pub(crate) fn with_fp32_weights(mut self, packed: Option<Arc<(PackedF32, PackedF32)>>) -> Self {
+        self.fp32_weights = packed;
+        self
+    }
+
+    /// Whether the 1×1 products may run on the packed FP32 kernels: FP32 products (FP32 precision,
+    /// or BF16 on the FP32 backend, which must give the FP32 answers exactly) and not turned off.
+    pub(crate) fn packed_fp32(&self) -> bool {
+        let fp32 = match self.precision {
+            Precision::Fp32 => true,
+            Precision::Bf16 => super::bf16_backend() == Bf16Backend::Fp32,
+        };
+        self.pack_fp32 && fp32
     }
 
     /// The op with the packed FP32 kernels off: the banded pass keeps the `gemm` crate's products.
@@ -335,16 +356,13 @@ impl MbConvOp {
         };
         // The channels-last pass in FP32 multiplies by weights packed here, once per call, where
         // the processor runs those kernels (`packed.rs`).
-        let packed =
-            (self.pack_fp32 && self.precision == Precision::Fp32 && banded::channels_last(g, s.expand))
-                .then(|| {
-                    let we = lay.expand.as_ref()?;
-                    Some((
-                        PackedF32::new(&params[we.clone()], s.mid, s.cin)?,
-                        PackedF32::new(&params[lay.project.clone()], s.cout, s.mid)?,
-                    ))
-                })
-                .flatten();
+        let packed = (self.packed_fp32() && banded::channels_last(g, s.expand))
+            .then(|| {
+                self.fp32_weights
+                    .clone()
+                    .or_else(|| PackedF32::block(params, s).map(Arc::new))
+            })
+            .flatten();
         let pass = banded::Banded {
             spec: s,
             geom: *g,
@@ -569,7 +587,8 @@ impl CustomOp2 for MbConvOp {
                 "inverted bottleneck: an input normalization needs fixed statistics, no backward pass, no expansion and no skip"
             );
         }
-        if !batch && !self.keep && banded::applies(b) {
+        let packed = self.packed_fp32() && packed::available();
+        if !batch && !self.keep && banded::applies(b, &g, s.expand, packed) {
             let out = self.banded(x, params, b, &g, banded::BAND_BYTES)?;
             return Ok((CpuStorage::F32(out), Shape::from((b, s.cout, g.oh, g.ow))));
         }

@@ -22,6 +22,8 @@
 
 use std::sync::OnceLock;
 
+use super::MbConvSpec;
+
 /// Output channels per packed block: one 512-bit vector of f32.
 const LANES: usize = 16;
 
@@ -52,6 +54,18 @@ impl PackedF32 {
             return None;
         }
         Self::pack(w, rows, k)
+    }
+
+    /// The expansion and projection weights of an inverted bottleneck's flat `params` (laid out
+    /// as [`MbConvSpec::layout`] says), packed: `None` for a block without expansion or where the
+    /// kernels do not run.
+    pub(crate) fn block(params: &[f32], spec: MbConvSpec) -> Option<(Self, Self)> {
+        let lay = spec.layout();
+        let we = lay.expand.as_ref()?;
+        Some((
+            Self::new(params.get(we.clone())?, spec.mid, spec.cin)?,
+            Self::new(params.get(lay.project.clone())?, spec.cout, spec.mid)?,
+        ))
     }
 
     fn pack(w: &[f32], rows: usize, k: usize) -> Option<Self> {
@@ -97,6 +111,11 @@ impl PackedF32 {
         Ok(())
     }
 
+    /// How many blocks of 16 rows the packed matrix has.
+    pub(crate) fn blocks(&self) -> usize {
+        self.rows.div_ceil(LANES)
+    }
+
     /// `dst (rows × p, row stride ds) = W · aᵀ`, overwritten: `a` holds `p` positions of `k`
     /// channels each (channels-last, row stride `a_s`). An error when a slice is too short for its
     /// shape or `ds < p`.
@@ -108,10 +127,31 @@ impl PackedF32 {
         a_s: usize,
         p: usize,
     ) -> candle_core::Result<()> {
-        let (rows, k) = (self.rows, self.k);
-        if p == 0 {
+        self.project_planes(dst, ds, 0..self.rows, a, a_s, p)
+    }
+
+    /// [`PackedF32::project`] for rows `planes` of `W` only (`planes.start` a multiple of 16), into
+    /// `dst` holding just those rows: one thread's share of a projection split by output channels.
+    pub(crate) fn project_planes(
+        &self,
+        dst: &mut [f32],
+        ds: usize,
+        planes: std::ops::Range<usize>,
+        a: &[f32],
+        a_s: usize,
+        p: usize,
+    ) -> candle_core::Result<()> {
+        let k = self.k;
+        if p == 0 || planes.is_empty() {
             return Ok(());
         }
+        if !planes.start.is_multiple_of(LANES) || planes.end > self.rows {
+            candle_core::bail!(
+                "packed projection: planes {planes:?} of {} do not start a block of {LANES}",
+                self.rows
+            );
+        }
+        let (first, rows) = (planes.start / LANES, planes.len());
         if ds < p || (rows - 1) * ds + p > dst.len() || (p - 1) * a_s + k > a.len() {
             candle_core::bail!(
                 "packed projection: {p} positions of {k} channels (stride {a_s}, {} values) into {rows} \
@@ -120,9 +160,10 @@ impl PackedF32 {
                 dst.len()
             );
         }
+        let w = &self.w[first * k * LANES..];
         // SAFETY: as for `expand`: AVX-512F was detected, reads stay below `(p − 1)·a_s + k` and
-        // writes below `(rows − 1)·ds + p`.
-        unsafe { hw::project(&self.w, rows, k, dst.as_mut_ptr(), ds, a.as_ptr(), a_s, p) };
+        // writes below `(rows − 1)·ds + p`; the packed blocks from `first` hold those `rows`.
+        unsafe { hw::project(w, rows, k, dst.as_mut_ptr(), ds, a.as_ptr(), a_s, p) };
         Ok(())
     }
 }
@@ -499,6 +540,16 @@ mod tests {
                     dst[r * ds + p..end].iter().all(|&v| v == 7.0),
                     "{rows}×{k}×{p}: wrote past plane {r}"
                 );
+            }
+            // The planes from the second block on, into a destination holding only them: the
+            // same values.
+            if rows > LANES {
+                let mut part = vec![7.0; (rows - LANES - 1) * ds + p];
+                packed
+                    .project_planes(&mut part, ds, LANES..rows, &a, a_s, p)
+                    .unwrap();
+                assert_eq!(part[..], dst[LANES * ds..LANES * ds + part.len()]);
+                assert!(packed.project_planes(&mut part, ds, 8..rows, &a, a_s, p).is_err());
             }
         }
     }
