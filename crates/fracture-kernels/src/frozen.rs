@@ -1,9 +1,10 @@
 //! An inverted bottleneck prepared once for a network whose weights no longer change: its
 //! parameters stay one flat tensor between forward passes (the network otherwise concatenates its
-//! variables on every call) and, for BF16 products on a hardware backend, its two 1×1 weight
-//! matrices are rounded and packed on the first call instead of on every one. Together these were
-//! about a tenth of EfficientNet-Lite0's one-image inference at 224 px (`perf record` on
-//! `bench_step infer 224 1 --precision bf16`).
+//! variables on every call) and its two 1×1 weight matrices are packed on the first call instead
+//! of on every one: rounded to BF16 for a BF16 hardware backend, or in blocks of 16 rows for the
+//! FP32 kernels of `packed.rs`. The concatenation and the BF16 packing were about a tenth of
+//! EfficientNet-Lite0's one-image inference at 224 px (`perf record` on `bench_step infer 224 1
+//! --precision bf16`).
 
 use std::sync::{Arc, Mutex, OnceLock};
 

@@ -1,5 +1,6 @@
-//! The one place in the workspace with `unsafe`: a checked, safe front for the `gemm` crate's f32
-//! matrix multiply (the same crate candle uses, here with its AVX-512 kernels enabled).
+//! A checked, safe front for the `gemm` crate's f32 matrix multiply (the same crate candle uses,
+//! here with its AVX-512 kernels enabled); one of the three modules with `unsafe` (with `bf16.rs`
+//! and `packed.rs`).
 #![allow(unsafe_code)]
 
 /// A matrix view into a slice: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
