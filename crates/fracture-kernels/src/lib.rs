@@ -44,6 +44,7 @@ mod linear;
 mod mbconv;
 mod norm;
 mod packed;
+mod patches;
 mod pointwise;
 mod pool;
 
@@ -411,6 +412,38 @@ pub fn conv2d_relu_pool2x2(
         &conv2d(x, w, b, ConvSpec { relu: true, ..spec }, kernels)?,
         kernels,
     )
+}
+
+/// The `k × k` patches of `x (B, C, H, W)` at stride `stride`, planar: `(B, C·k·k, H', W')` with
+/// `H' = (H − k) / stride + 1` (likewise `W'`; pad `x` first for "same" padding), plane
+/// `c·k·k + ky·k + kx` holding `x[c][y·stride + ky][x·stride + kx]` at `(y, x)`. A convolution of
+/// `x` with `w (Cout, C, k, k)` at that stride is then the 1×1 product of `w` viewed as
+/// `(Cout, C·k·k)` with these planes, which is how a network folds its stem convolution into the
+/// first inverted bottleneck's expansion. Values are copied exactly; the backward pass adds each
+/// plane's gradient back to the positions it came from. An error when the taps do not fit `x`.
+pub fn patches(x: &Tensor, k: usize, stride: usize, kernels: Kernels) -> candle_core::Result<Tensor> {
+    if fast(kernels, &[x]) {
+        return x.contiguous()?.apply_op1(patches::PatchesOp { k, s: stride });
+    }
+    let (_, _, h, w) = x.dims4()?;
+    if k == 0 || stride == 0 || h < k || w < k {
+        candle_core::bail!("patches: {k}×{k} taps at stride {stride} do not fit a {h}×{w} input");
+    }
+    let (oh, ow) = ((h - k) / stride + 1, (w - k) / stride + 1);
+    let pick = |n: usize, from: usize| -> candle_core::Result<Tensor> {
+        let idx: Vec<u32> = (0..n).map(|i| (from + i * stride) as u32).collect();
+        Tensor::new(idx, x.device())
+    };
+    let mut taps = Vec::with_capacity(k * k);
+    for ky in 0..k {
+        let rows = x.index_select(&pick(oh, ky)?, 2)?;
+        for kx in 0..k {
+            taps.push(rows.index_select(&pick(ow, kx)?, 3)?);
+        }
+    }
+    // (B, C, k·k, H', W') → (B, C·k·k, H', W').
+    let (b, c) = (x.dim(0)?, x.dim(1)?);
+    Tensor::stack(&taps, 2)?.reshape((b, c * k * k, oh, ow))
 }
 
 /// 2×2 max pooling with stride 2 on `(B, C, H, W)`, floor semantics: `(B, C, H/2, W/2)`.

@@ -160,6 +160,30 @@ proptest! {
     }
 
     #[test]
+    fn patches_match_the_reference_and_make_the_convolution(
+        b in 1usize..3, c in 1usize..3, k in 1usize..4, s in 1usize..3, extra_h in 0usize..7, extra_w in 0usize..7, seed: u64,
+    ) {
+        let (h, w) = (k + extra_h, k + extra_w);
+        let x = random(&[b, c, h, w], seed);
+        check(std::slice::from_ref(&x), |t, kn| kernels::patches(&t[0], k, s, kn).unwrap(), "patches")?;
+        // The 1×1 product of the weights with the patches is the strided convolution.
+        let wt = random(&[3, c, k, k], seed ^ 1);
+        let p = kernels::patches(&x, k, s, Kernels::Fast).unwrap();
+        let (oh, ow) = (p.dim(2).unwrap(), p.dim(3).unwrap());
+        let via = wt
+            .reshape((3, c * k * k))
+            .unwrap()
+            .broadcast_matmul(&p.reshape((b, c * k * k, oh * ow)).unwrap())
+            .unwrap()
+            .reshape((b, 3, oh, ow))
+            .unwrap();
+        let spec = ConvSpec { kernel: k, stride: s, padding: 0, relu: false };
+        let zero = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let conv = kernels::conv2d(&x, &wt, &zero, spec, Kernels::Reference).unwrap();
+        close(&via, &conv, "patches · w against conv2d")?;
+    }
+
+    #[test]
     fn linear_matches_candle(b in 1usize..9, i in 1usize..40, o in 1usize..20, relu: bool, seed: u64) {
         let inputs = [random(&[b, i], seed), random(&[o, i], seed ^ 1), random(&[o], seed ^ 2)];
         check(&inputs, |t, k| kernels::linear(&t[0], &t[1], &t[2], relu, k).unwrap(), "linear")?;

@@ -68,6 +68,10 @@ pub(crate) struct EfficientNet {
     pub(crate) p_dropout: f32,
     /// The localization head, when the configuration asks for one.
     pub(crate) loc: Option<LocHead>,
+    /// With frozen weights ([`EfficientNet::freeze_weights`]): the stem convolution, its batch norm
+    /// and the first block prepared as one inverted bottleneck whose expansion is the stem (see
+    /// [`EfficientNet::stem_folded`]), made by the first pass with running statistics.
+    stem_block: Option<Mutex<Option<Arc<kernels::FrozenMbConv>>>>,
 }
 
 /// Channels of the localization head's hidden layer.
@@ -325,6 +329,49 @@ impl EfficientNet {
         for block in &mut self.blocks {
             block.frozen = Some(Mutex::new(None));
         }
+        self.stem_block = Some(Mutex::new(None));
+    }
+
+    /// With frozen weights, the stem (3×3 convolution at stride 2, batch norm, ReLU6) and the
+    /// first block (no expansion, no skip, stride 1) as one prepared inverted bottleneck on the
+    /// stem's [`kernels::patches`]: the stem's weights `(32, C, 3, 3)` are its expansion
+    /// `(32, C·9)` and the stem's batch norm its first norm. The stem's 32-channel output then never
+    /// exists in memory (at 224 px and batch 32, 51 MB written, zeroed first, and read back), and
+    /// the block runs channels-last with the other expanding blocks. `None` for a network without
+    /// frozen weights or whose first block does not have that shape.
+    fn stem_folded(&self) -> candle_core::Result<Option<Arc<kernels::FrozenMbConv>>> {
+        let (Some(slot), Some(first)) = (&self.stem_block, self.blocks.first()) else {
+            return Ok(None);
+        };
+        let (cin, eps) = (self.stem.dim(1)? * 9, first.bn1.eps());
+        let fits = first.expand.is_none() && first.stride == 1 && first.frozen.is_some();
+        #[allow(clippy::float_cmp)] // one eps serves every norm of the fused op: it must be the same
+        let same_eps = self.stem_bn.eps() == eps;
+        if !fits || !same_eps {
+            return Ok(None);
+        }
+        let mut slot = lock(slot)?;
+        if let Some(block) = slot.as_ref() {
+            return Ok(Some(block.clone()));
+        }
+        let spec = MbConvSpec {
+            cin,
+            mid: STEM_CHANNELS,
+            expand: true,
+            ..first.spec(STEM_CHANNELS)
+        };
+        let mut parts = vec![self.stem.flatten_all()?];
+        parts.extend(self.stem_bn.affine().map(Tensor::clone));
+        parts.push(first.flat_params()?);
+        let mut running = vec![self.stem_bn.running()?];
+        running.extend(first.running()?);
+        let block = Arc::new(kernels::FrozenMbConv::new(
+            &Tensor::cat(&parts, 0)?,
+            spec,
+            running,
+        )?);
+        *slot = Some(block.clone());
+        Ok(Some(block))
     }
 
     pub(crate) fn new(cfg: &EfficientNetConfig, vb: VarBuilder<'_>) -> Result<Self> {
@@ -354,6 +401,7 @@ impl EfficientNet {
             head_bn: BatchNorm::new(HEAD_CHANNELS, 1.0, BN_EPS, m, vb.pp("_bn1"))?,
             fc: candle_nn::linear(HEAD_CHANNELS, 1, vb.pp("head.fc"))?,
             p_dropout: cfg.dropout,
+            stem_block: None,
             loc: if cfg.localization_head {
                 Some(LocHead::new(
                     LITE0_STAGES[4].3,
@@ -386,6 +434,20 @@ impl EfficientNet {
         let x = xs
             .pad_with_zeros(2, p.top, p.bottom)?
             .pad_with_zeros(3, p.left, p.right)?;
+        if stats == Stats::Batch
+            && let Some(slot) = &self.stem_block
+        {
+            // The stem's running statistics move with this pass.
+            *lock(slot)? = None;
+        }
+        if stats == Stats::Running
+            && blocks > 0
+            && let Some(stem) = self.stem_folded()?
+        {
+            let k0 = k.for_pixels();
+            let x = kernels::mbconv_frozen(&kernels::patches(&x, 3, 2, k0)?, &stem, k0)?;
+            return self.blocks_from(x, 1, blocks, stats, k);
+        }
         let spec = ConvSpec {
             kernel: 3,
             stride: 2,
@@ -398,20 +460,28 @@ impl EfficientNet {
         // and ReLU6 as it reads the stem's output, which then never exists normalized in memory.
         let fold =
             stats == Stats::Running && blocks > 0 && self.blocks.first().is_some_and(|b| b.frozen.is_some());
-        let mut x = if fold {
-            x
-        } else {
-            self.stem_bn.forward(&x, stats, Activation::Relu6, k)?
+        let x = match (fold, self.blocks.first()) {
+            (true, Some(first)) => first.forward_folding(&x, &self.stem_bn, k.for_pixels())?,
+            _ => self.stem_bn.forward(&x, stats, Activation::Relu6, k)?,
         };
-        for (i, block) in self.blocks.iter().take(blocks).enumerate() {
+        let from = usize::from(fold);
+        self.blocks_from(x, from, blocks, stats, k)
+    }
+
+    /// Blocks `from..to` applied to `x`.
+    fn blocks_from(
+        &self,
+        mut x: Tensor,
+        from: usize,
+        to: usize,
+        stats: Stats,
+        k: Kernels,
+    ) -> candle_core::Result<Tensor> {
+        for (i, block) in self.blocks.iter().enumerate().take(to).skip(from) {
             // The first two stages, on 112² and 56² planes, keep FP32 products (see
             // `Kernels::for_pixels`).
             let k = if i < FP32_BLOCKS { k.for_pixels() } else { k };
-            x = if fold && i == 0 {
-                block.forward_folding(&x, &self.stem_bn, k)?
-            } else {
-                block.forward(&x, stats, k)?
-            };
+            x = block.forward(&x, stats, k)?;
         }
         Ok(x)
     }
