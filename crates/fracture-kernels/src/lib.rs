@@ -18,10 +18,13 @@
 //! | [`depthwise_conv2d`] | one k×k filter per channel, asymmetric padding, stride 1 or 2: each plane copied once into a zero-bordered scratch plane (even and odd columns apart for stride 2), then contiguous multiply-adds; backward: dX and dW per plane |
 //! | [`conv1x1`] | one GEMM per image, no unfolding; backward: dX and dW by GEMM |
 //! | [`mbconv`] | a whole inverted bottleneck (1×1, BN, ReLU6, depthwise, BN, ReLU6, 1×1, BN, skip) as one op: normalizations fused into the neighbouring passes, intermediates in reused buffers |
-//! | [`mbconv_frozen`] | the same with weights and statistics fixed ([`FrozenMbConv`]): parameters kept flat, BF16 weights packed once |
+//! | [`mbconv_frozen`] | the same with weights and statistics fixed ([`FrozenMbConv`]): parameters kept flat, 1×1 weights packed once (BF16, or FP32 blocks for the channels-last kernels) |
+//! | [`patches`] | each k×k tap of the input at a stride as its own plane (im2col, planar), so a convolution is a 1×1 product; backward adds each plane's gradient back |
 //!
 //! The GEMM is the `gemm` crate's (the one candle uses) with its AVX-512 kernels enabled; its single
-//! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`.
+//! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`. The BF16 products (`bf16.rs`)
+//! and the FP32 products of the channels-last inference blocks (`packed.rs`, AVX-512) are the other
+//! two modules with `unsafe`, each behind runtime detection and checked bounds.
 
 #![warn(missing_docs)]
 

@@ -14,7 +14,10 @@ use fracture_model::{ArchConfig, EfficientNetConfig, Model, ModelConfig, ResNetC
 /// export's use of them is tested), deterministically.
 fn spread_batch_norms(model: &Model) {
     let data = model.varmap.data().lock().unwrap();
-    for (i, (name, var)) in data.iter().enumerate() {
+    // By name: the map's own order changes from one process to the next.
+    let mut vars: Vec<_> = data.iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(b.0));
+    for (i, (name, var)) in vars.into_iter().enumerate() {
         let n = var.elem_count();
         let wave = |base: f64, step: f64| -> Vec<f32> {
             (0..n)
