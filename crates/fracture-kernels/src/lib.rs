@@ -19,6 +19,7 @@
 //! | [`conv1x1`] | one GEMM per image, no unfolding; backward: dX and dW by GEMM |
 //! | [`mbconv`] | a whole inverted bottleneck (1×1, BN, ReLU6, depthwise, BN, ReLU6, 1×1, BN, skip) as one op: normalizations fused into the neighbouring passes, intermediates in reused buffers |
 //! | [`mbconv_frozen`] | the same with weights and statistics fixed ([`FrozenMbConv`]): parameters kept flat, 1×1 weights packed once (BF16, or FP32 blocks for the channels-last kernels) |
+//! | [`head_pooled`] | a last 1×1 convolution with fixed batch norm, activation and global average pooling ([`FrozenHead`]): one pass, channels-last per image, the feature map never written |
 //! | [`patches`] | each k×k tap of the input at a stride as its own plane (im2col, planar), so a convolution is a 1×1 product; backward adds each plane's gradient back |
 //!
 //! The GEMM is the `gemm` crate's (the one candle uses) with its AVX-512 kernels enabled; its single
@@ -43,6 +44,7 @@ mod depthwise;
 mod dropout;
 mod frozen;
 mod gemm;
+mod head;
 mod linear;
 mod mbconv;
 mod norm;
@@ -63,6 +65,7 @@ pub use bf16::{
 pub use conv::ConvSpec;
 pub use depthwise::{DepthwiseSpec, Padding};
 pub use frozen::{FrozenMbConv, mbconv_frozen};
+pub use head::{FrozenHead, head_pooled};
 pub use mbconv::{BlockStats, MbConvLayout, MbConvSpec};
 
 /// The activation applied after a normalization.

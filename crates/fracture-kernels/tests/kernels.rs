@@ -160,6 +160,26 @@ proptest! {
     }
 
     #[test]
+    fn the_pooled_head_matches_the_three_ops(
+        b in 1usize..5, cin in 1usize..40, cout in 1usize..50, h in 1usize..9, w in 1usize..9, act in activation(), seed: u64,
+    ) {
+        let x = random(&[b, cin, h, w], seed);
+        let wt = random(&[cout, cin, 1, 1], seed ^ 1);
+        let scale = random(&[cout], seed ^ 2);
+        let shift = random(&[cout], seed ^ 3);
+        let head = kernels::FrozenHead::new(&wt, &scale, &shift, act).unwrap();
+        let want = kernels::affine_act(&kernels::conv1x1(&x, &wt, Kernels::Reference).unwrap(), &scale, &shift, act, Kernels::Reference)
+            .unwrap()
+            .mean(3)
+            .unwrap()
+            .mean(2)
+            .unwrap();
+        for k in [Kernels::Fast, Kernels::Reference] {
+            close(&kernels::head_pooled(&x, &head, k).unwrap(), &want, "pooled head")?;
+        }
+    }
+
+    #[test]
     fn patches_match_the_reference_and_make_the_convolution(
         b in 1usize..3, c in 1usize..3, k in 1usize..4, s in 1usize..3, extra_h in 0usize..7, extra_w in 0usize..7, seed: u64,
     ) {

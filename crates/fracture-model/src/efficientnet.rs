@@ -72,6 +72,10 @@ pub(crate) struct EfficientNet {
     /// and the first block prepared as one inverted bottleneck whose expansion is the stem (see
     /// [`EfficientNet::stem_folded`]), made by the first pass with running statistics.
     stem_block: Option<Mutex<Option<Arc<kernels::FrozenMbConv>>>>,
+    /// With frozen weights: the head convolution with its batch norm and ReLU6, prepared for the
+    /// pooled one-pass head ([`EfficientNet::pooled`]), made by the first pass with running
+    /// statistics.
+    head_frozen: Option<Mutex<Option<Arc<kernels::FrozenHead>>>>,
 }
 
 /// Channels of the localization head's hidden layer.
@@ -330,6 +334,43 @@ impl EfficientNet {
             block.frozen = Some(Mutex::new(None));
         }
         self.stem_block = Some(Mutex::new(None));
+        self.head_frozen = Some(Mutex::new(None));
+    }
+
+    /// The globally average-pooled head features `(B, 1280)` (after the head's batch norm and
+    /// ReLU6): with frozen weights and running statistics the head runs as one pass that never
+    /// writes its feature map ([`kernels::head_pooled`]); otherwise the mean of
+    /// [`EfficientNet::features`].
+    pub(crate) fn pooled(&self, xs: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
+        let Some(slot) = self.head_frozen.as_ref().filter(|_| stats == Stats::Running) else {
+            if stats == Stats::Batch
+                && let Some(slot) = &self.head_frozen
+            {
+                // The head's running statistics move with this pass.
+                *lock(slot)? = None;
+            }
+            return self.features(xs, stats, k)?.mean(3)?.mean(2);
+        };
+        let head = {
+            let mut slot = lock(slot)?;
+            match slot.as_ref() {
+                Some(head) => head.clone(),
+                None => {
+                    let (scale, shift) = self.head_bn.fixed_host()?;
+                    let dev = self.head_conv.device();
+                    let head = Arc::new(kernels::FrozenHead::new(
+                        &self.head_conv,
+                        &Tensor::new(scale, dev)?,
+                        &Tensor::new(shift, dev)?,
+                        Activation::Relu6,
+                    )?);
+                    *slot = Some(head.clone());
+                    head
+                }
+            }
+        };
+        let x = self.features_until(xs, stats, k, self.blocks.len())?;
+        kernels::head_pooled(&x, &head, k)
     }
 
     /// With frozen weights, the stem (3×3 convolution at stride 2, batch norm, ReLU6) and the
@@ -402,6 +443,7 @@ impl EfficientNet {
             fc: candle_nn::linear(HEAD_CHANNELS, 1, vb.pp("head.fc"))?,
             p_dropout: cfg.dropout,
             stem_block: None,
+            head_frozen: None,
             loc: if cfg.localization_head {
                 Some(LocHead::new(
                     LITE0_STAGES[4].3,

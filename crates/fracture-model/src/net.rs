@@ -112,13 +112,10 @@ impl FractureNet {
     /// 1280). The seed network has no pooled features and answers an error.
     pub fn pooled_features(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         self.check_input(xs)?;
-        on_cpu_pool(xs, || {
-            let a = match &self.inner {
-                Inner::Seed(_) => candle_core::bail!("the seed network has no pooled features"),
-                Inner::Resnet(net) => self.resnet_features(net, xs, false)?,
-                Inner::EfficientNet(net) => net.features(xs, Stats::Running, self.kernels)?,
-            };
-            a.mean(3)?.mean(2)
+        on_cpu_pool(xs, || match &self.inner {
+            Inner::Seed(_) => candle_core::bail!("the seed network has no pooled features"),
+            Inner::Resnet(net) => self.resnet_features(net, xs, false)?.mean(3)?.mean(2),
+            Inner::EfficientNet(net) => net.pooled(xs, Stats::Running, self.kernels),
         })
     }
 
@@ -255,8 +252,7 @@ impl FractureNet {
                 dense(&net.fc, &x, false, self.kernels)?.squeeze(1)
             }
             Inner::EfficientNet(net) => {
-                let a = net.features(xs, self.bn_stats(train), self.kernels)?;
-                let pooled = a.mean(3)?.mean(2)?;
+                let pooled = net.pooled(xs, self.bn_stats(train), self.kernels)?;
                 let x = self.dropout(&pooled, net.p_dropout, train)?;
                 dense(&net.fc, &x, false, self.kernels)?.squeeze(1)
             }
