@@ -227,7 +227,7 @@ impl Banded<'_> {
         bufs: &mut Bufs,
     ) -> candle_core::Result<()> {
         let (s, g) = (&self.spec, &self.geom);
-        let (mid, w, hw, kk, n1) = (s.mid, g.w, g.h * g.w, s.kernel * s.kernel, self.norms[0]);
+        let (mid, w, hw) = (s.mid, g.w, g.h * g.w);
         // The input rows `prev` holds, once a band is done.
         let mut held: Option<(usize, usize)> = None;
         let mut or0 = 0;
@@ -261,26 +261,7 @@ impl Banded<'_> {
             }
             let band_out = (or1 - or0) * g.ow;
             bufs.a2.resize(band_out * mid, 0.0);
-            let (y1, a2) = (&bufs.cur, &mut bufs.a2);
-            with_scratch(&SCRATCH, gb.group_scratch_len(), |q| {
-                simd(
-                    #[inline(always)]
-                    || {
-                        for c0 in (0..mid).step_by(GROUP) {
-                            fill_group_channels_last(&gb, n0, c0, &y1[c0..], mid, q);
-                            convolve_group_bn_channels_last(
-                                &gb,
-                                q,
-                                &self.filters[c0 * kk..(c0 + GROUP) * kk],
-                                &mut a2[c0..],
-                                mid,
-                                n1,
-                                c0,
-                            );
-                        }
-                    },
-                )
-            });
+            self.depthwise_channels_last(&gb, n0, &bufs.cur, &mut bufs.a2);
             match self.packed.as_deref() {
                 Some((_, pp)) => {
                     pp.project(&mut out[or0 * g.ow..], g.oh * g.ow, &bufs.a2, mid, band_out)?;
@@ -307,14 +288,7 @@ impl Banded<'_> {
         bufs: &mut Bufs,
     ) -> candle_core::Result<()> {
         let (s, g) = (&self.spec, &self.geom);
-        let (mid, w, hw, ohw, kk, n1) = (
-            s.mid,
-            g.w,
-            g.h * g.w,
-            g.oh * g.ow,
-            s.kernel * s.kernel,
-            self.norms[0],
-        );
+        let (mid, w, hw, ohw) = (s.mid, g.w, g.h * g.w, g.oh * g.ow);
         let threads = rayon::current_num_threads().max(1);
         bufs.cur.resize(hw * mid, 0.0);
         let per = hw.div_ceil(threads);
@@ -331,25 +305,7 @@ impl Banded<'_> {
             .try_for_each(|(i, a2)| -> candle_core::Result<()> {
                 let or0 = i * rows;
                 let (gb, lo, _) = g.band(mid, or0, or0 + a2.len() / (g.ow * mid))?;
-                with_scratch(&SCRATCH, gb.group_scratch_len(), |q| {
-                    simd(
-                        #[inline(always)]
-                        || {
-                            for c0 in (0..mid).step_by(GROUP) {
-                                fill_group_channels_last(&gb, n0, c0, &y1[lo * w * mid + c0..], mid, q);
-                                convolve_group_bn_channels_last(
-                                    &gb,
-                                    q,
-                                    &self.filters[c0 * kk..(c0 + GROUP) * kk],
-                                    &mut a2[c0..],
-                                    mid,
-                                    n1,
-                                    c0,
-                                );
-                            }
-                        },
-                    )
-                });
+                self.depthwise_channels_last(&gb, n0, &y1[lo * w * mid..], a2);
                 Ok(())
             })?;
         let a2 = &bufs.a2;
@@ -362,6 +318,33 @@ impl Banded<'_> {
                 self.norm_planes(x, o, co0, 0, g.oh);
                 Ok(())
             })
+    }
+
+    /// The channels-last depthwise stage of the band `gb`: each group of [`GROUP`] channels of the
+    /// expanded rows `y1` (position by position, `mid` values each, from the band's first input
+    /// row) through BN0 + ReLU6 into the interleaved scratch, then the filter with BN1 + ReLU6 into
+    /// `a2` (the band's output positions, `mid` values each).
+    fn depthwise_channels_last(&self, gb: &Geometry, n0: &Norm, y1: &[f32], a2: &mut [f32]) {
+        let (mid, kk, n1) = (self.spec.mid, self.spec.kernel * self.spec.kernel, self.norms[0]);
+        with_scratch(&SCRATCH, gb.group_scratch_len(), |q| {
+            simd(
+                #[inline(always)]
+                || {
+                    for c0 in (0..mid).step_by(GROUP) {
+                        fill_group_channels_last(gb, n0, c0, &y1[c0..], mid, q);
+                        convolve_group_bn_channels_last(
+                            gb,
+                            q,
+                            &self.filters[c0 * kk..(c0 + GROUP) * kk],
+                            &mut a2[c0..],
+                            mid,
+                            n1,
+                            c0,
+                        );
+                    }
+                },
+            )
+        });
     }
 
     /// The depthwise stage of one band into `a2` (`mid` planes of `rows × ow`, resized): each
