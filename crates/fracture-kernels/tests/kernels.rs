@@ -407,3 +407,30 @@ fn on_pool_runs_on_a_pool_thread_and_returns_the_result() {
     let x = Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(kernels::on_pool(|| x.matmul(&x)).is_err());
 }
+
+/// The channels-last blocks on the `gemm` crate's products, as on a processor without AVX-512F:
+/// [`fused_inverted_bottleneck_in_channel_groups_matches_the_single_ops`] again in a child
+/// process with `FRACTURE_FP32_KERNEL=gemm` (here it ran on the packed AVX-512 kernels, where the
+/// processor has them).
+#[test]
+fn the_gemm_fallback_of_the_packed_kernels_runs_when_forced() {
+    if std::env::var_os("FRACTURE_FP32_KERNEL").is_some() {
+        return; // already a child
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fused_inverted_bottleneck_in_channel_groups_matches_the_single_ops",
+            "--test-threads",
+            "1",
+        ])
+        .env("FRACTURE_FP32_KERNEL", "gemm")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
