@@ -165,15 +165,14 @@ pub fn mbconv_frozen(x: &Tensor, block: &FrozenMbConv, kernels: Kernels) -> cand
         Some((scale, shift)) if !separate => op.with_input(scale.clone(), shift.clone()),
         _ => op,
     };
-    let op = match op.packed_fp32() {
-        true => {
-            let packed = block.packed_fp32.get_or_init(|| {
-                let values = block.params.to_vec1::<f32>().ok()?;
-                PackedF32::block(&values, block.spec).map(Arc::new)
-            });
-            op.with_fp32_weights(packed.clone())
-        }
-        false => op,
+    let op = if op.packed_fp32() {
+        let packed = block.packed_fp32.get_or_init(|| {
+            let values = block.params.to_vec1::<f32>().ok()?;
+            PackedF32::block(&values, block.spec).map(Arc::new)
+        });
+        op.with_fp32_weights(packed.clone())
+    } else {
+        op
     };
     x.contiguous()?.apply_op2(&block.params, op)
 }

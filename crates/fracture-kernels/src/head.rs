@@ -64,11 +64,10 @@ impl FrozenHead {
 /// one image per thread; otherwise those three ops (gradients flow to `x`).
 pub fn head_pooled(x: &Tensor, head: &FrozenHead, kernels: Kernels) -> candle_core::Result<Tensor> {
     let (b, cin, h, w) = x.dims4()?;
-    let fp32 = match kernels.precision() {
-        super::Precision::Fp32 => true,
-        super::Precision::Bf16 => super::bf16_backend() == super::Bf16Backend::Fp32,
-    };
-    let one_pass = fast(kernels, &[x, &head.w]) && fp32 && !x.track_op() && b >= rayon::current_num_threads();
+    let one_pass = fast(kernels, &[x, &head.w])
+        && kernels.precision().fp32_products()
+        && !x.track_op()
+        && b >= rayon::current_num_threads();
     if let Some(packed) = one_pass.then(|| head.packed()).flatten() {
         let cout = head.w.dim(0)?;
         if head.w.dim(1)? != cin {

@@ -178,6 +178,16 @@ impl Precision {
             Precision::Bf16 => "bf16",
         }
     }
+
+    /// Whether products in this precision are FP32 products in this process: FP32, or BF16 on
+    /// the [`Bf16Backend::Fp32`] backend (which must give the FP32 answers exactly, so it takes
+    /// every FP32 path, the packed kernels included).
+    pub(crate) fn fp32_products(self) -> bool {
+        match self {
+            Precision::Fp32 => true,
+            Precision::Bf16 => bf16_backend() == Bf16Backend::Fp32,
+        }
+    }
 }
 
 impl std::fmt::Display for Precision {

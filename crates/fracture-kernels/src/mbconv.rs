@@ -218,11 +218,7 @@ impl MbConvOp {
     /// Whether the 1×1 products may run on the packed FP32 kernels: FP32 products (FP32 precision,
     /// or BF16 on the FP32 backend, which must give the FP32 answers exactly) and not turned off.
     pub(crate) fn packed_fp32(&self) -> bool {
-        let fp32 = match self.precision {
-            Precision::Fp32 => true,
-            Precision::Bf16 => super::bf16_backend() == Bf16Backend::Fp32,
-        };
-        self.pack_fp32 && fp32
+        self.pack_fp32 && self.precision.fp32_products()
     }
 
     /// The op with the packed FP32 kernels off: the banded pass keeps the `gemm` crate's products.
@@ -354,8 +350,8 @@ impl MbConvOp {
         } else {
             std::borrow::Cow::Borrowed(wd)
         };
-        // The channels-last pass in FP32 multiplies by weights packed here, once per call, where
-        // the processor runs those kernels (`packed.rs`).
+        // The channels-last pass with FP32 products multiplies by weights packed for the kernels of
+        // `packed.rs` (a frozen block's, or packed here for this call) where the processor runs them.
         let packed = (self.packed_fp32() && banded::channels_last(g, s.expand))
             .then(|| {
                 self.fp32_weights
