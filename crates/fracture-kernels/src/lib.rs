@@ -442,10 +442,7 @@ pub fn patches(x: &Tensor, k: usize, stride: usize, kernels: Kernels) -> candle_
         return x.contiguous()?.apply_op1(patches::PatchesOp { k, s: stride });
     }
     let (_, _, h, w) = x.dims4()?;
-    if k == 0 || stride == 0 || h < k || w < k {
-        candle_core::bail!("patches: {k}×{k} taps at stride {stride} do not fit a {h}×{w} input");
-    }
-    let (oh, ow) = ((h - k) / stride + 1, (w - k) / stride + 1);
+    let (oh, ow) = patches::out_size(k, stride, h, w)?;
     let pick = |n: usize, from: usize| -> candle_core::Result<Tensor> {
         let idx: Vec<u32> = (0..n).map(|i| (from + i * stride) as u32).collect();
         Tensor::new(idx, x.device())

@@ -14,21 +14,23 @@ pub(crate) struct PatchesOp {
     pub(crate) s: usize,
 }
 
+/// The output plane `(H', W')` of `k × k` taps at stride `s` on an `h × w` input, or an error
+/// naming what does not fit (the CPU op and the reference path of [`super::patches`] alike).
+pub(crate) fn out_size(k: usize, s: usize, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
+    if k == 0 || s == 0 || h < k || w < k {
+        candle_core::bail!("patches: {k}×{k} taps at stride {s} do not fit a {h}×{w} input");
+    }
+    Ok(((h - k) / s + 1, (w - k) / s + 1))
+}
+
 impl PatchesOp {
     /// `(b, c, h, w, oh, ow)` of an input shape, or an error naming what does not fit.
     fn dims(&self, dims: &[usize]) -> candle_core::Result<[usize; 6]> {
         let &[b, c, h, w] = dims else {
             candle_core::bail!("patches: expected (B, C, H, W) input, got {dims:?}");
         };
-        if self.k == 0 || self.s == 0 || h < self.k || w < self.k {
-            candle_core::bail!(
-                "patches: {}×{} taps at stride {} do not fit a {h}×{w} input",
-                self.k,
-                self.k,
-                self.s
-            );
-        }
-        Ok([b, c, h, w, (h - self.k) / self.s + 1, (w - self.k) / self.s + 1])
+        let (oh, ow) = out_size(self.k, self.s, h, w)?;
+        Ok([b, c, h, w, oh, ow])
     }
 }
 
