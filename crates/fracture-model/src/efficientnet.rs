@@ -232,7 +232,7 @@ impl MbConv {
     /// running ones are updated afterwards.
     fn forward(&self, x: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
         if let (Some(slot), Stats::Running) = (&self.frozen, stats) {
-            let block = self.prepared(slot, x.dim(1)?, None)?;
+            let block = self.prepared(slot, x.dim(1)?)?;
             return kernels::mbconv_frozen(x, &block, k);
         }
         let spec = self.spec(x.dim(1)?);
@@ -262,39 +262,15 @@ impl MbConv {
         Ok(y)
     }
 
-    /// The block on the raw output of the layer before, whose batch norm `input` (running
-    /// statistics) and ReLU6 it applies itself as it reads it; with frozen weights only (see
-    /// [`EfficientNet::features_until`], which folds the stem's this way).
-    fn forward_folding(&self, x: &Tensor, input: &BatchNorm, k: Kernels) -> candle_core::Result<Tensor> {
-        let Some(slot) = &self.frozen else {
-            candle_core::bail!("only a block with frozen weights folds in the batch norm before it");
-        };
-        let block = self.prepared(slot, x.dim(1)?, Some(input))?;
-        kernels::mbconv_frozen(x, &block, k)
-    }
-
-    /// The block prepared for inference with frozen weights (and `input`'s normalization folded
-    /// in, when given), from `slot` or made now.
+    /// The block prepared for inference with frozen weights, from `slot` or made now.
     fn prepared(
         &self,
         slot: &Mutex<Option<Arc<kernels::FrozenMbConv>>>,
         cin: usize,
-        input: Option<&BatchNorm>,
     ) -> candle_core::Result<Arc<kernels::FrozenMbConv>> {
-        let mut slot = lock(slot)?;
-        if let Some(block) = slot.as_ref()
-            && block.has_input_norm() == input.is_some()
-        {
-            return Ok(block.clone());
-        }
-        let mut block = kernels::FrozenMbConv::new(&self.flat_params()?, self.spec(cin), self.running()?)?;
-        if let Some(bn) = input {
-            let (scale, shift) = bn.fixed_host()?;
-            block = block.with_input_norm(scale, shift)?;
-        }
-        let block = Arc::new(block);
-        *slot = Some(block.clone());
-        Ok(block)
+        cached(slot, || {
+            kernels::FrozenMbConv::new(&self.flat_params()?, self.spec(cin), self.running()?)
+        })
     }
 
     /// Each norm's running `(mean, var)`, in block order.
@@ -324,6 +300,21 @@ fn lock<T>(slot: &Mutex<T>) -> candle_core::Result<MutexGuard<'_, T>> {
         .map_err(|_| candle_core::Error::Msg("a frozen block's lock is poisoned".into()))
 }
 
+/// What `slot` holds, or `make`'s result, then held there: a part of a network with frozen weights
+/// prepared by its first pass with running statistics.
+fn cached<T>(
+    slot: &Mutex<Option<Arc<T>>>,
+    make: impl FnOnce() -> candle_core::Result<T>,
+) -> candle_core::Result<Arc<T>> {
+    let mut slot = lock(slot)?;
+    if let Some(held) = slot.as_ref() {
+        return Ok(held.clone());
+    }
+    let made = Arc::new(make()?);
+    *slot = Some(made.clone());
+    Ok(made)
+}
+
 impl EfficientNet {
     /// Marks the weights as fixed for good (a network built for inference from copies of them):
     /// each block then prepares itself once for passes with running statistics
@@ -343,32 +334,18 @@ impl EfficientNet {
     /// [`EfficientNet::features`].
     pub(crate) fn pooled(&self, xs: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
         let Some(slot) = self.head_frozen.as_ref().filter(|_| stats == Stats::Running) else {
-            if stats == Stats::Batch
-                && let Some(slot) = &self.head_frozen
-            {
-                // The head's running statistics move with this pass.
-                *lock(slot)? = None;
-            }
             return self.features(xs, stats, k)?.mean(3)?.mean(2);
         };
-        let head = {
-            let mut slot = lock(slot)?;
-            match slot.as_ref() {
-                Some(head) => head.clone(),
-                None => {
-                    let (scale, shift) = self.head_bn.fixed_host()?;
-                    let dev = self.head_conv.device();
-                    let head = Arc::new(kernels::FrozenHead::new(
-                        &self.head_conv,
-                        &Tensor::new(scale, dev)?,
-                        &Tensor::new(shift, dev)?,
-                        Activation::Relu6,
-                    )?);
-                    *slot = Some(head.clone());
-                    head
-                }
-            }
-        };
+        let head = cached(slot, || {
+            let (scale, shift) = self.head_bn.fixed_host()?;
+            let dev = self.head_conv.device();
+            kernels::FrozenHead::new(
+                &self.head_conv,
+                &Tensor::new(scale, dev)?,
+                &Tensor::new(shift, dev)?,
+                Activation::Relu6,
+            )
+        })?;
         let x = self.features_until(xs, stats, k, self.blocks.len())?;
         kernels::head_pooled(&x, &head, k)
     }
@@ -391,27 +368,20 @@ impl EfficientNet {
         if !fits || !same_eps {
             return Ok(None);
         }
-        let mut slot = lock(slot)?;
-        if let Some(block) = slot.as_ref() {
-            return Ok(Some(block.clone()));
-        }
-        let spec = MbConvSpec {
-            cin,
-            mid: STEM_CHANNELS,
-            expand: true,
-            ..first.spec(STEM_CHANNELS)
-        };
-        let mut parts = vec![self.stem.flatten_all()?];
-        parts.extend(self.stem_bn.affine().map(Tensor::clone));
-        parts.push(first.flat_params()?);
-        let mut running = vec![self.stem_bn.running()?];
-        running.extend(first.running()?);
-        let block = Arc::new(kernels::FrozenMbConv::new(
-            &Tensor::cat(&parts, 0)?,
-            spec,
-            running,
-        )?);
-        *slot = Some(block.clone());
+        let block = cached(slot, || {
+            let spec = MbConvSpec {
+                cin,
+                mid: STEM_CHANNELS,
+                expand: true,
+                ..first.spec(STEM_CHANNELS)
+            };
+            let mut parts = vec![self.stem.flatten_all()?];
+            parts.extend(self.stem_bn.affine().map(Tensor::clone));
+            parts.push(first.flat_params()?);
+            let mut running = vec![self.stem_bn.running()?];
+            running.extend(first.running()?);
+            kernels::FrozenMbConv::new(&Tensor::cat(&parts, 0)?, spec, running)
+        })?;
         Ok(Some(block))
     }
 
@@ -488,7 +458,7 @@ impl EfficientNet {
         {
             let k0 = k.for_pixels();
             let x = kernels::mbconv_frozen(&kernels::patches(&x, 3, 2, k0)?, &stem, k0)?;
-            return self.blocks_from(x, 1, blocks, stats, k);
+            return self.blocks_between(&x, stats, k, (1, blocks));
         }
         let spec = ConvSpec {
             kernel: 3,
@@ -498,34 +468,8 @@ impl EfficientNet {
         };
         let zero = Tensor::zeros(STEM_CHANNELS, DType::F32, xs.device())?.to_dtype(xs.dtype())?;
         let x = kernels::conv2d(&x, &self.stem, &zero, spec, k.for_pixels())?;
-        // With frozen weights the first block (no expansion, no skip) applies the stem's batch norm
-        // and ReLU6 as it reads the stem's output, which then never exists normalized in memory.
-        let fold =
-            stats == Stats::Running && blocks > 0 && self.blocks.first().is_some_and(|b| b.frozen.is_some());
-        let x = match (fold, self.blocks.first()) {
-            (true, Some(first)) => first.forward_folding(&x, &self.stem_bn, k.for_pixels())?,
-            _ => self.stem_bn.forward(&x, stats, Activation::Relu6, k)?,
-        };
-        let from = usize::from(fold);
-        self.blocks_from(x, from, blocks, stats, k)
-    }
-
-    /// Blocks `from..to` applied to `x`.
-    fn blocks_from(
-        &self,
-        mut x: Tensor,
-        from: usize,
-        to: usize,
-        stats: Stats,
-        k: Kernels,
-    ) -> candle_core::Result<Tensor> {
-        for (i, block) in self.blocks.iter().enumerate().take(to).skip(from) {
-            // The first two stages, on 112² and 56² planes, keep FP32 products (see
-            // `Kernels::for_pixels`).
-            let k = if i < FP32_BLOCKS { k.for_pixels() } else { k };
-            x = block.forward(&x, stats, k)?;
-        }
-        Ok(x)
+        let x = self.stem_bn.forward(&x, stats, Activation::Relu6, k)?;
+        self.blocks_between(&x, stats, k, (0, blocks))
     }
 
     /// The bottlenecks from index `from` on and the head convolution (with its BN and ReLU6).
@@ -536,9 +480,12 @@ impl EfficientNet {
         k: Kernels,
         from: usize,
     ) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
-        for block in self.blocks.iter().skip(from) {
-            x = block.forward(&x, stats, k)?;
+        let x = self.blocks_between(x, stats, k, (from, self.blocks.len()))?;
+        if stats == Stats::Batch
+            && let Some(slot) = &self.head_frozen
+        {
+            // The head's running statistics move with this pass.
+            *lock(slot)? = None;
         }
         self.head_bn.forward(
             &kernels::conv1x1(&x, &self.head_conv, k)?,
@@ -548,7 +495,8 @@ impl EfficientNet {
         )
     }
 
-    /// The bottlenecks from index `from` up to (not including) `to`.
+    /// The bottlenecks from index `from` up to (not including) `to`, the first `FP32_BLOCKS` of the
+    /// network with FP32 products.
     pub(crate) fn blocks_between(
         &self,
         x: &Tensor,
@@ -557,7 +505,10 @@ impl EfficientNet {
         (from, to): (usize, usize),
     ) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
-        for block in self.blocks.iter().take(to).skip(from) {
+        for (i, block) in self.blocks.iter().enumerate().take(to).skip(from) {
+            // The first two stages, on 112² and 56² planes, keep FP32 products (see
+            // `Kernels::for_pixels`).
+            let k = if i < FP32_BLOCKS { k.for_pixels() } else { k };
             x = block.forward(&x, stats, k)?;
         }
         Ok(x)
