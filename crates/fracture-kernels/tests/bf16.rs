@@ -473,19 +473,8 @@ fn every_backend_runs_the_ops_when_forced() {
     if std::env::var_os("FRACTURE_BF16").is_some() {
         return; // already a child
     }
-    let exe = std::env::current_exe().unwrap();
     for backend in Bf16Backend::available() {
-        let out = std::process::Command::new(&exe)
-            .args(["--exact", "bf16_ops_track_the_fp32_ops", "--test-threads", "1"])
-            .env("FRACTURE_BF16", backend.name())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("1 passed"),
-            "{backend}: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::passes_in_child_with("bf16_ops_track_the_fp32_ops", "FRACTURE_BF16", backend.name());
     }
 }
 

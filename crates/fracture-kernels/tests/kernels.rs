@@ -417,20 +417,9 @@ fn the_gemm_fallback_of_the_packed_kernels_runs_when_forced() {
     if std::env::var_os("FRACTURE_FP32_KERNEL").is_some() {
         return; // already a child
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "fused_inverted_bottleneck_in_channel_groups_matches_the_single_ops",
-            "--test-threads",
-            "1",
-        ])
-        .env("FRACTURE_FP32_KERNEL", "gemm")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("1 passed"),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::passes_in_child_with(
+        "fused_inverted_bottleneck_in_channel_groups_matches_the_single_ops",
+        "FRACTURE_FP32_KERNEL",
+        "gemm",
     );
 }

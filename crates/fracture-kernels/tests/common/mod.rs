@@ -21,3 +21,20 @@ pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
 pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(values(shape.iter().product(), seed), shape, &Device::Cpu).unwrap()
 }
+
+/// Runs the test `name` of this test binary again in a child process with `key=value` in its
+/// environment, and fails unless it passed there. The calling test should return early when `key`
+/// is already set (it is then the child).
+pub(crate) fn passes_in_child_with(name: &str, key: &str, value: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--test-threads", "1"])
+        .env(key, value)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{name} with {key}={value}: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
