@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::bf16::{Bf16Backend, PackedLhs};
-use super::buffers::{give, take};
+use super::buffers::{give, take, take_output};
 use super::depthwise::{DSCRATCH, DepthwiseSpec, GROUP, Geometry, Padding, ROW, SCRATCH, with_scratch};
 use super::gemm::View;
 use super::norm::{self, Norm, NormGrad};
@@ -370,7 +370,7 @@ impl MbConvOp {
             band_bytes,
             packed,
         };
-        let mut out = take(b * s.cout * g.oh * g.ow);
+        let mut out = take_output(b * s.cout * g.oh * g.ow);
         pass.forward(x, &mut out)?;
         Ok(out)
     }
@@ -558,6 +558,14 @@ pub(crate) fn fill_group(g: &Geometry, n0: Option<&Norm>, c0: usize, planes: &[f
     }
 }
 
+/// From this many values of the expanded tensor (32 MB) on, the backward pass folds BN0's input
+/// gradient into the expansion's products ([`pointwise::backward_through_norm`]) instead of
+/// applying it in a pass of its own. Measured per block (`bench_blocks 224 32 --block S.R`, this
+/// Xeon, alternated runs): the fold took 5-8% off the backward of blocks 2.1 and 2.2 (38 and 14
+/// million values, where that pass runs at memory speed) but added 20% to block 6.2's (1.8
+/// million values, in cache), whose extra `cin × cin` products cost more than the pass.
+const FOLD_NORM_VALUES: usize = 8 << 20;
+
 impl CustomOp2 for MbConvOp {
     fn name(&self) -> &'static str {
         "fracture-mbconv"
@@ -696,7 +704,12 @@ impl CustomOp2 for MbConvOp {
         };
 
         // Projection and BN2 (+ the input).
-        let mut y3 = take(b * s.cout * ohw);
+        let mut y3 = if self.keep {
+            take(b * s.cout * ohw)
+        } else {
+            // Without a backward pass the projection's output is the block's.
+            take_output(b * s.cout * ohw)
+        };
         pointwise::forward_with(
             &a2,
             &self.project_lhs(params),
@@ -731,7 +744,7 @@ impl CustomOp2 for MbConvOp {
             }
             return Ok((CpuStorage::F32(out), shape));
         }
-        let mut out = take(b * s.cout * ohw);
+        let mut out = take_output(b * s.cout * ohw);
         project_out(&mut out, Some(&y3), skip, &n2, ohw);
         if let Ok(mut slot) = self.saved.lock() {
             *slot = Some(Saved {
@@ -823,7 +836,12 @@ impl CustomOp2 for MbConvOp {
         // ReLU6 mask and its per-plane sums while each plane is in cache.
         let wd = &params[lay.depthwise.clone()];
         let a1_src: &[f32] = if s.expand { &saved.y1 } else { x };
-        let mut da1 = take(b * s.mid * hw);
+        // Without an expansion, the depthwise input gradient is the block's.
+        let mut da1 = if s.expand {
+            take(b * s.mid * hw)
+        } else {
+            take_output(b * s.mid * hw)
+        };
         let mut dwd_planes = take(b * s.mid * kk);
         let n0 = saved.n0.as_ref();
         let sums: Vec<(f64, f64)> = if g.grouped() {
@@ -872,6 +890,7 @@ impl CustomOp2 for MbConvOp {
                 .collect::<Vec<_>>()
                 .concat()
         } else {
+            let turned = g.transposed();
             da1.par_chunks_mut(hw)
                 .zip(dwd_planes.par_chunks_mut(kk))
                 .enumerate()
@@ -883,15 +902,14 @@ impl CustomOp2 for MbConvOp {
                     let dy = &da2[i * ohw..(i + 1) * ohw];
                     dw_plane.fill(0.0);
                     with_scratch(&SCRATCH, g.scratch_len(), |p| {
-                        with_scratch(&DSCRATCH, g.scratch_len(), |dp| {
+                        with_scratch(&DSCRATCH, g.input_grad_scratch_len(), |dp| {
                             with_scratch(&ROW, g.padded_row_len().max(g.padded_dy_len()), |row| {
                                 simd(
                                     #[inline(always)]
                                     || {
                                         fill_plane(&g, n0, c, plane, p);
                                         g.filter_grad_plane(p, dy, dw_plane, row);
-                                        g.input_grad_scratch(filter, dy, dp, row);
-                                        g.crop_scratch(dp, dx_plane);
+                                        g.input_grad_plane(turned.as_ref(), filter, dy, dx_plane, dp, row);
                                         match n0 {
                                             Some(n) => norm::backward_sums_run(
                                                 dx_plane,
@@ -921,24 +939,26 @@ impl CustomOp2 for MbConvOp {
         // BN0 and the expansion; or the depthwise input gradient is the block's.
         let mut dx = match (&lay.expand, &lay.bn0, n0) {
             (Some(we), Some((g0, b0)), Some(n0)) => {
+                // da1 holds BN0's masked gradient dz.
                 let grad0 = NormGrad::new(n0, &params[g0.clone()], &sums, hw);
-                grad0.input_grad(&mut da1, &saved.y1, hw);
                 dparams[g0.clone()].copy_from_slice(&grad0.dgamma);
                 dparams[b0.clone()].copy_from_slice(&grad0.dbeta);
-                let mut dx = take(b * s.cin * hw);
-                let dwe = pointwise::backward_into(
-                    x,
-                    &params[we.clone()],
-                    &da1,
-                    Dims {
-                        b,
-                        cin: s.cin,
-                        cout: s.mid,
-                        n: hw,
-                        precision: self.precision,
-                    },
-                    &mut dx,
-                )?;
+                let mut dx = take_output(b * s.cin * hw);
+                let dims = Dims {
+                    b,
+                    cin: s.cin,
+                    cout: s.mid,
+                    n: hw,
+                    precision: self.precision,
+                };
+                let w = &params[we.clone()];
+                let dwe = if da1.len() >= FOLD_NORM_VALUES {
+                    // BN0's input gradient applied inside the expansion's products: no pass over da1.
+                    pointwise::backward_through_norm(x, w, &da1, &grad0, dims, &mut dx)?
+                } else {
+                    grad0.input_grad(&mut da1, &saved.y1, hw);
+                    pointwise::backward_into(x, w, &da1, dims, &mut dx)?
+                };
                 give(da1);
                 dparams[we.clone()].copy_from_slice(&dwe);
                 dx

@@ -290,6 +290,11 @@ impl NormGrad {
         out
     }
 
+    /// The input-gradient coefficients `(a, k1, k0)`, one of each per channel.
+    pub(crate) fn coefficients(&self) -> (&[f32], &[f32], &[f32]) {
+        (&self.a, &self.k1, &self.k0)
+    }
+
     /// `dz` (the masked gradient) becomes `dx = a · dz + k1 · x + k0` in place, over one run of
     /// channel `c`.
     #[inline(always)]
