@@ -602,27 +602,52 @@ impl Geometry {
         }
     }
 
-    /// For stride 1, the geometry of the input gradient as a convolution of its own: `dy`
-    /// (`oh × ow`) padded by `k − 1 − p` on each side where `p` is this convolution's padding there,
-    /// convolved with the filter turned by 180°, gives `dx` (`h × w`) directly. `None` for stride 2
-    /// or a padding wider than `k − 1`.
+    /// The geometry of the input gradient as a stride-1 convolution of its own: `dy`
+    /// (`oh × ow`), for stride 2 spread out with a zero between neighbours (`(2·oh − 1) ×
+    /// (2·ow − 1)`), padded by `k − 1 − p` above and left (`p` this convolution's padding there)
+    /// and by what makes the output `h × w` below and right, then convolved with the filter turned
+    /// by 180°, gives `dx` (`h × w`) directly. `None` where a padding is wider than `k − 1` or the
+    /// input has rows or columns past the last that any output reads beyond what padding covers.
     pub(crate) fn transposed(&self) -> Option<Geometry> {
-        let (k, p) = (self.k, self.pad);
-        if self.s != 1 || [p.top, p.bottom, p.left, p.right].iter().any(|&v| v >= k) {
-            return None;
-        }
+        let (k, s, p) = (self.k, self.s, self.pad);
+        // The spread-out dy: its rows and columns.
+        let (uh, uw) = ((self.oh - 1) * s + 1, (self.ow - 1) * s + 1);
+        let top = (k - 1).checked_sub(p.top)?;
+        let left = (k - 1).checked_sub(p.left)?;
+        // The stride-1 output has uh + top + bottom − k + 1 rows, which must be h.
+        let bottom = (self.h + k - 1).checked_sub(uh + top)?;
+        let right = (self.w + k - 1).checked_sub(uw + left)?;
         let spec = DepthwiseSpec {
             kernel: k,
             stride: 1,
             padding: Padding {
-                top: k - 1 - p.top,
-                bottom: k - 1 - p.bottom,
-                left: k - 1 - p.left,
-                right: k - 1 - p.right,
+                top,
+                bottom,
+                left,
+                right,
             },
         };
-        let g = Geometry::of(&spec, 1, 1, self.oh, self.ow).ok()?;
+        let g = Geometry::of(&spec, 1, 1, uh, uw).ok()?;
         ((g.oh, g.ow) == (self.h, self.w)).then_some(g)
+    }
+
+    /// Fills the scratch of the transposed geometry `t` ([`Geometry::transposed`]) with one plane
+    /// of `dy` (`oh × ow`): for stride 1 the plane with its zero border, for stride 2 each value
+    /// at every other row and column and zeros between.
+    #[inline(always)]
+    fn fill_transposed(&self, t: &Geometry, dy: &[f32], dp: &mut [f32]) {
+        if self.s == 1 {
+            t.fill_scratch(dy, dp);
+            return;
+        }
+        let dp = &mut dp[..t.scratch_len()];
+        dp.fill(0.0);
+        for (oy, row) in dy.chunks_exact(self.ow).enumerate() {
+            let dst = &mut dp[(oy * self.s + t.pad.top) * t.pw + t.pad.left..];
+            for (ox, &v) in row.iter().enumerate() {
+                dst[ox * self.s] = v;
+            }
+        }
     }
 
     /// Values of the scratch [`Geometry::input_grad_plane`] needs (its `dp`).
@@ -634,10 +659,10 @@ impl Geometry {
 
     /// The input gradient of one plane, `dx` (`h × w`, overwritten), from its output gradient `dy`
     /// and its `k × k` filter; `dp` ([`Geometry::input_grad_scratch_len`]) and `row`
-    /// ([`Geometry::padded_row_len`]) are scratch. For stride 1 a forward convolution of the padded
-    /// `dy` with the turned filter (`t`, from [`Geometry::transposed`]: the forward pass's
-    /// register-blocked kernel, no scatter); for stride 2 the scatter over the parity planes of
-    /// [`Geometry::input_grad_scratch`].
+    /// ([`Geometry::padded_row_len`]) are scratch. Where `t` (from [`Geometry::transposed`]) is
+    /// given, a forward convolution of the padded (for stride 2 also spread-out) `dy` with the
+    /// turned filter: the forward pass's register-blocked kernel, no scatter; otherwise the scatter
+    /// over the scratch plane of [`Geometry::input_grad_scratch`].
     #[inline(always)]
     pub(crate) fn input_grad_plane(
         &self,
@@ -655,7 +680,7 @@ impl Geometry {
                 for (d, &w) in turned[..kk].iter_mut().zip(filter[..kk].iter().rev()) {
                     *d = w;
                 }
-                t.fill_scratch(dy, dp);
+                self.fill_transposed(t, dy, dp);
                 t.convolve_plane(dp, &turned[..kk], dx);
             }
             None => {
@@ -861,10 +886,55 @@ impl Geometry {
         }
     }
 
+    /// Values of the scratch `dq` of [`Geometry::backward_group`].
+    pub(crate) fn group_input_grad_scratch_len(&self) -> usize {
+        self.transposed()
+            .map_or(0, |t| t.group_scratch_len())
+            .max(self.group_scratch_len())
+    }
+
+    /// [`Geometry::backward_group`]'s filter gradients for `KK = k²` taps: one sweep over the
+    /// output positions, each loading its vector of [`GROUP`] output gradients once, with the
+    /// `KK` multiply-adds per position independent (one accumulator per tap).
+    #[inline(always)]
+    fn group_filter_grad<const KK: usize>(&self, q: &[f32], dyq: &[f32], dw: &mut [f32]) {
+        let k = self.k;
+        let mut offs = [0usize; KK];
+        for ki in 0..k {
+            for kj in 0..k {
+                offs[ki * k + kj] = self.group_base(0, 0, ki, kj);
+            }
+        }
+        let mut acc = [[0.0f32; GROUP]; KK];
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                let base = self.group_base(oy, ox, 0, 0);
+                let d = &dyq[(oy * self.ow + ox) * GROUP..][..GROUP];
+                let d: [f32; GROUP] = std::array::from_fn(|i| d[i]);
+                for t in 0..KK {
+                    let src = &q[base + offs[t]..][..GROUP];
+                    for i in 0..GROUP {
+                        acc[t][i] = d[i].mul_add(src[i], acc[t][i]);
+                    }
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            for (lane, &a) in acc.iter().enumerate() {
+                dw[lane * KK + t] += a;
+            }
+        }
+    }
+
     /// The backward pass of a group: adds the filter gradients to `dw` (`GROUP × k × k`) and writes
     /// the input gradients `dx` (`GROUP × h × w`), from the output gradients `dy`
     /// (`GROUP × oh × ow`), the filled scratch `q`, the group's interleaved filters `wt` and
-    /// scratch buffers `dyq` ([`Geometry::group_dy_len`]) and `dq` ([`Geometry::group_scratch_len`]).
+    /// scratch buffers `dyq` ([`Geometry::group_dy_len`]) and `dq`
+    /// ([`Geometry::group_input_grad_scratch_len`]). The filter gradients of all taps are summed in
+    /// one sweep over the positions, each tap in a register of its own; the input gradients are
+    /// the forward kernel run on the padded (for stride 2 spread-out) `dy` with the turned filters
+    /// (see [`Geometry::transposed`]), or, where that geometry does not exist, each output's
+    /// gradient spread over its taps.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward_group(
@@ -884,25 +954,52 @@ impl Geometry {
                 dyq[pos * GROUP + lane] = v;
             }
         }
-        // Filter gradients: one vector of sums per tap over all positions.
-        for ki in 0..k {
-            for kj in 0..k {
-                let mut acc = [0.0f32; GROUP];
-                for oy in 0..self.oh {
-                    for ox in 0..self.ow {
-                        let (d, src) = (
-                            &dyq[(oy * self.ow + ox) * GROUP..][..GROUP],
-                            &q[self.group_base(oy, ox, ki, kj)..][..GROUP],
-                        );
-                        for i in 0..GROUP {
-                            acc[i] += d[i] * src[i];
+        match k {
+            3 => self.group_filter_grad::<9>(q, dyq, dw),
+            5 => self.group_filter_grad::<25>(q, dyq, dw),
+            _ => {
+                for ki in 0..k {
+                    for kj in 0..k {
+                        let mut acc = [0.0f32; GROUP];
+                        for oy in 0..self.oh {
+                            for ox in 0..self.ow {
+                                let (d, src) = (
+                                    &dyq[(oy * self.ow + ox) * GROUP..][..GROUP],
+                                    &q[self.group_base(oy, ox, ki, kj)..][..GROUP],
+                                );
+                                for i in 0..GROUP {
+                                    acc[i] = d[i].mul_add(src[i], acc[i]);
+                                }
+                            }
+                        }
+                        for (lane, &a) in acc.iter().enumerate() {
+                            dw[lane * kk + ki * k + kj] += a;
                         }
                     }
                 }
-                for (lane, &a) in acc.iter().enumerate() {
-                    dw[lane * kk + ki * k + kj] += a;
+            }
+        }
+        if let Some(t) = self.transposed() {
+            let mut turned = [0.0f32; 49 * GROUP];
+            for tap in 0..kk {
+                turned[tap * GROUP..][..GROUP].copy_from_slice(&wt[(kk - 1 - tap) * GROUP..][..GROUP]);
+            }
+            let dq = &mut dq[..t.group_scratch_len()];
+            if self.s == 1 {
+                // dyq holds dy interleaved already: one vector copy per position.
+                t.fill_group_channels_last(dyq, GROUP, dq, |_, v| v);
+            } else {
+                // Spread out: each position's vector at every other row and column.
+                dq.fill(0.0);
+                let pwf = t.pwf();
+                for (pos, d) in dyq.chunks_exact(GROUP).enumerate() {
+                    let (oy, ox) = (pos / self.ow, pos % self.ow);
+                    let at = (oy * self.s + t.pad.top) * pwf + ox * self.s + t.pad.left;
+                    dq[at * GROUP..][..GROUP].copy_from_slice(d);
                 }
             }
+            t.convolve_group(dq, &turned[..kk * GROUP], dx);
+            return;
         }
         // Input gradients: each output position's gradient spread over its taps.
         let dq = &mut dq[..self.group_scratch_len()];

@@ -856,7 +856,7 @@ impl CustomOp2 for MbConvOp {
                     let dy = &da2[i * GROUP * ohw..(i + 1) * GROUP * ohw];
                     dw.fill(0.0);
                     with_scratch(&SCRATCH, g.group_scratch_len(), |q| {
-                        with_scratch(&DSCRATCH, g.group_scratch_len(), |dq| {
+                        with_scratch(&DSCRATCH, g.group_input_grad_scratch_len(), |dq| {
                             with_scratch(&ROW, g.group_dy_len(), |dyq| {
                                 simd(
                                     #[inline(always)]
