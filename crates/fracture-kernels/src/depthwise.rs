@@ -326,6 +326,7 @@ thread_local! {
     pub(crate) static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     pub(crate) static DSCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     pub(crate) static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static GRAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with the first `len` values of this thread's scratch buffer `key` (grown as needed,

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use super::bf16::{Bf16Backend, PackedLhs};
 use super::buffers::{give, take, take_output};
-use super::depthwise::{DSCRATCH, DepthwiseSpec, GROUP, Geometry, Padding, ROW, SCRATCH, with_scratch};
+use super::depthwise::{DSCRATCH, DepthwiseSpec, GRAD, GROUP, Geometry, Padding, ROW, SCRATCH, with_scratch};
 use super::gemm::View;
 use super::norm::{self, Norm, NormGrad};
 use super::packed::{self, PackedF32};
@@ -819,18 +819,19 @@ impl CustomOp2 for MbConvOp {
         give(dy3);
         dparams[lay.project.clone()].copy_from_slice(&dwp);
 
-        // BN1 + ReLU6: da2 becomes dy2.
+        // BN1 + ReLU6: only its sums here (a pass that reads da2 and y2); its input gradient dy2
+        // is computed plane by plane in the depthwise stage below, into a per-thread buffer, so
+        // da2 is neither masked in place nor written back.
         let (g1, b1) = &lay.bn1;
-        let grad1 = norm::backward(
-            &mut da2,
-            &saved.y2,
-            &saved.n1,
-            &params[g1.clone()],
-            ohw,
-            Activation::Relu6,
-        );
+        let n1 = &saved.n1;
+        let sums1 = norm::masked_sums(&da2, &saved.y2, n1, ohw, Activation::Relu6);
+        let grad1 = NormGrad::new(n1, &params[g1.clone()], &sums1, ohw);
         dparams[g1.clone()].copy_from_slice(&grad1.dgamma);
         dparams[b1.clone()].copy_from_slice(&grad1.dbeta);
+        let dy2_of = |dst: &mut [f32], at: usize, c: usize| {
+            let (dy, y2) = (&da2[at..][..dst.len()], &saved.y2[at..][..dst.len()]);
+            grad1.masked_input_grad_run(n1, dst, dy, y2, c, Activation::Relu6);
+        };
 
         // Depthwise: filter gradients per plane, and the input gradient; when expanding, BN0's
         // ReLU6 mask and its per-plane sums while each plane is in cache.
@@ -853,36 +854,40 @@ impl CustomOp2 for MbConvOp {
                     let c0 = (i * GROUP) % s.mid;
                     let filters = &wt[c0 * kk..(c0 + GROUP) * kk];
                     let planes = &a1_src[i * GROUP * hw..(i + 1) * GROUP * hw];
-                    let dy = &da2[i * GROUP * ohw..(i + 1) * GROUP * ohw];
                     dw.fill(0.0);
                     with_scratch(&SCRATCH, g.group_scratch_len(), |q| {
                         with_scratch(&DSCRATCH, g.group_input_grad_scratch_len(), |dq| {
                             with_scratch(&ROW, g.group_dy_len(), |dyq| {
-                                simd(
-                                    #[inline(always)]
-                                    || {
-                                        fill_group(&g, n0, c0, planes, q);
-                                        g.backward_group(q, filters, dy, dw, dx, dyq, dq);
-                                        dx.chunks_exact_mut(hw)
-                                            .zip(planes.chunks_exact(hw))
-                                            .enumerate()
-                                            .map(|(lane, (d, p))| match n0 {
-                                                Some(n) => {
-                                                    let c = c0 + lane;
-                                                    norm::backward_sums_run(
-                                                        d,
-                                                        p,
-                                                        n.scale[c],
-                                                        n.shift[c],
-                                                        n.center[c],
-                                                        Activation::Relu6,
-                                                    )
-                                                }
-                                                None => (0.0, 0.0),
-                                            })
-                                            .collect::<Vec<_>>()
-                                    },
-                                )
+                                with_scratch(&GRAD, GROUP * ohw, |dy| {
+                                    simd(
+                                        #[inline(always)]
+                                        || {
+                                            for (lane, d) in dy.chunks_exact_mut(ohw).enumerate() {
+                                                dy2_of(d, (i * GROUP + lane) * ohw, c0 + lane);
+                                            }
+                                            fill_group(&g, n0, c0, planes, q);
+                                            g.backward_group(q, filters, dy, dw, dx, dyq, dq);
+                                            dx.chunks_exact_mut(hw)
+                                                .zip(planes.chunks_exact(hw))
+                                                .enumerate()
+                                                .map(|(lane, (d, p))| match n0 {
+                                                    Some(n) => {
+                                                        let c = c0 + lane;
+                                                        norm::backward_sums_run(
+                                                            d,
+                                                            p,
+                                                            n.scale[c],
+                                                            n.shift[c],
+                                                            n.center[c],
+                                                            Activation::Relu6,
+                                                        )
+                                                    }
+                                                    None => (0.0, 0.0),
+                                                })
+                                                .collect::<Vec<_>>()
+                                        },
+                                    )
+                                })
                             })
                         })
                     })
@@ -899,30 +904,39 @@ impl CustomOp2 for MbConvOp {
                     let (sc, sh) = prologue(n0, c);
                     let filter = &wd[c * kk..(c + 1) * kk];
                     let plane = &a1_src[i * hw..(i + 1) * hw];
-                    let dy = &da2[i * ohw..(i + 1) * ohw];
                     dw_plane.fill(0.0);
                     with_scratch(&SCRATCH, g.scratch_len(), |p| {
                         with_scratch(&DSCRATCH, g.input_grad_scratch_len(), |dp| {
                             with_scratch(&ROW, g.padded_row_len().max(g.padded_dy_len()), |row| {
-                                simd(
-                                    #[inline(always)]
-                                    || {
-                                        fill_plane(&g, n0, c, plane, p);
-                                        g.filter_grad_plane(p, dy, dw_plane, row);
-                                        g.input_grad_plane(turned.as_ref(), filter, dy, dx_plane, dp, row);
-                                        match n0 {
-                                            Some(n) => norm::backward_sums_run(
+                                with_scratch(&GRAD, ohw, |dy| {
+                                    simd(
+                                        #[inline(always)]
+                                        || {
+                                            dy2_of(dy, i * ohw, c);
+                                            fill_plane(&g, n0, c, plane, p);
+                                            g.filter_grad_plane(p, dy, dw_plane, row);
+                                            g.input_grad_plane(
+                                                turned.as_ref(),
+                                                filter,
+                                                dy,
                                                 dx_plane,
-                                                plane,
-                                                sc,
-                                                sh,
-                                                n.center[c],
-                                                Activation::Relu6,
-                                            ),
-                                            None => (0.0, 0.0),
-                                        }
-                                    },
-                                )
+                                                dp,
+                                                row,
+                                            );
+                                            match n0 {
+                                                Some(n) => norm::backward_sums_run(
+                                                    dx_plane,
+                                                    plane,
+                                                    sc,
+                                                    sh,
+                                                    n.center[c],
+                                                    Activation::Relu6,
+                                                ),
+                                                None => (0.0, 0.0),
+                                            }
+                                        },
+                                    )
+                                })
                             })
                         })
                     })

@@ -242,6 +242,51 @@ fn sums_run<A: Act>(dy: &mut [f32], x: &[f32], scale: f32, shift: f32, center: f
     (sum(&s1, t1), sum(&s2, t2))
 }
 
+/// The sums of [`backward_sums_run`] over every run of `dy` and `x` (`B·C` runs of `hw` values,
+/// channel `k % C` for run `k`), in parallel, without writing the masked gradient: a pass that only
+/// reads, for a backward pass that applies the mask again where it next reads `dy`
+/// ([`NormGrad::masked_input_grad_run`]).
+pub(crate) fn masked_sums(dy: &[f32], x: &[f32], norm: &Norm, hw: usize, act: Activation) -> Vec<(f64, f64)> {
+    let ch = norm.scale.len();
+    dy.par_chunks(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .map(|(k, (d, xv))| {
+            let c = k % ch;
+            simd(
+                #[inline(always)]
+                || {
+                    with_act!(act, A => read_sums_run::<A>(d, xv, norm.scale[c], norm.shift[c], norm.center[c]))
+                },
+            )
+        })
+        .collect()
+}
+
+/// [`backward_sums_run`]'s sums, with `dy` left as it is.
+#[inline(always)]
+fn read_sums_run<A: Act>(dy: &[f32], x: &[f32], scale: f32, shift: f32, center: f32) -> (f64, f64) {
+    let mut s1 = [0.0f32; LANES];
+    let mut s2 = [0.0f32; LANES];
+    let n = dy.len().min(x.len());
+    let full = n - n % LANES;
+    for (d, xv) in dy[..full].chunks_exact(LANES).zip(x[..full].chunks_exact(LANES)) {
+        for i in 0..LANES {
+            let g = d[i] * A::mask(xv[i] * scale + shift);
+            s1[i] += g;
+            s2[i] += g * (xv[i] - center);
+        }
+    }
+    let (mut t1, mut t2) = (0.0f32, 0.0f32);
+    for (&d, &xv) in dy[full..n].iter().zip(&x[full..n]) {
+        let g = d * A::mask(xv * scale + shift);
+        t1 += g;
+        t2 += g * (xv - center);
+    }
+    let sum = |a: &[f32; LANES], t: f32| a.iter().map(|&v| f64::from(v)).sum::<f64>() + f64::from(t);
+    (sum(&s1, t1), sum(&s2, t2))
+}
+
 /// The per-channel gradients `(dgamma, dbeta)` and the input-gradient coefficients
 /// `dx = a · dz + k1 · x + k0` of a normalization, from the per-run sums of
 /// [`backward_sums_run`] (`B·C` runs of `hw` values).
@@ -301,6 +346,31 @@ impl NormGrad {
     pub(crate) fn input_grad_run(&self, dz: &mut [f32], x: &[f32], c: usize) {
         let (a, k1, k0) = (self.a[c], self.k1[c], self.k0[c]);
         dz.iter_mut().zip(x).for_each(|(d, &v)| *d = a * *d + k1 * v + k0);
+    }
+
+    /// `dx = a · dz + k1 · x + k0` into `dx`, over one run of channel `c`, from the unmasked
+    /// gradient `dy` of the activation's output: `dz` is `dy` where the activation passes
+    /// `z = x · scale + shift` (`norm`'s), else 0, as [`masked_sums`] summed it.
+    #[inline(always)]
+    pub(crate) fn masked_input_grad_run(
+        &self,
+        norm: &Norm,
+        dx: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        c: usize,
+        act: Activation,
+    ) {
+        with_act!(act, A => self.masked_run::<A>(norm, dx, dy, x, c))
+    }
+
+    #[inline(always)]
+    fn masked_run<A: Act>(&self, norm: &Norm, dx: &mut [f32], dy: &[f32], x: &[f32], c: usize) {
+        let (a, k1, k0) = (self.a[c], self.k1[c], self.k0[c]);
+        let (scale, shift) = (norm.scale[c], norm.shift[c]);
+        for ((o, &d), &v) in dx.iter_mut().zip(dy).zip(x) {
+            *o = a * (d * A::mask(v * scale + shift)) + k1 * v + k0;
+        }
     }
 
     /// [`NormGrad::input_grad_run`] over all runs, in parallel.
