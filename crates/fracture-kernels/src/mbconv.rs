@@ -601,19 +601,21 @@ impl CustomOp2 for MbConvOp {
         let (y1, n0) = match (&lay.expand, &lay.bn0) {
             (Some(we), Some((g0, b0))) => {
                 let mut y1 = take(b * s.mid * hw);
-                pointwise::forward_with(
-                    x,
-                    &self.expand_lhs(params, we),
-                    Dims {
-                        b,
-                        cin: s.cin,
-                        cout: s.mid,
-                        n: hw,
-                        precision: self.precision,
-                    },
-                    &mut y1,
-                )?;
-                let moments = batch.then(|| norm::channel_stats(&y1, s.mid, hw));
+                let dims = Dims {
+                    b,
+                    cin: s.cin,
+                    cout: s.mid,
+                    n: hw,
+                    precision: self.precision,
+                };
+                let lhs = self.expand_lhs(params, we);
+                let moments = if batch {
+                    let runs = pointwise::forward_with_moments(x, &lhs, dims, &mut y1)?;
+                    Some(norm::combine_moments(&runs, s.mid, hw))
+                } else {
+                    pointwise::forward_with(x, &lhs, dims, &mut y1)?;
+                    None
+                };
                 let n0 = self.norm(
                     0,
                     moments,
@@ -710,22 +712,24 @@ impl CustomOp2 for MbConvOp {
             // Without a backward pass the projection's output is the block's.
             take_output(b * s.cout * ohw)
         };
-        pointwise::forward_with(
-            &a2,
-            &self.project_lhs(params),
-            Dims {
-                b,
-                cin: s.mid,
-                cout: s.cout,
-                n: ohw,
-                precision: self.precision,
-            },
-            &mut y3,
-        )?;
+        let dims = Dims {
+            b,
+            cin: s.mid,
+            cout: s.cout,
+            n: ohw,
+            precision: self.precision,
+        };
+        let moments = if batch {
+            let runs = pointwise::forward_with_moments(&a2, &self.project_lhs(params), dims, &mut y3)?;
+            Some(norm::combine_moments(&runs, s.cout, ohw))
+        } else {
+            pointwise::forward_with(&a2, &self.project_lhs(params), dims, &mut y3)?;
+            None
+        };
         let (g2, b2) = &lay.bn2;
         let n2 = self.norm(
             norm_index + 1,
-            batch.then(|| norm::channel_stats(&y3, s.cout, ohw)),
+            moments,
             &params[g2.clone()],
             &params[b2.clone()],
             &mut batch_stats,

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{self, Threads, View, inner_threads};
-use super::norm::NormGrad;
+use super::norm::{self, NormGrad};
 use super::{Precision, SharedLhs, matmul};
 use super::{contiguous_f32, tensor_f32};
 
@@ -70,6 +70,34 @@ pub(crate) fn forward_with(
     out.par_chunks_mut(d.cout * d.n)
         .zip(x.par_chunks(d.cin * d.n))
         .try_for_each(|(o, xb)| w.matmul(o, d.n, View::rows(xb, d.cin, d.n), false, threads))
+}
+
+/// [`forward_with`], also returning each output run's moments ([`norm::run_moments`], in
+/// `(image, channel)` order, for [`norm::combine_moments`]), taken right after each image's product
+/// while its output is still in cache instead of in a pass of their own over the whole batch.
+pub(crate) fn forward_with_moments(
+    x: &[f32],
+    w: &SharedLhs<'_>,
+    d: Dims,
+    out: &mut [f32],
+) -> candle_core::Result<Vec<(f64, f64)>> {
+    let threads = inner_threads(d.b);
+    let runs = out
+        .par_chunks_mut(d.cout * d.n)
+        .zip(x.par_chunks(d.cin * d.n))
+        .map(|(o, xb)| {
+            w.matmul(o, d.n, View::rows(xb, d.cin, d.n), false, threads)?;
+            Ok(o.chunks_exact(d.n.max(1))
+                .map(|run| {
+                    super::simd(
+                        #[inline(always)]
+                        || norm::run_moments(run),
+                    )
+                })
+                .collect::<Vec<_>>())
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(runs.concat())
 }
 
 fn backward(
