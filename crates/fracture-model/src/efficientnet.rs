@@ -385,6 +385,47 @@ impl EfficientNet {
         Ok(Some(block))
     }
 
+    /// With batch statistics (training), the stem and the first block as one inverted bottleneck
+    /// on the stem's [`kernels::patches`] of the padded images `x`, as [`EfficientNet::stem_folded`]
+    /// prepares it for frozen weights: the stem's 32-channel output is then the block's saved
+    /// expansion instead of a tensor of its own that a batch norm reads and writes again, and its
+    /// gradient never passes through candle. The stem's and the block's running statistics move
+    /// with the op's batch statistics. `None` where the first block does not have that shape.
+    fn stem_folded_batch(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Option<Tensor>> {
+        let Some(first) = self.blocks.first() else {
+            return Ok(None);
+        };
+        let (cin, eps) = (self.stem.dim(1)? * 9, first.bn1.eps());
+        #[allow(clippy::float_cmp)] // one eps serves every norm of the fused op: it must be the same
+        let same_eps = self.stem_bn.eps() == eps;
+        if first.expand.is_some() || first.stride != 1 || !same_eps {
+            return Ok(None);
+        }
+        let spec = MbConvSpec {
+            cin,
+            mid: STEM_CHANNELS,
+            expand: true,
+            ..first.spec(STEM_CHANNELS)
+        };
+        let mut parts = vec![self.stem.flatten_all()?];
+        parts.extend(self.stem_bn.affine().map(Tensor::clone));
+        parts.push(first.flat_params()?);
+        // The stem and the first stages keep FP32 products (`Kernels::for_pixels`).
+        let k0 = k.for_pixels();
+        let patches = kernels::patches(x, 3, 2, k0)?;
+        let (b, _, h, w) = patches.dims4()?;
+        let (y, batch) = kernels::mbconv(&patches, &Tensor::cat(&parts, 0)?, spec, None, k0)?;
+        // Stride 1: each of the three norms sees b·h·w values per channel.
+        let dev = x.device();
+        for (bn, (mean, var)) in [&self.stem_bn, &first.bn1, &first.bn2].into_iter().zip(batch) {
+            bn.update_running(&Tensor::new(mean, dev)?, &Tensor::new(var, dev)?, b * h * w)?;
+        }
+        if let Some(slot) = &first.frozen {
+            *lock(slot)? = None;
+        }
+        Ok(Some(y))
+    }
+
     pub(crate) fn new(cfg: &EfficientNetConfig, vb: VarBuilder<'_>) -> Result<Self> {
         let m = cfg.bn_momentum;
         let mut blocks = Vec::new();
@@ -460,16 +501,28 @@ impl EfficientNet {
             let x = kernels::mbconv_frozen(&kernels::patches(&x, 3, 2, k0)?, &stem, k0)?;
             return self.blocks_between(&x, stats, k, (1, blocks));
         }
+        if stats == Stats::Batch
+            && blocks > 0
+            && let Some(x) = self.stem_folded_batch(&x, k)?
+        {
+            return self.blocks_between(&x, stats, k, (1, blocks));
+        }
+        let x = self.stem_apart(&x, stats, k)?;
+        self.blocks_between(&x, stats, k, (0, blocks))
+    }
+
+    /// The stem as ops of its own on the padded images `x`: 3×3 convolution at stride 2, batch
+    /// norm, ReLU6.
+    fn stem_apart(&self, x: &Tensor, stats: Stats, k: Kernels) -> candle_core::Result<Tensor> {
         let spec = ConvSpec {
             kernel: 3,
             stride: 2,
             padding: 0,
             relu: false,
         };
-        let zero = Tensor::zeros(STEM_CHANNELS, DType::F32, xs.device())?.to_dtype(xs.dtype())?;
-        let x = kernels::conv2d(&x, &self.stem, &zero, spec, k.for_pixels())?;
-        let x = self.stem_bn.forward(&x, stats, Activation::Relu6, k)?;
-        self.blocks_between(&x, stats, k, (0, blocks))
+        let zero = Tensor::zeros(STEM_CHANNELS, DType::F32, x.device())?.to_dtype(x.dtype())?;
+        let x = kernels::conv2d(x, &self.stem, &zero, spec, k.for_pixels())?;
+        self.stem_bn.forward(&x, stats, Activation::Relu6, k)
     }
 
     /// The bottlenecks from index `from` on and the head convolution (with its BN and ReLU6).
@@ -672,5 +725,110 @@ impl EfficientNet {
         let h = g.batch_norm("_bn1", &h, &self.head_bn)?;
         let h = g.relu6(&h);
         Ok((g.pooled_head(&h, &self.fc)?, map))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    use super::*;
+
+    /// The stem folded into the first block for training gives the same output, the same gradients
+    /// for every variable and the same running statistics as the stem and the block run apart.
+    #[test]
+    fn the_stem_folded_for_training_matches_the_stem_and_block_apart() {
+        let dev = Device::Cpu;
+        let cfg = EfficientNetConfig {
+            // The running statistics become the last batch's, so the two passes compare directly.
+            bn_momentum: 1.0,
+            ..EfficientNetConfig::default()
+        };
+        let varmap = VarMap::new();
+        let net = EfficientNet::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+        let (h, w) = (21, 18);
+        let x = Tensor::rand(0f32, 1.0, (3, 1, h, w), &dev).unwrap();
+        let p = Padding::same(h, w, 3, 2);
+        let x = x
+            .pad_with_zeros(2, p.top, p.bottom)
+            .unwrap()
+            .pad_with_zeros(3, p.left, p.right)
+            .unwrap();
+        for k in [Kernels::Fast, Kernels::Reference] {
+            stem_fold_case(&net, &varmap, &x, k);
+        }
+    }
+
+    /// One kernel choice of the test above: both passes with `k`, compared.
+    fn stem_fold_case(net: &EfficientNet, varmap: &VarMap, x: &Tensor, k: Kernels) {
+        let dev = x.device();
+        let first = &net.blocks[0];
+        let norms = [&net.stem_bn, &first.bn1, &first.bn2];
+        let running = || -> Vec<Vec<f32>> {
+            norms
+                .iter()
+                .flat_map(|bn| {
+                    let (m, v) = bn.running().unwrap();
+                    [m, v]
+                })
+                .collect()
+        };
+        let pass = |folded: bool| {
+            let y = if folded {
+                net.stem_folded_batch(x, k).unwrap().unwrap()
+            } else {
+                first
+                    .forward(
+                        &net.stem_apart(x, Stats::Batch, k).unwrap(),
+                        Stats::Batch,
+                        k.for_pixels(),
+                    )
+                    .unwrap()
+            };
+            // A loss that weighs every output differently.
+            let r = Tensor::arange(0f32, y.elem_count() as f32, dev)
+                .unwrap()
+                .reshape(y.shape())
+                .unwrap()
+                .affine(0.37, 0.0)
+                .unwrap()
+                .sin()
+                .unwrap();
+            let loss = (&y * &r).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<Vec<f32>> = varmap
+                .all_vars()
+                .iter()
+                .filter_map(|v| grads.get(v))
+                .map(|g| g.flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            (y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), g, running())
+        };
+        let (y1, g1, r1) = pass(true);
+        let (y2, g2, r2) = pass(false);
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert_eq!(a.len(), b.len(), "{what}");
+            assert!(
+                diff <= 2e-4 * scale,
+                "{what}: max difference {diff} at scale {scale}"
+            );
+        };
+        close(&y1, &y2, &format!("{k:?} output"));
+        assert_eq!(g1.len(), g2.len());
+        assert!(
+            g1.len() >= 8,
+            "gradients for the stem and the block's variables: {}",
+            g1.len()
+        );
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            close(a, b, &format!("gradient {i}"));
+        }
+        for (i, (a, b)) in r1.iter().zip(&r2).enumerate() {
+            close(a, b, &format!("running statistic {i}"));
+        }
     }
 }
