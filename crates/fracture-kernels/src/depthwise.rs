@@ -934,12 +934,13 @@ impl Geometry {
     /// ([`Geometry::group_input_grad_scratch_len`]). The filter gradients of all taps are summed in
     /// one sweep over the positions, each tap in a register of its own; the input gradients are
     /// the forward kernel run on the padded (for stride 2 spread-out) `dy` with the turned filters
-    /// (see [`Geometry::transposed`]), or, where that geometry does not exist, each output's
-    /// gradient spread over its taps.
+    /// where `t` is this geometry's [`Geometry::transposed`] (made once per call of an op), or,
+    /// where that geometry does not exist (`None`), each output's gradient spread over its taps.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward_group(
         &self,
+        t: Option<&Geometry>,
         q: &[f32],
         wt: &[f32],
         dy: &[f32],
@@ -980,7 +981,7 @@ impl Geometry {
                 }
             }
         }
-        if let Some(t) = self.transposed() {
+        if let Some(t) = t {
             let mut turned = [0.0f32; 49 * GROUP];
             for tap in 0..kk {
                 turned[tap * GROUP..][..GROUP].copy_from_slice(&wt[(kk - 1 - tap) * GROUP..][..GROUP]);

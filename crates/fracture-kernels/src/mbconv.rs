@@ -297,6 +297,30 @@ impl MbConvOp {
     }
 
     /// The expansion weights `We (mid, cin)` of `params` as a product's left operand.
+    /// The expansion's product over `b` images of `hw` positions.
+    fn expand_dims(&self, b: usize, hw: usize) -> Dims {
+        let s = self.spec;
+        Dims {
+            b,
+            cin: s.cin,
+            cout: s.mid,
+            n: hw,
+            precision: self.precision,
+        }
+    }
+
+    /// The projection's product over `b` images of `ohw` positions.
+    fn project_dims(&self, b: usize, ohw: usize) -> Dims {
+        let s = self.spec;
+        Dims {
+            b,
+            cin: s.mid,
+            cout: s.cout,
+            n: ohw,
+            precision: self.precision,
+        }
+    }
+
     fn expand_lhs<'a>(&'a self, params: &'a [f32], we: &Range<usize>) -> SharedLhs<'a> {
         let s = self.spec;
         let packed = self.prepacked.as_ref().and_then(|p| p.expand.as_ref());
@@ -601,13 +625,7 @@ impl CustomOp2 for MbConvOp {
         let (y1, n0) = match (&lay.expand, &lay.bn0) {
             (Some(we), Some((g0, b0))) => {
                 let mut y1 = take(b * s.mid * hw);
-                let dims = Dims {
-                    b,
-                    cin: s.cin,
-                    cout: s.mid,
-                    n: hw,
-                    precision: self.precision,
-                };
+                let dims = self.expand_dims(b, hw);
                 let lhs = self.expand_lhs(params, we);
                 let moments = if batch {
                     let runs = pointwise::forward_with_moments(x, &lhs, dims, &mut y1)?;
@@ -712,13 +730,7 @@ impl CustomOp2 for MbConvOp {
             // Without a backward pass the projection's output is the block's.
             take_output(b * s.cout * ohw)
         };
-        let dims = Dims {
-            b,
-            cin: s.mid,
-            cout: s.cout,
-            n: ohw,
-            precision: self.precision,
-        };
+        let dims = self.project_dims(b, ohw);
         let moments = if batch {
             let runs = pointwise::forward_with_moments(&a2, &self.project_lhs(params), dims, &mut y3)?;
             Some(norm::combine_moments(&runs, s.cout, ohw))
@@ -811,13 +823,7 @@ impl CustomOp2 for MbConvOp {
             &saved.a2,
             &params[lay.project.clone()],
             &dy3,
-            Dims {
-                b,
-                cin: s.mid,
-                cout: s.cout,
-                n: ohw,
-                precision: self.precision,
-            },
+            self.project_dims(b, ohw),
             &mut da2,
         )?;
         give(dy3);
@@ -849,6 +855,7 @@ impl CustomOp2 for MbConvOp {
         };
         let mut dwd_planes = take(b * s.mid * kk);
         let n0 = saved.n0.as_ref();
+        let turned = g.transposed();
         let sums: Vec<(f64, f64)> = if g.grouped() {
             let wt = g.interleave_filters(wd);
             da1.par_chunks_mut(GROUP * hw)
@@ -870,7 +877,16 @@ impl CustomOp2 for MbConvOp {
                                                 dy2_of(d, (i * GROUP + lane) * ohw, c0 + lane);
                                             }
                                             fill_group(&g, n0, c0, planes, q);
-                                            g.backward_group(q, filters, dy, dw, dx, dyq, dq);
+                                            g.backward_group(
+                                                turned.as_ref(),
+                                                q,
+                                                filters,
+                                                dy,
+                                                dw,
+                                                dx,
+                                                dyq,
+                                                dq,
+                                            );
                                             dx.chunks_exact_mut(hw)
                                                 .zip(planes.chunks_exact(hw))
                                                 .enumerate()
@@ -899,7 +915,6 @@ impl CustomOp2 for MbConvOp {
                 .collect::<Vec<_>>()
                 .concat()
         } else {
-            let turned = g.transposed();
             da1.par_chunks_mut(hw)
                 .zip(dwd_planes.par_chunks_mut(kk))
                 .enumerate()
@@ -962,13 +977,7 @@ impl CustomOp2 for MbConvOp {
                 dparams[g0.clone()].copy_from_slice(&grad0.dgamma);
                 dparams[b0.clone()].copy_from_slice(&grad0.dbeta);
                 let mut dx = take_output(b * s.cin * hw);
-                let dims = Dims {
-                    b,
-                    cin: s.cin,
-                    cout: s.mid,
-                    n: hw,
-                    precision: self.precision,
-                };
+                let dims = self.expand_dims(b, hw);
                 let w = &params[we.clone()];
                 let dwe = if da1.len() >= FOLD_NORM_VALUES {
                     // BN0's input gradient applied inside the expansion's products: no pass over da1.

@@ -116,6 +116,19 @@ fn backward(
     Ok((need_dx.then_some(dx), dw))
 }
 
+/// How a backward pass over `b` images splits between the threads: images per thread (each
+/// thread's run sums its own weight gradient) and the threads each image's products get (all of
+/// them with fewer images than threads, else one).
+fn batch_split(b: usize) -> (usize, Threads) {
+    let threads = rayon::current_num_threads().clamp(1, b.max(1));
+    let inner = if b >= rayon::current_num_threads() {
+        Threads::One
+    } else {
+        inner_threads(b)
+    };
+    (b.div_ceil(threads), inner)
+}
+
 /// The gradients of `out_b = w · x_b`: returns `dw` and, when `dx` is not empty, overwrites it with
 /// the input gradient.
 pub(crate) fn backward_into(
@@ -125,13 +138,7 @@ pub(crate) fn backward_into(
     d: Dims,
     dx: &mut [f32],
 ) -> candle_core::Result<Vec<f32>> {
-    let threads = rayon::current_num_threads().clamp(1, d.b.max(1));
-    let per = d.b.div_ceil(threads);
-    let inner = if d.b >= rayon::current_num_threads() {
-        Threads::One
-    } else {
-        inner_threads(d.b)
-    };
+    let (per, inner) = batch_split(d.b);
     let img_in = d.cin * d.n;
     let need_dx = !dx.is_empty();
     let wt = SharedLhs::new(View::transposed(w, d.cout, d.cin), d.precision);
@@ -220,13 +227,7 @@ pub(crate) fn backward_through_norm(
                 .sum::<f64>() as f32
         })
         .collect();
-    let threads = rayon::current_num_threads().clamp(1, d.b.max(1));
-    let per = d.b.div_ceil(threads);
-    let inner = if d.b >= rayon::current_num_threads() {
-        Threads::One
-    } else {
-        inner_threads(d.b)
-    };
+    let (per, inner) = batch_split(d.b);
     let img_in = cin * n;
     let need_dx = !dx.is_empty();
     let wat = SharedLhs::new(View::transposed(&wa, cout, cin), d.precision);
