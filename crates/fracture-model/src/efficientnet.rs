@@ -361,28 +361,45 @@ impl EfficientNet {
         let (Some(slot), Some(first)) = (&self.stem_block, self.blocks.first()) else {
             return Ok(None);
         };
-        let (cin, eps) = (self.stem.dim(1)? * 9, first.bn1.eps());
-        let fits = first.expand.is_none() && first.stride == 1 && first.frozen.is_some();
-        #[allow(clippy::float_cmp)] // one eps serves every norm of the fused op: it must be the same
-        let same_eps = self.stem_bn.eps() == eps;
-        if !fits || !same_eps {
+        let Some(spec) = self.stem_fold_spec(first)? else {
+            return Ok(None);
+        };
+        if first.frozen.is_none() {
             return Ok(None);
         }
         let block = cached(slot, || {
-            let spec = MbConvSpec {
-                cin,
-                mid: STEM_CHANNELS,
-                expand: true,
-                ..first.spec(STEM_CHANNELS)
-            };
-            let mut parts = vec![self.stem.flatten_all()?];
-            parts.extend(self.stem_bn.affine().map(Tensor::clone));
-            parts.push(first.flat_params()?);
             let mut running = vec![self.stem_bn.running()?];
             running.extend(first.running()?);
-            kernels::FrozenMbConv::new(&Tensor::cat(&parts, 0)?, spec, running)
+            kernels::FrozenMbConv::new(&self.stem_fold_params(first)?, spec, running)
         })?;
         Ok(Some(block))
+    }
+
+    /// The spec of the stem and `first` (the first block) as one inverted bottleneck on the stem's
+    /// patches: the stem's `(32, C, 3, 3)` weights as the expansion `(32, C·9)`, its batch norm as
+    /// the first norm. `None` where `first` expands, has stride 2, or another eps than the stem's.
+    fn stem_fold_spec(&self, first: &MbConv) -> candle_core::Result<Option<MbConvSpec>> {
+        let (cin, eps) = (self.stem.dim(1)? * 9, first.bn1.eps());
+        #[allow(clippy::float_cmp)] // one eps serves every norm of the fused op: it must be the same
+        let same_eps = self.stem_bn.eps() == eps;
+        if first.expand.is_some() || first.stride != 1 || !same_eps {
+            return Ok(None);
+        }
+        Ok(Some(MbConvSpec {
+            cin,
+            mid: STEM_CHANNELS,
+            expand: true,
+            ..first.spec(STEM_CHANNELS)
+        }))
+    }
+
+    /// The flat parameters of [`EfficientNet::stem_fold_spec`]'s op: the stem's weights and batch
+    /// norm, then `first`'s own (a concatenation, so gradients flow back to each variable).
+    fn stem_fold_params(&self, first: &MbConv) -> candle_core::Result<Tensor> {
+        let mut parts = vec![self.stem.flatten_all()?];
+        parts.extend(self.stem_bn.affine().map(Tensor::clone));
+        parts.push(first.flat_params()?);
+        Tensor::cat(&parts, 0)
     }
 
     /// With batch statistics (training), the stem and the first block as one inverted bottleneck
@@ -395,26 +412,14 @@ impl EfficientNet {
         let Some(first) = self.blocks.first() else {
             return Ok(None);
         };
-        let (cin, eps) = (self.stem.dim(1)? * 9, first.bn1.eps());
-        #[allow(clippy::float_cmp)] // one eps serves every norm of the fused op: it must be the same
-        let same_eps = self.stem_bn.eps() == eps;
-        if first.expand.is_some() || first.stride != 1 || !same_eps {
+        let Some(spec) = self.stem_fold_spec(first)? else {
             return Ok(None);
-        }
-        let spec = MbConvSpec {
-            cin,
-            mid: STEM_CHANNELS,
-            expand: true,
-            ..first.spec(STEM_CHANNELS)
         };
-        let mut parts = vec![self.stem.flatten_all()?];
-        parts.extend(self.stem_bn.affine().map(Tensor::clone));
-        parts.push(first.flat_params()?);
         // The stem and the first stages keep FP32 products (`Kernels::for_pixels`).
         let k0 = k.for_pixels();
         let patches = kernels::patches(x, 3, 2, k0)?;
         let (b, _, h, w) = patches.dims4()?;
-        let (y, batch) = kernels::mbconv(&patches, &Tensor::cat(&parts, 0)?, spec, None, k0)?;
+        let (y, batch) = kernels::mbconv(&patches, &self.stem_fold_params(first)?, spec, None, k0)?;
         // Stride 1: each of the three norms sees b·h·w values per channel.
         let dev = x.device();
         for (bn, (mean, var)) in [&self.stem_bn, &first.bn1, &first.bn2].into_iter().zip(batch) {
