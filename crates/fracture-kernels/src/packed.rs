@@ -1,7 +1,7 @@
 //! FP32 products of the channels-last inference blocks (`banded.rs`) against a weight matrix packed
-//! once per block call, on AVX-512 (the third module with `unsafe`: processor intrinsics, used only
-//! after runtime detection; elsewhere [`PackedF32::new`] says `None` and the caller keeps the `gemm`
-//! crate's product).
+//! once per block call, on AVX-512 or AVX2 with FMA (the third module with `unsafe`: processor
+//! intrinsics, used only after runtime detection; elsewhere [`PackedF32::new`] says `None` and the
+//! caller keeps the `gemm` crate's product).
 //!
 //! The `gemm` crate packs both operands of every product, and in these blocks the operand it packs
 //! on every call is the activations: the planar input of the expansion and the channels-last
@@ -13,9 +13,13 @@
 //!   positions), so each position's output channels come out side by side (channels-last), as the
 //!   depthwise stage reads them;
 //! - [`PackedF32::project`]: `dst (rows × p) = W · aᵀ` with `a` channels-last (`p` rows of `k`),
-//!   each tile of 14 positions × 16 channels transposed in registers on its way out, so the output
-//!   is planar. The tile transposed is `rows × 14`, a sixth of the `k × 14` values the `gemm`
-//!   crate moves when it packs `a` (the blocks expand six times).
+//!   each tile of positions × 16 channels transposed on its way out, so the output is planar. The
+//!   tile transposed is `rows × 14` (AVX-512; `rows × 6` on AVX2), a sixth of the `k × 14` values
+//!   the `gemm` crate moves when it packs `a` (the blocks expand six times).
+//!
+//! The same packed weights serve both instruction sets: AVX-512 holds a block of 16 channels in one
+//! register, AVX2 in two halves of 8 (tiles of 6 positions × 16 channels there: 12 accumulators,
+//! two weight halves and a broadcast in its 16 registers).
 //!
 //! `FRACTURE_FP32_KERNEL=gemm` turns these kernels off (to compare, or should one misbehave).
 #![allow(unsafe_code)]
@@ -24,36 +28,71 @@ use std::sync::OnceLock;
 
 use super::MbConvSpec;
 
-/// Output channels per packed block: one 512-bit vector of f32.
+/// Output channels per packed block: one 512-bit vector of f32 (two 256-bit ones on AVX2).
 const LANES: usize = 16;
 
-/// Whether the packed kernels run in this process: AVX-512F present and `FRACTURE_FP32_KERNEL`
-/// not `gemm`. Decided once.
-pub(crate) fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
+/// The instruction set a [`PackedF32`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    /// AVX-512F: tiles of 14 positions × 32 channels.
+    Avx512,
+    /// AVX2 with FMA (processors without AVX-512, such as AMD's Zen 3): tiles of 6 positions × 16
+    /// channels.
+    Avx2,
+}
+
+impl Isa {
+    /// Every instruction set of the packed kernels this processor runs, fastest first.
+    fn detected() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .filter(|isa| isa.supported())
+            .collect()
+    }
+
+    fn supported(self) -> bool {
+        match self {
+            Isa::Avx512 => avx512::supported(),
+            Isa::Avx2 => avx2::supported(),
+        }
+    }
+}
+
+/// The instruction set the packed kernels run on in this process: the fastest one detected, none
+/// where `FRACTURE_FP32_KERNEL` is `gemm` or the processor has neither AVX-512F nor AVX2 with FMA.
+/// Decided once.
+fn isa() -> Option<Isa> {
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
         let off = std::env::var("FRACTURE_FP32_KERNEL").is_ok_and(|v| v.trim().eq_ignore_ascii_case("gemm"));
-        !off && hw::supported()
+        if off {
+            None
+        } else {
+            Isa::detected().first().copied()
+        }
     })
 }
 
-/// A weight matrix `W (rows × k)` packed for the AVX-512 kernels: `rows` padded to whole blocks of
-/// [`LANES`], block `b` holding `W[16b + j][q]` at `(b·k + q)·16 + j`.
+/// Whether the packed kernels run in this process (see [`isa`]).
+pub(crate) fn available() -> bool {
+    isa().is_some()
+}
+
+/// A weight matrix `W (rows × k)` packed for the kernels of one instruction set: `rows` padded to
+/// whole blocks of [`LANES`], block `b` holding `W[16b + j][q]` at `(b·k + q)·16 + j`.
 #[derive(Debug)]
 pub(crate) struct PackedF32 {
     w: Vec<f32>,
     rows: usize,
     k: usize,
+    isa: Isa,
 }
 
 impl PackedF32 {
     /// Packs `w`, row-major `rows × k`; `None` where the kernels do not run ([`available`]), or
     /// for an empty matrix or a slice of the wrong length.
     pub(crate) fn new(w: &[f32], rows: usize, k: usize) -> Option<Self> {
-        if !available() {
-            return None;
-        }
-        Self::pack(w, rows, k)
+        Self::pack(w, rows, k, isa()?)
     }
 
     /// The expansion and projection weights of an inverted bottleneck's flat `params` (laid out
@@ -68,7 +107,8 @@ impl PackedF32 {
         ))
     }
 
-    fn pack(w: &[f32], rows: usize, k: usize) -> Option<Self> {
+    /// `w` packed for the kernels of `isa` (which the caller has seen this processor run).
+    fn pack(w: &[f32], rows: usize, k: usize, isa: Isa) -> Option<Self> {
         if rows == 0 || k == 0 || w.len() != rows * k {
             return None;
         }
@@ -79,7 +119,12 @@ impl PackedF32 {
                 packed[(b * k + q) * LANES + j] = v;
             }
         }
-        Some(PackedF32 { w: packed, rows, k })
+        Some(PackedF32 {
+            w: packed,
+            rows,
+            k,
+            isa,
+        })
     }
 
     /// `dst (p × rows, row stride ds) = xᵀ · Wᵀ`, overwritten: `x` holds the `k` input channels of
@@ -105,9 +150,16 @@ impl PackedF32 {
                 dst.len()
             );
         }
-        // SAFETY: `self` exists only where AVX-512F was detected (`new`); the checks above keep
-        // every read of `x` below `(k − 1)·xs + p` and every write below `(p − 1)·ds + rows`.
-        unsafe { hw::expand(&self.w, rows, k, dst.as_mut_ptr(), ds, x.as_ptr(), xs, p) };
+        let (w, dst, x) = (&self.w[..], dst.as_mut_ptr(), x.as_ptr());
+        // SAFETY: `self.isa` was detected on this processor (`new`, or a test after `detected`);
+        // the checks above keep every read of `x` below `(k − 1)·xs + p` and every write below
+        // `(p − 1)·ds + rows`.
+        unsafe {
+            match self.isa {
+                Isa::Avx512 => avx512::expand(w, rows, k, dst, ds, x, xs, p),
+                Isa::Avx2 => avx2::expand(w, rows, k, dst, ds, x, xs, p),
+            }
+        }
         Ok(())
     }
 
@@ -161,15 +213,21 @@ impl PackedF32 {
             );
         }
         let w = &self.w[first * k * LANES..];
-        // SAFETY: as for `expand`: AVX-512F was detected, reads stay below `(p − 1)·a_s + k` and
+        let (dst, a) = (dst.as_mut_ptr(), a.as_ptr());
+        // SAFETY: as for `expand`: `self.isa` was detected, reads stay below `(p − 1)·a_s + k` and
         // writes below `(rows − 1)·ds + p`; the packed blocks from `first` hold those `rows`.
-        unsafe { hw::project(w, rows, k, dst.as_mut_ptr(), ds, a.as_ptr(), a_s, p) };
+        unsafe {
+            match self.isa {
+                Isa::Avx512 => avx512::project(w, rows, k, dst, ds, a, a_s, p),
+                Isa::Avx2 => avx2::project(w, rows, k, dst, ds, a, a_s, p),
+            }
+        }
         Ok(())
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod hw {
+mod avx512 {
     use std::arch::x86_64::*;
 
     use super::LANES;
@@ -420,8 +478,209 @@ mod hw {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::LANES;
+
+    /// Positions per tile: 6 positions × 2 halves of a block are 12 accumulators, with the two
+    /// weight halves and a broadcast value 15 of the 16 vector registers.
+    const MR: usize = 6;
+
+    /// Lanes of one 256-bit vector of f32: half a packed block.
+    const HALF: usize = 8;
+
+    pub(super) fn supported() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// Runs `$tile::<M>` for the tile's `$mr` positions (1..=6).
+    macro_rules! by_positions {
+        ($mr:expr, $tile:ident($($arg:expr),*)) => {
+            match $mr {
+                1 => $tile::<1>($($arg),*),
+                2 => $tile::<2>($($arg),*),
+                3 => $tile::<3>($($arg),*),
+                4 => $tile::<4>($($arg),*),
+                5 => $tile::<5>($($arg),*),
+                _ => $tile::<6>($($arg),*),
+            }
+        };
+    }
+
+    /// The `M × 16` sums of a tile: per input channel, the block's two weight halves and `M`
+    /// broadcast inputs, the input of position `i` and channel `q` read at `a(i, q)`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `w` must hold a block of `k × 16` and `a(i, q)` be readable
+    /// for `i < M`, `q < k`.
+    // Indexed loops over constant bounds: unrolled, with every accumulator in a register.
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_sums<const M: usize>(
+        w: *const f32,
+        k: usize,
+        a: impl Fn(usize, usize) -> *const f32,
+    ) -> [[__m256; M]; 2] {
+        // SAFETY: reads as the contract says.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); M]; 2];
+            for q in 0..k {
+                let w0 = _mm256_loadu_ps(w.add(q * LANES));
+                let w1 = _mm256_loadu_ps(w.add(q * LANES + HALF));
+                for i in 0..M {
+                    let s = _mm256_broadcast_ss(&*a(i, q));
+                    acc[0][i] = _mm256_fmadd_ps(s, w0, acc[0][i]);
+                    acc[1][i] = _mm256_fmadd_ps(s, w1, acc[1][i]);
+                }
+            }
+            acc
+        }
+    }
+
+    /// [`super::PackedF32::expand`]: tiles of 6 positions × 16 output channels, all `k` in one
+    /// pass.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `w` must hold `rows.div_ceil(16)` blocks of `k × 16`; `x`
+    /// must be readable at `q·xs + i` for `q < k`, `i < p`, and `dst` writable at `i·ds + r` for
+    /// `i < p`, `r < rows`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn expand(
+        w: &[f32],
+        rows: usize,
+        k: usize,
+        dst: *mut f32,
+        ds: usize,
+        x: *const f32,
+        xs: usize,
+        p: usize,
+    ) {
+        let mut p0 = 0;
+        while p0 < p {
+            let mr = (p - p0).min(MR);
+            for b in 0..rows.div_ceil(LANES) {
+                let valid = (rows - b * LANES).min(LANES);
+                let wb = w.as_ptr().wrapping_add(b * k * LANES);
+                let (xt, out) = (x.wrapping_add(p0), dst.wrapping_add(p0 * ds + b * LANES));
+                // SAFETY: block b is in `w`; positions p0..p0 + mr < p and output channels
+                // 16b..16b + valid ≤ rows are in bounds per the function's contract.
+                unsafe { by_positions!(mr, expand_tile(wb, k, xt, xs, out, ds, valid)) };
+            }
+            p0 += mr;
+        }
+    }
+
+    /// `M` positions × one block of the expansion, each position's `valid` channels stored.
+    ///
+    /// # Safety
+    /// As for [`expand`], for this tile.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn expand_tile<const M: usize>(
+        w: *const f32,
+        k: usize,
+        x: *const f32,
+        xs: usize,
+        out: *mut f32,
+        ds: usize,
+        valid: usize,
+    ) {
+        // SAFETY: inputs `q·xs + i` per the contract.
+        let acc = unsafe { tile_sums::<M>(w, k, |i, q| x.add(q * xs + i)) };
+        if valid == LANES {
+            for (i, (lo, hi)) in acc[0].iter().zip(&acc[1]).enumerate() {
+                // SAFETY: row i of the output, its 16 channels all below `rows`.
+                unsafe {
+                    _mm256_storeu_ps(out.add(i * ds), *lo);
+                    _mm256_storeu_ps(out.add(i * ds + HALF), *hi);
+                }
+            }
+        } else {
+            let mut sums = [0.0f32; LANES];
+            for (i, (lo, hi)) in acc[0].iter().zip(&acc[1]).enumerate() {
+                // SAFETY: stores into the local array; then `valid` values to row i of the output.
+                unsafe {
+                    _mm256_storeu_ps(sums.as_mut_ptr(), *lo);
+                    _mm256_storeu_ps(sums.as_mut_ptr().add(HALF), *hi);
+                    std::ptr::copy_nonoverlapping(sums.as_ptr(), out.add(i * ds), valid);
+                }
+            }
+        }
+    }
+
+    /// [`super::PackedF32::project`]: tiles of 6 positions × 16 output channels, all `k` in one
+    /// pass, each tile's sums transposed through a local array on the way out.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `w` as for [`expand`]; `a` must be readable at `i·a_s + q`
+    /// for `i < p`, `q < k`, and `dst` writable at `r·ds + i` for `r < rows`, `i < p`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn project(
+        w: &[f32],
+        rows: usize,
+        k: usize,
+        dst: *mut f32,
+        ds: usize,
+        a: *const f32,
+        a_s: usize,
+        p: usize,
+    ) {
+        let mut p0 = 0;
+        while p0 < p {
+            let mr = (p - p0).min(MR);
+            for b in 0..rows.div_ceil(LANES) {
+                let valid = (rows - b * LANES).min(LANES);
+                let wb = w.as_ptr().wrapping_add(b * k * LANES);
+                let (at, out) = (a.wrapping_add(p0 * a_s), dst.wrapping_add(b * LANES * ds + p0));
+                // SAFETY: as in `expand`, with the roles of positions and channels in the output
+                // swapped.
+                unsafe { by_positions!(mr, project_tile(wb, k, at, a_s, out, ds, valid)) };
+            }
+            p0 += mr;
+        }
+    }
+
+    /// `M` positions × one block of the projection, stored to the planes of the block's `valid`
+    /// channels.
+    ///
+    /// # Safety
+    /// As for [`project`], for this tile.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn project_tile<const M: usize>(
+        w: *const f32,
+        k: usize,
+        a: *const f32,
+        a_s: usize,
+        out: *mut f32,
+        ds: usize,
+        valid: usize,
+    ) {
+        // SAFETY: inputs `i·a_s + q` per the contract.
+        let acc = unsafe { tile_sums::<M>(w, k, |i, q| a.add(i * a_s + q)) };
+        let mut sums = [[0.0f32; LANES]; M];
+        for (row, (lo, hi)) in sums.iter_mut().zip(acc[0].iter().zip(&acc[1])) {
+            // SAFETY: two stores of 8 lanes into a local row of 16.
+            unsafe {
+                _mm256_storeu_ps(row.as_mut_ptr(), *lo);
+                _mm256_storeu_ps(row.as_mut_ptr().add(HALF), *hi);
+            }
+        }
+        for o in 0..valid {
+            for (i, row) in sums.iter().enumerate() {
+                // SAFETY: plane o < valid of the block, position i < M of the tile.
+                unsafe { *out.add(o * ds + i) = row[o] };
+            }
+        }
+    }
+}
+
+/// Where the processor is not x86-64: no packed kernels ([`Isa::supported`] is false for both).
 #[cfg(not(target_arch = "x86_64"))]
-mod hw {
+mod unsupported {
     pub(super) fn supported() -> bool {
         false
     }
@@ -437,7 +696,7 @@ mod hw {
         _: usize,
         _: usize,
     ) {
-        unreachable!("PackedF32 is only made where AVX-512F was detected")
+        unreachable!("PackedF32 is only made where its instruction set was detected")
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -451,9 +710,13 @@ mod hw {
         _: usize,
         _: usize,
     ) {
-        unreachable!("PackedF32 is only made where AVX-512F was detected")
+        unreachable!("PackedF32 is only made where its instruction set was detected")
     }
 }
+#[cfg(not(target_arch = "x86_64"))]
+use unsupported as avx2;
+#[cfg(not(target_arch = "x86_64"))]
+use unsupported as avx512;
 
 #[cfg(test)]
 mod tests {
@@ -480,18 +743,41 @@ mod tests {
         (48, 7, 13),
     ];
 
+    /// The instruction sets to test on this processor: every one it runs (on an AVX-512 machine
+    /// the AVX2 kernels too), after checking that without any nothing may be packed (callers then
+    /// keep the gemm crate's product).
+    fn instruction_sets() -> Vec<Isa> {
+        let isas = Isa::detected();
+        if isas.is_empty() || !available() {
+            assert!(PackedF32::new(&values(32, 1), 4, 8).is_none());
+        }
+        isas
+    }
+
+    #[test]
+    fn the_fastest_instruction_set_detected_is_chosen() {
+        let detected = Isa::detected();
+        let off = std::env::var("FRACTURE_FP32_KERNEL").is_ok_and(|v| v.trim().eq_ignore_ascii_case("gemm"));
+        assert_eq!(isa(), if off { None } else { detected.first().copied() });
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            assert_eq!(detected, [Isa::Avx512, Isa::Avx2]);
+        }
+    }
+
     #[test]
     fn expansion_matches_a_naive_product() {
-        if !available() {
-            // Without the kernels nothing may be packed: callers then keep the gemm crate's product.
-            assert!(PackedF32::new(&values(32, 1), 4, 8).is_none());
-            return;
+        for isa in instruction_sets() {
+            expansion_case(isa);
         }
+    }
+
+    fn expansion_case(isa: Isa) {
         for &(rows, k, p) in &SHAPES {
             let w = values(rows * k, 1);
             let (xs, ds) = (p + 3, rows + 5);
             let x = values((k - 1) * xs + p, 2);
-            let packed = PackedF32::new(&w, rows, k).unwrap();
+            let packed = PackedF32::pack(&w, rows, k, isa).unwrap();
             let mut dst = vec![7.0; (p - 1) * ds + rows + 2];
             packed.expand(&mut dst, ds, &x, xs, p).unwrap();
             for i in 0..p {
@@ -500,14 +786,14 @@ mod tests {
                     let got = dst[i * ds + r];
                     assert!(
                         (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{rows}×{k}×{p} at ({i}, {r}): {got} vs {want}"
+                        "{isa:?} {rows}×{k}×{p} at ({i}, {r}): {got} vs {want}"
                     );
                 }
                 // The gap between rows and the values past the last one are untouched.
                 let end = if i + 1 < p { (i + 1) * ds } else { dst.len() };
                 assert!(
                     dst[i * ds + rows..end].iter().all(|&v| v == 7.0),
-                    "{rows}×{k}×{p}: wrote past row {i}"
+                    "{isa:?} {rows}×{k}×{p}: wrote past row {i}"
                 );
             }
         }
@@ -515,15 +801,17 @@ mod tests {
 
     #[test]
     fn projection_matches_a_naive_product() {
-        if !available() {
-            assert!(PackedF32::new(&values(32, 3), 4, 8).is_none());
-            return;
+        for isa in instruction_sets() {
+            projection_case(isa);
         }
+    }
+
+    fn projection_case(isa: Isa) {
         for &(rows, k, p) in &SHAPES {
             let w = values(rows * k, 3);
             let (a_s, ds) = (k + 2, p + 4);
             let a = values((p - 1) * a_s + k, 4);
-            let packed = PackedF32::new(&w, rows, k).unwrap();
+            let packed = PackedF32::pack(&w, rows, k, isa).unwrap();
             let mut dst = vec![7.0; (rows - 1) * ds + p + 3];
             packed.project(&mut dst, ds, &a, a_s, p).unwrap();
             for r in 0..rows {
@@ -532,13 +820,13 @@ mod tests {
                     let got = dst[r * ds + i];
                     assert!(
                         (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{rows}×{k}×{p} at ({r}, {i}): {got} vs {want}"
+                        "{isa:?} {rows}×{k}×{p} at ({r}, {i}): {got} vs {want}"
                     );
                 }
                 let end = if r + 1 < rows { (r + 1) * ds } else { dst.len() };
                 assert!(
                     dst[r * ds + p..end].iter().all(|&v| v == 7.0),
-                    "{rows}×{k}×{p}: wrote past plane {r}"
+                    "{isa:?} {rows}×{k}×{p}: wrote past plane {r}"
                 );
             }
             // The planes from the second block on, into a destination holding only them: the
@@ -557,12 +845,14 @@ mod tests {
     #[test]
     fn short_slices_are_errors_not_reads_past_the_end() {
         let w = values(32 * 8, 5);
-        assert!(PackedF32::pack(&w, 32, 7).is_none());
-        assert!(PackedF32::pack(&w, 0, 8).is_none());
-        let packed = PackedF32::pack(&w, 32, 8).unwrap();
-        if !available() {
-            return;
+        assert!(PackedF32::pack(&w, 32, 7, Isa::Avx2).is_none());
+        assert!(PackedF32::pack(&w, 0, 8, Isa::Avx2).is_none());
+        for isa in instruction_sets() {
+            short_slices_case(PackedF32::pack(&w, 32, 8, isa).unwrap());
         }
+    }
+
+    fn short_slices_case(packed: PackedF32) {
         let mut dst = vec![0.0; 32 * 10];
         let x = values(8 * 10, 6);
         assert!(packed.expand(&mut dst, 32, &x, 10, 10).is_ok());
@@ -579,14 +869,14 @@ mod tests {
     #[test]
     fn the_register_transpose_transposes() {
         use std::arch::x86_64::*;
-        if !hw::supported() {
+        if !avx512::supported() {
             return;
         }
         let m: Vec<f32> = (0..256).map(|v| v as f32).collect();
         // SAFETY: AVX-512F was detected just above; loads and stores of 16 lanes within `m` / `out`.
         unsafe {
             let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(i * 16)));
-            hw::transpose(&mut r);
+            avx512::transpose(&mut r);
             let mut out = [0.0f32; 256];
             for (i, v) in r.iter().enumerate() {
                 _mm512_storeu_ps(out.as_mut_ptr().add(i * 16), *v);
