@@ -408,10 +408,10 @@ fn on_pool_runs_on_a_pool_thread_and_returns_the_result() {
     assert!(kernels::on_pool(|| x.matmul(&x)).is_err());
 }
 
-/// The channels-last blocks on the `gemm` crate's products, as on a processor without AVX-512F:
-/// [`fused_inverted_bottleneck_in_channel_groups_matches_the_single_ops`] again in a child
-/// process with `FRACTURE_FP32_KERNEL=gemm` (here it ran on the packed AVX-512 kernels, where the
-/// processor has them).
+/// The channels-last blocks on the `gemm` crate's products, as on a processor with neither
+/// AVX-512F nor AVX2: [`fused_inverted_bottleneck_in_channel_groups_matches_the_single_ops`] again
+/// in a child process with `FRACTURE_FP32_KERNEL=gemm` (here it ran on the packed AVX-512 or AVX2
+/// kernels, whichever the processor has).
 #[test]
 fn the_gemm_fallback_of_the_packed_kernels_runs_when_forced() {
     if std::env::var_os("FRACTURE_FP32_KERNEL").is_some() {
