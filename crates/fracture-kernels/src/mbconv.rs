@@ -296,7 +296,6 @@ impl MbConvOp {
         self
     }
 
-    /// The expansion weights `We (mid, cin)` of `params` as a product's left operand.
     /// The expansion's product over `b` images of `hw` positions.
     fn expand_dims(&self, b: usize, hw: usize) -> Dims {
         let s = self.spec;
@@ -321,6 +320,7 @@ impl MbConvOp {
         }
     }
 
+    /// The expansion weights `We (mid, cin)` of `params` as a product's left operand.
     fn expand_lhs<'a>(&'a self, params: &'a [f32], we: &Range<usize>) -> SharedLhs<'a> {
         let s = self.spec;
         let packed = self.prepacked.as_ref().and_then(|p| p.expand.as_ref());

@@ -559,16 +559,24 @@ mod avx2 {
         xs: usize,
         p: usize,
     ) {
+        tiles(p, rows, |p0, mr, b, valid| {
+            let wb = w.as_ptr().wrapping_add(b * k * LANES);
+            let (xt, out) = (x.wrapping_add(p0), dst.wrapping_add(p0 * ds + b * LANES));
+            // SAFETY: block b is in `w`; positions p0..p0 + mr < p and output channels
+            // 16b..16b + valid ≤ rows are in bounds per the function's contract.
+            unsafe { by_positions!(mr, expand_tile(wb, k, xt, xs, out, ds, valid)) };
+        });
+    }
+
+    /// Calls `tile(p0, mr, b, valid)` for every tile of `p` positions × `rows` output channels:
+    /// positions `p0..p0 + mr` (at most [`MR`]) against block `b`, whose first `valid` channels
+    /// (at most 16) are below `rows`.
+    fn tiles(p: usize, rows: usize, mut tile: impl FnMut(usize, usize, usize, usize)) {
         let mut p0 = 0;
         while p0 < p {
             let mr = (p - p0).min(MR);
             for b in 0..rows.div_ceil(LANES) {
-                let valid = (rows - b * LANES).min(LANES);
-                let wb = w.as_ptr().wrapping_add(b * k * LANES);
-                let (xt, out) = (x.wrapping_add(p0), dst.wrapping_add(p0 * ds + b * LANES));
-                // SAFETY: block b is in `w`; positions p0..p0 + mr < p and output channels
-                // 16b..16b + valid ≤ rows are in bounds per the function's contract.
-                unsafe { by_positions!(mr, expand_tile(wb, k, xt, xs, out, ds, valid)) };
+                tile(p0, mr, b, (rows - b * LANES).min(LANES));
             }
             p0 += mr;
         }
@@ -629,19 +637,13 @@ mod avx2 {
         a_s: usize,
         p: usize,
     ) {
-        let mut p0 = 0;
-        while p0 < p {
-            let mr = (p - p0).min(MR);
-            for b in 0..rows.div_ceil(LANES) {
-                let valid = (rows - b * LANES).min(LANES);
-                let wb = w.as_ptr().wrapping_add(b * k * LANES);
-                let (at, out) = (a.wrapping_add(p0 * a_s), dst.wrapping_add(b * LANES * ds + p0));
-                // SAFETY: as in `expand`, with the roles of positions and channels in the output
-                // swapped.
-                unsafe { by_positions!(mr, project_tile(wb, k, at, a_s, out, ds, valid)) };
-            }
-            p0 += mr;
-        }
+        tiles(p, rows, |p0, mr, b, valid| {
+            let wb = w.as_ptr().wrapping_add(b * k * LANES);
+            let (at, out) = (a.wrapping_add(p0 * a_s), dst.wrapping_add(b * LANES * ds + p0));
+            // SAFETY: as in `expand`, with the roles of positions and channels in the output
+            // swapped.
+            unsafe { by_positions!(mr, project_tile(wb, k, at, a_s, out, ds, valid)) };
+        });
     }
 
     /// `M` positions × one block of the projection, stored to the planes of the block's `valid`
