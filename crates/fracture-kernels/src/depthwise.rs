@@ -485,9 +485,11 @@ impl Geometry {
     /// Adds the filter gradient of one plane, `Σ dy · input` per tap, into `dw` (`k × k`), from the
     /// plane's output gradient `dy` and its filled scratch plane `p`; `dyq` is scratch for `dy` with
     /// its rows padded with zeros to whole vectors ([`Geometry::padded_dy_len`] values). Every tap
-    /// is summed in the same sweep over the plane, each in a vector register of its own (9 for
-    /// 3×3, 25 for 5×5): each chunk of `dy` is loaded once, and the `k²` multiply-adds per chunk are
-    /// independent, so they overlap instead of each waiting for the one before.
+    /// is summed in the same sweep over the plane (with AVX-512; with narrower registers, the taps
+    /// of one filter row per sweep: [`Geometry::filter_grad_taps`]), each in a vector register of
+    /// its own (9 for 3×3, 25 for 5×5): each chunk of `dy` is loaded once per sweep, and the
+    /// multiply-adds per chunk are independent, so they overlap instead of each waiting for the one
+    /// before.
     #[inline(always)]
     pub(crate) fn filter_grad_plane(&self, p: &[f32], dy: &[f32], dw: &mut [f32], dyq: &mut [f32]) {
         let ow = self.ow;
@@ -519,7 +521,11 @@ impl Geometry {
         }
     }
 
-    /// [`Geometry::filter_grad_plane`]'s sweep for a `K × K` filter (`KK = K²` taps).
+    /// [`Geometry::filter_grad_plane`]'s sums for a `K × K` filter (`KK = K²` taps): all taps in
+    /// one sweep where a vector register holds [`CH`] values (AVX-512), else one sweep per filter
+    /// row ([`Geometry::filter_grad_sweep`]): with 8-lane registers (AVX2) each tap's accumulator
+    /// takes two of the 16, and 9 or 25 taps at once would live on the stack, a load and a store
+    /// around every multiply-add. The sums are the same either way, value for value.
     #[inline(always)]
     fn filter_grad_taps<const K: usize, const KK: usize>(
         &self,
@@ -528,18 +534,36 @@ impl Geometry {
         owq: usize,
         dw: &mut [f32],
     ) {
-        let mut acc = [[0.0f32; CH]; KK];
-        let mut bases = [0usize; KK];
-        for (oy, drow) in dyq.chunks_exact(owq).enumerate() {
+        if super::vector_lanes() >= CH {
+            self.filter_grad_sweep::<K, KK>(p, dyq, owq, dw, 0);
+        } else {
             for ki in 0..K {
-                for kj in 0..K {
-                    bases[ki * K + kj] = self.tap_base(oy * self.s + ki, kj);
-                }
+                self.filter_grad_sweep::<K, K>(p, dyq, owq, dw, ki);
+            }
+        }
+    }
+
+    /// One sweep over the plane summing the `T` taps of filter rows `ki0..ki0 + T / K` (`T` a
+    /// multiple of `K`), each in an accumulator of its own, into their places in `dw`.
+    #[inline(always)]
+    fn filter_grad_sweep<const K: usize, const T: usize>(
+        &self,
+        p: &[f32],
+        dyq: &[f32],
+        owq: usize,
+        dw: &mut [f32],
+        ki0: usize,
+    ) {
+        let mut acc = [[0.0f32; CH]; T];
+        let mut bases = [0usize; T];
+        for (oy, drow) in dyq.chunks_exact(owq).enumerate() {
+            for (t, base) in bases.iter_mut().enumerate() {
+                *base = self.tap_base(oy * self.s + ki0 + t / K, t % K);
             }
             for (x0, d) in (0..owq).step_by(CH).zip(drow.chunks_exact(CH)) {
                 // A copy in an array of its own, so that the loops below vectorize.
                 let d: [f32; CH] = std::array::from_fn(|i| d[i]);
-                for t in 0..KK {
+                for t in 0..T {
                     let src = &p[bases[t] + x0..][..CH];
                     for i in 0..CH {
                         acc[t][i] = d[i].mul_add(src[i], acc[t][i]);
@@ -547,7 +571,7 @@ impl Geometry {
                 }
             }
         }
-        for (d, acc) in dw.iter_mut().zip(&acc) {
+        for (d, acc) in dw[ki0 * K..][..T].iter_mut().zip(&acc) {
             *d += acc.iter().sum::<f32>();
         }
     }
@@ -896,7 +920,9 @@ impl Geometry {
 
     /// [`Geometry::backward_group`]'s filter gradients for `KK = k²` taps: one sweep over the
     /// output positions, each loading its vector of [`GROUP`] output gradients once, with the
-    /// `KK` multiply-adds per position independent (one accumulator per tap).
+    /// `KK` multiply-adds per position independent (one accumulator per tap). (Unlike
+    /// [`Geometry::filter_grad_taps`], one sweep per filter row measured no faster with AVX2's
+    /// 8-lane registers: blocks 5.2 and 6.2 of EfficientNet-Lite0, `bench_blocks`.)
     #[inline(always)]
     fn group_filter_grad<const KK: usize>(&self, q: &[f32], dyq: &[f32], dw: &mut [f32]) {
         let k = self.k;
@@ -1196,5 +1222,48 @@ mod tests {
             padding: Padding::same(75, 74, 5, 2),
         };
         assert_eq!(spec.out_dims(75, 74), (38, 37));
+    }
+
+    /// Values in [-1, 1) from a fixed seed.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// The filter-gradient sums in one sweep (AVX-512's way) and one sweep per filter row (the
+    /// way of narrower registers) agree value for value, whichever of the two this processor runs.
+    fn sweeps_agree<const K: usize, const KK: usize>(stride: usize, h: usize, w: usize) {
+        let spec = DepthwiseSpec {
+            kernel: K,
+            stride,
+            padding: Padding::same(h, w, K, stride),
+        };
+        let g = Geometry::of(&spec, 1, 1, h, w).unwrap();
+        let p = values(g.scratch_len() + CH, 1);
+        let owq = g.ow.div_ceil(CH) * CH;
+        let dyq = values(g.oh * owq, 2);
+        let (mut one, mut rows) = (vec![0.5f32; KK], vec![0.5f32; KK]);
+        g.filter_grad_sweep::<K, KK>(&p, &dyq, owq, &mut one, 0);
+        for ki in 0..K {
+            g.filter_grad_sweep::<K, K>(&p, &dyq, owq, &mut rows, ki);
+        }
+        assert_eq!(one, rows, "plane sweeps, k {K}, stride {stride}, {h}×{w}");
+    }
+
+    #[test]
+    fn filter_gradient_sweeps_by_row_match_the_single_sweep() {
+        for stride in [1, 2] {
+            for (h, w) in [(14, 14), (7, 9), (23, 37)] {
+                sweeps_agree::<3, 9>(stride, h, w);
+                sweeps_agree::<5, 25>(stride, h, w);
+            }
+        }
     }
 }

@@ -95,8 +95,34 @@ impl Activation {
 /// plain x86-64), chosen at run time: the loops inside are auto-vectorized for it.
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    arch().dispatch(f)
+}
+
+/// The instruction set [`simd`] compiles its loops for, detected once.
+#[inline(always)]
+fn arch() -> pulp::Arch {
     static ARCH: std::sync::OnceLock<pulp::Arch> = std::sync::OnceLock::new();
-    ARCH.get_or_init(pulp::Arch::new).dispatch(f)
+    *ARCH.get_or_init(pulp::Arch::new)
+}
+
+/// How many f32 values one vector register holds in the code [`simd`] runs: 16 with AVX-512, 8
+/// with AVX2, 4 elsewhere (at most). Loops that keep many accumulators in registers size their
+/// work by it, so that 16-lane accumulators do not spill on processors with 8-lane registers.
+#[inline(always)]
+pub(crate) fn vector_lanes() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match arch() {
+            pulp::Arch::V4(_) => 16,
+            pulp::Arch::V3(_) => 8,
+            _ => 4,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = arch();
+        4
+    }
 }
 
 /// Which implementation the networks use.
