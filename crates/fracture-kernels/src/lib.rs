@@ -106,8 +106,8 @@ fn arch() -> pulp::Arch {
 }
 
 /// How many f32 values one vector register holds in the code [`simd`] runs: 16 with AVX-512, 8
-/// with AVX2, 4 elsewhere (at most). Loops that keep many accumulators in registers size their
-/// work by it, so that 16-lane accumulators do not spill on processors with 8-lane registers.
+/// with AVX2, and 4 (at most) on other processors. Loops that keep many accumulators in registers
+/// size their work by it, so that 16-lane accumulators do not spill where registers are narrower.
 #[inline(always)]
 pub(crate) fn vector_lanes() -> usize {
     #[cfg(target_arch = "x86_64")]
@@ -120,7 +120,6 @@ pub(crate) fn vector_lanes() -> usize {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = arch();
         4
     }
 }
