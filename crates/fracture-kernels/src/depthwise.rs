@@ -1182,6 +1182,7 @@ impl CustomOp2 for DepthwiseOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values as values;
 
     #[test]
     fn same_padding_follows_tensorflow() {
@@ -1222,19 +1223,6 @@ mod tests {
             padding: Padding::same(75, 74, 5, 2),
         };
         assert_eq!(spec.out_dims(75, 74), (38, 37));
-    }
-
-    /// Values in [-1, 1) from a fixed seed.
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
     }
 
     /// The filter-gradient sums in one sweep (AVX-512's way) and one sweep per filter row (the

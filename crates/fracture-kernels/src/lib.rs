@@ -791,3 +791,18 @@ pub fn mbconv(
     let y = if spec.skip() { (h + x)? } else { h };
     Ok((y, stats))
 }
+
+/// `n` deterministic pseudo-random values in [-1, 1) (xorshift from `seed`) for the unit tests:
+/// the same values the integration tests' `common::values` draws.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}

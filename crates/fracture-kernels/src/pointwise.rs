@@ -335,18 +335,7 @@ mod tests {
     use super::*;
     use crate::Activation;
     use crate::norm::{self, Norm};
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// The fold of a batch normalization's input gradient into the products gives the gradients
     /// of applying it first, with batch statistics (k1, k0 ≠ 0) and with fixed ones, and with BF16
