@@ -677,6 +677,9 @@ impl Geometry {
 
     /// Values of the scratch [`Geometry::input_grad_plane`] needs (its `dp`).
     pub(crate) fn input_grad_scratch_len(&self) -> usize {
+        if self.s == 2 {
+            return self.polyphase_len();
+        }
         self.transposed()
             .map_or(0, |t| t.scratch_len())
             .max(self.scratch_len())
@@ -684,10 +687,11 @@ impl Geometry {
 
     /// The input gradient of one plane, `dx` (`h × w`, overwritten), from its output gradient `dy`
     /// and its `k × k` filter; `dp` ([`Geometry::input_grad_scratch_len`]) and `row`
-    /// ([`Geometry::padded_row_len`]) are scratch. Where `t` (from [`Geometry::transposed`]) is
-    /// given, a forward convolution of the padded (for stride 2 also spread-out) `dy` with the
-    /// turned filter: the forward pass's register-blocked kernel, no scatter; otherwise the scatter
-    /// over the scratch plane of [`Geometry::input_grad_scratch`].
+    /// ([`Geometry::padded_row_len`]) are scratch. For stride 2, one stride-1 convolution per
+    /// parity class of the input ([`Geometry::input_grad_polyphase`], `t` unused). For stride 1,
+    /// where `t` (from [`Geometry::transposed`]) is given, a forward convolution of the padded `dy`
+    /// with the turned filter: the forward pass's register-blocked kernel, no scatter; otherwise
+    /// the scatter over the scratch plane of [`Geometry::input_grad_scratch`].
     #[inline(always)]
     pub(crate) fn input_grad_plane(
         &self,
@@ -699,6 +703,7 @@ impl Geometry {
         row: &mut [f32],
     ) {
         match t {
+            _ if self.s == 2 => self.input_grad_polyphase(filter, dy, dx, dp),
             Some(t) => {
                 let kk = self.k * self.k;
                 let mut turned = [0.0f32; 49];
@@ -718,6 +723,141 @@ impl Geometry {
     /// Length of the zero-padded `dy` row [`Geometry::input_grad_scratch`] works on.
     pub(crate) fn padded_row_len(&self) -> usize {
         (self.k - 1) / self.s + self.pw.max(self.ow) + 1 + CH
+    }
+}
+
+/// One parity class of the stride-2 input gradient along one axis: input index `2i + a` (for `i`
+/// in `0..len`) is reached by the filter taps `k0, k0 + 2, …` (`n` of them), tap `k0 + 2m` from
+/// output-gradient index `i + e − m`.
+#[derive(Clone, Copy, Debug)]
+struct Phase {
+    k0: usize,
+    n: usize,
+    e: usize,
+    len: usize,
+}
+
+/// The two parity classes of an axis of `size` inputs with `before` padding and a `k`-tap filter
+/// at stride 2: input `y` is read by tap `t` of output `(y + before − t) / 2` when that is whole.
+fn phases(k: usize, before: usize, size: usize) -> [Phase; 2] {
+    std::array::from_fn(|a| {
+        let k0 = (a + before) % 2;
+        Phase {
+            k0,
+            n: if k0 < k { (k - k0).div_ceil(2) } else { 0 },
+            e: (a + before - k0) / 2,
+            len: (size + 1).saturating_sub(a) / 2,
+        }
+    })
+}
+
+/// The zero-padded output-gradient plane of the stride-2 input gradient: `(rows above, columns
+/// left, rows, row pitch)`, enough that every tap of every parity class reads inside it.
+fn phase_plane(
+    k: usize,
+    pad: Padding,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+) -> (usize, usize, usize, usize) {
+    let axis = |before: usize, size: usize, out: usize| {
+        let ps = phases(k, before, size);
+        let lead = ps.iter().map(|p| p.n.saturating_sub(1 + p.e)).max().unwrap_or(0);
+        let span = ps.iter().map(|p| p.len + p.e).max().unwrap_or(0).max(out);
+        (lead, lead + span)
+    };
+    let (top, rows) = axis(pad.top, h, oh);
+    let (left, pitch) = axis(pad.left, w, ow);
+    (top, left, rows, pitch)
+}
+
+impl Geometry {
+    /// Values of the scratch [`Geometry::input_grad_polyphase`] needs.
+    fn polyphase_len(&self) -> usize {
+        let (_, _, rows, pitch) = phase_plane(self.k, self.pad, self.h, self.w, self.oh, self.ow);
+        rows * pitch + CH + 2 * self.h.div_ceil(2) * self.class_width()
+    }
+
+    /// Columns of a parity class's output rows in [`Geometry::input_grad_polyphase`]: the wider
+    /// class's, in whole vectors.
+    fn class_width(&self) -> usize {
+        self.w.div_ceil(2).div_ceil(CH) * CH
+    }
+
+    /// The stride-2 input gradient of one plane, `dx` (`h × w`, overwritten), from its output
+    /// gradient `dy` and its `k × k` filter, one parity class of rows and columns at a time: input
+    /// `(2i + a, 2j + b)` is reached only by the taps of row parity and column parity fixed by
+    /// `(a, b)`, so each class is a stride-1 convolution of `dy` (copied into `dp` with a zero
+    /// border, [`Geometry::polyphase_len`] values) with a sub-filter of about a quarter of the taps
+    /// — the forward pass's register-blocked kernel, a quarter of the multiply-adds of convolving
+    /// `dy` spread out with zeros. The two column classes of a row are computed side by side and
+    /// interleaved as they are stored.
+    #[inline(always)]
+    pub(crate) fn input_grad_polyphase(&self, filter: &[f32], dy: &[f32], dx: &mut [f32], dp: &mut [f32]) {
+        let (k, w) = (self.k, self.w);
+        let (top, left, rows, pitch) = phase_plane(k, self.pad, self.h, self.w, self.oh, self.ow);
+        let cw = self.class_width();
+        let (plane, classes) = dp.split_at_mut(rows * pitch + CH);
+        let classes = &mut classes[..2 * self.h.div_ceil(2) * cw];
+        plane.fill(0.0);
+        for (r, src) in dy.chunks_exact(self.ow).enumerate() {
+            plane[(r + top) * pitch + left..][..self.ow].copy_from_slice(src);
+        }
+        let row_phases = phases(k, self.pad.top, self.h);
+        let col_phases = phases(k, self.pad.left, self.w);
+        for (a, pr) in row_phases.iter().enumerate() {
+            // Each column class's sub-filter, last tap first (a correlation over dy), and where
+            // each tap reads in `dp` for output (0, 0) of the class.
+            let mut weights = [[0.0f32; 16]; 2];
+            let mut offsets = [[0usize; 16]; 2];
+            let mut count = [0usize; 2];
+            for (b, pc) in col_phases.iter().enumerate() {
+                for mi in 0..pr.n {
+                    for ni in 0..pc.n {
+                        let ki = pr.k0 + 2 * (pr.n - 1 - mi);
+                        let kj = pc.k0 + 2 * (pc.n - 1 - ni);
+                        weights[b][count[b]] = filter[ki * k + kj];
+                        offsets[b][count[b]] =
+                            (pr.e + top + 1 + mi - pr.n) * pitch + pc.e + left + 1 + ni - pc.n;
+                        count[b] += 1;
+                    }
+                }
+            }
+            let (even, odd) = classes.split_at_mut(classes.len() / 2);
+            for (b, out) in [&mut *even, &mut *odd].into_iter().enumerate() {
+                let (wts, taps) = (&weights[b][..count[b]], &offsets[b][..count[b]]);
+                let mut i = 0;
+                while i < pr.len {
+                    let block = (pr.len - i).min(ROWS);
+                    for j0 in (0..cw).step_by(CH) {
+                        if block == ROWS {
+                            let acc = taps_rows::<ROWS>(plane, wts, taps, i * pitch + j0, pitch);
+                            for (r, acc) in acc.iter().enumerate() {
+                                out[(i + r) * cw + j0..][..CH].copy_from_slice(acc);
+                            }
+                        } else {
+                            for r in i..i + block {
+                                let [acc] = taps_rows::<1>(plane, wts, taps, r * pitch + j0, 0);
+                                out[r * cw + j0..][..CH].copy_from_slice(&acc);
+                            }
+                        }
+                    }
+                    i += block;
+                }
+            }
+            for i in 0..pr.len {
+                let row = &mut dx[(2 * i + a) * w..][..w];
+                let (e, o) = (&even[i * cw..][..cw], &odd[i * cw..][..cw]);
+                for ((pair, &ev), &ov) in row.chunks_exact_mut(2).zip(e).zip(o) {
+                    pair[0] = ev;
+                    pair[1] = ov;
+                }
+                if w % 2 == 1 {
+                    row[w - 1] = e[w / 2];
+                }
+            }
+        }
     }
 }
 
@@ -1253,5 +1393,68 @@ mod tests {
                 sweeps_agree::<5, 25>(stride, h, w);
             }
         }
+    }
+
+    /// The stride-2 input gradient by parity classes equals the scatter over the scratch plane
+    /// (the path of any padding) and, where it exists, the turned filter run over the spread-out
+    /// output gradient, on planes narrow and wide, odd and even, with paddings of 0 to 3 on each
+    /// side and kernels 1 to 7.
+    #[test]
+    fn stride_two_input_gradient_by_parity_classes_matches_the_scatter() {
+        let mut checked = 0;
+        for k in 1..=7 {
+            for (h, w) in [(1, 1), (2, 5), (7, 9), (12, 40), (23, 37), (56, 56)] {
+                for pads in [
+                    [0, 0, 0, 0],
+                    [0, 1, 0, 1],
+                    [1, 2, 1, 2],
+                    [3, 0, 2, 3],
+                    [2, 3, 3, 1],
+                ] {
+                    let padding = Padding {
+                        top: pads[0],
+                        bottom: pads[1],
+                        left: pads[2],
+                        right: pads[3],
+                    };
+                    if h + pads[0] + pads[1] < k || w + pads[2] + pads[3] < k {
+                        continue;
+                    }
+                    let spec = DepthwiseSpec {
+                        kernel: k,
+                        stride: 2,
+                        padding,
+                    };
+                    let g = Geometry::of(&spec, 1, 1, h, w).unwrap();
+                    let filter = values(k * k, 3);
+                    let dy = values(g.oh * g.ow, 4);
+                    let mut dp = vec![f32::NAN; g.input_grad_scratch_len().max(g.scratch_len())];
+                    let mut row = vec![f32::NAN; g.padded_row_len()];
+                    let mut ours = vec![f32::NAN; h * w];
+                    g.input_grad_polyphase(&filter, &dy, &mut ours, &mut dp);
+                    let mut scatter = vec![f32::NAN; h * w];
+                    g.input_grad_scratch(&filter, &dy, &mut dp, &mut row);
+                    g.crop_scratch(&dp, &mut scatter);
+                    let what = format!("k {k}, {h}×{w}, padding {pads:?}");
+                    for (i, (a, b)) in ours.iter().zip(&scatter).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5,
+                            "{what}: dx[{i}] {a} against the scatter's {b}"
+                        );
+                    }
+                    if let Some(t) = g.transposed() {
+                        let mut spread = vec![f32::NAN; h * w];
+                        let mut big = vec![f32::NAN; t.scratch_len().max(dp.len())];
+                        let mut turned: Vec<f32> = filter.clone();
+                        turned.reverse();
+                        g.fill_transposed(&t, &dy, &mut big);
+                        t.convolve_plane(&big, &turned, &mut spread);
+                        assert_eq!(ours, spread, "{what}: against the spread-out gradient");
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 150, "only {checked} geometries checked");
     }
 }
