@@ -795,6 +795,7 @@ impl CustomOp2 for MbConvOp {
                 candle_core::Error::Msg("inverted bottleneck: backward without a forward pass".into())
             })?;
         let grad = grad_res.contiguous()?;
+        let x_tracked = x.track_op();
         let (xs, ps, gs) = (tensor_f32(x)?, tensor_f32(params)?, tensor_f32(&grad)?);
         let (x, params, dout) = (xs.slice()?, ps.slice()?, gs.slice()?);
         let lay = s.layout();
@@ -976,7 +977,13 @@ impl CustomOp2 for MbConvOp {
                 let grad0 = NormGrad::new(n0, &params[g0.clone()], &sums, hw);
                 dparams[g0.clone()].copy_from_slice(&grad0.dgamma);
                 dparams[b0.clone()].copy_from_slice(&grad0.dbeta);
-                let mut dx = take_output(b * s.cin * hw);
+                // The input gradient only when autograd asks for it: the folded stem's input is
+                // the image's patches, which need none (an empty `dx` skips its products).
+                let mut dx = if x_tracked {
+                    take_output(b * s.cin * hw)
+                } else {
+                    Vec::new()
+                };
                 let dims = self.expand_dims(b, hw);
                 let w = &params[we.clone()];
                 let dwe = if da1.len() >= FOLD_NORM_VALUES {
@@ -992,17 +999,20 @@ impl CustomOp2 for MbConvOp {
             }
             _ => da1,
         };
-        if s.skip() {
+        if s.skip() && x_tracked {
             dx.par_chunks_mut(1 << 14)
                 .zip(dout.par_chunks(1 << 14))
                 .for_each(|(d, o)| d.iter_mut().zip(o).for_each(|(a, b)| *a += b));
         }
         drop(saved);
         let dev = x_device(&grad);
-        Ok((
-            Some(Tensor::from_vec(dx, (b, s.cin, g.h, g.w), &dev)?),
-            Some(Tensor::from_vec(dparams, lay.len, &dev)?),
-        ))
+        let dx = if x_tracked {
+            Some(Tensor::from_vec(dx, (b, s.cin, g.h, g.w), &dev)?)
+        } else {
+            give(dx);
+            None
+        };
+        Ok((dx, Some(Tensor::from_vec(dparams, lay.len, &dev)?)))
     }
 }
 

@@ -89,6 +89,41 @@ fn untracked_matches(
     close(&fast, &reference, "untracked inverted bottleneck values")
 }
 
+/// The fused block's backward pass with only the parameters tracked (as for the folded stem,
+/// whose input is the image's patches): the parameters' gradient equals the one computed with the
+/// input tracked too, value for value, and the reference path's within tolerance, and the input
+/// gets none.
+fn params_only_matches(
+    x: &Tensor,
+    params: &Tensor,
+    spec: MbConvSpec,
+    running: &Option<kernels::BlockStats>,
+) -> Result<(), TestCaseError> {
+    let grads = |x: &Tensor, p: &Var, k: Kernels| {
+        let (y, _) = kernels::mbconv(x, p.as_tensor(), spec, running.clone(), k).unwrap();
+        let weights = random(y.dims(), 9);
+        (y * weights).unwrap().sum_all().unwrap().backward().unwrap()
+    };
+    let p = Var::from_tensor(&params.detach()).unwrap();
+    let plain = x.detach();
+    let only = grads(&plain, &p, Kernels::Fast);
+    prop_assert!(only.get(&plain).is_none(), "an untracked input got a gradient");
+    let xv = Var::from_tensor(&plain).unwrap();
+    let both = grads(xv.as_tensor(), &p, Kernels::Fast);
+    let (a, b) = (only.get(&p).unwrap(), both.get(&p).unwrap());
+    prop_assert_eq!(
+        a.to_vec1::<f32>().unwrap(),
+        b.to_vec1::<f32>().unwrap(),
+        "parameter gradient with and without the input tracked"
+    );
+    let reference = grads(&plain, &p, Kernels::Reference);
+    close(
+        a,
+        reference.get(&p).unwrap(),
+        "parameter gradient, input untracked",
+    )
+}
+
 /// Inputs of an inverted-bottleneck check: `x (b, cin, h, w)`, the flat parameters with batch-norm
 /// scales near 1.5 and inputs off-centre (so ReLU6 cuts at both ends), and running statistics when
 /// the block does not use batch statistics.
@@ -299,6 +334,7 @@ proptest! {
         let (x, params, running) = bottleneck_inputs(spec, b, h, w, batch_stats, seed);
         check(&[x.clone(), params.clone()], |t, k| kernels::mbconv(&t[0], &t[1], spec, running.clone(), k).unwrap().0, "inverted bottleneck")?;
         untracked_matches(&x, &params, spec, &running)?;
+        params_only_matches(&x, &params, spec, &running)?;
         if batch_stats {
             let (_, sf) = kernels::mbconv(&x, &params, spec, None, Kernels::Fast).unwrap();
             let (_, sr) = kernels::mbconv(&x, &params, spec, None, Kernels::Reference).unwrap();
