@@ -227,8 +227,17 @@ impl Geometry {
                 _ => (odd_in.1, n / 2),
             };
             for r in 0..self.ph {
-                let row = &mut p[parity * plane + r * self.pw..][..self.pw];
-                self.zero_unwritten(row, r, start, start + count);
+                let at = parity * plane + r * self.pw;
+                if r >= self.pad.top && r - self.pad.top < self.h {
+                    // A few values at each end of the row: stores of a whole vector of zeros
+                    // (which may run on into values the copy below writes), not a call to memset
+                    // per margin.
+                    let end = (start + count).min(self.pw);
+                    zero_short(p, at, start.min(end));
+                    zero_short(p, at + end, self.pw - end);
+                } else {
+                    p[at..at + self.pw].fill(0.0);
+                }
             }
         }
         p[self.s * plane..].fill(0.0);
@@ -319,6 +328,17 @@ impl Geometry {
                 }
             }
         }
+    }
+}
+
+/// Zeroes `p[at..at + n]`; where `n` is at most one vector and a whole vector fits from `at`, by
+/// storing a whole vector of zeros (the values past `n` must be written again later).
+#[inline(always)]
+fn zero_short(p: &mut [f32], at: usize, n: usize) {
+    if n <= CH && at + CH <= p.len() {
+        p[at..at + CH].copy_from_slice(&[0.0; CH]);
+    } else {
+        p[at..at + n].fill(0.0);
     }
 }
 
