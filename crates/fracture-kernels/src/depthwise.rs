@@ -1080,9 +1080,9 @@ impl Geometry {
 
     /// [`Geometry::backward_group`]'s filter gradients for `KK = k²` taps: one sweep over the
     /// output positions, each loading its vector of [`GROUP`] output gradients once, with the
-    /// `KK` multiply-adds per position independent (one accumulator per tap). (Unlike
-    /// [`Geometry::filter_grad_taps`], one sweep per filter row measured no faster with AVX2's
-    /// 8-lane registers: blocks 5.2 and 6.2 of EfficientNet-Lite0, `bench_blocks`.)
+    /// `KK` multiply-adds per position independent (one accumulator per tap). With AVX-512; AVX2
+    /// runs [`Geometry::group_filter_grad_by_rows`]. (A first try of the row sweeps, timed only
+    /// at block level, looked no faster; timed sweep by sweep they are 1.2-1.6× faster on AVX2.)
     #[inline(always)]
     fn group_filter_grad<const KK: usize>(&self, q: &[f32], dyq: &[f32], dw: &mut [f32]) {
         let k = self.k;
