@@ -811,8 +811,8 @@ impl Geometry {
     /// `(a, b)`, so each class is a stride-1 convolution of `dy` (copied into `dp` with a zero
     /// border, [`Geometry::polyphase_len`] values) with a sub-filter of about a quarter of the taps
     /// — the forward pass's register-blocked kernel, a quarter of the multiply-adds of convolving
-    /// `dy` spread out with zeros. The two column classes of a row are computed side by side and
-    /// interleaved as they are stored.
+    /// `dy` spread out with zeros. For each row class, the two column classes are computed into
+    /// planes of their own (in `dp` after the padded `dy`) and interleaved row by row into `dx`.
     #[inline(always)]
     pub(crate) fn input_grad_polyphase(&self, filter: &[f32], dy: &[f32], dx: &mut [f32], dp: &mut [f32]) {
         let (k, w) = (self.k, self.w);
@@ -829,6 +829,7 @@ impl Geometry {
         for (a, pr) in row_phases.iter().enumerate() {
             // Each column class's sub-filter, last tap first (a correlation over dy), and where
             // each tap reads in `dp` for output (0, 0) of the class.
+            // At most 4 × 4 taps per class (k ≤ 7).
             let mut weights = [[0.0f32; 16]; 2];
             let mut offsets = [[0usize; 16]; 2];
             let mut count = [0usize; 2];
@@ -1078,27 +1079,45 @@ impl Geometry {
             .max(self.group_scratch_len())
     }
 
-    /// [`Geometry::backward_group`]'s filter gradients for `KK = k²` taps: one sweep over the
-    /// output positions, each loading its vector of [`GROUP`] output gradients once, with the
-    /// `KK` multiply-adds per position independent (one accumulator per tap). With AVX-512; AVX2
-    /// runs [`Geometry::group_filter_grad_by_rows`]. (A first try of the row sweeps, timed only
-    /// at block level, looked no faster; timed sweep by sweep they are 1.2-1.6× faster on AVX2.)
+    /// [`Geometry::backward_group`]'s filter gradients for a `K × K` filter (`KK = K²` taps): all
+    /// taps in one sweep over the output positions where a vector register holds [`GROUP`] values
+    /// (AVX-512), else one sweep per filter row ([`Geometry::group_filter_grad_sweep`]): with
+    /// AVX2's 8-lane registers the single sweep's 9 or 25 accumulators of 16 lanes take 18 or 50
+    /// of the 16 registers and live on the stack. The sums are the same either way, value for
+    /// value. (A first try of the row sweeps, timed only at block level, looked no faster; timed
+    /// sweep by sweep they are 1.2-1.6× faster on AVX2.)
     #[inline(always)]
-    fn group_filter_grad<const KK: usize>(&self, q: &[f32], dyq: &[f32], dw: &mut [f32]) {
-        let k = self.k;
-        let mut offs = [0usize; KK];
-        for ki in 0..k {
-            for kj in 0..k {
-                offs[ki * k + kj] = self.group_base(0, 0, ki, kj);
+    fn group_filter_grad<const K: usize, const KK: usize>(&self, q: &[f32], dyq: &[f32], dw: &mut [f32]) {
+        if super::vector_lanes() >= CH {
+            self.group_filter_grad_sweep::<K, KK>(q, dyq, dw, 0);
+        } else {
+            for ki in 0..K {
+                self.group_filter_grad_sweep::<K, K>(q, dyq, dw, ki);
             }
         }
-        let mut acc = [[0.0f32; GROUP]; KK];
+    }
+
+    /// One sweep over the output positions summing the `T` taps of filter rows `ki0..ki0 + T / K`
+    /// (`T` a multiple of `K`) for the [`GROUP`] planes, each tap in an accumulator of its own,
+    /// into their places in `dw` (`GROUP × K × K`). Each position's vector of output gradients is
+    /// loaded once per sweep, and the multiply-adds per position are independent.
+    #[inline(always)]
+    fn group_filter_grad_sweep<const K: usize, const T: usize>(
+        &self,
+        q: &[f32],
+        dyq: &[f32],
+        dw: &mut [f32],
+        ki0: usize,
+    ) {
+        let kk = K * K;
+        let offs: [usize; T] = std::array::from_fn(|t| self.group_base(0, 0, ki0 + t / K, t % K));
+        let mut acc = [[0.0f32; GROUP]; T];
         for oy in 0..self.oh {
             for ox in 0..self.ow {
                 let base = self.group_base(oy, ox, 0, 0);
                 let d = &dyq[(oy * self.ow + ox) * GROUP..][..GROUP];
                 let d: [f32; GROUP] = std::array::from_fn(|i| d[i]);
-                for t in 0..KK {
+                for t in 0..T {
                     let src = &q[base + offs[t]..][..GROUP];
                     for i in 0..GROUP {
                         acc[t][i] = d[i].mul_add(src[i], acc[t][i]);
@@ -1108,38 +1127,7 @@ impl Geometry {
         }
         for (t, acc) in acc.iter().enumerate() {
             for (lane, &a) in acc.iter().enumerate() {
-                dw[lane * KK + t] += a;
-            }
-        }
-    }
-
-    /// [`Geometry::group_filter_grad`]'s sums for a `K × K` filter one filter row per sweep over the
-    /// positions (`K` accumulators of [`GROUP`] lanes), for registers narrower than [`GROUP`]
-    /// floats: with AVX2's 8-lane registers the single sweep's 9 or 25 accumulators take 18 or 50
-    /// of 16, and live on the stack. The same sums value for value.
-    #[inline(always)]
-    fn group_filter_grad_by_rows<const K: usize>(&self, q: &[f32], dyq: &[f32], dw: &mut [f32]) {
-        let kk = K * K;
-        for ki in 0..K {
-            let offs: [usize; K] = std::array::from_fn(|kj| self.group_base(0, 0, ki, kj));
-            let mut acc = [[0.0f32; GROUP]; K];
-            for oy in 0..self.oh {
-                for ox in 0..self.ow {
-                    let base = self.group_base(oy, ox, 0, 0);
-                    let d = &dyq[(oy * self.ow + ox) * GROUP..][..GROUP];
-                    let d: [f32; GROUP] = std::array::from_fn(|i| d[i]);
-                    for t in 0..K {
-                        let src = &q[base + offs[t]..][..GROUP];
-                        for i in 0..GROUP {
-                            acc[t][i] = d[i].mul_add(src[i], acc[t][i]);
-                        }
-                    }
-                }
-            }
-            for (kj, acc) in acc.iter().enumerate() {
-                for (lane, &a) in acc.iter().enumerate() {
-                    dw[lane * kk + ki * K + kj] += a;
-                }
+                dw[lane * kk + ki0 * K + t] += a;
             }
         }
     }
@@ -1174,10 +1162,8 @@ impl Geometry {
             }
         }
         match k {
-            3 if super::vector_lanes() < CH => self.group_filter_grad_by_rows::<3>(q, dyq, dw),
-            5 if super::vector_lanes() < CH => self.group_filter_grad_by_rows::<5>(q, dyq, dw),
-            3 => self.group_filter_grad::<9>(q, dyq, dw),
-            5 => self.group_filter_grad::<25>(q, dyq, dw),
+            3 => self.group_filter_grad::<3, 9>(q, dyq, dw),
+            5 => self.group_filter_grad::<5, 25>(q, dyq, dw),
             _ => {
                 for ki in 0..k {
                     for kj in 0..k {
@@ -1525,8 +1511,10 @@ mod tests {
             let q = values(g.group_scratch_len(), 1);
             let dyq = values(g.group_dy_len(), 2);
             let (mut one, mut rows) = (vec![0.5f32; GROUP * KK], vec![0.5f32; GROUP * KK]);
-            g.group_filter_grad::<KK>(&q, &dyq, &mut one);
-            g.group_filter_grad_by_rows::<K>(&q, &dyq, &mut rows);
+            g.group_filter_grad_sweep::<K, KK>(&q, &dyq, &mut one, 0);
+            for ki in 0..K {
+                g.group_filter_grad_sweep::<K, K>(&q, &dyq, &mut rows, ki);
+            }
             assert_eq!(one, rows, "group sweeps, k {K}, stride {stride}, {side}×{side}");
         }
         for stride in [1, 2] {
