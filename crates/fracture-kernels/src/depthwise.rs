@@ -602,7 +602,7 @@ impl Geometry {
     }
 
     /// The input gradient of one plane in scratch layout: `dp` (overwritten) = the transposed
-    /// convolution of `dy` with the filter; [`Geometry::crop_scratch_with`] takes it to the plane.
+    /// convolution of `dy` with the filter; [`Geometry::crop_scratch`] takes it to the plane.
     /// Written as a gather per scratch row and parity, `dp[j] += Σ_taps w · dy[j − shift]`, over
     /// a zero-padded copy of each `dy` row (`dyp`, at least [`Geometry::padded_row_len`] long).
     #[inline(always)]

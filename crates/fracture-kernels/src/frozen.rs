@@ -36,7 +36,7 @@ pub struct FrozenMbConv {
 }
 
 impl FrozenMbConv {
-    /// Prepares a block from its flat `params` (as [`mbconv`] takes them) and each norm's running
+    /// Prepares a block from its flat `params` (as [`mbconv()`](crate::mbconv()) takes them) and each norm's running
     /// `(mean, var)`. The parameters are copied, so later changes to the tensor they came from (an
     /// optimizer's in-place step on the variables) do not reach the prepared block. An error when
     /// `params` is not a flat f32 tensor of the length `spec` lays out, or `running` does not hold
@@ -123,7 +123,7 @@ impl FrozenMbConv {
 }
 
 /// The prepared block applied to `x (B, cin, H, W)`: `(B, cout, H/stride, W/stride)`, the same
-/// values as [`mbconv`] with the block's parameters and `Some(running)` (the packed weights are the
+/// values as [`mbconv()`](crate::mbconv()) with the block's parameters and `Some(running)` (the packed weights are the
 /// ones it would pack), after [`affine_act`] with ReLU6 for an input normalization. A tracked `x`
 /// (an input gradient wanted, as for Grad-CAM) gets its backward pass; the parameters never get
 /// gradients.

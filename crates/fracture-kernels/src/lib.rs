@@ -11,16 +11,16 @@
 //! | [`conv2d`] (+ bias, + ReLU) | im2col + GEMM per image, images across threads; backward: dW and dX by GEMM, col2im |
 //! | [`conv2d_relu_pool2x2`] | the two fused: the full-resolution activation never leaves the kernel, one byte per pooled value records the winner |
 //! | [`max_pool2x2`] | window maxima; backward re-finds each window's argmax |
-//! | [`linear`] (+ bias, + ReLU) | one GEMM each for y, dW and dX, with strided (not copied) transposes |
-//! | [`dropout`] | mask drawn once, applied forward and backward |
+//! | [`linear()`] (+ bias, + ReLU) | one GEMM each for y, dW and dX, with strided (not copied) transposes |
+//! | [`dropout()`] | mask drawn once, applied forward and backward |
 //! | [`batch_norm_train`] (+ ReLU or ReLU6) | statistics in f64, one pass out; backward recomputes x̂ from the saved statistics |
 //! | [`affine_act`] (+ ReLU or ReLU6) | batch normalization with fixed statistics, one pass; backward to the input, scale and shift |
 //! | [`depthwise_conv2d`] | one k×k filter per channel, asymmetric padding, stride 1 or 2: each plane copied once into a zero-bordered scratch plane (even and odd columns apart for stride 2), then contiguous multiply-adds; backward: dX and dW per plane |
 //! | [`conv1x1`] | one GEMM per image, no unfolding; backward: dX and dW by GEMM |
-//! | [`mbconv`] | a whole inverted bottleneck (1×1, BN, ReLU6, depthwise, BN, ReLU6, 1×1, BN, skip) as one op: normalizations fused into the neighbouring passes, intermediates in reused buffers |
+//! | [`mbconv()`] | a whole inverted bottleneck (1×1, BN, ReLU6, depthwise, BN, ReLU6, 1×1, BN, skip) as one op: normalizations fused into the neighbouring passes, intermediates in reused buffers |
 //! | [`mbconv_frozen`] | the same with weights and statistics fixed ([`FrozenMbConv`]): parameters kept flat, 1×1 weights packed once (BF16, or FP32 blocks for the channels-last kernels) |
 //! | [`head_pooled`] | a last 1×1 convolution with fixed batch norm, activation and global average pooling ([`FrozenHead`]): one pass, channels-last per image, the feature map never written |
-//! | [`patches`] | each k×k tap of the input at a stride as its own plane (im2col, planar), so a convolution is a 1×1 product; backward adds each plane's gradient back |
+//! | [`patches()`] | each k×k tap of the input at a stride as its own plane (im2col, planar), so a convolution is a 1×1 product; backward adds each plane's gradient back |
 //!
 //! The GEMM is the `gemm` crate's (the one candle uses) with its AVX-512 kernels enabled; its single
 //! `unsafe` call is wrapped, with every bound checked, in `gemm.rs`. The BF16 products (`bf16.rs`)

@@ -1,4 +1,4 @@
-//! [`super::patches`] on the CPU: each input plane's `k × k` shifted, strided copies, one output
+//! [`super::patches()`] on the CPU: each input plane's `k × k` shifted, strided copies, one output
 //! plane per tap (what an im2col convolution multiplies, kept planar so that a 1×1 product of it
 //! is the convolution), and the backward pass that adds each tap's gradient back where it came
 //! from.
@@ -15,7 +15,7 @@ pub(crate) struct PatchesOp {
 }
 
 /// The output plane `(H', W')` of `k × k` taps at stride `s` on an `h × w` input, or an error
-/// naming what does not fit (the CPU op and the reference path of [`super::patches`] alike).
+/// naming what does not fit (the CPU op and the reference path of [`super::patches()`] alike).
 pub(crate) fn out_size(k: usize, s: usize, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
     if k == 0 || s == 0 || h < k || w < k {
         candle_core::bail!("patches: {k}×{k} taps at stride {s} do not fit a {h}×{w} input");
