@@ -45,7 +45,7 @@ pub(crate) fn take(len: usize) -> Vec<f32> {
             if buf.len() >= len {
                 buf.truncate(len);
             } else {
-                buf.resize(len, 0.0);
+                extend_with_zeros(&mut buf, len);
             }
             buf
         }
@@ -80,13 +80,26 @@ pub(crate) fn take_output(len: usize) -> Vec<f32> {
 /// that runs an op (the others wait for its parallel part), and the allocator's own zeroing of
 /// recycled memory ran there alone: about 1% of a training step's samples with one core idle.
 fn zeros(len: usize) -> Vec<f32> {
-    const PARALLEL_FROM: usize = 1 << 18;
     if len < PARALLEL_FROM {
         return vec![0.0; len];
     }
     let mut buf = Vec::with_capacity(len);
     buf.par_extend(rayon::iter::repeat_n(0.0f32, len));
     buf
+}
+
+/// From this many values on, zeros are written by all threads.
+const PARALLEL_FROM: usize = 1 << 18;
+
+/// Extends `buf` with zeros to `len` values (a pool buffer longer in capacity than in use), by all
+/// threads where the extension is large, as [`zeros`].
+fn extend_with_zeros(buf: &mut Vec<f32>, len: usize) {
+    let more = len.saturating_sub(buf.len());
+    if more < PARALLEL_FROM {
+        buf.resize(buf.len() + more, 0.0);
+    } else {
+        buf.par_extend(rayon::iter::repeat_n(0.0f32, more));
+    }
 }
 
 /// Returns a buffer to the pool (dropped instead when the pool is full).
@@ -126,6 +139,17 @@ mod tests {
             let z = zeros(len);
             assert_eq!(z.len(), len);
             assert!(z.iter().all(|&v| v == 0.0), "zeros({len})");
+            // A used buffer of `len` ones, with room for more, extended with zeros.
+            let mut b = Vec::with_capacity(len + (1 << 19));
+            b.resize(len, 1.0f32);
+            for more in [3, 1 << 19] {
+                let mut e = b.clone();
+                e.reserve(more);
+                extend_with_zeros(&mut e, len + more);
+                assert_eq!(e.len(), len + more);
+                assert!(e[..len].iter().all(|&v| v == 1.0), "kept values, {len} + {more}");
+                assert!(e[len..].iter().all(|&v| v == 0.0), "zeros after, {len} + {more}");
+            }
         }
     }
 }
