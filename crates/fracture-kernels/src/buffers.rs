@@ -84,7 +84,7 @@ fn zeros(len: usize) -> Vec<f32> {
         return vec![0.0; len];
     }
     let mut buf = Vec::with_capacity(len);
-    buf.par_extend(rayon::iter::repeat_n(0.0f32, len));
+    extend_with_zeros(&mut buf, len);
     buf
 }
 

@@ -804,23 +804,17 @@ impl CustomOp2 for MbConvOp {
         let mut dparams = vec![0.0f32; lay.len];
 
         // BN2.
-        // The sums read the block's output gradient where it is, and the input gradient is written
-        // from it: one pass fewer than a copy normalized in place.
         let (g2, b2) = &lay.bn2;
-        let n2 = &saved.n2;
-        let sums2 = norm::masked_sums(dout, &saved.y3, n2, ohw, Activation::None);
-        let grad2 = NormGrad::new(n2, &params[g2.clone()], &sums2, ohw);
         let mut dy3 = take(dout.len());
-        dy3.par_chunks_mut(ohw)
-            .zip(dout.par_chunks(ohw))
-            .zip(saved.y3.par_chunks(ohw))
-            .enumerate()
-            .for_each(|(k, ((dst, dy), y))| {
-                simd(
-                    #[inline(always)]
-                    || grad2.masked_input_grad_run(n2, dst, dy, y, k % s.cout, Activation::None),
-                )
-            });
+        let grad2 = norm::backward_into(
+            dout,
+            &saved.y3,
+            &saved.n2,
+            &params[g2.clone()],
+            ohw,
+            Activation::None,
+            &mut dy3,
+        );
         dparams[g2.clone()].copy_from_slice(&grad2.dgamma);
         dparams[b2.clone()].copy_from_slice(&grad2.dbeta);
 

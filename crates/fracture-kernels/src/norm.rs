@@ -417,6 +417,34 @@ pub(crate) fn backward(
     grad
 }
 
+/// [`backward`] from `dy` left where it is: the sums read it, and the input gradient is written
+/// from it into `dx` (same length), a read and a write of `dy` fewer than copying it and
+/// normalizing the copy in place. The same arithmetic as [`backward`].
+pub(crate) fn backward_into(
+    dy: &[f32],
+    x: &[f32],
+    norm: &Norm,
+    gamma: &[f32],
+    hw: usize,
+    act: Activation,
+    dx: &mut [f32],
+) -> NormGrad {
+    let ch = gamma.len();
+    let sums = masked_sums(dy, x, norm, hw, act);
+    let grad = NormGrad::new(norm, gamma, &sums, hw);
+    dx.par_chunks_mut(hw)
+        .zip(dy.par_chunks(hw))
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(k, ((d, g), xv))| {
+            simd(
+                #[inline(always)]
+                || grad.masked_input_grad_run(norm, d, g, xv, k % ch, act),
+            )
+        });
+    grad
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
